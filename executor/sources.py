@@ -1,0 +1,102 @@
+"""The source abstraction: one class per database dialect, one interface.
+
+The service (parent process) uses a Source to list and describe schemas and to
+validate extract configurations; the worker processes use it to read every
+selected schema inside one read transaction and stream rows as JSON.
+
+Implementations: ``executor.sqlite_source.SQLiteSource`` (the default),
+``executor.postgres.PostgresSource``, ``executor.mysql.MySQLSource``.
+Every implementation opens its source read-only, quotes every identifier and
+binds every value as a parameter.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+
+class SourceError(Exception):
+    """The source cannot be opened or read; the message is one line for a human."""
+
+
+class UnknownSchema(SourceError):
+    """A schema named in a request or configuration does not exist in the source."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Schema '{name}' does not exist in the source")
+        self.name = name
+
+
+class Source(ABC):
+    """A read-only connection to the database being exported.
+
+    Not thread-safe and not shared across processes: each worker opens its own.
+    """
+
+    dialect: str
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the connection."""
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @abstractmethod
+    def location(self) -> dict[str, Any]:
+        """Where the data comes from, for manifests: ``{"dialect", ...}``, no credentials."""
+
+    @abstractmethod
+    def schemas(self) -> list[dict[str, Any]]:
+        """User tables and views: ``[{name, type, columns, row_count}]`` sorted by name.
+
+        Internal tables (``sqlite_%``, system catalogs) never appear.
+        """
+
+    @abstractmethod
+    def columns(self, name: str) -> list[str]:
+        """Column names of ``name`` in column order; raises UnknownSchema."""
+
+    @abstractmethod
+    def describe(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        """The ``describe.yaml`` entry of each schema (SPEC: Artifacts, 1)."""
+
+    @abstractmethod
+    def snapshot(self) -> AbstractContextManager[None]:
+        """One read transaction: every read inside it sees the same consistent state."""
+
+    @abstractmethod
+    def count(self, name: str, where: dict[str, Any] | None) -> int:
+        """Rows of ``name`` matching the filter's ``where`` (None: all rows)."""
+
+    @abstractmethod
+    def json_batches(
+        self, name: str, where: dict[str, Any] | None, batch_size: int
+    ) -> Iterator[list[bytes]]:
+        """Stream the rows of ``name`` as JSON objects (UTF-8, no newline), in batches.
+
+        Keys are column names in column order; values follow the SPEC's encoding.
+        Streams with a server-side cursor: memory stays flat whatever the table size.
+        """
+
+
+def open_source(location: str) -> Source:
+    """Open the source named by a path or URL; raises SourceError with a one-line reason."""
+    scheme = location.split("://", 1)[0].lower() if "://" in location else ""
+    if scheme in ("postgresql", "postgres"):
+        from executor.postgres import PostgresSource
+
+        return PostgresSource(location)
+    if scheme in ("mysql", "mariadb"):
+        from executor.mysql import MySQLSource
+
+        return MySQLSource(location)
+    from executor.sqlite_source import SQLiteSource
+
+    return SQLiteSource(location)
