@@ -1,0 +1,387 @@
+"""ZIP archives of a run's artifacts, streamed in constant memory (SPEC "Downloads").
+
+The default download is a STORED archive whose every byte is fixed before any
+file is read, because the worker recorded each artifact's size and CRC-32:
+
+    [local header 0][data 0] [local header 1][data 1] ... [central directory]
+    [ZIP64 end record][ZIP64 locator]   (only when needed)   [end record]
+
+``StoredZip`` computes that layout once (headers only, never file data), so the
+HTTP layer knows the archive's length and a strong ETag up front, and
+``iter_bytes(start, end)`` serves any byte range by finding where ``start``
+falls and reading only what the range covers: an interrupted download resumes
+without regenerating the prefix.
+
+``write_deflated`` is the ``?compression=deflate`` variant: a plain
+``zipfile.ZipFile`` written into a non-seekable sink, of unknown length.
+
+Record layouts follow PKWARE's APPNOTE 6.3.x (4.3.7 local header, 4.3.12
+central directory, 4.3.14-4.3.16 end records, 4.5.3 ZIP64 extra field). A
+32-bit field (16-bit for entry counts) whose value does not fit below its
+all-ones sentinel is written as the sentinel, with the real value in a ZIP64
+record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import struct
+import zipfile
+from array import array
+from bisect import bisect_right
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["FileChangedError", "StoredZip", "ZipEntry", "write_deflated"]
+
+_U16 = 0xFFFF
+_U32 = 0xFFFF_FFFF
+
+_VERSION = 20  # 2.0: stored entries, plain headers
+_VERSION_ZIP64 = 45  # 4.5: ZIP64 records (APPNOTE 4.4.3.2)
+_UNIX = 3  # "version made by" host system; makes unzip honour the mode bits below
+_EXTERNAL_ATTR = (stat.S_IFREG | 0o644) << 16  # -rw-r--r-- regular file
+_UTF8_NAME = 0x0800  # general purpose flag bit 11: the name is UTF-8
+
+_CENTRAL = struct.Struct("<4s4B4HL2L5H2L")  # APPNOTE 4.3.12, before name and extra
+_END64 = struct.Struct("<4sQ2H2L4Q")  # 4.3.14
+_LOCATOR64 = struct.Struct("<4sLQL")  # 4.3.15
+_END = struct.Struct("<4s4H2LH")  # 4.3.16
+
+# Deflate can grow incompressible data slightly and a streamed entry's sizes
+# are only known at the end: go ZIP64 early, as zipfile itself does.
+_DEFLATE_ZIP64_FROM = 1 << 31
+_READ_SIZE = 1 << 20
+
+
+class FileChangedError(Exception):
+    """An artifact's file on disk no longer has the size recorded for it."""
+
+
+@dataclass(frozen=True)
+class ZipEntry:
+    """One file of the archive: its name inside it, where it is, and what it holds."""
+
+    name: str  # name inside the archive (already safe, no directories)
+    path: str  # file on disk
+    size: int
+    crc32: int
+    date_time: tuple[int, int, int, int, int, int]  # UTC; DOS time keeps even seconds
+
+
+class StoredZip:
+    """The layout of a STORED archive of ``entries``, streamable from any offset."""
+
+    def __init__(self, entries: Sequence[ZipEntry]) -> None:
+        self._entries = tuple(entries)
+        _check_entries(self._entries)
+        self._offsets = array("Q")  # where each local header starts
+        self._headers: list[bytes] = []
+        central: list[bytes] = []
+        digest = hashlib.sha256()
+        offset = 0
+        for entry in self._entries:
+            info = _zipinfo(entry)
+            info.CRC = entry.crc32
+            info.file_size = info.compress_size = entry.size
+            # The sizes are known, so the local header carries them and no data
+            # descriptor follows; ZIP64 there requires both sizes (APPNOTE 4.5.3).
+            header = info.FileHeader(zip64=entry.size >= _U32)
+            self._offsets.append(offset)
+            self._headers.append(header)
+            central.append(_central_record(info, offset))
+            digest.update(header)
+            offset += len(header) + entry.size
+        self._cd_offset = offset
+        directory = b"".join(central)
+        self._tail = directory + _end_records(len(self._entries), offset, len(directory))
+        digest.update(self._tail)
+        # Every byte that is not file data is hashed; the file data is pinned by
+        # the sizes and CRCs in those bytes.
+        self._etag = f'"{digest.hexdigest()[:40]}"'
+        self.size: int = offset + len(self._tail)
+
+    def etag(self) -> str:
+        """A strong ETag (quoted) that changes whenever any byte of the archive would."""
+        return self._etag
+
+    def check_files(self) -> None:
+        """Raise FileNotFoundError or FileChangedError unless every file is as recorded.
+
+        Cheap (one stat per entry): run it before sending headers, since
+        ``iter_bytes`` only finds a changed file when it reaches it.
+        """
+        for entry in self._entries:
+            _check_size(entry, os.stat(entry.path).st_size)
+
+    def iter_bytes(
+        self, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20
+    ) -> Generator[bytes, None, None]:
+        """Yield the archive's bytes [start, end) in chunks of exactly ``chunk_size``
+        (the last may be shorter), reading only the files the range covers.
+
+        Arguments are checked now, not at the first ``next()``. Raises
+        FileChangedError when a file it reads has a size other than recorded.
+        ``close()`` the generator to release the open file early.
+        """
+        if end is None:
+            end = self.size
+        if not 0 <= start <= end <= self.size:
+            raise ValueError(f"Range [{start}, {end}) is outside the archive's {self.size} bytes.")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, not {chunk_size}.")
+        return self._iter(start, end, chunk_size)
+
+    def _iter(self, start: int, end: int, chunk_size: int) -> Generator[bytes, None, None]:
+        buf = bytearray()
+        pos = start
+        index = bisect_right(self._offsets, pos) - 1
+        while pos < min(end, self._cd_offset):
+            entry, header = self._entries[index], self._headers[index]
+            offset = self._offsets[index]
+            data_offset = offset + len(header)
+            if pos < data_offset:
+                stop = min(end, data_offset)
+                yield from _fill(buf, header[pos - offset : stop - offset], chunk_size)
+                pos = stop
+            stop = min(end, data_offset + entry.size)
+            if pos < stop:
+                yield from _read(entry, pos - data_offset, stop - data_offset, buf, chunk_size)
+                pos = stop
+            index += 1
+        if pos < end:
+            tail = memoryview(self._tail)[pos - self._cd_offset : end - self._cd_offset]
+            yield from _fill(buf, tail, chunk_size)
+        if buf:
+            yield bytes(buf)
+
+
+class _Sink(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+    def flush(self) -> object: ...
+
+
+def write_deflated(entries: Sequence[ZipEntry], sink: _Sink) -> None:
+    """Write a deflated archive of ``entries`` into ``sink`` (needs write() and flush()).
+
+    Entries carry data descriptors, since the sink cannot seek. If anything
+    fails, the end records are never written, so a broken stream cannot pass
+    for a complete archive. Raises FileChangedError like ``StoredZip``.
+    """
+    entries = tuple(entries)
+    _check_entries(entries)
+    out = _CutOffWriter(sink)
+    archive = zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED)
+    try:
+        for entry in entries:
+            info = _zipinfo(entry)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with open(entry.path, "rb", buffering=0) as src:
+                _check_size(entry, os.fstat(src.fileno()).st_size)
+                force_zip64 = entry.size >= _DEFLATE_ZIP64_FROM
+                with archive.open(info, "w", force_zip64=force_zip64) as dst:
+                    left = entry.size
+                    while left:
+                        data = src.read(min(_READ_SIZE, left))
+                        if not data:
+                            raise FileChangedError(
+                                f"{entry.path} shrank while it was being read: expected {entry.size} bytes."
+                            )
+                        dst.write(data)
+                        left -= len(data)
+    except BaseException:
+        out.cut_off()
+        archive.close()  # writes nothing now; releases zipfile's state
+        raise
+    archive.close()
+
+
+class _CutOffWriter:
+    """Passes writes to a sink until cut off, then drops them.
+
+    ZipFile writes its end records when closed, even after an error (its
+    ``__exit__`` and ``__del__`` both close): cutting off first keeps them out.
+    Having no ``tell()`` makes zipfile treat the sink as unseekable.
+    """
+
+    def __init__(self, sink: _Sink) -> None:
+        self._sink = sink
+        self._cut = False
+
+    def cut_off(self) -> None:
+        self._cut = True
+
+    def write(self, data: bytes) -> int:
+        if not self._cut:
+            try:
+                self._sink.write(data)
+            except BaseException:
+                self._cut = True
+                raise
+        return len(data)  # zipfile counts offsets from this; sinks may return None
+
+    def flush(self) -> None:
+        if not self._cut:
+            self._sink.flush()
+
+
+def _check_entries(entries: Sequence[ZipEntry]) -> None:
+    seen: set[str] = set()
+    for entry in entries:
+        name = entry.name
+        if not name or "\0" in name or "/" in name or "\\" in name:
+            raise ValueError(f"Entry name {name!r} must be a plain, non-empty file name.")
+        if len(name.encode("utf-8")) > _U16:
+            raise ValueError(f"Entry name {name[:40]!r}... is longer than 65,535 bytes.")
+        if name in seen:
+            raise ValueError(f"Entry name {name!r} appears twice; names must be unique.")
+        seen.add(name)
+        if entry.size < 0 or not 0 <= entry.crc32 <= _U32:
+            raise ValueError(f"Entry {name!r} has an invalid size or CRC-32.")
+        year, month, day, hour, minute, second = entry.date_time
+        if not (
+            1980 <= year <= 2107
+            and 1 <= month <= 12
+            and 1 <= day <= 31
+            and 0 <= hour <= 23
+            and 0 <= minute <= 59
+            and 0 <= second <= 59
+        ):
+            raise ValueError(
+                f"Entry {name!r} has date_time {entry.date_time}; ZIP can only store "
+                "valid times from 1980 to 2107."
+            )
+
+
+def _check_size(entry: ZipEntry, actual: int) -> None:
+    if actual != entry.size:
+        raise FileChangedError(
+            f"{entry.path} is {actual} bytes on disk but was recorded as {entry.size}; "
+            "the artifact changed after its run completed."
+        )
+
+
+def _zipinfo(entry: ZipEntry) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(entry.name, date_time=entry.date_time)
+    info.create_system = _UNIX  # ZipInfo picks the running OS; pin it for determinism
+    info.external_attr = _EXTERNAL_ATTR
+    return info
+
+
+def _central_record(info: zipfile.ZipInfo, offset: int) -> bytes:
+    """The central directory record of a STORED entry whose local header is at ``offset``."""
+    # The ZIP64 extra holds exactly the fields that overflowed, in this order
+    # (APPNOTE 4.5.3).
+    zip64: list[int] = []
+    size = info.file_size
+    if size >= _U32:
+        zip64 += [size, size]  # uncompressed, compressed
+        size = _U32
+    if offset >= _U32:
+        zip64.append(offset)
+        offset = _U32
+    extra = struct.pack(f"<HH{len(zip64)}Q", 1, 8 * len(zip64), *zip64) if zip64 else b""
+    version = _VERSION_ZIP64 if zip64 else _VERSION
+    name, flags = _encode_name(info.filename)
+    year, month, day, hour, minute, second = info.date_time
+    dos_date = (year - 1980) << 9 | month << 5 | day
+    dos_time = hour << 11 | minute << 5 | second // 2
+    record = _CENTRAL.pack(
+        b"PK\x01\x02",
+        version,  # version made by, then its host system
+        info.create_system,
+        version,  # version needed to extract
+        0,
+        flags,
+        zipfile.ZIP_STORED,
+        dos_time,
+        dos_date,
+        info.CRC,
+        size,  # compressed
+        size,  # uncompressed
+        len(name),
+        len(extra),
+        0,  # comment length
+        0,  # disk number start
+        0,  # internal attributes
+        info.external_attr,
+        offset,
+    )
+    return record + name + extra
+
+
+def _end_records(count: int, cd_offset: int, cd_size: int) -> bytes:
+    """The end of central directory record, preceded by the ZIP64 ones when needed."""
+    zip64 = b""
+    if count >= _U16 or cd_offset >= _U32 or cd_size >= _U32:
+        zip64 = _END64.pack(
+            b"PK\x06\x06",
+            _END64.size - 12,  # size of the rest of this record
+            _VERSION_ZIP64,  # version made by (zipfile writes the same)
+            _VERSION_ZIP64,
+            0,  # this disk
+            0,  # disk where the central directory starts
+            count,  # entries on this disk
+            count,
+            cd_size,
+            cd_offset,
+        ) + _LOCATOR64.pack(b"PK\x06\x07", 0, cd_offset + cd_size, 1)
+    return zip64 + _END.pack(
+        b"PK\x05\x06",
+        0,
+        0,
+        min(count, _U16),
+        min(count, _U16),
+        min(cd_size, _U32),
+        min(cd_offset, _U32),
+        0,  # comment length
+    )
+
+
+def _encode_name(name: str) -> tuple[bytes, int]:
+    """The name's bytes and flag bits, as ZipInfo.FileHeader encodes them."""
+    try:
+        return name.encode("ascii"), 0
+    except UnicodeEncodeError:
+        return name.encode("utf-8"), _UTF8_NAME
+
+
+def _fill(buf: bytearray, data: bytes | memoryview, chunk_size: int) -> Iterator[bytes]:
+    """Append ``data`` to ``buf``, yielding every chunk that fills up."""
+    view = memoryview(data)
+    while view:
+        room = chunk_size - len(buf)
+        buf += view[:room]
+        view = view[room:]
+        if len(buf) == chunk_size:
+            yield bytes(buf)
+            buf.clear()
+
+
+def _read(entry: ZipEntry, start: int, stop: int, buf: bytearray, chunk_size: int) -> Iterator[bytes]:
+    """Yield chunks of ``buf`` topped up with the entry's file bytes [start, stop)."""
+    fd = os.open(entry.path, os.O_RDONLY)
+    try:
+        _check_size(entry, os.fstat(fd).st_size)
+        pos = start
+        while pos < stop:
+            # Reads are sized to fill the buffer, so after the first one they
+            # are whole chunks that go out without a copy.
+            data = os.pread(fd, min(chunk_size - len(buf), stop - pos), pos)
+            if not data:
+                raise FileChangedError(
+                    f"{entry.path} shrank while it was being read: expected {entry.size} bytes."
+                )
+            pos += len(data)
+            if not buf and len(data) == chunk_size:
+                yield data
+                continue
+            buf += data
+            if len(buf) == chunk_size:
+                yield bytes(buf)
+                buf.clear()
+    finally:
+        os.close(fd)
