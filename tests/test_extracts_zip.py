@@ -1,4 +1,4 @@
-"""zipstream: deterministic, resumable STORED archives and the deflated variant.
+"""extracts_zip: deterministic, resumable STORED archives and the deflated variant.
 
 Every archive is read back with zipfile and checked with ``unzip -t``; ranges
 are compared against slices of the whole archive.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from zipstream import FileChangedError, StoredZip, ZipEntry, write_deflated
+from extracts_zip import FileChangedError, StoredZip, ZipEntry, write_deflated
 
 WHEN = (2024, 5, 17, 13, 45, 30)
 _serial = itertools.count()
