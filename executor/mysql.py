@@ -1,0 +1,532 @@
+"""The MySQL / MariaDB source (PyMySQL): ``--source mysql://user:pass@host:3306/dbname``.
+
+``mariadb://`` is the same source. The URL must name a database; its tables and
+views are the schemas. Query parameters: ``unix_socket``, ``connect_timeout``
+(default 10 s), ``ssl_ca``, ``ssl_cert``, ``ssl_key``, ``ssl_verify_cert``,
+``ssl_verify_identity``, ``ssl_disabled``.
+
+Reading. The session is read-only (``SET SESSION TRANSACTION … READ ONLY``,
+isolation REPEATABLE READ, time zone UTC) and every read of a run happens inside
+one ``START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY`` (``snapshot()``).
+That snapshot covers InnoDB tables; MyISAM/Aria tables have no snapshots and are
+read as they are at that moment. Rows stream through an unbuffered ``SSCursor``
+with ``fetchmany``: no OFFSET, never a whole table in memory. MySQL's protocol
+cannot abandon a streaming result without reading it to the end, so stopping
+a read early (cancel, disk full) closes the connection; the source is then
+unusable and must be opened again.
+
+Schemas. Base tables (and MariaDB system-versioned tables: their current rows)
+and views of the URL's database; sequences are not listed.
+
+Row counts. ``count()`` is exact, inside the snapshot (it gives
+``records_total``). The ``row_count`` of ``schemas()`` and ``describe()`` is
+exact for tables under 32 MiB of data and otherwise the server's estimate
+(``information_schema.TABLES.TABLE_ROWS``); null for views.
+
+Type fidelity (MySQL/MariaDB → JSON value):
+
+=============================== ==============================================
+MySQL / MariaDB                 JSON
+=============================== ==============================================
+TINYINT … BIGINT (UNSIGNED)     number (64-bit, unsigned included, exact)
+TINYINT(1) / BOOLEAN            number 0 / 1 (it is TINYINT: -128…127 fit;
+                                describe shows ``tinyint(1)``)
+BIT(n)                          number, the bits as an unsigned integer
+                                (BIT(1): 0 / 1)
+FLOAT, DOUBLE                   number (MySQL cannot store NaN or Infinity)
+DECIMAL / NUMERIC               string with the exact digits (``"12.50"``)
+YEAR                            number
+CHAR, VARCHAR, TEXT             string, exact (utf8mb4)
+ENUM                            string
+SET                             string, members comma-separated (``"a,c"``)
+BINARY, VARBINARY, BLOB         string, base64 (BINARY(n) keeps its 0x00 padding)
+GEOMETRY types                  string, base64 of MySQL's internal value
+JSON (MySQL's type, MariaDB's   the JSON value itself, nested; its text is copied
+LONGTEXT CHECK json_valid)      as is (made one line); describe shows ``json``
+DATE                            ``"2024-01-02"``
+DATETIME                        ``"2024-01-02T03:04:05.123456"`` (no offset)
+TIMESTAMP                       ``"2024-01-02T03:04:05.123456Z"`` (UTC: MySQL
+                                stores TIMESTAMP as an instant)
+TIME                            ``"03:04:05.5"`` as MySQL prints it: TIME is also
+                                a duration, so ``"-12:30:00"``, ``"838:59:59"``
+zero and partial dates          as MySQL prints them, never an ISO date:
+                                ``"0000-00-00"``, ``"0000-00-00 00:00:00"``,
+                                ``"2024-00-15"``
+NULL                            null
+=============================== ==============================================
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import pymysql
+import pymysql.converters
+import pymysql.cursors
+from executor.filters import compile_where
+from pymysql.constants import ER, FIELD_TYPE
+
+from executor.rowjson import RowEncoder, one_line
+from executor.sources import Source, SourceError, UnknownSchema
+
+# Tables with less data than this get an exact row_count in listings.
+EXACT_COUNT_MAX_BYTES = 32 * 1024 * 1024
+
+SESSION_SETTINGS = (
+    "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+    "SET time_zone = '+00:00'",  # TIMESTAMP values in UTC
+    "SET net_write_timeout = 600",  # a slow disk on our side must not abort a streaming read
+)
+
+URL_OPTIONS = {
+    "unix_socket": str,
+    "connect_timeout": int,
+    "ssl_ca": str,
+    "ssl_cert": str,
+    "ssl_key": str,
+    "ssl_verify_cert": lambda value: value.lower() in ("1", "true", "yes"),
+    "ssl_verify_identity": lambda value: value.lower() in ("1", "true", "yes"),
+    "ssl_disabled": lambda value: value.lower() in ("1", "true", "yes"),
+}
+
+NUMERIC_TYPES = {
+    "tinyint", "smallint", "mediumint", "int", "integer", "bigint", "decimal", "numeric",
+    "float", "double", "real", "bit", "year",
+}  # fmt: skip
+
+# Lost-connection errors: the server or the network went away.
+CONNECTION_LOST = {2006, 2013, 2055, 1927, 4031}
+
+
+# ---------------------------------------------------------------- converters
+# PyMySQL hands each converter the value's text (str), or bytes for binary
+# columns; each returns the JSON-ready value of the type-fidelity table.
+
+
+def _is_calendar_date(text: str) -> bool:
+    return text[5:7] != "00" and text[8:10] != "00"
+
+
+def _datetime(text: str) -> str:
+    return text.replace(" ", "T", 1) if _is_calendar_date(text) else text
+
+
+def _timestamp(text: str) -> str:
+    return text.replace(" ", "T", 1) + "Z" if _is_calendar_date(text) else text
+
+
+def _bit(raw: bytes) -> int:
+    return int.from_bytes(raw, "big")
+
+
+def _binary_or_text(value: str | bytes) -> str:
+    # Text columns arrive decoded; binary ones (charset 'binary') as bytes.
+    if value.__class__ is str:
+        return value  # type: ignore[return-value]
+    return binascii.b2a_base64(value, newline=False).decode("ascii")  # type: ignore[arg-type]
+
+
+CONVERSIONS: dict[Any, Any] = dict(pymysql.converters.conversions)
+CONVERSIONS.update(
+    {
+        FIELD_TYPE.DECIMAL: None,  # the exact digits, as text
+        FIELD_TYPE.NEWDECIMAL: None,
+        FIELD_TYPE.DATE: None,  # already ISO 8601 (or a zero date, kept as printed)
+        FIELD_TYPE.TIME: None,
+        FIELD_TYPE.DATETIME: _datetime,
+        FIELD_TYPE.TIMESTAMP: _timestamp,
+        FIELD_TYPE.BIT: _bit,
+        FIELD_TYPE.JSON: None,  # JSON text, copied by RowEncoder
+        **dict.fromkeys(
+            (
+                FIELD_TYPE.STRING,
+                FIELD_TYPE.VAR_STRING,
+                FIELD_TYPE.VARCHAR,
+                FIELD_TYPE.TINY_BLOB,
+                FIELD_TYPE.MEDIUM_BLOB,
+                FIELD_TYPE.LONG_BLOB,
+                FIELD_TYPE.BLOB,
+                FIELD_TYPE.GEOMETRY,
+            ),
+            _binary_or_text,
+        ),
+    }
+)
+
+
+# ---------------------------------------------------------------- the source
+
+
+def _ident(identifier: str) -> str:
+    return "`" + identifier.replace("`", "``") + "`"
+
+
+def _quote(identifier: str) -> str:
+    # Doubled '%' because every statement is sent with a parameter tuple.
+    return _ident(identifier).replace("%", "%%")
+
+
+class MySQLSource(Source):
+    """A read-only MySQL / MariaDB connection (see the module docstring for the rules)."""
+
+    dialect = "mysql"
+
+    def __init__(self, location: str) -> None:
+        try:
+            url = urlsplit(location)
+            port = url.port or 3306
+        except ValueError as exc:
+            raise SourceError(f"Invalid MySQL URL: {exc}") from None
+        self._label = "MariaDB" if url.scheme.lower() == "mariadb" else "MySQL"
+        self._secrets = tuple(s for s in (url.password, unquote(url.password or "")) if s)
+        self._host = url.hostname or "localhost"
+        self._port = port
+        self._database = unquote(url.path.lstrip("/"))
+        if not self._database or "/" in self._database:
+            raise SourceError(
+                f"The {self._label} URL must name one database: "
+                f"{url.scheme}://user:password@host:port/database"
+            )
+        options: dict[str, Any] = {"connect_timeout": 10}
+        for key, value in parse_qsl(url.query, keep_blank_values=True):
+            if key not in URL_OPTIONS:
+                raise SourceError(
+                    f"Unknown option '{key}' in the {self._label} URL; "
+                    f"known options: {', '.join(sorted(URL_OPTIONS))}"
+                )
+            try:
+                options[key] = URL_OPTIONS[key](value)
+            except ValueError:
+                raise SourceError(f"Invalid value for '{key}' in the {self._label} URL") from None
+        try:
+            self._conn = pymysql.connect(
+                host=self._host,
+                port=self._port,
+                user=unquote(url.username) if url.username else None,
+                password=unquote(url.password or ""),
+                database=self._database,
+                charset="utf8mb4",
+                autocommit=True,  # outside snapshot() every statement sees fresh data
+                conv=CONVERSIONS,
+                **options,
+            )
+            for statement in SESSION_SETTINGS:
+                self._conn.query(statement)
+        except (pymysql.err.MySQLError, OSError) as exc:
+            # 'from None': never chain a driver error that might carry the credentials.
+            raise SourceError(
+                f"Cannot connect to {self._label} at {self._host}:{self._port} "
+                f"database '{self._database}': {self._reason(exc, connecting=True)}"
+            ) from None
+        self._mariadb = "mariadb" in self._conn.get_server_info().lower()
+        if self._mariadb:
+            self._label = "MariaDB"
+        self._in_snapshot = False
+        self._stream: pymysql.cursors.SSCursor | None = None  # a read in progress
+        self._closed_by_abandoned_read = False
+
+    # -- plumbing
+
+    def _reason(self, exc: BaseException, connecting: bool = False) -> str:
+        args = getattr(exc, "args", ())
+        message = args[1] if len(args) > 1 and isinstance(args[1], str) else str(exc)
+        if connecting:  # "Can't connect to MySQL server on 'h' ([Errno 111] Connection refused)"
+            found = re.search(r"\[Errno -?\d+\] ([^)]*)\)", message)
+            if found:
+                message = found.group(1)
+            message = message[:1].lower() + message[1:]
+        return one_line(message, *self._secrets)
+
+    @contextmanager
+    def _translate(self, action: str, name: str | None = None) -> Iterator[None]:
+        """Driver errors become one-line SourceErrors (UnknownSchema for a dropped table)."""
+        try:
+            yield
+        except pymysql.err.MySQLError as exc:
+            code = exc.args[0] if exc.args else None
+            if code == ER.NO_SUCH_TABLE and name is not None:
+                raise UnknownSchema(name) from None
+            if code in CONNECTION_LOST or not self._conn.open:
+                raise SourceError(
+                    f"Lost the connection to {self._label} at {self._host}:{self._port} "
+                    f"database '{self._database}' while trying to {action}: {self._reason(exc)}"
+                ) from exc
+            raise SourceError(f"{self._label} could not {action}: {self._reason(exc)}") from exc
+
+    def _fetch(self, query: str, params: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
+        if self._stream is not None:
+            raise RuntimeError("a json_batches() read is still in progress on this source")
+        if self._closed_by_abandoned_read:
+            raise SourceError(
+                f"The {self._label} connection was closed when a read stopped early; open the source again"
+            )
+        with self._conn.cursor() as cursor:
+            cursor.execute(query, params)
+            return list(cursor.fetchall())
+
+    def _tables(self, name: str | None = None) -> list[tuple[Any, ...]]:
+        """(name, type, data bytes, estimated rows, column count) of the database's schemas."""
+        query = """
+            SELECT t.TABLE_NAME, t.TABLE_TYPE, t.DATA_LENGTH, t.TABLE_ROWS,
+                   (SELECT COUNT(*) FROM information_schema.COLUMNS c
+                     WHERE c.TABLE_SCHEMA = t.TABLE_SCHEMA AND c.TABLE_NAME = t.TABLE_NAME)
+              FROM information_schema.TABLES t
+             WHERE t.TABLE_SCHEMA = DATABASE()
+               AND t.TABLE_TYPE IN ('BASE TABLE', 'SYSTEM VERSIONED', 'VIEW')
+        """
+        if name is None:
+            return sorted(self._fetch(query))
+        # information_schema compares names case-insensitively; the table's name is exact.
+        return [row for row in self._fetch(query + " AND t.TABLE_NAME = %s", (name,)) if row[0] == name]
+
+    def _resolve(self, name: str) -> tuple[Any, ...]:
+        with self._translate(f"look up '{name}'"):
+            rows = self._tables(name)
+        if not rows:
+            raise UnknownSchema(name)
+        return rows[0]
+
+    def _row_count(self, row: tuple[Any, ...]) -> int | None:
+        """Exact for small tables, else the server's estimate (module docstring)."""
+        name, table_type, data_bytes, estimate = row[:4]
+        if table_type == "VIEW":
+            return None
+        if data_bytes is not None and data_bytes <= EXACT_COUNT_MAX_BYTES:
+            try:
+                return self._fetch(f"SELECT COUNT(*) FROM {_quote(name)}")[0][0]
+            except pymysql.err.MySQLError:
+                if not self._conn.open:
+                    raise
+                # e.g. no SELECT privilege: the estimate will do for a listing.
+        return int(estimate) if estimate is not None else None
+
+    def _json_columns(self, name: str) -> set[str]:
+        """Columns holding JSON: MySQL's JSON type, MariaDB's LONGTEXT CHECK (json_valid(col))."""
+        columns = {
+            column
+            for column, data_type in self._fetch(
+                "SELECT COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS"
+                " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s",
+                (name,),
+            )
+            if data_type == "json"
+        }
+        if self._mariadb:
+            checks = {
+                clause
+                for (clause,) in self._fetch(
+                    "SELECT CHECK_CLAUSE FROM information_schema.CHECK_CONSTRAINTS"
+                    " WHERE CONSTRAINT_SCHEMA = DATABASE() AND TABLE_NAME = %s",
+                    (name,),
+                )
+            }
+            columns |= {
+                column for (column,) in self._fetch(
+                    "SELECT COLUMN_NAME FROM information_schema.COLUMNS"
+                    " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s",
+                    (name,),
+                )
+                if f"json_valid({_ident(column)})" in checks
+            }  # fmt: skip
+        return columns
+
+    # -- the Source interface
+
+    def close(self) -> None:
+        if self._conn.open:
+            self._conn.close()
+
+    def location(self) -> dict[str, Any]:
+        return {
+            "dialect": self.dialect,
+            "host": self._host,
+            "port": self._port,
+            "database": self._database,
+        }
+
+    def schemas(self) -> list[dict[str, Any]]:
+        with self._translate("list the schemas"):
+            return [
+                {
+                    "name": row[0],
+                    "type": "view" if row[1] == "VIEW" else "table",
+                    "columns": row[4],
+                    "row_count": self._row_count(row),
+                }
+                for row in self._tables()
+            ]
+
+    def columns(self, name: str) -> list[str]:
+        self._resolve(name)
+        with self._translate(f"read the columns of '{name}'", name):
+            rows = self._fetch(
+                "SELECT COLUMN_NAME FROM information_schema.COLUMNS"
+                " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
+                (name,),
+            )
+        return [row[0] for row in rows]
+
+    def describe(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        described = {}
+        for name in names:
+            table = self._resolve(name)
+            with self._translate(f"describe '{name}'", name):
+                described[name] = self._describe(table)
+        return described
+
+    def _describe(self, table: tuple[Any, ...]) -> dict[str, Any]:
+        name = table[0]
+        index_rows = self._fetch(
+            "SELECT INDEX_NAME, NON_UNIQUE, COLUMN_NAME FROM information_schema.STATISTICS"
+            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s ORDER BY SEQ_IN_INDEX",
+            (name,),
+        )
+        indexes: dict[str, dict[str, Any]] = {}
+        for index_name, non_unique, column in index_rows:
+            index = indexes.setdefault(
+                index_name, {"name": index_name, "columns": [], "unique": not int(non_unique)}
+            )
+            index["columns"].append(column)
+        primary_key = indexes["PRIMARY"]["columns"] if "PRIMARY" in indexes else []
+
+        foreign_keys: dict[str, dict[str, Any]] = {}
+        for constraint, column, ref_db, ref_table, ref_column, on_update, on_delete in self._fetch(
+            """
+            SELECT k.CONSTRAINT_NAME, k.COLUMN_NAME, k.REFERENCED_TABLE_SCHEMA,
+                   k.REFERENCED_TABLE_NAME, k.REFERENCED_COLUMN_NAME, r.UPDATE_RULE, r.DELETE_RULE
+              FROM information_schema.KEY_COLUMN_USAGE k
+              JOIN information_schema.REFERENTIAL_CONSTRAINTS r
+                ON r.CONSTRAINT_SCHEMA = k.CONSTRAINT_SCHEMA
+               AND r.CONSTRAINT_NAME = k.CONSTRAINT_NAME AND r.TABLE_NAME = k.TABLE_NAME
+             WHERE k.TABLE_SCHEMA = DATABASE() AND k.TABLE_NAME = %s
+               AND k.REFERENCED_TABLE_NAME IS NOT NULL
+             ORDER BY k.ORDINAL_POSITION
+            """,
+            (name,),
+        ):
+            reference = ref_table if ref_db == self._database else f"{ref_db}.{ref_table}"
+            key = foreign_keys.setdefault(
+                constraint,
+                {
+                    "columns": [],
+                    "references": {"table": reference, "columns": []},
+                    "on_update": on_update,
+                    "on_delete": on_delete,
+                },
+            )
+            key["columns"].append(column)
+            key["references"]["columns"].append(ref_column)
+
+        json_columns = self._json_columns(name)
+        columns = {}
+        for (
+            column_name, column_type, nullable, default, extra, data_type, precision, scale,
+            generation,
+        ) in self._fetch(
+            """
+            SELECT COLUMN_NAME, COLUMN_TYPE, IS_NULLABLE, COLUMN_DEFAULT, EXTRA, DATA_TYPE,
+                   NUMERIC_PRECISION, NUMERIC_SCALE, GENERATION_EXPRESSION
+              FROM information_schema.COLUMNS
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION
+            """,
+            (name,),
+        ):  # fmt: skip
+            extra = (extra or "").lower()
+            generated = "generated" in extra and "default_generated" not in extra
+            column: dict[str, Any] = {
+                "type": "json" if column_name in json_columns else column_type,
+                "required": nullable == "NO",
+                "default": None if generated else self._default_sql(default, data_type, extra),
+                "primary_key": column_name in primary_key,
+            }
+            if data_type in ("decimal", "numeric"):
+                column["precision"], column["scale"] = int(precision), int(scale)
+            if "auto_increment" in extra:
+                column["auto_increment"] = True
+            if generated:
+                column["generated"] = generation
+            columns[column_name] = column
+        return {
+            "type": "view" if table[1] == "VIEW" else "table",
+            "columns": columns,
+            "primary_key": primary_key,
+            "foreign_keys": [foreign_keys[key] for key in sorted(foreign_keys)],
+            "indexes": [indexes[key] for key in sorted(indexes)],
+            "row_count": self._row_count(table),
+        }
+
+    def _default_sql(self, default: str | None, data_type: str, extra: str) -> str | None:
+        """COLUMN_DEFAULT as an SQL expression (None: no default, or DEFAULT NULL)."""
+        if default is None:
+            return None
+        if self._mariadb:  # MariaDB ≥ 10.2.7 already shows SQL: 'text', 0, current_timestamp()
+            return None if default == "NULL" else default
+        # MySQL shows literals bare and marks expressions DEFAULT_GENERATED.
+        if "default_generated" in extra or data_type in NUMERIC_TYPES:
+            return default
+        return "'" + default.replace("'", "''") + "'"
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        if self._in_snapshot:
+            raise RuntimeError("snapshot() is already open on this source")
+        with self._translate("start a read transaction"):
+            self._fetch("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+        self._in_snapshot = True
+        try:
+            yield
+        finally:
+            self._end_snapshot()
+
+    def _end_snapshot(self) -> None:
+        self._in_snapshot = False
+        if self._stream is not None:  # a read left suspended: MySQL cannot end it cheaply
+            self._abandon(self._stream)
+        if self._conn.open:
+            # Read-only: COMMIT is ROLLBACK. A failure here loses nothing: every read
+            # already succeeded, or failed with its own error.
+            with suppress(pymysql.err.MySQLError):
+                self._fetch("COMMIT")
+
+    def count(self, name: str, where: dict[str, Any] | None) -> int:
+        self._resolve(name)
+        clause, params = compile_where(where, _quote, "%s")
+        with self._translate(f"count the rows of '{name}'", name):
+            return self._fetch(f"SELECT COUNT(*) FROM {_quote(name)}{clause}", params)[0][0]
+
+    def json_batches(self, name: str, where: dict[str, Any] | None, batch_size: int) -> Iterator[list[bytes]]:
+        self._resolve(name)
+        clause, params = compile_where(where, _quote, "%s")
+        with self._translate(f"read '{name}'", name):
+            json_columns = self._json_columns(name)
+            cursor = self._conn.cursor(pymysql.cursors.SSCursor)
+            self._stream = cursor
+            try:
+                cursor.execute(f"SELECT * FROM {_quote(name)}{clause}", params)
+                names = [column[0] for column in cursor.description or ()]
+                encoder = RowEncoder(names, [i for i, column in enumerate(names) if column in json_columns])
+                while rows := cursor.fetchmany(batch_size):
+                    yield encoder.encode(rows)
+                self._stream = None
+                cursor.close()
+            finally:
+                if self._stream is cursor:  # stopped early, or failed
+                    self._abandon(cursor)
+
+    def _abandon(self, cursor: pymysql.cursors.SSCursor) -> None:
+        """Stop a streaming read by closing the connection (reading on could take minutes)."""
+        self._stream = None
+        # PyMySQL drains an unfinished stream when the cursor or its result is closed or
+        # collected; tell both there is nothing left to read.
+        result = self._conn._result
+        if result is not None:
+            result.unbuffered_active = False
+        cursor.connection = None
+        self._closed_by_abandoned_read = True
+        with suppress(Exception):  # the socket may already be gone
+            self._conn._force_close()  # PyMySQL has no public way to drop a stream

@@ -1,0 +1,552 @@
+"""The PostgreSQL source (psycopg 3): ``--source postgresql://user@host:5432/dbname``.
+
+Reading. The session is read-only (``default_transaction_read_only``) and every
+read of a run happens inside one ``REPEATABLE READ, READ ONLY, DEFERRABLE``
+transaction (``snapshot()``; DEFERRABLE only matters at SERIALIZABLE and is
+harmless here). Rows are streamed through a named server-side cursor with
+``fetchmany``: no OFFSET, never a whole table in memory.
+
+Schemas. Tables, partitioned tables and views of every namespace except
+``pg_*`` and ``information_schema``, named ``table`` in ``public`` and
+``namespace.table`` elsewhere (when ``public`` holds a table literally named
+``a.b`` and namespace ``a`` a table ``b``, the name means the ``public`` one).
+Partitions are not listed: their rows are exported through their partitioned
+table. Materialized views are listed as views (exported only when named;
+an unpopulated one fails the run with PostgreSQL's message). Foreign tables
+are not listed: their rows live in another server, outside the snapshot.
+
+Row counts. ``count()`` is exact, inside the snapshot (it gives
+``records_total``). The ``row_count`` of ``schemas()`` and ``describe()`` is
+exact for tables under 32 MiB on disk and otherwise PostgreSQL's planner
+estimate (``pg_class.reltuples``, null when the table was never analyzed),
+so that listing a large database stays fast; for views it is null.
+
+Type fidelity (PostgreSQL → JSON value):
+
+=============================== ==============================================
+PostgreSQL                      JSON
+=============================== ==============================================
+smallint, integer, bigint, oid  number (64-bit integers exact)
+real, double precision          number (shortest exact form); ``"NaN"``,
+                                ``"Infinity"``, ``"-Infinity"`` as strings
+numeric / decimal               string with the exact digits (``"12.50"``,
+                                ``"NaN"``, ``"Infinity"``), never a float
+boolean                         true / false
+text, varchar, char, name, enum string, exact (char(n) keeps its padding)
+bytea                           string, base64
+uuid                            string (``"a0eebc99-…"``)
+json, jsonb                     the JSON value itself, nested; its text is
+                                copied as is (made one line), so numbers keep
+                                every digit and json keeps key order
+date                            ``"2024-01-02"``
+timestamp                       ``"2024-01-02T03:04:05.123456"`` (no offset)
+timestamp with time zone        ``"2024-01-02T03:04:05.123456Z"`` (UTC)
+time                            ``"03:04:05.5"``
+time with time zone             ``"03:04:05+02:00"``
+date/timestamp ±infinity        ``"infinity"``, ``"-infinity"``
+BC dates and timestamps         astronomical ISO 8601 years: 1 BC is
+                                ``"0000-…"``, 44 BC is ``"-0043-…"``
+interval                        ISO 8601 duration (``"P1Y2M3DT4H5M6.5S"``;
+                                each part signed: ``"P-1Y-2M3DT-4H"``)
+arrays (any dimension)          arrays, nested, each element as above
+anything else (inet, money,     string, PostgreSQL's text form
+ranges, geometry, composite,
+bit, xml, tsvector, …)
+NULL                            null
+=============================== ==============================================
+
+Fractional seconds carry the digits PostgreSQL prints (trailing zeros dropped).
+"""
+
+from __future__ import annotations
+
+import binascii
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import psycopg
+import psycopg.errors
+from executor.filters import compile_where
+from psycopg.adapt import Buffer, Loader
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.postgres import types as builtin_types
+from psycopg.types import TypeInfo
+from psycopg.types.array import register_array
+from psycopg.types.string import TextLoader
+
+from executor.rowjson import RowEncoder, compact_json, one_line
+from executor.sources import Source, SourceError, UnknownSchema
+
+# Tables smaller than this on disk get an exact row_count in listings.
+EXACT_COUNT_MAX_BYTES = 32 * 1024 * 1024
+
+# Session settings the loaders below rely on.
+SESSION_SETTINGS = """
+SET default_transaction_read_only = on;
+SET TimeZone = 'UTC';
+SET DateStyle = 'ISO, YMD';
+SET IntervalStyle = 'iso_8601';
+SET bytea_output = 'hex';
+SET extra_float_digits = 1;
+SET client_encoding = 'UTF8'
+"""
+
+JSON_OIDS = frozenset({114, 199, 3802, 3807})  # json, json[], jsonb, jsonb[]
+
+ON_ACTION = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
+
+
+# ---------------------------------------------------------------- loaders
+# Each turns PostgreSQL's text output (in the session settings above) into the
+# JSON-ready value of the type-fidelity table; psycopg's array loaders apply
+# them to array elements too.
+
+
+def _astronomical(text: str) -> str:
+    """'0044-03-15 …  BC' → '-0043-03-15 …' (ISO 8601 has a year 0000 = 1 BC)."""
+    year, rest = text[:-3].split("-", 1)
+    astronomical = 1 - int(year)
+    return (f"-{-astronomical:04d}" if astronomical else "0000") + "-" + rest
+
+
+class _DateLoader(Loader):
+    def load(self, data: Buffer) -> str:
+        text = str(data, "utf-8")
+        return _astronomical(text) if text.endswith("BC") else text
+
+
+class _TimestampLoader(Loader):
+    def load(self, data: Buffer) -> str:
+        text = str(data, "utf-8")
+        if text.endswith("BC"):
+            text = _astronomical(text)
+        return text.replace(" ", "T", 1)
+
+
+class _TimestampTzLoader(Loader):
+    def load(self, data: Buffer) -> str:
+        text = str(data, "utf-8")
+        if text.endswith("+00"):  # the offset, always, in a UTC session
+            return text[:-3].replace(" ", "T", 1) + "Z"
+        if text.endswith("BC"):
+            return self.load(_astronomical(text).encode())
+        return text  # ±infinity
+
+
+class _TimeTzLoader(Loader):
+    def load(self, data: Buffer) -> str:
+        text = str(data, "utf-8")
+        sign = max(text.rfind("+"), text.rfind("-"))
+        return text + ":00" if len(text) - sign == 3 else text  # '+02' → '+02:00'
+
+
+class _FloatLoader(Loader):
+    def load(self, data: Buffer) -> float | str:
+        number = float(data)
+        # inf - inf and nan - nan are nan: those three stay strings, JSON has no such numbers.
+        return number if number - number == 0 else str(data, "utf-8")
+
+
+class _ByteaLoader(Loader):
+    def load(self, data: Buffer) -> str:
+        raw = binascii.a2b_hex(bytes(data)[2:])  # hex output: '\x0102…'
+        return binascii.b2a_base64(raw, newline=False).decode("ascii")
+
+
+class _JsonLoader(Loader):
+    def load(self, data: Buffer) -> bytes:
+        return compact_json(data)
+
+
+_LOADERS: dict[str, type[Loader]] = {
+    "date": _DateLoader,
+    "timestamp": _TimestampLoader,
+    "timestamptz": _TimestampTzLoader,
+    "timetz": _TimeTzLoader,
+    "float4": _FloatLoader,
+    "float8": _FloatLoader,
+    "bytea": _ByteaLoader,
+    "json": _JsonLoader,
+    "jsonb": _JsonLoader,
+}
+# psycopg's own loaders already give JSON-ready values for these.
+_KEEP = {"int2", "int4", "int8", "oid", "bool", "text", "varchar", "bpchar", "name", '"char"'}
+
+
+def _configure_loaders(conn: psycopg.Connection[Any]) -> None:
+    for info in builtin_types:
+        if info.name in _LOADERS:
+            conn.adapters.register_loader(info.oid, _LOADERS[info.name])
+        elif info.name not in _KEEP:
+            # numeric, uuid, interval (ISO 8601 in this session), time, inet, ranges, …:
+            # the exact text PostgreSQL prints.
+            conn.adapters.register_loader(info.oid, TextLoader)
+
+
+# ---------------------------------------------------------------- the source
+
+
+def _quote(identifier: str) -> str:
+    # Doubled '%' because every statement is sent with a parameter list.
+    return '"' + identifier.replace('"', '""').replace("%", "%%") + '"'
+
+
+@dataclass(frozen=True)
+class _Relation:
+    name: str
+    oid: int
+    namespace: str
+    relname: str
+    kind: str  # table | view
+
+    @property
+    def sql(self) -> str:
+        return f"{_quote(self.namespace)}.{_quote(self.relname)}"
+
+
+# Every relation that is a schema of the source, with what listings need.
+_RELATIONS_SQL = """
+SELECT CASE WHEN n.nspname = 'public' THEN c.relname ELSE n.nspname || '.' || c.relname END,
+       c.oid, n.nspname, c.relname, c.relkind,
+       (SELECT count(*) FROM pg_attribute a
+         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
+       CASE WHEN c.relkind = 'p' THEN
+              (SELECT coalesce(sum(pg_relation_size(t.relid)), 0)::bigint
+                 FROM pg_partition_tree(c.oid) t WHERE t.isleaf)
+            WHEN c.relkind IN ('r', 'm') THEN pg_relation_size(c.oid) END,
+       CASE WHEN c.relkind = 'p' THEN
+              (SELECT CASE WHEN bool_or(l.reltuples < 0) THEN -1
+                           ELSE coalesce(sum(l.reltuples), 0) END::float8
+                 FROM pg_partition_tree(c.oid) t JOIN pg_class l ON l.oid = t.relid
+                WHERE t.isleaf)
+            ELSE c.reltuples::float8 END,
+       c.relkind <> 'm' OR c.relispopulated,
+       has_table_privilege(c.oid, 'SELECT')
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind IN ('r', 'p', 'v', 'm') AND NOT c.relispartition
+   AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+"""
+
+
+class PostgresSource(Source):
+    """A read-only PostgreSQL connection (see the module docstring for the rules)."""
+
+    dialect = "postgresql"
+
+    def __init__(self, location: str) -> None:
+        self._secrets = _passwords_in(location)
+        try:
+            params = conninfo_to_dict(location)
+        except psycopg.Error as exc:
+            raise SourceError(f"Invalid PostgreSQL URL: {self._reason(exc)}") from None
+        if params.get("password"):
+            self._secrets += (params["password"],)
+        self._host = params.get("host") or "localhost"
+        self._port = int(params.get("port") or 5432)
+        self._database = params.get("dbname") or params.get("user") or ""
+        extra: dict[str, Any] = {}
+        if "connect_timeout" not in params:
+            extra["connect_timeout"] = 10  # a dead host fails start-up in seconds, not minutes
+        if "application_name" not in params:
+            extra["application_name"] = "extracts"
+        try:
+            self._conn = psycopg.connect(location, autocommit=True, **extra)
+        except psycopg.Error as exc:
+            # 'from None': the driver's message may carry the connection string.
+            # 'connection to server at "h", port 5432 failed: FATAL:  <the reason>'
+            reason = one_line(self._reason(exc).rsplit(" failed: ", 1)[-1])
+            raise SourceError(
+                f"Cannot connect to PostgreSQL at {self._host}:{self._port} "
+                f"database '{self._database}': {_lower_first(reason)}"
+            ) from None
+        try:
+            self._conn.execute(SESSION_SETTINGS)
+        except psycopg.Error as exc:
+            self._conn.close()
+            raise SourceError(f"Cannot configure the PostgreSQL session: {self._reason(exc)}") from None
+        self._host = self._conn.info.host
+        self._port = self._conn.info.port
+        self._database = self._conn.info.dbname
+        self._conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        self._conn.read_only = True
+        self._conn.deferrable = True
+        _configure_loaders(self._conn)
+        self._array_oids: set[int] = set()
+        self._cursor_ids = itertools.count(1)
+        self._in_snapshot = False
+
+    # -- plumbing
+
+    def _reason(self, exc: BaseException) -> str:
+        return one_line(exc, *self._secrets)
+
+    @contextmanager
+    def _translate(self, action: str, name: str | None = None) -> Iterator[None]:
+        """Driver errors become one-line SourceErrors (UnknownSchema for a dropped table)."""
+        try:
+            yield
+        except psycopg.errors.UndefinedTable:
+            if name is None:
+                raise SourceError(f"PostgreSQL could not {action}: a table has disappeared") from None
+            raise UnknownSchema(name) from None
+        except psycopg.Error as exc:
+            if self._conn.broken or self._conn.closed:
+                raise SourceError(
+                    f"Lost the connection to PostgreSQL at {self._host}:{self._port} "
+                    f"database '{self._database}' while trying to {action}: {self._reason(exc)}"
+                ) from exc
+            raise SourceError(f"PostgreSQL could not {action}: {self._reason(exc)}") from exc
+
+    def _fetch(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        return self._conn.execute(query, params).fetchall()
+
+    def _relations(self, name: str | None = None) -> list[tuple[Any, ...]]:
+        if name is None:
+            return sorted(self._fetch(_RELATIONS_SQL))
+        # The public table wins when a name could mean two relations (module docstring).
+        return self._fetch(
+            _RELATIONS_SQL
+            + " AND ((n.nspname = 'public' AND c.relname = %s)"
+            + " OR (n.nspname <> 'public' AND n.nspname || '.' || c.relname = %s))"
+            + " ORDER BY n.nspname <> 'public' LIMIT 1",
+            (name, name),
+        )
+
+    def _resolve(self, name: str) -> _Relation:
+        with self._translate(f"look up '{name}'"):
+            rows = self._relations(name)
+        if not rows:
+            raise UnknownSchema(name)
+        display, oid, namespace, relname, relkind = rows[0][:5]
+        return _Relation(display, oid, namespace, relname, "table" if relkind in "rp" else "view")
+
+    def _row_count(self, row: tuple[Any, ...]) -> int | None:
+        """Exact for small readable tables, else the planner's estimate (module docstring)."""
+        display, _oid, namespace, relname, relkind, _ncols, size, estimate, populated, readable = row
+        if relkind == "v" or not populated:
+            return None
+        if readable and size is not None and size <= EXACT_COUNT_MAX_BYTES:
+            sql = f"SELECT count(*) FROM {_quote(namespace)}.{_quote(relname)}"
+            return self._fetch(sql)[0][0]
+        return int(estimate) if estimate is not None and estimate >= 0 else None
+
+    # -- the Source interface
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def location(self) -> dict[str, Any]:
+        return {
+            "dialect": self.dialect,
+            "host": self._host,
+            "port": self._port,
+            "database": self._database,
+        }
+
+    def schemas(self) -> list[dict[str, Any]]:
+        with self._translate("list the schemas"):
+            return [
+                {
+                    "name": row[0],
+                    "type": "table" if row[4] in "rp" else "view",
+                    "columns": row[5],
+                    "row_count": self._row_count(row),
+                }
+                for row in self._relations()
+            ]
+
+    def columns(self, name: str) -> list[str]:
+        relation = self._resolve(name)
+        with self._translate(f"read the columns of '{name}'", name):
+            rows = self._fetch(
+                "SELECT attname FROM pg_attribute"
+                " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                (relation.oid,),
+            )
+        return [row[0] for row in rows]
+
+    def describe(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        described = {}
+        for name in names:
+            relation = self._resolve(name)
+            with self._translate(f"describe '{name}'", name):
+                described[name] = self._describe(relation)
+        return described
+
+    def _describe(self, relation: _Relation) -> dict[str, Any]:
+        oid = relation.oid
+        constraints = self._fetch(
+            """
+            SELECT con.contype,
+                   ARRAY(SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(num, i)
+                           JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.num
+                          ORDER BY k.i),
+                   ARRAY(SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(num, i)
+                           JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.num
+                          ORDER BY k.i),
+                   CASE WHEN rn.nspname = 'public' THEN rc.relname::text
+                        ELSE rn.nspname || '.' || rc.relname END,
+                   con.confupdtype, con.confdeltype
+              FROM pg_constraint con
+              LEFT JOIN pg_class rc ON rc.oid = con.confrelid
+              LEFT JOIN pg_namespace rn ON rn.oid = rc.relnamespace
+             WHERE con.conrelid = %s AND con.contype IN ('p', 'f')
+             ORDER BY con.conname
+            """,
+            (oid,),
+        )
+        primary_key: list[str] = []
+        foreign_keys = []
+        for contype, columns, ref_columns, ref_table, on_update, on_delete in constraints:
+            if contype == "p":
+                primary_key = columns
+            else:
+                foreign_keys.append(
+                    {
+                        "columns": columns,
+                        "references": {"table": ref_table, "columns": ref_columns},
+                        "on_update": ON_ACTION.get(on_update, on_update),
+                        "on_delete": ON_ACTION.get(on_delete, on_delete),
+                    }
+                )
+        columns = {}
+        for name, type_, notnull, default, identity, generated, type_oid, typmod in self._fetch(
+            """
+            SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                   pg_get_expr(d.adbin, d.adrelid), a.attidentity, a.attgenerated,
+                   a.atttypid, a.atttypmod
+              FROM pg_attribute a
+              LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+             WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY a.attnum
+            """,
+            (oid,),
+        ):
+            column: dict[str, Any] = {
+                "type": type_,
+                "required": notnull,
+                "default": None if generated else default,
+                "primary_key": name in primary_key,
+            }
+            if type_oid == 1700:  # numeric: its declared precision and scale (None: unconstrained)
+                column["precision"], column["scale"] = _numeric_typmod(typmod)
+            if identity:
+                column["identity"] = "always" if identity == "a" else "by default"
+            if generated:
+                column["generated"] = default  # GENERATED ALWAYS AS (<expression>) STORED
+            columns[name] = column
+        indexes = [
+            {"name": index_name, "columns": index_columns, "unique": unique}
+            for index_name, index_columns, unique in self._fetch(
+                """
+                SELECT i.relname,
+                       ARRAY(SELECT CASE WHEN x.indkey[k - 1] = 0
+                                         THEN pg_get_indexdef(x.indexrelid, k, true)
+                                         ELSE (SELECT a.attname::text FROM pg_attribute a
+                                                WHERE a.attrelid = x.indrelid
+                                                  AND a.attnum = x.indkey[k - 1]) END
+                               FROM generate_series(1, x.indnkeyatts) k ORDER BY k),
+                       x.indisunique
+                  FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+                 WHERE x.indrelid = %s
+                 ORDER BY i.relname
+                """,
+                (oid,),
+            )
+        ]
+        listing = self._relations(relation.name)
+        return {
+            "type": relation.kind,
+            "columns": columns,
+            "primary_key": primary_key,
+            "foreign_keys": foreign_keys,
+            "indexes": indexes,
+            "row_count": self._row_count(listing[0]) if listing else None,
+        }
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        if self._in_snapshot:
+            raise RuntimeError("snapshot() is already open on this source")
+        # BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY DEFERRABLE (set in __init__).
+        with self._translate("hold the read transaction"), self._conn.transaction():
+            self._in_snapshot = True
+            try:
+                yield
+            finally:
+                self._in_snapshot = False
+
+    def count(self, name: str, where: dict[str, Any] | None) -> int:
+        relation = self._resolve(name)
+        clause, params = compile_where(where, _quote, "%s")
+        with self._translate(f"count the rows of '{name}'", name):
+            return self._fetch(f"SELECT count(*) FROM {relation.sql}{clause}", params)[0][0]
+
+    def json_batches(self, name: str, where: dict[str, Any] | None, batch_size: int) -> Iterator[list[bytes]]:
+        relation = self._resolve(name)
+        clause, params = compile_where(where, _quote, "%s")
+        action = f"read '{name}'"
+        with self._translate(action, name):
+            self._register_arrays(relation.oid)
+        with self._translate(action, name), self._reading():
+            cursor = self._conn.cursor(name=f"extracts_{next(self._cursor_ids)}")
+            with cursor:
+                cursor.execute(f"SELECT * FROM {relation.sql}{clause}", params)
+                description = cursor.description or []
+                encoder = RowEncoder(
+                    [column.name for column in description],
+                    [i for i, column in enumerate(description) if column.type_code in JSON_OIDS],
+                )
+                while rows := cursor.fetchmany(batch_size):
+                    yield encoder.encode(rows)
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A read transaction for a server-side cursor: the snapshot's, or its own."""
+        if self._in_snapshot:
+            yield
+        else:
+            with self._conn.transaction():
+                yield
+
+    def _register_arrays(self, oid: int) -> None:
+        """Teach psycopg the arrays of user-defined types (enum[], composite[], …) of a table."""
+        known = {info.array_oid for info in builtin_types} | self._array_oids
+        for array_oid, element_oid, delimiter in self._fetch(
+            """
+            SELECT DISTINCT t.oid, t.typelem, t.typdelim
+              FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+             WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+               AND t.typcategory = 'A' AND t.typelem <> 0
+            """,
+            (oid,),
+        ):
+            if array_oid not in known:
+                register_array(TypeInfo("", element_oid, array_oid, delimiter=delimiter), self._conn)
+                self._array_oids.add(array_oid)
+
+
+def _numeric_typmod(typmod: int) -> tuple[int | None, int | None]:
+    """numeric(p, s) from the attribute's typmod; (None, None) when unconstrained."""
+    if typmod < 4:
+        return None, None
+    packed = typmod - 4
+    scale = packed & 0x7FF
+    return (packed >> 16) & 0xFFFF, scale - 0x800 if scale & 0x400 else scale  # scale may be < 0
+
+
+def _passwords_in(location: str) -> tuple[str, ...]:
+    """The URL's password as written and decoded: what must never appear in a message."""
+    try:
+        password = urlsplit(location).password
+    except ValueError:
+        return ()
+    return (password, unquote(password)) if password else ()
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:] if text[1:2].islower() else text
