@@ -68,9 +68,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import pymysql
 import pymysql.converters
 import pymysql.cursors
-from executor.filters import compile_where
 from pymysql.constants import ER, FIELD_TYPE
 
+from executor.filters import compile_where
 from executor.rowjson import RowEncoder, one_line
 from executor.sources import Source, SourceError, UnknownSchema
 
@@ -456,7 +456,7 @@ class MySQLSource(Source):
             "columns": columns,
             "primary_key": primary_key,
             "foreign_keys": [foreign_keys[key] for key in sorted(foreign_keys)],
-            "indexes": [indexes[key] for key in sorted(indexes)],
+            "indexes": [indexes[key] for key in sorted(indexes) if key != "PRIMARY"],  # primary_key
             "row_count": self._row_count(table),
         }
 

@@ -1,5 +1,8 @@
 """The PostgreSQL source (psycopg 3): ``--source postgresql://user@host:5432/dbname``.
 
+PostgreSQL 12 or later. The URL is libpq's (``postgres://`` too, with its query
+parameters: ``sslmode``, ``connect_timeout`` (default here 10 s), ``options``…).
+
 Reading. The session is read-only (``default_transaction_read_only``) and every
 read of a run happens inside one ``REPEATABLE READ, READ ONLY, DEFERRABLE``
 transaction (``snapshot()``; DEFERRABLE only matters at SERIALIZABLE and is
@@ -70,7 +73,6 @@ from urllib.parse import unquote, urlsplit
 
 import psycopg
 import psycopg.errors
-from executor.filters import compile_where
 from psycopg.adapt import Buffer, Loader
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.postgres import types as builtin_types
@@ -78,6 +80,7 @@ from psycopg.types import TypeInfo
 from psycopg.types.array import register_array
 from psycopg.types.string import TextLoader
 
+from executor.filters import compile_where
 from executor.rowjson import RowEncoder, compact_json, one_line
 from executor.sources import Source, SourceError, UnknownSchema
 
@@ -452,7 +455,7 @@ class PostgresSource(Source):
                                FROM generate_series(1, x.indnkeyatts) k ORDER BY k),
                        x.indisunique
                   FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
-                 WHERE x.indrelid = %s
+                 WHERE x.indrelid = %s AND NOT x.indisprimary  -- that one is primary_key
                  ORDER BY i.relname
                 """,
                 (oid,),
