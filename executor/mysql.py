@@ -12,8 +12,8 @@ That snapshot covers InnoDB tables; MyISAM/Aria tables have no snapshots and are
 read as they are at that moment. Rows stream through an unbuffered ``SSCursor``
 with ``fetchmany``: no OFFSET, never a whole table in memory. MySQL's protocol
 cannot abandon a streaming result without reading it to the end, so stopping
-a read early (cancel, disk full) closes the connection; the source is then
-unusable and must be opened again.
+a read early (cancel, disk full) closes the connection: the rest of that
+snapshot is lost, and the next call outside a snapshot connects again.
 
 Schemas. Base tables (and MariaDB system-versioned tables: their current rows)
 and views of the URL's database; sequences are not listed.
@@ -203,32 +203,47 @@ class MySQLSource(Source):
                 options[key] = URL_OPTIONS[key](value)
             except ValueError:
                 raise SourceError(f"Invalid value for '{key}' in the {self._label} URL") from None
+        self._connect_args: dict[str, Any] = {
+            "host": self._host,
+            "port": self._port,
+            "user": unquote(url.username) if url.username else None,
+            "password": unquote(url.password or ""),
+            "database": self._database,
+            "charset": "utf8mb4",
+            "autocommit": True,  # outside snapshot() every statement sees fresh data
+            "conv": CONVERSIONS,
+            **options,
+        }
+        self._in_snapshot = False
+        self._stream: pymysql.cursors.SSCursor | None = None  # a read in progress
+        self._closed_by_abandoned_read = False
+        self._closed = False
+        self._conn = self._connect()
+        self._mariadb = "mariadb" in self._conn.get_server_info().lower()
+        if self._mariadb:
+            self._label = "MariaDB"
+
+    def _connect(self) -> pymysql.Connection:
         try:
-            self._conn = pymysql.connect(
-                host=self._host,
-                port=self._port,
-                user=unquote(url.username) if url.username else None,
-                password=unquote(url.password or ""),
-                database=self._database,
-                charset="utf8mb4",
-                autocommit=True,  # outside snapshot() every statement sees fresh data
-                conv=CONVERSIONS,
-                **options,
-            )
+            conn = pymysql.connect(**self._connect_args)
             for statement in SESSION_SETTINGS:
-                self._conn.query(statement)
+                conn.query(statement)
         except (pymysql.err.MySQLError, OSError) as exc:
             # 'from None': never chain a driver error that might carry the credentials.
             raise SourceError(
                 f"Cannot connect to {self._label} at {self._host}:{self._port} "
                 f"database '{self._database}': {self._reason(exc, connecting=True)}"
             ) from None
-        self._mariadb = "mariadb" in self._conn.get_server_info().lower()
-        if self._mariadb:
-            self._label = "MariaDB"
-        self._in_snapshot = False
-        self._stream: pymysql.cursors.SSCursor | None = None  # a read in progress
         self._closed_by_abandoned_read = False
+        return conn
+
+    def _reconnect_if_lost(self) -> None:
+        """A long-lived source (the service's) survives a server restart or a stopped read.
+
+        Never inside a snapshot: a new connection would silently be a new snapshot.
+        """
+        if not self._conn.open and not self._in_snapshot and not self._closed:
+            self._conn = self._connect()
 
     # -- plumbing
 
@@ -261,10 +276,9 @@ class MySQLSource(Source):
     def _fetch(self, query: str, params: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
         if self._stream is not None:
             raise RuntimeError("a json_batches() read is still in progress on this source")
-        if self._closed_by_abandoned_read:
-            raise SourceError(
-                f"The {self._label} connection was closed when a read stopped early; open the source again"
-            )
+        if not self._conn.open:
+            why = " when a read stopped early" if self._closed_by_abandoned_read else ""
+            raise SourceError(f"The connection to {self._label} was closed{why}; the snapshot is lost")
         with self._conn.cursor() as cursor:
             cursor.execute(query, params)
             return list(cursor.fetchall())
@@ -285,6 +299,7 @@ class MySQLSource(Source):
         return [row for row in self._fetch(query + " AND t.TABLE_NAME = %s", (name,)) if row[0] == name]
 
     def _resolve(self, name: str) -> tuple[Any, ...]:
+        self._reconnect_if_lost()
         with self._translate(f"look up '{name}'"):
             rows = self._tables(name)
         if not rows:
@@ -338,6 +353,7 @@ class MySQLSource(Source):
     # -- the Source interface
 
     def close(self) -> None:
+        self._closed = True
         if self._conn.open:
             self._conn.close()
 
@@ -350,6 +366,7 @@ class MySQLSource(Source):
         }
 
     def schemas(self) -> list[dict[str, Any]]:
+        self._reconnect_if_lost()
         with self._translate("list the schemas"):
             return [
                 {
@@ -475,6 +492,7 @@ class MySQLSource(Source):
     def snapshot(self) -> Iterator[None]:
         if self._in_snapshot:
             raise RuntimeError("snapshot() is already open on this source")
+        self._reconnect_if_lost()
         with self._translate("start a read transaction"):
             self._fetch("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
         self._in_snapshot = True

@@ -251,13 +251,21 @@ class PostgresSource(Source):
         self._host = params.get("host") or "localhost"
         self._port = int(params.get("port") or 5432)
         self._database = params.get("dbname") or params.get("user") or ""
-        extra: dict[str, Any] = {}
+        self._location = location
+        self._extra: dict[str, Any] = {}
         if "connect_timeout" not in params:
-            extra["connect_timeout"] = 10  # a dead host fails start-up in seconds, not minutes
+            self._extra["connect_timeout"] = 10  # a dead host fails start-up in seconds, not minutes
         if "application_name" not in params:
-            extra["application_name"] = "extracts"
+            self._extra["application_name"] = "extracts"
+        self._array_oids: set[int] = set()
+        self._cursor_ids = itertools.count(1)
+        self._in_snapshot = False
+        self._closed = False
+        self._conn = self._connect()
+
+    def _connect(self) -> psycopg.Connection[Any]:
         try:
-            self._conn = psycopg.connect(location, autocommit=True, **extra)
+            conn = psycopg.connect(self._location, autocommit=True, **self._extra)
         except psycopg.Error as exc:
             # 'from None': the driver's message may carry the connection string.
             # 'connection to server at "h", port 5432 failed: FATAL:  <the reason>'
@@ -267,20 +275,27 @@ class PostgresSource(Source):
                 f"database '{self._database}': {_lower_first(reason)}"
             ) from None
         try:
-            self._conn.execute(SESSION_SETTINGS)
+            conn.execute(SESSION_SETTINGS)
         except psycopg.Error as exc:
-            self._conn.close()
+            conn.close()
             raise SourceError(f"Cannot configure the PostgreSQL session: {self._reason(exc)}") from None
-        self._host = self._conn.info.host
-        self._port = self._conn.info.port
-        self._database = self._conn.info.dbname
-        self._conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        self._conn.read_only = True
-        self._conn.deferrable = True
-        _configure_loaders(self._conn)
-        self._array_oids: set[int] = set()
-        self._cursor_ids = itertools.count(1)
-        self._in_snapshot = False
+        self._host = conn.info.host
+        self._port = conn.info.port
+        self._database = conn.info.dbname
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        conn.deferrable = True
+        _configure_loaders(conn)
+        self._array_oids.clear()
+        return conn
+
+    def _reconnect_if_lost(self) -> None:
+        """A long-lived source (the service's) survives a server restart.
+
+        Never inside a snapshot: a new connection would silently be a new snapshot.
+        """
+        if (self._conn.broken or self._conn.closed) and not self._in_snapshot and not self._closed:
+            self._conn = self._connect()
 
     # -- plumbing
 
@@ -320,6 +335,7 @@ class PostgresSource(Source):
         )
 
     def _resolve(self, name: str) -> _Relation:
+        self._reconnect_if_lost()
         with self._translate(f"look up '{name}'"):
             rows = self._relations(name)
         if not rows:
@@ -340,6 +356,7 @@ class PostgresSource(Source):
     # -- the Source interface
 
     def close(self) -> None:
+        self._closed = True
         self._conn.close()
 
     def location(self) -> dict[str, Any]:
@@ -351,6 +368,7 @@ class PostgresSource(Source):
         }
 
     def schemas(self) -> list[dict[str, Any]]:
+        self._reconnect_if_lost()
         with self._translate("list the schemas"):
             return [
                 {
@@ -475,6 +493,7 @@ class PostgresSource(Source):
     def snapshot(self) -> Iterator[None]:
         if self._in_snapshot:
             raise RuntimeError("snapshot() is already open on this source")
+        self._reconnect_if_lost()
         # BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY DEFERRABLE (set in __init__).
         with self._translate("hold the read transaction"), self._conn.transaction():
             self._in_snapshot = True
