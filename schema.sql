@@ -101,3 +101,24 @@ CREATE INDEX IF NOT EXISTS extract_artifacts_run ON extract_artifacts (run_id);
 CREATE INDEX IF NOT EXISTS extract_artifacts_extract ON extract_artifacts (extract_id);
 CREATE INDEX IF NOT EXISTS extract_artifacts_expiry
     ON extract_artifacts (expires_at) WHERE deleted_at IS NULL;
+
+-- An extract with the statistics derived from its runs: counted, never stored,
+-- so they cannot drift from the runs themselves. last_run_* describe the most
+-- recently created run.
+DROP VIEW IF EXISTS extracts_with_stats;
+CREATE VIEW extracts_with_stats AS
+SELECT e.*,
+       last.id         AS last_run_id,
+       last.status     AS last_run_status,
+       last.created_at AS last_run_at,
+       (SELECT count(*) FROM extract_runs r WHERE r.extract_id = e.id) AS total_runs,
+       (SELECT count(*) FROM extract_runs r
+         WHERE r.extract_id = e.id AND r.status = 'completed') AS successful_runs,
+       (SELECT count(*) FROM extract_runs r
+         WHERE r.extract_id = e.id AND r.status = 'failed') AS failed_runs,
+       (SELECT count(*) FROM extract_runs r
+         WHERE r.extract_id = e.id AND r.status = 'cancelled') AS cancelled_runs
+FROM extracts e
+LEFT JOIN extract_runs last ON last.id = (
+    SELECT r.id FROM extract_runs r WHERE r.extract_id = e.id
+    ORDER BY r.created_at DESC, r.rowid DESC LIMIT 1);

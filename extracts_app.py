@@ -1,0 +1,778 @@
+"""Extracts: export a database into downloadable, checksummed files, over HTTP.
+
+The data flow, left to right::
+
+    request ─► extract row ─► run row (queued) ─► process pool ─► worker reads the
+    source in one snapshot, writes files, puts progress + artifacts on a queue
+    ─► parent (the only writer of the state file) updates the run and artifact
+    rows ─► downloads stream the files, one by one or as a ZIP built on the fly
+
+This module is the HTTP edge: settings and start-up, routes, validation, the
+JSON envelope, downloads. ``extracts_state`` owns the state file,
+``extracts_runs`` the pool and the run lifecycle, ``executor`` what runs in the
+worker processes, ``extracts_zip`` the byte layout of the ZIP downloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from croniter import croniter
+from databases import Database
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route, Router
+
+from executor.filters import check_where
+from executor.sources import SourceError, open_source
+import extracts_downloads
+import extracts_state as state
+from extracts_http import (
+    ApiError,
+    BearerAuth,
+    CatchAll,
+    Conflict,
+    MethodNotAllowed,
+    NotFound,
+    ValidationFailed,
+    api_error_handler,
+    http_exception_handler,
+    json_response,
+    ok,
+    read_json_object,
+)
+from extracts_runs import RunManager
+from extracts_state import (
+    ACTIVE_STATUSES,
+    ARTIFACT_FIELDS,
+    RUN_FIELDS,
+    TriggeredBy,
+    new_id,
+    now_iso,
+    to_record,
+)
+
+log = logging.getLogger("extracts")
+
+# ---------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class Setting:
+    """One start-up option: flag ``--name``, environment variable, default, help."""
+
+    name: str
+    default: Any
+    env: str
+    help: str
+    type: Callable[[str], Any] = str
+    metavar: str | None = None
+
+
+SETTINGS = (
+    Setting("source", None, "EXTRACTS_SOURCE", "the database to export: a SQLite file path, "
+            "sqlite:///relative/path, sqlite:////absolute/path, postgresql://… or mysql://… "
+            "(default: a demo SQLite database created beside the state file)", metavar="URL|PATH"),
+    Setting("db", "./extracts.db", "EXTRACTS_DB", "the service's own SQLite state file", metavar="PATH"),
+    Setting("storage", "/tmp/extracts", "EXTRACTS_STORAGE", "directory where artifacts are written",
+            metavar="DIR"),
+    Setting("host", "127.0.0.1", "EXTRACTS_HOST", "address to listen on"),
+    Setting("port", 9001, "EXTRACTS_PORT", "port to listen on", int),
+    Setting("token", None, "EXTRACTS_TOKEN", "bearer token; when absent one is generated and kept "
+            "in <state file>.token (mode 0600)"),
+    Setting("workers", os.cpu_count() or 1, "EXTRACTS_WORKERS", "size of the process pool: runs "
+            "executed at once", int, metavar="N"),
+    Setting("min_free_mb", 100, "EXTRACTS_MIN_FREE_MB", "free space to keep on the storage volume; "
+            "a run fails cleanly when free space falls under it", int, metavar="MB"),
+    Setting("cleanup_interval", 3600, "EXTRACTS_CLEANUP_INTERVAL", "seconds between retention "
+            "sweeps of expired artifacts", float, metavar="SECONDS"),
+)
+
+
+@dataclass
+class Settings:
+    """The resolved start-up options (flag, else environment variable, else default)."""
+
+    source: str | None
+    db: Path
+    storage: Path
+    host: str
+    port: int
+    token: str | None
+    workers: int
+    min_free_mb: int
+    cleanup_interval: float
+    demo: bool = False
+    token_generated: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="extracts-app",
+        description="Export a database into downloadable, checksummed files over HTTP.")
+    for s in SETTINGS:
+        parser.add_argument(f"--{s.name.replace('_', '-')}", dest=s.name, metavar=s.metavar,
+                            help=f"{s.help} [{s.env}]")
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        raw = getattr(args, s.name)
+        if raw is None:
+            raw = environ.get(s.env) or None
+        if raw is None:
+            values[s.name] = s.default
+            continue
+        try:
+            values[s.name] = s.type(raw)
+        except ValueError:
+            parser.error(f"--{s.name.replace('_', '-')} [{s.env}]: {raw!r} is not a valid {s.type.__name__}")
+    if values["workers"] < 1:
+        parser.error("--workers [EXTRACTS_WORKERS] must be at least 1")
+    if values["cleanup_interval"] <= 0:
+        parser.error("--cleanup-interval [EXTRACTS_CLEANUP_INTERVAL] must be positive")
+    values["db"] = Path(values["db"]).expanduser().absolute()
+    values["storage"] = Path(values["storage"]).expanduser().absolute()
+    return Settings(**values)
+
+
+class StartupError(Exception):
+    """The service cannot start; the message is the one line printed before exiting."""
+
+
+def prepare(settings: Settings) -> None:
+    """Fail fast on anything that would stop the service working (SPEC: Starting it)."""
+    try:
+        state.prepare_state_file(settings.db)
+    except (OSError, sqlite3.Error) as exc:
+        raise StartupError(f"cannot write the state file {settings.db}: {exc}") from exc
+    try:
+        settings.storage.mkdir(parents=True, exist_ok=True)
+        probe = settings.storage / f".write-test-{secrets.token_hex(4)}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"cannot create or write the storage directory {settings.storage}: "
+                           f"{exc.strerror or exc}") from exc
+    if settings.source is None:
+        demo = settings.db.with_name("demo.db")
+        if not demo.exists():
+            from executor.demo import create_demo_database
+
+            try:
+                create_demo_database(demo)
+            except (OSError, sqlite3.Error) as exc:
+                raise StartupError(f"cannot create the demo database {demo}: {exc}") from exc
+        settings.source = str(demo)
+        settings.demo = True
+    try:
+        with open_source(settings.source) as source:
+            source.schemas()
+    except SourceError as exc:
+        raise StartupError(f"cannot open the source: {exc}") from exc
+    if settings.token is None:
+        settings.token, settings.token_generated = load_or_create_token(settings.db)
+    free_mb = shutil.disk_usage(settings.storage).free // (1 << 20)
+    if free_mb < settings.min_free_mb:
+        settings.notes.append(
+            f"warning: only {free_mb} MB free on the storage volume {settings.storage}, under the "
+            f"{settings.min_free_mb} MB reserve (--min-free-mb): runs will fail until space is "
+            "freed; downloads keep working")
+
+
+def load_or_create_token(db: Path) -> tuple[str, bool]:
+    """The token kept beside the state file, created (mode 0600) on first start."""
+    path = db.with_name(db.name + ".token")
+    try:
+        token = path.read_text().strip()
+        if token:
+            return token, True
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StartupError(f"cannot read the token file {path}: {exc.strerror}") from exc
+    token = secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        raise StartupError(f"cannot write the token file {path}: {exc.strerror}") from exc
+    return token, True
+
+
+# ---------------------------------------------------------------- the extract configuration
+
+class FieldError(Exception):
+    """A bad field value; the message completes the sentence '<field> …'."""
+
+
+def _string(v: Any) -> str:
+    if not isinstance(v, str):
+        raise FieldError("must be a string")
+    return v
+
+
+def _name(v: Any) -> str:
+    v = _string(v).strip()
+    if not v:
+        raise FieldError("must not be empty")
+    if len(v) > 200:
+        raise FieldError("must be at most 200 characters")
+    return v
+
+
+def _nullable(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda v: None if v is None else check(v)
+
+
+def _boolean(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise FieldError("must be true or false")
+    return v
+
+
+def _integer(low: int, high: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise FieldError("must be an integer")
+        if not low <= v <= high:
+            raise FieldError(f"must be between {low} and {high}")
+        return v
+    return check
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if v not in options or not isinstance(v, str):
+            raise FieldError(f"must be one of {', '.join(options)}")
+        return v
+    return check
+
+
+def _include(v: Any) -> list[str]:
+    if not isinstance(v, list) or not v:
+        raise FieldError("must be a non-empty array")
+    if any(item not in ("describe", "data") for item in v):
+        raise FieldError("items must be 'describe' or 'data'")
+    if len(set(v)) != len(v):
+        raise FieldError("must not repeat an item")
+    return v
+
+
+def _schemas(v: Any) -> list[str] | None:
+    if v is None:
+        return None
+    if not isinstance(v, list) or not v:
+        raise FieldError("must be a non-empty array of schema names, or null for every table")
+    if not all(isinstance(item, str) and item for item in v):
+        raise FieldError("items must be non-empty strings")
+    if len(set(v)) != len(v):
+        raise FieldError("must not repeat a schema")
+    return v
+
+
+def _filter(v: Any) -> dict[str, Any] | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not v:
+        raise FieldError('must be an object like {"<schema>": {"where": {...}}}, or null')
+    for schema, spec in v.items():
+        if not isinstance(spec, dict) or set(spec) != {"where"} or not isinstance(spec["where"], dict):
+            raise FieldError(f'.{schema} must be an object with one key, "where", holding an object')
+    return v
+
+
+def _schedule(v: Any) -> str | None:
+    if v is None:
+        return None
+    v = _string(v).strip()
+    if len(v.split()) != 5 or not croniter.is_valid(v):
+        raise FieldError("must be a 5-field cron expression (minute hour day month weekday), "
+                         "e.g. '0 3 * * *'")
+    return v
+
+
+@dataclass(frozen=True)
+class ExtractField:
+    """One field of an extract configuration: drives validation, defaults and OpenAPI."""
+
+    name: str
+    check: Callable[[Any], Any]
+    default: Any
+    schema: dict[str, Any]
+    required: bool = False
+
+
+FORMATS = ("jsonl", "json", "yaml", "archive")
+
+EXTRACT_FIELDS = (
+    ExtractField("name", _name, None, {"type": "string", "minLength": 1, "maxLength": 200},
+                 required=True),
+    ExtractField("description", _nullable(_string), None, {"type": ["string", "null"]}),
+    ExtractField("format", _choice(FORMATS), "jsonl", {"type": "string", "enum": list(FORMATS)}),
+    ExtractField("include", _include, ["describe", "data"],
+                 {"type": "array", "minItems": 1, "maxItems": 2, "uniqueItems": True,
+                  "items": {"type": "string", "enum": ["describe", "data"]}}),
+    ExtractField("schemas", _schemas, None,
+                 {"type": ["array", "null"], "minItems": 1, "uniqueItems": True,
+                  "items": {"type": "string", "minLength": 1}}),
+    ExtractField("filter", _filter, None, {"type": ["object", "null"]}),
+    ExtractField("compress", _boolean, True, {"type": "boolean"}),
+    ExtractField("split_files", _boolean, False, {"type": "boolean"}),
+    ExtractField("split_max_records", _integer(1, 100_000_000), 1_000_000,
+                 {"type": "integer", "minimum": 1, "maximum": 100_000_000}),
+    ExtractField("schedule", _schedule, None, {"type": ["string", "null"]}),
+    ExtractField("schedule_enabled", _boolean, False, {"type": "boolean"}),
+    ExtractField("retention_days", _integer(1, 365), 7,
+                 {"type": "integer", "minimum": 1, "maximum": 365}),
+    ExtractField("enabled", _boolean, True, {"type": "boolean"}),
+)
+FIELDS_BY_NAME = {f.name: f for f in EXTRACT_FIELDS}
+READ_ONLY_FIELDS = ("id", "created_at", "updated_at", "deleted_at", "last_run_id", "last_run_status",
+                    "last_run_at", "total_runs", "successful_runs", "failed_runs", "cancelled_runs",
+                    "next_run_at")
+# The options a run uses, copied into its config_snapshot when it is queued.
+SNAPSHOT_FIELDS = ("name", "format", "include", "schemas", "filter", "compress", "split_files",
+                   "split_max_records", "retention_days")
+
+
+async def validate_extract(app_state: AppState, body: dict[str, Any],
+                           current: dict[str, Any] | None) -> dict[str, Any]:
+    """The configuration after applying ``body`` to ``current`` (None: create); 400 lists every bad field."""
+    details: list[dict[str, str]] = []
+    values: dict[str, Any] = {}
+    for key, value in body.items():
+        spec = FIELDS_BY_NAME.get(key)
+        if spec is None:
+            if key in READ_ONLY_FIELDS and current is not None:
+                continue  # SPEC: read-only fields sent back on PUT are ignored
+            reason = ("is read-only: the service sets it" if key in READ_ONLY_FIELDS
+                      else "is not a field of an extract")
+            details.append({"field": key, "message": f"{key} {reason}"})
+            continue
+        try:
+            values[key] = spec.check(value)
+        except FieldError as exc:
+            details.append({"field": key, "message": f"{key} {exc}"})
+    merged = dict(current) if current is not None else {f.name: f.default for f in EXTRACT_FIELDS}
+    if current is None and "name" not in body:
+        details.append({"field": "name", "message": "name is required"})
+    merged.update(values)
+    bad = {d["field"] for d in details}
+    if merged["schedule_enabled"] and merged["schedule"] is None and "schedule" not in bad:
+        details.append({"field": "schedule", "message": "schedule is required when "
+                        "schedule_enabled is true: give a 5-field cron expression"})
+    if not bad & {"schemas", "filter"} and ("schemas" in values or "filter" in values):
+        details += await anyio.to_thread.run_sync(check_against_source, app_state.settings.source,
+                                                  merged["schemas"], merged["filter"])
+    if details:
+        fields = ", ".join(dict.fromkeys(d["field"] for d in details))
+        raise ValidationFailed(f"Invalid extract configuration: {fields}", details)
+    return merged
+
+
+def check_against_source(location: str, schemas: list[str] | None,
+                         filters: dict[str, Any] | None) -> list[dict[str, str]]:
+    """Schema names and filter columns checked against the source (runs in a thread)."""
+    details = []
+    try:
+        with open_source(location) as source:
+            known = {s["name"] for s in source.schemas()}
+            if schemas is not None:
+                unknown = [name for name in schemas if name not in known]
+                if unknown:
+                    details.append({"field": "schemas", "message": "schemas not found in the source: "
+                                    + ", ".join(unknown)})
+            for schema, spec in (filters or {}).items():
+                if schema not in known:
+                    details.append({"field": f"filter.{schema}",
+                                    "message": f"schema '{schema}' does not exist in the source"})
+                elif schemas is not None and schema not in schemas:
+                    details.append({"field": f"filter.{schema}", "message": f"schema '{schema}' is "
+                                    "not among the extract's schemas"})
+                else:
+                    problems = check_where(spec["where"], source.columns(schema),
+                                           field=f"filter.{schema}.where")
+                    details += [{"field": path, "message": message} for path, message in problems]
+    except SourceError as exc:
+        details.append({"field": "schemas", "message": f"the source cannot be read: {exc}"})
+    return details
+
+
+# ---------------------------------------------------------------- lists: filter[...] query parameters
+
+@dataclass(frozen=True)
+class Model:
+    """A table (or view) behind ``/api/data/<name>`` and the fields a list may filter on."""
+
+    table: str
+    fields: tuple[str, ...]
+    live_only: bool = False
+
+
+EXTRACT_RECORD_FIELDS = ("id", *(f.name for f in EXTRACT_FIELDS), "created_at", "updated_at",
+                         "deleted_at", "last_run_id", "last_run_status", "last_run_at", "total_runs",
+                         "successful_runs", "failed_runs", "cancelled_runs", "next_run_at")
+MODELS = {
+    "extracts": Model("extracts_with_stats", EXTRACT_RECORD_FIELDS, live_only=True),
+    "extract_runs": Model("extract_runs", RUN_FIELDS),
+    "extract_artifacts": Model("extract_artifacts", ARTIFACT_FIELDS),
+}
+UNFILTERABLE = set(state.JSON_COLUMNS)
+FILTER_PARAM = re.compile(r"^filter\[(where|order|limit|offset)\](?:\[([^\]]+)\])?$")
+
+
+def parse_scalar(text: str) -> Any:
+    return {"true": 1, "false": 0, "null": None}.get(text, text)
+
+
+def list_query(model: Model, params: list[tuple[str, str]]) -> tuple[str, dict[str, Any]]:
+    """SQL for a list request; 400 names every bad ``filter[...]`` parameter."""
+    details: list[dict[str, str]] = []
+    where: list[str] = []
+    args: dict[str, Any] = {}
+    order, limit, offset = "created_at DESC, id DESC", 100, 0
+    if model.live_only:
+        where.append("deleted_at IS NULL")
+    for key, value in params:
+        if not key.startswith("filter"):
+            continue
+        match = FILTER_PARAM.match(key)
+        if match is None or (match[1] == "where") != (match[2] is not None):
+            details.append({"field": key, "message": f"{key} is not a known filter parameter: use "
+                            "filter[where][<field>], filter[order], filter[limit], filter[offset]"})
+            continue
+        kind, name = match[1], match[2]
+        if kind == "where":
+            if name not in model.fields or name in UNFILTERABLE:
+                details.append({"field": key, "message": f"{name} is not a field that can be filtered"})
+                continue
+            scalar = parse_scalar(value)
+            if scalar is None:
+                where.append(f'"{name}" IS NULL')
+            else:
+                where.append(f'"{name}" = :w{len(args)}')
+                args[f"w{len(args)}"] = scalar
+        elif kind == "order":
+            column, _, direction = value.strip().partition(" ")
+            direction = direction.strip().lower() or "asc"
+            if column not in model.fields or column in UNFILTERABLE or direction not in ("asc", "desc"):
+                details.append({"field": key, "message": "filter[order] must be '<field> asc' or "
+                                f"'<field> desc' with a known field (got {value!r})"})
+                continue
+            order = f'"{column}" {direction.upper()}, id {direction.upper()}'
+        elif not value.isdigit():
+            details.append({"field": key, "message": f"{key} must be a non-negative integer"})
+        elif kind == "limit":
+            limit = int(value)
+            if not 1 <= limit <= 1000:
+                details.append({"field": key, "message": "filter[limit] must be between 1 and 1000"})
+        else:
+            offset = int(value)
+    if details:
+        raise ValidationFailed("Invalid list filter: " + ", ".join(d["field"] for d in details), details)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    columns = ", ".join(f'"{c}"' for c in model.fields)
+    return (f"SELECT {columns} FROM {model.table}{clause} ORDER BY {order} LIMIT {limit} "
+            f"OFFSET {offset}", args)
+
+
+# ---------------------------------------------------------------- handlers
+
+@dataclass
+class AppState:
+    """What handlers share: settings, the state database, the run manager."""
+
+    settings: Settings
+    db: Database
+    runs: RunManager
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.extracts
+
+
+async def fetch_record(db: Database, model: str, record_id: str) -> dict[str, Any]:
+    m = MODELS[model]
+    live = " AND deleted_at IS NULL" if m.live_only else ""
+    row = await db.fetch_one(f"SELECT {', '.join(m.fields)} FROM {m.table} WHERE id = :id{live}",
+                             {"id": record_id})
+    if row is None:
+        raise NotFound(f"{model.rstrip('s').replace('_', ' ').capitalize()} {record_id} not found")
+    return to_record(row)
+
+
+def list_handler(model: str) -> Callable[[Request], Any]:
+    async def handler(request: Request) -> Response:
+        sql, args = list_query(MODELS[model], request.query_params.multi_items())
+        rows = await app_state(request).db.fetch_all(sql, args)
+        return ok([to_record(r) for r in rows])
+    handler.__name__ = f"list_{model}"
+    return handler
+
+
+def get_handler(model: str) -> Callable[[Request], Any]:
+    async def handler(request: Request) -> Response:
+        return ok(await fetch_record(app_state(request).db, model, request.path_params["id"]))
+    handler.__name__ = f"get_{model}"
+    return handler
+
+
+def extract_columns(config: dict[str, Any]) -> dict[str, Any]:
+    """An extract configuration as state-file column values."""
+    return {f.name: state.dumps(config[f.name]) if f.name in state.JSON_COLUMNS else config[f.name]
+            for f in EXTRACT_FIELDS}
+
+
+async def create_extract(request: Request) -> Response:
+    st = app_state(request)
+    config = await validate_extract(st, await read_json_object(request), None)
+    extract_id, now = new_id("extract"), now_iso()
+    values = extract_columns(config) | {"id": extract_id, "created_at": now, "updated_at": now,
+                                        "next_run_at": st.runs.next_run_at(config)}
+    columns = ", ".join(values)
+    await st.db.execute(f"INSERT INTO extracts ({columns}) VALUES "
+                        f"({', '.join(':' + c for c in values)})", values)
+    return ok(await fetch_record(st.db, "extracts", extract_id), 201)
+
+
+async def update_extract(request: Request) -> Response:
+    st = app_state(request)
+    extract_id = request.path_params["id"]
+    current = await fetch_record(st.db, "extracts", extract_id)
+    config = await validate_extract(st, await read_json_object(request), current)
+    values = extract_columns(config) | {"updated_at": now_iso(), "next_run_at": st.runs.next_run_at(
+        config, keep=current["next_run_at"] if current["schedule"] == config["schedule"] else None)}
+    assignments = ", ".join(f"{c} = :{c}" for c in values)
+    await st.db.execute(f"UPDATE extracts SET {assignments} WHERE id = :id AND deleted_at IS NULL",
+                        values | {"id": extract_id})
+    return ok(await fetch_record(st.db, "extracts", extract_id))
+
+
+async def delete_extract(request: Request) -> Response:
+    st = app_state(request)
+    extract_id = request.path_params["id"]
+    await fetch_record(st.db, "extracts", extract_id)
+    now = now_iso()
+    # One statement, so a run queued between a check and the update cannot slip through.
+    deleted = await st.db.fetch_one(
+        "UPDATE extracts SET deleted_at = :now, updated_at = :now, next_run_at = NULL "
+        "WHERE id = :id AND deleted_at IS NULL AND NOT EXISTS (SELECT 1 FROM extract_runs "
+        f"WHERE extract_id = :id AND status IN {ACTIVE_STATUSES}) RETURNING id",
+        {"now": now, "id": extract_id})
+    if deleted is None:
+        active = await st.db.fetch_val("SELECT id FROM extract_runs WHERE extract_id = :id AND "
+                                       f"status IN {ACTIVE_STATUSES}", {"id": extract_id})
+        raise Conflict(f"Extract {extract_id} has an active run {active}; cancel it with "
+                       f"POST /api/extracts/{extract_id}/cancel before deleting")
+    row = await st.db.fetch_one(f"SELECT {', '.join(EXTRACT_RECORD_FIELDS)} FROM extracts_with_stats "
+                                "WHERE id = :id", {"id": extract_id})
+    return ok(to_record(row))
+
+
+async def delete_run(request: Request) -> Response:
+    st = app_state(request)
+    run = await fetch_record(st.db, "extract_runs", request.path_params["id"])
+    if run["status"] in ACTIVE_STATUSES:
+        raise Conflict(f"Run {run['id']} is {run['status']}; cancel it with POST "
+                       f"/api/extracts/{run['extract_id']}/cancel before deleting it")
+    await st.runs.delete_run_files(run["id"])
+    return ok(await fetch_record(st.db, "extract_runs", run["id"]))
+
+
+async def run_extract(request: Request) -> Response:
+    st = app_state(request)
+    extract = await fetch_record(st.db, "extracts", request.path_params["id"])
+    if not extract["enabled"]:
+        raise Conflict(f"Extract {extract['id']} is disabled; enable it with PUT "
+                       f"/api/data/extracts/{extract['id']} and {{\"enabled\": true}}")
+    run_id = await st.runs.queue_run(extract, TriggeredBy.MANUAL)
+    if run_id is None:
+        active = await st.db.fetch_one(
+            f"SELECT id, status FROM extract_runs WHERE extract_id = :id AND status IN {ACTIVE_STATUSES}",
+            {"id": extract["id"]})
+        if active is None:  # deleted or disabled meanwhile: say which
+            return await run_extract(request)
+        raise Conflict(f"Extract {extract['id']} already has an active run ({active['id']} is "
+                       f"{active['status']}); wait for it or cancel it with "
+                       f"POST /api/extracts/{extract['id']}/cancel")
+    status_url = f"/api/data/extract_runs/{run_id}"
+    return ok({"run_id": run_id, "message": "Extract queued for execution", "status_url": status_url},
+              202, headers={"Location": status_url})
+
+
+async def cancel_extract(request: Request) -> Response:
+    st = app_state(request)
+    extract_id = request.path_params["id"]
+    exists = await st.db.fetch_val("SELECT 1 FROM extracts WHERE id = :id", {"id": extract_id})
+    if not exists:
+        raise NotFound(f"Extract {extract_id} not found")
+    run_id = await st.runs.cancel_active(extract_id)
+    if run_id is None:
+        raise NotFound(f"Extract {extract_id} has no active run to cancel")
+    return ok({"message": "Extract cancelled", "run_id": run_id})
+
+
+async def describe_list(request: Request) -> Response:
+    location = app_state(request).settings.source
+    return ok(await anyio.to_thread.run_sync(list_schemas, location))
+
+
+def list_schemas(location: str) -> list[dict[str, Any]]:
+    with open_source(location) as source:
+        return source.schemas()
+
+
+async def describe_one(request: Request) -> Response:
+    name = request.path_params["schema"]
+    location = app_state(request).settings.source
+    entry = await anyio.to_thread.run_sync(describe_schema, location, name)
+    if entry is None:
+        raise NotFound(f"Schema '{name}' not found in the source; GET /api/describe lists them")
+    return ok({"name": name, **entry})
+
+
+def describe_schema(location: str, name: str) -> dict[str, Any] | None:
+    with open_source(location) as source:
+        if name not in {s["name"] for s in source.schemas()}:
+            return None
+        return source.describe([name])[name]
+
+
+async def health(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def openapi(request: Request) -> Response:
+    from extracts_openapi import openapi_document
+
+    return json_response(openapi_document(EXTRACT_FIELDS))
+
+
+def route(path: str, **handlers: Callable[[Request], Any]) -> Route:
+    """One route per path, dispatching on the method, so a 405 lists every allowed method."""
+    allowed = ", ".join(sorted({*handlers, *(["HEAD"] if "GET" in handlers else [])}))
+
+    async def endpoint(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        handler = handlers.get(method)
+        if handler is None:
+            raise MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}; "
+                                   f"allowed: {allowed}", headers={"Allow": allowed})
+        return await handler(request)
+
+    return Route(path, endpoint, methods=HTTP_METHODS)
+
+
+HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
+
+
+api_routes = [
+    route("/data/extracts", GET=list_handler("extracts"), POST=create_extract),
+    route("/data/extracts/{id}", GET=get_handler("extracts"), PUT=update_extract,
+          DELETE=delete_extract),
+    route("/data/extract_runs", GET=list_handler("extract_runs")),
+    route("/data/extract_runs/{id}", GET=get_handler("extract_runs"), DELETE=delete_run),
+    route("/data/extract_artifacts", GET=list_handler("extract_artifacts")),
+    route("/data/extract_artifacts/{id}", GET=get_handler("extract_artifacts")),
+    route("/extracts/{id}/run", POST=run_extract),
+    route("/extracts/{id}/cancel", POST=cancel_extract),
+    route("/extracts/runs/{id}/download", GET=extracts_downloads.download_run),
+    route("/extracts/artifacts/{id}/download", GET=extracts_downloads.download_artifact),
+    route("/describe", GET=describe_list),
+    route("/describe/{schema:path}", GET=describe_one),
+]
+
+
+def create_app(settings: Settings) -> Starlette:
+    """The ASGI app; ``prepare(settings)`` must have run (the CLI does it)."""
+    db = state.open_database(settings.db)
+    runs = RunManager(db, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await db.connect()
+        await runs.start()
+        try:
+            yield
+        finally:
+            await runs.stop()
+            await db.disconnect()
+
+    exception_handlers = {ApiError: api_error_handler, HTTPException: http_exception_handler}
+    app = Starlette(
+        routes=[
+            route("/health", GET=health),
+            route("/openapi.json", GET=openapi),
+            Mount("/api", app=BearerAuth(Router(routes=api_routes), settings.token)),
+        ],
+        middleware=[Middleware(CatchAll)],
+        exception_handlers=exception_handlers,
+        lifespan=lifespan,
+    )
+    app.state.extracts = AppState(settings, db, runs)
+    return app
+
+
+def banner(settings: Settings) -> list[str]:
+    url = f"http://{settings.host}:{settings.port}"
+    lines = []
+    if settings.demo:
+        lines.append(f"No --source given: serving the demo SQLite database {settings.source} "
+                     "(users, orders, products, order_items).")
+    else:
+        lines.append(f"Exporting from {redact(settings.source)}.")
+    lines.append(f"Extracts listening on {url} — state {settings.db}, storage {settings.storage}, "
+                 f"{settings.workers} worker(s).")
+    if settings.token_generated:
+        lines.append(f"Token (kept in {settings.db}.token): {settings.token}")
+        lines.append(f"Try: curl -H 'Authorization: Bearer {settings.token}' {url}/api/describe")
+    else:
+        lines.append(f"Try: curl -H \"Authorization: Bearer $EXTRACTS_TOKEN\" {url}/api/describe")
+    return lines + settings.notes
+
+
+def redact(location: str) -> str:
+    """A source URL without its password, for logs."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", location)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    settings = parse_settings(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        prepare(settings)
+    except StartupError as exc:
+        print(f"extracts-app: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    for line in banner(settings):
+        print(line, flush=True)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                access_log=False)
+
+
+if __name__ == "__main__":
+    # Through the module, so that handlers and tests share one copy of its classes.
+    import extracts_app
+
+    extracts_app.main()

@@ -1,0 +1,210 @@
+"""The HTTP conventions of the SPEC: the JSON envelope, error codes, auth, body limits.
+
+Errors carry their status and code (``raise NotFound(...)``); one handler turns
+them into ``{"success": false, "error", "error_code"[, "details"]}``. Anything
+unexpected is logged with its traceback and answered with a generic 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import sqlite3
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger("extracts")
+
+MAX_BODY_BYTES = 1 << 20
+
+
+class ApiError(Exception):
+    """An error with its HTTP status and error_code, rendered as the JSON envelope."""
+
+    status = 400
+    code = "BAD_REQUEST"
+
+    def __init__(self, message: str, details: list[dict[str, str]] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.headers = headers
+
+
+class BadRequest(ApiError):
+    """The body is not a JSON object, or a query parameter is malformed."""
+
+
+class ValidationFailed(ApiError):
+    """One or more fields have bad values; ``details`` names each."""
+
+    code = "VALIDATION_ERROR"
+
+
+class Unauthorized(ApiError):
+    """Missing or wrong bearer token."""
+
+    status, code = 401, "UNAUTHORIZED"
+
+
+class NotFound(ApiError):
+    """No such record, route or file."""
+
+    status, code = 404, "RECORD_NOT_FOUND"
+
+
+class MethodNotAllowed(ApiError):
+    """The route exists but not with this method."""
+
+    status, code = 405, "METHOD_NOT_ALLOWED"
+
+
+class Conflict(ApiError):
+    """The record's state forbids the action (disabled, already running, active run)."""
+
+    status, code = 409, "CONFLICT"
+
+
+class Gone(ApiError):
+    """The artifacts expired or were deleted."""
+
+    status, code = 410, "GONE"
+
+
+class PayloadTooLarge(ApiError):
+    """Body over 1 MiB."""
+
+    status, code = 413, "PAYLOAD_TOO_LARGE"
+
+
+class UnsupportedMediaType(ApiError):
+    """A body that is not sent as application/json."""
+
+    status, code = 415, "UNSUPPORTED_MEDIA_TYPE"
+
+
+class ServiceUnavailable(ApiError):
+    """The state file stayed locked past the busy timeout."""
+
+    status, code = 503, "SERVICE_UNAVAILABLE"
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(content), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+def ok(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return json_response({"success": True, "data": data}, status, headers)
+
+
+def error_response(exc: ApiError) -> Response:
+    body: dict[str, Any] = {"success": False, "error": exc.message, "error_code": exc.code}
+    if exc.details is not None:
+        body["details"] = exc.details
+    return json_response(body, exc.status, exc.headers)
+
+
+async def api_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+async def http_exception_handler(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 (unknown route, wrong method) in the envelope."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowed(
+            f"{request.method} is not allowed on {request.url.path}", headers=exc.headers))
+    if exc.status_code == 404:
+        return error_response(NotFound(f"No route {request.method} {request.url.path}"))
+    return error_response(ApiError(str(exc.detail)))
+
+
+class CatchAll:
+    """Answers any unexpected exception with a generic 500 envelope, logged with its traceback.
+
+    A locked state file past the busy timeout becomes a 503 the client may retry.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 — the last line of defence
+            if started:
+                log.exception("error after the response started: %s %s", scope["method"], scope["path"])
+                raise
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                log.warning("state file locked: %s %s", scope["method"], scope["path"])
+                response = error_response(ServiceUnavailable(
+                    "The service's state file is busy; retry in a few seconds",
+                    headers={"Retry-After": "2"}))
+            else:
+                log.exception("unhandled error: %s %s", scope["method"], scope["path"])
+                response = json_response({"success": False, "error": "Internal error; see the "
+                                          "service log", "error_code": "INTERNAL_ERROR"}, 500)
+            await response(scope, receive, send)
+
+
+class BearerAuth:
+    """Every ``/api`` route requires ``Authorization: Bearer <token>`` (constant-time compare)."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        header = dict(scope.get("headers", [])).get(b"authorization", b"")
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
+            reason = "Missing bearer token" if not header else "Invalid bearer token"
+            response = error_response(Unauthorized(
+                f"{reason}; send Authorization: Bearer <token>",
+                headers={"WWW-Authenticate": 'Bearer realm="extracts"'}))
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object: 415 wrong type, 413 over 1 MiB, 400 not an object."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"Send the body as JSON with Content-Type: application/json (got {content_type or 'none'})")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"The body is over {MAX_BODY_BYTES} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise PayloadTooLarge(f"The body is over {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    try:
+        body = orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest(f"The body must be a JSON object, not {type(body).__name__}")
+    return body

@@ -1,0 +1,152 @@
+"""The service's own state: one SQLite file reached through ``databases`` + ``aiosqlite``.
+
+Owns the facts every other module shares: run statuses, id and timestamp
+formats, how a state row becomes an API record, and how the file is opened
+(per-connection PRAGMAs, WAL, ``schema.sql``, migrations by ``user_version``).
+The parent process is the only writer; worker processes never open this file.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import sys
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import orjson
+from databases import Database
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 15.0
+
+
+class RunStatus(str, Enum):
+    """Mirrors the CHECK on extract_runs.status in schema.sql."""
+
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATUSES = (RunStatus.PENDING.value, RunStatus.QUEUED.value, RunStatus.RUNNING.value)
+TERMINAL_STATUSES = (RunStatus.COMPLETED.value, RunStatus.FAILED.value, RunStatus.CANCELLED.value)
+
+
+class TriggeredBy(str, Enum):
+    """Mirrors the CHECK on extract_runs.triggered_by in schema.sql."""
+
+    MANUAL = "manual"
+    SCHEDULE = "schedule"
+    API = "api"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(moment: datetime | None) -> str | None:
+    """ISO 8601 in UTC with millisecond precision and a Z suffix (sorts as text)."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def now_iso() -> str:
+    return iso(utcnow())
+
+
+def plus_days(text: str, days: int) -> str:
+    return iso(parse_iso(text) + timedelta(days=days))
+
+
+def new_id(prefix: str) -> str:
+    """Opaque prefixed id: ``extract_…``, ``run_…``, ``artifact_…``."""
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+RUN_FIELDS = ("id", "extract_id", "extract_name", "status", "progress", "progress_detail",
+              "started_at", "completed_at", "duration_seconds", "records_exported",
+              "schemas_exported", "artifacts_created", "total_size_bytes", "error", "error_detail",
+              "triggered_by", "config_snapshot", "created_at", "updated_at")
+ARTIFACT_FIELDS = ("id", "run_id", "extract_id", "artifact_type", "artifact_name", "schema_name",
+                   "part", "storage_path", "storage_backend", "format", "content_type", "size_bytes",
+                   "records", "checksum", "is_primary", "created_at", "expires_at", "accessed_at",
+                   "download_count", "deleted_at")
+
+# Columns holding JSON text or 0/1 booleans, per table: how a row becomes a record.
+JSON_COLUMNS = {"include", "schemas", "filter", "progress_detail", "error_detail", "config_snapshot"}
+BOOL_COLUMNS = {"compress", "split_files", "schedule_enabled", "enabled", "is_primary"}
+HIDDEN_COLUMNS = {"deleted_at_extract", "crc32"}
+
+
+def to_record(row: Any, hidden: set[str] = frozenset()) -> dict[str, Any]:
+    """A state row as the API shows it: JSON columns parsed, booleans as booleans."""
+    record = {}
+    for key, value in dict(row._mapping).items():
+        if key in hidden or key in HIDDEN_COLUMNS:
+            continue
+        if key in JSON_COLUMNS and value is not None:
+            value = orjson.loads(value)
+        elif key in BOOL_COLUMNS and value is not None:
+            value = bool(value)
+        record[key] = value
+    return record
+
+
+def dumps(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+class StateConnection(sqlite3.Connection):
+    """Every connection ``databases`` opens gets the PRAGMAs the service relies on."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        self.execute("PRAGMA foreign_keys = ON")
+        self.execute("PRAGMA synchronous = NORMAL")
+
+
+def schema_sql() -> str:
+    """schema.sql beside this module (source checkout) or in the installed data dir."""
+    for candidate in (Path(__file__).with_name("schema.sql"),
+                      Path(sys.prefix, "share", "extracts", "schema.sql")):
+        if candidate.is_file():
+            return candidate.read_text()
+    raise FileNotFoundError("schema.sql not found beside extracts_state.py nor in share/extracts")
+
+
+def prepare_state_file(path: Path) -> None:
+    """Create or migrate the state file synchronously, at start-up (fails fast)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        con.execute("PRAGMA journal_mode = WAL")
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"the state file has schema version {version}, newer than this service's {SCHEMA_VERSION}")
+        con.executescript(schema_sql())
+        migrate(con, version)
+        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    finally:
+        con.close()
+
+
+def migrate(con: sqlite3.Connection, from_version: int) -> None:
+    """Bring an older state file up to SCHEMA_VERSION; version 1 is the first."""
+    del con, from_version
+
+
+def open_database(path: Path) -> Database:
+    return Database(f"sqlite:///{path}", factory=StateConnection, timeout=BUSY_TIMEOUT_S)

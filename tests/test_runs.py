@@ -1,0 +1,341 @@
+"""Runs end to end: a real server, real worker processes, real files read back."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import Service, make_shop_db, start_service
+
+
+def make_big_db(path: Path, rows: int) -> Path:
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE big (id INTEGER PRIMARY KEY, name TEXT, amount REAL, at TEXT)")
+    con.execute("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT ?) "
+                "INSERT INTO big SELECT x, 'name ' || x, x * 0.25, '2024-01-01T00:00:00Z' FROM c",
+                (rows,))
+    con.execute("CREATE TABLE small (id INTEGER PRIMARY KEY, v TEXT)")
+    con.execute("INSERT INTO small VALUES (1, 'one')")
+    con.commit()
+    con.close()
+    return path
+
+
+def artifacts_of(service: Service, run_id: str) -> list[dict]:
+    r = service.client.get("/api/data/extract_artifacts",
+                           params={"filter[where][run_id]": run_id, "filter[order]": "created_at asc",
+                                   "filter[limit]": "1000"})
+    return r.json()["data"]
+
+
+def read_rows(path: Path) -> list[dict]:
+    data = path.read_bytes()
+    if path.name.endswith(".gz"):
+        data = gzip.decompress(data)
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def source_rows(db: Path, table: str) -> list[dict]:
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    rows = [dict(r) for r in con.execute(f'SELECT * FROM "{table}" ORDER BY rowid')]
+    con.close()
+    return rows
+
+
+def test_run_completes_with_checksummed_files(service: Service, shop_db: Path) -> None:
+    extract = service.create_extract(name="Shop", schemas=["users", "orders", "order items"])
+    r = service.client.post(f"/api/extracts/{extract['id']}/run")
+    assert r.status_code == 202
+    data = r.json()["data"]
+    assert data["message"] == "Extract queued for execution"
+    assert data["status_url"] == f"/api/data/extract_runs/{data['run_id']}"
+    assert r.headers["location"] == data["status_url"]
+    run = service.wait_run(data["run_id"])
+    assert run["status"] == "completed", run
+    assert run["progress"] == 100 and run["progress_detail"]["phase"] == "completed"
+    assert run["records_exported"] == 4 + 50 + 20 and run["schemas_exported"] == 3
+    assert run["triggered_by"] == "manual" and run["error"] is None
+    assert run["duration_seconds"] >= 0 and run["completed_at"] >= run["started_at"]
+    artifacts = artifacts_of(service, run["id"])
+    names = [a["artifact_name"] for a in artifacts]
+    assert sorted(names) == sorted(["describe.yaml", "users.jsonl.gz", "orders.jsonl.gz",
+                                    "order%20items.jsonl.gz", "manifest.json"])
+    assert run["artifacts_created"] == 5
+    assert run["total_size_bytes"] == sum(a["size_bytes"] for a in artifacts)
+    for a in artifacts:
+        path = Path(a["storage_path"])
+        assert path.parent == service.storage / run["id"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == a["checksum"]
+        assert path.stat().st_size == a["size_bytes"]
+        assert a["expires_at"] > a["created_at"] and a["download_count"] == 0
+        assert a["is_primary"] == (a["artifact_type"] != "manifest")
+    by_name = {a["artifact_name"]: a for a in artifacts}
+    assert read_rows(Path(by_name["orders.jsonl.gz"]["storage_path"])) == source_rows(shop_db, "orders")
+    items = read_rows(Path(by_name["order%20items.jsonl.gz"]["storage_path"]))
+    assert items == source_rows(shop_db, "order items")
+    describe = yaml.safe_load(Path(by_name["describe.yaml"]["storage_path"]).read_text())
+    assert list(describe) == ["users", "orders", "order items"] or set(describe) == {
+        "users", "orders", "order items"}
+    assert describe["order items"]["primary_key"] == ["order_id", "line"]
+    manifest = json.loads(Path(by_name["manifest.json"]["storage_path"]).read_text())
+    assert manifest["run_id"] == run["id"] and manifest["extract_id"] == extract["id"]
+    assert {m["name"]: m["checksum"] for m in manifest["artifacts"]} == {
+        a["artifact_name"]: a["checksum"] for a in artifacts if a["artifact_type"] != "manifest"}
+    extract = service.client.get(f"/api/data/extracts/{extract['id']}").json()["data"]
+    assert (extract["last_run_id"], extract["last_run_status"]) == (run["id"], "completed")
+    assert (extract["total_runs"], extract["successful_runs"], extract["failed_runs"]) == (1, 1, 0)
+    assert run["config_snapshot"]["schemas"] == ["users", "orders", "order items"]
+
+
+def test_simultaneous_run_requests_create_exactly_one_run(service: Service) -> None:
+    extract = service.create_extract(name="Race", schemas=["users"])
+    barrier = threading.Barrier(20)
+    statuses: list[int] = []
+
+    def fire() -> None:
+        with httpx.Client(base_url=service.base_url, headers=service.client.headers) as c:
+            barrier.wait()
+            statuses.append(c.post(f"/api/extracts/{extract['id']}/run").status_code)
+
+    threads = [threading.Thread(target=fire) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(statuses) == [202] + [409] * 19
+    runs = service.client.get("/api/data/extract_runs",
+                              params={"filter[where][extract_id]": extract["id"]}).json()["data"]
+    assert len(runs) == 1
+    service.wait_run(runs[0]["id"])
+
+
+def test_disabled_extract_and_cancel_without_run(service: Service) -> None:
+    extract = service.create_extract(name="Off", enabled=False)
+    r = service.client.post(f"/api/extracts/{extract['id']}/run")
+    assert r.status_code == 409 and "disabled" in r.json()["error"]
+    r = service.client.post(f"/api/extracts/{extract['id']}/cancel")
+    assert r.status_code == 404 and r.json()["error_code"] == "RECORD_NOT_FOUND"
+    assert service.client.post("/api/extracts/extract_nope/run").status_code == 404
+    assert service.client.post("/api/extracts/extract_nope/cancel").status_code == 404
+
+
+@pytest.fixture(scope="module")
+def big_service(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("big")
+    db = make_big_db(tmp / "big.db", 2_000_000)
+    svc = start_service(tmp, str(db))
+    yield svc
+    svc.stop()
+
+
+@pytest.mark.slow
+def test_progress_moves_within_a_big_table_and_never_goes_down(big_service: Service) -> None:
+    extract = big_service.create_extract(name="Big", schemas=["big"], compress=False)
+    run_id = big_service.run(extract["id"])
+    samples = []
+    while True:
+        run = big_service.client.get(f"/api/data/extract_runs/{run_id}").json()["data"]
+        samples.append((run["progress"], run["progress_detail"]))
+        if run["status"] in ("completed", "failed", "cancelled"):
+            break
+        time.sleep(0.02)
+    assert run["status"] == "completed", run
+    progress = [p for p, _ in samples]
+    assert progress == sorted(progress), progress
+    assert len({p for p in progress if 25 < p < 100}) > 5, progress
+    assert run["records_exported"] == 2_000_000
+    assert run["progress_detail"]["records_total"] == 2_000_000
+    phases = [d["phase"] for _, d in samples]
+    order = ["queued", "exporting_describe", "exported_describe", "exporting_data",
+             "writing_manifest", "completed"]
+    seen = [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p]
+    assert seen == [p for p in order if p in seen]
+
+
+@pytest.mark.slow
+def test_cancel_stops_the_worker_within_two_seconds(big_service: Service) -> None:
+    extract = big_service.create_extract(name="Cancel me", schemas=["small", "big"], compress=False)
+    run_id = big_service.run(extract["id"])
+    while True:
+        run = big_service.client.get(f"/api/data/extract_runs/{run_id}").json()["data"]
+        if run["progress_detail"].get("current_schema") == "big" and \
+                run["progress_detail"]["records_exported"] > 1:
+            break
+        time.sleep(0.01)
+    r = big_service.client.post(f"/api/extracts/{extract['id']}/cancel")
+    assert r.status_code == 200
+    assert r.json()["data"] == {"message": "Extract cancelled", "run_id": run_id}
+    cancelled_at = time.monotonic()
+    run = big_service.client.get(f"/api/data/extract_runs/{run_id}").json()["data"]
+    assert run["status"] == "cancelled" and run["completed_at"] is not None
+    run_dir = big_service.storage / run_id
+    # The worker stops writing: the run directory stops changing within 2 s.
+    last = None
+    while time.monotonic() - cancelled_at < 5:
+        sizes = {p.name: p.stat().st_size for p in run_dir.iterdir()} if run_dir.exists() else {}
+        if sizes == last and time.monotonic() - cancelled_at > 0.3:
+            break
+        last = sizes
+        time.sleep(0.25)
+    assert time.monotonic() - cancelled_at < 2.5
+    time.sleep(0.5)
+    names = sorted(a["artifact_name"] for a in artifacts_of(big_service, run_id))
+    assert "describe.yaml" in names and "small.jsonl" in names and "big.jsonl" not in names
+    assert sorted(p.name for p in run_dir.iterdir()) == names
+    # Not a ZIP (the run is not completed), but each kept file downloads on its own.
+    r = big_service.client.get(f"/api/extracts/runs/{run_id}/download")
+    assert r.status_code == 409 and "cancelled" in r.json()["error"]
+    small = next(a for a in artifacts_of(big_service, run_id) if a["artifact_name"] == "small.jsonl")
+    r = big_service.client.get(f"/api/extracts/artifacts/{small['id']}/download")
+    assert r.status_code == 200 and json.loads(r.content) == {"id": 1, "v": "one"}
+    extract = big_service.client.get(f"/api/data/extracts/{extract['id']}").json()["data"]
+    assert extract["cancelled_runs"] == 1
+    # A new run can start at once.
+    assert big_service.client.post(f"/api/extracts/{extract['id']}/run").status_code == 202
+
+
+def worker_writing(storage: Path, run_id: str, timeout: float = 30) -> int:
+    """The pid of the process holding a file of the run directory open."""
+    target = str(storage / run_id)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(target):
+                        return int(pid)
+            except OSError:
+                continue
+        time.sleep(0.02)
+    raise AssertionError(f"no process writing {target}")
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_killed_worker_fails_its_run_and_the_next_run_works(big_service: Service) -> None:
+    extract = big_service.create_extract(name="Kill worker", schemas=["big"], compress=False)
+    run_id = big_service.run(extract["id"])
+    os.kill(worker_writing(big_service.storage, run_id), signal.SIGKILL)
+    run = big_service.wait_run(run_id, timeout=20)
+    assert run["status"] == "failed"
+    assert "worker process" in run["error"] and "SIGKILL" in run["error"], run["error"]
+    assert big_service.client.get("/health").status_code == 200
+    small = big_service.create_extract(name="After kill", schemas=["small"])
+    assert big_service.wait_run(big_service.run(small["id"]))["status"] == "completed"
+    extract = big_service.client.get(f"/api/data/extracts/{extract['id']}").json()["data"]
+    assert extract["failed_runs"] == 1
+
+
+def test_schema_dropped_after_saving_fails_the_run_clearly(tmp_path: Path) -> None:
+    db = make_shop_db(tmp_path / "shop.db")
+    svc = start_service(tmp_path, str(db))
+    try:
+        extract = svc.create_extract(name="Dropped", schemas=["users", "orders"])
+        con = sqlite3.connect(db)
+        con.execute("DROP TABLE orders")
+        con.commit()
+        con.close()
+        run = svc.wait_run(svc.run(extract["id"]))
+        assert run["status"] == "failed"
+        assert "orders" in run["error"] and "\n" not in run["error"]
+        assert run["error_detail"]["type"] and "Traceback" in run["error_detail"]["traceback"]
+        kept = [a["artifact_name"] for a in artifacts_of(svc, run["id"])]
+        assert "describe.yaml" not in kept or all(Path(svc.storage, run["id"], k).exists() for k in kept)
+        assert svc.client.get(f"/api/data/extracts/{extract['id']}").json()["data"]["failed_runs"] == 1
+        fixed = svc.create_extract(name="Fixed", schemas=["users"])
+        assert svc.wait_run(svc.run(fixed["id"]))["status"] == "completed"
+    finally:
+        svc.stop()
+
+
+def test_free_space_reserve_fails_the_run_and_keeps_serving(tmp_path: Path) -> None:
+    db = make_shop_db(tmp_path / "shop.db")
+    free_mb = shutil.disk_usage(tmp_path).free >> 20
+    svc = start_service(tmp_path, str(db), "--min-free-mb", str(free_mb + 1024))
+    try:
+        assert "reserve" in svc.output()
+        run = svc.wait_run(svc.run(svc.create_extract(name="Full disk")["id"]))
+        assert run["status"] == "failed"
+        assert "free" in run["error"] and "--min-free-mb" in run["error"]
+        assert svc.client.get("/health").status_code == 200
+    finally:
+        svc.stop()
+
+
+def test_storage_and_source_going_away_fail_runs_then_recover(tmp_path: Path) -> None:
+    db = make_shop_db(tmp_path / "shop.db")
+    svc = start_service(tmp_path, str(db))
+    try:
+        extract = svc.create_extract(name="Faults", schemas=["users"])
+        moved = tmp_path / "storage-away"
+        svc.storage.rename(moved)
+        svc.storage.write_text("not a directory")
+        run = svc.wait_run(svc.run(extract["id"]))
+        assert run["status"] == "failed" and str(svc.storage) in run["error"], run["error"]
+        svc.storage.unlink()
+        moved.rename(svc.storage)
+        db.rename(tmp_path / "shop-away.db")
+        run = svc.wait_run(svc.run(extract["id"]))
+        assert run["status"] == "failed" and "source" in run["error"].lower(), run["error"]
+        (tmp_path / "shop-away.db").rename(db)
+        assert svc.wait_run(svc.run(extract["id"]))["status"] == "completed"
+    finally:
+        svc.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_kill_9_of_the_service_fails_running_and_executes_queued(tmp_path: Path) -> None:
+    db = make_big_db(tmp_path / "big.db", 1_500_000)
+    svc = start_service(tmp_path, str(db), "--workers", "1")
+    running = svc.create_extract(name="Interrupted", schemas=["big"], compress=False)
+    waiting = svc.create_extract(name="Waiting", schemas=["small"])
+    running_run = svc.run(running["id"])
+    worker_writing(svc.storage, running_run)
+    waiting_run = svc.run(waiting["id"])
+    assert svc.client.get(f"/api/data/extract_runs/{waiting_run}").json()["data"]["status"] == "queued"
+    svc.stop(signal.SIGKILL)
+    svc = start_service(tmp_path, str(db), db=svc.db, storage=svc.storage)
+    try:
+        run = svc.client.get(f"/api/data/extract_runs/{running_run}").json()["data"]
+        assert run["status"] == "failed"
+        assert run["error"] == "interrupted: the service stopped while this run was running"
+        assert svc.wait_run(waiting_run)["status"] == "completed"
+        con = sqlite3.connect(svc.db)
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        con.close()
+    finally:
+        svc.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_sigterm_requeues_active_runs_and_they_run_at_next_start(tmp_path: Path) -> None:
+    db = make_big_db(tmp_path / "big.db", 1_500_000)
+    svc = start_service(tmp_path, str(db), "--workers", "1")
+    extract = svc.create_extract(name="Requeued", schemas=["big"], compress=False)
+    run_id = svc.run(extract["id"])
+    worker_writing(svc.storage, run_id)
+    assert svc.stop(signal.SIGTERM) == 0
+    con = sqlite3.connect(svc.db)
+    assert con.execute("SELECT status, progress FROM extract_runs WHERE id = ?",
+                       (run_id,)).fetchone() == ("queued", 0)
+    con.close()
+    svc = start_service(tmp_path, str(db), db=svc.db, storage=svc.storage)
+    try:
+        run = svc.wait_run(run_id, timeout=120)
+        assert run["status"] == "completed" and run["records_exported"] == 1_500_000
+    finally:
+        svc.stop()

@@ -1,0 +1,121 @@
+"""Start-up: the console script on the demo default, options, and failing fast."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import app_command, free_port
+
+from extracts_app import parse_settings
+
+
+def launch(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EXTRACTS_")}
+    return subprocess.Popen([*app_command(), *args], cwd=tmp_path, env=clean | (env or {}),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_no_options_serves_the_demo_database(tmp_path: Path) -> None:
+    port = free_port()
+    process = launch(tmp_path, env={"EXTRACTS_PORT": str(port),
+                                    "EXTRACTS_STORAGE": str(tmp_path / "artifacts")})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        token_file = tmp_path / "extracts.db.token"
+        token = token_file.read_text().strip()
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert (tmp_path / "demo.db").is_file() and (tmp_path / "extracts.db").is_file()
+        headers = {"Authorization": f"Bearer {token}"}
+        schemas = httpx.get(f"{base}/api/describe", headers=headers).json()["data"]
+        assert {s["name"] for s in schemas} == {"users", "products", "orders", "order_items",
+                                                "active_users"}
+        assert {s["name"]: s["row_count"] for s in schemas}["users"] == 200
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert "demo" in output and str(tmp_path / "demo.db") in output
+    assert token in output and f"curl -H 'Authorization: Bearer {token}' {base}/api/describe" in output
+    # The token is reused at the next start.
+    process = launch(tmp_path, "--port", str(free_port()))
+    time.sleep(0.5)
+    process.terminate()
+    assert token in process.communicate(timeout=30)[0]
+    assert token_file.read_text().strip() == token
+
+
+def test_a_given_token_is_never_printed(tmp_path: Path) -> None:
+    port = free_port()
+    process = launch(tmp_path, "--port", str(port), "--token", "s3cret-token-value")
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        r = httpx.get(f"http://127.0.0.1:{port}/api/describe",
+                      headers={"Authorization": "Bearer s3cret-token-value"})
+        assert r.status_code == 200
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert "s3cret-token-value" not in output
+    assert not (tmp_path / "extracts.db.token").exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--source", "/nonexistent/shop.db"], "cannot open the source"),
+    (["--source", "{tmp}/not-a-db.db"], "cannot open the source"),
+    (["--db", "/proc/extracts/state.db"], "cannot write the state file /proc/extracts/state.db"),
+    (["--storage", "{tmp}/a-file/storage"], "cannot create or write the storage directory"),
+    (["--source", "postgresql://nobody:hunter2@127.0.0.1:1/none"], "cannot open the source"),
+])
+def test_start_up_fails_fast_with_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "not-a-db.db").write_text("this is not a database" * 100)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    started = time.monotonic()
+    process = launch(tmp_path, "--port", str(free_port()), *args)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 1
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("extracts-app: ") and expected in lines[0], output
+    assert "hunter2" not in output
+    assert time.monotonic() - started < 20
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_settings_from_flags_environment_and_defaults(tmp_path: Path) -> None:
+    settings = parse_settings([], {})
+    assert (settings.source, settings.db, settings.storage) == (
+        None, Path("extracts.db").absolute(), Path("/tmp/extracts"))
+    assert (settings.host, settings.port, settings.token) == ("127.0.0.1", 9001, None)
+    assert settings.workers == (os.cpu_count() or 1) and settings.min_free_mb == 100
+    assert settings.cleanup_interval == 3600
+    env = {"EXTRACTS_SOURCE": "x.db", "EXTRACTS_DB": "/tmp/s.db", "EXTRACTS_STORAGE": "/tmp/st",
+           "EXTRACTS_HOST": "0.0.0.0", "EXTRACTS_PORT": "9100", "EXTRACTS_TOKEN": "tok",
+           "EXTRACTS_WORKERS": "3", "EXTRACTS_MIN_FREE_MB": "5", "EXTRACTS_CLEANUP_INTERVAL": "60"}
+    settings = parse_settings([], env)
+    assert (settings.source, settings.db, settings.storage, settings.host, settings.port,
+            settings.token, settings.workers, settings.min_free_mb, settings.cleanup_interval) == (
+        "x.db", Path("/tmp/s.db"), Path("/tmp/st"), "0.0.0.0", 9100, "tok", 3, 5, 60.0)
+    settings = parse_settings(["--port", "9200", "--workers", "1", "--min-free-mb", "7"], env)
+    assert (settings.port, settings.workers, settings.min_free_mb) == (9200, 1, 7)
+    with pytest.raises(SystemExit):
+        parse_settings(["--port", "many"], {})
+    with pytest.raises(SystemExit):
+        parse_settings([], {"EXTRACTS_WORKERS": "0"})
