@@ -357,6 +357,17 @@ class MySQLSource(Source):
         if self._conn.open:
             self._conn.close()
 
+    def interrupt(self) -> None:
+        # KILL QUERY from a second connection (thread-safe: this one is busy reading); the
+        # running statement fails with "Query execution was interrupted" and the worker stops.
+        with suppress(pymysql.err.MySQLError, OSError):
+            killer = pymysql.connect(**{**self._connect_args, "connect_timeout": 5})
+            try:
+                with killer.cursor() as cursor:
+                    cursor.execute("KILL QUERY %s", (self._conn.thread_id(),))
+            finally:
+                killer.close()
+
     def location(self) -> dict[str, Any]:
         return {
             "dialect": self.dialect,

@@ -66,7 +66,7 @@ from __future__ import annotations
 import binascii
 import itertools
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -358,6 +358,12 @@ class PostgresSource(Source):
     def close(self) -> None:
         self._closed = True
         self._conn.close()
+
+    def interrupt(self) -> None:
+        # A cancel request on its own socket (thread-safe); the running statement fails
+        # with "canceling statement due to user request" and the worker stops.
+        with suppress(psycopg.Error):
+            self._conn.cancel_safe(timeout=5)
 
     def location(self) -> dict[str, Any]:
         return {

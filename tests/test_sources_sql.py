@@ -9,6 +9,8 @@ its own uniquely named PostgreSQL schema and MySQL database and drops them after
 from __future__ import annotations
 
 import base64
+import gzip
+import multiprocessing
 import os
 import re
 import secrets
@@ -25,8 +27,11 @@ import orjson
 import psycopg
 import pymysql
 import pytest
+import yaml
 
+from executor.naming import safe_file_name
 from executor.sources import Source, SourceError, UnknownSchema, open_source
+from executor.worker import run_extract
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 MY_URL = "mysql://root@127.0.0.1:3306"
@@ -888,3 +893,146 @@ def test_a_million_rows_stream_in_flat_memory(db: PG | My) -> None:
     assert exported == 1_000_000
     assert size > 60_000_000  # the data really went through (≈ 70 bytes a row)
     assert peak - baseline < 64 * 1024 * 1024, f"RSS grew by {(peak - baseline) >> 20} MiB"
+
+
+def test_interrupt_stops_a_long_statement(db: PG | My) -> None:
+    """What the worker calls when a run is cancelled during a long count or query."""
+    if isinstance(db, PG):
+        db.run("CREATE VIEW {s}.slow AS SELECT 1 AS x FROM pg_sleep(30)")
+    else:
+        db.run("CREATE VIEW slow AS SELECT SLEEP(30) AS x")
+    with open_source(db.url) as source:
+        timer = threading.Timer(0.5, source.interrupt)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(SourceError, match="(canceling statement|interrupted)"):
+            source.count(db.name("slow"), None)
+        assert time.monotonic() - started < 3
+        timer.join()
+        assert source.columns(db.name("slow")) == ["x"]  # the source goes on working
+
+
+# ---------------------------------------------------------------- the worker, end to end
+
+
+@pytest.fixture(scope="module")
+def manager() -> Iterator[Any]:
+    with multiprocessing.Manager() as manager:
+        yield manager
+
+
+def drain(queue: Any) -> list[tuple[Any, ...]]:
+    messages = []
+    while not queue.empty():
+        messages.append(queue.get())
+    return messages
+
+
+def make_job(shop: PG | My, run_dir: str, **config: Any) -> dict[str, Any]:
+    return {
+        "run_id": f"run_{secrets.token_hex(8)}",
+        "extract_id": "extract_sql",
+        "extract_name": "SQL export",
+        "source": shop.url,
+        "run_dir": run_dir,
+        "min_free_bytes": 1,
+        "created_at": "2026-11-28T17:00:00.000Z",
+        "config": {
+            "format": "jsonl",
+            "include": ["describe", "data"],
+            "schemas": None,
+            "filter": None,
+            "compress": False,
+            "split_files": False,
+            "split_max_records": 1_000_000,
+        }
+        | config,
+    }
+
+
+def test_run_extract_exports_a_server_database(shop: PG | My, tmp_path: Any, manager: Any) -> None:
+    names = [shop.name(table) for table in ("users", "orders", "order items", "adults")]
+    adults_filter = {"age": {"$gte": 18}}
+    job = make_job(
+        shop, str(tmp_path / "run"), schemas=names, compress=True,
+        filter={shop.name("users"): {"where": adults_filter}},
+    )  # fmt: skip
+    queue, cancelled = manager.Queue(), manager.dict()
+
+    result = run_extract(job, queue, cancelled)
+
+    assert result == {
+        "status": "completed", "records_exported": 2 + 20 + 10 + 2, "schemas_exported": 4,
+        "records_total": 34, "error": None, "error_detail": None,
+    }  # fmt: skip
+    run_dir = tmp_path / "run"
+    data_files = {name: f"{safe_file_name(name)}.jsonl.gz" for name in names}
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(
+        ["describe.yaml", "manifest.json", *data_files.values()]
+    )
+    with open_source(shop.url) as source:
+        assert yaml.safe_load((run_dir / "describe.yaml").read_bytes()) == source.describe(names)
+        for name, file_name in data_files.items():
+            where = adults_filter if name == shop.name("users") else None
+            written = gzip.decompress((run_dir / file_name).read_bytes()).splitlines()
+            assert sorted(written) == sorted(export(source, name, where)), name
+        location = source.location()
+    manifest = orjson.loads((run_dir / "manifest.json").read_bytes())
+    assert manifest["source"] == location and "password" not in str(manifest)
+    assert manifest["schemas"] == names
+    assert {entry["name"]: entry["records"] for entry in manifest["artifacts"]} == {
+        "describe.yaml": None,
+        **{data_files[name]: count for name, count in zip(names, (2, 20, 10, 2), strict=True)},
+    }
+
+    messages = drain(queue)
+    progress = [body["progress"] for kind, _run, body in messages if kind == "progress"]
+    assert progress == sorted(progress) and progress[-1] == 99
+    artifacts = [body["artifact_type"] for kind, _run, body in messages if kind == "artifact"]
+    assert artifacts == ["describe", *(f"data-{name}" for name in names), "manifest"]
+
+
+def test_run_extract_fails_cleanly_when_a_schema_was_dropped(
+    shop: PG | My, tmp_path: Any, manager: Any
+) -> None:
+    shop.run(f"CREATE TABLE {shop.sql('short_lived')} (x int)")
+    job = make_job(shop, str(tmp_path / "run"), schemas=[shop.name("users"), shop.name("short_lived")])
+    shop.run(f"DROP TABLE {shop.sql('short_lived')}")  # after the extract was configured
+
+    result = run_extract(job, manager.Queue(), manager.dict())
+
+    assert result["status"] == "failed"
+    assert result["error"].startswith(f"Schema '{shop.name('short_lived')}' no longer exists")
+    assert result["error_detail"]["type"] == "UnknownSchema"
+
+
+def test_run_extract_cancelled_mid_table_stops_within_two_seconds(
+    db: PG | My, tmp_path: Any, manager: Any
+) -> None:
+    _fill_big(db, "cancel_me", 300_000)
+    job = make_job(db, str(tmp_path / "run"), schemas=[db.name("cancel_me")], include=["data"])
+    queue, cancelled = manager.Queue(), manager.dict()
+    cancelled_at: list[float] = []
+
+    def cancel_when_exporting() -> None:
+        while not any(m[0] == "progress" and m[2]["progress_detail"]["phase"] == "exporting_data"
+                      for m in drain_into(queue, seen)):  # fmt: skip
+            time.sleep(0.01)
+        cancelled[job["run_id"]] = True
+        cancelled_at.append(time.monotonic())
+
+    seen: list[tuple[Any, ...]] = []
+    thread = threading.Thread(target=cancel_when_exporting)
+    thread.start()
+    result = run_extract(job, queue, cancelled)
+    finished = time.monotonic()
+    thread.join()
+
+    assert result["status"] == "cancelled", result
+    assert finished - cancelled_at[0] < 2
+    assert not list((tmp_path / "run").glob(".*.tmp"))  # the half-written file is gone
+
+
+def drain_into(queue: Any, seen: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    seen.extend(drain(queue))
+    return seen
