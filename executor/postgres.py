@@ -345,7 +345,7 @@ class PostgresSource(Source):
 
     def _row_count(self, row: tuple[Any, ...]) -> int | None:
         """Exact for small readable tables, else the planner's estimate (module docstring)."""
-        display, _oid, namespace, relname, relkind, _ncols, size, estimate, populated, readable = row
+        _name, _oid, namespace, relname, relkind, _ncols, size, estimate, populated, readable = row
         if relkind == "v" or not populated:
             return None
         if readable and size is not None and size <= EXACT_COUNT_MAX_BYTES:
@@ -500,7 +500,7 @@ class PostgresSource(Source):
         if self._in_snapshot:
             raise RuntimeError("snapshot() is already open on this source")
         self._reconnect_if_lost()
-        # BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY DEFERRABLE (set in __init__).
+        # BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY DEFERRABLE (set in _connect).
         with self._translate("hold the read transaction"), self._conn.transaction():
             self._in_snapshot = True
             try:
