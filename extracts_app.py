@@ -39,10 +39,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route, Router
 
-from executor.filters import check_where
-from executor.sources import SourceError, open_source
 import extracts_downloads
 import extracts_state as state
+from executor.filters import check_where
+from executor.sources import SourceError, open_source
 from extracts_http import (
     ApiError,
     BearerAuth,

@@ -150,6 +150,9 @@ class RunManager:
         await asyncio.to_thread(self._kill_pool)
         for run_id in interrupted:
             await self._requeue(run_id)
+        if interrupted:
+            log.info("%d active run(s) put back in the queue: they run again at the next start",
+                     len(interrupted))
         await asyncio.to_thread(self._stop_manager)
 
     def _kill_pool(self) -> None:

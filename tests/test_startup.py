@@ -21,19 +21,24 @@ def launch(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> sub
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def wait_healthy(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing healthy on port {port}")
+
+
 def test_no_options_serves_the_demo_database(tmp_path: Path) -> None:
     port = free_port()
     process = launch(tmp_path, env={"EXTRACTS_PORT": str(port),
                                     "EXTRACTS_STORAGE": str(tmp_path / "artifacts")})
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_healthy(port)
         token_file = tmp_path / "extracts.db.token"
         token = token_file.read_text().strip()
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
@@ -49,8 +54,9 @@ def test_no_options_serves_the_demo_database(tmp_path: Path) -> None:
     assert "demo" in output and str(tmp_path / "demo.db") in output
     assert token in output and f"curl -H 'Authorization: Bearer {token}' {base}/api/describe" in output
     # The token is reused at the next start.
-    process = launch(tmp_path, "--port", str(free_port()))
-    time.sleep(0.5)
+    port = free_port()
+    process = launch(tmp_path, "--port", str(port))
+    wait_healthy(port)
     process.terminate()
     assert token in process.communicate(timeout=30)[0]
     assert token_file.read_text().strip() == token
@@ -60,13 +66,7 @@ def test_a_given_token_is_never_printed(tmp_path: Path) -> None:
     port = free_port()
     process = launch(tmp_path, "--port", str(port), "--token", "s3cret-token-value")
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_healthy(port)
         r = httpx.get(f"http://127.0.0.1:{port}/api/describe",
                       headers={"Authorization": "Bearer s3cret-token-value"})
         assert r.status_code == 200
