@@ -1,0 +1,55 @@
+"""The describe API against a real SQLite source with awkward names and keys."""
+
+from __future__ import annotations
+
+from conftest import Service
+
+
+def column(type_: str, required: bool = False, default=None, primary_key: bool = False) -> dict:
+    return {"type": type_, "required": required, "default": default, "primary_key": primary_key}
+
+
+def test_list_schemas(service: Service) -> None:
+    r = service.client.get("/api/describe")
+    assert r.json() == {"success": True, "data": [
+        {"name": "adults", "type": "view", "columns": 2, "row_count": 2},
+        {"name": "order items", "type": "table", "columns": 4, "row_count": 20},
+        {"name": "orders", "type": "table", "columns": 4, "row_count": 50},
+        {"name": "users", "type": "table", "columns": 7, "row_count": 4},
+    ]}
+
+
+def test_composite_key_foreign_key_and_quoted_names(service: Service) -> None:
+    r = service.client.get("/api/describe/order items")
+    assert r.json() == {"success": True, "data": {
+        "name": "order items", "type": "table",
+        "columns": {"order_id": column("INTEGER", True, primary_key=True),
+                    "line": column("INTEGER", True, primary_key=True),
+                    'sku "quoted"': column("TEXT"), "qty": column("INTEGER")},
+        "primary_key": ["order_id", "line"],
+        "foreign_keys": [{"columns": ["order_id"], "references": {"table": "orders", "columns": ["id"]},
+                          "on_update": "NO ACTION", "on_delete": "NO ACTION"}],
+        "indexes": [], "row_count": 20}}
+
+
+def test_index_blob_and_default(service: Service) -> None:
+    users = service.client.get("/api/describe/users").json()["data"]
+    assert users["columns"]["avatar"] == column("BLOB")
+    assert users["columns"]["created_at"] == column("TEXT", default="CURRENT_TIMESTAMP")
+    assert users["columns"]["email"] == column("TEXT", required=True)
+    assert users["primary_key"] == ["id"]
+    orders = service.client.get("/api/describe/orders").json()["data"]
+    assert orders["indexes"] == [{"name": "orders_user", "unique": False, "columns": ["user_id"]}]
+    assert orders["foreign_keys"] == [{"columns": ["user_id"],
+                                       "references": {"table": "users", "columns": ["id"]},
+                                       "on_update": "NO ACTION", "on_delete": "CASCADE"}]
+    assert orders["columns"]["total"] == column("REAL", True, "0")
+
+
+def test_views_and_internal_tables(service: Service) -> None:
+    view = service.client.get("/api/describe/adults").json()["data"]
+    assert view["type"] == "view" and list(view["columns"]) == ["id", "name"]
+    for name in ("sqlite_master", "sqlite_sequence", "sqlite_schema", "nope", "users; DROP TABLE users"):
+        r = service.client.get(f"/api/describe/{name}")
+        assert r.status_code == 404, name
+        assert r.json()["error_code"] == "RECORD_NOT_FOUND" and name in r.json()["error"]
