@@ -56,6 +56,7 @@ from extracts_http import (
     json_response,
     ok,
     read_json_object,
+    source_error_handler,
 )
 from extracts_runs import RunManager
 from extracts_state import (
@@ -393,27 +394,24 @@ def check_against_source(location: str, schemas: list[str] | None,
                          filters: dict[str, Any] | None) -> list[dict[str, str]]:
     """Schema names and filter columns checked against the source (runs in a thread)."""
     details = []
-    try:
-        with open_source(location) as source:
-            known = {s["name"] for s in source.schemas()}
-            if schemas is not None:
-                unknown = [name for name in schemas if name not in known]
-                if unknown:
-                    details.append({"field": "schemas", "message": "schemas not found in the source: "
-                                    + ", ".join(unknown)})
-            for schema, spec in (filters or {}).items():
-                if schema not in known:
-                    details.append({"field": f"filter.{schema}",
-                                    "message": f"schema '{schema}' does not exist in the source"})
-                elif schemas is not None and schema not in schemas:
-                    details.append({"field": f"filter.{schema}", "message": f"schema '{schema}' is "
-                                    "not among the extract's schemas"})
-                else:
-                    problems = check_where(spec["where"], source.columns(schema),
-                                           field=f"filter.{schema}.where")
-                    details += [{"field": path, "message": message} for path, message in problems]
-    except SourceError as exc:
-        details.append({"field": "schemas", "message": f"the source cannot be read: {exc}"})
+    with open_source(location) as source:
+        known = {s["name"] for s in source.schemas()}
+        if schemas is not None:
+            unknown = [name for name in schemas if name not in known]
+            if unknown:
+                details.append({"field": "schemas", "message": "schemas not found in the source: "
+                                + ", ".join(unknown)})
+        for schema, spec in (filters or {}).items():
+            if schema not in known:
+                details.append({"field": f"filter.{schema}",
+                                "message": f"schema '{schema}' does not exist in the source"})
+            elif schemas is not None and schema not in schemas:
+                details.append({"field": f"filter.{schema}", "message": f"schema '{schema}' is "
+                                "not among the extract's schemas"})
+            else:
+                problems = check_where(spec["where"], source.columns(schema),
+                                       field=f"filter.{schema}.where")
+                details += [{"field": path, "message": message} for path, message in problems]
     return details
 
 
@@ -717,7 +715,8 @@ def create_app(settings: Settings) -> Starlette:
             await runs.stop()
             await db.disconnect()
 
-    exception_handlers = {ApiError: api_error_handler, HTTPException: http_exception_handler}
+    exception_handlers = {ApiError: api_error_handler, HTTPException: http_exception_handler,
+                          SourceError: source_error_handler}
     app = Starlette(
         routes=[
             route("/health", GET=health),

@@ -116,6 +116,12 @@ async def api_error_handler(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
+async def source_error_handler(request: Request, exc: Exception) -> Response:
+    """The source went away (file removed, server down): 503, the service itself is fine."""
+    return error_response(ServiceUnavailable(f"The source database cannot be read: {exc}; "
+                                             "retry when it is back", headers={"Retry-After": "5"}))
+
+
 async def http_exception_handler(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405 (unknown route, wrong method) in the envelope."""
     assert isinstance(exc, HTTPException)

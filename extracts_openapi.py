@@ -20,7 +20,7 @@ ERROR_CODES = {
     "415": "Body not sent as application/json (UNSUPPORTED_MEDIA_TYPE)",
     "416": "Range not satisfiable (RANGE_NOT_SATISFIABLE)",
     "500": "Unexpected error (INTERNAL_ERROR)",
-    "503": "The state file stayed busy; retry (SERVICE_UNAVAILABLE)",
+    "503": "The state file stayed busy, or the source cannot be read; retry (SERVICE_UNAVAILABLE)",
 }
 
 TIMESTAMP = {"type": ["string", "null"], "format": "date-time"}
@@ -159,12 +159,13 @@ def openapi_document(fields: tuple[Any, ...]) -> dict[str, Any]:
         "/api/data/extracts": {
             "get": operation("List extracts", "200", {"type": "array", "items": extract}, ["400"],
                              LIST_PARAMETERS),
-            "post": operation("Create an extract", "201", extract, body_errors, body=create_body),
+            "post": operation("Create an extract", "201", extract, [*body_errors, "503"],
+                              body=create_body),
         },
         "/api/data/extracts/{id}": {
             "get": operation("Get an extract", "200", extract, ["404"], [ID]),
             "put": operation("Update an extract (only the fields sent change)", "200", extract,
-                             [*body_errors, "404"], [ID], body=update_body),
+                             [*body_errors, "404", "503"], [ID], body=update_body),
             "delete": operation("Soft-delete an extract", "200", extract, ["404", "409"], [ID]),
         },
         "/api/data/extract_runs": {"get": operation(
@@ -199,9 +200,9 @@ def openapi_document(fields: tuple[Any, ...]) -> dict[str, Any]:
             ok_content=file_content)},
         "/api/describe": {"get": operation(
             "List the source's tables and views", "200", {"type": "array", "items": SCHEMA_SUMMARY},
-            [])},
+            ["503"])},
         "/api/describe/{schema}": {"get": operation(
-            "Describe one table or view", "200", DESCRIBE_ENTRY, ["404"],
+            "Describe one table or view", "200", DESCRIBE_ENTRY, ["404", "503"],
             [{"name": "schema", "in": "path", "required": True, "schema": {"type": "string"}}])},
     }
     return {

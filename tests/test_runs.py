@@ -287,6 +287,11 @@ def test_storage_and_source_going_away_fail_runs_then_recover(tmp_path: Path) ->
         svc.storage.unlink()
         moved.rename(svc.storage)
         db.rename(tmp_path / "shop-away.db")
+        r = svc.client.get("/api/describe")
+        assert r.status_code == 503 and r.json()["error_code"] == "SERVICE_UNAVAILABLE"
+        assert "source" in r.json()["error"]
+        r = svc.client.post("/api/data/extracts", json={"name": "x", "schemas": ["users"]})
+        assert r.status_code == 503
         run = svc.wait_run(svc.run(extract["id"]))
         assert run["status"] == "failed" and "source" in run["error"].lower(), run["error"]
         (tmp_path / "shop-away.db").rename(db)
