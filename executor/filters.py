@@ -1,0 +1,131 @@
+"""Row filters of an extract: checking them, and compiling them to a SQL ``WHERE``.
+
+A filter is ``{"<schema>": {"where": {"<column>": <condition>}}}`` (SPEC: Extract
+configurations). A condition is a bare scalar (equality; a bare ``null`` means
+``IS NULL``) or an operator object::
+
+    $eq $ne $gt $gte $lt $lte   a scalar          $in $nin   a non-empty array of scalars
+    $like                       a string          $null      true (IS NULL) or false (IS NOT NULL)
+
+Several operators in one object all apply (``{"$gte": 1, "$lt": 10}``), as do
+several columns: everything is joined with ``AND``. ``$eq``/``$ne`` with ``null``
+mean ``IS NULL``/``IS NOT NULL``. Otherwise comparisons follow SQL: a NULL value
+matches no comparison, ``$ne`` and ``$nin`` included; ``$like`` uses the
+database's own ``LIKE`` (case-insensitive for ASCII in SQLite and MySQL,
+case-sensitive in PostgreSQL).
+
+Column names are quoted by the caller's dialect; every value is bound as a
+parameter, never spliced into the SQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+COMPARISONS = {"$eq": "=", "$ne": "<>", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
+LISTS = {"$in": "IN", "$nin": "NOT IN"}
+OPERATORS = (*COMPARISONS, *LISTS, "$like", "$null")
+MAX_LIST = 1000
+
+_SCALAR_HELP = "a string, a number or a boolean"
+
+
+def _is_scalar(value: object) -> bool:
+    return isinstance(value, str | int | float | bool)
+
+
+def _operand_problem(op: str, value: object) -> str | None:
+    """Why ``value`` cannot follow ``op``, or None."""
+    if op in ("$eq", "$ne"):
+        if value is None or _is_scalar(value):
+            return None
+        return f"{op} needs {_SCALAR_HELP} or null"
+    if op in COMPARISONS:
+        return None if _is_scalar(value) else f"{op} needs {_SCALAR_HELP}"
+    if op in LISTS:
+        if not isinstance(value, list) or not value:
+            return f"{op} needs a non-empty array of scalars"
+        if len(value) > MAX_LIST:
+            return f"{op} takes at most {MAX_LIST} values"
+        if not all(_is_scalar(item) for item in value):
+            return f"{op} needs an array of {_SCALAR_HELP} values (match NULL with $null)"
+        return None
+    if op == "$like":
+        return None if isinstance(value, str) else "$like needs a string pattern"
+    return None if isinstance(value, bool) else "$null needs true or false"
+
+
+def _condition_problems(condition: object) -> list[tuple[str, str]]:
+    """Problems of one column's condition, as (path below the column, message)."""
+    if condition is None or _is_scalar(condition):
+        return []
+    if isinstance(condition, list):
+        return [("", "use {\"$in\": [...]} to match one of several values")]
+    if not isinstance(condition, dict):
+        return [("", "must be a scalar, null or an operator object")]
+    if not condition:
+        return [("", "an operator object needs at least one operator: " + ", ".join(OPERATORS))]
+    problems = []
+    for op, value in condition.items():
+        if op not in OPERATORS:
+            problems.append((f".{op}", f"unknown operator '{op}'; use one of " + ", ".join(OPERATORS)))
+        elif (message := _operand_problem(op, value)) is not None:
+            problems.append((f".{op}", message))
+    return problems
+
+
+def check_where(where: object, columns: list[str], *, field: str = "where") -> list[tuple[str, str]]:
+    """Every problem of a filter's ``where`` as (field path, message); empty when valid.
+
+    Paths start with ``field``: pass ``field=f"filter.{schema}.where"`` to get
+    ``filter.users.where.age.$in``.
+    """
+    if where is None:
+        return []
+    if not isinstance(where, dict):
+        return [(field, "must be an object mapping column names to a value or an operator object")]
+    known = set(columns)
+    problems = []
+    for column, condition in where.items():
+        path = f"{field}.{column}"
+        if column not in known:
+            shown = ", ".join(columns[:20]) + (", …" if len(columns) > 20 else "")
+            problems.append((path, f"unknown column '{column}'; the columns are: {shown}"))
+            continue
+        problems += [(path + below, message) for below, message in _condition_problems(condition)]
+    return problems
+
+
+def _compile_op(column: str, op: str, value: Any, placeholder: str) -> tuple[str, list[Any]]:
+    if op in ("$eq", "$ne") and value is None:
+        return f"{column} IS {'NOT ' if op == '$ne' else ''}NULL", []
+    if op in COMPARISONS:
+        return f"{column} {COMPARISONS[op]} {placeholder}", [value]
+    if op in LISTS:
+        marks = ", ".join([placeholder] * len(value))
+        return f"{column} {LISTS[op]} ({marks})", list(value)
+    if op == "$like":
+        return f"{column} LIKE {placeholder}", [value]
+    return f"{column} IS {'' if value else 'NOT '}NULL", []
+
+
+def compile_where(
+    where: dict[str, Any] | None, quote: Callable[[str], str], placeholder: str
+) -> tuple[str, list[Any]]:
+    """``(" WHERE <cond> AND <cond>", params)`` for a checked ``where``; ``("", [])`` for none.
+
+    ``quote`` quotes a column name in the dialect; ``placeholder`` is the driver's
+    parameter mark (``?`` or ``%s``).
+    """
+    conditions: list[str] = []
+    params: list[Any] = []
+    for column, condition in (where or {}).items():
+        ops = condition if isinstance(condition, dict) else {"$eq": condition}
+        for op, value in ops.items():
+            sql, values = _compile_op(quote(column), op, value, placeholder)
+            conditions.append(sql)
+            params += values
+    if not conditions:
+        return "", []
+    return " WHERE " + " AND ".join(conditions), params
