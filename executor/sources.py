@@ -48,6 +48,14 @@ class Source(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def interrupt(self) -> None:  # noqa: B027 — optional: doing nothing is a valid default
+        """Abort the statement running now, if the driver can; called from another thread.
+
+        The worker calls it when a run is cancelled, so that a long statement (a
+        count, a sparse filter) does not delay the stop. The default does nothing:
+        the worker also checks for cancellation between batches.
+        """
+
     @abstractmethod
     def location(self) -> dict[str, Any]:
         """Where the data comes from, for manifests: ``{"dialect", ...}``, no credentials."""
