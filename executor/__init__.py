@@ -1,0 +1,31 @@
+"""What runs in the worker processes: read the source, write the files, report progress.
+
+    job (plain dict) → run_extract ─ open_source() → Source (read-only, one snapshot)
+                          │            └ json_batches(): rows as JSON bytes, built by the database
+                          ├ writers: describe.yaml, data files ([gzip] + SHA-256 + CRC-32
+                          │          on a thread), manifest.json — temporary name, then rename
+                          └ queue: ("progress", …) throttled, ("artifact", …) per finished file
+                        → result dict (completed | cancelled | failed, counts, error)
+
+Modules: ``sources`` (the Source interface, ``open_source``), ``sqlite_source``,
+``postgres``, ``mysql`` (the dialects), ``filters`` (checking and compiling a
+filter's ``where``), ``naming`` (safe file names), ``writers`` (formats and
+files), ``worker`` (one run: ``run_extract``).
+"""
+
+from executor.filters import check_where, compile_where
+from executor.naming import download_base_name, safe_file_name
+from executor.sources import Source, SourceError, UnknownSchema, open_source
+from executor.worker import run_extract
+
+__all__ = [
+    "Source",
+    "SourceError",
+    "UnknownSchema",
+    "check_where",
+    "compile_where",
+    "download_base_name",
+    "open_source",
+    "run_extract",
+    "safe_file_name",
+]

@@ -1,0 +1,435 @@
+"""Writing a run's artifacts: files that are complete, checksummed and named safely.
+
+Every file is written to a temporary dot-name in the run directory and renamed
+into place when complete, so a half-written file never looks finished (no
+artifact name starts with a dot: ``executor.naming``). Bytes flow
+
+    encoder (main thread) → ArtifactFile.write → queue → [gzip] → SHA-256 + CRC-32 → file
+
+where everything after the queue runs on the file's own thread: zlib, hashlib
+and file writes release the GIL, so compressing and hashing overlap with
+reading the source. The queue is bounded: memory stays flat.
+
+Formats (SPEC: Artifacts, 2): ``jsonl`` one object per line, ``json`` one
+array, ``yaml`` one sequence of mappings, each streamed batch by batch; and
+``archive``, one tar stream (gzip'd with ``compress``) holding ``describe.yaml``,
+plain ``<schema>.jsonl`` members and an inner ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import queue
+import shutil
+import tarfile
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from executor.naming import safe_file_name
+
+_BLOCK = 1 << 20  # bytes handed to the file thread at a time
+_QUEUE_BLOCKS = 8
+_SPACE_CHECK_EVERY = 64 << 20
+_GZIP_LEVEL = 1  # fast: the files are big and mostly repetitive JSON
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+class StorageError(Exception):
+    """Writing to the storage directory failed; the message is one line for a human."""
+
+
+class LowDiskSpace(StorageError):
+    """Free space on the storage volume fell under the reserve."""
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+class SpaceGuard:
+    """Fails the run when free space on the run directory's volume falls under the reserve."""
+
+    def __init__(self, directory: Path, min_free_bytes: int) -> None:
+        self.directory = directory
+        self.min_free_bytes = min_free_bytes
+
+    def check(self) -> None:
+        free = shutil.disk_usage(self.directory).free
+        if free < self.min_free_bytes:
+            raise LowDiskSpace(
+                f"Free space on {_mount_point(self.directory)} is {free >> 20} MB, under the "
+                f"{self.min_free_bytes >> 20} MB reserve; free some space or lower --min-free-mb")
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A finished file: its name in the run directory and its stored bytes' fingerprints."""
+
+    name: str
+    size: int
+    checksum: str  # SHA-256 hex
+    crc32: int
+
+
+class ArtifactFile:
+    """One file being written: hashed (and gzip'd) on its own thread, renamed when committed."""
+
+    def __init__(self, run_dir: Path, name: str, guard: SpaceGuard, compress: bool = False) -> None:
+        self.name = name
+        self.path = run_dir / name
+        self.temp_path = run_dir / f".{name}.tmp"
+        self._guard = guard
+        guard.check()
+        self._file = open(self.temp_path, "wb", buffering=0)  # noqa: SIM115 — closed in finish()/discard()
+        self._compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31) if compress else None
+        self._sha256 = hashlib.sha256()
+        self._crc32 = 0
+        self._size = 0
+        self._next_check = _SPACE_CHECK_EVERY
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[bytes | None] = queue.Queue(_QUEUE_BLOCKS)
+        self._thread = threading.Thread(target=self._drain, name=f"write {name}", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> ArtifactFile:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self.discard()
+
+    # ------------------------------------------------------------ the producer side
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data``; raises the file thread's error (disk full, I/O) as soon as it happens."""
+        if self._error is not None:
+            raise self._error
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= _BLOCK:
+            self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            block = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending, self._pending_size = [], 0
+            self._queue.put(block)
+
+    def finish(self) -> FileInfo:
+        """Write everything out and close; the bytes stay under the temporary name."""
+        self._flush_pending()
+        self._queue.put(None)
+        self._thread.join()
+        self._file.close()
+        if self._error is not None:
+            raise self._error
+        return FileInfo(self.name, self._size, self._sha256.hexdigest(), self._crc32)
+
+    def commit(self) -> FileInfo:
+        """Finish and rename the file into place."""
+        info = self.finish()
+        os.replace(self.temp_path, self.path)
+        return info
+
+    def discard(self) -> None:
+        """Stop and remove the temporary file (after a failure, or once an archive took it)."""
+        if self._thread.is_alive():
+            self._pending = []
+            self._queue.put(None)
+            self._thread.join()
+        self._file.close()
+        self.temp_path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ the file thread
+
+    def _drain(self) -> None:
+        while True:
+            block = self._queue.get()
+            if self._error is None:
+                try:
+                    self._store(block)
+                except BaseException as exc:  # noqa: BLE001 — handed to the producer
+                    self._error = exc
+            if block is None:
+                return
+
+    def _store(self, block: bytes | None) -> None:
+        if self._compressor is not None:
+            block = self._compressor.compress(block) if block is not None else self._compressor.flush()
+        elif block is None:
+            return
+        self._sha256.update(block)
+        self._crc32 = zlib.crc32(block, self._crc32)
+        self._file.write(block)
+        self._size += len(block)
+        if self._size >= self._next_check:
+            self._next_check += _SPACE_CHECK_EVERY
+            self._guard.check()
+
+
+def write_file(run_dir: Path, name: str, data: bytes, guard: SpaceGuard) -> FileInfo:
+    """A small artifact written whole (describe.yaml, manifest.json)."""
+    with ArtifactFile(run_dir, name, guard) as file:
+        file.write(data)
+        return file.commit()
+
+
+# ---------------------------------------------------------------- record encoders
+
+
+class JsonLines:
+    """``jsonl``: one object per line; an empty table is an empty file."""
+
+    extension, content_type = "jsonl", "application/x-ndjson"
+
+    def head(self) -> bytes:
+        return b""
+
+    def body(self, batch: list[bytes], first: bool) -> bytes:
+        return b"\n".join(batch) + b"\n"
+
+    def tail(self, records: int) -> bytes:
+        return b""
+
+
+class JsonArray:
+    """``json``: one array, an object per line; ``[]`` when empty."""
+
+    extension, content_type = "json", "application/json"
+
+    def head(self) -> bytes:
+        return b"["
+
+    def body(self, batch: list[bytes], first: bool) -> bytes:
+        return (b"\n" if first else b",\n") + b",\n".join(batch)
+
+    def tail(self, records: int) -> bytes:
+        return b"\n]\n" if records else b"]\n"
+
+
+class YamlSequence:
+    """``yaml``: one sequence of mappings, dumped batch by batch; ``[]`` when empty."""
+
+    extension, content_type = "yaml", "application/yaml"
+
+    def head(self) -> bytes:
+        return b""
+
+    def body(self, batch: list[bytes], first: bool) -> bytes:
+        records = orjson.loads(b"[" + b",".join(batch) + b"]")
+        return dump_yaml(records)
+
+    def tail(self, records: int) -> bytes:
+        return b"" if records else b"[]\n"
+
+
+def dump_yaml(data: Any) -> bytes:
+    """Block-style YAML, keys in their order, unicode kept, long strings on one line."""
+    return yaml.dump(data, Dumper=_YAML_DUMPER, sort_keys=False, allow_unicode=True,
+                     default_flow_style=False, width=1 << 30, encoding="utf-8")
+
+
+ENCODERS: dict[str, JsonLines | JsonArray | YamlSequence] = {
+    "jsonl": JsonLines(), "json": JsonArray(), "yaml": YamlSequence()}
+
+
+# ---------------------------------------------------------------- one schema's data
+
+
+PartDone = Callable[[ArtifactFile, int | None, int], None]
+
+
+class SchemaWriter:
+    """One schema's records as one file, or as parts of at most ``split_max`` records.
+
+    Each finished file goes to ``part_done(file, part, records)``, which commits
+    it (or hands it to an archive). With splitting, an empty table still gives
+    one (empty) part 00001.
+    """
+
+    def __init__(self, run_dir: Path, schema: str, encoder: JsonLines | JsonArray | YamlSequence,
+                 compress: bool, split_max: int | None, guard: SpaceGuard, part_done: PartDone) -> None:
+        self.run_dir, self.schema, self.encoder = run_dir, schema, encoder
+        self.compress, self.split_max, self.guard = compress, split_max, guard
+        self._part_done = part_done
+        self._file: ArtifactFile | None = None
+        self._part = 0
+        self._part_records = 0
+
+    def file_name(self, part: int | None) -> str:
+        number = "" if part is None else f".{part:05d}"
+        return f"{safe_file_name(self.schema)}{number}.{self.encoder.extension}" + (
+            ".gz" if self.compress else "")
+
+    def _open(self) -> ArtifactFile:
+        self._part += 1
+        self._part_records = 0
+        part = self._part if self.split_max else None
+        self._file = ArtifactFile(self.run_dir, self.file_name(part), self.guard, self.compress)
+        self._file.write(self.encoder.head())
+        return self._file
+
+    def _close(self) -> None:
+        file, self._file = self._file, None
+        assert file is not None
+        file.write(self.encoder.tail(self._part_records))
+        self._part_done(file, self._part if self.split_max else None, self._part_records)
+
+    def write(self, batch: list[bytes]) -> None:
+        while batch:
+            file = self._file or self._open()
+            room = self.split_max - self._part_records if self.split_max else len(batch)
+            taken, batch = (batch, []) if room >= len(batch) else (batch[:room], batch[room:])
+            file.write(self.encoder.body(taken, first=self._part_records == 0))
+            self._part_records += len(taken)
+            if self.split_max and self._part_records >= self.split_max:
+                self._close()  # the next part opens only when more records come
+
+    def close(self) -> None:
+        """Finish the last file (an empty file when the schema had no records)."""
+        if self._file is None and self._part == 0:
+            self._open()
+        if self._file is not None:
+            self._close()
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.discard()
+            self._file = None
+
+
+# ---------------------------------------------------------------- the run's outputs
+
+
+def artifact(kind: str, info: FileInfo, fmt: str, content_type: str, *, schema: str | None = None,
+             part: int | None = None, records: int | None = None, primary: bool = True) -> dict[str, Any]:
+    """The artifact message the worker sends to the service (see the executor contract)."""
+    return {"artifact_type": kind, "artifact_name": info.name, "schema_name": schema, "part": part,
+            "format": fmt, "content_type": content_type, "size_bytes": info.size, "records": records,
+            "checksum": info.checksum, "crc32": info.crc32, "is_primary": primary}
+
+
+def manifest_entry(item: dict[str, Any]) -> dict[str, Any]:
+    """An artifact as listed in ``manifest.json``."""
+    return {"type": item["artifact_type"], "name": item["artifact_name"], "schema": item["schema_name"],
+            "part": item["part"], "size": item["size_bytes"], "checksum": item["checksum"],
+            "records": item["records"]}
+
+
+Report = Callable[[dict[str, Any]], None]
+Manifest = Callable[[list[dict[str, Any]]], bytes]
+
+
+class FileOutput:
+    """``jsonl``/``json``/``yaml``: describe.yaml, data files and manifest.json side by side."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], guard: SpaceGuard, report: Report) -> None:
+        self.run_dir, self.config, self.guard = run_dir, config, guard
+        self._report = report
+        self.artifacts: list[dict[str, Any]] = []
+        self.encoder = ENCODERS[config["format"]]
+
+    def _add(self, item: dict[str, Any]) -> None:
+        self.artifacts.append(item)
+        self._report(item)
+
+    def describe(self, data: bytes) -> None:
+        info = write_file(self.run_dir, "describe.yaml", data, self.guard)
+        self._add(artifact("describe", info, "yaml", "application/yaml"))
+
+    def schema(self, name: str) -> SchemaWriter:
+        split = self.config["split_max_records"] if self.config["split_files"] else None
+        compress = bool(self.config["compress"])
+        content_type = "application/gzip" if compress else self.encoder.content_type
+
+        def part_done(file: ArtifactFile, part: int | None, records: int) -> None:
+            info = file.commit()
+            self._add(artifact(f"data-{name}", info, self.encoder.extension, content_type,
+                               schema=name, part=part, records=records))
+
+        return SchemaWriter(self.run_dir, name, self.encoder, compress, split, self.guard, part_done)
+
+    def finish(self, manifest: Manifest) -> None:
+        entries = [manifest_entry(item) for item in self.artifacts]
+        info = write_file(self.run_dir, "manifest.json", manifest(entries), self.guard)
+        self._report(artifact("manifest", info, "json", "application/json", primary=False))
+
+    def abort(self) -> None:
+        """Nothing to undo: every file here was committed whole."""
+
+
+class ArchiveOutput:
+    """``archive``: one tar stream of describe.yaml, ``<schema>.jsonl`` members and manifest.json.
+
+    A tar header holds its member's size, so each data member is first written
+    to a temporary file in the run directory, then copied into the stream.
+    The outer manifest.json lists the tarball.
+    """
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], guard: SpaceGuard, report: Report,
+                 base_name: str) -> None:
+        self.run_dir, self.config, self.guard = run_dir, config, guard
+        self._report = report
+        self.compress = bool(config["compress"])
+        self.members: list[dict[str, Any]] = []
+        name = base_name + (".tar.gz" if self.compress else ".tar")
+        self._file = ArtifactFile(run_dir, name, guard, self.compress)
+        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT,  # noqa: SIM115
+                                 copybufsize=_BLOCK)
+        self._mtime = time.time()
+
+    def _member(self, name: str, size: int) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, self._mtime, 0o644
+        return info
+
+    def _add_bytes(self, name: str, data: bytes) -> FileInfo:
+        self._tar.addfile(self._member(name, len(data)), io.BytesIO(data))
+        return FileInfo(name, len(data), hashlib.sha256(data).hexdigest(), zlib.crc32(data))
+
+    def describe(self, data: bytes) -> None:
+        info = self._add_bytes("describe.yaml", data)
+        self.members.append(artifact("describe", info, "yaml", "application/yaml"))
+
+    def schema(self, name: str) -> SchemaWriter:
+        split = self.config["split_max_records"] if self.config["split_files"] else None
+
+        def part_done(file: ArtifactFile, part: int | None, records: int) -> None:
+            info = file.finish()
+            with open(file.temp_path, "rb") as member:
+                self._tar.addfile(self._member(info.name, info.size), member)
+            file.discard()
+            self.members.append(artifact(f"data-{name}", info, "jsonl", "application/x-ndjson",
+                                         schema=name, part=part, records=records))
+
+        return SchemaWriter(self.run_dir, name, JsonLines(), False, split, self.guard, part_done)
+
+    def finish(self, manifest: Manifest) -> None:
+        self._add_bytes("manifest.json", manifest([manifest_entry(item) for item in self.members]))
+        self._tar.close()
+        info = self._file.commit()
+        records = sum(item["records"] or 0 for item in self.members)
+        tarball = artifact("archive", info, "tar", "application/gzip" if self.compress
+                           else "application/x-tar", records=records)
+        self._report(tarball)
+        outer = write_file(self.run_dir, "manifest.json", manifest([manifest_entry(tarball)]), self.guard)
+        self._report(artifact("manifest", outer, "json", "application/json", primary=False))
+
+    def abort(self) -> None:
+        self._file.discard()
+
