@@ -58,9 +58,15 @@ def free_port() -> int:
 
 
 def app_command() -> list[str]:
-    """The installed console script when present, else the module (same entry point)."""
+    """This checkout's service, whatever checkout an installed console script points at."""
+    return [sys.executable, str(ROOT / "extracts_app.py")]
+
+
+def script_command() -> list[str]:
+    """The installed ``extracts-app`` console script (``pip install -e .`` puts it on PATH)."""
     script = shutil.which("extracts-app")
-    return [script] if script else [sys.executable, str(ROOT / "extracts_app.py")]
+    assert script, "extracts-app is not installed: run pip install -e '.[test]'"
+    return [script]
 
 
 @dataclass

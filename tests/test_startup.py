@@ -10,14 +10,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import app_command, free_port
+from conftest import app_command, free_port, script_command
 
 from extracts_app import parse_settings
 
 
-def launch(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def launch(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
+           script: bool = False) -> subprocess.Popen[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("EXTRACTS_")}
-    return subprocess.Popen([*app_command(), *args], cwd=tmp_path, env=clean | (env or {}),
+    command = script_command() if script else app_command()
+    return subprocess.Popen([*command, *args], cwd=tmp_path, env=clean | (env or {}),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -34,8 +36,8 @@ def wait_healthy(port: int) -> None:
 
 def test_no_options_serves_the_demo_database(tmp_path: Path) -> None:
     port = free_port()
-    process = launch(tmp_path, env={"EXTRACTS_PORT": str(port),
-                                    "EXTRACTS_STORAGE": str(tmp_path / "artifacts")})
+    process = launch(tmp_path, script=True, env={"EXTRACTS_PORT": str(port),
+                                                 "EXTRACTS_STORAGE": str(tmp_path / "artifacts")})
     try:
         base = f"http://127.0.0.1:{port}"
         wait_healthy(port)
@@ -89,7 +91,7 @@ def test_start_up_fails_fast_with_one_line(tmp_path: Path, args: list[str], expe
     (tmp_path / "not-a-db.db").write_text("this is not a database" * 100)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     started = time.monotonic()
-    process = launch(tmp_path, "--port", str(free_port()), *args)
+    process = launch(tmp_path, "--port", str(free_port()), *args, script=True)
     output = process.communicate(timeout=60)[0]
     assert process.returncode == 1
     lines = output.strip().splitlines()
