@@ -221,9 +221,10 @@ class SQLiteSource(Source):
                 (name,)).fetchall()
             # An expression's column name is NULL: shown as null.
             return [
-                {"name": index, "unique": bool(unique),
+                {"name": index,
                  "columns": [r[0] for r in self._conn.execute(
-                     "SELECT name FROM pragma_index_info(?) ORDER BY seqno", (index,))]}
+                     "SELECT name FROM pragma_index_info(?) ORDER BY seqno", (index,))],
+                 "unique": bool(unique)}
                 for index, unique in listed
             ]
 
