@@ -1,0 +1,216 @@
+"""The real service under test, as a subprocess, and what the benchmark reads from /proc about it.
+
+The service is started exactly as a user starts it (``python extracts_app.py
+...``), never imported: its event loop, process pool and memory are its own.
+Its process tree: the server (uvicorn, the event loop) → the forkserver → the
+pool workers and the Manager process (the progress queue); plus a resource
+tracker. Memory is read from ``/proc/<pid>/status``: ``VmHWM`` is reset before
+a measurement by writing ``5`` to ``/proc/<pid>/clear_refs``, so after it
+``VmHWM`` is the exact peak over that measurement, with no sampling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+TERMINAL = ("completed", "failed", "cancelled")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(Exception):
+    """The service did something the benchmark cannot measure (failed run, no start)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Service:
+    """A running ``extracts_app.py`` and an authenticated client for it."""
+
+    source: Path
+    workdir: Path
+    workers: int = 2
+    token: str = "bench-token-0123456789abcdef"
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    client: httpx.Client = field(init=False)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def storage(self) -> Path:
+        return self.workdir / "storage"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def start(self, timeout: float = 60) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.workdir / "service.log", "ab")  # noqa: SIM115 — the child keeps it
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for name in list(env):  # the bench's options, not a stray environment, configure it
+            if name.startswith("EXTRACTS_"):
+                del env[name]
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "extracts_app.py"), "--source", str(self.source),
+             "--db", str(self.workdir / "state.db"), "--storage", str(self.storage),
+             "--port", str(self.port), "--token", self.token, "--workers", str(self.workers)],
+            cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        self.client = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=60)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BenchError(f"the service exited with {self.process.returncode} at start-up; "
+                                 f"see {self.workdir / 'service.log'}")
+            with contextlib.suppress(httpx.TransportError):
+                if self.client.get("/health").status_code == 200:
+                    return
+            time.sleep(0.05)
+        raise BenchError(f"the service did not answer /health within {timeout} s")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+        self.client.close()
+
+    # ------------------------------------------------------------ API
+
+    def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.client.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise BenchError(f"{method} {path} answered {response.status_code}: {response.text[:500]}")
+        return response.json()["data"]
+
+    def create_extract(self, name: str, schemas: list[str], fmt: str, compress: bool,
+                       **extra: Any) -> str:
+        body = {"name": name, "schemas": schemas, "format": fmt, "compress": compress, **extra}
+        return self.api("POST", "/api/data/extracts", json=body)["id"]
+
+    def start_run(self, extract_id: str) -> str:
+        return self.api("POST", f"/api/extracts/{extract_id}/run")["run_id"]
+
+    def run_record(self, run_id: str) -> dict[str, Any]:
+        return self.api("GET", f"/api/data/extract_runs/{run_id}")
+
+    def wait(self, run_id: str, poll: float = 0.02, timeout: float = 3600) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            record = self.run_record(run_id)
+            if record["status"] in TERMINAL:
+                if record["status"] != "completed":
+                    raise BenchError(f"run {run_id} {record['status']}: {record.get('error')}")
+                return record
+            time.sleep(poll)
+        raise BenchError(f"run {run_id} did not finish within {timeout} s")
+
+    def artifacts(self, run_id: str) -> list[dict[str, Any]]:
+        return self.api("GET", "/api/data/extract_artifacts",
+                        params={"filter[where][run_id]": run_id, "filter[limit]": 1000})
+
+    def delete_run(self, run_id: str) -> None:
+        self.api("DELETE", f"/api/data/extract_runs/{run_id}")
+
+
+# ------------------------------------------------------------ /proc
+
+
+def _status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process, in bytes (empty when it is gone)."""
+    values = {}
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, amount, _unit = line.split()
+                values[key[:-1]] = int(amount) * 1024
+    return values
+
+
+def _cpu_ticks(pid: int) -> int:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+    return 0
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def rss(pid: int) -> int:
+    return _status(pid).get("VmRSS", 0)
+
+
+@dataclass
+class MemoryWindow:
+    """Peak memory of the server and of its busiest descendant between ``open`` and ``close``.
+
+    The busiest descendant (most CPU time used in the window) is the pool worker
+    that ran the export: the forkserver, the Manager and idle workers barely run.
+    """
+
+    root: int
+    before_cpu: dict[int, int] = field(default_factory=dict)
+    server_rss_before: int = 0
+    server_peak: int = 0
+    worker_peak: int = 0
+    worker_pid: int | None = None
+    worker_cpu_seconds: float = 0.0
+
+    def open(self) -> MemoryWindow:
+        for pid in [self.root, *descendants(self.root)]:
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
+            self.before_cpu[pid] = _cpu_ticks(pid)
+        self.server_rss_before = rss(self.root)
+        return self
+
+    def close(self) -> MemoryWindow:
+        self.server_peak = _status(self.root).get("VmHWM", 0)
+        busiest, most = None, -1
+        for pid in descendants(self.root):
+            used = _cpu_ticks(pid) - self.before_cpu.get(pid, 0)
+            if used > most:
+                busiest, most = pid, used
+        if busiest is not None:
+            self.worker_pid = busiest
+            self.worker_peak = _status(busiest).get("VmHWM", 0)
+            self.worker_cpu_seconds = most / CLK_TCK
+        return self
