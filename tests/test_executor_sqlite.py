@@ -1,0 +1,258 @@
+"""SQLiteSource: opening read-only, the catalog, exact values, snapshots and safe names."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sqlite3
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from executor_fixtures import assert_same_rows, build_big_table, make_source, source_rows
+
+from executor import SourceError, UnknownSchema, open_source, safe_file_name
+from executor.naming import download_base_name
+from executor.sqlite_source import SQLiteSource
+
+
+def export(source: SQLiteSource, name: str, batch_size: int = 1000, where: dict | None = None) -> list[dict]:
+    with source.snapshot():
+        return [json.loads(row) for batch in source.json_batches(name, where, batch_size) for row in batch]
+
+
+# ---------------------------------------------------------------- opening
+
+
+def test_a_missing_file_is_an_error_and_is_not_created(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.db"
+    with pytest.raises(SourceError, match=f"Source database {missing} does not exist"):
+        open_source(str(missing))
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"this is not a database, just some text " * 50, "file is not a database"),
+    (None, "is a directory"),
+])
+def test_what_is_not_a_database_is_one_clear_line(tmp_path: Path, content: bytes | None,
+                                                  message: str) -> None:
+    path = tmp_path / "source.db"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(SourceError, match=message) as raised:
+        open_source(str(path))
+    assert "\n" not in str(raised.value)
+
+
+def test_sqlite_urls_and_odd_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "a dir?#%"
+    folder.mkdir()
+    db = make_source(folder / "my db.sqlite")
+    monkeypatch.chdir(tmp_path)
+    for location in (str(db), "sqlite:///a dir?#%/my db.sqlite", f"sqlite:///{db}"):
+        with open_source(location) as source:
+            assert source.location() == {"dialect": "sqlite", "path": str(db),
+                                         "version": sqlite3.sqlite_version}
+            assert source.count("users", None) == 4
+
+
+def test_the_source_is_never_written(tmp_path: Path) -> None:
+    db = make_source(tmp_path / "source.db")
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    with open_source(str(db)) as source:
+        export(source, "users")
+        source.describe(["users"])
+        with pytest.raises(sqlite3.OperationalError, match="readonly|read-only|query_only"):
+            source._conn.execute("DELETE FROM users")  # type: ignore[attr-defined]
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+
+
+# ---------------------------------------------------------------- catalog
+
+
+def test_internal_tables_never_appear(tmp_path: Path) -> None:
+    db = tmp_path / "source.db"
+    con = sqlite3.connect(db)
+    con.executescript("CREATE TABLE counters (id INTEGER PRIMARY KEY AUTOINCREMENT, n INTEGER);"
+                      "INSERT INTO counters (n) VALUES (1); CREATE INDEX counters_n ON counters (n);"
+                      "CREATE VIRTUAL TABLE docs USING fts5(body); INSERT INTO docs VALUES ('hello');"
+                      "ANALYZE;")
+    con.close()
+    with open_source(str(db)) as source:
+        assert [(s["name"], s["type"], s["row_count"]) for s in source.schemas()] == [
+            ("counters", "table", 1), ("docs", "table", 1)]
+        for internal in ("sqlite_sequence", "sqlite_stat1", "sqlite_master", "docs_data", "nope"):
+            with pytest.raises(UnknownSchema, match=f"Schema '{internal}' does not exist in the source"):
+                source.columns(internal)
+        assert export(source, "docs") == [{"body": "hello"}]
+
+
+def test_schemas_lists_tables_and_views_with_counts(tmp_path: Path) -> None:
+    with open_source(str(make_source(tmp_path / "source.db"))) as source:
+        assert source.schemas() == [
+            {"name": "../../etc/passwd", "type": "table", "columns": 1, "row_count": 2},
+            {"name": "adults", "type": "view", "columns": 2, "row_count": 2},
+            {"name": "empty", "type": "table", "columns": 2, "row_count": 0},
+            {"name": "keyed", "type": "table", "columns": 2, "row_count": 2},
+            {"name": "order items", "type": "table", "columns": 4, "row_count": 20},
+            {"name": "orders", "type": "table", "columns": 4, "row_count": 50},
+            {"name": "users", "type": "table", "columns": 7, "row_count": 4},
+            {"name": "values", "type": "table", "columns": 3, "row_count": 35},
+        ]
+        assert source.describe(["adults"])["adults"] == {
+            "type": "view", "columns": {
+                "id": {"type": "INTEGER", "required": False, "default": None, "primary_key": False},
+                "name": {"type": "TEXT", "required": False, "default": None, "primary_key": False}},
+            "primary_key": [], "foreign_keys": [], "indexes": [], "row_count": 2}
+
+
+def test_a_reference_to_the_parent_key_names_its_columns(tmp_path: Path) -> None:
+    db = tmp_path / "source.db"
+    con = sqlite3.connect(db)
+    con.executescript("CREATE TABLE parent (a TEXT, b INTEGER, PRIMARY KEY (a, b));"
+                      "CREATE TABLE child (x TEXT, y INTEGER, FOREIGN KEY (x, y) REFERENCES parent"
+                      " ON DELETE SET NULL);"
+                      "CREATE TABLE k (id INTEGER PRIMARY KEY DESC, v);")
+    con.close()
+    with open_source(str(db)) as source:
+        assert source.describe(["child"])["child"]["foreign_keys"] == [
+            {"columns": ["x", "y"], "references": {"table": "parent", "columns": ["a", "b"]},
+             "on_update": "NO ACTION", "on_delete": "SET NULL"}]
+
+
+# ---------------------------------------------------------------- values
+
+
+def test_random_doubles_come_back_bit_for_bit(tmp_path: Path) -> None:
+    rng = random.Random(20261128)
+    doubles = [struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0] for _ in range(30_000)]
+    doubles += [struct.unpack("<d", rng.getrandbits(52).to_bytes(8, "little"))[0] for _ in range(3_000)]
+    doubles += [rng.uniform(-1e6, 1e6) for _ in range(3_000)]
+    doubles += [1.7976931348623157e308, 2.2250738585072014e-308, -0.0, float("inf"), float("-inf")]
+    doubles = [d for d in doubles if d == d]  # SQLite stores NaN as NULL
+    db = tmp_path / "source.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE r (untyped, typed REAL)")
+    con.executemany("INSERT INTO r VALUES (?, ?)", [(d, d) for d in doubles])
+    con.commit()
+    con.close()
+    with open_source(str(db)) as source:
+        rows = export(source, "r", 5000)
+    assert_same_rows(rows, source_rows(db, "r"))  # as stored (a REAL column keeps -0.0 as 0)
+    special = {float("inf"): "Infinity", float("-inf"): "-Infinity"}
+    assert_same_rows([{"v": row["untyped"]} for row in rows], [{"v": special.get(d, d)} for d in doubles])
+
+
+def test_every_kind_of_column_keeps_its_values(tmp_path: Path) -> None:
+    db = tmp_path / "source.db"
+    con = sqlite3.connect(db)
+    wide = ", ".join(f'"c{i}"' for i in range(150))
+    con.executescript(f"""
+        CREATE TABLE mixed (id INTEGER PRIMARY KEY, i INTEGER, r REAL, t TEXT, b BLOB, n NUMERIC, v);
+        CREATE TABLE strict (i INTEGER, r REAL, t TEXT, b BLOB, a ANY) STRICT;
+        CREATE TABLE shadowed (rowid TEXT, _rowid_ TEXT, oid TEXT, v);
+        CREATE TABLE one_shadow (rowid TEXT, v);
+        CREATE TABLE wide ({wide});
+        CREATE TABLE gen (x REAL, y TEXT GENERATED ALWAYS AS (x * 2));
+    """)
+    values = [0, 1, -1, 2**63 - 1, 1.5, -0.0, 1e300, float("inf"), "text", "12", b"\x00\x01", None, ""]
+    for index, value in enumerate(values):
+        con.execute("INSERT INTO mixed VALUES (?, ?, ?, ?, ?, ?, ?)", (index, *[value] * 6))
+        con.execute("INSERT INTO shadowed VALUES (?, ?, ?, ?)", ("a", "b", "c", value))
+        con.execute("INSERT INTO one_shadow VALUES (?, ?)", ("a", value))
+        con.execute(f"INSERT INTO wide VALUES ({', '.join('?' * 150)})",
+                    [values[(index + i) % len(values)] for i in range(150)])
+        con.execute("INSERT INTO gen (x) VALUES (?)", (index / 3,))
+    con.executemany("INSERT INTO strict VALUES (?, ?, ?, ?, ?)",
+                    [(1, 2.5, "x", b"\x00", 3.5), (None, None, None, None, None), (-5, -0.0, "", b"", b"z"),
+                     (2**63 - 1, float("-inf"), "é", b"\xff", "t")])
+    con.commit()
+    con.close()
+    with open_source(str(db)) as source:
+        for name in ("mixed", "strict", "shadowed", "one_shadow", "wide", "gen"):
+            for batch_size in (1, 4, 10_000):
+                assert_same_rows(export(source, name, batch_size), source_rows(db, name))
+        assert list(export(source, "wide")[0]) == [f"c{i}" for i in range(150)]
+
+
+def test_big_tables_stream_in_bounded_batches(tmp_path: Path) -> None:
+    db = tmp_path / "source.db"
+    build_big_table(db, "big", 30_000)
+    with open_source(str(db)) as source, source.snapshot():
+        sizes = [len(batch) for batch in source.json_batches("big", {"n": {"$lt": 500}}, 2_000)]
+    assert sum(sizes) == 15_000 and max(sizes) <= 2_000 and len(sizes) >= 8
+
+
+# ---------------------------------------------------------------- snapshot and cancellation
+
+
+def test_a_snapshot_does_not_see_later_commits(tmp_path: Path) -> None:
+    db = make_source(tmp_path / "source.db")
+    writer = sqlite3.connect(db)
+    with open_source(str(db)) as source, source.snapshot():
+        writer.execute("INSERT INTO users (id, email) VALUES (10, 'late@example.com')")
+        writer.execute("DELETE FROM orders")
+        writer.commit()
+        assert source.count("users", None) == 4
+        assert len([r for b in source.json_batches("orders", None, 10) for r in b]) == 50
+    with open_source(str(db)) as source:
+        assert (source.count("users", None), source.count("orders", None)) == (5, 0)
+    writer.close()
+
+
+def test_interrupt_stops_a_running_statement(tmp_path: Path) -> None:
+    db = tmp_path / "source.db"
+    build_big_table(db, "big", 200_000)
+    with open_source(str(db)) as source:
+        timer = threading.Timer(0.1, source.interrupt)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(SourceError, match="interrupted"), source.snapshot():
+            source.count("big", {"label": {"$like": "%never%"}, "amount": {"$gt": -1}})
+            while True:  # in case the count was quicker than the timer
+                source.count("big", {"label": {"$like": "%never%"}})
+        assert time.monotonic() - started < 2
+        timer.join()
+
+
+# ---------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize(("schema", "file_name"), [
+    ("users", "users"),
+    ("order items", "order%20items"),
+    ("../../etc/passwd", "%2E%2E%2F..%2Fetc%2Fpasswd"),
+    (".", "%2E"),
+    ("..", "%2E%2E"),
+    (".hidden.tbl", "%2Ehidden.tbl"),
+    ("100%", "100%25"),
+    ('we"ird\\name', "we%22ird%5Cname"),
+    ("Café 李", "Caf%C3%A9%20%E6%9D%8E"),
+    ("a-b_c.d", "a-b_c.d"),
+    ("", "%00"),
+])
+def test_safe_file_names(schema: str, file_name: str) -> None:
+    assert safe_file_name(schema) == file_name
+
+
+def test_long_names_are_cut_without_collisions() -> None:
+    first, second = "李" * 100 + "a", "李" * 100 + "b"
+    assert safe_file_name(first) != safe_file_name(second)
+    assert len(safe_file_name(first)) <= 200 and "~" in safe_file_name(first)
+
+
+def test_download_names() -> None:
+    assert download_base_name("Daily Backup", "2026-11-28T17:00:00.000Z", "run_abcdefgh") == \
+        "Daily-Backup-2026-11-28-run_abcd"
+    assert download_base_name("  ¡Ünïcode!  export ", "2025-01-19T00:00:00Z", "run_xyz789") == \
+        "n-code-export-2025-01-19-run_xyz7"
+    assert download_base_name("***", "2025-01-19T00:00:00Z", "run_1") == "extract-2025-01-19-run_1"
