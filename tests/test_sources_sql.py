@@ -882,17 +882,17 @@ def test_a_million_rows_stream_in_flat_memory(db: PG | My) -> None:
     size = 0
     with open_source(db.url) as source, source.snapshot():
         assert source.count(db.name("million"), None) == 1_000_000
-        batches = source.json_batches(db.name("million"), None, 10_000)
-        first = next(batches)
-        exported, size = len(first), sum(map(len, first))
-        baseline = peak = rss_bytes()
-        for batch in batches:
+        baseline = peak = 0
+        for number, batch in enumerate(source.json_batches(db.name("million"), None, 10_000)):
             exported += len(batch)
             size += sum(map(len, batch))
+            if number == 10:  # warmed up: the driver's and the allocator's buffers are in place
+                baseline = peak = rss_bytes()
             peak = max(peak, rss_bytes())
     assert exported == 1_000_000
     assert size > 60_000_000  # the data really went through (≈ 70 bytes a row)
-    assert peak - baseline < 64 * 1024 * 1024, f"RSS grew by {(peak - baseline) >> 20} MiB"
+    # Flat: the other 90% of the rows add (almost) nothing to what the first 10% took.
+    assert peak - baseline < 32 * 1024 * 1024, f"RSS grew by {(peak - baseline) >> 20} MiB"
 
 
 def test_interrupt_stops_a_long_statement(db: PG | My) -> None:
