@@ -70,6 +70,16 @@ def make_source(path: Path) -> Path:
     return path
 
 
+def run_sql(db: Path, script: str) -> Path:
+    """Run an SQL script on ``db`` with a connection of its own (another application)."""
+    con = sqlite3.connect(db)
+    try:
+        con.executescript(script)
+    finally:
+        con.close()
+    return db
+
+
 def quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 

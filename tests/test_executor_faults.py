@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from executor_fixtures import Channel, build_big_table, make_job, make_source, manager_fixture
+from executor_fixtures import Channel, build_big_table, make_job, make_source, manager_fixture, run_sql
 
 from executor import run_extract
 from executor.writers import ArtifactFile, LowDiskSpace, SpaceGuard
@@ -47,10 +47,7 @@ def assert_failed(result: dict[str, Any], error: str, exception: str) -> None:
 
 @pytest.mark.faults
 def test_a_schema_dropped_since_the_configuration_fails_the_run(tmp_path: Path, manager: Any) -> None:
-    db = make_source(tmp_path / "source.db")
-    con = sqlite3.connect(db)
-    con.execute('DROP TABLE "order items"')
-    con.close()
+    db = run_sql(make_source(tmp_path / "source.db"), 'DROP TABLE "order items"')
     channel = Channel(manager)
     job = make_job(tmp_path, db, schemas=["users", "order items"])
     assert_failed(channel.run(job), "Schema 'order items' no longer exists in the source; remove it "
@@ -61,10 +58,7 @@ def test_a_schema_dropped_since_the_configuration_fails_the_run(tmp_path: Path, 
 
 @pytest.mark.faults
 def test_a_filter_on_a_dropped_column_fails_the_run(tmp_path: Path, manager: Any) -> None:
-    db = make_source(tmp_path / "source.db")
-    con = sqlite3.connect(db)
-    con.execute("ALTER TABLE orders DROP COLUMN note")
-    con.close()
+    db = run_sql(make_source(tmp_path / "source.db"), "ALTER TABLE orders DROP COLUMN note")
     result = Channel(manager).run(make_job(tmp_path, db, filter={"orders": {"where": {"note": None}}}))
     assert result["status"] == "failed"
     assert result["error"].startswith("The filter filter.orders.where.note no longer fits the source "
@@ -118,12 +112,10 @@ def test_a_source_file_removed_fails_the_run(tmp_path: Path, manager: Any) -> No
 @pytest.mark.faults
 def test_files_written_before_a_failure_stay_and_the_half_written_one_goes(tmp_path: Path,
                                                                             manager: Any) -> None:
-    db = make_source(tmp_path / "source.db")
-    con = sqlite3.connect(db)
     # Fails on its 30th row, in the middle of the export: malformed JSON.
-    con.execute("CREATE VIEW breaks AS SELECT id, json(CASE WHEN id < 30 THEN '1' ELSE '{' END) AS j "
-                "FROM orders")
-    con.close()
+    db = run_sql(make_source(tmp_path / "source.db"),
+                 "CREATE VIEW breaks AS SELECT id, json(CASE WHEN id < 30 THEN '1' ELSE '{' END) AS j "
+                 "FROM orders")
     channel = Channel(manager)
     job = make_job(tmp_path, db, schemas=["users", "breaks", "orders"])
     result = channel.run(job)
@@ -192,9 +184,7 @@ WRITER = textwrap.dedent("""
 
 @pytest.mark.faults
 def test_the_export_is_one_snapshot_while_another_process_writes(tmp_path: Path, manager: Any) -> None:
-    db = tmp_path / "shop.db"
-    con = sqlite3.connect(db)
-    con.executescript("""
+    db = run_sql(tmp_path / "shop.db", """
         PRAGMA journal_mode = WAL;
         CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT, padding TEXT);
         CREATE TABLE orders (id INTEGER PRIMARY KEY, user_id INTEGER NOT NULL REFERENCES users (id),
@@ -203,7 +193,6 @@ def test_the_export_is_one_snapshot_while_another_process_writes(tmp_path: Path,
         INSERT INTO users SELECT i, 'user ' || i, hex(randomblob(50)) FROM s;
         INSERT INTO orders SELECT id, id, id / 100.0 FROM users;
     """)
-    con.close()
     stop = tmp_path / "stop"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(stop)], stdout=subprocess.PIPE)
     try:

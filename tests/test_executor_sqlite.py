@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from executor_fixtures import assert_same_rows, build_big_table, make_source, source_rows
+from executor_fixtures import assert_same_rows, build_big_table, make_source, run_sql, source_rows
 
 from executor import SourceError, UnknownSchema, open_source, safe_file_name
 from executor.naming import download_base_name
@@ -64,9 +64,7 @@ def test_sqlite_urls_and_odd_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_the_source_is_never_written(tmp_path: Path) -> None:
     db = make_source(tmp_path / "source.db")
-    con = sqlite3.connect(db)
-    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    con.close()
+    run_sql(db, "PRAGMA wal_checkpoint(TRUNCATE)")
     before = hashlib.sha256(db.read_bytes()).hexdigest()
     with open_source(str(db)) as source:
         export(source, "users")
@@ -80,13 +78,10 @@ def test_the_source_is_never_written(tmp_path: Path) -> None:
 
 
 def test_internal_tables_never_appear(tmp_path: Path) -> None:
-    db = tmp_path / "source.db"
-    con = sqlite3.connect(db)
-    con.executescript("CREATE TABLE counters (id INTEGER PRIMARY KEY AUTOINCREMENT, n INTEGER);"
-                      "INSERT INTO counters (n) VALUES (1); CREATE INDEX counters_n ON counters (n);"
-                      "CREATE VIRTUAL TABLE docs USING fts5(body); INSERT INTO docs VALUES ('hello');"
-                      "ANALYZE;")
-    con.close()
+    db = run_sql(tmp_path / "source.db",
+                 "CREATE TABLE counters (id INTEGER PRIMARY KEY AUTOINCREMENT, n INTEGER);"
+                 "INSERT INTO counters (n) VALUES (1); CREATE INDEX counters_n ON counters (n);"
+                 "CREATE VIRTUAL TABLE docs USING fts5(body); INSERT INTO docs VALUES ('hello'); ANALYZE;")
     with open_source(str(db)) as source:
         assert [(s["name"], s["type"], s["row_count"]) for s in source.schemas()] == [
             ("counters", "table", 1), ("docs", "table", 1)]
@@ -116,13 +111,10 @@ def test_schemas_lists_tables_and_views_with_counts(tmp_path: Path) -> None:
 
 
 def test_a_reference_to_the_parent_key_names_its_columns(tmp_path: Path) -> None:
-    db = tmp_path / "source.db"
-    con = sqlite3.connect(db)
-    con.executescript("CREATE TABLE parent (a TEXT, b INTEGER, PRIMARY KEY (a, b));"
-                      "CREATE TABLE child (x TEXT, y INTEGER, FOREIGN KEY (x, y) REFERENCES parent"
-                      " ON DELETE SET NULL);"
-                      "CREATE TABLE k (id INTEGER PRIMARY KEY DESC, v);")
-    con.close()
+    db = run_sql(tmp_path / "source.db",
+                 "CREATE TABLE parent (a TEXT, b INTEGER, PRIMARY KEY (a, b));"
+                 "CREATE TABLE child (x TEXT, y INTEGER, FOREIGN KEY (x, y) REFERENCES parent"
+                 " ON DELETE SET NULL);")
     with open_source(str(db)) as source:
         assert source.describe(["child"])["child"]["foreign_keys"] == [
             {"columns": ["x", "y"], "references": {"table": "parent", "columns": ["a", "b"]},
@@ -163,6 +155,7 @@ def test_every_kind_of_column_keeps_its_values(tmp_path: Path) -> None:
         CREATE TABLE one_shadow (rowid TEXT, v);
         CREATE TABLE wide ({wide});
         CREATE TABLE gen (x REAL, y TEXT GENERATED ALWAYS AS (x * 2));
+        CREATE TABLE desc_key (id INTEGER PRIMARY KEY DESC, v);  -- not a rowid alias: any value
     """)
     values = [0, 1, -1, 2**63 - 1, 1.5, -0.0, 1e300, float("inf"), "text", "12", b"\x00\x01", None, ""]
     for index, value in enumerate(values):
@@ -172,13 +165,14 @@ def test_every_kind_of_column_keeps_its_values(tmp_path: Path) -> None:
         con.execute(f"INSERT INTO wide VALUES ({', '.join('?' * 150)})",
                     [values[(index + i) % len(values)] for i in range(150)])
         con.execute("INSERT INTO gen (x) VALUES (?)", (index / 3,))
+        con.execute("INSERT OR IGNORE INTO desc_key VALUES (?, ?)", (value, index))
     con.executemany("INSERT INTO strict VALUES (?, ?, ?, ?, ?)",
                     [(1, 2.5, "x", b"\x00", 3.5), (None, None, None, None, None), (-5, -0.0, "", b"", b"z"),
                      (2**63 - 1, float("-inf"), "é", b"\xff", "t")])
     con.commit()
     con.close()
     with open_source(str(db)) as source:
-        for name in ("mixed", "strict", "shadowed", "one_shadow", "wide", "gen"):
+        for name in ("mixed", "strict", "shadowed", "one_shadow", "wide", "gen", "desc_key"):
             for batch_size in (1, 4, 10_000):
                 assert_same_rows(export(source, name, batch_size), source_rows(db, name))
         assert list(export(source, "wide")[0]) == [f"c{i}" for i in range(150)]
