@@ -93,6 +93,20 @@ class Source(ABC):
         Streams with a server-side cursor: memory stays flat whatever the table size.
         """
 
+    def json_lines(
+        self, name: str, where: dict[str, Any] | None, batch_size: int
+    ) -> Iterator[tuple[bytes, int]]:
+        """The same rows as chunks of JSON lines: ``(b'{...}\\n{...}', rows)``, no final newline.
+
+        What the writers consume. The default joins ``json_batches()``; a source
+        that builds whole chunks itself (SQLite) overrides it and saves one
+        Python object per row. A JSON object never holds a raw newline, so
+        ``\\n`` separates the rows exactly.
+        """
+        for batch in self.json_batches(name, where, batch_size):
+            if batch:
+                yield b"\n".join(batch), len(batch)
+
 
 def open_source(location: str) -> Source:
     """Open the source named by a path or URL; raises SourceError with a one-line reason."""

@@ -254,6 +254,12 @@ class SQLiteSource(Source):
     def json_batches(
         self, name: str, where: dict[str, Any] | None, batch_size: int
     ) -> Iterator[list[bytes]]:
+        for chunk, _ in self.json_lines(name, where, batch_size):
+            yield chunk.split(b"\n")
+
+    def json_lines(
+        self, name: str, where: dict[str, Any] | None, batch_size: int
+    ) -> Iterator[tuple[bytes, int]]:
         relation = self._relation(name)
         rows = self._column_rows(name)
         columns = [row[0] for row in rows]
@@ -310,7 +316,7 @@ class SQLiteSource(Source):
         return kinds
 
     def _rowid_batches(self, name: str, row_json: str, columns: list[str], clause: str,
-                       params: list[Any], rowid: str, batch_size: int) -> Iterator[list[bytes]]:
+                       params: list[Any], rowid: str, batch_size: int) -> Iterator[tuple[bytes, int]]:
         def chunk_sql(after: str) -> str:
             return (f"SELECT CAST(group_concat(j, char(10)) AS BLOB), max(r), count(*) FROM "
                     f"(SELECT {rowid} AS r, {row_json} AS j FROM {quote(name)} NOT INDEXED"
@@ -322,21 +328,21 @@ class SQLiteSource(Source):
         limit = min(batch_size, _FIRST_CHUNK_ROWS)
         text, last, count = self._conn.execute(first, [*columns, *params, limit]).fetchone()
         while count:
-            yield text.split(b"\n")
+            yield text, count
             limit = _next_limit(len(text), count, batch_size)
             text, last, count = self._conn.execute(
                 following, [*columns, *params, last, limit]).fetchone()
 
     def _cursor_batches(self, name: str, row_json: str, columns: list[str], clause: str,
-                        params: list[Any], batch_size: int) -> Iterator[list[bytes]]:
+                        params: list[Any], batch_size: int) -> Iterator[tuple[bytes, int]]:
         cursor = self._conn.execute(f"SELECT CAST({row_json} AS BLOB) FROM {quote(name)}{clause}",
                                     [*columns, *params])
         try:
             limit = min(batch_size, _FIRST_CHUNK_ROWS)
             while rows := cursor.fetchmany(limit):
-                batch = [row[0] for row in rows]
-                yield batch
-                limit = _next_limit(sum(map(len, batch)), len(batch), batch_size)
+                chunk = b"\n".join([row[0] for row in rows])
+                yield chunk, len(rows)
+                limit = _next_limit(len(chunk), len(rows), batch_size)
         finally:
             cursor.close()
 

@@ -234,9 +234,9 @@ class Export:
         self.monitor.phase("exporting_data", current_schema=name)
         writer = output.schema(name)
         try:
-            for batch in source.json_batches(name, where, BATCH_ROWS):
-                self.monitor.advance(len(batch))
-                writer.write(batch)
+            for chunk, records in source.json_lines(name, where, BATCH_ROWS):
+                self.monitor.advance(records)
+                writer.write(chunk, records)
             writer.close()
         except BaseException:
             writer.abort()

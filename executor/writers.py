@@ -10,8 +10,9 @@ where everything after the queue runs on the file's own thread: zlib, hashlib
 and file writes release the GIL, so compressing and hashing overlap with
 reading the source. The queue is bounded: memory stays flat.
 
-Formats (SPEC: Artifacts, 2): ``jsonl`` one object per line, ``json`` one
-array, ``yaml`` one sequence of mappings, each streamed batch by batch; and
+Records arrive as chunks of JSON lines (``Source.json_lines``). Formats (SPEC:
+Artifacts, 2): ``jsonl`` one object per line, ``json`` one array, ``yaml`` one
+sequence of mappings, each streamed chunk by chunk; and
 ``archive``, one tar stream (gzip'd with ``compress``) holding ``describe.yaml``,
 plain ``<schema>.jsonl`` members and an inner ``manifest.json``.
 """
@@ -200,8 +201,8 @@ class JsonLines:
     def head(self) -> bytes:
         return b""
 
-    def body(self, batch: list[bytes], first: bool) -> bytes:
-        return b"\n".join(batch) + b"\n"
+    def body(self, chunk: bytes, first: bool) -> bytes:
+        return chunk + b"\n"
 
     def tail(self, records: int) -> bytes:
         return b""
@@ -215,8 +216,9 @@ class JsonArray:
     def head(self) -> bytes:
         return b"["
 
-    def body(self, batch: list[bytes], first: bool) -> bytes:
-        return (b"\n" if first else b",\n") + b",\n".join(batch)
+    def body(self, chunk: bytes, first: bool) -> bytes:
+        # Newlines only separate records: a JSON object never holds a raw one.
+        return (b"\n" if first else b",\n") + chunk.replace(b"\n", b",\n")
 
     def tail(self, records: int) -> bytes:
         return b"\n]\n" if records else b"]\n"
@@ -230,9 +232,8 @@ class YamlSequence:
     def head(self) -> bytes:
         return b""
 
-    def body(self, batch: list[bytes], first: bool) -> bytes:
-        records = orjson.loads(b"[" + b",".join(batch) + b"]")
-        return dump_yaml(records)
+    def body(self, chunk: bytes, first: bool) -> bytes:
+        return dump_yaml(orjson.loads(b"[" + chunk.replace(b"\n", b",") + b"]"))
 
     def tail(self, records: int) -> bytes:
         return b"" if records else b"[]\n"
@@ -290,13 +291,20 @@ class SchemaWriter:
         file.write(self.encoder.tail(self._part_records))
         self._part_done(file, self._part if self.split_max else None, self._part_records)
 
-    def write(self, batch: list[bytes]) -> None:
-        while batch:
+    def write(self, chunk: bytes, records: int) -> None:
+        """Add ``records`` records: a chunk of JSON lines (``Source.json_lines``)."""
+        while records:
             file = self._file or self._open()
-            room = self.split_max - self._part_records if self.split_max else len(batch)
-            taken, batch = (batch, []) if room >= len(batch) else (batch[:room], batch[room:])
-            file.write(self.encoder.body(taken, first=self._part_records == 0))
-            self._part_records += len(taken)
+            room = self.split_max - self._part_records if self.split_max else records
+            taken = min(room, records)
+            if taken < records:
+                lines = chunk.split(b"\n", taken)
+                head, chunk = b"\n".join(lines[:taken]), lines[taken]
+            else:
+                head = chunk
+            file.write(self.encoder.body(head, first=self._part_records == 0))
+            self._part_records += taken
+            records -= taken
             if self.split_max and self._part_records >= self.split_max:
                 self._close()  # the next part opens only when more records come
 
