@@ -28,7 +28,7 @@ import orjson
 from executor.filters import check_where
 from executor.naming import download_base_name
 from executor.sources import Source, SourceError, UnknownSchema, open_source
-from executor.writers import ArchiveOutput, FileOutput, SpaceGuard, StorageError, dump_yaml
+from executor.writers import ArchiveOutput, FileOutput, SpaceGuard, StorageError, dump_yaml, storage_error
 
 BATCH_ROWS = 10_000
 _SEND_EVERY = 0.2  # seconds between progress messages (a Manager queue put is an RPC)
@@ -270,9 +270,7 @@ def error_message(exc: BaseException, job: dict[str, Any]) -> str:
     elif isinstance(exc, (SourceError, StorageError, RunError)):
         message = str(exc)
     elif isinstance(exc, OSError) and exc.filename is not None:
-        hint = ("free some space on the storage volume" if exc.errno == 28
-                else "check that the storage directory (--storage) is writable")
-        message = f"Cannot write {exc.filename}: {exc.strerror}; {hint}"
+        message = str(storage_error(exc, Path(exc.filename)))
     else:
         message = f"{type(exc).__name__}: {exc}"
     return " ".join(message.split())

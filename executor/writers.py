@@ -19,6 +19,7 @@ plain ``<schema>.jsonl`` members and an inner ``manifest.json``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -75,6 +76,13 @@ class SpaceGuard:
                 f"{self.min_free_bytes >> 20} MB reserve; free some space or lower --min-free-mb")
 
 
+def storage_error(exc: OSError, path: Path) -> StorageError:
+    """An OS error while writing ``path``, as one line that says what to do."""
+    hint = ("free some space on the storage volume" if exc.errno == errno.ENOSPC
+            else "check that the storage directory (--storage) is writable")
+    return StorageError(f"Cannot write {path}: {exc.strerror or exc}; {hint}")
+
+
 @dataclass(frozen=True)
 class FileInfo:
     """A finished file: its name in the run directory and its stored bytes' fingerprints."""
@@ -94,7 +102,10 @@ class ArtifactFile:
         self.temp_path = run_dir / f".{name}.tmp"
         self._guard = guard
         guard.check()
-        self._file = open(self.temp_path, "wb", buffering=0)  # noqa: SIM115 — closed in finish()/discard()
+        try:
+            self._file = open(self.temp_path, "wb", buffering=0)  # noqa: SIM115 — closed in finish()/discard()
+        except OSError as exc:
+            raise storage_error(exc, self.path) from exc
         self._compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31) if compress else None
         self._sha256 = hashlib.sha256()
         self._crc32 = 0
@@ -164,6 +175,9 @@ class ArtifactFile:
             if self._error is None:
                 try:
                     self._store(block)
+                except OSError as exc:
+                    self._error = storage_error(exc, self.path)
+                    self._error.__cause__ = exc
                 except BaseException as exc:  # noqa: BLE001 — handed to the producer
                     self._error = exc
             if block is None:

@@ -101,6 +101,21 @@ def test_a_storage_directory_that_cannot_be_created_fails_the_run(tmp_path: Path
 
 
 @pytest.mark.faults
+def test_a_full_disk_fails_the_run_and_names_the_file(tmp_path: Path, manager: Any) -> None:
+    db = make_source(tmp_path / "source.db")
+    channel = Channel(manager)
+    job = make_job(tmp_path, db, schemas=["users", "orders"])
+    run_dir = Path(job["run_dir"])
+    run_dir.mkdir(parents=True)
+    (run_dir / ".orders.jsonl.tmp").symlink_to("/dev/full")  # every write: ENOSPC
+    result = channel.run(job)
+    assert_failed(result, f"Cannot write {run_dir}/orders.jsonl: No space left on device; free some space "
+                  "on the storage volume", "StorageError")
+    assert [a["artifact_name"] for a in channel.artifacts()] == ["describe.yaml", "users.jsonl"]
+    assert sorted(os.listdir(run_dir)) == ["describe.yaml", "users.jsonl"]
+
+
+@pytest.mark.faults
 def test_a_source_file_removed_fails_the_run(tmp_path: Path, manager: Any) -> None:
     db = make_source(tmp_path / "source.db")
     db.unlink()
