@@ -26,6 +26,7 @@ import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -308,6 +309,10 @@ def _schedule(v: Any) -> str | None:
     if len(v.split()) != 5 or not croniter.is_valid(v):
         raise FieldError("must be a 5-field cron expression (minute hour day month weekday), "
                          "e.g. '0 3 * * *'")
+    try:  # valid fields can still name no date at all, e.g. '0 0 31 2 *'
+        croniter(v, datetime.now(UTC)).get_next(datetime)
+    except ValueError:  # CroniterBadDateError
+        raise FieldError(f"'{v}' never comes due: no date matches it") from None
     return v
 
 
@@ -435,7 +440,14 @@ MODELS = {
     "extract_artifacts": Model("extract_artifacts", ARTIFACT_FIELDS),
 }
 UNFILTERABLE = set(state.JSON_COLUMNS)
+MAX_OFFSET = 2**63 - 1  # SQLite's largest integer: anything larger is not an OFFSET
 FILTER_PARAM = re.compile(r"^filter\[(where|order|limit|offset)\](?:\[([^\]]+)\])?$")
+
+
+def _bounded_int(digits: str) -> int:
+    """ASCII digits as an int; past 20 significant digits, MAX_OFFSET + 1 (int() refuses 4,300+)."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 20 else MAX_OFFSET + 1
 
 
 def parse_scalar(text: str) -> Any:
@@ -477,12 +489,15 @@ def list_query(model: Model, params: list[tuple[str, str]]) -> tuple[str, dict[s
                                 f"'<field> desc' with a known field (got {value!r})"})
                 continue
             order = f'"{column}" {direction.upper()}, id {direction.upper()}'
-        elif not value.isdigit():
+        elif not (value.isascii() and value.isdigit()):  # str.isdigit alone takes '²'
             details.append({"field": key, "message": f"{key} must be a non-negative integer"})
         elif kind == "limit":
-            limit = int(value)
+            limit = _bounded_int(value)
             if not 1 <= limit <= 1000:
                 details.append({"field": key, "message": "filter[limit] must be between 1 and 1000"})
+                limit = 100
+        elif _bounded_int(value) > MAX_OFFSET:
+            details.append({"field": key, "message": f"filter[offset] must be at most {MAX_OFFSET}"})
         else:
             offset = int(value)
     if details:
@@ -662,7 +677,18 @@ async def health(request: Request) -> Response:
 async def openapi(request: Request) -> Response:
     from extracts_openapi import openapi_document
 
-    return json_response(openapi_document(EXTRACT_FIELDS))
+    lists = {name: tuple(f for f in model.fields if f not in UNFILTERABLE) for name, model in MODELS.items()}
+    try:
+        catalog = await anyio.to_thread.run_sync(source_catalog, app_state(request).settings.source)
+    except SourceError:
+        catalog = None  # the document stays valid; schemas and filter are then described loosely
+    return json_response(openapi_document(EXTRACT_FIELDS, lists, catalog))
+
+
+def source_catalog(location: str) -> dict[str, list[str]]:
+    """Every schema of the source with its columns, for the OpenAPI document."""
+    with open_source(location) as source:
+        return {s["name"]: source.columns(s["name"]) for s in source.schemas()}
 
 
 def route(path: str, **handlers: Callable[[Request], Any]) -> Route:

@@ -19,7 +19,9 @@ from typing import Any
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, MalformedRangeHeader, Response, StreamingResponse
+from starlette.responses import RangeNotSatisfiable as StarletteRangeNotSatisfiable
+from starlette.types import Receive, Scope, Send
 
 from extracts_http import ApiError, Conflict, Gone, NotFound, ValidationFailed
 from extracts_state import ARTIFACT_FIELDS, RUN_FIELDS, now_iso, parse_iso
@@ -79,12 +81,47 @@ async def download_artifact(request: Request) -> Response:
         raise NotFound(f"Artifact {request.path_params['id']} not found")
     artifact = dict(artifact._mapping)
     await anyio.to_thread.run_sync(check_available, [artifact])
+    etag = f'"{artifact["checksum"]}"'
+    response_class = FileResponse if file_range_usable(request, artifact["size_bytes"], etag) else WholeFile
     if request.method == "GET" and starts_at_zero(request):
         await count_downloads(request, [artifact["id"]])
-    return FileResponse(
+    return response_class(
         artifact["storage_path"], media_type=artifact["content_type"],
         filename=artifact["artifact_name"],
-        headers={"X-Checksum-SHA256": artifact["checksum"], "ETag": f'"{artifact["checksum"]}"'})
+        headers={"X-Checksum-SHA256": artifact["checksum"], "ETag": etag})
+
+
+def file_range_usable(request: Request, size: int, etag: str) -> bool:
+    """Whether FileResponse may honour the Range header; 416 (in the envelope) past the end.
+
+    FileResponse answers a malformed Range with a plain-text 400 and an
+    unsatisfiable one with a bare 416; this check runs first so that every error
+    is the JSON envelope, and a malformed Range gets the whole file, as the ZIP
+    download does (RFC 9110 lets a server ignore Range). So does an If-Range that
+    is not the artifact's ETag.
+    """
+    header = request.headers.get("range")
+    if header is None:
+        return True
+    if_range = request.headers.get("if-range")
+    if if_range is not None and if_range.strip() != etag:
+        return False
+    try:
+        FileResponse._parse_range_header(header, size)
+    except MalformedRangeHeader:
+        return False
+    except StarletteRangeNotSatisfiable:
+        raise RangeNotSatisfiable(f"The range starts past the end of the {size}-byte file",
+                                  headers={"Content-Range": f"bytes */{size}"}) from None
+    return True
+
+
+class WholeFile(FileResponse):
+    """A FileResponse that ignores the request's (malformed) Range header."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"range"]
+        await super().__call__({**scope, "headers": headers}, receive, send)
 
 
 async def download_run(request: Request) -> Response:

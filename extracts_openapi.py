@@ -99,14 +99,71 @@ SCHEMA_SUMMARY = {
     "properties": {"name": {"type": "string"}, "type": {"type": "string", "enum": ["table", "view"]},
                    "columns": {"type": "integer"}, "row_count": {"type": ["integer", "null"]}},
 }
-LIST_PARAMETERS = [
-    {"name": "filter[order]", "in": "query", "schema": {"type": "string"},
-     "description": "'<field> asc' or '<field> desc'; default newest first"},
-    {"name": "filter[limit]", "in": "query",
-     "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
-    {"name": "filter[offset]", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-]
 ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+RANGE_HEADERS = [
+    {"name": "Range", "in": "header", "schema": {"type": "string"},
+     "description": "bytes=<start>-[<end>] or bytes=-<suffix>; a malformed range gets the whole file"},
+    {"name": "If-Range", "in": "header", "schema": {"type": "string"},
+     "description": "the ETag of the first response: the range is served only while it matches"},
+]
+SCALAR = {"type": ["string", "number", "boolean"]}
+LIST_OPERAND = {"type": "array", "minItems": 1, "maxItems": 1000, "items": SCALAR}
+# One column's condition in a filter's "where" (SPEC: Extract configurations, Filters).
+CONDITION = {"anyOf": [
+    {"type": ["string", "number", "boolean", "null"]},
+    {"type": "object", "minProperties": 1, "additionalProperties": False, "properties": {
+        "$eq": {"type": ["string", "number", "boolean", "null"]},
+        "$ne": {"type": ["string", "number", "boolean", "null"]},
+        "$gt": SCALAR, "$gte": SCALAR, "$lt": SCALAR, "$lte": SCALAR,
+        "$in": LIST_OPERAND, "$nin": LIST_OPERAND, "$like": {"type": "string"},
+        "$null": {"type": "boolean"}}},
+]}
+MAX_OFFSET = 2**63 - 1
+
+
+def list_parameters(fields: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``filter[...]`` query parameters of a record list whose scalar fields are ``fields``."""
+    orders = [f"{f}{d}" for f in fields for d in ("", " asc", " desc")]
+    return [
+        {"name": "filter[order]", "in": "query", "schema": {"type": "string", "enum": orders},
+         "description": "'<field> asc' or '<field> desc'; default newest first"},
+        {"name": "filter[limit]", "in": "query",
+         "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+        {"name": "filter[offset]", "in": "query",
+         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET}},
+        *({"name": f"filter[where][{f}]", "in": "query", "schema": {"type": "string"},
+           "description": f"{f} equals this value ('true', 'false' and 'null' are parsed)"}
+          for f in fields),
+    ]
+
+
+def cron_pattern() -> str:
+    """A regular expression for the 5-field cron expressions ``schedule`` accepts."""
+    numbers = (r"[1-5]?[0-9]", r"1?[0-9]|2[0-3]", r"[1-9]|[12][0-9]|3[01]", r"[1-9]|1[0-2]", r"[0-7]")
+    fields = []
+    for n in numbers:
+        item = rf"(\*|(?:{n})(?:-(?:{n}))?)(/[1-9][0-9]?)?"
+        fields.append(rf"{item}(,{item})*")
+    return r"^\s*" + r"\s+".join(fields) + r"\s*$"
+
+
+def catalog_schemas(catalog: dict[str, list[str]] | None) -> dict[str, dict[str, Any]]:
+    """``schemas`` and ``filter`` as precise as the source allows: names and columns that exist."""
+    if not catalog:
+        return {}
+    names = sorted(catalog)
+    where = {name: {"type": "object", "additionalProperties": False,
+                    "properties": dict.fromkeys(columns, CONDITION)}
+             for name, columns in catalog.items()}
+    return {
+        "schemas": {"type": ["array", "null"], "minItems": 1, "uniqueItems": True,
+                    "items": {"type": "string", "enum": names}},
+        "filter": {"type": ["object", "null"], "minProperties": 1, "additionalProperties": False,
+                   "properties": {name: {"type": "object", "required": ["where"],
+                                         "additionalProperties": False,
+                                         "properties": {"where": where[name]}}
+                                  for name in names}},
+    }
 
 
 def envelope(data: dict[str, Any]) -> dict[str, Any]:
@@ -120,11 +177,17 @@ def json_content(schema: dict[str, Any]) -> dict[str, Any]:
 
 def operation(summary: str, ok_status: str, ok_schema: dict[str, Any] | None, errors: list[str],
               parameters: list[dict[str, Any]] | None = None, body: dict[str, Any] | None = None,
-              ok_content: dict[str, Any] | None = None, secured: bool = True) -> dict[str, Any]:
+              ok_content: dict[str, Any] | None = None, secured: bool = True,
+              partial: dict[str, Any] | None = None,
+              ok_headers: dict[str, Any] | None = None) -> dict[str, Any]:
     responses: dict[str, Any] = {ok_status: {
         "description": summary,
         "content": ok_content if ok_content is not None else json_content(envelope(ok_schema or {}))}}
-    for status in ([*errors, "401", "500"] if secured else errors):
+    if ok_headers:
+        responses[ok_status]["headers"] = ok_headers
+    if partial is not None:  # a slice of the file: not parseable as its content type says
+        responses["206"] = {"description": f"The requested byte range, as one of: {', '.join(partial)}"}
+    for status in ([*errors, "401", "500", "503"] if secured else errors):
         responses[status] = {"description": ERROR_CODES[status], "content": json_content(ERROR)}
     op: dict[str, Any] = {"summary": summary, "responses": responses}
     if parameters:
@@ -136,21 +199,47 @@ def operation(summary: str, ok_status: str, ok_schema: dict[str, Any] | None, er
     return op
 
 
-def openapi_document(fields: tuple[Any, ...]) -> dict[str, Any]:
-    """The OpenAPI 3.1 document; ``fields`` is extracts_app.EXTRACT_FIELDS."""
+def strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """A record schema whose every property is present and no other (responses are exact)."""
+    return {**schema, "required": list(schema["properties"]), "additionalProperties": False}
+
+
+def openapi_document(fields: tuple[Any, ...], lists: dict[str, tuple[str, ...]] | None = None,
+                     catalog: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document.
+
+    ``fields`` is extracts_app.EXTRACT_FIELDS; ``lists`` maps each record list
+    (``extracts``, ``extract_runs``, ``extract_artifacts``) to the fields its
+    ``filter[where]``/``filter[order]`` accept; ``catalog`` maps the source's
+    schemas to their columns, so that ``schemas`` and ``filter`` list what exists.
+    """
+    lists = lists or {}
     config_props = {f.name: f.schema for f in fields}
+    if "schedule" in config_props:
+        config_props["schedule"] = {**config_props["schedule"], "pattern": cron_pattern()}
+    body_props = config_props | catalog_schemas(catalog)
     create_body = {"type": "object", "additionalProperties": False,
-                   "required": [f.name for f in fields if f.required], "properties": config_props}
-    update_body = {"type": "object", "additionalProperties": False, "properties": config_props}
-    extract = {"type": "object", "properties": {
+                   "required": [f.name for f in fields if f.required], "properties": body_props,
+                   # schedule_enabled needs a schedule (the current one, on PUT)
+                   "if": {"required": ["schedule_enabled"],
+                          "properties": {"schedule_enabled": {"const": True}}},
+                   "then": {"required": ["schedule"], "properties": {"schedule": {"type": "string"}}}}
+    update_body = {"type": "object", "additionalProperties": False, "properties": body_props}
+    extract = strict({"type": "object", "properties": {
         "id": {"type": "string"}, **config_props, "created_at": TIMESTAMP, "updated_at": TIMESTAMP,
         "deleted_at": TIMESTAMP, "last_run_id": {"type": ["string", "null"]},
         "last_run_status": {"type": ["string", "null"]}, "last_run_at": TIMESTAMP,
         "total_runs": {"type": "integer"}, "successful_runs": {"type": "integer"},
         "failed_runs": {"type": "integer"}, "cancelled_runs": {"type": "integer"},
-        "next_run_at": TIMESTAMP}}
+        "next_run_at": TIMESTAMP}})
+    # What the service stores was valid when saved; responses need not match today's source.
+    extract["properties"]["schedule"] = {"type": ["string", "null"]}
     body_errors = ["400", "413", "415"]
-    file_content = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+    binary: dict[str, Any] = {"schema": {}}  # any bytes: a manifest.json is JSON, a .gz is not
+    file_content = dict.fromkeys((
+        "application/yaml", "application/x-ndjson", "application/json", "application/gzip",
+        "application/x-tar"), binary)
+    zip_content = {"application/zip": binary}
     paths = {
         "/health": {"get": operation("Liveness", "200", None, [], secured=False, ok_content=json_content(
             {"type": "object", "properties": {"status": {"const": "ok"}}}))},
@@ -158,7 +247,7 @@ def openapi_document(fields: tuple[Any, ...]) -> dict[str, Any]:
                                            ok_content=json_content({"type": "object"}))},
         "/api/data/extracts": {
             "get": operation("List extracts", "200", {"type": "array", "items": extract}, ["400"],
-                             LIST_PARAMETERS),
+                             list_parameters(lists.get("extracts", ()))),
             "post": operation("Create an extract", "201", extract, [*body_errors, "503"],
                               body=create_body),
         },
@@ -169,21 +258,25 @@ def openapi_document(fields: tuple[Any, ...]) -> dict[str, Any]:
             "delete": operation("Soft-delete an extract", "200", extract, ["404", "409"], [ID]),
         },
         "/api/data/extract_runs": {"get": operation(
-            "List runs", "200", {"type": "array", "items": RUN}, ["400"], LIST_PARAMETERS)},
+            "List runs", "200", {"type": "array", "items": strict(RUN)}, ["400"],
+            list_parameters(lists.get("extract_runs", ())))},
         "/api/data/extract_runs/{id}": {
-            "get": operation("Get a run (status, progress)", "200", RUN, ["404"], [ID]),
-            "delete": operation("Delete a run's files", "200", RUN, ["404", "409"], [ID]),
+            "get": operation("Get a run (status, progress)", "200", strict(RUN), ["404"], [ID]),
+            "delete": operation("Delete a run's files", "200", strict(RUN), ["404", "409"], [ID]),
         },
         "/api/data/extract_artifacts": {"get": operation(
-            "List artifacts", "200", {"type": "array", "items": ARTIFACT}, ["400"], LIST_PARAMETERS)},
+            "List artifacts", "200", {"type": "array", "items": strict(ARTIFACT)}, ["400"],
+            list_parameters(lists.get("extract_artifacts", ())))},
         "/api/data/extract_artifacts/{id}": {
-            "get": operation("Get an artifact", "200", ARTIFACT, ["404"], [ID])},
+            "get": operation("Get an artifact", "200", strict(ARTIFACT), ["404"], [ID])},
         "/api/extracts/{id}/run": {"post": operation(
             "Queue a run", "202", {"type": "object", "required": ["run_id", "message", "status_url"],
                                    "properties": {"run_id": {"type": "string"},
                                                   "message": {"type": "string"},
                                                   "status_url": {"type": "string"}}},
-            ["404", "409"], [ID])},
+            ["404", "409"], [ID],
+            ok_headers={"Location": {"required": True, "schema": {"type": "string"},
+                                     "description": "the status_url"}})},
         "/api/extracts/{id}/cancel": {"post": operation(
             "Cancel the extract's active run", "200",
             {"type": "object", "required": ["message", "run_id"],
@@ -193,11 +286,13 @@ def openapi_document(fields: tuple[Any, ...]) -> dict[str, Any]:
             "Download a completed run as a ZIP (Range/If-Range supported when stored)", "200", None,
             ["400", "404", "409", "410", "416"],
             [ID, {"name": "compression", "in": "query",
-                  "schema": {"type": "string", "enum": ["stored", "deflate"], "default": "stored"}}],
-            ok_content={"application/zip": {"schema": {"type": "string", "format": "binary"}}})},
+                  "schema": {"type": "string", "enum": ["stored", "deflate"], "default": "stored"}},
+             *RANGE_HEADERS],
+            ok_content=zip_content, partial=zip_content)},
         "/api/extracts/artifacts/{id}/download": {"get": operation(
-            "Download one artifact (Range supported)", "200", None, ["404", "410", "416"], [ID],
-            ok_content=file_content)},
+            "Download one artifact (Range supported)", "200", None, ["404", "410", "416"],
+            [ID, *RANGE_HEADERS],
+            ok_content=file_content, partial=file_content | {"multipart/byteranges": binary})},
         "/api/describe": {"get": operation(
             "List the source's tables and views", "200", {"type": "array", "items": SCHEMA_SUMMARY},
             ["503"])},
