@@ -43,7 +43,7 @@ import datagen
 import httpx
 import orjson
 import verify
-from service import BenchError, MemoryWindow, Service
+from service import ROOT, BenchError, MemoryWindow, Service
 
 MIB = 1 << 20
 EXPORT_RATIO_TARGET = 2.0
@@ -135,7 +135,7 @@ def export_table(results: Results) -> str:
 
 def check_table(results: Results) -> str:
     lines = ["| part | measure | value | target | |", "|---|---|---|---|---|"]
-    for c in results.checks:
+    for c in sorted(results.checks, key=lambda c: c.part):  # stable: each part's rows keep their order
         lines.append(f"| {c.part} | {c.measure} | {c.value} | {c.target} | {mark(c.met)} |")
     return "\n".join(lines)
 
@@ -158,6 +158,7 @@ class Options:
     workdir: Path
     seed: int
     verify_big: str
+    check_baselines: str
     profile: bool
 
 
@@ -171,10 +172,8 @@ class Bench:
         self.source: Path = Path()
         self.service: Service | None = None
         self.idle_run = ""  # a finished run the idle latency clients poll
-        self.kept_run: tuple[str, str, int] | None = None  # (run id, case, rows) for the download part
+        self.kept_run: tuple[str, int] | None = None  # (run id, rows): the run the download part fetches
         self.verified: set[tuple[str, str, str, int | None]] = set()  # (content SHA-256, fmt, table, max id)
-        self._windows: dict[str, list[MemoryWindow]] = {}  # memory of every service run per case
-        self._memory: list[tuple[int, int]] = []  # (worker, server) peaks: N rows, then big rows
 
     # ------------------------------------------------------------ helpers
 
@@ -187,7 +186,7 @@ class Bench:
         """The source table's digest, kept beside the generated file (the file never changes)."""
         key = (table, max_id)
         if key not in self.digests:
-            cache = self.source.with_name(self.source.name + ".digests.json")
+            cache = self.source.with_name(self.source.name + f".digests-v{verify.DIGEST_VERSION}.json")
             saved = orjson.loads(cache.read_bytes()) if cache.exists() else {}
             name = f"{table}:{max_id}"
             if name not in saved:
@@ -213,7 +212,7 @@ class Bench:
         content = content or verify.content_sha256(path)
         if (content, fmt, table, max_id) in self.verified:
             return
-        got = verify.file_digest(path, fmt, self.table_columns(table))
+        got = verify.file_digest(path, fmt)
         want = self.digest(table, max_id)
         if got != want:
             raise verify.Mismatch(f"{path.name}: {got.rows:,} rows, digest {got.sha256[:16]}…; the source "
@@ -248,12 +247,20 @@ class Bench:
         shutil.rmtree(self.out, ignore_errors=True)
         self.out.mkdir(parents=True)
 
-    def start_service(self) -> None:
-        run_dir = self.o.workdir / f"service-{os.getpid()}"
+    def start_service(self, name: str) -> None:
+        """A new service on a new state file and storage directory (the previous one stopped)."""
+        self.stop_service()
+        run_dir = self.o.workdir / f"service-{os.getpid()}-{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
         self.service = Service(self.source, run_dir, workers=self.o.workers)
         self.service.start()
-        say(f"service up at {self.svc.base_url} (pid {self.svc.process.pid}, {self.o.workers} workers)")
+        say(f"{name} service up at {self.svc.base_url} (pid {self.svc.process.pid})")
+
+    def stop_service(self) -> None:
+        if self.service is not None:
+            self.service.stop()
+            shutil.rmtree(self.service.workdir, ignore_errors=True)
+            self.service = None
 
     def warm_up(self) -> None:
         """Two small runs at once: the pool starts its worker processes now, not in a timed run."""
@@ -294,15 +301,12 @@ class Bench:
 
     # ------------------------------------------------------------ parts 1 and 2: exports
 
-    def service_export(self, row: Export, extract: str, checks: list[tuple[str, str, int | None]],
-                       rep: int, keep: bool = False) -> MemoryWindow:
+    def service_export(self, row: Export, extract: str, checks: list[tuple[str, str, int | None]]) -> None:
         """One timed run of ``extract``; ``checks``: (table, format, max id) of each data file, in order."""
-        window = MemoryWindow(self.svc.process.pid).open()
         started = time.perf_counter()
         run = self.svc.start_run(extract)
         record = self.svc.wait(run)
         row.times.append(time.perf_counter() - started)
-        window.close()
         artifacts = {a["schema_name"]: a for a in self.svc.artifacts(run)
                      if a["artifact_type"].startswith("data-")}
         row.size = sum(a["size_bytes"] for a in artifacts.values())
@@ -317,12 +321,7 @@ class Bench:
             if stored != artifact["checksum"]:
                 raise verify.Mismatch(f"{path}: SHA-256 differs from the artifact's checksum")
             self.check_file(path, fmt, table, max_id, None if path.name.endswith(".gz") else stored)
-        if keep:
-            self.kept_run = (run, row.case, row.rows)
-        else:
-            self.svc.delete_run(run)
-        self._windows.setdefault(row.case, []).append(window)
-        return window
+        self.svc.delete_run(run)
 
     def baseline_export(self, row: Export, commands: list[tuple[str, str, str, int | None]]) -> None:
         """One timed run of shell commands; (command, format, table, max id) each, run one after another."""
@@ -335,7 +334,11 @@ class Bench:
         row.times.append(elapsed)
         row.size = sum(p.stat().st_size for p in outputs)
         for output, (_command, fmt, table, max_id) in zip(outputs, commands, strict=True):
-            self.check_file(output, fmt, table, max_id)
+            if self.o.check_baselines == "full":
+                self.check_file(output, fmt, table, max_id)
+            elif (lines := verify.count_lines(output)) != self.digest(table, max_id).rows:
+                raise verify.Mismatch(f"{row.contender} wrote {lines:,} lines for "
+                                      f"{self.digest(table, max_id).rows:,} rows of {table}")
             output.unlink()
 
     def exports(self) -> None:
@@ -370,22 +373,21 @@ class Bench:
         for rep in range(o.repeats):
             say(f"parts 1-2: exports, repeat {rep + 1} of {o.repeats}")
             self.baseline_export(ref, [(self.sqlite3_json("events"), "sqlite3-json", "events", None)])
-            self.service_export(svc_plain, e_plain, [("events", "jsonl", None)], rep,
-                                keep=rep == o.repeats - 1 and not o.big_rows)
+            self.service_export(svc_plain, e_plain, [("events", "jsonl", None)])
             if utils_row is not None and rep < o.sqlite_utils_repeats:
                 command = f"sqlite-utils rows {shlex.quote(str(self.source))} events --nl"
                 self.baseline_export(utils_row, [(command, "jsonl", "events", None)])
             command = self.sqlite3_json("events") + " | gzip -1"
             self.baseline_export(ref_gz, [(command, "sqlite3-json", "events", None)])
-            self.service_export(svc_gz, e_gz, [("events", "jsonl", None)], rep)
-            self.service_export(svc_json, e_json, [("events", "json", None)], rep)
+            self.service_export(svc_gz, e_gz, [("events", "jsonl", None)])
+            self.service_export(svc_json, e_json, [("events", "json", None)])
             self.baseline_export(ref_yaml, [(self.sqlite3_json("events", yaml_rows), "sqlite3-json", "events",
                                              yaml_rows)])
-            self.service_export(svc_yaml, e_yaml, [("events", "yaml", yaml_rows)], rep)
+            self.service_export(svc_yaml, e_yaml, [("events", "yaml", yaml_rows)])
             self.baseline_export(ref_two, [
                 (self.sqlite3_json("events"), "sqlite3-json", "events", None),
                 (self.sqlite3_json("accounts"), "sqlite3-json", "accounts", None)])
-            self.service_export(svc_two, e_two, [("events", "jsonl", None), ("accounts", "jsonl", None)], rep)
+            self.service_export(svc_two, e_two, [("events", "jsonl", None), ("accounts", "jsonl", None)])
         if utils_row is not None and o.sqlite_utils_repeats < o.repeats:
             r.notes.append(f"`sqlite-utils` ran {o.sqlite_utils_repeats} time(s) (`--sqlite-utils-repeats`): "
                            "it is a reference point, not a target, and takes several times longer.")
@@ -393,28 +395,70 @@ class Bench:
             r.notes.append("`sqlite-utils` is not installed: its row is missing "
                            "(`pip install sqlite-utils`).")
 
-        windows = self._windows[plain]
-        self.memory_checks(f"{n:,} rows", windows)
 
     # ------------------------------------------------------------ part 3: memory
 
-    def memory_checks(self, label: str, windows: list[MemoryWindow]) -> tuple[int, int]:
-        worker = max(w.worker_peak for w in windows)
-        server = max(w.server_peak for w in windows)
-        self.results.check("3 memory", f"worker peak RSS (VmHWM), jsonl, {label}", f"{worker / MIB:.1f} MiB",
-                           "< 150 MiB", worker < 150 * MIB)
-        self.results.check("3 memory", f"server peak RSS (VmHWM), jsonl, {label}", f"{server / MIB:.1f} MiB")
-        self._memory.append((worker, server))
-        return worker, server
+    def memory(self) -> None:
+        """Peak memory at ``--rows`` and at ``--big-rows``, on a fresh service.
 
-    def big_export(self) -> None:
-        """The ``--big-rows`` table once, through the service and ``sqlite3 -json``: memory stays flat."""
-        o, svc, r = self.o, self.svc, self.results
-        say(f"part 3: {o.big_rows:,}-row export")
+        A fresh pool starts one worker process for the first run and hands it
+        every later run that does not overlap another: both exports run in the
+        same process with the same history, so their peaks compare.
+        """
+        o, r = self.o, self.results
+        self.start_service("memory")
+        say(f"part 3: memory, {o.rows:,} rows" + (f" then {o.big_rows:,} rows" if o.big_rows else ""))
+        extract = self.svc.create_extract("bench memory", ["events"], "jsonl", False)
+        run, small = self.run_measured(extract)
+        self.check_file(self.data_file(run), "jsonl", "events")
+        self.kept_run = (run, o.rows)
+        windows = [(o.rows, small)]
+        if o.big_rows:
+            self.svc.delete_run(run)
+            windows.append((o.big_rows, self.big_export()))
+        for rows, window in windows:
+            before = (f"; {window.worker_rss_before / MIB:.1f} MiB when the run started"
+                      if window.worker_rss_before else "; a new process")
+            r.check("3 memory", f"worker peak RSS (VmHWM), jsonl, {rows:,} rows",
+                    f"{window.worker_peak / MIB:.1f} MiB (pid {window.worker_pid}{before})", "< 150 MiB",
+                    window.worker_peak < 150 * MIB)
+            r.check("3 memory", f"server peak RSS (VmHWM), jsonl, {rows:,} rows",
+                    f"{window.server_peak / MIB:.1f} MiB")
+        if o.big_rows:
+            big = windows[1][1]
+            for who, grown in (("worker", big.worker_peak / small.worker_peak - 1),
+                               ("server", big.server_peak / small.server_peak - 1)):
+                r.check("3 memory", f"{who} peak at {o.big_rows:,} vs {o.rows:,} rows", f"{grown:+.1%}",
+                        "within 10%", grown <= 0.10)
+
+    def run_measured(self, extract: str, timings: Export | None = None) -> tuple[str, MemoryWindow]:
+        """One run with its memory window (and its wall time appended to ``timings``)."""
+        window = MemoryWindow(self.svc.process.pid).open()
+        started = time.perf_counter()
+        run = self.svc.start_run(extract)
+        self.svc.wait(run)
+        if timings is not None:
+            timings.times.append(time.perf_counter() - started)
+        window.close()
+        return run, window
+
+    def data_file(self, run: str) -> Path:
+        """The one data file of a one-table run, its checksum checked."""
+        (data,) = [a for a in self.svc.artifacts(run) if a["artifact_type"].startswith("data-")]
+        path = Path(data["storage_path"])
+        if verify.file_sha256(path) != data["checksum"]:
+            raise verify.Mismatch(f"{path}: SHA-256 differs from the artifact's checksum")
+        if data["records"] != (rows := verify.count_lines(path)):
+            raise verify.Mismatch(f"{path}: {rows:,} lines, {data['records']:,} records in its artifact")
+        return path
+
+    def big_export(self) -> MemoryWindow:
+        """The ``--big-rows`` table once, through the service and ``sqlite3 -json``."""
+        o, r = self.o, self.results
         case = "jsonl, 1 table (big)"
         ref = r.export(case, "`sqlite3 -json`", o.big_rows)
         row = r.export(case, "extracts service", o.big_rows, reference=ref, target=EXPORT_RATIO_TARGET)
-        extract = svc.create_extract("bench big jsonl", ["events_big"], "jsonl", False)
+        extract = self.svc.create_extract("bench big jsonl", ["events_big"], "jsonl", False)
         output = self.out / "big.json"
         ref.times.append(self.timed_command(self.sqlite3_json("events_big"), output))
         ref.size = output.stat().st_size
@@ -423,20 +467,12 @@ class Bench:
         if lines != o.big_rows:
             raise verify.Mismatch(f"sqlite3 -json wrote {lines:,} lines for {o.big_rows:,} rows")
 
-        window = MemoryWindow(svc.process.pid).open()
-        started = time.perf_counter()
-        run = svc.start_run(extract)
-        record = svc.wait(run)
-        row.times.append(time.perf_counter() - started)
-        window.close()
-        (data,) = [a for a in svc.artifacts(run) if a["artifact_type"].startswith("data-")]
-        row.size = data["size_bytes"]
-        path = Path(data["storage_path"])
+        run, window = self.run_measured(extract, row)
         say("verifying the big export")
-        if record["records_exported"] != o.big_rows or verify.count_lines(path) != o.big_rows:
+        path = self.data_file(run)
+        row.size = path.stat().st_size
+        if verify.count_lines(path) != o.big_rows:
             raise verify.Mismatch(f"{path}: not {o.big_rows:,} records")
-        if verify.file_sha256(path) != data["checksum"]:
-            raise verify.Mismatch(f"{path}: SHA-256 differs from the artifact's checksum")
         if o.verify_big == "full":
             self.check_file(path, "jsonl", "events_big")
             how = "every row against the source"
@@ -449,16 +485,8 @@ class Bench:
                    "(`--verify-big full` checks every row)")
         r.notes.append(f"The {o.big_rows:,}-row export was checked by {how}; `sqlite3 -json`'s by its "
                        "line count.")
-        self.kept_run = (run, case, o.big_rows)
-
-        worker, server = self.memory_checks(f"{o.big_rows:,} rows", [window])
-        small_worker, small_server = self._memory[0]
-        growth = worker / small_worker - 1
-        r.check("3 memory", f"worker peak at {o.big_rows:,} vs {o.rows:,} rows", f"{growth:+.1%}",
-                "within 10%", growth <= 0.10)
-        growth = server / small_server - 1
-        r.check("3 memory", f"server peak at {o.big_rows:,} vs {o.rows:,} rows", f"{growth:+.1%}",
-                "within 10%", growth <= 0.10)
+        self.kept_run = (run, o.big_rows)
+        return window
 
     # ------------------------------------------------------------ part 4: downloads
 
@@ -481,7 +509,7 @@ class Bench:
     def downloads(self) -> None:
         if self.kept_run is None:
             return
-        run, case, rows = self.kept_run
+        run, rows = self.kept_run
         say(f"part 4: downloads of the {rows:,}-row run")
         (data,) = [a for a in self.svc.artifacts(run) if a["artifact_type"].startswith("data-")]
         head = self.svc.client.head(f"/api/extracts/runs/{run}/download")
@@ -520,14 +548,14 @@ class Bench:
         """Polling clients with the workers idle (the service's own floor), then with two exports running."""
         o, r = self.o, self.results
         table = "events_big" if o.big_rows else "events"
-        say(f"part 5: API latency, {o.clients} clients: {o.latency_seconds / 2:.0f} s idle, "
+        say(f"part 5: API latency, {o.clients} clients: {o.latency_seconds / 4:.0f} s idle, "
             f"{o.latency_seconds:.0f} s during two exports of {table}")
-        idle = asyncio.run(self._latency([], o.latency_seconds / 2))
+        idle = asyncio.run(self._latency([], o.latency_seconds / 4))
         extracts = [self.svc.create_extract(f"load {i}", [table], "jsonl", False) for i in range(2)]
         busy = asyncio.run(self._latency(extracts, o.latency_seconds))
         clients = f"{o.clients} clients polling every {o.poll_interval * 1000:.0f} ms"
         for label, (latencies, errors, exports), seconds in (
-                ("workers idle", idle, o.latency_seconds / 2),
+                ("workers idle", idle, o.latency_seconds / 4),
                 ("two exports running", busy, o.latency_seconds)):
             latencies.sort()
             if not latencies:
@@ -632,20 +660,18 @@ class Bench:
 
     def run(self) -> Results:
         self.setup()
-        self.start_service()
         try:
+            self.start_service("main")
             self.warm_up()
             self.start_latency()
             self.exports()
-            if self.o.big_rows:
-                self.big_export()
-            self.downloads()
             self.api_latency()
+            self.memory()
+            self.downloads()
             if self.o.profile:
                 self.profile()
         finally:
-            self.svc.stop()
-            shutil.rmtree(self.svc.workdir, ignore_errors=True)
+            self.stop_service()
             shutil.rmtree(self.out, ignore_errors=True)
         return self.results
 
@@ -668,7 +694,14 @@ def machine() -> dict[str, str]:
     cli = subprocess.run(["sqlite3", "--version"], capture_output=True, text=True).stdout.split()[:1]
     utils = subprocess.run(["sqlite-utils", "--version"], capture_output=True, text=True).stdout.strip() \
         if shutil.which("sqlite-utils") else "not installed"
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() or "?"
+    status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                            capture_output=True, text=True).stdout.splitlines()
+    changed = [path for path in (line[3:] for line in status)  # the service's code, not the bench's
+               if path.endswith((".py", ".sql")) and not path.startswith(("bench/", "tests/"))]
     return {
+        "code": f"commit {head}" + (f", with uncommitted changes to {', '.join(changed)}" if changed else ""),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{os.cpu_count()} CPUs (`nproc` {len(os.sched_getaffinity(0))}), {cpu}, {memory} RAM, "
                    f"{platform.system()} {platform.release()}",
@@ -687,9 +720,10 @@ def render(results: Results, info: dict[str, str], argv: list[str], elapsed: flo
         f"Python {info['python']}; SQLite {info['sqlite']}; orjson {info['orjson']}; "
         f"{info['sqlite-utils']}  ",
         f"Load average at start / end: {info['load']} / {info['load_end']}  ",
+        f"Code: {info['code']}  ",
         f"Command: `python bench/run.py {' '.join(argv)}` — {elapsed / 60:.1f} minutes",
         "",
-        "### Exports (parts 1–3): wall time from POST run to `completed`, median",
+        "### Exports (parts 1, 2, and 3's big table): wall time from POST run to `completed`",
         "",
         export_table(results),
         "",
@@ -725,6 +759,9 @@ def parse_args(argv: list[str]) -> Options:
     parser.add_argument("--seed", type=int, default=42, help="seed of the generated data")
     parser.add_argument("--verify-big", choices=["sampled", "full"], default="sampled",
                         help="check the big export row by row (full: slower by about a minute per 10M rows)")
+    parser.add_argument("--check-baselines", choices=["rows", "full"], default="rows",
+                        help="check the command-line tools' outputs by row count, or row by row like the "
+                             "service's (full: slower by a few seconds per million rows)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one jsonl export with py-spy and print where the time goes")
     parser.add_argument("--markdown", type=Path, help="also write the results as Markdown to this file")
@@ -736,6 +773,7 @@ def parse_args(argv: list[str]) -> Options:
         args.rows, args.big_rows = min(args.rows, 10_000), min(args.big_rows or 30_000, 30_000)
         args.repeats, args.sqlite_utils_repeats, args.yaml_rows = 1, 1, min(args.yaml_rows, 500)
         args.latency_seconds, args.start_repeats = min(args.latency_seconds, 2), 3
+        args.check_baselines = "full"
     if args.rows < 2 or args.repeats < 1:
         parser.error("--rows must be at least 2 and --repeats at least 1")
     args.workdir = args.workdir.absolute()

@@ -89,15 +89,16 @@ class Service:
         raise BenchError(f"the service did not answer /health within {timeout} s")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-        self.client.close()
+        """SIGTERM, as a user stops it (its workers go with it); SIGKILL after 30 s."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        with contextlib.suppress(AttributeError):
+            self.client.close()
 
     # ------------------------------------------------------------ API
 
@@ -188,10 +189,12 @@ class MemoryWindow:
 
     root: int
     before_cpu: dict[int, int] = field(default_factory=dict)
+    before_rss: dict[int, int] = field(default_factory=dict)
     server_rss_before: int = 0
     server_peak: int = 0
     worker_peak: int = 0
     worker_pid: int | None = None
+    worker_rss_before: int = 0  # 0: the worker started during the window
     worker_cpu_seconds: float = 0.0
 
     def open(self) -> MemoryWindow:
@@ -199,6 +202,7 @@ class MemoryWindow:
             with contextlib.suppress(OSError), open(f"/proc/{pid}/clear_refs", "w") as f:
                 f.write("5")
             self.before_cpu[pid] = _cpu_ticks(pid)
+            self.before_rss[pid] = rss(pid)
         self.server_rss_before = rss(self.root)
         return self
 
@@ -212,5 +216,6 @@ class MemoryWindow:
         if busiest is not None:
             self.worker_pid = busiest
             self.worker_peak = _status(busiest).get("VmHWM", 0)
+            self.worker_rss_before = self.before_rss.get(busiest, 0)
             self.worker_cpu_seconds = most / CLK_TCK
         return self

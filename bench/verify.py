@@ -1,10 +1,10 @@
 """Checks that an exported file holds exactly the source's rows.
 
 Both sides are reduced to the same canonical form: for each row, in rowid order,
-the JSON array of its values as orjson writes it (shortest round-trip floats,
-exact integers) and a newline; the SHA-256 of that stream is the digest. Equal
-digests mean equal row counts, equal values of equal types, in the same order.
-Keys are checked against the table's column order on every row.
+the JSON object of its columns as orjson writes it (keys in the order given,
+shortest round-trip floats, exact integers) and a newline; the SHA-256 of that
+stream is the digest. Equal digests mean equal row counts, the same keys in the
+same order, equal values of equal types, rows in the same order.
 
 A REAL printed with 17 or 18 digits parses back to the same double, so the
 digest does not depend on how an exporter formats numbers, only on the values.
@@ -24,6 +24,7 @@ import orjson
 import yaml
 
 YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+DIGEST_VERSION = 2  # bump when the canonical form changes: digests of sources are cached on disk
 
 
 class Mismatch(Exception):
@@ -37,7 +38,7 @@ class Digest:
 
 
 def _digest(batches: Iterable[list[Any]]) -> Digest:
-    """Digest of rows given in batches; each row a tuple or list of values."""
+    """Digest of rows given in batches, each row a dict (keys in order)."""
     h = hashlib.sha256()
     count = 0
     dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
@@ -70,21 +71,15 @@ def table_digest(db: Path, table: str, max_id: int | None = None) -> Digest:
     try:
         cursor = con.execute(f'SELECT * FROM "{table}"{where} ORDER BY rowid')
         cursor.arraysize = 10_000
-        return _digest(iter(cursor.fetchmany, []))
+        columns = [d[0] for d in cursor.description]
+        return _digest([dict(zip(columns, row, strict=True)) for row in batch]
+                       for batch in iter(cursor.fetchmany, []))
     finally:
         con.close()
 
 
 def _open(path: Path) -> Any:
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
-
-
-def _values(objects: Iterable[dict[str, Any]], columns: list[str]) -> Iterator[list[Any]]:
-    for number, obj in enumerate(objects, 1):
-        values = list(obj.values())
-        if len(values) != len(columns) or list(obj) != columns:
-            raise Mismatch(f"row {number}: keys {list(obj)} are not the columns {columns}")
-        yield values
 
 
 def _jsonl_objects(path: Path) -> Iterator[dict[str, Any]]:
@@ -108,7 +103,7 @@ def _sqlite3_json_objects(path: Path) -> Iterator[dict[str, Any]]:
                 yield loads(line)
 
 
-def file_digest(path: Path, fmt: str, columns: list[str]) -> Digest:
+def file_digest(path: Path, fmt: str) -> Digest:
     """The canonical digest of an exported data file (``.gz`` is decompressed)."""
     if fmt == "jsonl":
         objects: Iterable[dict[str, Any]] = _jsonl_objects(path)
@@ -122,7 +117,7 @@ def file_digest(path: Path, fmt: str, columns: list[str]) -> Digest:
             objects = yaml.load(f, Loader=YamlLoader) or []
     else:
         raise ValueError(f"unknown format {fmt!r}")
-    return _digest(_batched(_values(objects, columns)))
+    return _digest(_batched(objects))
 
 
 def content_sha256(path: Path) -> str:
