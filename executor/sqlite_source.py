@@ -10,9 +10,11 @@ storage class (``typeof``), whatever the column's declared type:
 
 =========  ===============================================================
 INTEGER    a JSON integer, all 64 bits exact
-REAL       a JSON number that parses back to the identical double: 18
-           significant digits (``printf('%!.18g')``; 17 are not enough with
-           SQLite's own formatting, which ``json_object`` would use with 15);
+REAL       a JSON number that parses back to the identical double: as
+           written when it has at most 6 decimals and is under 1e9 in size
+           (``19.99``, proven exact in SQL, see ``_real_sql``), else 18
+           significant digits (``printf('%!.18g')``: 17 are not enough with
+           SQLite's own formatting, and ``json_object`` would use 15);
            ``-0.0`` keeps its sign; ``+Inf``/``-Inf`` (not JSON numbers) are the
            strings ``"Infinity"``/``"-Infinity"``. SQLite stores NaN as NULL.
 TEXT       a JSON string
@@ -369,8 +371,17 @@ def _affinity(declared: str) -> str:
 
 
 def _real_sql(c: str, zero_sql: str) -> str:
-    """A REAL as JSON that parses back to the same double (see the module docstring)."""
+    """A REAL as JSON that parses back to the same double (see the module docstring).
+
+    A value with at most 6 decimals under 1e9 in size (prices, rates,
+    coordinates) is written short: ``m / 1e6 = c`` with ``m`` the integer
+    ``round(c * 1e6)`` is an IEEE division of two exact doubles, so it holds
+    exactly when the decimal ``m`` * 10^-6 reads back as ``c``, and that decimal
+    (15 digits at most) is what ``%!.15g`` prints. Every other finite value
+    gets 18 significant digits.
+    """
     return (f"json(CASE WHEN {c} = 0 THEN {zero_sql.format(c=c)} "
+            f"WHEN {c} > -1e9 AND {c} < 1e9 AND round({c} * 1e6) / 1e6 = {c} THEN printf('%!.15g', {c}) "
             f"WHEN {c} < 9e999 AND {c} > -9e999 THEN printf('%!.18g', {c}) "
             f"WHEN {c} > 0 THEN '\"Infinity\"' ELSE '\"-Infinity\"' END)")
 

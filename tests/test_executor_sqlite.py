@@ -129,6 +129,8 @@ def test_random_doubles_come_back_bit_for_bit(tmp_path: Path) -> None:
     doubles = [struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0] for _ in range(30_000)]
     doubles += [struct.unpack("<d", rng.getrandbits(52).to_bytes(8, "little"))[0] for _ in range(3_000)]
     doubles += [rng.uniform(-1e6, 1e6) for _ in range(3_000)]
+    doubles += [round(rng.uniform(-2e9, 2e9) / 10 ** rng.randrange(12), rng.randrange(10))
+                for _ in range(20_000)]  # decimals: the short form
     doubles += [1.7976931348623157e308, 2.2250738585072014e-308, -0.0, float("inf"), float("-inf")]
     doubles = [d for d in doubles if d == d]  # SQLite stores NaN as NULL
     db = tmp_path / "source.db"
@@ -142,6 +144,21 @@ def test_random_doubles_come_back_bit_for_bit(tmp_path: Path) -> None:
     assert_same_rows(rows, source_rows(db, "r"))  # as stored (a REAL column keeps -0.0 as 0)
     special = {float("inf"): "Infinity", float("-inf"): "-Infinity"}
     assert_same_rows([{"v": row["untyped"]} for row in rows], [{"v": special.get(d, d)} for d in doubles])
+
+
+def test_reals_are_written_short_when_that_is_exact(tmp_path: Path) -> None:
+    values = [19.99, 0.1, -2.5, 100.0, 12345.67, 1e-06, 999999999.999999, 1 / 7, 0.1 + 0.2, 1e-07, 1e9 + 0.5]
+    db = run_sql(tmp_path / "source.db", "CREATE TABLE r (x REAL)")
+    con = sqlite3.connect(db)
+    con.executemany("INSERT INTO r VALUES (?)", [(v,) for v in values])
+    con.commit()
+    con.close()
+    with open_source(str(db)) as source, source.snapshot():
+        (chunk, _), = source.json_lines("r", None, 100)
+    assert chunk.decode().split("\n") == [
+        '{"x":19.99}', '{"x":0.1}', '{"x":-2.5}', '{"x":100.0}', '{"x":12345.67}', '{"x":1.0e-06}',
+        '{"x":999999999.999999}', '{"x":0.142857142857142849}', '{"x":0.300000000000000044}',
+        '{"x":9.99999999999999955e-08}', '{"x":1000000000.5}']
 
 
 def test_every_kind_of_column_keeps_its_values(tmp_path: Path) -> None:
