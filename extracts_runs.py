@@ -23,10 +23,12 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import select
 import shutil
 import signal
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime
@@ -66,9 +68,32 @@ def queued_detail() -> dict[str, Any]:
             "records_exported": 0, "records_total": 0}
 
 
-def worker_initializer() -> None:
-    """Workers leave SIGINT to the service, which stops them itself (runs go back to queued)."""
+def worker_initializer(service_pid: int | None = None) -> None:
+    """Workers leave SIGINT to the service, which stops them itself (runs go back to queued).
+
+    They also die with the service: after a ``kill -9`` of it, a worker would
+    otherwise finish its export into a run that the next start marks failed, and
+    the manager (which holds the forkserver open) would idle forever.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if service_pid is not None:
+        threading.Thread(target=_exit_with, args=(service_pid,), daemon=True,
+                         name="extracts-exit-with-service").start()
+
+
+def _exit_with(service_pid: int) -> None:
+    try:
+        pidfd = os.pidfd_open(service_pid)
+    except (AttributeError, OSError):  # not Linux 5.3+: poll
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(service_pid, 0)
+            except ProcessLookupError:
+                break
+    else:
+        select.select([pidfd], [], [])  # readable once the service has exited
+    os._exit(1)
 
 
 def signal_name(exitcode: int | None) -> str:
@@ -86,6 +111,7 @@ class RunManager:
         self.db = db
         self.settings = settings
         self.clock: Callable[[], datetime] = utcnow
+        self.retry_delay = 1.0  # seconds before writing again to a locked state file
         self._context = multiprocessing.get_context("forkserver")
         self._manager: Any = None
         self._queue: Any = None
@@ -117,7 +143,7 @@ class RunManager:
 
     def _start_processes(self) -> None:
         self._manager = SyncManager(ctx=self._context)
-        self._manager.start(initializer=worker_initializer)
+        self._manager.start(initializer=worker_initializer, initargs=(os.getpid(),))
         self._queue = self._manager.Queue()
         self._cancelled = self._manager.dict()
         self._new_pool()
@@ -126,12 +152,13 @@ class RunManager:
         self._generation += 1
         self._pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=self.settings.workers, mp_context=self._context,
-            initializer=worker_initializer)
+            initializer=worker_initializer, initargs=(os.getpid(),))
         self._pool_processes = self._pool._processes  # read after a break: who died, and how
 
     async def recover(self) -> None:
         """After a crash: runs left running failed as interrupted; pending ones queued (SPEC)."""
         now = now_iso()
+        interrupted = await self.db.fetch_all("SELECT id FROM extract_runs WHERE status = 'running'")
         await self.db.execute(
             "UPDATE extract_runs SET status = 'failed', error = :error, completed_at = :now, "
             "updated_at = :now, progress_detail = json_set(progress_detail, '$.phase', 'failed'), "
@@ -139,6 +166,14 @@ class RunManager:
             "WHERE status = 'running'", {"error": INTERRUPTED, "now": now})
         await self.db.execute("UPDATE extract_runs SET status = 'queued', updated_at = :now "
                               "WHERE status = 'pending'", {"now": now})
+        for row in interrupted:  # half-written files (dot-names) of the runs cut short
+            await asyncio.to_thread(self._remove_temporary_files, self.run_dir(row["id"]))
+
+    @staticmethod
+    def _remove_temporary_files(run_dir: Path) -> None:
+        with contextlib.suppress(OSError):
+            for temp in run_dir.glob(".*.tmp"):
+                temp.unlink(missing_ok=True)
 
     async def stop(self) -> None:
         """Graceful stop: active runs go back to 'queued' and run again at the next start."""
@@ -249,9 +284,14 @@ class RunManager:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while len(self._inflight) < self.settings.workers and not self._stopping:
-                if not await self._claim_and_submit():
-                    break
+            try:
+                while len(self._inflight) < self.settings.workers and not self._stopping:
+                    if not await self._claim_and_submit():
+                        break
+            except Exception:  # noqa: BLE001 — e.g. the state file locked past the busy timeout
+                log.exception("could not start queued runs; trying again in a moment")
+                await asyncio.sleep(self.retry_delay)
+                self._wake.set()
 
     async def _claim_and_submit(self) -> bool:
         now = now_iso()
@@ -342,10 +382,28 @@ class RunManager:
                     "artifact": self._on_artifact, "done": self._on_done, "broken": self._on_broken}
         while True:
             kind, run_id, payload = await self._messages.get()
+            await self._apply(handlers[kind], kind, run_id, payload)
+
+    async def _apply(self, handler: Callable[[Any, Any], Any], kind: str, run_id: str | None,
+                     payload: Any) -> None:
+        """Apply one message; a state file locked by another process is waited out, not skipped.
+
+        Skipping would lose an artifact row, or leave the run 'running' forever when
+        the lost message was its "done". Every handler can be applied again.
+        """
+        while True:
             try:
-                await handlers[kind](run_id, payload)
+                await handler(run_id, payload)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or self._stopping:
+                    log.exception("could not apply %s message for %s", kind, run_id)
+                    return
+                log.warning("state file locked; applying the %s message for %s again", kind, run_id)
+                await asyncio.sleep(self.retry_delay)
             except Exception:  # noqa: BLE001 — one bad message must not stop every run
                 log.exception("could not apply %s message for %s", kind, run_id)
+                return
 
     async def _on_started(self, run_id: str, payload: dict[str, Any]) -> None:
         self._pids[run_id] = payload["pid"]
@@ -386,8 +444,8 @@ class RunManager:
         for run_id in held:
             pid = self._pids.get(run_id)
             if pid is None:
-                self._forget(run_id)
                 await self._requeue(run_id)
+                self._forget(run_id)
                 continue
             code = exitcodes.get(pid)
             if code is not None and code != -signal.SIGTERM:
@@ -396,6 +454,8 @@ class RunManager:
             else:
                 error = ("stopped because another run's worker process died and the pool was "
                          "restarted: run it again")
+            # The dead workers' half-written files; what they finished stays (SPEC: faults).
+            await asyncio.to_thread(self._remove_temporary_files, self.run_dir(run_id))
             await self._finish(run_id, {"status": "failed", "error": error, "error_detail": {
                 "type": "BrokenProcessPool", "message": error, "traceback": "",
                 "worker_pid": pid, "exit_codes": {str(k): v for k, v in exitcodes.items()}}})
@@ -411,7 +471,6 @@ class RunManager:
 
     async def _finish(self, run_id: str, result: dict[str, Any]) -> None:
         """Finalise a run from the worker's result; a run cancelled meanwhile stays cancelled."""
-        self._forget(run_id)
         status = result.get("status", "failed")
         if status not in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED):
             status = RunStatus.FAILED.value
@@ -435,6 +494,7 @@ class RunManager:
             "WHERE id = :id AND status = 'running'",
             {"status": status, "now": now, "patch": dumps(detail_patch), "error": result.get("error"),
              "error_detail": dumps(result.get("error_detail")), "id": run_id})
+        self._forget(run_id)  # last: a retry after a locked write must still find the run
         self._wake.set()
 
     # ------------------------------------------------------------ retention
