@@ -147,6 +147,10 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
             parser.error(f"--{s.name.replace('_', '-')} [{s.env}]: {raw!r} is not a valid {s.type.__name__}")
     if values["workers"] < 1:
         parser.error("--workers [EXTRACTS_WORKERS] must be at least 1")
+    if values["token"] is not None:  # an empty token would let "Authorization: Bearer" in
+        values["token"] = values["token"].strip()
+        if not values["token"]:
+            parser.error("--token [EXTRACTS_TOKEN] must not be empty")
     if values["cleanup_interval"] <= 0:
         parser.error("--cleanup-interval [EXTRACTS_CLEANUP_INTERVAL] must be positive")
     values["db"] = Path(values["db"]).expanduser().absolute()

@@ -182,7 +182,8 @@ class BearerAuth:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         header = dict(scope.get("headers", [])).get(b"authorization", b"")
         scheme, _, given = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
+        given = given.strip()
+        if scheme.lower() != b"bearer" or not given or not hmac.compare_digest(given, self.token):
             reason = "Missing bearer token" if not header else "Invalid bearer token"
             response = error_response(Unauthorized(
                 f"{reason}; send Authorization: Bearer <token>",

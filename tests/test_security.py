@@ -1,0 +1,290 @@
+"""Security checks: authentication on every /api route, hostile ids and names, the token kept secret."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import sqlite3
+import subprocess
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+from conftest import TOKEN, Service, app_command, free_port, make_shop_db, start_service
+
+EVIL_TABLE = "../../etc/passwd"
+EVIL_COLUMN = "x'; DROP TABLE users; --"
+SAFE_STEM = "%2E%2E%2F..%2Fetc%2Fpasswd"  # '/' and leading dots encoded: one name, in the run directory
+
+HOSTILE = [
+    "../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2e%2e%2f", "..\\..\\boot.ini", "run_\x00evil",
+    "a" * 5000, "ünïcødé-ид-😀", "' OR '1'='1", "1; DROP TABLE extracts; --",
+    '"; DELETE FROM extract_runs; --',
+    "extract_%", "%00", "/etc/passwd", "..", ".",
+]
+
+
+def make_hostile_source(path: Path) -> Path:
+    make_shop_db(path)
+    con = sqlite3.connect(path)
+    con.execute(f'CREATE TABLE "{EVIL_TABLE}" (id INTEGER PRIMARY KEY, "{EVIL_COLUMN}" TEXT)')
+    con.executemany(f'INSERT INTO "{EVIL_TABLE}" VALUES (?, ?)', [(1, "root:x:0:0"), (2, "daemon:x:1:1")])
+    con.commit()
+    con.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def secure_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    tmp = tmp_path_factory.mktemp("security")
+    svc = start_service(tmp, str(make_hostile_source(tmp / "shop.db")))
+    yield svc
+    svc.stop()
+
+
+def api_operations(service: Service) -> list[tuple[str, str]]:
+    """(method, path) of every /api operation in the OpenAPI document, ids filled in."""
+    document = httpx.get(f"{service.base_url}/openapi.json").json()
+    return [(method.upper(), path.replace("{id}", "extract_0000").replace("{schema}", "users"))
+            for path, methods in document["paths"].items() if path.startswith("/api/")
+            for method in methods]
+
+
+# ---------------------------------------------------------------- authentication
+
+
+@pytest.mark.parametrize("authorization", [
+    None, "", "Bearer", "Basic " + TOKEN, "Token " + TOKEN, "Bearer wrong-token",
+    "Bearer " + TOKEN + "x", "Bearer " + TOKEN[:-1], "Bearer " + TOKEN.upper(), TOKEN,
+    "Bearer " + TOKEN + " " + TOKEN, "Bearer tökén",
+])
+def test_every_api_route_refuses_a_missing_malformed_or_wrong_token(
+        secure_service: Service, authorization: str | None) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization.encode("utf-8")}
+    operations = [*api_operations(secure_service), ("GET", "/api/no/such/route"),
+                  ("PATCH", "/api/data/extracts")]
+    assert len(operations) > 15
+    with httpx.Client(base_url=secure_service.base_url, timeout=10) as client:
+        for method, path in operations:
+            r = client.request(method, path, headers=headers, json={"name": "x"})
+            assert r.status_code == 401, (method, path, r.status_code, r.text)
+            assert r.headers["www-authenticate"].startswith("Bearer")
+            assert r.json()["error_code"] == "UNAUTHORIZED" and r.json()["success"] is False
+            given = (authorization or "").split()[-1:]
+            assert TOKEN not in r.text and not (given and len(given[0]) > 8 and given[0] in r.text)
+
+
+def test_health_and_openapi_need_no_token_and_reveal_nothing(secure_service: Service) -> None:
+    for path in ("/health", "/openapi.json"):
+        r = httpx.get(secure_service.base_url + path)
+        assert r.status_code == 200 and TOKEN not in r.text
+
+
+# ---------------------------------------------------------------- hostile ids and names
+
+
+def state_tables(service: Service) -> list[str]:
+    con = sqlite3.connect(service.db)
+    try:
+        return sorted(r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+    finally:
+        con.close()
+
+
+def files_outside(service: Service, root: Path) -> set[str]:
+    """Every file under ``root`` except the storage directory and the state files."""
+    return {str(p) for p in root.rglob("*") if p.is_file()
+            and service.storage not in p.parents and service.db.parent not in p.parents
+            and not p.name.startswith("service-")}
+
+
+def test_hostile_ids_never_reach_the_file_system_or_the_sql(secure_service: Service) -> None:
+    svc = secure_service
+    root = svc.storage.parent
+    tables, before = state_tables(svc), files_outside(svc, root)
+    extract = svc.create_extract(name="Target", schemas=["users"])
+    for hostile in HOSTILE:
+        segment = quote(hostile, safe="")
+        for method, path in [
+            ("GET", f"/api/data/extracts/{segment}"), ("PUT", f"/api/data/extracts/{segment}"),
+            ("DELETE", f"/api/data/extracts/{segment}"), ("GET", f"/api/data/extract_runs/{segment}"),
+            ("DELETE", f"/api/data/extract_runs/{segment}"),
+            ("GET", f"/api/data/extract_artifacts/{segment}"),
+            ("POST", f"/api/extracts/{segment}/run"), ("POST", f"/api/extracts/{segment}/cancel"),
+            ("GET", f"/api/extracts/runs/{segment}/download"),
+            ("GET", f"/api/extracts/artifacts/{segment}/download"),
+            ("GET", f"/api/describe/{segment}"),
+        ]:
+            r = svc.client.request(method, path, json={"description": "x"})
+            if path.startswith("/api/describe/") and hostile == EVIL_TABLE:
+                assert r.json()["data"]["name"] == EVIL_TABLE  # that table exists: its own name
+                continue
+            if hostile in (".", ".."):  # clients resolve dot segments: another URL reaches the server
+                assert r.status_code < 500
+                continue
+            assert r.status_code in (400, 404), (method, path[:80], r.status_code, r.text[:200])
+            assert r.json()["success"] is False
+        # As list filter values and orderings: bound as parameters, never spliced.
+        for model in ("extracts", "extract_runs", "extract_artifacts"):
+            r = svc.client.get(f"/api/data/{model}", params={"filter[where][id]": hostile})
+            assert r.status_code == 200 and r.json()["data"] == [], (model, hostile[:40])
+            r = svc.client.get(f"/api/data/{model}", params={"filter[order]": hostile})
+            assert r.status_code == 400 and r.json()["error_code"] == "VALIDATION_ERROR"
+            r = svc.client.get(f"/api/data/{model}", params={f"filter[where][{hostile}]": "1"})
+            assert r.status_code == 400, (model, hostile[:40], r.text[:200])
+        # As extract names: stored verbatim (up to the length limit), harmless everywhere.
+        r = svc.client.post("/api/data/extracts", json={"name": hostile, "schemas": ["users"]})
+        if len(hostile.strip()) > 200:
+            assert r.status_code == 400
+        else:
+            assert r.status_code == 201, r.text
+            assert r.json()["data"]["name"] == hostile.strip()
+        # As filters: an unknown column is refused; a value is bound.
+        r = svc.client.put(f"/api/data/extracts/{extract['id']}",
+                           json={"filter": {"users": {"where": {hostile: 1}}}})
+        assert r.status_code == 400 and r.json()["details"][0]["field"].startswith("filter.users.where.")
+        r = svc.client.put(f"/api/data/extracts/{extract['id']}",
+                           json={"filter": {"users": {"where": {"name": {"$like": hostile}}}}})
+        assert r.status_code == 200, r.text
+    assert state_tables(svc) == tables
+    assert files_outside(svc, root) == before
+    # The bound filters ran: nothing matched, nothing was dropped.
+    run = svc.wait_run(svc.run(extract["id"]))
+    assert run["status"] == "completed" and run["records_exported"] == 0
+    con = sqlite3.connect(svc.source)
+    assert con.execute("SELECT count(*) FROM users").fetchone() == (4,)
+    con.close()
+
+
+def test_a_schema_named_like_a_path_exports_to_a_safe_file_name(secure_service: Service) -> None:
+    svc = secure_service
+    root = svc.storage.parent
+    before = files_outside(svc, root)
+    r = svc.client.get(f"/api/describe/{quote(EVIL_TABLE, safe='')}")
+    assert r.status_code == 200 and r.json()["data"]["name"] == EVIL_TABLE
+    assert list(r.json()["data"]["columns"]) == ["id", EVIL_COLUMN]
+    for fmt in ("jsonl", "json", "yaml", "archive"):
+        extract = svc.create_extract(
+            name="../../etc/cron.d/evil", schemas=[EVIL_TABLE, "users"], format=fmt,
+            filter={EVIL_TABLE: {"where": {EVIL_COLUMN: {"$like": "root%"}}}})
+        run = svc.wait_run(svc.run(extract["id"]))
+        assert run["status"] == "completed", run
+        run_dir = svc.storage / run["id"]
+        artifacts = svc.client.get("/api/data/extract_artifacts",
+                                   params={"filter[where][run_id]": run["id"]}).json()["data"]
+        for a in artifacts:
+            path = Path(a["storage_path"])
+            assert path.parent == run_dir and path.resolve().parent == run_dir.resolve(), a
+            assert "/" not in a["artifact_name"] and not a["artifact_name"].startswith(".")
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == a["checksum"]
+        names = {a["artifact_name"] for a in artifacts}
+        if fmt == "archive":
+            assert any(n.startswith("etc-cron-d-evil-") and n.endswith(".tar.gz") for n in names), names
+        else:
+            assert f"{SAFE_STEM}.{fmt}.gz" in names, names
+            manifest = json.loads((run_dir / "manifest.json").read_text())
+            entry = next(m for m in manifest["artifacts"] if m["schema"] == EVIL_TABLE)
+            assert entry["name"] == f"{SAFE_STEM}.{fmt}.gz" and entry["records"] == 1
+        assert sorted(p.name for p in run_dir.iterdir()) == sorted(names)
+        r = svc.client.get(f"/api/extracts/runs/{run['id']}/download")
+        assert r.status_code == 200
+        disposition = r.headers["content-disposition"]
+        assert disposition.startswith('attachment; filename="etc-cron-d-evil-') and "/" not in disposition
+        with zipfile.ZipFile(io.BytesIO(r.content)) as archive:
+            assert archive.testzip() is None
+            assert sorted(archive.namelist()) == sorted(names)
+    assert files_outside(svc, root) == before
+
+
+def start_with_env_token(tmp: Path, source: str, secret: str) -> Service:
+    """start_service always passes --token; this one gives the token in EXTRACTS_TOKEN only."""
+    port = free_port()
+    db, storage, log = tmp / "state" / "extracts.db", tmp / "storage", tmp / f"service-{port}.log"
+    args = ["--db", str(db), "--storage", str(storage), "--port", str(port), "--source", source]
+    with log.open("wb") as out:
+        process = subprocess.Popen([*app_command(), *args], stdout=out, stderr=subprocess.STDOUT, cwd=tmp,
+                                   env={**os.environ, "EXTRACTS_TOKEN": secret})
+    svc = Service(f"http://127.0.0.1:{port}", db, storage, source, process, log, args)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{svc.base_url}/health", timeout=1).status_code == 200:
+                return svc
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError(f"service did not start:\n{svc.output()}")
+
+
+def test_the_token_never_appears_in_logs_or_responses(tmp_path: Path) -> None:
+    secret = "s3cr3t-token-that-must-never-leak"
+    source = make_hostile_source(tmp_path / "shop.db")
+    for how in ("flag", "env"):
+        (tmp_path / how).mkdir()
+        if how == "flag":
+            svc = start_service(tmp_path / how, str(source), "--token", secret)  # the last --token wins
+        else:
+            svc = start_with_env_token(tmp_path / how, str(source), secret)
+        try:
+            seen = []
+            with httpx.Client(base_url=svc.base_url, headers={"Authorization": f"Bearer {secret}"},
+                              timeout=30) as client:
+                extract = client.post("/api/data/extracts", json={"name": "Leak?"}).json()["data"]
+                run_id = client.post(f"/api/extracts/{extract['id']}/run").json()["data"]["run_id"]
+                seen += [client.get("/api/data/extract_runs").text, client.get("/openapi.json").text,
+                         client.get("/api/data/extracts/nope").text, client.get("/api/describe").text]
+                svc.client.headers["Authorization"] = f"Bearer {secret}"
+                run = svc.wait_run(run_id)
+                assert run["status"] == "completed"
+                seen.append(json.dumps(run))
+                for a in client.get("/api/data/extract_artifacts").json()["data"]:
+                    seen.append(Path(a["storage_path"]).read_bytes().decode("latin-1"))
+                r = client.get(f"/api/extracts/runs/{run_id}/download")
+                seen += [r.content.decode("latin-1"), str(r.headers)]
+                for header in (f"Bearer {secret}x", f"Basic {secret}"):
+                    r = httpx.get(f"{svc.base_url}/api/describe", headers={"Authorization": header})
+                    seen += [r.text, str(r.headers)]
+        finally:
+            svc.stop()
+        assert all(secret not in text for text in seen)
+        assert secret not in svc.output(), how
+        assert secret not in (svc.db.parent / "extracts.db").read_bytes().decode("latin-1")
+        assert not (svc.db.parent / "extracts.db.token").exists()
+
+
+@pytest.mark.parametrize(("args", "env"), [
+    (["--token", ""], {}), (["--token", "   "], {}), ([], {"EXTRACTS_TOKEN": "  "}),
+])
+def test_an_empty_token_is_refused_at_start_up(args: list[str], env: dict[str, str]) -> None:
+    """`--token ""` used to start a service that let "Authorization: Bearer" in."""
+    from extracts_app import parse_settings
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_settings(args, environ=env)
+    assert exit_info.value.code != 0
+
+
+def test_an_empty_token_never_authenticates() -> None:
+    import asyncio
+
+    from extracts_http import BearerAuth
+
+    async def app(scope, receive, send) -> None:
+        raise AssertionError("reached the app")
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    auth = BearerAuth(app, "")
+    for header in (b"Bearer", b"Bearer ", b"bearer   "):
+        sent.clear()
+        asyncio.run(auth({"type": "http", "headers": [(b"authorization", header)]}, None, send))
+        assert sent[0]["status"] == 401
