@@ -32,7 +32,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import yaml
@@ -103,7 +103,8 @@ class ArtifactFile:
         self._guard = guard
         guard.check()
         try:
-            self._file = open(self.temp_path, "wb", buffering=0)  # noqa: SIM115 — closed in finish()/discard()
+            # Buffered: a big write goes straight through, looping over partial writes.
+            self._file = open(self.temp_path, "wb")  # noqa: SIM115 — closed in finish()/discard()
         except OSError as exc:
             raise storage_error(exc, self.path) from exc
         self._compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31) if compress else None
@@ -114,7 +115,7 @@ class ArtifactFile:
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._error: BaseException | None = None
-        self._queue: queue.Queue[bytes | None] = queue.Queue(_QUEUE_BLOCKS)
+        self._queue: queue.Queue[list[bytes] | None] = queue.Queue(_QUEUE_BLOCKS)
         self._thread = threading.Thread(target=self._drain, name=f"write {name}", daemon=True)
         self._thread.start()
 
@@ -138,16 +139,15 @@ class ArtifactFile:
 
     def _flush_pending(self) -> None:
         if self._pending:
-            block = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._queue.put(self._pending)  # the pieces as they are: no copy on this thread
             self._pending, self._pending_size = [], 0
-            self._queue.put(block)
 
     def finish(self) -> FileInfo:
         """Write everything out and close; the bytes stay under the temporary name."""
         self._flush_pending()
         self._queue.put(None)
         self._thread.join()
-        self._file.close()
+        self._close_file()
         if self._error is not None:
             raise self._error
         return FileInfo(self.name, self._size, self._sha256.hexdigest(), self._crc32)
@@ -164,34 +164,42 @@ class ArtifactFile:
             self._pending = []
             self._queue.put(None)
             self._thread.join()
-        self._file.close()
+        self._close_file()
         self.temp_path.unlink(missing_ok=True)
+
+    def _close_file(self) -> None:
+        try:
+            self._file.close()  # the raw file closes even when the last flush fails
+        except OSError as exc:
+            self._error = self._error or storage_error(exc, self.path)
 
     # ------------------------------------------------------------ the file thread
 
     def _drain(self) -> None:
         while True:
-            block = self._queue.get()
+            pieces = self._queue.get()
             if self._error is None:
                 try:
-                    self._store(block)
+                    if pieces is None:
+                        if self._compressor is not None:
+                            self._store(self._compressor.flush())
+                        self._file.flush()
+                    else:
+                        for piece in pieces:
+                            self._store(self._compressor.compress(piece) if self._compressor else piece)
                 except OSError as exc:
                     self._error = storage_error(exc, self.path)
                     self._error.__cause__ = exc
                 except BaseException as exc:  # noqa: BLE001 — handed to the producer
                     self._error = exc
-            if block is None:
+            if pieces is None:
                 return
 
-    def _store(self, block: bytes | None) -> None:
-        if self._compressor is not None:
-            block = self._compressor.compress(block) if block is not None else self._compressor.flush()
-        elif block is None:
-            return
-        self._sha256.update(block)
-        self._crc32 = zlib.crc32(block, self._crc32)
-        self._file.write(block)
-        self._size += len(block)
+    def _store(self, data: bytes) -> None:
+        self._sha256.update(data)
+        self._crc32 = zlib.crc32(data, self._crc32)
+        self._file.write(data)
+        self._size += len(data)
         if self._size >= self._next_check:
             self._next_check += _SPACE_CHECK_EVERY
             self._guard.check()
@@ -207,6 +215,19 @@ def write_file(run_dir: Path, name: str, data: bytes, guard: SpaceGuard) -> File
 # ---------------------------------------------------------------- record encoders
 
 
+class Encoder(Protocol):
+    """A data format: the bytes before, for each chunk of JSON lines, and after the records."""
+
+    extension: str
+    content_type: str
+
+    def head(self) -> bytes: ...
+
+    def body(self, chunk: bytes, first: bool) -> tuple[bytes, ...]: ...
+
+    def tail(self, records: int) -> bytes: ...
+
+
 class JsonLines:
     """``jsonl``: one object per line; an empty table is an empty file."""
 
@@ -215,8 +236,8 @@ class JsonLines:
     def head(self) -> bytes:
         return b""
 
-    def body(self, chunk: bytes, first: bool) -> bytes:
-        return chunk + b"\n"
+    def body(self, chunk: bytes, first: bool) -> tuple[bytes, ...]:
+        return chunk, b"\n"
 
     def tail(self, records: int) -> bytes:
         return b""
@@ -230,9 +251,9 @@ class JsonArray:
     def head(self) -> bytes:
         return b"["
 
-    def body(self, chunk: bytes, first: bool) -> bytes:
+    def body(self, chunk: bytes, first: bool) -> tuple[bytes, ...]:
         # Newlines only separate records: a JSON object never holds a raw one.
-        return (b"\n" if first else b",\n") + chunk.replace(b"\n", b",\n")
+        return b"\n" if first else b",\n", chunk.replace(b"\n", b",\n")
 
     def tail(self, records: int) -> bytes:
         return b"\n]\n" if records else b"]\n"
@@ -246,8 +267,8 @@ class YamlSequence:
     def head(self) -> bytes:
         return b""
 
-    def body(self, chunk: bytes, first: bool) -> bytes:
-        return dump_yaml(orjson.loads(b"[" + chunk.replace(b"\n", b",") + b"]"))
+    def body(self, chunk: bytes, first: bool) -> tuple[bytes, ...]:
+        return (dump_yaml(orjson.loads(b"[" + chunk.replace(b"\n", b",") + b"]")),)
 
     def tail(self, records: int) -> bytes:
         return b"" if records else b"[]\n"
@@ -259,7 +280,7 @@ def dump_yaml(data: Any) -> bytes:
                      default_flow_style=False, width=1 << 30, encoding="utf-8")
 
 
-ENCODERS: dict[str, JsonLines | JsonArray | YamlSequence] = {
+ENCODERS: dict[str, Encoder] = {
     "jsonl": JsonLines(), "json": JsonArray(), "yaml": YamlSequence()}
 
 
@@ -277,7 +298,7 @@ class SchemaWriter:
     one (empty) part 00001.
     """
 
-    def __init__(self, run_dir: Path, schema: str, encoder: JsonLines | JsonArray | YamlSequence,
+    def __init__(self, run_dir: Path, schema: str, encoder: Encoder,
                  compress: bool, split_max: int | None, guard: SpaceGuard, part_done: PartDone) -> None:
         self.run_dir, self.schema, self.encoder = run_dir, schema, encoder
         self.compress, self.split_max, self.guard = compress, split_max, guard
@@ -316,7 +337,8 @@ class SchemaWriter:
                 head, chunk = b"\n".join(lines[:taken]), lines[taken]
             else:
                 head = chunk
-            file.write(self.encoder.body(head, first=self._part_records == 0))
+            for piece in self.encoder.body(head, first=self._part_records == 0):
+                file.write(piece)
             self._part_records += taken
             records -= taken
             if self.split_max and self._part_records >= self.split_max:
