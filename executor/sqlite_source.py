@@ -6,7 +6,9 @@ it, and a missing file is never created) with ``PRAGMA query_only`` on top.
 Rows leave SQLite already encoded: one ``json_object(?, <value>, ...)`` per row,
 keys bound as parameters, so Python never touches a value (FINDINGS: Export
 speed). SQLite is dynamically typed, so each value is encoded by its own
-storage class (``typeof``), whatever the column's declared type:
+storage class, whatever the column's declared type says; a declared type only
+lets the SQL skip checks for what SQLite guarantees a column cannot hold
+(STRICT types, TEXT affinity, the rowid alias: ``_value_kinds``):
 
 =========  ===============================================================
 INTEGER    a JSON integer, all 64 bits exact
@@ -25,8 +27,9 @@ NULL       null
 A rowid table is read in chunks along its rowid (``WHERE rowid > ? ORDER BY
 rowid LIMIT n``, a B-tree seek, never ``OFFSET``), each chunk's JSON lines
 joined by SQLite's ``group_concat``: one Python object per chunk instead of one
-per row. Views, ``WITHOUT ROWID`` and virtual tables stream from one cursor
-with ``fetchmany``. Both run inside the caller's ``snapshot()``, so every
+per row. A chunk aims at 1 MiB and shrinks when it would pass SQLite's string
+limit (big BLOBs). Views, ``WITHOUT ROWID`` and virtual tables stream from one
+cursor with ``fetchmany``. Both run inside the caller's ``snapshot()``, so every
 chunk sees the same database state.
 """
 
@@ -50,7 +53,7 @@ from executor.sources import Source, SourceError, UnknownSchema
 _PAIRS_PER_CALL = 60
 # A chunk of JSON lines aims at this many bytes (flat memory, few Python objects).
 _CHUNK_BYTES = 1 << 20
-_FIRST_CHUNK_ROWS = 256
+_FIRST_CHUNK_ROWS = 64
 
 
 def sqlite_path(location: str) -> Path:
@@ -327,13 +330,23 @@ class SQLiteSource(Source):
         # NOT INDEXED: the scan always follows the rowid, whatever index a filter could use.
         first = chunk_sql(clause)
         following = chunk_sql(f"{clause} AND {rowid} > ?" if clause else f" WHERE {rowid} > ?")
-        limit = min(batch_size, _FIRST_CHUNK_ROWS)
-        text, last, count = self._conn.execute(first, [*columns, *params, limit]).fetchone()
-        while count:
+        after: list[int] = []  # the last rowid read, once there is one
+        limit = cap = min(batch_size, _FIRST_CHUNK_ROWS)
+        while True:
+            try:
+                text, last, count = self._conn.execute(
+                    following if after else first, [*columns, *params, *after, limit]).fetchone()
+            except sqlite3.DataError:  # the chunk passed SQLite's string limit (big BLOBs): fewer rows
+                if limit == 1:
+                    raise
+                limit = cap = max(1, limit // 4)
+                continue
+            if not count:
+                return
             yield text, count
-            limit = _next_limit(len(text), count, batch_size)
-            text, last, count = self._conn.execute(
-                following, [*columns, *params, last, limit]).fetchone()
+            after = [last]
+            cap = max(cap, min(batch_size, cap * 2))
+            limit = min(cap, _next_limit(len(text), count, batch_size))
 
     def _cursor_batches(self, name: str, row_json: str, columns: list[str], clause: str,
                         params: list[Any], batch_size: int) -> Iterator[tuple[bytes, int]]:

@@ -203,6 +203,18 @@ def test_big_tables_stream_in_bounded_batches(tmp_path: Path) -> None:
     assert sum(sizes) == 15_000 and max(sizes) <= 2_000 and len(sizes) >= 8
 
 
+def test_chunks_shrink_under_sqlites_string_limit(tmp_path: Path) -> None:
+    db = run_sql(tmp_path / "source.db", "CREATE TABLE files (id INTEGER PRIMARY KEY, body BLOB)")
+    con = sqlite3.connect(db)
+    con.executemany("INSERT INTO files (body) VALUES (?)",
+                    [(bytes([i]) * (20_000 if i % 3 else 10),) for i in range(100)])
+    con.commit()
+    con.close()
+    with open_source(str(db)) as source:
+        source._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 100_000)  # type: ignore[attr-defined]
+        assert_same_rows(export(source, "files"), source_rows(db, "files"))
+
+
 # ---------------------------------------------------------------- snapshot and cancellation
 
 
