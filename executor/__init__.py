@@ -1,7 +1,7 @@
 """What runs in the worker processes: read the source, write the files, report progress.
 
     job (plain dict) → run_extract ─ open_source() → Source (read-only, one snapshot)
-                          │            └ json_batches(): rows as JSON bytes, built by the database
+                          │            └ json_lines(): chunks of JSON rows, built by the database
                           ├ writers: describe.yaml, data files ([gzip] + SHA-256 + CRC-32
                           │          on a thread), manifest.json — temporary name, then rename
                           └ queue: ("progress", …) throttled, ("artifact", …) per finished file

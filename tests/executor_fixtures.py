@@ -32,6 +32,7 @@ CREATE TABLE "order items" (order_id INTEGER NOT NULL REFERENCES orders (id) ON 
 CREATE UNIQUE INDEX "items by sku" ON "order items" ("sku ""quoted""", line);
 CREATE TABLE "values" (id INTEGER PRIMARY KEY, v, label TEXT);
 CREATE TABLE "../../etc/passwd" (x TEXT);
+CREATE TABLE "notes ""2024"" Zoë's" ("the ""text""" TEXT, n INTEGER);
 CREATE TABLE empty (a INTEGER, b TEXT);
 CREATE TABLE keyed (k TEXT PRIMARY KEY, n INT) WITHOUT ROWID;
 CREATE VIEW adults AS SELECT id, name FROM users WHERE age >= 18;
@@ -64,6 +65,7 @@ def make_source(path: Path) -> Path:
     con.executemany('INSERT INTO "values" (v, label) VALUES (?, ?)',
                     [(value, repr(value)) for value in VALUES])
     con.executemany('INSERT INTO "../../etc/passwd" VALUES (?)', [("root:x:0:0",), ("daemon",)])
+    con.executemany('INSERT INTO "notes ""2024"" Zoë\'s" VALUES (?, ?)', [("a \"b\"", 1), ("ü", 2)])
     con.executemany("INSERT INTO keyed VALUES (?, ?)", [("b", 2), ("a", 1)])
     con.commit()
     con.close()

@@ -30,9 +30,10 @@ from executor_fixtures import (
 
 from executor import run_extract, safe_file_name
 
-TABLES = ["../../etc/passwd", "empty", "keyed", "order items", "orders", "users", "values"]
-ROWS = {"../../etc/passwd": 2, "empty": 0, "keyed": 2, "order items": 20, "orders": 50, "users": 4,
-        "values": len(VALUES)}
+QUOTED = 'notes "2024" Zoë\'s'
+TABLES = ["../../etc/passwd", "empty", "keyed", QUOTED, "order items", "orders", "users", "values"]
+ROWS = {"../../etc/passwd": 2, "empty": 0, "keyed": 2, QUOTED: 2, "order items": 20, "orders": 50,
+        "users": 4, "values": len(VALUES)}
 TOTAL = sum(ROWS.values())
 CONTENT_TYPES = {"jsonl": "application/x-ndjson", "json": "application/json", "yaml": "application/yaml"}
 

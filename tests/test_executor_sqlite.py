@@ -98,6 +98,7 @@ def test_schemas_lists_tables_and_views_with_counts(tmp_path: Path) -> None:
             {"name": "adults", "type": "view", "columns": 2, "row_count": 2},
             {"name": "empty", "type": "table", "columns": 2, "row_count": 0},
             {"name": "keyed", "type": "table", "columns": 2, "row_count": 2},
+            {"name": 'notes "2024" Zoë\'s', "type": "table", "columns": 2, "row_count": 2},
             {"name": "order items", "type": "table", "columns": 4, "row_count": 20},
             {"name": "orders", "type": "table", "columns": 4, "row_count": 50},
             {"name": "users", "type": "table", "columns": 7, "row_count": 4},
