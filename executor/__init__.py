@@ -8,9 +8,10 @@
                         → result dict (completed | cancelled | failed, counts, error)
 
 Modules: ``sources`` (the Source interface, ``open_source``), ``sqlite_source``,
-``postgres``, ``mysql`` (the dialects), ``filters`` (checking and compiling a
-filter's ``where``), ``naming`` (safe file names), ``writers`` (formats and
-files), ``worker`` (one run: ``run_extract``).
+``postgres``, ``mysql`` (the dialects; ``rowjson`` encodes rows for the last
+two), ``filters`` (checking and compiling a filter's ``where``), ``naming``
+(safe file names), ``writers`` (formats and files), ``worker`` (one run:
+``run_extract``), ``entry`` (the pool's entry point), ``demo`` (the demo database).
 """
 
 from executor.filters import check_where, compile_where
