@@ -424,6 +424,11 @@ class Bench:
                     window.worker_peak < 150 * MIB)
             r.check("3 memory", f"server peak RSS (VmHWM), jsonl, {rows:,} rows",
                     f"{window.server_peak / MIB:.1f} MiB")
+        for rows, window in windows:
+            curve = window.worker_curve()
+            if curve:
+                r.check("3 memory", f"worker RSS at 10%, 25%, 50%, 75%, 100% of the {rows:,}-row run",
+                        " / ".join(f"{v / MIB:.1f}" for v in curve) + " MiB")
         if o.big_rows:
             big = windows[1][1]
             for who, grown in (("worker", big.worker_peak / small.worker_peak - 1),
@@ -433,7 +438,7 @@ class Bench:
 
     def run_measured(self, extract: str, timings: Export | None = None) -> tuple[str, MemoryWindow]:
         """One run with its memory window (and its wall time appended to ``timings``)."""
-        window = MemoryWindow(self.svc.process.pid).open()
+        window = MemoryWindow(self.svc.process.pid, sample_every=0.25).open()
         started = time.perf_counter()
         run = self.svc.start_run(extract)
         self.svc.wait(run)

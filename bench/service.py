@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,7 @@ class MemoryWindow:
     """
 
     root: int
+    sample_every: float = 0.0  # > 0: also sample every descendant's VmRSS, for a curve over the run
     before_cpu: dict[int, int] = field(default_factory=dict)
     before_rss: dict[int, int] = field(default_factory=dict)
     server_rss_before: int = 0
@@ -196,6 +198,9 @@ class MemoryWindow:
     worker_pid: int | None = None
     worker_rss_before: int = 0  # 0: the worker started during the window
     worker_cpu_seconds: float = 0.0
+    samples: dict[int, list[int]] = field(default_factory=dict)  # pid -> VmRSS every sample_every s
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _sampler: threading.Thread | None = None
 
     def open(self) -> MemoryWindow:
         for pid in [self.root, *descendants(self.root)]:
@@ -204,9 +209,25 @@ class MemoryWindow:
             self.before_cpu[pid] = _cpu_ticks(pid)
             self.before_rss[pid] = rss(pid)
         self.server_rss_before = rss(self.root)
+        if self.sample_every > 0:
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
         return self
 
+    def _sample(self) -> None:
+        while not self._stop.wait(self.sample_every):
+            for pid in descendants(self.root):
+                self.samples.setdefault(pid, []).append(rss(pid))
+
+    def worker_curve(self, points: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0)) -> list[int]:
+        """The worker's VmRSS at these fractions of the run (needs ``sample_every``)."""
+        series = self.samples.get(self.worker_pid or -1, [])
+        return [series[max(0, round(p * len(series)) - 1)] for p in points] if series else []
+
     def close(self) -> MemoryWindow:
+        self._stop.set()
+        if self._sampler is not None:
+            self._sampler.join()
         self.server_peak = _status(self.root).get("VmHWM", 0)
         busiest, most = None, -1
         for pid in descendants(self.root):
