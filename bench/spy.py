@@ -20,7 +20,8 @@ from service import Service, descendants
 
 RATE = 47  # samples a second: low enough that native unwinding keeps up on 2 cores
 # Frames of threads that wait (py-spy counts a thread blocked in a system call as active).
-IDLE = ("acquire_lock", "Queue.get", "wait (", "_recv_bytes", "accept_connection", "accept4")
+IDLE = ("acquire_lock", "Queue.get", "wait (", "_recv_bytes", "accept_connection", "accept4", "select (",
+        "epoll_wait")
 
 
 def forkserver_pid(server: int) -> int | None:
