@@ -172,7 +172,7 @@ def remount(path: Path, mode: str) -> None:
 
 @pytest.fixture(scope="module")
 def big_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_rows_db(tmp_path_factory.mktemp("faults-source") / "big.db", 1_000_000)
+    return make_rows_db(tmp_path_factory.mktemp("faults-source") / "big.db", 500_000)
 
 
 # ---------------------------------------------------------------- dying workers
