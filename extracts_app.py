@@ -51,6 +51,7 @@ from extracts_http import (
     Conflict,
     MethodNotAllowed,
     NotFound,
+    ServiceUnavailable,
     ValidationFailed,
     api_error_handler,
     http_exception_handler,
@@ -611,7 +612,11 @@ async def delete_run(request: Request) -> Response:
     if run["status"] in ACTIVE_STATUSES:
         raise Conflict(f"Run {run['id']} is {run['status']}; cancel it with POST "
                        f"/api/extracts/{run['extract_id']}/cancel before deleting it")
-    await st.runs.delete_run_files(run["id"])
+    try:
+        await st.runs.delete_run_files(run["id"])
+    except OSError as exc:
+        raise ServiceUnavailable(f"Cannot delete the files of run {run['id']}: {exc.strerror}; check that "
+                                 "the storage directory (--storage) is writable, then retry") from None
     return ok(await fetch_record(st.db, "extract_runs", run["id"]))
 
 

@@ -260,8 +260,21 @@ class RunManager:
         return run_id
 
     async def delete_run_files(self, run_id: str, forget: bool = False) -> None:
-        """Delete a run's files; its artifact rows are marked deleted (or removed, on a requeue)."""
-        await asyncio.to_thread(shutil.rmtree, self.run_dir(run_id), True)
+        """Delete a run's files; its artifact rows are marked deleted (or removed, on a requeue).
+
+        Raises OSError when the files cannot be removed (say, read-only storage) and
+        the rows are to be kept: they must not claim files gone that are still there.
+        """
+        def remove() -> None:
+            try:
+                shutil.rmtree(self.run_dir(run_id))
+            except FileNotFoundError:
+                pass
+            except OSError:
+                if not forget:
+                    raise
+
+        await asyncio.to_thread(remove)
         if forget:
             await self.db.execute("DELETE FROM extract_artifacts WHERE run_id = :id", {"id": run_id})
         else:

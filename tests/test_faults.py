@@ -340,8 +340,17 @@ def test_storage_turning_read_only_fails_runs_and_downloads_keep_working(tmp_pat
                 assert prober.problems == []
                 assert run["status"] == "failed", run
                 assert "Read-only file system" in run["error"] and "--storage" in run["error"], run["error"]
+                # Deleting the earlier run's files cannot work: a 503, and the records still true
+                # (they used to be marked deleted while the files stayed).
+                r = svc.client.delete(f"/api/data/extract_runs/{before['id']}")
+                assert r.status_code == 503 and "Read-only file system" in r.json()["error"], r.text
+                assert all(a["deleted_at"] is None for a in artifacts_of(svc, before["id"]))
+                assert svc.client.get(f"/api/extracts/runs/{before['id']}/download").status_code == 200
             finally:
                 remount(volume, "rw")
+            assert svc.client.delete(f"/api/data/extract_runs/{before['id']}").status_code == 200
+            assert not (svc.storage / before["id"]).exists()
+            assert svc.client.get(f"/api/extracts/runs/{before['id']}/download").status_code == 410
             after = svc.wait_run(svc.run(extract["id"]))
             assert after["status"] == "completed", after
             assert_files_match(svc, after["id"])
