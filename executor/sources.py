@@ -37,6 +37,10 @@ class Source(ABC):
     """
 
     dialect: str
+    #: True when this source's JSON reads the same as YAML 1.1 (numbers with a dot and
+    #: a signed exponent, no escaped UTF-16 surrogates): the yaml writer then skips
+    #: checking for what YAML would read otherwise.
+    json_is_yaml_safe: bool = False
 
     @abstractmethod
     def close(self) -> None:

@@ -112,6 +112,7 @@ class SQLiteSource(Source):
     """A read-only SQLite database file."""
 
     dialect = "sqlite"
+    json_is_yaml_safe = True  # json_object's numbers and strings, and _real_sql's forms
 
     def __init__(self, location: str) -> None:
         self.path = sqlite_path(location)

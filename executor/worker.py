@@ -177,7 +177,7 @@ class Export:
         with open_source(self.job["source"]) as source:
             self.monitor.on_cancel = source.interrupt
             location = source.location()
-            output = self._output(guard)
+            output = self._output(guard, source)
             try:
                 with source.snapshot():
                     names = self._read(source, output)
@@ -188,12 +188,12 @@ class Export:
                 output.abort()
                 raise
 
-    def _output(self, guard: SpaceGuard) -> FileOutput | ArchiveOutput:
+    def _output(self, guard: SpaceGuard, source: Source) -> FileOutput | ArchiveOutput:
         assert self.run_dir is not None
         if self.config["format"] == "archive":
             base = download_base_name(self.job["extract_name"], self.job["created_at"], self.job["run_id"])
             return ArchiveOutput(self.run_dir, self.config, guard, self.report, base)
-        return FileOutput(self.run_dir, self.config, guard, self.report)
+        return FileOutput(self.run_dir, self.config, guard, self.report, source.json_is_yaml_safe)
 
     def _read(self, source: Source, output: FileOutput | ArchiveOutput) -> list[str]:
         """Everything read from the source, inside its one snapshot."""

@@ -39,7 +39,8 @@ CREATE VIEW adults AS SELECT id, name FROM users WHERE age >= 18;
 '''
 
 TEXTS = ["Ana Żółć", "Bo 李", "", "emoji 😀 𝄞", "quote \" back \\ slash", "tab\tnew\nline\r",
-         "nul\x00byte", "\u2028\u2029\x85\ufeff", "12", "null", "true", "- dash", "{", "}"]
+         "nul\x00byte", "\u2028\u2029\x85\ufeff", "del\x7f c1\x9f \uffff", "12", "null", "true", "- dash",
+         "{", "}", "a: b", "# hash", "&anchor *alias", "550e8400-e29b-41d4", "ratio:1e5"]
 VALUES: list[Any] = [
     2**63 - 1, -(2**63), 0, 1, -1, 2**53 + 1, 0.1 + 0.2, 1e308, -1e308, 5e-324, -0.0, 0.0, 1.0,
     2.0**60, 1e16 + 2, 123456789.125, float("inf"), float("-inf"), None, b"", b"\x00\xff\x10 blob",

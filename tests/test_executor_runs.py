@@ -29,6 +29,7 @@ from executor_fixtures import (
 )
 
 from executor import run_extract, safe_file_name
+from executor.writers import encoder
 
 QUOTED = 'notes "2024" Zoë\'s'
 TABLES = ["../../etc/passwd", "empty", "keyed", QUOTED, "order items", "orders", "users", "values"]
@@ -145,6 +146,19 @@ def test_values_keep_their_exact_type(tmp_path: Path, manager: Any, source: Path
                                                          1.0, 2.0**60, 1e16 + 2, 123456789.125)]
     assert got[16:21] == ["Infinity", "-Infinity", None, "", "AP8QIGJsb2I="]
     assert got[21:] == VALUES[21:]
+
+
+@pytest.mark.parametrize("chunk", [
+    b'{"a":1,"b":"x\xc2\x85y\x7f\xe2\x80\xa8\xef\xbb\xbf"}\n{"a":-2.5,"b":null,"c":[1,{"d":true}]}',
+    b'{"a":1e-06,"b":"z"}\n{"a":1.5e16}\n{"a":-2E+300}',  # number forms YAML 1.1 reads as strings
+    b'{"s":"\\ud83d\\ude00 \\u00e9"}',  # escaped UTF-16 surrogates
+])
+def test_yaml_reads_back_what_the_json_says(chunk: bytes) -> None:
+    yaml_text = b"".join(encoder("yaml").body(chunk, first=True))
+    assert yaml.safe_load(yaml_text) == [json.loads(line) for line in chunk.split(b"\n")]
+    libyaml = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    assert yaml.load(yaml_text, Loader=libyaml) == yaml.safe_load(yaml_text)
+    assert yaml_text.count(b"\n- ") == chunk.count(b"\n")  # one record per line
 
 
 def test_names_are_safe_and_views_come_only_when_named(tmp_path: Path, manager: Any, source: Path) -> None:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from executor_fixtures import assert_same_rows, build_big_table, make_source, run_sql, source_rows
+from executor_fixtures import VALUES, assert_same_rows, build_big_table, make_source, run_sql, source_rows
 
 from executor import SourceError, UnknownSchema, open_source, safe_file_name
 from executor.naming import download_base_name
@@ -102,7 +102,7 @@ def test_schemas_lists_tables_and_views_with_counts(tmp_path: Path) -> None:
             {"name": "order items", "type": "table", "columns": 4, "row_count": 20},
             {"name": "orders", "type": "table", "columns": 4, "row_count": 50},
             {"name": "users", "type": "table", "columns": 7, "row_count": 4},
-            {"name": "values", "type": "table", "columns": 3, "row_count": 35},
+            {"name": "values", "type": "table", "columns": 3, "row_count": len(VALUES)},
         ]
         assert source.describe(["adults"])["adults"] == {
             "type": "view", "columns": {
