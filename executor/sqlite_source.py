@@ -84,9 +84,13 @@ def _connect(path: Path) -> sqlite3.Connection:
     uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None)
-        conn.execute("PRAGMA query_only = 1")
-        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.Error as exc:
+        raise SourceError(f"Cannot open the source database {path}: {exc}") from exc
+    try:
+        conn.execute("PRAGMA query_only = 1")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # "file is not a database"
+    except sqlite3.Error as exc:
+        conn.close()
         raise SourceError(f"Cannot open the source database {path}: {exc}") from exc
     conn.create_function("_extracts_base64", 1, _base64, deterministic=True)
     conn.create_function("_extracts_signed_zero", 1, _signed_zero, deterministic=True)
