@@ -789,6 +789,9 @@ def redact(location: str) -> str:
     return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", location)
 
 
+KEEP_ALIVE_S = 65
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
@@ -801,8 +804,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1) from None
     for line in banner(settings):
         print(line, flush=True)
+    # Idle keep-alive connections stay open well past the 5 s that clients such as httpx keep
+    # them: with equal timeouts, a request sent as the server closes the socket is lost.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                access_log=False)
+                access_log=False, timeout_keep_alive=KEEP_ALIVE_S)
 
 
 if __name__ == "__main__":
