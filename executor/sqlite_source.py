@@ -304,7 +304,8 @@ class SQLiteSource(Source):
         A view's column can hold anything. A table's column holds what its type
         lets it: STRICT types are enforced; TEXT affinity turns numbers into text
         on the way in (only text, blobs and NULL remain); the rowid alias
-        (``INTEGER PRIMARY KEY``) is always an integer.
+        (``INTEGER PRIMARY KEY``) is always an integer. Other columns can hold
+        anything, their affinity only says what to test for first.
         """
         if relation.kind != "table":
             return ["any"] * len(rows)
@@ -322,7 +323,7 @@ class SQLiteSource(Source):
             elif relation.strict:
                 kinds.append(_STRICT_KINDS.get(declared.upper(), "any"))
             else:
-                kinds.append("text" if _affinity(declared) == "TEXT" else "any")
+                kinds.append(_AFFINITY_KINDS.get(_affinity(declared), "any"))
         return kinds
 
     def _rowid_batches(self, name: str, row_json: str, columns: list[str], clause: str,
@@ -372,6 +373,9 @@ class SQLiteSource(Source):
 # What each kind of column can hold: "raw" (integers, text and NULL, which json_object
 # encodes exactly), "text" (text or blobs), "blob", "real", or "any" storage class.
 _STRICT_KINDS = {"INT": "raw", "INTEGER": "raw", "TEXT": "raw", "BLOB": "blob", "REAL": "real"}
+# Without STRICT, a column can hold any storage class, but its affinity makes one
+# the likely one, worth testing first: "mostly-integer", "mostly-real".
+_AFFINITY_KINDS = {"TEXT": "text", "INTEGER": "mostly-integer", "REAL": "mostly-real"}
 
 
 def _affinity(declared: str) -> str:
@@ -408,7 +412,8 @@ def _value_sql(c: str, kind: str, zero_sql: str) -> str:
     """The JSON value of column ``c``, checked only for the storage classes ``kind`` allows.
 
     Text and blobs are told apart from numbers by comparison (numbers < text <
-    blob, ``+`` dropping affinity), which costs less than ``typeof``.
+    blob, ``+`` dropping affinity), which costs less than ``typeof``; where a
+    number is likely, one ``typeof`` tests for it first.
     """
     blob = f"_extracts_base64({c})"
     if kind == "raw":
@@ -419,6 +424,12 @@ def _value_sql(c: str, kind: str, zero_sql: str) -> str:
         return f"CASE WHEN {c} IS NULL THEN NULL ELSE {_real_sql(c, zero_sql)} END"
     if kind == "text":
         return f"CASE WHEN +{c} >= x'' THEN {blob} ELSE {c} END"
+    if kind == "mostly-integer":
+        return (f"CASE typeof({c}) WHEN 'integer' THEN {c} WHEN 'real' THEN {_real_sql(c, zero_sql)} "
+                f"WHEN 'blob' THEN {blob} ELSE {c} END")
+    if kind == "mostly-real":
+        return (f"CASE typeof({c}) WHEN 'real' THEN {_real_sql(c, zero_sql)} WHEN 'blob' THEN {blob} "
+                f"ELSE {c} END")
     return (f"CASE WHEN +{c} >= '' THEN (CASE WHEN +{c} >= x'' THEN {blob} ELSE {c} END) "
             f"WHEN typeof({c}) = 'real' THEN {_real_sql(c, zero_sql)} ELSE {c} END")
 
