@@ -176,11 +176,17 @@ class SQLiteSource(Source):
                 "WHERE hidden <> 1 ORDER BY cid", (name,)).fetchall()
 
     def schemas(self) -> list[dict[str, Any]]:
-        return [
-            {"name": name, "type": "view" if rel.kind == "view" else "table",
-             "columns": len(self._column_rows(name)), "row_count": self._row_count(name, None)}
-            for name, rel in sorted(self._relations().items())
-        ]
+        """Every readable table and view; one that cannot be read (a view over a dropped
+        table, a virtual table whose module is not loaded) is left out, not fatal."""
+        listed = []
+        for name, relation in sorted(self._relations().items()):
+            try:
+                listed.append({"name": name, "type": "view" if relation.kind == "view" else "table",
+                               "columns": len(self._column_rows(name)),
+                               "row_count": self._row_count(name, None)})
+            except SourceError:
+                continue
+        return listed
 
     def columns(self, name: str) -> list[str]:
         self._relation(name)

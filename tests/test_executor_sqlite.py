@@ -91,6 +91,17 @@ def test_internal_tables_never_appear(tmp_path: Path) -> None:
         assert export(source, "docs") == [{"body": "hello"}]
 
 
+def test_an_unreadable_view_or_virtual_table_is_left_out_of_the_list(tmp_path: Path) -> None:
+    db = run_sql(tmp_path / "source.db", "CREATE TABLE gone (a); CREATE TABLE kept (a);"
+                 "CREATE VIEW broken AS SELECT * FROM gone; DROP TABLE gone; PRAGMA writable_schema = ON;"
+                 "INSERT INTO sqlite_master (type, name, tbl_name, rootpage, sql) VALUES ('table', 'vx',"
+                 " 'vx', 0, 'CREATE VIRTUAL TABLE vx USING no_such_module (a)');")
+    with open_source(str(db)) as source:
+        assert [s["name"] for s in source.schemas()] == ["kept"]
+        with pytest.raises(SourceError, match="no such module: no_such_module"):
+            source.columns("vx")
+
+
 def test_schemas_lists_tables_and_views_with_counts(tmp_path: Path) -> None:
     with open_source(str(make_source(tmp_path / "source.db"))) as source:
         assert source.schemas() == [
