@@ -19,7 +19,8 @@ REAL       a JSON number that parses back to the identical double: as
            SQLite's own formatting, and ``json_object`` would use 15);
            ``-0.0`` keeps its sign; ``+Inf``/``-Inf`` (not JSON numbers) are the
            strings ``"Infinity"``/``"-Infinity"``. SQLite stores NaN as NULL.
-TEXT       a JSON string
+TEXT       a JSON string (bytes that are not UTF-8, which SQLite does not
+           check, become U+FFFD)
 BLOB       a base64 string (standard alphabet, padded)
 NULL       null
 =========  ===============================================================
@@ -355,7 +356,7 @@ class SQLiteSource(Source):
                 continue
             if not count:
                 return
-            yield text, count
+            yield _valid_utf8(text), count
             after = [last]
             cap = max(cap, min(batch_size, cap * 2))
             limit = min(cap, _next_limit(len(text), count, batch_size))
@@ -367,7 +368,7 @@ class SQLiteSource(Source):
         try:
             limit = min(batch_size, _FIRST_CHUNK_ROWS)
             while rows := cursor.fetchmany(limit):
-                chunk = b"\n".join([row[0] for row in rows])
+                chunk = _valid_utf8(b"\n".join([row[0] for row in rows]))
                 yield chunk, len(rows)
                 limit = _next_limit(len(chunk), len(rows), batch_size)
         finally:
@@ -451,6 +452,17 @@ def _row_json_sql(columns: list[str], kinds: list[str], zero_sql: str) -> str:
     inner = [f"rtrim({calls[0]}, '}}')", *(f"trim({c}, '{{}}')" for c in calls[1:-1]),
              f"ltrim({calls[-1]}, '{{')"]
     return " || ',' || ".join(inner)
+
+
+def _valid_utf8(chunk: bytes) -> bytes:
+    """``chunk``, with bytes that are not UTF-8 as U+FFFD (SQLite stores TEXT unchecked)."""
+    if chunk.isascii():  # the common case, checked a word at a time
+        return chunk
+    try:
+        chunk.decode("utf-8")
+    except UnicodeDecodeError:
+        return chunk.decode("utf-8", "replace").encode("utf-8")
+    return chunk
 
 
 def _next_limit(size: int, count: int, batch_size: int) -> int:

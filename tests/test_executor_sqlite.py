@@ -173,6 +173,15 @@ def test_reals_are_written_short_when_that_is_exact(tmp_path: Path) -> None:
         '{"x":9.99999999999999955e-08}', '{"x":1000000000.5}']
 
 
+def test_text_that_is_not_utf8_still_gives_valid_json(tmp_path: Path) -> None:
+    db = run_sql(tmp_path / "source.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, s TEXT);"
+                 "INSERT INTO t (s) VALUES (CAST(x'4361666580ff' AS TEXT)), ('ok é');"
+                 "CREATE VIEW v AS SELECT * FROM t;")
+    with open_source(str(db)) as source:
+        for name in ("t", "v"):
+            assert export(source, name) == [{"id": 1, "s": "Cafe\ufffd\ufffd"}, {"id": 2, "s": "ok é"}]
+
+
 def test_every_kind_of_column_keeps_its_values(tmp_path: Path) -> None:
     db = tmp_path / "source.db"
     con = sqlite3.connect(db)
