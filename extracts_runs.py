@@ -68,14 +68,21 @@ def queued_detail() -> dict[str, Any]:
             "records_exported": 0, "records_total": 0}
 
 
-def worker_initializer(service_pid: int | None = None) -> None:
+def worker_initializer(service_pid: int | None = None, queue: Any = None, cancelled: Any = None) -> None:
     """Workers leave SIGINT to the service, which stops them itself (runs go back to queued).
+
+    Pool workers receive the progress queue and cancel flags here, once
+    (``executor.entry.keep_channel`` says why not with every job).
 
     They also die with the service: after a ``kill -9`` of it, a worker would
     otherwise finish its export into a run that the next start marks failed, and
     the manager (which holds the forkserver open) would idle forever.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if queue is not None:
+        from executor.entry import keep_channel
+
+        keep_channel(queue, cancelled)
     if service_pid is not None:
         threading.Thread(target=_exit_with, args=(service_pid,), daemon=True,
                          name="extracts-exit-with-service").start()
@@ -152,7 +159,7 @@ class RunManager:
         self._generation += 1
         self._pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=self.settings.workers, mp_context=self._context,
-            initializer=worker_initializer, initargs=(os.getpid(),))
+            initializer=worker_initializer, initargs=(os.getpid(), self._queue, self._cancelled))
         self._pool_processes = self._pool._processes  # read after a break: who died, and how
 
     async def recover(self) -> None:
@@ -329,7 +336,7 @@ class RunManager:
         from executor.entry import run_in_worker
 
         try:
-            future = self._pool.submit(run_in_worker, job, self._queue, self._cancelled)
+            future = self._pool.submit(run_in_worker, job)
         except (BrokenProcessPool, RuntimeError) as exc:
             log.warning("pool refused run %s (%s); replacing the pool", run["id"], exc)
             self._inflight.pop(run["id"])

@@ -2,6 +2,14 @@
 
 The pid lets the service tell which run a dead worker held (SPEC: a worker that
 dies fails the runs it held; the others get the pool's message).
+
+The service's progress queue and cancel flags (Manager proxies) reach each
+worker process once, through the pool's initializer (``keep_channel``), not
+with every job. Proxies unpickled per job share one connection per thread and
+one set of referent ids: when a finished job's proxy was garbage collected
+during a later job (a failed run's traceback keeps it in a reference cycle),
+CPython closed that connection under the running job, which then failed with
+"TypeError: 'NoneType' object cannot be interpreted as an integer".
 """
 
 from __future__ import annotations
@@ -11,7 +19,19 @@ from typing import Any
 
 from executor.worker import run_extract
 
+_channel: tuple[Any, Any] | None = None  # (queue, cancelled) for every job of this process
 
-def run_in_worker(job: dict[str, Any], queue: Any, cancelled: Any) -> dict[str, Any]:
+
+def keep_channel(queue: Any, cancelled: Any) -> None:
+    """Pool initializer part: keep the service's queue and cancel flags for this process's life."""
+    global _channel
+    _channel = (queue, cancelled)
+
+
+def run_in_worker(job: dict[str, Any], queue: Any = None, cancelled: Any = None) -> dict[str, Any]:
+    if queue is None:
+        if _channel is None:
+            raise RuntimeError("the pool's initializer did not call executor.entry.keep_channel")
+        queue, cancelled = _channel
     queue.put(("started", job["run_id"], {"pid": os.getpid()}))
     return run_extract(job, queue, cancelled)

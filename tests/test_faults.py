@@ -220,7 +220,8 @@ def test_worker_sigkilled_ten_times_with_other_runs_in_flight(tmp_path: Path, bi
 
 def test_service_kill_9_five_times_loses_nothing(tmp_path: Path, big_db: Path) -> None:
     svc = start_service(tmp_path, str(big_db), "--workers", "1")
-    big = svc.create_extract(name="Big", schemas=["big"], compress=False)
+    # YAML is the slowest format: the run is surely still writing when the service dies.
+    big = svc.create_extract(name="Big", schemas=["big"], compress=False, format="yaml")
     smalls = [svc.create_extract(name=f"Small {i}", schemas=["small"], format=fmt)
               for i, fmt in enumerate(("jsonl", "json", "yaml", "archive"))]
     completed = [svc.run(smalls[0]["id"])]
@@ -550,3 +551,42 @@ def test_the_dispatcher_survives_a_locked_state_file(tmp_path: Path) -> None:
 
     db, alive = asyncio.run(scenario())
     assert alive and len(db.statements) == 1 and "status = 'running'" in db.statements[0]
+
+
+def test_workers_get_the_progress_queue_once_not_with_every_job(tmp_path: Path) -> None:
+    """A run used to fail now and then with "TypeError: 'NoneType' object cannot be interpreted as
+    an integer" after a failed run in the same worker (executor.entry says why); jobs now carry
+    no Manager proxies: the pool's initializer hands them to each worker once."""
+    import concurrent.futures
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from executor.entry import run_in_worker
+    from extracts_runs import worker_initializer
+
+    context = multiprocessing.get_context("forkserver")
+    manager = SyncManager(ctx=context)
+    manager.start()
+    try:
+        queue, cancelled = manager.Queue(), manager.dict()
+        source, missing = make_shop_db(tmp_path / "shop.db"), tmp_path / "missing.db"
+        config = {"format": "jsonl", "include": ["describe", "data"], "schemas": ["users"],
+                  "filter": None, "compress": True, "split_files": False,
+                  "split_max_records": 1_000_000, "retention_days": 7}
+        jobs = [{"run_id": f"run_{i}", "extract_id": "extract_x", "extract_name": "X",
+                 "source": str(path), "run_dir": str(tmp_path / "storage" / f"run_{i}"),
+                 "min_free_bytes": 0, "created_at": "2026-01-01T00:00:00.000Z", "config": config}
+                for i, path in enumerate((missing, source, missing, source, source))]
+        with concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=context, initializer=worker_initializer,
+                initargs=(os.getpid(), queue, cancelled)) as pool:
+            results = [pool.submit(run_in_worker, job).result(60) for job in jobs]
+        assert [r["status"] for r in results] == ["failed", "completed", "failed", "completed", "completed"]
+        messages = []
+        while not queue.empty():
+            messages.append(queue.get())
+        started = [m for m in messages if m[0] == "started"]
+        assert [m[1] for m in started] == [job["run_id"] for job in jobs]
+        assert len({m[2]["pid"] for m in started}) == 1  # one worker, one channel, five jobs
+    finally:
+        manager.shutdown()
