@@ -748,7 +748,7 @@ def create_app(settings: Settings) -> Starlette:
             yield
         finally:
             await runs.stop()
-            await db.disconnect()
+            await state.close_database(db)
 
     exception_handlers = {ApiError: api_error_handler, HTTPException: http_exception_handler,
                           SourceError: source_error_handler}

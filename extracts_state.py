@@ -148,5 +148,41 @@ def migrate(con: sqlite3.Connection, from_version: int) -> None:
     del con, from_version
 
 
+class ReusingPool:
+    """Keeps a few opened connections for the next query.
+
+    ``databases`` opens (and closes) an aiosqlite connection — a thread and a file
+    open — for every query outside a transaction: about 3 ms, against 0.4 ms on an
+    open connection. This wraps its SQLite pool (same acquire/release interface).
+    """
+
+    def __init__(self, pool: Any, keep: int = 16) -> None:
+        self._pool, self._keep, self._idle = pool, keep, []
+        self._memref = pool._memref  # read by the backend's disconnect()
+
+    async def acquire(self) -> Any:
+        if self._idle:
+            return self._idle.pop()
+        return await self._pool.acquire()
+
+    async def release(self, connection: Any) -> None:
+        if len(self._idle) < self._keep and not connection.in_transaction:
+            self._idle.append(connection)
+        else:
+            await self._pool.release(connection)
+
+    async def close(self) -> None:
+        while self._idle:
+            await self._pool.release(self._idle.pop())
+
+
 def open_database(path: Path) -> Database:
-    return Database(f"sqlite:///{path}", factory=StateConnection, timeout=BUSY_TIMEOUT_S)
+    """The state database; ``close_database`` closes the connections kept for reuse."""
+    db = Database(f"sqlite:///{path}", factory=StateConnection, timeout=BUSY_TIMEOUT_S)
+    db._backend._pool = ReusingPool(db._backend._pool)  # type: ignore[attr-defined]
+    return db
+
+
+async def close_database(db: Database) -> None:
+    await db._backend._pool.close()  # type: ignore[attr-defined]
+    await db.disconnect()

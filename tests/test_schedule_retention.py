@@ -81,7 +81,7 @@ def test_scheduler_with_an_injected_clock(tmp_path: Path) -> None:
                 "2026-03-11T03:00:00.000Z",)
             con.close()
         finally:
-            await manager.db.disconnect()
+            await state.close_database(manager.db)
 
     asyncio.run(scenario())
 
