@@ -298,21 +298,19 @@ def run_extract(job: dict[str, Any], queue: Any, cancelled: Any) -> dict[str, An
     _tune_malloc()
     monitor = Monitor(job["run_id"], queue, cancelled)
     export = Export(job, monitor)
-    error: BaseException | None = None
+    result: dict[str, Any] = {"status": "completed", "error": None, "error_detail": None}
     try:
         with monitor:
             export.run()
-        status = "completed"
     except Exception as exc:  # noqa: BLE001 — every run error becomes a failed result
-        status = "cancelled" if monitor.cancel_requested.is_set() else "failed"
-        error = exc if status == "failed" else None
         export.remove_temporary_files()
-        detail = traceback.format_exc()
-    result: dict[str, Any] = {
-        "status": status, "records_exported": export.records_exported,
-        "schemas_exported": export.schemas_exported,
-        "records_total": monitor.detail["records_total"], "error": None, "error_detail": None}
-    if error is not None:
-        result["error"] = error_message(error, job)
-        result["error_detail"] = {"type": type(error).__name__, "message": str(error), "traceback": detail}
-    return result
+        if monitor.cancel_requested.is_set():
+            result["status"] = "cancelled"
+        else:
+            # Only strings leave this block: a kept exception would hold the run's frames
+            # (and the service's queue proxy) in a reference cycle.
+            result.update(status="failed", error=error_message(exc, job), error_detail={
+                "type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()})
+    return result | {"records_exported": export.records_exported,
+                     "schemas_exported": export.schemas_exported,
+                     "records_total": monitor.detail["records_total"]}
