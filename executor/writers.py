@@ -167,6 +167,8 @@ class ArtifactFile:
             self._thread.join()
         self._close_file()
         self.temp_path.unlink(missing_ok=True)
+        # The error's traceback holds frames that hold this file: let the cycle go.
+        self._error = None
 
     def _close_file(self) -> None:
         try:
@@ -355,10 +357,11 @@ class SchemaWriter:
         return self._file
 
     def _close(self) -> None:
-        file, self._file = self._file, None
+        file = self._file
         assert file is not None
         file.write(self.encoder.tail(self._part_records))
         self._part_done(file, self._part if self.split_max else None, self._part_records)
+        self._file = None  # only now: when part_done fails, abort() discards the file
 
     def write(self, chunk: bytes, records: int) -> None:
         """Add ``records`` records: a chunk of JSON lines (``Source.json_lines``)."""

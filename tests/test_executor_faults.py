@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import json
 import multiprocessing
 import os
@@ -22,6 +23,7 @@ import pytest
 from executor_fixtures import Channel, build_big_table, make_job, make_source, manager_fixture, run_sql
 
 from executor import run_extract
+from executor.worker import Export, Monitor
 from executor.writers import ArtifactFile, LowDiskSpace, SpaceGuard
 
 
@@ -140,6 +142,29 @@ def test_files_written_before_a_failure_stay_and_the_half_written_one_goes(tmp_p
     names = [a["artifact_name"] for a in channel.artifacts()]
     assert names == ["describe.yaml", "users.jsonl"]
     assert sorted(os.listdir(job["run_dir"])) == sorted(names)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("fault", ["disk full", "source error", "reserve"])
+def test_a_failed_run_leaves_no_reference_cycle(tmp_path: Path, manager: Any, fault: str) -> None:
+    """A failed run's objects go at once: a cycle would keep the service's queue proxies alive
+    until some later garbage collection closes their connection under another run."""
+    db = run_sql(make_source(tmp_path / "source.db"),
+                 "CREATE VIEW breaks AS SELECT json(CASE WHEN id < 30 THEN '1' ELSE '{' END) FROM orders")
+    job = make_job(tmp_path, db, schemas=["users", "breaks" if fault == "source error" else "orders"])
+    if fault == "disk full":
+        Path(job["run_dir"]).mkdir(parents=True)
+        (Path(job["run_dir"]) / ".orders.jsonl.tmp").symlink_to("/dev/full")
+    if fault == "reserve":
+        job["min_free_bytes"] = 1 << 60
+    channel = Channel(manager)
+    gc.collect()
+    gc.disable()
+    try:
+        assert channel.run(job)["status"] == "failed"
+        assert [o for o in gc.get_objects() if isinstance(o, Monitor | Export)] == []
+    finally:
+        gc.enable()
 
 
 # ---------------------------------------------------------------- cancellation
