@@ -149,6 +149,7 @@ class Options:
     big_rows: int
     repeats: int
     sqlite_utils_repeats: int
+    sqlite_utils_rows: int
     yaml_rows: int
     latency_seconds: float
     clients: int
@@ -354,7 +355,15 @@ class Bench:
         gz = "jsonl.gz, 1 table"
         ref = r.export(plain, "`sqlite3 -json`", n)
         svc_plain = r.export(plain, "extracts service", n, reference=ref, target=EXPORT_RATIO_TARGET)
-        utils_row = r.export(plain, "`sqlite-utils rows --nl`", n, reference=ref) if utils else None
+        utils_rows = min(o.sqlite_utils_rows or n, n)
+        utils_max_id = utils_rows if utils_rows < n else None
+        utils_ref, utils_row = ref, None
+        if utils and utils_max_id:  # on the first rows only, against sqlite3 on the same rows
+            utils_case = f"jsonl, 1 table, first {utils_rows:,} rows"
+            utils_ref = r.export(utils_case, "`sqlite3 -json`", utils_rows)
+            utils_row = r.export(utils_case, "`sqlite-utils query --nl`", utils_rows, reference=utils_ref)
+        elif utils:
+            utils_row = r.export(plain, "`sqlite-utils rows --nl`", n, reference=ref)
         ref_gz = r.export(gz, "`sqlite3 -json \\| gzip -1`", n)
         svc_gz = r.export(gz, "extracts service, compress", n, reference=ref_gz, target=EXPORT_RATIO_TARGET)
         svc_json = r.export("json, 1 table", "extracts service", n, reference=ref, target=EXPORT_RATIO_TARGET)
@@ -377,8 +386,15 @@ class Bench:
             self.baseline_export(ref, [(self.sqlite3_json("events"), "sqlite3-json", "events", None)])
             self.service_export(svc_plain, e_plain, [("events", "jsonl", None)])
             if utils_row is not None and rep < o.sqlite_utils_repeats:
-                command = f"sqlite-utils rows {shlex.quote(str(self.source))} events --nl"
-                self.baseline_export(utils_row, [(command, "jsonl", "events", None)])
+                db = shlex.quote(str(self.source))
+                if utils_max_id:
+                    first = self.sqlite3_json("events", utils_max_id)
+                    self.baseline_export(utils_ref, [(first, "sqlite3-json", "events", utils_max_id)])
+                    command = (f"sqlite-utils query {db} 'SELECT * FROM events WHERE id <= {utils_max_id}' "
+                               "--nl")
+                else:
+                    command = f"sqlite-utils rows {db} events --nl"
+                self.baseline_export(utils_row, [(command, "jsonl", "events", utils_max_id)])
             command = self.sqlite3_json("events") + " | gzip -1"
             self.baseline_export(ref_gz, [(command, "sqlite3-json", "events", None)])
             self.service_export(svc_gz, e_gz, [("events", "jsonl", None)])
@@ -754,6 +770,9 @@ def parse_args(argv: list[str]) -> Options:
                         help="rows of the big table (memory, downloads); 0: skip; e.g. 10000000")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each contender (median)")
     parser.add_argument("--sqlite-utils-repeats", type=int, default=1, help="runs of sqlite-utils (slow)")
+    parser.add_argument("--sqlite-utils-rows", type=int, default=100_000,
+                        help="rows sqlite-utils exports, the first ones, against sqlite3 -json on the same "
+                             "rows (0: all of --rows; at 1M rows it takes about a minute)")
     parser.add_argument("--yaml-rows", type=int, default=0,
                         help="rows of the yaml case, the first ones (0: all of --rows)")
     parser.add_argument("--latency-seconds", type=float, default=20, help="duration of the latency part")
