@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import platform
@@ -175,6 +176,10 @@ class Bench:
         self.idle_run = ""  # a finished run the idle latency clients poll
         self.kept_run: tuple[str, int] | None = None  # (run id, rows): the run the download part fetches
         self.verified: set[tuple[str, str, str, int | None]] = set()  # (content SHA-256, fmt, table, max id)
+        self.pending: dict[tuple[str, str, str, int | None], Path] = {}  # to check, by verify_pending()
+        self.kept_outputs: list[Path] = []  # files and runs kept until their check
+        self.kept_runs: list[str] = []
+        self.outputs = 0
 
     # ------------------------------------------------------------ helpers
 
@@ -203,22 +208,40 @@ class Bench:
         return self.columns[table]
 
     def check_file(self, path: Path, fmt: str, table: str, max_id: int | None = None,
-                   content: str | None = None) -> None:
-        """Check a data file against the source, row by row, unless its content was checked already.
+                   content: str | None = None) -> bool:
+        """Queue a data file for checking against the source, unless its content is checked or queued.
 
         ``content``: SHA-256 of the (decompressed) content when the caller has it.
         Outputs byte-identical to a checked one (the other repeats, the gzip'd and
-        two-table variants) are recognised by it and not parsed again.
+        two-table variants) are recognised by it and not parsed again. True: the
+        file is queued, keep it until ``verify_pending()``.
         """
-        content = content or verify.content_sha256(path)
-        if (content, fmt, table, max_id) in self.verified:
-            return
-        got = verify.file_digest(path, fmt)
-        want = self.digest(table, max_id)
-        if got != want:
-            raise verify.Mismatch(f"{path.name}: {got.rows:,} rows, digest {got.sha256[:16]}…; the source "
-                                  f"{table} has {want.rows:,} rows, digest {want.sha256[:16]}…")
-        self.verified.add((content, fmt, table, max_id))
+        key = (content or verify.content_sha256(path), fmt, table, max_id)
+        if key in self.verified or key in self.pending:
+            return False
+        self.pending[key] = path
+        return True
+
+    def verify_pending(self) -> None:
+        """Check every queued file, two at a time (between measurements, never during one)."""
+        if self.pending:
+            say(f"checking {len(self.pending)} files row by row against the source")
+            with concurrent.futures.ProcessPoolExecutor(max_workers=2) as pool:
+                digests = pool.map(verify.file_digest, self.pending.values(), [k[1] for k in self.pending])
+                for (key, path), got in zip(self.pending.items(), digests, strict=True):
+                    _content, _fmt, table, max_id = key
+                    want = self.digest(table, max_id)
+                    if got != want:
+                        raise verify.Mismatch(
+                            f"{path.name}: {got.rows:,} rows, digest {got.sha256[:16]}…; the source "
+                            f"{table} has {want.rows:,} rows, digest {want.sha256[:16]}…")
+                    self.verified.add(key)
+            self.pending.clear()
+        for path in self.kept_outputs:
+            path.unlink(missing_ok=True)
+        for run in self.kept_runs:
+            self.svc.delete_run(run)
+        self.kept_outputs, self.kept_runs = [], []
 
     def timed_command(self, command: str, output: Path) -> float:
         """Wall time of a shell command whose stdout goes to ``output``."""
@@ -315,28 +338,36 @@ class Bench:
         if record["records_exported"] != expected_rows:
             raise verify.Mismatch(f"run {run} exported {record['records_exported']:,} records, "
                                   f"expected {expected_rows:,}")
+        keep = False
         for table, fmt, max_id in checks:
             artifact = artifacts[table]
             path = Path(artifact["storage_path"])
             stored = verify.file_sha256(path)
             if stored != artifact["checksum"]:
                 raise verify.Mismatch(f"{path}: SHA-256 differs from the artifact's checksum")
-            self.check_file(path, fmt, table, max_id, None if path.name.endswith(".gz") else stored)
-        self.svc.delete_run(run)
+            queued = self.check_file(path, fmt, table, max_id, None if path.name.endswith(".gz") else stored)
+            keep = keep or queued
+        if keep:
+            self.kept_runs.append(run)
+        else:
+            self.svc.delete_run(run)
 
     def baseline_export(self, row: Export, commands: list[tuple[str, str, str, int | None]]) -> None:
         """One timed run of shell commands; (command, format, table, max id) each, run one after another."""
         outputs = []
         elapsed = 0.0
-        for number, (command, _fmt, _table, _max_id) in enumerate(commands):
-            output = self.out / (f"baseline-{number}.json" + (".gz" if "| gzip" in command else ""))
+        for command, _fmt, _table, _max_id in commands:
+            self.outputs += 1
+            output = self.out / (f"baseline-{self.outputs}.json" + (".gz" if "| gzip" in command else ""))
             elapsed += self.timed_command(command, output)
             outputs.append(output)
         row.times.append(elapsed)
         row.size = sum(p.stat().st_size for p in outputs)
         for output, (_command, fmt, table, max_id) in zip(outputs, commands, strict=True):
             if self.o.check_baselines == "full":
-                self.check_file(output, fmt, table, max_id)
+                if self.check_file(output, fmt, table, max_id):
+                    self.kept_outputs.append(output)
+                    continue
             elif (lines := verify.count_lines(output)) != self.digest(table, max_id).rows:
                 raise verify.Mismatch(f"{row.contender} wrote {lines:,} lines for "
                                       f"{self.digest(table, max_id).rows:,} rows of {table}")
@@ -407,6 +438,7 @@ class Bench:
                 (self.sqlite3_json("events"), "sqlite3-json", "events", None),
                 (self.sqlite3_json("accounts"), "sqlite3-json", "accounts", None)])
             self.service_export(svc_two, e_two, [("events", "jsonl", None), ("accounts", "jsonl", None)])
+        self.verify_pending()
         if utils_row is not None and o.sqlite_utils_repeats < o.repeats:
             r.notes.append(f"`sqlite-utils` ran {o.sqlite_utils_repeats} time(s) (`--sqlite-utils-repeats`): "
                            "it is a reference point, not a target, and takes several times longer.")
@@ -430,6 +462,7 @@ class Bench:
         extract = self.svc.create_extract("bench memory", ["events"], "jsonl", False)
         run, small = self.run_measured(extract)
         self.check_file(self.data_file(run), "jsonl", "events")
+        self.verify_pending()
         self.kept_run = (run, o.rows)
         windows = [(o.rows, small)]
         if o.big_rows:
@@ -499,6 +532,7 @@ class Bench:
             raise verify.Mismatch(f"{path}: not {o.big_rows:,} records")
         if o.verify_big == "full":
             self.check_file(path, "jsonl", "events_big")
+            self.verify_pending()
             how = "every row against the source"
         else:
             every = max(1, o.big_rows // 100_000)
@@ -572,7 +606,7 @@ class Bench:
         """Polling clients with the workers idle (the service's own floor), then with two exports running."""
         o, r = self.o, self.results
         table = "events_big" if o.big_rows else "events"
-        say(f"part 5: API latency, {o.clients} clients: {o.latency_seconds / 4:.0f} s idle, "
+        say(f"part 5: API latency, {o.clients} clients: {o.latency_seconds / 4:g} s idle, "
             f"{o.latency_seconds:.0f} s during two exports of {table}")
         idle = asyncio.run(self._latency([], o.latency_seconds / 4))
         extracts = [self.svc.create_extract(f"load {i}", [table], "jsonl", False) for i in range(2)]
