@@ -296,7 +296,12 @@ class RunManager:
         """The next due time of a scheduled extract (None when not scheduled)."""
         if not (config.get("schedule_enabled") and config.get("enabled", True) and config.get("schedule")):
             return None
-        return keep or iso(croniter(config["schedule"], self.clock()).get_next(datetime))
+        if keep:
+            return keep
+        try:
+            return iso(croniter(config["schedule"], self.clock()).get_next(datetime))
+        except ValueError:  # a schedule that never comes due (saved before it was refused)
+            return None
 
     # ------------------------------------------------------------ dispatch
 
