@@ -175,8 +175,8 @@ class Bench:
         self.service: Service | None = None
         self.idle_run = ""  # a finished run the idle latency clients poll
         self.kept_run: tuple[str, int] | None = None  # (run id, rows): the run the download part fetches
-        self.verified: set[tuple[str, str, str, int | None]] = set()  # (content SHA-256, fmt, table, max id)
-        self.pending: dict[tuple[str, str, str, int | None], Path] = {}  # to check, by verify_pending()
+        self.verified: set[tuple[str, str, int | None]] = set()  # (JSON lines' SHA-256, table, max id)
+        self.pending: dict[tuple[str, str, int | None], tuple[Path, str]] = {}  # (file, format) to check
         self.kept_outputs: list[Path] = []  # files and runs kept until their check
         self.kept_runs: list[str] = []
         self.outputs = 0
@@ -209,17 +209,21 @@ class Bench:
 
     def check_file(self, path: Path, fmt: str, table: str, max_id: int | None = None,
                    content: str | None = None) -> bool:
-        """Queue a data file for checking against the source, unless its content is checked or queued.
+        """Queue a data file for checking against the source, unless its rows are checked or queued.
 
-        ``content``: SHA-256 of the (decompressed) content when the caller has it.
-        Outputs byte-identical to a checked one (the other repeats, the gzip'd and
-        two-table variants) are recognised by it and not parsed again. True: the
-        file is queued, keep it until ``verify_pending()``.
+        Files are known by the SHA-256 of the JSON lines they hold
+        (``verify.json_lines_sha256``; ``content`` when the caller has it): the
+        other repeats, the gzip'd, ``json``, ``yaml`` and two-table outputs of
+        the same rows are recognised and not parsed again. True: the file is
+        queued, keep it until ``verify_pending()``.
         """
-        key = (content or verify.content_sha256(path), fmt, table, max_id)
+        lines = content or verify.json_lines_sha256(path, fmt)
+        key = (lines, table, max_id) if lines else (verify.file_sha256(path), table, max_id)
+        if fmt == "yaml" and lines and key not in self.verified:
+            verify.yaml_reads_as_json(path)  # the JSON lines mean the same to YAML
         if key in self.verified or key in self.pending:
             return False
-        self.pending[key] = path
+        self.pending[key] = (path, fmt)
         return True
 
     def verify_pending(self) -> None:
@@ -227,9 +231,10 @@ class Bench:
         if self.pending:
             say(f"checking {len(self.pending)} files row by row against the source")
             with concurrent.futures.ProcessPoolExecutor(max_workers=2) as pool:
-                digests = pool.map(verify.file_digest, self.pending.values(), [k[1] for k in self.pending])
-                for (key, path), got in zip(self.pending.items(), digests, strict=True):
-                    _content, _fmt, table, max_id = key
+                files = list(self.pending.values())
+                digests = pool.map(verify.file_digest, *zip(*files, strict=True))
+                for (key, (path, _fmt)), got in zip(self.pending.items(), digests, strict=True):
+                    _lines, table, max_id = key
                     want = self.digest(table, max_id)
                     if got != want:
                         raise verify.Mismatch(
@@ -345,7 +350,8 @@ class Bench:
             stored = verify.file_sha256(path)
             if stored != artifact["checksum"]:
                 raise verify.Mismatch(f"{path}: SHA-256 differs from the artifact's checksum")
-            queued = self.check_file(path, fmt, table, max_id, None if path.name.endswith(".gz") else stored)
+            plain = fmt == "jsonl" and not path.name.endswith(".gz")  # then its bytes are its JSON lines
+            queued = self.check_file(path, fmt, table, max_id, stored if plain else None)
             keep = keep or queued
         if keep:
             self.kept_runs.append(run)

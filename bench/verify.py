@@ -104,7 +104,7 @@ def _sqlite3_json_objects(path: Path) -> Iterator[dict[str, Any]]:
                 yield loads(line)
 
 
-def _yaml_objects(path: Path, both_ways: int = YAML_BOTH_WAYS) -> Iterator[dict[str, Any]]:
+def _yaml_objects(path: Path, both_ways: int = YAML_BOTH_WAYS, stop: int = 0) -> Iterator[dict[str, Any]]:
     """The mappings of a YAML sequence, read fast when it is one flow mapping per line.
 
     PyYAML's loader reads about 5,000 records a second: a million would take
@@ -135,6 +135,8 @@ def _yaml_objects(path: Path, both_ways: int = YAML_BOTH_WAYS) -> Iterator[dict[
                                    f"and as JSON: {record}")
                 record = as_yaml
             yield record
+            if number == stop:
+                return
 
 
 def file_digest(path: Path, fmt: str) -> Digest:
@@ -160,6 +162,57 @@ def content_sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def json_lines_sha256(path: Path, fmt: str) -> str | None:
+    """SHA-256 of the JSON lines a file holds in one of the layouts the service writes, else None.
+
+    ``jsonl``: the (decompressed) content. ``json``: ``[``, then one object a
+    line, ``,`` between lines, then ``]``. ``yaml``: one ``- {...}`` a line.
+    Two files with the same JSON lines hold the same rows, so a ``json`` or
+    ``yaml`` file whose lines are those of a checked ``jsonl`` file needs no
+    parsing of its own (for YAML, ``yaml_reads_as_json`` checks that its JSON
+    means the same to a YAML reader).
+    """
+    h = hashlib.sha256()
+    with _open(path) as f:
+        if fmt == "jsonl":
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        elif fmt == "json":
+            if f.readline() != b"[\n":  # not so for an empty table ("[]"): parsed instead
+                return None
+            row, closed = None, False
+            for line in f:
+                if closed:
+                    return None
+                if line == b"]\n":  # a row is an object: this is the array's end
+                    if row is None or not row.endswith(b"}\n"):
+                        return None
+                    h.update(row)
+                    row, closed = None, True
+                    continue
+                if row is not None:
+                    if not row.endswith(b"},\n"):
+                        return None
+                    h.update(row[:-2] + b"\n")
+                row = line
+            if not closed:
+                return None
+        elif fmt == "yaml":
+            for line in f:
+                if not line.startswith(b"- {"):
+                    return None
+                h.update(line[2:])
+        else:
+            return None
+    return h.hexdigest()
+
+
+def yaml_reads_as_json(path: Path, lines: int = YAML_BOTH_WAYS) -> None:
+    """The first ``lines`` lines of a flow-style YAML file read the same with PyYAML and as JSON."""
+    for _ in _yaml_objects(path, both_ways=lines, stop=lines):
+        pass
 
 
 def file_sha256(path: Path) -> str:
