@@ -256,16 +256,24 @@ def test_a_snapshot_does_not_see_later_commits(tmp_path: Path) -> None:
 def test_interrupt_stops_a_running_statement(tmp_path: Path) -> None:
     db = tmp_path / "source.db"
     build_big_table(db, "big", 200_000)
+    stop = threading.Event()
     with open_source(str(db)) as source:
-        timer = threading.Timer(0.1, source.interrupt)
-        timer.start()
+
+        def interrupt_until_stopped() -> None:  # one call between two statements is lost
+            while not stop.wait(0.05):
+                source.interrupt()
+
+        interrupter = threading.Thread(target=interrupt_until_stopped)
+        interrupter.start()
         started = time.monotonic()
-        with pytest.raises(SourceError, match="interrupted"), source.snapshot():
-            source.count("big", {"label": {"$like": "%never%"}, "amount": {"$gt": -1}})
-            while True:  # in case the count was quicker than the timer
-                source.count("big", {"label": {"$like": "%never%"}})
+        try:
+            with pytest.raises(SourceError, match="interrupted"), source.snapshot():
+                while time.monotonic() - started < 10:
+                    source.count("big", {"label": {"$like": "%never%"}, "amount": {"$gt": -1}})
+        finally:
+            stop.set()
+            interrupter.join()
         assert time.monotonic() - started < 2
-        timer.join()
 
 
 # ---------------------------------------------------------------- names
