@@ -130,8 +130,8 @@ class Monitor:
             try:
                 if not self.cancel_requested.is_set() and self._cancelled.get(self.run_id):
                     self.cancel_requested.set()
-                    if self.on_cancel is not None:
-                        self.on_cancel()
+                if self.cancel_requested.is_set() and self.on_cancel is not None:
+                    self.on_cancel()  # again each time: a call between two statements is lost
                 if time.monotonic() - self._last_sent >= _HEARTBEAT:
                     self._send()
             except Exception:  # noqa: BLE001 — the service went away; the run finishes alone
@@ -201,7 +201,11 @@ class Export:
         names = self._schema_names(source)
         wheres = self._wheres(source, names)
         if "data" in self.include:
-            self.monitor.plan(len(names), sum(source.count(name, wheres[name]) for name in names))
+            totals = []
+            for name in names:
+                self.monitor.check()
+                totals.append(source.count(name, wheres[name]))
+            self.monitor.plan(len(names), sum(totals))
         if "describe" in self.include:
             output.describe(dump_yaml(source.describe(names)))
             self.monitor.phase("exported_describe", described=True)
