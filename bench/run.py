@@ -1,6 +1,6 @@
 """The Extracts benchmark: the real service against the tools people export with today.
 
-    python bench/run.py              # 1M rows, median of 3: 5-6 minutes on 2 busy cores
+    python bench/run.py              # 1M rows, median of 3: about 6 minutes on 2 busy cores
     python bench/run.py --smoke      # small, about 30 s: keeps this script working in CI
     python bench/run.py --big-rows 10000000 --markdown bench/RESULTS.md
 
