@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import TOKEN, Service, make_shop_db, start_service
+from conftest import TOKEN, Service, make_big_db, make_shop_db, start_service
 
 pytestmark = pytest.mark.faults
 
@@ -37,20 +37,6 @@ INTERRUPTED = "interrupted: the service stopped while this run was running"
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def make_rows_db(path: Path, rows: int) -> Path:
-    """A ``big`` table of ``rows`` rows (~80 bytes of JSON each) and a one-row ``small``."""
-    con = sqlite3.connect(path)
-    con.execute("CREATE TABLE big (id INTEGER PRIMARY KEY, name TEXT, amount REAL, at TEXT)")
-    con.execute("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT ?) "
-                "INSERT INTO big SELECT x, 'name ' || x, x * 0.25, '2024-01-01T00:00:00Z' FROM c",
-                (rows,))
-    con.execute("CREATE TABLE small (id INTEGER PRIMARY KEY, v TEXT)")
-    con.execute("INSERT INTO small VALUES (1, 'one')")
-    con.commit()
-    con.close()
-    return path
 
 
 def worker_writing(storage: Path, run_id: str, timeout: float = 30) -> int:
@@ -172,7 +158,7 @@ def remount(path: Path, mode: str) -> None:
 
 @pytest.fixture(scope="module")
 def big_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_rows_db(tmp_path_factory.mktemp("faults-source") / "big.db", 500_000)
+    return make_big_db(tmp_path_factory.mktemp("faults-source") / "big.db", 500_000)
 
 
 # ---------------------------------------------------------------- dying workers
@@ -266,7 +252,7 @@ def test_service_kill_9_five_times_loses_nothing(tmp_path: Path, big_db: Path) -
 
 
 def test_a_full_volume_fails_the_run_cleanly_and_the_next_run_works(tmp_path: Path) -> None:
-    source = make_rows_db(tmp_path / "source.db", 400_000)  # ~35 MB of JSON lines: twice the volume
+    source = make_big_db(tmp_path / "source.db", 400_000)  # ~35 MB of JSON lines: twice the volume
     with tmpfs(tmp_path / "volume", 16) as volume:
         svc = start_service(tmp_path, str(source), "--min-free-mb", "0", storage=volume / "storage")
         try:
@@ -291,7 +277,7 @@ def test_a_full_volume_fails_the_run_cleanly_and_the_next_run_works(tmp_path: Pa
 
 def test_a_full_volume_without_mount_rights_fails_the_run_cleanly(tmp_path: Path) -> None:
     """The same fault where no tmpfs can be mounted: a file-size limit on the service's processes."""
-    source = make_rows_db(tmp_path / "source.db", 200_000)
+    source = make_big_db(tmp_path / "source.db", 200_000)
     limit = 8 << 20
 
     def limited() -> None:  # in the child, before exec: writes past the limit fail with EFBIG
@@ -363,7 +349,7 @@ def test_storage_turning_read_only_fails_runs_and_downloads_keep_working(tmp_pat
 
 
 def test_source_deleted_or_replaced_mid_run(tmp_path: Path) -> None:
-    source = make_rows_db(tmp_path / "source.db", 600_000)
+    source = make_big_db(tmp_path / "source.db", 600_000)
     svc = start_service(tmp_path, str(source))
     try:
         extract = svc.create_extract(name="Source faults", schemas=["big"], compress=False)
@@ -384,7 +370,7 @@ def test_source_deleted_or_replaced_mid_run(tmp_path: Path) -> None:
         # Replaced mid-run: the run finishes on the snapshot it started with.
         run_id = svc.run(extract["id"])
         worker_writing(svc.storage, run_id)
-        replacement = make_rows_db(tmp_path / "replacement.db", 1_000)
+        replacement = make_big_db(tmp_path / "replacement.db", 1_000)
         os.replace(replacement, source)
         run = svc.wait_run(run_id)
         assert run["status"] == "completed" and run["records_exported"] == 600_000, run
@@ -462,7 +448,7 @@ def test_state_file_locked_for_seconds_requests_wait_and_succeed(tmp_path: Path)
 
 
 def test_state_file_locked_past_the_busy_timeout_is_a_503_and_nothing_is_stuck(tmp_path: Path) -> None:
-    source = make_rows_db(tmp_path / "source.db", 300_000)
+    source = make_big_db(tmp_path / "source.db", 300_000)
     svc = start_service(tmp_path, str(source))
     try:
         extract = svc.create_extract(name="Locked long", schemas=["big"], compress=False)

@@ -16,20 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import Service, make_shop_db, start_service
-
-
-def make_big_db(path: Path, rows: int) -> Path:
-    con = sqlite3.connect(path)
-    con.execute("CREATE TABLE big (id INTEGER PRIMARY KEY, name TEXT, amount REAL, at TEXT)")
-    con.execute("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT ?) "
-                "INSERT INTO big SELECT x, 'name ' || x, x * 0.25, '2024-01-01T00:00:00Z' FROM c",
-                (rows,))
-    con.execute("CREATE TABLE small (id INTEGER PRIMARY KEY, v TEXT)")
-    con.execute("INSERT INTO small VALUES (1, 'one')")
-    con.commit()
-    con.close()
-    return path
+from conftest import Service, make_big_db, make_shop_db, start_service
 
 
 def artifacts_of(service: Service, run_id: str) -> list[dict]:
