@@ -161,6 +161,19 @@ def test_yaml_reads_back_what_the_json_says(chunk: bytes) -> None:
     assert yaml_text.count(b"\n- ") == chunk.count(b"\n")  # one record per line
 
 
+@pytest.mark.parametrize("unsafe", ["\x7f", "\x80", "\x85", "\x9f", "\u2028", "\u2029", "\ufeff", "\ufffe",
+                                    "\uffff"])
+def test_yaml_escapes_each_unsafe_character_among_lookalikes(unsafe: str) -> None:
+    # Lookalikes share a lead byte with an unsafe character: NBSP and ° (c2),
+    # an en dash (e2 80), a fullwidth ! (ef): they stay as they are.
+    lookalikes = "\xa0 ° – ！ é"
+    chunk = "\n".join([json.dumps({"t": lookalikes}, ensure_ascii=False),
+                       json.dumps({"t": f"{lookalikes} {unsafe} end"}, ensure_ascii=False)]).encode()
+    yaml_text = b"".join(encoder("yaml", json_is_yaml_safe=True).body(chunk, first=True))
+    assert unsafe.encode() not in yaml_text and lookalikes.encode() in yaml_text
+    assert yaml.safe_load(yaml_text) == [{"t": lookalikes}, {"t": f"{lookalikes} {unsafe} end"}]
+
+
 def test_names_are_safe_and_views_come_only_when_named(tmp_path: Path, manager: Any, source: Path) -> None:
     channel = Channel(manager)
     job = make_job(tmp_path, source, schemas=["../../etc/passwd", "adults"], include=["data"])
