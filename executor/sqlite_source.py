@@ -406,13 +406,16 @@ def _real_sql(c: str, zero_sql: str) -> str:
     coordinates) is written short: ``m / 1e6 = c`` with ``m`` the integer
     ``round(c * 1e6)`` is an IEEE division of two exact doubles, so it holds
     exactly when the decimal ``m`` * 10^-6 reads back as ``c``, and that decimal
-    (15 digits at most) is what ``%!.15g`` prints. Every other finite value
-    gets 18 significant digits.
+    (15 digits at most) is what ``%!.15g`` prints. That is how ``json_object``
+    prints a REAL, so the value goes in as it is: ``json()``, which marks text
+    as JSON, costs more than the formatting. Every other finite value gets 18
+    significant digits; the infinities become strings, which ``json_object``
+    quotes.
     """
-    return (f"json(CASE WHEN {c} = 0 THEN {zero_sql.format(c=c)} "
-            f"WHEN {c} > -1e9 AND {c} < 1e9 AND round({c} * 1e6) / 1e6 = {c} THEN printf('%!.15g', {c}) "
-            f"WHEN {c} < 9e999 AND {c} > -9e999 THEN printf('%!.18g', {c}) "
-            f"WHEN {c} > 0 THEN '\"Infinity\"' ELSE '\"-Infinity\"' END)")
+    return (f"CASE WHEN {c} = 0 THEN json({zero_sql.format(c=c)}) "
+            f"WHEN {c} > -1e9 AND {c} < 1e9 AND round({c} * 1e6) / 1e6 = {c} THEN {c} "
+            f"WHEN {c} < 9e999 AND {c} > -9e999 THEN json(printf('%!.18g', {c})) "
+            f"WHEN {c} > 0 THEN 'Infinity' ELSE '-Infinity' END")
 
 
 def _value_sql(c: str, kind: str, zero_sql: str) -> str:
