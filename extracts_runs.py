@@ -42,6 +42,7 @@ from databases import Database
 
 from extracts_state import (
     ACTIVE_STATUSES,
+    SQL_NOW,
     RunStatus,
     TriggeredBy,
     dumps,
@@ -231,17 +232,19 @@ class RunManager:
 
     async def queue_run(self, extract: dict[str, Any], triggered_by: TriggeredBy) -> str | None:
         """Insert a queued run; None when the extract already has an active one (unique index)."""
-        run_id, now = new_id("run"), now_iso()
+        run_id = new_id("run")
         snapshot = {key: extract[key] for key in SNAPSHOT_FIELDS}
         try:
+            # The time is SQLite's, read once the write lock is held: runs are stamped in
+            # the order they were inserted, however long one waited for the lock.
             inserted = await self.db.fetch_one(
                 "INSERT INTO extract_runs (id, extract_id, extract_name, status, progress, "
                 "progress_detail, triggered_by, config_snapshot, created_at, updated_at) "
-                "SELECT :id, id, name, 'queued', 0, :detail, :by, :snapshot, :now, :now "
+                f"SELECT :id, id, name, 'queued', 0, :detail, :by, :snapshot, {SQL_NOW}, {SQL_NOW} "
                 "FROM extracts WHERE id = :extract AND deleted_at IS NULL AND enabled = 1 "
                 "RETURNING id",
                 {"id": run_id, "detail": dumps(queued_detail()), "by": triggered_by.value,
-                 "snapshot": dumps(snapshot), "now": now, "extract": extract["id"]})
+                 "snapshot": dumps(snapshot), "extract": extract["id"]})
         except sqlite3.IntegrityError as exc:
             if "UNIQUE" not in str(exc):
                 raise

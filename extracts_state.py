@@ -61,6 +61,10 @@ def parse_iso(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+# now_iso() in SQL: the same text (milliseconds, Z), from SQLite's clock.
+SQL_NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+
+
 def now_iso() -> str:
     return iso(utcnow())
 

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -54,7 +55,8 @@ def test_run_completes_with_checksummed_files(service: Service, shop_db: Path) -
     assert run["progress"] == 100 and run["progress_detail"]["phase"] == "completed"
     assert run["records_exported"] == 4 + 50 + 20 and run["schemas_exported"] == 3
     assert run["triggered_by"] == "manual" and run["error"] is None
-    assert run["duration_seconds"] >= 0 and run["completed_at"] >= run["started_at"]
+    assert run["duration_seconds"] >= 0 and run["completed_at"] >= run["started_at"] >= run["created_at"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", run["created_at"]), run["created_at"]
     artifacts = artifacts_of(service, run["id"])
     names = [a["artifact_name"] for a in artifacts]
     assert sorted(names) == sorted(["describe.yaml", "users.jsonl.gz", "orders.jsonl.gz",
