@@ -43,6 +43,7 @@ from databases import Database
 from extracts_state import (
     ACTIVE_STATUSES,
     SQL_NOW,
+    SQL_NOW_PARAMS,
     RunStatus,
     TriggeredBy,
     dumps,
@@ -244,7 +245,7 @@ class RunManager:
                 "FROM extracts WHERE id = :extract AND deleted_at IS NULL AND enabled = 1 "
                 "RETURNING id",
                 {"id": run_id, "detail": dumps(queued_detail()), "by": triggered_by.value,
-                 "snapshot": dumps(snapshot), "extract": extract["id"]})
+                 "snapshot": dumps(snapshot), "extract": extract["id"], **SQL_NOW_PARAMS})
         except sqlite3.IntegrityError as exc:
             if "UNIQUE" not in str(exc):
                 raise

@@ -61,8 +61,10 @@ def parse_iso(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-# now_iso() in SQL: the same text (milliseconds, Z), from SQLite's clock.
-SQL_NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+# now_iso() in SQL: the same text (milliseconds, Z), from SQLite's clock. The
+# format is bound (SQL_NOW_PARAMS): `databases` reads a literal '%' as its own.
+SQL_NOW = "strftime(:now_format, 'now')"
+SQL_NOW_PARAMS = {"now_format": "%Y-%m-%dT%H:%M:%fZ"}
 
 
 def now_iso() -> str:
