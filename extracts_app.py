@@ -190,7 +190,7 @@ def prepare(settings: Settings) -> None:
         settings.demo = True
     try:
         with open_source(settings.source) as source:
-            source.schemas()
+            source.names()
     except SourceError as exc:
         raise StartupError(f"cannot open the source: {exc}") from exc
     if settings.token is None:
@@ -405,7 +405,7 @@ def check_against_source(location: str, schemas: list[str] | None,
     """Schema names and filter columns checked against the source (runs in a thread)."""
     details = []
     with open_source(location) as source:
-        known = {s["name"] for s in source.schemas()}
+        known = set(source.names())
         if schemas is not None:
             unknown = [name for name in schemas if name not in known]
             if unknown:
@@ -674,7 +674,7 @@ async def describe_one(request: Request) -> Response:
 
 def describe_schema(location: str, name: str) -> dict[str, Any] | None:
     with open_source(location) as source:
-        if name not in {s["name"] for s in source.schemas()}:
+        if name not in source.names():
             return None
         return source.describe([name])[name]
 
@@ -697,7 +697,7 @@ async def openapi(request: Request) -> Response:
 def source_catalog(location: str) -> dict[str, list[str]]:
     """Every schema of the source with its columns, for the OpenAPI document."""
     with open_source(location) as source:
-        return {s["name"]: source.columns(s["name"]) for s in source.schemas()}
+        return {name: source.columns(name) for name in source.names()}
 
 
 def route(path: str, **handlers: Callable[[Request], Any]) -> Route:

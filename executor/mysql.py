@@ -389,6 +389,11 @@ class MySQLSource(Source):
                 for row in self._tables()
             ]
 
+    def names(self) -> list[str]:
+        self._reconnect_if_lost()
+        with self._translate("list the schemas"):
+            return [row[0] for row in self._tables()]
+
     def columns(self, name: str) -> list[str]:
         self._resolve(name)
         with self._translate(f"read the columns of '{name}'", name):

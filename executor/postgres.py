@@ -386,6 +386,11 @@ class PostgresSource(Source):
                 for row in self._relations()
             ]
 
+    def names(self) -> list[str]:
+        self._reconnect_if_lost()
+        with self._translate("list the schemas"):
+            return [row[0] for row in self._relations()]
+
     def columns(self, name: str) -> list[str]:
         relation = self._resolve(name)
         with self._translate(f"read the columns of '{name}'", name):

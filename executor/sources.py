@@ -72,6 +72,10 @@ class Source(ABC):
         """
 
     @abstractmethod
+    def names(self) -> list[str]:
+        """The names ``schemas()`` lists, without counting any rows: cheap on a big source."""
+
+    @abstractmethod
     def columns(self, name: str) -> list[str]:
         """Column names of ``name`` in column order; raises UnknownSchema."""
 

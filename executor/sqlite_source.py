@@ -192,6 +192,16 @@ class SQLiteSource(Source):
                 continue
         return listed
 
+    def names(self) -> list[str]:
+        names = []
+        for name in sorted(self._relations()):
+            try:
+                self._column_rows(name)
+            except SourceError:  # unreadable: left out, as schemas() does
+                continue
+            names.append(name)
+        return names
+
     def columns(self, name: str) -> list[str]:
         self._relation(name)
         return [row[0] for row in self._column_rows(name)]

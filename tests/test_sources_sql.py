@@ -581,6 +581,7 @@ def test_schemas_lists_tables_and_views_by_their_names(shop: PG | My) -> None:
         listed = {s["name"]: s for s in source.schemas()}
         assert all(not name.startswith(("pg_", "information_schema")) for name in listed)
         names = [s["name"] for s in source.schemas()]
+        assert source.names() == names
     assert names == sorted(names)
     assert listed[shop.name("users")] == {
         "name": shop.name("users"), "type": "table", "columns": 5, "row_count": 3,
