@@ -182,6 +182,23 @@ def test_text_that_is_not_utf8_still_gives_valid_json(tmp_path: Path) -> None:
             assert export(source, name) == [{"id": 1, "s": "Cafe\ufffd\ufffd"}, {"id": 2, "s": "ok é"}]
 
 
+@pytest.mark.parametrize("offset", range(8))
+def test_utf8_is_checked_across_piece_boundaries(tmp_path: Path, offset: int) -> None:
+    # 64 KiB pieces: an emoji straddles a boundary, then a stray byte lies past it.
+    long = "x" * (65_536 - 9 - offset) + "🎉" + "€" * 30_000
+    db = run_sql(tmp_path / "source.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, s TEXT)")
+    con = sqlite3.connect(db)
+    con.execute("INSERT INTO t (s) VALUES (?)", (long,))
+    bad = long.encode()[:70_000] + b"\xe2\x82" + "end 🎈".encode()
+    con.execute("INSERT INTO t (s) VALUES (CAST(? AS TEXT))", (bad,))
+    con.commit()
+    con.close()
+    with open_source(str(db)) as source:
+        assert export(source, "t") == [
+            {"id": 1, "s": long},
+            {"id": 2, "s": bad.decode("utf-8", "replace")}]
+
+
 def test_every_kind_of_column_keeps_its_values(tmp_path: Path) -> None:
     db = tmp_path / "source.db"
     con = sqlite3.connect(db)
