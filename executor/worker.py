@@ -238,10 +238,15 @@ class Export:
                        where: dict[str, Any] | None) -> None:
         self.monitor.phase("exporting_data", current_schema=name)
         writer = output.schema(name)
+        since_trim = 0
         try:
             for chunk, records in source.json_lines(name, where, BATCH_ROWS):
                 self.monitor.advance(records)
                 writer.write(chunk, records)
+                since_trim += len(chunk)
+                if since_trim >= _TRIM_EVERY_BYTES:
+                    _trim_heap()
+                    since_trim = 0
             writer.close()
         except BaseException:
             writer.abort()
@@ -281,20 +286,43 @@ def error_message(exc: BaseException, job: dict[str, Any]) -> str:
     return " ".join(message.split())
 
 
+def _libc_function(name: str) -> Any:
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_function("malloc_trim")
+_TRIM_EVERY_BYTES = 16 << 20
+
+
 def _tune_malloc() -> None:
     """Keep freed memory for reuse instead of returning it to the OS block by block.
 
     FINDINGS (Export speed): the exporters took a page fault per row without it.
     glibc only; elsewhere nothing changes. Same values every time: idempotent.
     """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
     mallopt(m_trim_threshold, 128 << 20)
     mallopt(m_top_pad, 16 << 20)
     mallopt(m_mmap_threshold, 32 << 20)
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc only; 1–2 ms a call).
+
+    Chunks are read in one thread and checked and written in others, so
+    megabyte buffers are freed out of the order they were allocated in; the
+    holes between them grew the worker by about 25 MiB over 10 million rows
+    (bench part 3). Trimming every ``_TRIM_EVERY_BYTES`` of output keeps it
+    flat, for about 0.3 s per 10 million rows.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def run_extract(job: dict[str, Any], queue: Any, cancelled: Any) -> dict[str, Any]:
