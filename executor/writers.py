@@ -41,7 +41,9 @@ import yaml
 from executor.naming import safe_file_name
 
 _BLOCK = 1 << 20  # bytes handed to the file thread at a time
-_QUEUE_BLOCKS = 8
+# Blocks waiting for the file thread: two keep it busy. More only fill up, and hold
+# memory, while the kernel throttles a big file's writes (8 blocks cost 15 MiB).
+_QUEUE_BLOCKS = 2
 _SPACE_CHECK_EVERY = 64 << 20
 _GZIP_LEVEL = 1  # fast: the files are big and mostly repetitive JSON
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
