@@ -42,7 +42,7 @@ from executor.naming import safe_file_name
 
 _BLOCK = 1 << 20  # bytes handed to the file thread at a time
 # Blocks waiting for the file thread: two keep it busy. More only fill up, and hold
-# memory, while the kernel throttles a big file's writes (8 blocks cost 15 MiB).
+# memory, while the kernel throttles a big file's writes (eight: +5 MiB at 10M rows).
 _QUEUE_BLOCKS = 2
 _SPACE_CHECK_EVERY = 64 << 20
 _GZIP_LEVEL = 1  # fast: the files are big and mostly repetitive JSON
