@@ -65,6 +65,22 @@ def make_big_db(path: Path, rows: int) -> Path:
     return path
 
 
+def worker_writing(storage: Path, run_id: str, timeout: float = 30) -> int:
+    """The pid of the process holding a file of the run directory open."""
+    target = str(storage / run_id) + "/"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(target):
+                        return int(pid)
+            except OSError:
+                continue
+        time.sleep(0.01)
+    raise AssertionError(f"no process writing {target}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import TOKEN, Service, make_big_db, make_shop_db, start_service
+from conftest import TOKEN, Service, make_big_db, make_shop_db, start_service, worker_writing
 
 pytestmark = pytest.mark.faults
 
@@ -39,20 +39,6 @@ INTERRUPTED = "interrupted: the service stopped while this run was running"
 # ---------------------------------------------------------------- helpers
 
 
-def worker_writing(storage: Path, run_id: str, timeout: float = 30) -> int:
-    """The pid of the process holding a file of the run directory open."""
-    target = str(storage / run_id) + "/"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                for fd in os.listdir(f"/proc/{pid}/fd"):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(target):
-                        return int(pid)
-            except OSError:
-                continue
-        time.sleep(0.01)
-    raise AssertionError(f"no process writing {target}")
 
 
 def descendants(pid: int) -> set[int]:

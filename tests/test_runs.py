@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import Service, make_big_db, make_shop_db, start_service
+from conftest import Service, make_big_db, make_shop_db, start_service, worker_writing
 
 
 def artifacts_of(service: Service, run_id: str) -> list[dict]:
@@ -195,20 +195,6 @@ def test_cancel_stops_the_worker_within_two_seconds(big_service: Service) -> Non
     assert big_service.client.post(f"/api/extracts/{extract['id']}/run").status_code == 202
 
 
-def worker_writing(storage: Path, run_id: str, timeout: float = 30) -> int:
-    """The pid of the process holding a file of the run directory open."""
-    target = str(storage / run_id)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                for fd in os.listdir(f"/proc/{pid}/fd"):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(target):
-                        return int(pid)
-            except OSError:
-                continue
-        time.sleep(0.02)
-    raise AssertionError(f"no process writing {target}")
 
 
 @pytest.mark.slow
