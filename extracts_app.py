@@ -612,6 +612,9 @@ async def delete_run(request: Request) -> Response:
     if run["status"] in ACTIVE_STATUSES:
         raise Conflict(f"Run {run['id']} is {run['status']}; cancel it with POST "
                        f"/api/extracts/{run['extract_id']}/cancel before deleting it")
+    if st.runs.worker_holds(run["id"]):  # its last files and rows are still on their way
+        raise Conflict(f"Run {run['id']} is {run['status']} and its worker is still stopping "
+                       "(within 2 seconds); retry the delete in a moment")
     try:
         await st.runs.delete_run_files(run["id"])
     except OSError as exc:

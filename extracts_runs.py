@@ -4,10 +4,9 @@
 
     queue_run() inserts a 'queued' row ─► dispatcher claims the oldest queued run
     (UPDATE … WHERE status = 'queued') while a worker is free ─► pool.submit(job)
-    ─► worker puts started / progress / artifact messages on a Manager queue ─►
-    one consumer task applies them in order ─► the future's result is put on the
-    same queue as a "done" message, so it is applied after everything the worker
-    said ─► the run row is finalised.
+    ─► worker puts started / progress / artifact messages on a Manager queue, and
+    its result last ─► one consumer task applies them in order ─► the run row is
+    finalised. The pool's future only reports what escaped the worker.
 
 The consumer is the only writer of run and artifact rows during a run. A pool
 broken by a dying worker is replaced; the runs it held fail with a message that
@@ -61,6 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("extracts.runs")
 
 INTERRUPTED = "interrupted: the service stopped while this run was running"
+DRAIN_TIMEOUT_S = 20.0  # past the state file's busy timeout: one locked write is waited out
 SNAPSHOT_FIELDS = ("format", "include", "schemas", "filter", "compress", "split_files",
                    "split_max_records", "retention_days")
 
@@ -68,6 +68,17 @@ SNAPSHOT_FIELDS = ("format", "include", "schemas", "filter", "compress", "split_
 def queued_detail() -> dict[str, Any]:
     return {"phase": "queued", "schemas_total": 0, "schemas_completed": 0, "current_schema": None,
             "records_exported": 0, "records_total": 0}
+
+
+def manager_initializer(service_pid: int) -> None:
+    """The Manager process outlives a signal sent to the service's whole process group.
+
+    It holds the messages workers already put; the service drains them when it
+    stops (``RunManager.stop``) and shuts the Manager down itself. It still dies
+    with the service after a ``kill -9``.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    worker_initializer(service_pid)
 
 
 def worker_initializer(service_pid: int | None = None, queue: Any = None, cancelled: Any = None) -> None:
@@ -133,9 +144,12 @@ class RunManager:
         self._jobs: dict[str, dict[str, Any]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._consumer: asyncio.Task[None] | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._clocks: list[asyncio.Task[None]] = []
         self._messages: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self._reader: threading.Thread | None = None
+        self._drained = asyncio.Event()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -146,13 +160,15 @@ class RunManager:
         self._reader = threading.Thread(target=self._read_queue, args=(loop,), daemon=True,
                                         name="extracts-progress-reader")
         self._reader.start()
-        for job in (self._consume(), self._dispatch(), self._sweep_forever(), self._schedule_forever()):
-            self._tasks.append(asyncio.create_task(job))
+        self._consumer = asyncio.create_task(self._consume())
+        self._dispatcher = asyncio.create_task(self._dispatch())
+        self._clocks = [asyncio.create_task(self._sweep_forever()),
+                        asyncio.create_task(self._schedule_forever())]
         self._wake.set()
 
     def _start_processes(self) -> None:
         self._manager = SyncManager(ctx=self._context)
-        self._manager.start(initializer=worker_initializer, initargs=(os.getpid(),))
+        self._manager.start(initializer=manager_initializer, initargs=(os.getpid(),))
         self._queue = self._manager.Queue()
         self._cancelled = self._manager.dict()
         self._new_pool()
@@ -185,19 +201,45 @@ class RunManager:
                 temp.unlink(missing_ok=True)
 
     async def stop(self) -> None:
-        """Graceful stop: active runs go back to 'queued' and run again at the next start."""
+        """Graceful stop: active runs go back to 'queued' and run again at the next start.
+
+        Nothing a worker finished is lost: the workers are stopped first, then
+        every message they had already sent (artifacts, results) is applied, and
+        only the runs still 'running' after that are requeued, each one's status
+        change won before its files go (SPEC: Snapshot, safety and faults).
+        """
         self._stopping = True
-        for task in self._tasks:
+        for task in self._clocks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        interrupted = list(self._inflight)
+        await asyncio.gather(*self._clocks, return_exceptions=True)
+        if self._dispatcher is not None:
+            # Not cancelled: a claim in progress completes, so its run is in _inflight
+            # (or still 'queued'); the loop ends at its next turn.
+            self._wake.set()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        in_flight = list(self._inflight)
         await asyncio.to_thread(self._kill_pool)
-        for run_id in interrupted:
-            await self._requeue(run_id)
-        if interrupted:
+        await self._drain()
+        requeued = await self._requeue()
+        for run_id in in_flight:  # cancelled, failed or completed meanwhile: only their temp files go
+            await asyncio.to_thread(self._remove_temporary_files, self.run_dir(run_id))
+        if requeued:
             log.info("%d active run(s) put back in the queue: they run again at the next start",
-                     len(interrupted))
+                     len(requeued))
         await asyncio.to_thread(self._stop_manager)
+
+    async def _drain(self, timeout: float = DRAIN_TIMEOUT_S) -> None:
+        """Apply every message already on the queue, then stop the consumer."""
+        if self._consumer is None:
+            return
+        self._drained.clear()
+        try:
+            await asyncio.to_thread(self._queue.put, ("drained", None, None))
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        except Exception:  # noqa: BLE001 — the Manager is gone, or the state file stayed locked
+            log.warning("could not apply every message of the stopped runs; they are requeued")
+        self._consumer.cancel()
+        await asyncio.gather(self._consumer, return_exceptions=True)
 
     def _kill_pool(self) -> None:
         if self._pool is None:
@@ -221,13 +263,28 @@ class RunManager:
             with contextlib.suppress(Exception):
                 self._manager.shutdown()
 
-    async def _requeue(self, run_id: str) -> None:
-        """Put an interrupted run back in the queue, its partial files removed."""
-        await self.delete_run_files(run_id, forget=True)
-        await self.db.execute(
-            "UPDATE extract_runs SET status = 'queued', progress = 0, progress_detail = :detail, "
-            "started_at = NULL, updated_at = :now WHERE id = :id AND status = 'running'",
-            {"detail": dumps(queued_detail()), "now": now_iso(), "id": run_id})
+    async def _requeue(self, run_ids: list[str] | None = None) -> list[str]:
+        """Put interrupted runs back in the queue (None: every 'running' run); returns their ids.
+
+        The status change is won first, in the transaction that removes the
+        run's artifact rows; only then do its partial files go. A run that
+        completed, failed or was cancelled meanwhile keeps everything.
+        """
+        values = {"detail": dumps(queued_detail()), "now": now_iso()}
+        requeue = ("UPDATE extract_runs SET status = 'queued', progress = 0, progress_detail = :detail, "
+                   "started_at = NULL, updated_at = :now WHERE status = 'running'")
+        async with self.db.transaction():
+            if run_ids is None:
+                rows = await self.db.fetch_all(requeue + " RETURNING id", values)
+            else:
+                rows = [row for run_id in run_ids if (row := await self.db.fetch_one(
+                    requeue + " AND id = :id RETURNING id", values | {"id": run_id})) is not None]
+            won = [row["id"] for row in rows]
+            for run_id in won:
+                await self.db.execute("DELETE FROM extract_artifacts WHERE run_id = :id", {"id": run_id})
+        for run_id in won:
+            await asyncio.to_thread(shutil.rmtree, self.run_dir(run_id), True)
+        return won
 
     # ------------------------------------------------------------ API used by the handlers
 
@@ -270,28 +327,24 @@ class RunManager:
             await asyncio.to_thread(self._cancelled.__setitem__, run_id, True)
         return run_id
 
-    async def delete_run_files(self, run_id: str, forget: bool = False) -> None:
-        """Delete a run's files; its artifact rows are marked deleted (or removed, on a requeue).
+    def worker_holds(self, run_id: str) -> bool:
+        """Whether a worker still works on the run (a cancelled one stops within 2 seconds)."""
+        return run_id in self._inflight
 
-        Raises OSError when the files cannot be removed (say, read-only storage) and
-        the rows are to be kept: they must not claim files gone that are still there.
+    async def delete_run_files(self, run_id: str) -> None:
+        """Delete a run's files and mark its artifact rows deleted.
+
+        Raises OSError when the files cannot be removed (say, read-only storage):
+        the rows must not claim files gone that are still there.
         """
         def remove() -> None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(self.run_dir(run_id))
-            except FileNotFoundError:
-                pass
-            except OSError:
-                if not forget:
-                    raise
 
         await asyncio.to_thread(remove)
-        if forget:
-            await self.db.execute("DELETE FROM extract_artifacts WHERE run_id = :id", {"id": run_id})
-        else:
-            await self.db.execute("UPDATE extract_artifacts SET deleted_at = :now "
-                                  "WHERE run_id = :id AND deleted_at IS NULL",
-                                  {"now": now_iso(), "id": run_id})
+        await self.db.execute("UPDATE extract_artifacts SET deleted_at = :now "
+                              "WHERE run_id = :id AND deleted_at IS NULL",
+                              {"now": now_iso(), "id": run_id})
 
     def run_dir(self, run_id: str) -> Path:
         return self.settings.storage / run_id
@@ -310,7 +363,8 @@ class RunManager:
     # ------------------------------------------------------------ dispatch
 
     async def _dispatch(self) -> None:
-        while True:
+        """Start queued runs while workers are free; ends once the service stops."""
+        while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
             try:
@@ -349,7 +403,7 @@ class RunManager:
         except (BrokenProcessPool, RuntimeError) as exc:
             log.warning("pool refused run %s (%s); replacing the pool", run["id"], exc)
             self._inflight.pop(run["id"])
-            await self._requeue(run["id"])
+            await self._requeue([run["id"]])
             await self._replace_pool(self._generation)
             return False
         def done(f: concurrent.futures.Future[Any], run_id: str = run["id"]) -> None:
@@ -360,22 +414,19 @@ class RunManager:
         return True
 
     def _future_done(self, run_id: str, future: concurrent.futures.Future[Any]) -> None:
-        if self._stopping:
+        """The worker put its result on the queue itself; only an escaped exception is handled here."""
+        if self._stopping or future.cancelled() or future.exception() is None:
             return
-        exc = future.exception() if not future.cancelled() else None
+        exc = future.exception()
         if isinstance(exc, BrokenProcessPool):
             generation = self._inflight.get(run_id)
             if generation == self._generation:
                 asyncio.create_task(self._replace_pool(generation))
             return
-        if exc is not None or future.cancelled():
-            result = {"status": "failed", "error": f"the worker could not run this extract: {exc}",
-                      "error_detail": {"type": type(exc).__name__, "message": str(exc),
-                                       "traceback": ""}}
-        else:
-            result = future.result()
-        # Behind everything the worker put on the queue (FINDINGS: progress after result).
-        asyncio.create_task(asyncio.to_thread(self._queue.put, ("done", run_id, result)))
+        result = {"status": "failed", "error": f"the worker could not run this extract: {exc}",
+                  "error_detail": {"type": type(exc).__name__, "message": str(exc), "traceback": ""}}
+        # Behind everything the worker put on the queue.
+        asyncio.create_task(asyncio.to_thread(self._queue.put, ("result", run_id, result)))
 
     async def _replace_pool(self, generation: int) -> None:
         """A worker died: build a new pool, then fail (or requeue) the runs the old one held."""
@@ -408,9 +459,12 @@ class RunManager:
 
     async def _consume(self) -> None:
         handlers = {"started": self._on_started, "progress": self._on_progress,
-                    "artifact": self._on_artifact, "done": self._on_done, "broken": self._on_broken}
+                    "artifact": self._on_artifact, "result": self._finish, "broken": self._on_broken}
         while True:
             kind, run_id, payload = await self._messages.get()
+            if kind == "drained":
+                self._drained.set()
+                continue
             await self._apply(handlers[kind], kind, run_id, payload)
 
     async def _apply(self, handler: Callable[[Any, Any], Any], kind: str, run_id: str | None,
@@ -418,14 +472,15 @@ class RunManager:
         """Apply one message; a state file locked by another process is waited out, not skipped.
 
         Skipping would lose an artifact row, or leave the run 'running' forever when
-        the lost message was its "done". Every handler can be applied again.
+        the lost message was its result. Every handler can be applied again. While
+        the service stops, ``_drain`` bounds the waiting.
         """
         while True:
             try:
                 await handler(run_id, payload)
                 return
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or self._stopping:
+                if "locked" not in str(exc):
                     log.exception("could not apply %s message for %s", kind, run_id)
                     return
                 log.warning("state file locked; applying the %s message for %s again", kind, run_id)
@@ -464,16 +519,13 @@ class RunManager:
         await self.db.execute(f"INSERT OR REPLACE INTO extract_artifacts ({columns}) VALUES "
                               f"({', '.join(':' + c for c in values)})", values)
 
-    async def _on_done(self, run_id: str, result: dict[str, Any]) -> None:
-        await self._finish(run_id, result)
-
     async def _on_broken(self, run_id: None, payload: dict[str, Any]) -> None:
         exitcodes: dict[int, int | None] = payload["exitcodes"]
         held = [r for r, g in self._inflight.items() if g == payload["generation"]]
         for run_id in held:
             pid = self._pids.get(run_id)
             if pid is None:
-                await self._requeue(run_id)
+                await self._requeue([run_id])
                 self._forget(run_id)
                 continue
             code = exitcodes.get(pid)

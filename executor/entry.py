@@ -1,7 +1,10 @@
-"""The function the service's process pool runs: announces its pid, then runs the extract.
+"""The function the service's process pool runs: announces its pid, runs the extract, reports.
 
 The pid lets the service tell which run a dead worker held (SPEC: a worker that
-dies fails the runs it held; the others get the pool's message).
+dies fails the runs it held; the others get the pool's message). The run's
+result is the last message the worker puts on the queue, so the service applies
+it after every progress and artifact message of the run, in one order; the
+pool's future only carries an exception that escaped the run.
 
 The service's progress queue and cancel flags (Manager proxies) reach each
 worker process once, through the pool's initializer (``keep_channel``), not
@@ -28,10 +31,10 @@ def keep_channel(queue: Any, cancelled: Any) -> None:
     _channel = (queue, cancelled)
 
 
-def run_in_worker(job: dict[str, Any], queue: Any = None, cancelled: Any = None) -> dict[str, Any]:
+def run_in_worker(job: dict[str, Any], queue: Any = None, cancelled: Any = None) -> None:
     if queue is None:
         if _channel is None:
             raise RuntimeError("the pool's initializer did not call executor.entry.keep_channel")
         queue, cancelled = _channel
     queue.put(("started", job["run_id"], {"pid": os.getpid()}))
-    return run_extract(job, queue, cancelled)
+    queue.put(("result", job["run_id"], run_extract(job, queue, cancelled)))
