@@ -504,8 +504,11 @@ class RunManager:
         if job is None:
             return
         now = now_iso()
+        # One id per message, kept in it: applied again after a locked write (_apply), the
+        # message inserts nothing more, while another file of the same name still conflicts.
         values = {
-            "id": new_id("artifact"), "run_id": run_id, "extract_id": job["extract_id"],
+            "id": artifact.setdefault("id", new_id("artifact")), "run_id": run_id,
+            "extract_id": job["extract_id"],
             "artifact_type": artifact["artifact_type"], "artifact_name": artifact["artifact_name"],
             "schema_name": artifact.get("schema_name"), "part": artifact.get("part"),
             "storage_path": str(Path(job["run_dir"], artifact["artifact_name"])),
@@ -516,8 +519,35 @@ class RunManager:
             "expires_at": plus_days(now, job["config"]["retention_days"]),
         }
         columns = ", ".join(values)
-        await self.db.execute(f"INSERT OR REPLACE INTO extract_artifacts ({columns}) VALUES "
-                              f"({', '.join(':' + c for c in values)})", values)
+        try:
+            await self.db.execute(f"INSERT INTO extract_artifacts ({columns}) VALUES "
+                                  f"({', '.join(':' + c for c in values)}) ON CONFLICT (id) DO NOTHING",
+                                  values)
+        except sqlite3.IntegrityError as exc:
+            if "UNIQUE" not in str(exc):
+                raise
+            await self._fail_second_file(run_id, artifact["artifact_name"])
+
+    async def _fail_second_file(self, run_id: str, name: str) -> None:
+        """A second file of one name (letter case aside) in a run: the run fails and stops at once.
+
+        The schema refuses the row (SPEC: Artifacts), so the manifest and the ZIP
+        would miss a file: the run must not end completed.
+        """
+        error = (f"The run wrote a second file named {name} (letter case aside), which was not "
+                 "recorded; the run was stopped. Report this as a bug in the file naming")
+        now = now_iso()
+        await self.db.execute(
+            "UPDATE extract_runs SET status = 'failed', error = :error, error_detail = :detail, "
+            "completed_at = :now, updated_at = :now, "
+            "progress_detail = json_set(progress_detail, '$.phase', 'failed'), "
+            "duration_seconds = round((julianday(:now) - julianday(started_at)) * 86400, 3) "
+            "WHERE id = :id AND status = 'running'",
+            {"error": error, "now": now, "id": run_id, "detail": dumps(
+                {"type": "DuplicateArtifactName", "message": error, "traceback": "", "artifact_name": name})})
+        log.error("run %s: %s", run_id, error)
+        if run_id in self._inflight:  # the worker stops; its result leaves the run failed
+            await asyncio.to_thread(self._cancelled.__setitem__, run_id, True)
 
     async def _on_broken(self, run_id: None, payload: dict[str, Any]) -> None:
         exitcodes: dict[int, int | None] = payload["exitcodes"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
+import string
 import sys
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -19,7 +20,7 @@ from typing import Any
 import orjson
 from databases import Database
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 15.0
 
 
@@ -142,16 +143,60 @@ def prepare_state_file(path: Path) -> None:
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
                 f"the state file has schema version {version}, newer than this service's {SCHEMA_VERSION}")
-        con.executescript(schema_sql())
         migrate(con, version)
+        con.executescript(schema_sql())
         con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     finally:
         con.close()
 
 
 def migrate(con: sqlite3.Connection, from_version: int) -> None:
-    """Bring an older state file up to SCHEMA_VERSION; version 1 is the first."""
-    del con, from_version
+    """Bring an older state file up to SCHEMA_VERSION, before schema.sql is applied to it.
+
+    Version 1 is the first; a new file (version 0) is made whole by schema.sql.
+    Each step is one transaction and can run again.
+    """
+    if 1 <= from_version < 2:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            _rename_artifacts_equal_ignoring_case(con)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+
+# SQLite's NOCASE: ASCII letters only.
+_NOCASE = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def _rename_artifacts_equal_ignoring_case(con: sqlite3.Connection) -> None:
+    """Version 2 refuses two artifact names of a run that differ only in letter case.
+
+    Version 1 allowed them (``users`` and ``Users`` of a PostgreSQL or MySQL
+    source). The first keeps its name; each later one gets ``~<n>`` before the
+    first dot of its name (``Users.jsonl`` → ``Users~2.jsonl``), the lowest n
+    that is free. Only the recorded name changes, which is the name in the
+    run's ZIP; the file stays where it is (``storage_path``).
+    """
+    runs = con.execute("SELECT DISTINCT run_id FROM extract_artifacts "
+                       "GROUP BY run_id, artifact_name COLLATE NOCASE HAVING count(*) > 1").fetchall()
+    for (run_id,) in runs:
+        rows = con.execute("SELECT rowid, artifact_name FROM extract_artifacts WHERE run_id = ? "
+                           "ORDER BY rowid", (run_id,)).fetchall()
+        taken = {name.translate(_NOCASE) for _, name in rows}
+        kept: set[str] = set()
+        for rowid, name in rows:
+            if name.translate(_NOCASE) not in kept:
+                kept.add(name.translate(_NOCASE))
+                continue
+            stem, dot, rest = name.partition(".")
+            n = 2
+            while f"{stem}~{n}{dot}{rest}".translate(_NOCASE) in taken:
+                n += 1
+            renamed = f"{stem}~{n}{dot}{rest}"
+            taken.add(renamed.translate(_NOCASE))
+            con.execute("UPDATE extract_artifacts SET artifact_name = ? WHERE rowid = ?", (renamed, rowid))
 
 
 class ReusingPool:

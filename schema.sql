@@ -1,6 +1,6 @@
 -- The service's own state. Applied at every start-up; every statement is
--- idempotent. Schema changes bump PRAGMA user_version (see extracts_app.SCHEMA_VERSION)
--- and add a migration step in extracts_app.migrate().
+-- idempotent. Schema changes bump PRAGMA user_version (see extracts_state.SCHEMA_VERSION)
+-- and add a migration step in extracts_state.migrate(), which runs before this file.
 --
 -- Enumerations are mirrored by the str Enums in extracts_app (RunStatus, Format,
 -- TriggeredBy): change both together.
@@ -97,6 +97,11 @@ CREATE TABLE IF NOT EXISTS extract_artifacts (
     UNIQUE (run_id, artifact_name)
 );
 
+-- A run never records two files whose names differ at most in letter case: macOS and
+-- Windows, where the ZIP is unpacked, take them for one file (SPEC: Artifacts). Names
+-- are ASCII (executor.naming), so NOCASE compares them completely. (Version 2.)
+CREATE UNIQUE INDEX IF NOT EXISTS extract_artifacts_run_name
+    ON extract_artifacts (run_id, artifact_name COLLATE NOCASE);
 CREATE INDEX IF NOT EXISTS extract_artifacts_run ON extract_artifacts (run_id);
 CREATE INDEX IF NOT EXISTS extract_artifacts_extract ON extract_artifacts (extract_id);
 CREATE INDEX IF NOT EXISTS extract_artifacts_expiry

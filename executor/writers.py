@@ -2,7 +2,10 @@
 
 Every file is written to a temporary dot-name in the run directory and renamed
 into place when complete, so a half-written file never looks finished (no
-artifact name starts with a dot: ``executor.naming``). Bytes flow
+artifact name starts with a dot: ``executor.naming``). Nothing is ever
+overwritten: a run refuses a second file whose name equals one it already used,
+letter case ignored, before writing it (``RunFiles``), and the rename into place
+fails on an existing file. Bytes flow
 
     encoder (main thread) → ArtifactFile.write → queue → [gzip] → SHA-256 + CRC-32 → file
 
@@ -55,6 +58,38 @@ class StorageError(Exception):
 
 class LowDiskSpace(StorageError):
     """Free space on the storage volume fell under the reserve."""
+
+
+class NameClash(StorageError):
+    """Two files of one run would have names that differ at most in letter case."""
+
+
+class RunFiles:
+    """The file names a run has used in one place: its directory, or its archive's members.
+
+    Compared ignoring letter case: macOS and Windows, where the ZIP is unpacked,
+    take ``Users.jsonl`` and ``users.jsonl`` for one file (SPEC: Artifacts).
+    ``safe_file_name`` never gives two schemas such names; this makes sure,
+    before anything is written, that nothing else does either.
+    """
+
+    def __init__(self) -> None:
+        self._used: dict[str, tuple[str, str]] = {}  # casefolded name -> (name, what wrote it)
+
+    def claim(self, name: str, owner: str) -> str:
+        """``name``, now taken by ``owner`` (``schema 'users'``, ``the manifest``…)."""
+        first = self._used.get(name.casefold())
+        if first is not None:
+            used, by = first
+            raise NameClash(f"Two files of this run would be named {used} (letter case aside): {by} "
+                            f"and {owner}; the run stopped before overwriting either. Rename one of "
+                            "them in the source, or report this as a bug in the file naming")
+        self._used[name.casefold()] = (name, owner)
+        return name
+
+
+# link() errors of a file system without hard links (FAT, exFAT, some SMB shares).
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS})
 
 
 def _mount_point(path: Path) -> Path:
@@ -156,10 +191,28 @@ class ArtifactFile:
         return FileInfo(self.name, self._size, self._sha256.hexdigest(), self._crc32)
 
     def commit(self) -> FileInfo:
-        """Finish and rename the file into place."""
+        """Finish and move the file into place; an existing file of that name is never replaced."""
         info = self.finish()
-        os.replace(self.temp_path, self.path)
+        try:
+            # A hard link, unlike a rename, fails when the name exists (also in another
+            # letter case, on a case-insensitive volume).
+            os.link(self.temp_path, self.path)
+        except FileExistsError as exc:
+            raise self._exists() from exc
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            # No hard links on this volume: check, then rename (the run is its directory's only writer).
+            if self.path.exists():
+                raise self._exists() from exc
+            os.rename(self.temp_path, self.path)
+        else:
+            self.temp_path.unlink()
         return info
+
+    def _exists(self) -> NameClash:
+        return NameClash(f"Cannot write {self.path}: a file of that name (letter case aside) is already "
+                         "in the run directory, and it was not overwritten; report this as a bug")
 
     def discard(self) -> None:
         """Stop and remove the temporary file (after a failure, or once an archive took it)."""
@@ -347,16 +400,17 @@ PartDone = Callable[[ArtifactFile, int | None, int], None]
 class SchemaWriter:
     """One schema's records as one file, or as parts of at most ``split_max`` records.
 
-    Each finished file goes to ``part_done(file, part, records)``, which commits
-    it (or hands it to an archive). With splitting, an empty table still gives
-    one (empty) part 00001.
+    Each file's name is claimed in ``names`` before the file is opened; each
+    finished file goes to ``part_done(file, part, records)``, which commits it
+    (or hands it to an archive). With splitting, an empty table still gives one
+    (empty) part 00001.
     """
 
-    def __init__(self, run_dir: Path, schema: str, encoder: Encoder,
-                 compress: bool, split_max: int | None, guard: SpaceGuard, part_done: PartDone) -> None:
+    def __init__(self, run_dir: Path, schema: str, encoder: Encoder, compress: bool,
+                 split_max: int | None, guard: SpaceGuard, part_done: PartDone, names: RunFiles) -> None:
         self.run_dir, self.schema, self.encoder = run_dir, schema, encoder
         self.compress, self.split_max, self.guard = compress, split_max, guard
-        self._part_done = part_done
+        self._part_done, self._names = part_done, names
         self._file: ArtifactFile | None = None
         self._part = 0
         self._part_records = 0
@@ -370,7 +424,8 @@ class SchemaWriter:
         self._part += 1
         self._part_records = 0
         part = self._part if self.split_max else None
-        self._file = ArtifactFile(self.run_dir, self.file_name(part), self.guard, self.compress)
+        name = self._names.claim(self.file_name(part), f"schema {self.schema!r}")
+        self._file = ArtifactFile(self.run_dir, name, self.guard, self.compress)
         self._file.write(self.encoder.head())
         return self._file
 
@@ -443,13 +498,15 @@ class FileOutput:
         self._report = report
         self.artifacts: list[dict[str, Any]] = []
         self.encoder = encoder(config["format"], json_is_yaml_safe)
+        self.names = RunFiles()
 
     def _add(self, item: dict[str, Any]) -> None:
         self.artifacts.append(item)
         self._report(item)
 
     def describe(self, data: bytes) -> None:
-        info = write_file(self.run_dir, "describe.yaml", data, self.guard)
+        info = write_file(self.run_dir, self.names.claim("describe.yaml", "the schemas' description"),
+                          data, self.guard)
         self._add(artifact("describe", info, "yaml", "application/yaml"))
 
     def schema(self, name: str) -> SchemaWriter:
@@ -462,11 +519,13 @@ class FileOutput:
             self._add(artifact(f"data-{name}", info, self.encoder.extension, content_type,
                                schema=name, part=part, records=records))
 
-        return SchemaWriter(self.run_dir, name, self.encoder, compress, split, self.guard, part_done)
+        return SchemaWriter(self.run_dir, name, self.encoder, compress, split, self.guard, part_done,
+                            self.names)
 
     def finish(self, manifest: Manifest) -> None:
         entries = [manifest_entry(item) for item in self.artifacts]
-        info = write_file(self.run_dir, "manifest.json", manifest(entries), self.guard)
+        info = write_file(self.run_dir, self.names.claim("manifest.json", "the manifest"), manifest(entries),
+                          self.guard)
         self._report(artifact("manifest", info, "json", "application/json", primary=False))
 
     def abort(self) -> None:
@@ -478,7 +537,8 @@ class ArchiveOutput:
 
     A tar header holds its member's size, so each data member is first written
     to a temporary file in the run directory, then copied into the stream.
-    The outer manifest.json lists the tarball.
+    The outer manifest.json lists the tarball. Member names are kept apart like
+    the run directory's (``RunFiles``): the tarball is unpacked too.
     """
 
     def __init__(self, run_dir: Path, config: dict[str, Any], guard: SpaceGuard, report: Report,
@@ -487,7 +547,8 @@ class ArchiveOutput:
         self._report = report
         self.compress = bool(config["compress"])
         self.members: list[dict[str, Any]] = []
-        name = base_name + (".tar.gz" if self.compress else ".tar")
+        self.names, self.member_names = RunFiles(), RunFiles()
+        name = self.names.claim(base_name + (".tar.gz" if self.compress else ".tar"), "the archive")
         self._file = ArtifactFile(run_dir, name, guard, self.compress)
         self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT,  # noqa: SIM115
                                  copybufsize=_BLOCK)
@@ -498,12 +559,13 @@ class ArchiveOutput:
         info.size, info.mtime, info.mode = size, self._mtime, 0o644
         return info
 
-    def _add_bytes(self, name: str, data: bytes) -> FileInfo:
+    def _add_bytes(self, name: str, data: bytes, owner: str) -> FileInfo:
+        self.member_names.claim(name, owner)
         self._tar.addfile(self._member(name, len(data)), io.BytesIO(data))
         return FileInfo(name, len(data), hashlib.sha256(data).hexdigest(), zlib.crc32(data))
 
     def describe(self, data: bytes) -> None:
-        info = self._add_bytes("describe.yaml", data)
+        info = self._add_bytes("describe.yaml", data, "the schemas' description")
         self.members.append(artifact("describe", info, "yaml", "application/yaml"))
 
     def schema(self, name: str) -> SchemaWriter:
@@ -517,17 +579,20 @@ class ArchiveOutput:
             self.members.append(artifact(f"data-{name}", info, "jsonl", "application/x-ndjson",
                                          schema=name, part=part, records=records))
 
-        return SchemaWriter(self.run_dir, name, JsonLines(), False, split, self.guard, part_done)
+        return SchemaWriter(self.run_dir, name, JsonLines(), False, split, self.guard, part_done,
+                            self.member_names)
 
     def finish(self, manifest: Manifest) -> None:
-        self._add_bytes("manifest.json", manifest([manifest_entry(item) for item in self.members]))
+        self._add_bytes("manifest.json", manifest([manifest_entry(item) for item in self.members]),
+                        "the archive's manifest")
         self._tar.close()
         info = self._file.commit()
         records = sum(item["records"] or 0 for item in self.members)
         tarball = artifact("archive", info, "tar", "application/gzip" if self.compress
                            else "application/x-tar", records=records)
         self._report(tarball)
-        outer = write_file(self.run_dir, "manifest.json", manifest([manifest_entry(tarball)]), self.guard)
+        outer = write_file(self.run_dir, self.names.claim("manifest.json", "the manifest"),
+                           manifest([manifest_entry(tarball)]), self.guard)
         self._report(artifact("manifest", outer, "json", "application/json", primary=False))
 
     def abort(self) -> None:
