@@ -71,7 +71,7 @@ async def hold(request: Request, artifacts: list[dict[str, Any]]) -> HeldFiles:
         what = f"File {artifact['artifact_name']} of run {artifact['run_id']}"
         if isinstance(exc, FileNotFoundError):
             raise NotFound(f"{what} is missing from storage ({path})") from None
-        raise NotFound(f"{what} changed on disk: {exc}") from None
+        raise NotFound(f"{what} cannot be sent: {exc}") from None
     except OSError as exc:
         raise ServiceUnavailable(f"Cannot open the files to send: {exc.strerror} ({exc.filename}); "
                                  "check the storage directory (--storage), then retry") from None

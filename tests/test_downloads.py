@@ -138,6 +138,18 @@ def test_download_errors(service: Service, completed: dict, shop_db: Path) -> No
     assert r.status_code == 404 and "users.jsonl.gz" in r.json()["error"]
     victim.with_suffix(".away").rename(victim)
     assert service.client.get(f"/api/extracts/runs/{run['id']}/download").status_code == 200
+    # A file whose size is not the recorded one: 404 naming it, for the ZIP and the file alike.
+    users = service.client.get("/api/data/extract_artifacts", params={
+        "filter[where][run_id]": run["id"], "filter[where][artifact_name]": "users.jsonl.gz"}).json()
+    data = victim.read_bytes()
+    victim.write_bytes(data + b"x")
+    for url in (f"/api/extracts/runs/{run['id']}/download",
+                f"/api/extracts/artifacts/{users['data'][0]['id']}/download"):
+        r = service.client.get(url)
+        assert r.status_code == 404, url
+        assert r.json()["error"].startswith(f"File users.jsonl.gz of run {run['id']} cannot be sent: ")
+        assert f"{len(data) + 1} bytes on disk but was recorded as {len(data)}" in r.json()["error"]
+    victim.write_bytes(data)
     # Deleting the run: 410 for its ZIP and its files, the record stays.
     r = service.client.delete(f"/api/data/extract_runs/{run['id']}")
     assert r.status_code == 200 and r.json()["data"]["id"] == run["id"]

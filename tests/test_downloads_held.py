@@ -79,8 +79,8 @@ def completed_run(svc: Service, **fields) -> tuple[dict, list[dict]]:
     extract = svc.create_extract(name="Noise", schemas=["noise"], compress=False, **fields)
     run = svc.wait_run(svc.run(extract["id"]))
     assert run["status"] == "completed", run
-    artifacts = svc.client.get("/api/data/extract_artifacts",
-                               params={"filter[where][run_id]": run["id"], "filter[limit]": 1000}).json()["data"]
+    params = {"filter[where][run_id]": run["id"], "filter[limit]": 1000}
+    artifacts = svc.client.get("/api/data/extract_artifacts", params=params).json()["data"]
     return run, artifacts
 
 
@@ -137,6 +137,7 @@ def test_a_zip_download_completes_when_its_run_is_removed(held_service: Service,
     url = f"/api/extracts/runs/{run['id']}/download?compression={compression}"
     expected = svc.client.get(url)
     assert expected.status_code == 200 and len(expected.content) > 40 << 20
+    assert_nothing_held(svc)  # that response released its files: the budget is whole again
     conn, response = open_download(svc, url)
     first = response.read(1 << 16)
     # The first files are held by descriptors, the others (past the budget) by links.
