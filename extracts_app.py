@@ -174,6 +174,7 @@ def prepare(settings: Settings) -> None:
         probe = settings.storage / f".write-test-{secrets.token_hex(4)}"
         probe.write_bytes(b"ok")
         probe.unlink()
+        extracts_downloads.remove_stale_links(settings.storage)
     except OSError as exc:
         raise StartupError(f"cannot create or write the storage directory {settings.storage}: "
                            f"{exc.strerror or exc}") from exc

@@ -1,70 +1,121 @@
 """Downloads: one artifact, or a run's artifacts as a ZIP built on the fly (SPEC: Downloads).
 
-Every check that can answer 4xx (unknown run, status, expiry, a file missing
-from disk) runs before the first byte is sent. The stored ZIP is deterministic
-(``extracts_zip.StoredZip``), so it carries Content-Length and a strong ETag and
-serves byte ranges by computing where they fall: an interrupted download
-resumes with ``curl -C -``. File reads happen in worker threads, never on the
-event loop.
+Every check that can answer 4xx (unknown run, status, expiry, the range, a file
+missing from disk) runs before the first byte is sent, and so does holding every
+file the response will send (``extracts_zip.HeldFiles``): deleting the run or
+the retention sweep meanwhile cannot cut a download short. The stored ZIP is
+deterministic (``extracts_zip.StoredZip``), so it carries Content-Length and a
+strong ETag and serves byte ranges by computing where they fall: an interrupted
+download resumes with ``curl -C -``. File reads happen in worker threads, never
+on the event loop.
 """
 
 from __future__ import annotations
 
 import queue
 import re
+import shutil
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Callable, Generator
+from email.utils import formatdate
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import quote
 
 import anyio
+from databases import Database
 from starlette.requests import Request
-from starlette.responses import FileResponse, MalformedRangeHeader, Response, StreamingResponse
-from starlette.responses import RangeNotSatisfiable as StarletteRangeNotSatisfiable
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from executor.naming import download_base_name
-from extracts_http import ApiError, Conflict, Gone, NotFound, ValidationFailed
+from extracts_http import ApiError, Conflict, Gone, NotFound, ServiceUnavailable, ValidationFailed
 from extracts_state import ARTIFACT_FIELDS, RUN_FIELDS, now_iso, parse_iso
-from extracts_zip import StoredZip, ZipEntry, write_deflated
+from extracts_zip import FileChangedError, HeldFiles, StoredZip, ZipEntry, write_deflated
 
-RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# Private hard links of held files live here (extracts_zip.HeldFiles); what a
+# stopped service left behind is removed at the next start.
+LINKS_DIR = ".downloads"
+# 1 MiB per thread hop: 64 KiB (Starlette's FileResponse) ran at 130-180 MB/s here, 1 MiB
+# at 0.9-1.4 GB/s (bench/RESULTS.md, Downloads).
+CHUNK = 1 << 20
 
 
-def check_available(artifacts: list[dict[str, Any]]) -> None:
-    """410 when any artifact expired or was deleted; 404 naming a file missing from disk."""
+def remove_stale_links(storage: Path) -> None:
+    """At start-up: links held by downloads of a service that stopped (they pin deleted files)."""
+    shutil.rmtree(storage / LINKS_DIR, ignore_errors=True)
+
+
+def check_not_gone(artifacts: list[dict[str, Any]]) -> None:
+    """410 when any artifact expired or was deleted."""
     now = now_iso()
     for artifact in artifacts:
         if artifact["deleted_at"] is not None:
             raise Gone(f"Artifact {artifact['artifact_name']} of run {artifact['run_id']} was "
-                           f"deleted at {artifact['deleted_at']}")
+                       f"deleted at {artifact['deleted_at']}")
         if artifact["expires_at"] <= now:
             raise Gone(f"Artifact {artifact['artifact_name']} of run {artifact['run_id']} "
-                           f"expired at {artifact['expires_at']}")
-    for artifact in artifacts:
-        path = Path(artifact["storage_path"])
+                       f"expired at {artifact['expires_at']}")
+
+
+async def hold(request: Request, artifacts: list[dict[str, Any]]) -> HeldFiles:
+    """Every file of ``artifacts``, held (in a thread); 404 naming a file missing or changed."""
+    links = request.app.state.extracts.settings.storage / LINKS_DIR
+    files = [(a["storage_path"], a["size_bytes"]) for a in artifacts]
+    try:
+        return await anyio.to_thread.run_sync(HeldFiles, files, links)
+    except (FileNotFoundError, FileChangedError) as exc:
+        path = exc.filename if isinstance(exc, FileNotFoundError) else exc.path
+        artifact = next(a for a in artifacts if a["storage_path"] == path)
+        what = f"File {artifact['artifact_name']} of run {artifact['run_id']}"
+        if isinstance(exc, FileNotFoundError):
+            raise NotFound(f"{what} is missing from storage ({path})") from None
+        raise NotFound(f"{what} cannot be sent: {exc}") from None
+    except OSError as exc:
+        raise ServiceUnavailable(f"Cannot open the files to send: {exc.strerror} ({exc.filename}); "
+                                 "check the storage directory (--storage), then retry") from None
+
+
+async def release(files: HeldFiles) -> None:
+    """Close ``files`` in a thread (freeing a deleted file's blocks takes time), even when cancelled."""
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(files.close)
+
+
+async def count_download(db: Database, key: Literal["id", "run_id"], value: str) -> None:
+    """One more download of an artifact (``id``) or of every artifact of a run (``run_id``).
+
+    One bound value, however many artifacts: a run can have more than SQLite
+    accepts parameters in one statement.
+    """
+    await db.execute("UPDATE extract_artifacts SET download_count = download_count + 1, "
+                     f"accessed_at = :now WHERE {key} = :value", {"now": now_iso(), "value": value})
+
+
+def counted(request: Request, requested: tuple[int, int] | None) -> bool:
+    """A GET that starts at byte 0 is a download; a resumed one (a later start) was already counted."""
+    return request.method == "GET" and (requested is None or requested[0] == 0)
+
+
+class HeldResponse(StreamingResponse):
+    """A streamed body over held files, released when the response ends, however it ends.
+
+    Completed, the client gone mid-stream or before the body started: the body
+    is closed (stopping any thread producing it) and then the files.
+    """
+
+    def __init__(self, content: AsyncGenerator[bytes, None], files: HeldFiles, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._content, self._files = content, files
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            size = path.stat().st_size
-        except OSError:
-            raise NotFound(f"File {artifact['artifact_name']} of run {artifact['run_id']} is "
-                               f"missing from storage ({path})") from None
-        if size != artifact["size_bytes"]:
-            raise NotFound(f"File {artifact['artifact_name']} of run {artifact['run_id']} changed "
-                               f"on disk: {size} bytes, {artifact['size_bytes']} expected")
-
-
-async def count_downloads(request: Request, artifact_ids: list[str]) -> None:
-    placeholders = ", ".join(f":a{i}" for i in range(len(artifact_ids)))
-    await request.app.state.extracts.db.execute(
-        "UPDATE extract_artifacts SET download_count = download_count + 1, accessed_at = :now "
-        f"WHERE id IN ({placeholders})",
-        {"now": now_iso(), **{f"a{i}": a for i, a in enumerate(artifact_ids)}})
-
-
-def starts_at_zero(request: Request) -> bool:
-    """A resumed download (Range from a later byte) is the same download: counted once."""
-    match = RANGE.match(request.headers.get("range", "").strip())
-    return match is None or match[1] in ("", "0")
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._content.aclose()
+            await release(self._files)
 
 
 async def download_artifact(request: Request) -> Response:
@@ -75,57 +126,50 @@ async def download_artifact(request: Request) -> Response:
     if artifact is None:
         raise NotFound(f"Artifact {request.path_params['id']} not found")
     artifact = dict(artifact._mapping)
-    await anyio.to_thread.run_sync(check_available, [artifact])
-    etag = f'"{artifact["checksum"]}"'
-    response_class = ArtifactFile if file_range_usable(request, artifact["size_bytes"], etag) else WholeFile
-    if request.method == "GET" and starts_at_zero(request):
-        await count_downloads(request, [artifact["id"]])
-    return response_class(
-        artifact["storage_path"], media_type=artifact["content_type"],
-        filename=artifact["artifact_name"],
-        headers={"X-Checksum-SHA256": artifact["checksum"], "ETag": etag})
-
-
-def file_range_usable(request: Request, size: int, etag: str) -> bool:
-    """Whether FileResponse may honour the Range header; 416 (in the envelope) past the end.
-
-    FileResponse answers a malformed Range with a plain-text 400 and an
-    unsatisfiable one with a bare 416; this check runs first so that every error
-    is the JSON envelope, and a malformed Range gets the whole file, as the ZIP
-    download does (RFC 9110 lets a server ignore Range). So does an If-Range that
-    is not the artifact's ETag.
-    """
-    header = request.headers.get("range")
-    if header is None:
-        return True
-    if_range = request.headers.get("if-range")
-    if if_range is not None and if_range.strip() != etag:
-        return False
+    check_not_gone([artifact])
+    size, etag = artifact["size_bytes"], f'"{artifact["checksum"]}"'
+    requested = requested_range(request, etag, size, "file")
+    start, end = requested or (0, size)
+    files = await hold(request, [artifact])
     try:
-        FileResponse._parse_range_header(header, size)
-    except MalformedRangeHeader:
-        return False
-    except StarletteRangeNotSatisfiable:
-        raise RangeNotSatisfiable(f"The range starts past the end of the {size}-byte file",
-                                  headers={"Content-Range": f"bytes */{size}"}) from None
-    return True
+        if counted(request, requested):
+            await count_download(st.db, "id", artifact["id"])
+        headers = {
+            "Content-Disposition": content_disposition(artifact["artifact_name"]),
+            "Content-Length": str(end - start), "ETag": etag, "X-Checksum-SHA256": artifact["checksum"],
+            "Accept-Ranges": "bytes", "Last-Modified": formatdate(files.modified(0), usegmt=True)}
+        if requested is not None:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        status = 206 if requested is not None else 200
+        if request.method == "HEAD":
+            await release(files)
+            return Response(status_code=status, headers=headers, media_type=artifact["content_type"])
+        body = file_chunks(files, artifact["storage_path"], start, end)
+        return HeldResponse(body, files, status_code=status, headers=headers,
+                            media_type=artifact["content_type"])
+    except BaseException:
+        await release(files)
+        raise
 
 
-class ArtifactFile(FileResponse):
-    """A FileResponse reading 1 MiB per thread hop: 64 KiB (Starlette's) ran at 130–180 MB/s here.
+def content_disposition(name: str) -> str:
+    """``attachment`` with the name; non-ASCII or unsafe names as ``filename*`` (RFC 6266), as
+    Starlette's FileResponse writes it."""
+    quoted = quote(name)
+    if quoted != name:
+        return f"attachment; filename*=utf-8''{quoted}"
+    return f'attachment; filename="{name}"'
 
-    bench/RESULTS.md, Downloads: a 2 GiB file at 0.9–1.4 GB/s with 1 MiB.
-    """
 
-    chunk_size = 1 << 20
-
-
-class WholeFile(ArtifactFile):
-    """An artifact that ignores the request's (malformed) Range header."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"range"]
-        await super().__call__({**scope, "headers": headers}, receive, send)
+async def file_chunks(files: HeldFiles, path: str, start: int, end: int) -> AsyncGenerator[bytes, None]:
+    """Bytes [start, end) of the one held file, read in CHUNK-sized preads in a thread."""
+    position = start
+    while position < end:
+        data = await anyio.to_thread.run_sync(files.read, 0, position, min(CHUNK, end - position))
+        if not data:
+            raise FileChangedError(path, f"{path} shrank while it was sent: {end - position} bytes short")
+        position += len(data)
+        yield data
 
 
 async def download_run(request: Request) -> Response:
@@ -147,71 +191,116 @@ async def download_run(request: Request) -> Response:
     artifacts = [dict(r._mapping) for r in rows]
     if not artifacts:
         raise Gone(f"Run {run['id']} has no artifacts left")
-    await anyio.to_thread.run_sync(check_available, artifacts)
+    check_not_gone(artifacts)
     entries = [ZipEntry(a["artifact_name"], a["storage_path"], a["size_bytes"], a["crc32"],
                         parse_iso(a["created_at"]).timetuple()[:6]) for a in artifacts]
     filename = download_base_name(run["extract_name"], run["created_at"], run["id"]) + ".zip"
     headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
-    counted = request.method == "GET" and starts_at_zero(request)
-    if compression == "deflate":
-        if counted:
-            await count_downloads(request, [a["id"] for a in artifacts])
-        return StreamingResponse(threaded_producer(write_deflated, entries),
-                                 media_type="application/zip", headers=headers)
-    archive = await anyio.to_thread.run_sync(StoredZip, entries)  # ~11 µs an entry
-    etag = archive.etag()
-    headers |= {"ETag": etag, "Accept-Ranges": "bytes"}
-    start, end, status = 0, archive.size, 200
-    requested = parse_range(request, etag, archive.size)
-    if requested is not None:
-        start, end = requested
-        status = 206
-        headers["Content-Range"] = f"bytes {start}-{end - 1}/{archive.size}"
-    headers["Content-Length"] = str(end - start)
-    if request.method == "HEAD":
-        return Response(status_code=status, headers=headers, media_type="application/zip")
-    if counted:
-        await count_downloads(request, [a["id"] for a in artifacts])
-    return StreamingResponse(chunks_in_thread(archive.iter_bytes(start, end)), status_code=status,
-                             headers=headers, media_type="application/zip")
+    if compression == "deflate":  # of unknown length: no Range (the whole archive, always)
+        requested, status, archive = None, 200, None
+    else:
+        archive = await anyio.to_thread.run_sync(StoredZip, entries)  # ~11 µs an entry
+        etag = archive.etag()
+        requested = requested_range(request, etag, archive.size, "archive")
+        start, end = requested or (0, archive.size)
+        status = 206 if requested is not None else 200
+        headers |= {"ETag": etag, "Accept-Ranges": "bytes", "Content-Length": str(end - start)}
+        if requested is not None:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{archive.size}"
+    files = await hold(request, artifacts)
+    try:
+        if counted(request, requested):
+            await count_download(st.db, "run_id", run["id"])
+        if request.method == "HEAD":
+            await release(files)
+            response = Response(status_code=status, headers=headers, media_type="application/zip")
+            if archive is None:  # a deflated archive's length is known once it is written
+                del response.headers["content-length"]
+            return response
+        if archive is None:
+            body = threaded_producer(partial(write_deflated, entries, files))
+        else:
+            body = chunks_in_thread(archive.iter_bytes(files, start, end, CHUNK))
+        return HeldResponse(body, files, status_code=status, headers=headers, media_type="application/zip")
+    except BaseException:
+        await release(files)
+        raise
 
 
 class RangeNotSatisfiable(ApiError):
-    """The Range starts past the end of the archive."""
+    """The one range asked for selects no byte of the body."""
 
     status, code = 416, "RANGE_NOT_SATISFIABLE"
 
 
-def parse_range(request: Request, etag: str, size: int) -> tuple[int, int] | None:
-    """A single byte range as [start, end); None for the whole archive.
+def requested_range(request: Request, etag: str, size: int, what: str) -> tuple[int, int] | None:
+    """The byte range a request asks for, as [start, end); None to send the whole body.
 
-    Multiple ranges, a malformed header or an If-Range that no longer matches
-    get the whole archive (RFC 9110 allows a server to ignore Range).
+    RFC 9110 section 14.2: only GET has ranges (HEAD gets the whole body's headers);
+    Range or If-Range sent twice, or an If-Range other than the ETag (a date
+    included: no Last-Modified is strong enough), gets the whole body. The header
+    itself is read by ``parse_range``.
     """
-    header = request.headers.get("range")
-    if not header:
+    if request.method != "GET":
         return None
-    if_range = request.headers.get("if-range")
-    if if_range is not None and if_range.strip() != etag:
+    ranges, if_ranges = request.headers.getlist("range"), request.headers.getlist("if-range")
+    if len(ranges) != 1 or len(if_ranges) > 1 or (if_ranges and if_ranges[0].strip() != etag):
         return None
-    match = RANGE.match(header.strip())
-    if match is None or (match[1] == "" and match[2] == ""):
-        return None
-    if match[1] == "":
-        length = int(match[2])
-        if length == 0:
-            raise RangeNotSatisfiable("The range is empty", headers={"Content-Range": f"bytes */{size}"})
-        return max(size - length, 0), size
-    start = int(match[1])
-    end = min(int(match[2]) + 1, size) if match[2] else size
-    if start >= size or end <= start:
-        raise RangeNotSatisfiable(f"The range starts past the end of the {size}-byte archive",
-                                  headers={"Content-Range": f"bytes */{size}"})
-    return start, end
+    return parse_range(ranges[0], size, what)
 
 
-async def chunks_in_thread(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
-    """Pull a blocking iterator from a worker thread; closed at once if the client goes away."""
+RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)")
+
+
+def parse_range(header: str, size: int, what: str = "file") -> tuple[int, int] | None:
+    """The one byte range a Range value selects in ``size`` bytes, as [start, end); None to
+    ignore the header and send the whole body (RFC 9110 sections 14.1-14.2).
+
+    Ignored: anything but valid ``bytes=`` syntax (a last-pos before its
+    first-pos is invalid: ``bytes=5-1``), and more than one range (the service
+    never answers multipart/byteranges). A single range starting at or past the
+    end, or a suffix of 0 bytes, raises RangeNotSatisfiable (416). Positions of
+    any number of digits are read without int()'s 4,300-digit limit.
+    """
+    unit, equals, range_set = header.strip(" \t").partition("=")
+    if not equals or unit.lower() != "bytes":
+        return None
+    # A list may hold empty elements (RFC 9110 section 5.6.1): "bytes=, 0-5" is one range.
+    specs = [spec for spec in (part.strip(" \t") for part in range_set.split(",")) if spec]
+    match = RANGE_SPEC.fullmatch(specs[0]) if len(specs) == 1 else None
+    if match is None or match[0] == "-":
+        return None
+    first, last = match[1], match[2]
+    unsatisfiable = {"Content-Range": f"bytes */{size}"}
+    if not first:  # the last N bytes
+        if _number(last) == 0:
+            raise RangeNotSatisfiable(f"The range asks for the last 0 bytes of the {size}-byte {what}",
+                                      headers=unsatisfiable)
+        # An empty body has no byte to name in a Content-Range: it is sent whole.
+        return (max(size - _number(last), 0), size) if size else None
+    if last and _less(last, first):
+        return None
+    start = _number(first)
+    if start >= size:
+        raise RangeNotSatisfiable(f"The range starts at or past the end of the {size}-byte {what}",
+                                  headers=unsatisfiable)
+    return start, min(_number(last) + 1, size) if last else size
+
+
+def _number(digits: str) -> int:
+    """A position or length; past any size when it has more than 18 significant digits."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else 10**18
+
+
+def _less(a: str, b: str) -> bool:
+    """Whether the number written ``a`` is less than ``b``, whatever their lengths."""
+    a, b = a.lstrip("0"), b.lstrip("0")
+    return (len(a), a) < (len(b), b)
+
+
+async def chunks_in_thread(chunks: Generator[bytes, None, None]) -> AsyncGenerator[bytes, None]:
+    """Pull a blocking generator from a worker thread; closed with this one."""
     try:
         while True:
             chunk = await anyio.to_thread.run_sync(next, chunks, None)
@@ -219,7 +308,7 @@ async def chunks_in_thread(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
                 return
             yield chunk
     finally:
-        chunks.close()  # type: ignore[attr-defined]
+        chunks.close()
 
 
 class _QueueSink:
@@ -233,38 +322,45 @@ class _QueueSink:
             raise ConnectionAbortedError("the client went away")
         self.buffer += data
         self.position += len(data)
-        if len(self.buffer) >= 1 << 20:
+        if len(self.buffer) >= CHUNK:
             self.flush()
         return len(data)
 
     def flush(self) -> None:
         if self.buffer:
-            while not self.stop.is_set():
-                try:
-                    self.out.put(bytes(self.buffer), timeout=0.5)
-                    break
-                except queue.Full:
-                    continue
+            self.put(bytes(self.buffer))
             self.buffer.clear()
+
+    def put(self, item: bytes | BaseException | None) -> None:
+        """Queue ``item`` unless the consumer stopped (then nobody would ever take it)."""
+        while not self.stop.is_set():
+            try:
+                self.out.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     def tell(self) -> int:
         return self.position
 
 
-async def threaded_producer(write: Any, entries: list[ZipEntry]) -> AsyncIterator[bytes]:
-    """Run ``write(entries, sink)`` in a thread and yield what it writes (bounded queue)."""
+async def threaded_producer(write: Callable[[_QueueSink], None]) -> AsyncGenerator[bytes, None]:
+    """Run ``write(sink)`` in a thread and yield what it writes (a bounded queue between them).
+
+    Closing this generator stops the thread and waits for it (half a second at
+    most), so that nothing reads the held files once they are released.
+    """
     out: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=8)
     stop = threading.Event()
+    sink = _QueueSink(out, stop)
 
     def produce() -> None:
-        sink = _QueueSink(out, stop)
         try:
-            write(entries, sink)
+            write(sink)
             sink.flush()
-            out.put(None)
+            sink.put(None)
         except BaseException as exc:  # noqa: BLE001 — handed to the consumer
-            if not stop.is_set():
-                out.put(exc)
+            sink.put(exc)
 
     thread = threading.Thread(target=produce, daemon=True, name="extracts-zip-deflate")
     thread.start()
@@ -278,3 +374,5 @@ async def threaded_producer(write: Any, entries: list[ZipEntry]) -> AsyncIterato
             yield item
     finally:
         stop.set()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(thread.join)

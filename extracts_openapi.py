@@ -100,11 +100,16 @@ SCHEMA_SUMMARY = {
                    "columns": {"type": "integer"}, "row_count": {"type": ["integer", "null"]}},
 }
 ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-RANGE_HEADERS = [
+RANGE_HEADERS = [  # RFC 9110 sections 14.1-14.2, as extracts_downloads.parse_range reads them
     {"name": "Range", "in": "header", "schema": {"type": "string"},
-     "description": "bytes=<start>-[<end>] or bytes=-<suffix>; a malformed range gets the whole file"},
+     "description": "One range, bytes=<first>-[<last>] or bytes=-<suffix length>, on GET: 206 with "
+                    "Content-Range. 416 when it starts at or past the end (or asks for the last 0 "
+                    "bytes). Ignored, and the whole body sent (200), when it is not valid bytes= "
+                    "syntax (a last before its first included), when it holds more than one range "
+                    "(no multipart/byteranges), when it is sent twice, and on HEAD"},
     {"name": "If-Range", "in": "header", "schema": {"type": "string"},
-     "description": "the ETag of the first response: the range is served only while it matches"},
+     "description": "The ETag of the first response: the range is served only while it matches "
+                    "(strong comparison; a date or a second If-Range never matches: 200, whole)"},
 ]
 SCALAR = {"type": ["string", "number", "boolean"]}
 LIST_OPERAND = {"type": "array", "minItems": 1, "maxItems": 1000, "items": SCALAR}
@@ -292,7 +297,7 @@ def openapi_document(fields: tuple[Any, ...], lists: dict[str, tuple[str, ...]] 
         "/api/extracts/artifacts/{id}/download": {"get": operation(
             "Download one artifact (Range supported)", "200", None, ["404", "410", "416"],
             [ID, *RANGE_HEADERS],
-            ok_content=file_content, partial=file_content | {"multipart/byteranges": binary})},
+            ok_content=file_content, partial=file_content)},
         "/api/describe": {"get": operation(
             "List the source's tables and views", "200", {"type": "array", "items": SCHEMA_SUMMARY},
             ["503"])},

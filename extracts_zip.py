@@ -8,12 +8,17 @@ file is read, because the worker recorded each artifact's size and CRC-32:
 
 ``StoredZip`` computes that layout once (headers only, never file data), so the
 HTTP layer knows the archive's length and a strong ETag up front, and
-``iter_bytes(start, end)`` serves any byte range by finding where ``start``
-falls and reading only what the range covers: an interrupted download resumes
-without regenerating the prefix.
+``iter_bytes(files, start, end)`` serves any byte range by finding where
+``start`` falls and reading only what the range covers: an interrupted download
+resumes without regenerating the prefix.
 
 ``write_deflated`` is the ``?compression=deflate`` variant: a plain
 ``zipfile.ZipFile`` written into a non-seekable sink, of unknown length.
+
+Both read the files through ``HeldFiles``, which holds every file before the
+first byte is sent: deleting the run or the retention sweep meanwhile unlinks
+names, not the bytes a download is sending. The single-file download reads
+through it too.
 
 Record layouts follow PKWARE's APPNOTE 6.3.x (4.3.7 local header, 4.3.12
 central directory, 4.3.14-4.3.16 end records, 4.5.3 ZIP64 extra field). A
@@ -24,18 +29,26 @@ record.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
+import resource
+import shutil
 import stat
 import struct
+import tempfile
+import threading
+import weakref
 import zipfile
 from array import array
 from bisect import bisect_right
-from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
-__all__ = ["FileChangedError", "StoredZip", "ZipEntry", "write_deflated"]
+__all__ = ["FileChangedError", "HeldFiles", "StoredZip", "ZipEntry", "write_deflated"]
 
 _U16 = 0xFFFF
 _U32 = 0xFFFF_FFFF
@@ -60,6 +73,10 @@ _READ_SIZE = 1 << 20
 class FileChangedError(Exception):
     """An artifact's file on disk no longer has the size recorded for it."""
 
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
 
 @dataclass(frozen=True)
 class ZipEntry:
@@ -70,6 +87,151 @@ class ZipEntry:
     size: int
     crc32: int
     date_time: tuple[int, int, int, int, int, int]  # UTC; DOS time keeps even seconds
+
+
+class FileReader(Protocol):
+    """Where the archive's file bytes come from: ``HeldFiles``, one file per entry, in order."""
+
+    def read(self, index: int, offset: int, size: int, /) -> bytes: ...
+
+
+class HeldFiles:
+    """Files a download will send, held from before its first byte until ``close()``.
+
+    Deleting a run and the retention sweep unlink names; the bytes stay while an
+    open descriptor or another hard link refers to them, so a download that
+    started always completes (SPEC: Downloads). Each file is held by a
+    descriptor while the process's budget allows (a quarter of its open-file
+    limit, shared by every download), the rest by hard links in a private
+    directory made under ``links``: a run can have more files than a process may
+    open. Where no link can be made (storage read-only or full, or without hard
+    links) a file is read by name: on read-only storage nothing can delete it.
+    Sizes are checked here. ``close()`` also runs when the holder is
+    garbage-collected, as a backstop. Raises FileNotFoundError (its
+    ``filename`` the missing path) or FileChangedError; nothing stays held then.
+    """
+
+    def __init__(self, files: Sequence[tuple[str, int]], links: Path) -> None:
+        self._held = _Held()
+        self._release = weakref.finalize(self, self._held.release)
+        self._paths = [path for path, _ in files]
+        self._by_name: set[int] = set()  # files past the budget that could not be linked
+        self._reading: int | None = None  # the file past the budget open in _held.reading
+        try:
+            self._held.granted = _BUDGET.take(len(files))
+            for index, (path, size) in enumerate(files):
+                if index < self._held.granted:
+                    self._held.fds.append(os.open(path, os.O_RDONLY))
+                    _check_file(path, size, os.fstat(self._held.fds[-1]))
+                    continue
+                _check_file(path, size, os.stat(path))  # before: a directory cannot be linked
+                if not self._link(index, path, links):
+                    self._by_name.add(index)
+        except BaseException:
+            self.close()
+            raise
+
+    def read(self, index: int, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes of file ``index`` from ``offset``; fewer only at its end."""
+        return os.pread(self._fd(index), size, offset)
+
+    def modified(self, index: int) -> float:
+        """The file's modification time (seconds since the epoch)."""
+        return os.fstat(self._fd(index)).st_mtime
+
+    def close(self) -> None:
+        """Release every descriptor and link; the bytes of files deleted meanwhile go with them."""
+        self._release()
+
+    def _fd(self, index: int) -> int:
+        held = self._held
+        if not self._release.alive:
+            raise ValueError("The files were released; this download can read nothing more.")
+        if index < held.granted:
+            return held.fds[index]
+        if self._reading != index:  # past the budget: open while it is read, one at a time
+            self._reading = None
+            while held.reading:
+                os.close(held.reading.pop())
+            if index in self._by_name:
+                path = self._paths[index]
+            else:
+                path = os.path.join(held.directory or "", str(index))
+            held.reading.append(os.open(path, os.O_RDONLY))
+            self._reading = index
+        return held.reading[0]
+
+    def _link(self, index: int, path: str, links: Path) -> bool:
+        try:
+            if self._held.directory is None:
+                links.mkdir(parents=True, exist_ok=True)
+                self._held.directory = tempfile.mkdtemp(dir=links)
+            os.link(path, os.path.join(self._held.directory, str(index)))
+            return True
+        except OSError:
+            if not os.path.exists(path):
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path) from None
+            return False
+
+
+@dataclass
+class _Held:
+    """What a HeldFiles holds, apart from it: its finalizer must not refer to the holder."""
+
+    fds: list[int] = field(default_factory=list)
+    granted: int = 0  # descriptors taken from the budget, for the first files
+    directory: str | None = None  # the private links of the other files
+    reading: list[int] = field(default_factory=list)  # the file past the budget being read
+
+    def release(self) -> None:
+        for fd in (*self.fds, *self.reading):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+        self.reading.clear()
+        _BUDGET.give(self.granted)
+        self.granted = 0
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+
+class _DescriptorBudget:
+    """How many descriptors held files take at once: a quarter of the open-file limit.
+
+    The rest stays for sockets and the state database, so that no number of
+    downloads makes the service unable to accept a connection.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._taken = 0
+
+    def take(self, wanted: int) -> int:
+        """Reserve up to ``wanted`` descriptors; returns how many were granted."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        with self._lock:
+            granted = max(0, min(wanted, soft // 4 - self._taken))
+            self._taken += granted
+            return granted
+
+    def give(self, count: int) -> None:
+        with self._lock:
+            self._taken -= count
+
+
+_BUDGET = _DescriptorBudget()
+
+
+def _check_file(path: str, expected: int, result: os.stat_result) -> None:
+    if not stat.S_ISREG(result.st_mode):
+        raise FileChangedError(path, f"{path} is not a regular file.")
+    if result.st_size != expected:
+        raise FileChangedError(
+            path,
+            f"{path} is {result.st_size} bytes on disk but was recorded as {expected}; "
+            "the artifact changed after its run completed.",
+        )
 
 
 class StoredZip:
@@ -108,24 +270,14 @@ class StoredZip:
         """A strong ETag (quoted) that changes whenever any byte of the archive would."""
         return self._etag
 
-    def check_files(self) -> None:
-        """Raise FileNotFoundError or FileChangedError unless every file is as recorded.
-
-        Cheap (one stat per entry): run it before sending headers, since
-        ``iter_bytes`` only finds a changed file when it reaches it.
-        """
-        for entry in self._entries:
-            _check_size(entry, os.stat(entry.path).st_size)
-
     def iter_bytes(
-        self, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20
+        self, files: FileReader, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20
     ) -> Generator[bytes, None, None]:
         """Yield the archive's bytes [start, end) in chunks of exactly ``chunk_size``
-        (the last may be shorter), reading only the files the range covers.
+        (the last may be shorter), reading from ``files`` only what the range covers.
 
         Arguments are checked now, not at the first ``next()``. Raises
-        FileChangedError when a file it reads has a size other than recorded.
-        ``close()`` the generator to release the open file early.
+        FileChangedError when a file turns out shorter than recorded.
         """
         if end is None:
             end = self.size
@@ -133,9 +285,9 @@ class StoredZip:
             raise ValueError(f"Range [{start}, {end}) is outside the archive's {self.size} bytes.")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, not {chunk_size}.")
-        return self._iter(start, end, chunk_size)
+        return self._iter(files, start, end, chunk_size)
 
-    def _iter(self, start: int, end: int, chunk_size: int) -> Generator[bytes, None, None]:
+    def _iter(self, files: FileReader, start: int, end: int, chunk_size: int) -> Generator[bytes, None, None]:
         buf = bytearray()
         pos = start
         index = bisect_right(self._offsets, pos) - 1
@@ -149,7 +301,8 @@ class StoredZip:
                 pos = stop
             stop = min(end, data_offset + entry.size)
             if pos < stop:
-                yield from _read(entry, pos - data_offset, stop - data_offset, buf, chunk_size)
+                yield from _read(files.read, index, entry, pos - data_offset, stop - data_offset, buf,
+                                 chunk_size)
                 pos = stop
             index += 1
         if pos < end:
@@ -164,8 +317,9 @@ class _Sink(Protocol):
     def flush(self) -> object: ...
 
 
-def write_deflated(entries: Sequence[ZipEntry], sink: _Sink) -> None:
-    """Write a deflated archive of ``entries`` into ``sink`` (needs write() and flush()).
+def write_deflated(entries: Sequence[ZipEntry], files: FileReader, sink: _Sink) -> None:
+    """Write a deflated archive of ``entries``, read from ``files``, into ``sink``
+    (needs write() and flush()).
 
     Entries carry data descriptors, since the sink cannot seek. If anything
     fails, the end records are never written, so a broken stream cannot pass
@@ -176,22 +330,18 @@ def write_deflated(entries: Sequence[ZipEntry], sink: _Sink) -> None:
     out = _CutOffWriter(sink)
     archive = zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED)
     try:
-        for entry in entries:
+        for index, entry in enumerate(entries):
             info = _zipinfo(entry)
             info.compress_type = zipfile.ZIP_DEFLATED
-            with open(entry.path, "rb", buffering=0) as src:
-                _check_size(entry, os.fstat(src.fileno()).st_size)
-                force_zip64 = entry.size >= _DEFLATE_ZIP64_FROM
-                with archive.open(info, "w", force_zip64=force_zip64) as dst:
-                    left = entry.size
-                    while left:
-                        data = src.read(min(_READ_SIZE, left))
-                        if not data:
-                            raise FileChangedError(
-                                f"{entry.path} shrank while it was being read: expected {entry.size} bytes."
-                            )
-                        dst.write(data)
-                        left -= len(data)
+            force_zip64 = entry.size >= _DEFLATE_ZIP64_FROM
+            with archive.open(info, "w", force_zip64=force_zip64) as dst:
+                position = 0
+                while position < entry.size:
+                    data = files.read(index, position, min(_READ_SIZE, entry.size - position))
+                    if not data:
+                        raise _shrank(entry)
+                    dst.write(data)
+                    position += len(data)
     except BaseException:
         out.cut_off()
         archive.close()  # writes nothing now; releases zipfile's state
@@ -256,12 +406,10 @@ def _check_entries(entries: Sequence[ZipEntry]) -> None:
             )
 
 
-def _check_size(entry: ZipEntry, actual: int) -> None:
-    if actual != entry.size:
-        raise FileChangedError(
-            f"{entry.path} is {actual} bytes on disk but was recorded as {entry.size}; "
-            "the artifact changed after its run completed."
-        )
+def _shrank(entry: ZipEntry) -> FileChangedError:
+    return FileChangedError(
+        entry.path, f"{entry.path} shrank while it was being read: expected {entry.size} bytes."
+    )
 
 
 def _zipinfo(entry: ZipEntry) -> zipfile.ZipInfo:
@@ -361,27 +509,28 @@ def _fill(buf: bytearray, data: bytes | memoryview, chunk_size: int) -> Iterator
             buf.clear()
 
 
-def _read(entry: ZipEntry, start: int, stop: int, buf: bytearray, chunk_size: int) -> Iterator[bytes]:
+def _read(
+    read: Callable[[int, int, int], bytes],
+    index: int,
+    entry: ZipEntry,
+    start: int,
+    stop: int,
+    buf: bytearray,
+    chunk_size: int,
+) -> Iterator[bytes]:
     """Yield chunks of ``buf`` topped up with the entry's file bytes [start, stop)."""
-    fd = os.open(entry.path, os.O_RDONLY)
-    try:
-        _check_size(entry, os.fstat(fd).st_size)
-        pos = start
-        while pos < stop:
-            # Reads are sized to fill the buffer, so after the first one they
-            # are whole chunks that go out without a copy.
-            data = os.pread(fd, min(chunk_size - len(buf), stop - pos), pos)
-            if not data:
-                raise FileChangedError(
-                    f"{entry.path} shrank while it was being read: expected {entry.size} bytes."
-                )
-            pos += len(data)
-            if not buf and len(data) == chunk_size:
-                yield data
-                continue
-            buf += data
-            if len(buf) == chunk_size:
-                yield bytes(buf)
-                buf.clear()
-    finally:
-        os.close(fd)
+    pos = start
+    while pos < stop:
+        # Reads are sized to fill the buffer, so after the first one they
+        # are whole chunks that go out without a copy.
+        data = read(index, pos, min(chunk_size - len(buf), stop - pos))
+        if not data:
+            raise _shrank(entry)
+        pos += len(data)
+        if not buf and len(data) == chunk_size:
+            yield data
+            continue
+        buf += data
+        if len(buf) == chunk_size:
+            yield bytes(buf)
+            buf.clear()
