@@ -292,3 +292,15 @@ def test_unknown_routes_and_methods(service: Service) -> None:
     assert r.status_code == 405 and r.json()["error_code"] == "METHOD_NOT_ALLOWED"
     r = httpx.get(f"{service.base_url}/nowhere")
     assert r.status_code == 404 and r.json()["success"] is False
+
+
+def test_a_filter_binds_at_most_10000_values_in_one_where(service: Service) -> None:
+    columns = ["id", "email", "name", "age", "score"]
+    full = {c: {"$in": list(range(1000)), "$nin": list(range(1000))} for c in columns}
+    r = service.client.post("/api/data/extracts", json=VALID | {"filter": {"users": {"where": full}}})
+    assert r.status_code == 201, r.text[:300]
+    over = full | {"created_at": "2024"}
+    r = service.client.post("/api/data/extracts", json=VALID | {"filter": {"users": {"where": over}}})
+    assert r.status_code == 400
+    assert r.json()["details"] == [{"field": "filter.users.where",
+                                    "message": "holds 10001 values; at most 10000 in one where"}]
