@@ -288,3 +288,30 @@ def test_an_empty_token_never_authenticates() -> None:
         sent.clear()
         asyncio.run(auth({"type": "http", "headers": [(b"authorization", header)]}, None, send))
         assert sent[0]["status"] == 401
+
+
+@pytest.mark.parametrize("values", [
+    ["Bearer wrong-token", "Bearer " + TOKEN],   # the last one won: accepted
+    ["Bearer " + TOKEN, "Bearer wrong-token"],
+    ["Bearer " + TOKEN, "Bearer " + TOKEN],
+])
+def test_a_request_with_two_authorization_headers_is_refused(secure_service: Service,
+                                                             values: list[str]) -> None:
+    headers = [("Authorization", v) for v in values]
+    with httpx.Client(base_url=secure_service.base_url, timeout=10) as client:
+        for method, path in api_operations(secure_service):
+            r = client.request(method, path, headers=headers)
+            assert r.status_code == 401, (method, path, r.status_code, r.text)
+            assert r.headers["www-authenticate"].startswith("Bearer")
+            assert r.json()["error_code"] == "UNAUTHORIZED"
+            assert r.json()["error"].startswith("More than one Authorization header")
+
+
+def test_a_json_body_with_two_content_types_is_refused(secure_service: Service) -> None:
+    """Starlette reads the first: text/plain then application/json was a 415, the reverse a 201."""
+    for first, second in [("application/json", "text/plain"), ("text/plain", "application/json"),
+                          ("application/json", "application/json")]:
+        r = secure_service.client.post("/api/data/extracts", content=b'{"name": "x"}', headers=[
+            ("Content-Type", first), ("Content-Type", second)])
+        assert r.status_code == 400, (first, second, r.text)
+        assert r.json()["error_code"] == "BAD_REQUEST"
