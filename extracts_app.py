@@ -565,7 +565,7 @@ async def create_extract(request: Request) -> Response:
     config = await validate_extract(st, await read_json_object(request), None)
     extract_id, now = new_id("extract"), now_iso()
     values = extract_columns(config) | {"id": extract_id, "created_at": now, "updated_at": now,
-                                        "next_run_at": st.runs.next_run_at(config)}
+                                        "next_run_at": await st.runs.next_run_at(config)}
     columns = ", ".join(values)
     await st.db.execute(f"INSERT INTO extracts ({columns}) VALUES "
                         f"({', '.join(':' + c for c in values)})", values)
@@ -577,8 +577,9 @@ async def update_extract(request: Request) -> Response:
     extract_id = request.path_params["id"]
     current = await fetch_record(st.db, "extracts", extract_id)
     config = await validate_extract(st, await read_json_object(request), current)
-    values = extract_columns(config) | {"updated_at": now_iso(), "next_run_at": st.runs.next_run_at(
-        config, keep=current["next_run_at"] if current["schedule"] == config["schedule"] else None)}
+    keep = current["next_run_at"] if current["schedule"] == config["schedule"] else None
+    values = extract_columns(config) | {"updated_at": now_iso(),
+                                        "next_run_at": await st.runs.next_run_at(config, keep)}
     assignments = ", ".join(f"{c} = :{c}" for c in values)
     await st.db.execute(f"UPDATE extracts SET {assignments} WHERE id = :id AND deleted_at IS NULL",
                         values | {"id": extract_id})
