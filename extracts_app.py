@@ -26,12 +26,11 @@ import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
-from croniter import croniter
+import orjson
 from databases import Database
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -54,21 +53,25 @@ from extracts_http import (
     ServiceUnavailable,
     ValidationFailed,
     api_error_handler,
+    bearer_problem,
     http_exception_handler,
     json_response,
     ok,
     read_json_object,
     source_error_handler,
 )
-from extracts_runs import RunManager
+from extracts_openapi import DocumentCache, openapi_document
+from extracts_runs import RunManager, next_due
 from extracts_state import (
     ACTIVE_STATUSES,
     ARTIFACT_FIELDS,
     RUN_FIELDS,
+    FieldType,
     TriggeredBy,
     new_id,
     now_iso,
     to_record,
+    utcnow,
 )
 
 log = logging.getLogger("extracts")
@@ -232,19 +235,43 @@ class FieldError(Exception):
     """A bad field value; the message completes the sentence '<field> …'."""
 
 
+# Text is stored in SQLite (PostgreSQL later), whose idea of a string must not differ from
+# Python's: SQLite's length() stops at a NUL, so a CHECK would count less than Python does, and
+# PostgreSQL refuses NUL in text. Whitespace is what str.isspace() says, which str.strip()
+# removes; SQLite's trim() removes spaces only, so names are stored stripped. Each rule is a
+# regular expression both validation (re.fullmatch) and the OpenAPI document (``pattern``)
+# read; character classes are spelled out, as \s means three things in Python, ECMA and Rust.
+WHITESPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NUL_FREE = r"[^\x00]*"
+NAME = rf"[^\x00]*[^\x00{WHITESPACE}][^\x00]*"
+NAME_MAX = 200
+SCHEDULE_MAX = 200  # room for a list of all 60 minutes; croniter's work stays small
+
+
+def anchored(body: str) -> str:
+    """A rule as a JSON Schema ``pattern``, which matches anywhere unless anchored."""
+    return f"^(?:{body})$"
+
+
 def _string(v: Any) -> str:
     if not isinstance(v, str):
         raise FieldError("must be a string")
     return v
 
 
-def _name(v: Any) -> str:
-    v = _string(v).strip()
-    if not v:
-        raise FieldError("must not be empty")
-    if len(v) > 200:
-        raise FieldError("must be at most 200 characters")
+def _text(v: Any) -> str:
+    if "\x00" in _string(v):
+        raise FieldError("must not contain NUL characters (\\u0000)")
     return v
+
+
+def _name(v: Any) -> str:
+    v = _text(v)
+    if len(v) > NAME_MAX:  # the name as sent: what the OpenAPI document's maxLength can say
+        raise FieldError(f"must be at most {NAME_MAX} characters")
+    if not v.strip():
+        raise FieldError("must not be empty or only whitespace")
+    return v.strip()
 
 
 def _nullable(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -292,6 +319,8 @@ def _schemas(v: Any) -> list[str] | None:
         raise FieldError("must be a non-empty array of schema names, or null for every table")
     if not all(isinstance(item, str) and item for item in v):
         raise FieldError("items must be non-empty strings")
+    if any("\x00" in item for item in v):
+        raise FieldError("items must not contain NUL characters (\\u0000)")
     if len(set(v)) != len(v):
         raise FieldError("must not repeat a schema")
     return v
@@ -308,18 +337,41 @@ def _filter(v: Any) -> dict[str, Any] | None:
     return v
 
 
+def _cron() -> str:
+    """The 5-field cron expressions ``schedule`` accepts: numbers, names, ranges, steps and lists.
+
+    Every expression it matches is one croniter parses (tests/test_api_extracts.py checks
+    each item of each field); croniter's own extensions (L, W, #, ?) are not part of it.
+    """
+    def anycase(word: str) -> str:
+        return "".join(f"[{c}{c.upper()}]" for c in word)
+
+    months = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+    days = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+    fields = ((r"0?[0-9]|[1-5][0-9]",), (r"0?[0-9]|1[0-9]|2[0-3]",), (r"0?[1-9]|[12][0-9]|3[01]",),
+              (r"0?[1-9]|1[0-2]", *map(anycase, months)), (r"0?[0-7]", *map(anycase, days)))
+    parts = []
+    for alternatives in fields:
+        value = "|".join(alternatives)
+        item = rf"(?:\*|(?:{value})(?:-(?:{value}))?)(?:/[1-9][0-9]?)?"
+        parts.append(rf"{item}(?:,{item})*")
+    return r"[ \t]*" + r"[ \t]+".join(parts) + r"[ \t]*"
+
+
+CRON = _cron()
+
+
 def _schedule(v: Any) -> str | None:
+    """A cron expression as written; whether it ever comes due is checked off the event loop."""
     if v is None:
         return None
-    v = _string(v).strip()
-    if len(v.split()) != 5 or not croniter.is_valid(v):
+    v = _string(v)
+    if len(v) > SCHEDULE_MAX:
+        raise FieldError(f"must be at most {SCHEDULE_MAX} characters")
+    if re.fullmatch(CRON, v) is None:
         raise FieldError("must be a 5-field cron expression (minute hour day month weekday), "
                          "e.g. '0 3 * * *'")
-    try:  # valid fields can still name no date at all, e.g. '0 0 31 2 *'
-        croniter(v, datetime.now(UTC)).get_next(datetime)
-    except ValueError:  # CroniterBadDateError
-        raise FieldError(f"'{v}' never comes due: no date matches it") from None
-    return v
+    return v.strip()
 
 
 @dataclass(frozen=True)
@@ -332,35 +384,48 @@ class ExtractField:
     schema: dict[str, Any]
     required: bool = False
 
+    @property
+    def type(self) -> FieldType:
+        """The record field's type, as its JSON Schema says (arrays and objects are JSON)."""
+        kind = self.schema["type"] if isinstance(self.schema["type"], str) else self.schema["type"][0]
+        return {"string": FieldType.TEXT, "integer": FieldType.INTEGER,
+                "boolean": FieldType.BOOLEAN}.get(kind, FieldType.JSON)
+
 
 FORMATS = ("jsonl", "json", "yaml", "archive")
 
 EXTRACT_FIELDS = (
-    ExtractField("name", _name, None, {"type": "string", "minLength": 1, "maxLength": 200},
-                 required=True),
-    ExtractField("description", _nullable(_string), None, {"type": ["string", "null"]}),
+    ExtractField("name", _name, None, {"type": "string", "minLength": 1, "maxLength": NAME_MAX,
+                                       "pattern": anchored(NAME)}, required=True),
+    ExtractField("description", _nullable(_text), None,
+                 {"type": ["string", "null"], "pattern": anchored(NUL_FREE)}),
     ExtractField("format", _choice(FORMATS), "jsonl", {"type": "string", "enum": list(FORMATS)}),
     ExtractField("include", _include, ["describe", "data"],
                  {"type": "array", "minItems": 1, "maxItems": 2, "uniqueItems": True,
                   "items": {"type": "string", "enum": ["describe", "data"]}}),
     ExtractField("schemas", _schemas, None,
                  {"type": ["array", "null"], "minItems": 1, "uniqueItems": True,
-                  "items": {"type": "string", "minLength": 1}}),
+                  "items": {"type": "string", "minLength": 1, "pattern": anchored(NUL_FREE)}}),
     ExtractField("filter", _filter, None, {"type": ["object", "null"]}),
     ExtractField("compress", _boolean, True, {"type": "boolean"}),
     ExtractField("split_files", _boolean, False, {"type": "boolean"}),
     ExtractField("split_max_records", _integer(1, 100_000_000), 1_000_000,
                  {"type": "integer", "minimum": 1, "maximum": 100_000_000}),
-    ExtractField("schedule", _schedule, None, {"type": ["string", "null"]}),
+    ExtractField("schedule", _schedule, None,
+                 {"type": ["string", "null"], "maxLength": SCHEDULE_MAX, "pattern": anchored(CRON)}),
     ExtractField("schedule_enabled", _boolean, False, {"type": "boolean"}),
     ExtractField("retention_days", _integer(1, 365), 7,
                  {"type": "integer", "minimum": 1, "maximum": 365}),
     ExtractField("enabled", _boolean, True, {"type": "boolean"}),
 )
 FIELDS_BY_NAME = {f.name: f for f in EXTRACT_FIELDS}
-READ_ONLY_FIELDS = ("id", "created_at", "updated_at", "deleted_at", "last_run_id", "last_run_status",
-                    "last_run_at", "total_runs", "successful_runs", "failed_runs", "cancelled_runs",
-                    "next_run_at")
+READ_ONLY_FIELDS = {
+    "id": FieldType.TEXT, "created_at": FieldType.TIMESTAMP, "updated_at": FieldType.TIMESTAMP,
+    "deleted_at": FieldType.TIMESTAMP, "last_run_id": FieldType.TEXT, "last_run_status": FieldType.TEXT,
+    "last_run_at": FieldType.TIMESTAMP, "total_runs": FieldType.INTEGER,
+    "successful_runs": FieldType.INTEGER, "failed_runs": FieldType.INTEGER,
+    "cancelled_runs": FieldType.INTEGER, "next_run_at": FieldType.TIMESTAMP,
+}
 # The options a run uses, copied into its config_snapshot when it is queued.
 SNAPSHOT_FIELDS = ("name", "format", "include", "schemas", "filter", "compress", "split_files",
                    "split_max_records", "retention_days")
@@ -392,19 +457,30 @@ async def validate_extract(app_state: AppState, body: dict[str, Any],
     if merged["schedule_enabled"] and merged["schedule"] is None and "schedule" not in bad:
         details.append({"field": "schedule", "message": "schedule is required when "
                         "schedule_enabled is true: give a 5-field cron expression"})
+    schedule = values.get("schedule")
+    if schedule is not None and await anyio.to_thread.run_sync(next_due, schedule, utcnow()) is None:
+        details.append({"field": "schedule", "message": f"schedule '{schedule}' never comes due: "
+                        "no date matches it"})
     if not bad & {"schemas", "filter"} and ("schemas" in values or "filter" in values):
-        details += await anyio.to_thread.run_sync(check_against_source, app_state.settings.source,
-                                                  merged["schemas"], merged["filter"])
+        problems, seen = await anyio.to_thread.run_sync(
+            check_against_source, app_state.settings.source, merged["schemas"], merged["filter"])
+        app_state.documents.notice(*seen)
+        details += problems
     if details:
         fields = ", ".join(dict.fromkeys(d["field"] for d in details))
         raise ValidationFailed(f"Invalid extract configuration: {fields}", details)
     return merged
 
 
-def check_against_source(location: str, schemas: list[str] | None,
-                         filters: dict[str, Any] | None) -> list[dict[str, str]]:
-    """Schema names and filter columns checked against the source (runs in a thread)."""
+def check_against_source(location: str, schemas: list[str] | None, filters: dict[str, Any] | None
+                         ) -> tuple[list[dict[str, str]], tuple[set[str], dict[str, list[str]]]]:
+    """Schema names and filter columns checked against the source (runs in a thread).
+
+    Also returns what it read of the source's catalog (every schema name, the columns of
+    the filtered schemas), so that a stale OpenAPI document can be noticed.
+    """
     details = []
+    columns: dict[str, list[str]] = {}
     with open_source(location) as source:
         known = set(source.names())
         if schemas is not None:
@@ -420,34 +496,45 @@ def check_against_source(location: str, schemas: list[str] | None,
                 details.append({"field": f"filter.{schema}", "message": f"schema '{schema}' is "
                                 "not among the extract's schemas"})
             else:
-                problems = check_where(spec["where"], source.columns(schema),
-                                       field=f"filter.{schema}.where")
+                columns[schema] = source.columns(schema)
+                problems = check_where(spec["where"], columns[schema], field=f"filter.{schema}.where")
                 details += [{"field": path, "message": message} for path, message in problems]
-    return details
+    return details, (known, columns)
 
 
 # ---------------------------------------------------------------- lists: filter[...] query parameters
 
 @dataclass(frozen=True)
 class Model:
-    """A table (or view) behind ``/api/data/<name>`` and the fields a list may filter on."""
+    """A table (or view) behind ``/api/data/<name>`` and its fields with their types."""
 
     table: str
-    fields: tuple[str, ...]
+    fields: dict[str, FieldType]
     live_only: bool = False
 
 
-EXTRACT_RECORD_FIELDS = ("id", *(f.name for f in EXTRACT_FIELDS), "created_at", "updated_at",
-                         "deleted_at", "last_run_id", "last_run_status", "last_run_at", "total_runs",
-                         "successful_runs", "failed_runs", "cancelled_runs", "next_run_at")
+# The fields of an extract record, in order, with their types (runs and artifacts: extracts_state).
+EXTRACT_RECORD_FIELDS = {"id": FieldType.TEXT, **{f.name: f.type for f in EXTRACT_FIELDS},
+                         **{k: t for k, t in READ_ONLY_FIELDS.items() if k != "id"}}
 MODELS = {
     "extracts": Model("extracts_with_stats", EXTRACT_RECORD_FIELDS, live_only=True),
     "extract_runs": Model("extract_runs", RUN_FIELDS),
     "extract_artifacts": Model("extract_artifacts", ARTIFACT_FIELDS),
 }
-UNFILTERABLE = set(state.JSON_COLUMNS)
 MAX_OFFSET = 2**63 - 1  # SQLite's largest integer: anything larger is not an OFFSET
 FILTER_PARAM = re.compile(r"^filter\[(where|order|limit|offset)\](?:\[([^\]]+)\])?$")
+# What filter[where][<field>] accepts, by the field's type, and what it is then compared with:
+# an integer or a boolean as a number, since a computed statistic (total_runs) has no column
+# affinity that would convert text. 'null' means IS NULL for every type. JSON fields are not
+# filterable. The OpenAPI document shows the same rules.
+WHERE_VALUES = {
+    FieldType.TEXT: (NUL_FREE, "text without NUL characters"),
+    FieldType.INTEGER: (r"null|-?[0-9]+", "an integer"),
+    FieldType.NUMBER: (r"null|-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?", "a number"),
+    FieldType.BOOLEAN: (r"null|true|false", "true or false"),
+    FieldType.TIMESTAMP: (r"null|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{3})?Z",
+                          "a timestamp like 2026-03-01T03:00:00.000Z"),
+}
 
 
 def _bounded_int(digits: str) -> int:
@@ -456,8 +543,29 @@ def _bounded_int(digits: str) -> int:
     return int(digits) if len(digits) <= 20 else MAX_OFFSET + 1
 
 
-def parse_scalar(text: str) -> Any:
-    return {"true": 1, "false": 0, "null": None}.get(text, text)
+def where_value(field_type: FieldType, text: str) -> Any:
+    """A value WHERE_VALUES accepts (not 'null') as it is bound; None for an integer past 64 bits."""
+    if field_type is FieldType.INTEGER:
+        digits = text.removeprefix("-").lstrip("0") or "0"
+        if len(digits) > 19:  # past 64 bits (and int() refuses 4,300 digits)
+            return None
+        number = -int(digits) if text.startswith("-") else int(digits)
+        return number if -MAX_OFFSET - 1 <= number <= MAX_OFFSET else None
+    if field_type is FieldType.NUMBER:
+        return float(text)
+    if field_type is FieldType.BOOLEAN:
+        return int(text == "true")
+    if field_type is FieldType.TIMESTAMP and "." not in text:
+        return text[:-1] + ".000Z"  # as iso() writes it
+    return text
+
+
+def where_schema(field_type: FieldType) -> dict[str, Any]:
+    """The OpenAPI schema of a filter[where][<field>] parameter."""
+    if field_type is FieldType.BOOLEAN:
+        return {"type": "string", "enum": ["true", "false", "null"]}
+    rule, help_ = WHERE_VALUES[field_type]
+    return {"type": "string", "pattern": anchored(rule), "description": f"{help_}, or null"}
 
 
 def list_query(model: Model, params: list[tuple[str, str]]) -> tuple[str, dict[str, Any]]:
@@ -468,9 +576,15 @@ def list_query(model: Model, params: list[tuple[str, str]]) -> tuple[str, dict[s
     order, limit, offset = "created_at DESC, id DESC", 100, 0
     if model.live_only:
         where.append("deleted_at IS NULL")
+    seen: set[str] = set()
     for key, value in params:
         if not key.startswith("filter"):
             continue
+        if key in seen:  # which copy would count? (Two conditions on one field would AND: never meant.)
+            if not any(d["field"] == key for d in details):
+                details.append({"field": key, "message": f"{key} is given more than once; give it once"})
+            continue
+        seen.add(key)
         match = FILTER_PARAM.match(key)
         if match is None or (match[1] == "where") != (match[2] is not None):
             details.append({"field": key, "message": f"{key} is not a known filter parameter: use "
@@ -478,19 +592,24 @@ def list_query(model: Model, params: list[tuple[str, str]]) -> tuple[str, dict[s
             continue
         kind, name = match[1], match[2]
         if kind == "where":
-            if name not in model.fields or name in UNFILTERABLE:
+            field_type = model.fields.get(name)
+            if field_type is None or field_type is FieldType.JSON:
                 details.append({"field": key, "message": f"{name} is not a field that can be filtered"})
                 continue
-            scalar = parse_scalar(value)
-            if scalar is None:
+            rule, help_ = WHERE_VALUES[field_type]
+            if re.fullmatch(rule, value) is None:
+                details.append({"field": key, "message": f"{key} must be {help_}, or null"})
+            elif value == "null":
                 where.append(f'"{name}" IS NULL')
+            elif (scalar := where_value(field_type, value)) is None:
+                where.append("0 = 1")  # no record holds an integer SQLite cannot store
             else:
                 where.append(f'"{name}" = :w{len(args)}')
                 args[f"w{len(args)}"] = scalar
         elif kind == "order":
             column, _, direction = value.strip().partition(" ")
             direction = direction.strip().lower() or "asc"
-            if column not in model.fields or column in UNFILTERABLE or direction not in ("asc", "desc"):
+            if model.fields.get(column, FieldType.JSON) is FieldType.JSON or direction not in ("asc", "desc"):
                 details.append({"field": key, "message": "filter[order] must be '<field> asc' or "
                                 f"'<field> desc' with a known field (got {value!r})"})
                 continue
@@ -502,10 +621,8 @@ def list_query(model: Model, params: list[tuple[str, str]]) -> tuple[str, dict[s
             if not 1 <= limit <= 1000:
                 details.append({"field": key, "message": "filter[limit] must be between 1 and 1000"})
                 limit = 100
-        elif _bounded_int(value) > MAX_OFFSET:
+        elif (offset := _bounded_int(value)) > MAX_OFFSET:
             details.append({"field": key, "message": f"filter[offset] must be at most {MAX_OFFSET}"})
-        else:
-            offset = int(value)
     if details:
         raise ValidationFailed("Invalid list filter: " + ", ".join(d["field"] for d in details), details)
     clause = f" WHERE {' AND '.join(where)}" if where else ""
@@ -518,11 +635,12 @@ def list_query(model: Model, params: list[tuple[str, str]]) -> tuple[str, dict[s
 
 @dataclass
 class AppState:
-    """What handlers share: settings, the state database, the run manager."""
+    """What handlers share: settings, the state database, the run manager, the OpenAPI documents."""
 
     settings: Settings
     db: Database
     runs: RunManager
+    documents: DocumentCache
 
 
 def app_state(request: Request) -> AppState:
@@ -566,7 +684,7 @@ async def create_extract(request: Request) -> Response:
     config = await validate_extract(st, await read_json_object(request), None)
     extract_id, now = new_id("extract"), now_iso()
     values = extract_columns(config) | {"id": extract_id, "created_at": now, "updated_at": now,
-                                        "next_run_at": st.runs.next_run_at(config)}
+                                        "next_run_at": await st.runs.next_run_at(config)}
     columns = ", ".join(values)
     await st.db.execute(f"INSERT INTO extracts ({columns}) VALUES "
                         f"({', '.join(':' + c for c in values)})", values)
@@ -578,8 +696,9 @@ async def update_extract(request: Request) -> Response:
     extract_id = request.path_params["id"]
     current = await fetch_record(st.db, "extracts", extract_id)
     config = await validate_extract(st, await read_json_object(request), current)
-    values = extract_columns(config) | {"updated_at": now_iso(), "next_run_at": st.runs.next_run_at(
-        config, keep=current["next_run_at"] if current["schedule"] == config["schedule"] else None)}
+    keep = current["next_run_at"] if current["schedule"] == config["schedule"] else None
+    values = extract_columns(config) | {"updated_at": now_iso(),
+                                        "next_run_at": await st.runs.next_run_at(config, keep)}
     assignments = ", ".join(f"{c} = :{c}" for c in values)
     await st.db.execute(f"UPDATE extracts SET {assignments} WHERE id = :id AND deleted_at IS NULL",
                         values | {"id": extract_id})
@@ -688,14 +807,29 @@ async def health(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
-    from extracts_openapi import openapi_document
+    """Without a valid token, a document that names nothing of the source (SPEC); no 401."""
+    st = app_state(request)
+    if bearer_problem(request.headers.raw, st.settings.token.encode()) is None:
+        document = await st.documents.authenticated()
+    else:
+        document = st.documents.anonymous()
+    return Response(document, media_type="application/json", headers={"Vary": "Authorization"})
 
-    lists = {name: tuple(f for f in model.fields if f not in UNFILTERABLE) for name, model in MODELS.items()}
-    try:
-        catalog = await anyio.to_thread.run_sync(source_catalog, app_state(request).settings.source)
-    except SourceError:
-        catalog = None  # the document stays valid; schemas and filter are then described loosely
-    return json_response(openapi_document(EXTRACT_FIELDS, lists, catalog))
+
+def openapi_documents(location: str) -> DocumentCache:
+    lists = {name: {f: where_schema(t) for f, t in model.fields.items() if t is not FieldType.JSON}
+             for name, model in MODELS.items()}
+
+    def build(catalog: dict[str, list[str]] | None) -> bytes:
+        return orjson.dumps(openapi_document(EXTRACT_FIELDS, lists, catalog))
+
+    def read_catalog() -> dict[str, list[str]] | None:
+        try:
+            return source_catalog(location)
+        except SourceError:
+            return None  # the document stays valid; schemas and filter are then described loosely
+
+    return DocumentCache(build, read_catalog)
 
 
 def source_catalog(location: str) -> dict[str, list[str]]:
@@ -766,7 +900,7 @@ def create_app(settings: Settings) -> Starlette:
         exception_handlers=exception_handlers,
         lifespan=lifespan,
     )
-    app.state.extracts = AppState(settings, db, runs)
+    app.state.extracts = AppState(settings, db, runs, openapi_documents(settings.source))
     return app
 
 

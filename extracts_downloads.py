@@ -30,7 +30,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from executor.naming import download_base_name
-from extracts_http import ApiError, Conflict, Gone, NotFound, ServiceUnavailable, ValidationFailed
+from extracts_http import ApiError, Conflict, Gone, NotFound, ServiceUnavailable, ValidationFailed, query_param
 from extracts_state import ARTIFACT_FIELDS, RUN_FIELDS, now_iso, parse_iso
 from extracts_zip import FileChangedError, HeldFiles, StoredZip, ZipEntry, write_deflated
 
@@ -178,7 +178,7 @@ async def download_run(request: Request) -> Response:
                                 {"id": request.path_params["id"]})
     if run is None:
         raise NotFound(f"Run {request.path_params['id']} not found")
-    compression = request.query_params.get("compression", "stored")
+    compression = query_param(request, "compression", "stored")
     if compression not in ("stored", "deflate"):
         raise ValidationFailed("compression must be 'stored' (the default) or 'deflate'", [
             {"field": "compression", "message": "compression must be 'stored' or 'deflate'"}])

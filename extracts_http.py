@@ -172,35 +172,60 @@ class CatchAll:
             await response(scope, receive, send)
 
 
+def bearer_problem(headers: list[tuple[bytes, bytes]], token: bytes) -> str | None:
+    """Why ``headers`` do not carry exactly one valid bearer token (constant-time); None if they do."""
+    given = [value for name, value in headers if name.lower() == b"authorization"]
+    if not given:
+        return "Missing bearer token"
+    if len(given) > 1:  # which one would count? Refused whichever is valid, as no client sends two
+        return "More than one Authorization header"
+    scheme, _, credentials = given[0].partition(b" ")
+    credentials = credentials.strip()
+    if scheme.lower() != b"bearer" or not credentials or not hmac.compare_digest(credentials, token):
+        return "Invalid bearer token"
+    return None
+
+
 class BearerAuth:
-    """Every ``/api`` route requires ``Authorization: Bearer <token>`` (constant-time compare)."""
+    """Every ``/api`` route requires one ``Authorization: Bearer <token>`` header."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
         self.token = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        header = dict(scope.get("headers", [])).get(b"authorization", b"")
-        scheme, _, given = header.partition(b" ")
-        given = given.strip()
-        if scheme.lower() != b"bearer" or not given or not hmac.compare_digest(given, self.token):
-            reason = "Missing bearer token" if not header else "Invalid bearer token"
+        problem = bearer_problem(scope.get("headers", []), self.token)
+        if problem is not None:
             response = error_response(Unauthorized(
-                f"{reason}; send Authorization: Bearer <token>",
+                f"{problem}; send one header Authorization: Bearer <token>",
                 headers={"WWW-Authenticate": 'Bearer realm="extracts"'}))
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
 
+def query_param(request: Request, name: str, default: str) -> str:
+    """A query parameter that means one value: 400 naming it when it is given more than once."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        message = f"{name} is given more than once; give it once"
+        raise ValidationFailed(message, [{"field": name, "message": message}])
+    return values[0] if values else default
+
+
 async def read_json_object(request: Request) -> dict[str, Any]:
     """The request body as a JSON object: 415 wrong type, 413 over 1 MiB, 400 not an object."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_types = request.headers.getlist("content-type")
+    if len(content_types) > 1:  # the first or the last? Either reading could be the wrong one
+        raise BadRequest(f"Send one Content-Type header, not {len(content_types)}")
+    content_type = "".join(content_types).split(";")[0].strip().lower()
     if content_type != "application/json" and not content_type.endswith("+json"):
         raise UnsupportedMediaType(
             f"Send the body as JSON with Content-Type: application/json (got {content_type or 'none'})")
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    # uvicorn's h11 has checked Content-Length; still, no int() of thousands of digits here.
+    declared = request.headers.get("content-length", "").lstrip("0")
+    if declared.isascii() and declared.isdigit() and (
+            len(declared) > len(str(MAX_BODY_BYTES)) or int(declared) > MAX_BODY_BYTES):
         raise PayloadTooLarge(f"The body is over {MAX_BODY_BYTES} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():

@@ -1,12 +1,21 @@
 """``GET /openapi.json``: every route with its parameters, bodies, responses and errors.
 
 Built from the same field table that validates extract configurations, so the
-document cannot drift from what the API accepts.
+document cannot drift from what the API accepts. Two documents: the anonymous one
+names nothing of the source; a valid token gets the source's schemas and columns
+(SPEC: Starting it). ``DocumentCache`` keeps both.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+import anyio
+
+from executor.filters import MAX_LIST, MAX_OPERANDS
 
 ERROR_CODES = {
     "400": ("Invalid request: bad field values or filter (VALIDATION_ERROR, with details), or a "
@@ -112,7 +121,7 @@ RANGE_HEADERS = [  # RFC 9110 sections 14.1-14.2, as extracts_downloads.parse_ra
                     "(strong comparison; a date or a second If-Range never matches: 200, whole)"},
 ]
 SCALAR = {"type": ["string", "number", "boolean"]}
-LIST_OPERAND = {"type": "array", "minItems": 1, "maxItems": 1000, "items": SCALAR}
+LIST_OPERAND = {"type": "array", "minItems": 1, "maxItems": MAX_LIST, "items": SCALAR}
 # One column's condition in a filter's "where" (SPEC: Extract configurations, Filters).
 CONDITION = {"anyOf": [
     {"type": ["string", "number", "boolean", "null"]},
@@ -123,11 +132,17 @@ CONDITION = {"anyOf": [
         "$in": LIST_OPERAND, "$nin": LIST_OPERAND, "$like": {"type": "string"},
         "$null": {"type": "boolean"}}},
 ]}
+CONDITION_REF = {"$ref": "#/components/schemas/Condition"}
+FILTER_RULES = (f"At most {MAX_LIST} values in one $in or $nin, and {MAX_OPERANDS} values in all in "
+                "one schema's where. A filter may name only schemas the extract exports: on POST, "
+                "those in `schemas` when it is given; on PUT, those in `schemas` as sent or, when "
+                "not sent, as stored.")
 MAX_OFFSET = 2**63 - 1
 
 
-def list_parameters(fields: tuple[str, ...]) -> list[dict[str, Any]]:
-    """``filter[...]`` query parameters of a record list whose scalar fields are ``fields``."""
+def list_parameters(fields: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """``filter[...]`` query parameters of a record list: ``fields`` maps each filterable field
+    to the schema of its ``filter[where]`` value."""
     orders = [f"{f}{d}" for f in fields for d in ("", " asc", " desc")]
     return [
         {"name": "filter[order]", "in": "query", "schema": {"type": "string", "enum": orders},
@@ -136,20 +151,10 @@ def list_parameters(fields: tuple[str, ...]) -> list[dict[str, Any]]:
          "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
         {"name": "filter[offset]", "in": "query",
          "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET}},
-        *({"name": f"filter[where][{f}]", "in": "query", "schema": {"type": "string"},
-           "description": f"{f} equals this value ('true', 'false' and 'null' are parsed)"}
-          for f in fields),
+        *({"name": f"filter[where][{f}]", "in": "query", "schema": schema,
+           "description": f"{f} equals this value ('null': {f} is null); give each parameter once"}
+          for f, schema in fields.items()),
     ]
-
-
-def cron_pattern() -> str:
-    """A regular expression for the 5-field cron expressions ``schedule`` accepts."""
-    numbers = (r"[1-5]?[0-9]", r"1?[0-9]|2[0-3]", r"[1-9]|[12][0-9]|3[01]", r"[1-9]|1[0-2]", r"[0-7]")
-    fields = []
-    for n in numbers:
-        item = rf"(\*|(?:{n})(?:-(?:{n}))?)(/[1-9][0-9]?)?"
-        fields.append(rf"{item}(,{item})*")
-    return r"^\s*" + r"\s+".join(fields) + r"\s*$"
 
 
 def catalog_schemas(catalog: dict[str, list[str]] | None) -> dict[str, dict[str, Any]]:
@@ -158,12 +163,13 @@ def catalog_schemas(catalog: dict[str, list[str]] | None) -> dict[str, dict[str,
         return {}
     names = sorted(catalog)
     where = {name: {"type": "object", "additionalProperties": False,
-                    "properties": dict.fromkeys(columns, CONDITION)}
+                    "properties": dict.fromkeys(columns, CONDITION_REF)}
              for name, columns in catalog.items()}
     return {
         "schemas": {"type": ["array", "null"], "minItems": 1, "uniqueItems": True,
                     "items": {"type": "string", "enum": names}},
         "filter": {"type": ["object", "null"], "minProperties": 1, "additionalProperties": False,
+                   "description": FILTER_RULES,
                    "properties": {name: {"type": "object", "required": ["where"],
                                          "additionalProperties": False,
                                          "properties": {"where": where[name]}}
@@ -209,20 +215,23 @@ def strict(schema: dict[str, Any]) -> dict[str, Any]:
     return {**schema, "required": list(schema["properties"]), "additionalProperties": False}
 
 
-def openapi_document(fields: tuple[Any, ...], lists: dict[str, tuple[str, ...]] | None = None,
+def openapi_document(fields: tuple[Any, ...], lists: dict[str, dict[str, dict[str, Any]]] | None = None,
                      catalog: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """The OpenAPI 3.1 document.
 
     ``fields`` is extracts_app.EXTRACT_FIELDS; ``lists`` maps each record list
     (``extracts``, ``extract_runs``, ``extract_artifacts``) to the fields its
-    ``filter[where]``/``filter[order]`` accept; ``catalog`` maps the source's
-    schemas to their columns, so that ``schemas`` and ``filter`` list what exists.
+    ``filter[where]``/``filter[order]`` accept, with the schema of a ``filter[where]``
+    value; ``catalog`` maps the source's schemas to their columns, so that ``schemas``
+    and ``filter`` list what exists (only in the document a valid token gets).
     """
     lists = lists or {}
     config_props = {f.name: f.schema for f in fields}
-    if "schedule" in config_props:
-        config_props["schedule"] = {**config_props["schedule"], "pattern": cron_pattern()}
-    body_props = config_props | catalog_schemas(catalog)
+    body_props = config_props | {"filter": {**config_props.get("filter", {}), "description": FILTER_RULES}}
+    body_props |= catalog_schemas(catalog)
+    # The rule that a filter names only exported schemas spans two fields: JSON Schema can say
+    # it only as one anyOf per schema of the source, from which schemathesis cannot generate
+    # past three schemas. FILTER_RULES says it in words.
     create_body = {"type": "object", "additionalProperties": False,
                    "required": [f.name for f in fields if f.required], "properties": body_props,
                    # schedule_enabled needs a schedule (the current one, on PUT)
@@ -230,15 +239,17 @@ def openapi_document(fields: tuple[Any, ...], lists: dict[str, tuple[str, ...]] 
                           "properties": {"schedule_enabled": {"const": True}}},
                    "then": {"required": ["schedule"], "properties": {"schedule": {"type": "string"}}}}
     update_body = {"type": "object", "additionalProperties": False, "properties": body_props}
+    # What the service stores was valid when saved, by the rules of the day: responses are not
+    # held to today's patterns and lengths.
+    stored_props = {name: {k: v for k, v in schema.items() if k not in ("pattern", "maxLength")}
+                    for name, schema in config_props.items()}
     extract = strict({"type": "object", "properties": {
-        "id": {"type": "string"}, **config_props, "created_at": TIMESTAMP, "updated_at": TIMESTAMP,
+        "id": {"type": "string"}, **stored_props, "created_at": TIMESTAMP, "updated_at": TIMESTAMP,
         "deleted_at": TIMESTAMP, "last_run_id": {"type": ["string", "null"]},
         "last_run_status": {"type": ["string", "null"]}, "last_run_at": TIMESTAMP,
         "total_runs": {"type": "integer"}, "successful_runs": {"type": "integer"},
         "failed_runs": {"type": "integer"}, "cancelled_runs": {"type": "integer"},
         "next_run_at": TIMESTAMP}})
-    # What the service stores was valid when saved; responses need not match today's source.
-    extract["properties"]["schedule"] = {"type": ["string", "null"]}
     body_errors = ["400", "413", "415"]
     binary: dict[str, Any] = {"schema": {}}  # any bytes: a manifest.json is JSON, a .gz is not
     file_content = dict.fromkeys((
@@ -248,7 +259,9 @@ def openapi_document(fields: tuple[Any, ...], lists: dict[str, tuple[str, ...]] 
     paths = {
         "/health": {"get": operation("Liveness", "200", None, [], secured=False, ok_content=json_content(
             {"type": "object", "properties": {"status": {"const": "ok"}}}))},
-        "/openapi.json": {"get": operation("This document", "200", None, [], secured=False,
+        "/openapi.json": {"get": operation(
+            "This document; with a valid bearer token it also lists the source's schemas and columns",
+            "200", None, [], secured=False,
                                            ok_content=json_content({"type": "object"}))},
         "/api/data/extracts": {
             "get": operation("List extracts", "200", {"type": "array", "items": extract}, ["400"],
@@ -309,7 +322,64 @@ def openapi_document(fields: tuple[Any, ...], lists: dict[str, tuple[str, ...]] 
         "openapi": "3.1.0",
         "info": {"title": "Extracts", "version": "0.1.0",
                  "description": "Export a database into downloadable, checksummed files."},
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+                       "schemas": {"Condition": CONDITION}},
         "security": [{"bearer": []}],
         "paths": paths,
     }
+
+
+CATALOG_TTL_S = 60.0
+CATALOG_RETRY_S = 5.0  # after the source could not be read
+
+
+@dataclass(frozen=True)
+class KeptDocument:
+    expires: float
+    catalog: dict[str, list[str]] | None
+    document: bytes
+
+
+class DocumentCache:
+    """The two documents, serialized: neither is built per request.
+
+    The anonymous one is built once. The authenticated one lists the source's catalog:
+    read and built in a worker thread (one read for a burst of requests), kept for
+    CATALOG_TTL_S, and dropped sooner when validation reads a catalog that differs.
+    """
+
+    def __init__(self, build: Callable[[dict[str, list[str]] | None], bytes],
+                 read_catalog: Callable[[], dict[str, list[str]] | None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._build = build
+        self._read_catalog = read_catalog
+        self.clock = clock
+        self._anonymous: bytes | None = None
+        self._kept: KeptDocument | None = None
+        self._lock = anyio.Lock()
+
+    def anonymous(self) -> bytes:
+        if self._anonymous is None:
+            self._anonymous = self._build(None)
+        return self._anonymous
+
+    async def authenticated(self) -> bytes:
+        async with self._lock:
+            kept = self._kept
+            if kept is None or self.clock() >= kept.expires:
+                def load() -> tuple[dict[str, list[str]] | None, bytes]:
+                    catalog = self._read_catalog()
+                    return catalog, self._build(catalog)
+
+                catalog, document = await anyio.to_thread.run_sync(load)
+                ttl = CATALOG_TTL_S if catalog is not None else CATALOG_RETRY_S
+                self._kept = kept = KeptDocument(self.clock() + ttl, catalog, document)
+            return kept.document
+
+    def notice(self, names: set[str], columns: dict[str, list[str]]) -> None:
+        """What validation read of the source: every schema name, some schemas' columns."""
+        kept = self._kept
+        if kept is None or kept.catalog is None:
+            return
+        if set(kept.catalog) != names or any(kept.catalog.get(s) != c for s, c in columns.items()):
+            self._kept = None

@@ -124,6 +124,17 @@ def signal_name(exitcode: int | None) -> str:
     return f"killed by signal {-exitcode}"
 
 
+def next_due(schedule: str, after: datetime) -> str | None:
+    """The first due time of a cron expression after ``after``; None when no date matches it.
+
+    CPU work proportional to the expression: callers run it in a worker thread.
+    """
+    try:
+        return iso(croniter(schedule, after).get_next(datetime))
+    except ValueError:  # CroniterBadDateError ('0 0 31 2 *'), or an expression croniter refuses
+        return None
+
+
 class RunManager:
     """Owns the pool, the progress queue and every run state transition."""
 
@@ -349,16 +360,13 @@ class RunManager:
     def run_dir(self, run_id: str) -> Path:
         return self.settings.storage / run_id
 
-    def next_run_at(self, config: dict[str, Any], keep: str | None = None) -> str | None:
+    async def next_run_at(self, config: dict[str, Any], keep: str | None = None) -> str | None:
         """The next due time of a scheduled extract (None when not scheduled)."""
         if not (config.get("schedule_enabled") and config.get("enabled", True) and config.get("schedule")):
             return None
         if keep:
             return keep
-        try:
-            return iso(croniter(config["schedule"], self.clock()).get_next(datetime))
-        except ValueError:  # a schedule that never comes due (saved before it was refused)
-            return None
+        return await asyncio.to_thread(next_due, config["schedule"], self.clock())
 
     # ------------------------------------------------------------ dispatch
 
@@ -669,7 +677,8 @@ class RunManager:
                 log.info("extract %s due but already running: this due time is skipped", extract["id"])
             else:
                 started.append(run_id)
-            following = iso(croniter(extract["schedule"], now).get_next(datetime))
+            # None (no longer scheduled) for a schedule saved before it would have been refused.
+            following = await asyncio.to_thread(next_due, extract["schedule"], now)
             await self.db.execute("UPDATE extracts SET next_run_at = :next WHERE id = :id",
                                   {"next": following, "id": extract["id"]})
         return started

@@ -81,14 +81,35 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
 
 
-RUN_FIELDS = ("id", "extract_id", "extract_name", "status", "progress", "progress_detail",
-              "started_at", "completed_at", "duration_seconds", "records_exported",
-              "schemas_exported", "artifacts_created", "total_size_bytes", "error", "error_detail",
-              "triggered_by", "config_snapshot", "created_at", "updated_at")
-ARTIFACT_FIELDS = ("id", "run_id", "extract_id", "artifact_type", "artifact_name", "schema_name",
-                   "part", "storage_path", "storage_backend", "format", "content_type", "size_bytes",
-                   "records", "checksum", "is_primary", "created_at", "expires_at", "accessed_at",
-                   "download_count", "deleted_at")
+class FieldType(str, Enum):
+    """The type of a record field: how a list's ``filter[where][<field>]`` value is read."""
+
+    TEXT = "text"
+    INTEGER = "integer"
+    NUMBER = "number"
+    BOOLEAN = "boolean"
+    TIMESTAMP = "timestamp"  # ISO 8601 text, as iso() writes it
+    JSON = "json"            # not filterable
+
+
+_T = FieldType
+# The fields of a run record and of an artifact record, in order, with their types.
+RUN_FIELDS = {
+    "id": _T.TEXT, "extract_id": _T.TEXT, "extract_name": _T.TEXT, "status": _T.TEXT,
+    "progress": _T.INTEGER, "progress_detail": _T.JSON, "started_at": _T.TIMESTAMP,
+    "completed_at": _T.TIMESTAMP, "duration_seconds": _T.NUMBER, "records_exported": _T.INTEGER,
+    "schemas_exported": _T.INTEGER, "artifacts_created": _T.INTEGER, "total_size_bytes": _T.INTEGER,
+    "error": _T.TEXT, "error_detail": _T.JSON, "triggered_by": _T.TEXT, "config_snapshot": _T.JSON,
+    "created_at": _T.TIMESTAMP, "updated_at": _T.TIMESTAMP,
+}
+ARTIFACT_FIELDS = {
+    "id": _T.TEXT, "run_id": _T.TEXT, "extract_id": _T.TEXT, "artifact_type": _T.TEXT,
+    "artifact_name": _T.TEXT, "schema_name": _T.TEXT, "part": _T.INTEGER, "storage_path": _T.TEXT,
+    "storage_backend": _T.TEXT, "format": _T.TEXT, "content_type": _T.TEXT, "size_bytes": _T.INTEGER,
+    "records": _T.INTEGER, "checksum": _T.TEXT, "is_primary": _T.BOOLEAN, "created_at": _T.TIMESTAMP,
+    "expires_at": _T.TIMESTAMP, "accessed_at": _T.TIMESTAMP, "download_count": _T.INTEGER,
+    "deleted_at": _T.TIMESTAMP,
+}
 
 # Columns holding JSON text or 0/1 booleans, per table: how a row becomes a record.
 JSON_COLUMNS = {"include", "schemas", "filter", "progress_detail", "error_detail", "config_snapshot"}

@@ -14,6 +14,9 @@ matches no comparison, ``$ne`` and ``$nin`` included; ``$like`` uses the
 database's own ``LIKE`` (case-insensitive for ASCII in SQLite and MySQL,
 case-sensitive in PostgreSQL).
 
+A list takes at most ``MAX_LIST`` values, and one ``where`` at most
+``MAX_OPERANDS`` values in all.
+
 Column names are quoted by the caller's dialect; every value is bound as a
 parameter, never spliced into the SQL.
 """
@@ -27,6 +30,9 @@ COMPARISONS = {"$eq": "=", "$ne": "<>", "$gt": ">", "$gte": ">=", "$lt": "<", "$
 LISTS = {"$in": "IN", "$nin": "NOT IN"}
 OPERATORS = (*COMPARISONS, *LISTS, "$like", "$null")
 MAX_LIST = 1000
+# Values bound in one schema's where: keeps a filter's checking and compiling small, and its
+# query under SQLite's 32,766 parameters (PostgreSQL's limit is 65,535).
+MAX_OPERANDS = 10_000
 
 _SCALAR_HELP = "a string, a number or a boolean"
 
@@ -94,7 +100,17 @@ def check_where(where: object, columns: list[str], *, field: str = "where") -> l
             problems.append((path, f"unknown column '{column}'; the columns are: {shown}"))
             continue
         problems += [(path + below, message) for below, message in _condition_problems(condition)]
+    operands = sum(_operand_count(condition) for condition in where.values())
+    if operands > MAX_OPERANDS:
+        problems.append((field, f"holds {operands} values; at most {MAX_OPERANDS} in one where"))
     return problems
+
+
+def _operand_count(condition: object) -> int:
+    """How many values a condition binds (a list counts each item)."""
+    if not isinstance(condition, dict):
+        return 1
+    return sum(len(value) if isinstance(value, list) else 1 for value in condition.values())
 
 
 def _compile_op(column: str, op: str, value: Any, placeholder: str) -> tuple[str, list[Any]]:

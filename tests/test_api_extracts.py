@@ -292,3 +292,329 @@ def test_unknown_routes_and_methods(service: Service) -> None:
     assert r.status_code == 405 and r.json()["error_code"] == "METHOD_NOT_ALLOWED"
     r = httpx.get(f"{service.base_url}/nowhere")
     assert r.status_code == 404 and r.json()["success"] is False
+
+
+# ---------------------------------------------------------------- text: Python's, SQLite's, the document's
+
+@pytest.mark.parametrize("body,field", [
+    ({"name": "\u0000"}, "name"),                      # was a 500: SQLite's length() stops at NUL
+    ({"name": " \u0000x"}, "name"),
+    ({"name": "x\u0000"}, "name"),
+    ({"description": "notes\u0000"}, "description"),   # was stored
+    ({"schedule": "0 3 * * *\u0000"}, "schedule"),
+    ({"schemas": ["users\u0000"]}, "schemas"),
+    ({"filter": {"users\u0000": {"where": {"age": 1}}}}, "filter.users\u0000"),
+    ({"filter": {"users": {"where": {"age\u0000": 1}}}}, "filter.users.where.age\u0000"),
+])
+def test_nul_in_any_text_of_the_configuration_is_a_400(service: Service, body: dict, field: str) -> None:
+    created = service.create_extract(name="NUL target")
+    for method, path, sent in [("POST", "/api/data/extracts", VALID | body),
+                               ("PUT", f"/api/data/extracts/{created['id']}", body)]:
+        r = service.client.request(method, path, json=sent)
+        assert r.status_code == 400, (method, r.text)
+        assert r.json()["error_code"] == "VALIDATION_ERROR"
+        assert [d["field"] for d in r.json()["details"]] == [field], r.text
+    # A NUL in a filter VALUE is source data, bound as a parameter: accepted.
+    r = service.client.post("/api/data/extracts", json=VALID | {
+        "filter": {"users": {"where": {"name": "a\u0000b"}}}})
+    assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize("name,stored", [
+    pytest.param(" " * 199 + "x", "x", id="199-spaces-x"),
+    ("\u3000\u00a0x\u2029\t", "x"),            # str.strip() whitespace, which SQLite's trim() keeps
+    ("é" * 200, "é" * 200),
+    ("😀" * 200, "😀" * 200),                  # characters, not UTF-8 bytes or UTF-16 units
+    ("\ufeffx", "\ufeffx"),                     # not whitespace for Python: kept
+])
+def test_name_length_counts_the_name_as_sent_and_the_stored_name_is_trimmed(
+        service: Service, name: str, stored: str) -> None:
+    r = service.client.post("/api/data/extracts", json={"name": name})
+    assert r.status_code == 201, r.text
+    assert r.json()["data"]["name"] == stored
+
+
+@pytest.mark.parametrize("name", [
+    " " * 249 + "x",                             # was stored as "x": now over the limit as sent
+    "x" * 201, "😀" * 201,
+    "\u3000", "\u00a0\u2000\u205f", "\x1c\x1d\x1e\x1f", "\x85",  # whitespace only, Unicode's
+], ids=["249-spaces-x", "201-x", "201-emoji", "ideographic-space", "nbsp-etc", "separators", "nel"])
+def test_name_over_the_limit_or_only_whitespace_is_a_400(service: Service, name: str) -> None:
+    r = service.client.post("/api/data/extracts", json={"name": name})
+    assert r.status_code == 400, r.text
+    assert [d["field"] for d in r.json()["details"]] == ["name"]
+
+
+def test_text_rules_of_the_document_are_validation_rules() -> None:
+    """The OpenAPI schema of each text field accepts exactly what validation accepts.
+
+    jsonschema_rs is the validator schemathesis judges with (ECMA-like regular
+    expressions, where \\s and $ differ from Python's re).
+    """
+    import sys
+
+    import jsonschema_rs
+
+    from extracts_app import EXTRACT_FIELDS, SCHEDULE_MAX, FieldError
+
+    whitespace = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()]
+    texts = [
+        "", "x", " x ", "\u0000", "x\u0000", "\u0000\n", "x\n", "\n", "\ufeff", "\u200b", "\u180e",
+        "a" * 200, "a" * 201, " " * 200, " " * 199 + "x", "😀" * 200, "😀" * 201, "x" + "\n" * 3,
+        *whitespace, *(w + "x" + w for w in whitespace), "".join(whitespace),
+    ]
+    schedules = [
+        "0 3 * * *", " 0 3 * * * ", "0 3 * * *\n", "0\t3 * * *", "0 3 * * MON-fri", "0 0 1 jan,Jul *",
+        "*/5 * * * *", "00 03 * * 7", "0 0 L * *", "0 0 ? * *", "0 0 * * 1#2", "@daily",
+        "* * * * * *", "60 * * * *", "0 24 * * *", "0 0 0 * *", "0 0 * 13 *", "0 0 * * 8",
+        "*/0 * * * *", "0\u00a03 * * *", "0\u20033 * * *", "0 3 * * *\u0000",
+        ",".join(str(m) for m in range(60)) + " * * * *",
+        "0 " + "1," * 95 + "11 * * *",  # 200 characters
+        "0 " + "1," * 96 + "1 * * *",   # 201
+    ]
+    fields = {f.name: f for f in EXTRACT_FIELDS}
+    for name, values in (("name", texts), ("description", texts), ("schedule", schedules)):
+        validator = jsonschema_rs.validator_for(fields[name].schema)
+        for value in values:
+            try:
+                fields[name].check(value)
+                accepted = True
+            except FieldError:
+                accepted = False
+            assert validator.is_valid(value) == accepted, (name, value, accepted)
+    assert len(schedules[-1]) == SCHEDULE_MAX + 1
+    items = jsonschema_rs.validator_for(fields["schemas"].schema)
+    for value in (["users"], ["users\u0000"], [""], ["\u0000"]):
+        try:
+            fields["schemas"].check(value)
+            accepted = True
+        except FieldError:
+            accepted = False
+        assert items.is_valid(value) == accepted, value
+
+
+def test_every_schedule_the_grammar_allows_is_one_croniter_parses() -> None:
+    """Each item of each field, with steps: croniter parses it (or finds it never due)."""
+    import contextlib
+    import re
+    from datetime import UTC, datetime
+
+    from croniter import CroniterBadDateError, croniter
+
+    from extracts_app import CRON
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    values = (range(0, 60), range(0, 24), range(1, 32), range(1, 13), range(0, 8))
+    names = ((), (), (), ("jan", "Feb", "DEC"), ("sun", "Mon", "SAT"))
+    for position, (numbers, words) in enumerate(zip(values, names, strict=True)):
+        singles = [str(v) for v in numbers] + [f"0{numbers[0]}", f"0{numbers[-1] % 10}", *words]
+        for item in ["*", *singles, *(f"{x}-{y}" for x in singles[::7] for y in singles[::5])]:
+            for step in ("", "/1", "/7", "/99"):
+                fields = ["*"] * 5
+                fields[position] = item + step
+                expression = " ".join(fields)
+                assert re.fullmatch(CRON, expression), expression
+                with contextlib.suppress(CroniterBadDateError):  # parsed, but never due
+                    croniter(expression, now).get_next(datetime)
+
+
+@pytest.mark.parametrize("schedule,ok", [
+    ("0 3 * * mon-fri", True), ("0 0 1 JAN,jul *", True), ("00 03 * * *", True),
+    ("0 0 L * *", False), ("0 0 15W * *", False), ("0 0 * * 1#2", False), ("0 0 ? * *", False),
+    pytest.param(",".join(str(m) for m in range(60)) + " * * * *", True, id="every-minute-listed"),
+    pytest.param("0 " + "1," * 95 + "11 * * *", True, id="200-characters"),
+    pytest.param("0 " + "1," * 96 + "1 * * *", False, id="201-characters"),
+])
+def test_schedule_grammar_and_length_bound(service: Service, schedule: str, ok: bool) -> None:
+    r = service.client.post("/api/data/extracts", json=VALID | {"schedule": schedule})
+    assert (r.status_code == 201) is ok, r.text
+    if not ok:
+        assert [d["field"] for d in r.json()["details"]] == ["schedule"]
+
+
+def test_a_huge_schedule_is_refused_quickly_and_does_not_stall_other_requests(service: Service) -> None:
+    """500k comma-separated values used to hold the event loop ~8 s (croniter, three times)."""
+    import threading
+    import time
+
+    schedule = ",".join(["1"] * 250_000) + " * * * *"
+    timings: dict[str, float] = {}
+
+    def post() -> None:
+        start = time.monotonic()
+        r = service.client.post("/api/data/extracts", json=VALID | {"schedule": schedule})
+        timings["post"] = time.monotonic() - start
+        assert r.status_code == 400 and r.json()["details"][0]["field"] == "schedule"
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    health = []
+    with httpx.Client(base_url=service.base_url, timeout=30) as client:
+        while not health or thread.is_alive():
+            start = time.monotonic()
+            assert client.get("/health").status_code == 200
+            health.append(time.monotonic() - start)
+    thread.join()
+    assert timings["post"] < 3, timings
+    assert max(health) < 2, health
+
+
+def test_a_filter_binds_at_most_10000_values_in_one_where(service: Service) -> None:
+    columns = ["id", "email", "name", "age", "score"]
+    full = {c: {"$in": list(range(1000)), "$nin": list(range(1000))} for c in columns}
+    r = service.client.post("/api/data/extracts", json=VALID | {"filter": {"users": {"where": full}}})
+    assert r.status_code == 201, r.text[:300]
+    over = full | {"created_at": "2024"}
+    r = service.client.post("/api/data/extracts", json=VALID | {"filter": {"users": {"where": over}}})
+    assert r.status_code == 400
+    assert r.json()["details"] == [{"field": "filter.users.where",
+                                    "message": "holds 10001 values; at most 10000 in one where"}]
+
+
+# ---------------------------------------------------------------- typed list filters
+
+def ids(service: Service, model: str, **where: str) -> list[str]:
+    r = service.client.get(f"/api/data/{model}", params={f"filter[where][{k}]": v for k, v in where.items()})
+    assert r.status_code == 200, r.text
+    return [row["id"] for row in r.json()["data"]]
+
+
+def test_list_filters_read_each_value_by_its_field_type(service: Service) -> None:
+    """filter[where][total_runs]=1 never matched: the value was bound as text (issue 12, item 11)."""
+    extract = service.create_extract(name="true", description="typed", schemas=["users"], compress=False,
+                                     retention_days=42)
+    run = service.wait_run(service.run(extract["id"]))
+    assert run["status"] == "completed", run
+    other = service.create_extract(name="false", description="typed", compress=True)
+    # integers, computed (the view's count(*)) and stored
+    assert ids(service, "extracts", description="typed", total_runs="1") == [extract["id"]]
+    assert ids(service, "extracts", description="typed", successful_runs="01") == [extract["id"]]
+    assert ids(service, "extracts", description="typed", total_runs="0") == [other["id"]]
+    assert ids(service, "extracts", description="typed", retention_days="42") == [extract["id"]]
+    assert ids(service, "extracts", description="typed", total_runs="-1") == []
+    assert ids(service, "extracts", description="typed", total_runs="9" * 30) == []  # past 64 bits
+    assert ids(service, "extracts", description="typed", total_runs="-" + "9" * 30) == []
+    assert ids(service, "extracts", description="typed", total_runs="0" * 5000 + "1") == [extract["id"]]
+    # booleans: true/false on boolean fields only; text stays text
+    assert ids(service, "extracts", description="typed", compress="false") == [extract["id"]]
+    assert ids(service, "extracts", description="typed", compress="true") == [other["id"]]
+    assert ids(service, "extracts", description="typed", name="true") == [extract["id"]]
+    assert ids(service, "extracts", description="typed", name="false") == [other["id"]]
+    # null, on every type
+    assert ids(service, "extracts", description="typed", next_run_at="null", name="true") == [extract["id"]]
+    assert ids(service, "extracts", description="typed", last_run_id="null") == [other["id"]]
+    # timestamps: as stored, milliseconds optional
+    created = extract["created_at"]
+    assert ids(service, "extracts", created_at=created) == [extract["id"]]
+    if created.endswith(".000Z"):
+        assert ids(service, "extracts", created_at=created[:-5] + "Z") == [extract["id"]]
+    # runs: integers, a number, text, a timestamp
+    assert ids(service, "extract_runs", extract_id=extract["id"], progress="100") == [run["id"]]
+    assert ids(service, "extract_runs", id=run["id"], records_exported=str(run["records_exported"])) \
+        == [run["id"]]
+    assert ids(service, "extract_runs", id=run["id"], duration_seconds=repr(run["duration_seconds"])) \
+        == [run["id"]]
+    assert ids(service, "extract_runs", id=run["id"], duration_seconds="-1.5e3") == []
+    assert ids(service, "extract_runs", id=run["id"], started_at=run["started_at"], status="completed") \
+        == [run["id"]]
+    assert ids(service, "extract_runs", id=run["id"], error="null") == [run["id"]]
+    # artifacts: a boolean, integers, null
+    artifacts = service.client.get("/api/data/extract_artifacts",
+                                   params={"filter[where][run_id]": run["id"]}).json()["data"]
+    data = next(a for a in artifacts if a["artifact_type"] == "data-users")
+    primary = {a["id"] for a in artifacts if a["is_primary"]}
+    assert primary and len(primary) < len(artifacts)
+    assert set(ids(service, "extract_artifacts", run_id=run["id"], is_primary="true")) == primary
+    assert set(ids(service, "extract_artifacts", run_id=run["id"], is_primary="false")) == \
+        {a["id"] for a in artifacts} - primary
+    assert ids(service, "extract_artifacts", run_id=run["id"], size_bytes=str(data["size_bytes"]),
+               records=str(data["records"]), download_count="0", part="null") == [data["id"]]
+
+
+@pytest.mark.parametrize("model,field,value", [
+    ("extracts", "total_runs", "one"), ("extracts", "total_runs", "1.0"), ("extracts", "total_runs", " 1"),
+    ("extracts", "retention_days", "0x10"), ("extracts", "enabled", "1"), ("extracts", "enabled", "yes"),
+    ("extracts", "enabled", "TRUE"), ("extracts", "created_at", "yesterday"),
+    ("extracts", "created_at", "2026-01-01"), ("extracts", "name", "a\u0000b"),
+    ("extract_runs", "progress", "²"), ("extract_runs", "duration_seconds", "1,5"),
+    ("extract_runs", "duration_seconds", "nan"), ("extract_runs", "status", "\u0000"),
+    ("extract_artifacts", "is_primary", "0"), ("extract_artifacts", "size_bytes", "1e3"),
+    ("extract_artifacts", "expires_at", "2026-01-01T00:00:00+00:00"),
+])
+def test_a_list_filter_value_not_of_the_field_type_is_a_400(service: Service, model: str, field: str,
+                                                            value: str) -> None:
+    key = f"filter[where][{field}]"
+    r = service.client.get(f"/api/data/{model}", params={key: value})
+    assert r.status_code == 400, r.text
+    assert r.json()["error_code"] == "VALIDATION_ERROR"
+    assert [d["field"] for d in r.json()["details"]] == [key]
+
+
+@pytest.mark.parametrize("key,values", [
+    ("filter[limit]", ["1", "2"]), ("filter[offset]", ["0", "0"]),
+    ("filter[order]", ["created_at asc", "id desc"]), ("filter[where][id]", ["a", "b"]),
+])
+def test_a_list_parameter_given_twice_is_a_400(service: Service, key: str, values: list[str]) -> None:
+    for model in ("extracts", "extract_runs", "extract_artifacts"):
+        r = service.client.get(f"/api/data/{model}", params=[(key, v) for v in values])
+        assert r.status_code == 400, r.text
+        message = f"{key} is given more than once; give it once"
+        assert r.json()["details"] == [{"field": key, "message": message}]
+
+
+def test_download_compression_given_twice_is_a_400(service: Service) -> None:
+    extract = service.create_extract(name="Twice", schemas=["users"])
+    run = service.wait_run(service.run(extract["id"]))
+    url = f"/api/extracts/runs/{run['id']}/download"
+    r = service.client.get(url, params=[("compression", "stored"), ("compression", "deflate")])
+    assert r.status_code == 400 and r.json()["details"][0]["field"] == "compression"
+    assert service.client.get(url, params={"compression": "deflate"}).status_code == 200
+
+
+def test_list_filter_values_are_described_as_validated() -> None:
+    """Each filter[where] parameter's schema in the document accepts exactly what the list accepts."""
+    import jsonschema_rs
+
+    from extracts_app import MODELS, FieldType, list_query, where_schema
+    from extracts_http import ValidationFailed
+
+    samples = ["", "null", "NULL", "true", "false", "0", "-0", "1", "007", "-12", "1.5", "-1.5e-3", "1e400",
+               "9" * 30, "²", " 1", "1\n", "abc", "a\u0000", "2026-01-02T03:04:05Z",
+               "2026-01-02T03:04:05.123Z", "2026-01-02T03:04:05.1Z", "2026-01-02 03:04:05Z",
+               "2026-01-02T03:04:05.123Z\n", "null\n"]
+    for model in MODELS.values():
+        for field, field_type in model.fields.items():
+            if field_type is FieldType.JSON:
+                continue
+            validator = jsonschema_rs.validator_for(where_schema(field_type))
+            for value in samples:
+                try:
+                    list_query(model, [(f"filter[where][{field}]", value)])
+                    accepted = True
+                except ValidationFailed:
+                    accepted = False
+                assert validator.is_valid(value) == accepted, (field, field_type, value, accepted)
+
+
+@pytest.mark.parametrize("declared,status", [
+    (b"0" * 5000 + b"13", None), (b"\xb2", None),  # int() refused both: a 500 under a lenient server
+    (b"9" * 5000, 413), (b"1048577", 413), (b"13", None),
+], ids=["5000-zeros", "superscript-two", "5000-nines", "over-1MiB", "13"])
+def test_content_length_is_read_without_int_on_the_raw_header(declared: bytes, status: int | None) -> None:
+    """uvicorn's h11 refuses such headers first; read_json_object must not depend on it."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from extracts_http import ApiError, read_json_object
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b'{"name": "x"}', "more_body": False}
+
+    request = Request({"type": "http", "method": "POST", "headers": [
+        (b"content-type", b"application/json"), (b"content-length", declared)]}, receive)
+    try:
+        assert asyncio.run(read_json_object(request)) == {"name": "x"}
+        assert status is None
+    except ApiError as exc:
+        assert exc.status == status

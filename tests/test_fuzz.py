@@ -25,9 +25,11 @@ EXAMPLES = int(os.environ.get("EXTRACTS_FUZZ_EXAMPLES", "8"))
 SEED = int(os.environ.get("EXTRACTS_FUZZ_SEED", "20261128"))
 
 # Whether a valid-looking body is accepted depends on more than the schema can say:
-# a filter may only name a schema among the extract's `schemas`, a cron expression
-# must come due at least once, and a PUT is merged with the record as it stands.
-# Everything else about these two operations is still checked.
+# a filter may only name a schema among the extract's `schemas` (JSON Schema can say it
+# only as one anyOf per schema of the source, and schemathesis 4.32 cannot generate from
+# that past three schemas: the filter's description says it), a cron expression must come
+# due at least once, and a PUT is merged with the record as it stands. Everything else
+# about these two operations is still checked, negative data rejection included.
 CONFIG = """
 [[operations]]
 include-path = "/api/data/extracts"
@@ -125,10 +127,14 @@ def test_list_paging_out_of_range_is_a_400(fuzz_service: Service, query: dict[st
         assert [d["field"] for d in body["details"]] == list(query)
 
 
-def test_list_paging_at_the_limits_works(fuzz_service: Service) -> None:
-    r = fuzz_service.client.get("/api/data/extracts",
-                                params={"filter[offset]": str(2**63 - 1), "filter[limit]": "0001000"})
-    assert r.status_code == 200 and r.json() == {"success": True, "data": []}
+@pytest.mark.parametrize("query", [
+    {"filter[offset]": str(2**63 - 1), "filter[limit]": "0001000"},
+    {"filter[offset]": "0" * 5000 + "1", "filter[limit]": "0" * 5000 + "5"},  # the offset was a 500
+], ids=["largest", "5000-leading-zeros"])
+def test_list_paging_at_the_limits_works(fuzz_service: Service, query: dict[str, str]) -> None:
+    for model in ("extracts", "extract_runs", "extract_artifacts"):
+        r = fuzz_service.client.get(f"/api/data/{model}", params=query)
+        assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("body", [

@@ -52,7 +52,7 @@ def test_scheduler_with_an_injected_clock(tmp_path: Path) -> None:
         await manager.db.connect()
         try:
             extract = {"schedule": "0 3 * * *", "schedule_enabled": True, "enabled": True}
-            first_due = manager.next_run_at(extract)
+            first_due = await manager.next_run_at(extract)
             assert first_due == "2026-03-01T03:00:00.000Z"
             insert_extract(db_path, "extract_daily", "0 3 * * *", first_due)
             assert await manager.schedule_tick() == []            # 02:59:30: not yet due
@@ -80,6 +80,30 @@ def test_scheduler_with_an_injected_clock(tmp_path: Path) -> None:
             assert con.execute("SELECT next_run_at FROM extracts").fetchone() == (
                 "2026-03-11T03:00:00.000Z",)
             con.close()
+        finally:
+            await state.close_database(manager.db)
+
+    asyncio.run(scenario())
+
+
+def test_a_stored_schedule_croniter_refuses_does_not_stop_the_scheduler(tmp_path: Path) -> None:
+    """Saved before today's rules: the tick raised on it, every second, before reaching the others."""
+    clock = [datetime(2026, 3, 1, 3, 0, 1, tzinfo=UTC)]
+    manager, db_path = scheduler_at(tmp_path, clock)
+
+    async def scenario() -> None:
+        await manager.db.connect()
+        try:
+            insert_extract(db_path, "extract_a_never", "0 0 31 2 *", "2026-03-01T03:00:00.000Z")
+            insert_extract(db_path, "extract_b_bogus", "61 * * * * *", "2026-03-01T03:00:00.000Z")
+            insert_extract(db_path, "extract_c_daily", "0 3 * * *", "2026-03-01T03:00:00.000Z")
+            assert len(await manager.schedule_tick()) == 3
+            con = sqlite3.connect(db_path)
+            assert con.execute("SELECT id, next_run_at FROM extracts ORDER BY id").fetchall() == [
+                ("extract_a_never", None), ("extract_b_bogus", None),
+                ("extract_c_daily", "2026-03-02T03:00:00.000Z")]
+            con.close()
+            assert await manager.schedule_tick() == []
         finally:
             await state.close_database(manager.db)
 

@@ -81,10 +81,153 @@ def test_every_api_route_refuses_a_missing_malformed_or_wrong_token(
             assert TOKEN not in r.text and not (given and len(given[0]) > 8 and given[0] in r.text)
 
 
+@pytest.mark.parametrize("values", [
+    ["Bearer wrong-token", "Bearer " + TOKEN],   # the last one won: accepted
+    ["Bearer " + TOKEN, "Bearer wrong-token"],
+    ["Bearer " + TOKEN, "Bearer " + TOKEN],
+])
+def test_a_request_with_two_authorization_headers_is_refused(secure_service: Service,
+                                                             values: list[str]) -> None:
+    headers = [("Authorization", v) for v in values]
+    with httpx.Client(base_url=secure_service.base_url, timeout=10) as client:
+        for method, path in api_operations(secure_service):
+            r = client.request(method, path, headers=headers)
+            assert r.status_code == 401, (method, path, r.status_code, r.text)
+            assert r.headers["www-authenticate"].startswith("Bearer")
+            assert r.json()["error_code"] == "UNAUTHORIZED"
+            assert r.json()["error"].startswith("More than one Authorization header")
+
+
+def test_a_json_body_with_two_content_types_is_refused(secure_service: Service) -> None:
+    """Starlette reads the first: text/plain then application/json was a 415, the reverse a 201."""
+    for first, second in [("application/json", "text/plain"), ("text/plain", "application/json"),
+                          ("application/json", "application/json")]:
+        r = secure_service.client.post("/api/data/extracts", content=b'{"name": "x"}', headers=[
+            ("Content-Type", first), ("Content-Type", second)])
+        assert r.status_code == 400, (first, second, r.text)
+        assert r.json()["error_code"] == "BAD_REQUEST"
+
+
 def test_health_and_openapi_need_no_token_and_reveal_nothing(secure_service: Service) -> None:
     for path in ("/health", "/openapi.json"):
         r = httpx.get(secure_service.base_url + path)
         assert r.status_code == 200 and TOKEN not in r.text
+
+
+# Names found nowhere in the service's own vocabulary, so that a search of the document is exact.
+SECRET_TABLES = {"payroll_q7x": ["salary_k2v", "ssn_z9w"], "patients_m4r": ["diagnosis_b8t"],
+                 EVIL_TABLE: ["id", EVIL_COLUMN]}
+
+
+@pytest.fixture(scope="module")
+def secret_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    tmp = tmp_path_factory.mktemp("secret")
+    con = sqlite3.connect(tmp / "secret.db")
+    for table, columns in SECRET_TABLES.items():
+        con.execute(f'CREATE TABLE "{table}" ({", ".join(f"{json.dumps(c)} TEXT" for c in columns)})')
+    con.execute('CREATE VIEW "staff_view_h3j" AS SELECT salary_k2v AS "bonus_y6n" FROM payroll_q7x')
+    con.commit()
+    con.close()
+    svc = start_service(tmp, str(tmp / "secret.db"))
+    yield svc
+    svc.stop()
+
+
+def source_names() -> list[str]:
+    names = ["staff_view_h3j", "bonus_y6n", *SECRET_TABLES]
+    names += [c for columns in SECRET_TABLES.values() for c in columns if c != "id"]
+    return names
+
+
+def test_openapi_without_a_valid_token_names_nothing_of_the_source(secret_service: Service) -> None:
+    """SPEC: without a token /openapi.json names no table or column; a wrong token is no 401."""
+    url = f"{secret_service.base_url}/openapi.json"
+    anonymous = [httpx.get(url), httpx.get(url, headers={"Authorization": "Bearer wrong"}),
+                 httpx.get(url, headers=[("Authorization", f"Bearer {TOKEN}")] * 2)]
+    for r in anonymous:
+        assert r.status_code == 200 and r.headers["vary"] == "Authorization"
+        assert r.content == anonymous[0].content
+        for name in source_names():
+            assert name not in r.text and json.dumps(name)[1:-1] not in r.text, name
+    r = secret_service.client.get("/openapi.json")
+    assert r.status_code == 200
+    body = r.json()["paths"]["/api/data/extracts"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"]["properties"]["schemas"]["items"]["enum"] == sorted(
+        ["staff_view_h3j", *SECRET_TABLES])
+    for name in source_names():
+        assert json.dumps(name)[1:-1] in r.text, name
+
+
+def test_openapi_catalog_is_cached_and_refreshed_when_validation_sees_it_changed(
+        secret_service: Service) -> None:
+    def documented() -> list[str]:
+        document = secret_service.client.get("/openapi.json").json()
+        body = document["paths"]["/api/data/extracts"]["post"]["requestBody"]["content"]
+        return body["application/json"]["schema"]["properties"]["schemas"]["items"]["enum"]
+
+    before = documented()
+    con = sqlite3.connect(secret_service.source)
+    con.execute("CREATE TABLE added_later_p5s (v TEXT)")
+    con.commit()
+    con.close()
+    try:
+        # Served from the cache: the source is not read again, the new table not seen.
+        anonymous = {httpx.get(f"{secret_service.base_url}/openapi.json").content for _ in range(10)}
+        assert len(anonymous) == 1 and b"added_later_p5s" not in anonymous.pop()
+        assert all(documented() == before for _ in range(10))
+        # Validation reads the source, notices a catalog the document does not have: dropped.
+        secret_service.create_extract(name="New table", schemas=["added_later_p5s"])
+        assert documented() == sorted([*before, "added_later_p5s"])
+    finally:
+        con = sqlite3.connect(secret_service.source)
+        con.execute("DROP TABLE added_later_p5s")
+        con.commit()
+        con.close()
+
+
+def test_openapi_document_cache_reads_the_catalog_once_per_burst_and_expiry() -> None:
+    """DocumentCache with a catalog reader that counts its calls and an injected clock."""
+    import asyncio
+
+    from extracts_openapi import CATALOG_RETRY_S, CATALOG_TTL_S, DocumentCache
+
+    reads: list[int] = []
+    builds: list[object] = []
+    clock = [1000.0]
+    catalog: dict[str, list[str]] | None = {"t": ["a"]}
+
+    def read_catalog() -> dict[str, list[str]] | None:
+        time.sleep(0.05)  # a slow source: the burst arrives while the first read runs
+        reads.append(1)
+        return catalog
+
+    def build(found: dict[str, list[str]] | None) -> bytes:
+        builds.append(found)
+        return json.dumps(found).encode()
+
+    cache = DocumentCache(build, read_catalog, clock=lambda: clock[0])
+
+    async def burst() -> set[bytes]:
+        return set(await asyncio.gather(*(cache.authenticated() for _ in range(50))))
+
+    assert asyncio.run(burst()) == {b'{"t": ["a"]}'} and len(reads) == 1
+    assert {cache.anonymous() for _ in range(50)} == {b"null"} and builds.count(None) == 1
+    clock[0] += CATALOG_TTL_S - 1
+    asyncio.run(burst())
+    assert len(reads) == 1
+    clock[0] += 1
+    asyncio.run(burst())
+    assert len(reads) == 2
+    cache.notice({"t"}, {"t": ["a"]})          # what validation read matches: kept
+    asyncio.run(burst())
+    assert len(reads) == 2
+    cache.notice({"t", "u"}, {})               # a new schema: dropped, read again
+    catalog = None                             # ... and the source is down: retried sooner
+    asyncio.run(burst())
+    assert len(reads) == 3
+    clock[0] += CATALOG_RETRY_S
+    asyncio.run(burst())
+    assert len(reads) == 4
 
 
 # ---------------------------------------------------------------- hostile ids and names
@@ -134,15 +277,18 @@ def test_hostile_ids_never_reach_the_file_system_or_the_sql(secure_service: Serv
         # As list filter values and orderings: bound as parameters, never spliced.
         for model in ("extracts", "extract_runs", "extract_artifacts"):
             r = svc.client.get(f"/api/data/{model}", params={"filter[where][id]": hostile})
-            assert r.status_code == 200 and r.json()["data"] == [], (model, hostile[:40])
+            if "\x00" in hostile:  # no stored text holds a NUL: refused, naming the parameter
+                assert r.status_code == 400 and r.json()["details"][0]["field"] == "filter[where][id]"
+            else:
+                assert r.status_code == 200 and r.json()["data"] == [], (model, hostile[:40])
             r = svc.client.get(f"/api/data/{model}", params={"filter[order]": hostile})
             assert r.status_code == 400 and r.json()["error_code"] == "VALIDATION_ERROR"
             r = svc.client.get(f"/api/data/{model}", params={f"filter[where][{hostile}]": "1"})
             assert r.status_code == 400, (model, hostile[:40], r.text[:200])
-        # As extract names: stored verbatim (up to the length limit), harmless everywhere.
+        # As extract names: stored verbatim (up to the length limit, without NUL), harmless everywhere.
         r = svc.client.post("/api/data/extracts", json={"name": hostile, "schemas": ["users"]})
-        if len(hostile.strip()) > 200:
-            assert r.status_code == 400
+        if len(hostile) > 200 or "\x00" in hostile:
+            assert r.status_code == 400 and r.json()["details"][0]["field"] == "name"
         else:
             assert r.status_code == 201, r.text
             assert r.json()["data"]["name"] == hostile.strip()
