@@ -33,9 +33,13 @@ TINYINT(1) / BOOLEAN            number 0 / 1 (it is TINYINT: -128…127 fit;
                                 describe shows ``tinyint(1)``)
 BIT(n)                          number, the bits as an unsigned integer
                                 (BIT(1): 0 / 1)
-FLOAT, DOUBLE                   number (MySQL cannot store NaN or Infinity)
+FLOAT, DOUBLE                   number, the shortest form that reads back as
+                                the stored value (a FLOAT: as a float32, the
+                                digits PostgreSQL gives a ``real``); the
+                                display width of FLOAT(M,D) / DOUBLE(M,D) is
+                                ignored. MySQL cannot store NaN or Infinity
 DECIMAL / NUMERIC               string with the exact digits (``"12.50"``)
-YEAR                            number
+YEAR                            number (YEAR(2) too: 2024, not 24)
 CHAR, VARCHAR, TEXT             string, exact (utf8mb4)
 ENUM                            string
 SET                             string, members comma-separated (``"a,c"``)
@@ -60,8 +64,11 @@ from __future__ import annotations
 
 import binascii
 import re
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -157,6 +164,71 @@ CONVERSIONS.update(
         ),
     }
 )
+
+
+# FLOAT columns arrive as exact doubles (MySQLSource._select_list casts them: the text
+# protocol prints 6 significant digits, 16777216 → 16777200); each value then becomes the
+# shortest decimal that reads back as the same float32.
+
+_FLOAT32 = struct.Struct("<f")
+_UINT32 = struct.Struct("<I")
+_PAST_FLOAT32_MAX = 2.0**128  # the neighbour above the largest float32: where strtof overflows
+
+
+def _float32_at(bits: int) -> float:
+    return _FLOAT32.unpack(_UINT32.pack(bits))[0] if bits < 0x7F800000 else _PAST_FLOAT32_MAX
+
+
+def _reads_back(text: str, low: float, high: float) -> bool:
+    """Whether a decimal lies strictly between the two midpoints around a float32."""
+    number = float(text)
+    if low < number < high:
+        return True
+    # float(text) rounded onto a midpoint: decide on the decimal's exact value.
+    return number in (low, high) and low < Fraction(text) < high
+
+
+def shortest_float32(value: float) -> float:
+    """The double of the shortest decimal that reads back as ``value``, a float32.
+
+    The same digits as PostgreSQL's ``real`` output (shortest, and of those the nearest;
+    a decimal exactly halfway to a neighbour is never chosen), so that
+    ``orjson`` prints them: 3.1415927410125732 → 3.1415927, 16777216.0 → 16777216.0.
+    """
+    if value == 0 or value - value != 0:
+        return value
+    size = abs(value)
+    bits = _UINT32.unpack(_FLOAT32.pack(size))[0]
+    low = (size + _float32_at(bits - 1)) / 2
+    high = (size + _float32_at(bits + 1)) / 2
+    # If the nearest decimal of d significant digits reads back, so does the nearest of
+    # d + 1 (it is no farther away): search d in 1..9 (9 always reads back).
+    first, last = 1, 9
+    while first < last:
+        digits = (first + last) // 2
+        if _reads_back(f"{size:.{digits - 1}e}", low, high):
+            last = digits
+        else:
+            first = digits + 1
+    best = f"{size:.{first - 1}e}"
+    if bits & 0x7FFFFF == 0 and first > 1:
+        # A power of two is twice as close to its lower neighbour as to its upper one:
+        # one digit fewer may read back just above it while the nearest (below) does not.
+        shorter = Decimal(f"{size:.{first - 2}e}")
+        if shorter < Decimal(size):
+            above = str(shorter + Decimal((0, (1,), shorter.adjusted() - first + 2)))
+            if _reads_back(above, low, high):
+                best = above
+    number = float(best)
+    return number if value > 0 else -number
+
+
+def _with_float32(row: Sequence[Any], positions: Sequence[int]) -> list[Any]:
+    values = list(row)
+    for position in positions:
+        if values[position] is not None:
+            values[position] = shortest_float32(values[position])
+    return values
 
 
 # ---------------------------------------------------------------- the source
@@ -350,6 +422,34 @@ class MySQLSource(Source):
             }  # fmt: skip
         return columns
 
+    def _select_list(self, name: str) -> tuple[str, set[str]]:
+        """``*``, or the same columns with those whose text is not their value cast; and the FLOATs.
+
+        A FLOAT prints 6 significant digits, a FLOAT(M,D) or DOUBLE(M,D) D decimals, whatever
+        is stored; MariaDB's YEAR(2) prints 2024 as 24. FLOAT values then arrive as doubles
+        holding the float32 exactly (see shortest_float32).
+        """
+        parts, cast, float32_columns = [], False, set()
+        for column, data_type, column_type, scale, extra, table in self._fetch(
+            "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, NUMERIC_SCALE, EXTRA, TABLE_NAME"
+            " FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s"
+            " ORDER BY ORDINAL_POSITION",
+            (name,),
+        ):
+            if table != name or "INVISIBLE" in (extra or "").upper():
+                continue  # another letter case's table; a column SELECT * leaves out
+            quoted = _quote(column)
+            if data_type == "float" or (data_type == "double" and scale is not None):
+                if data_type == "float":
+                    float32_columns.add(column)
+                quoted, cast = f"CAST({quoted} AS DOUBLE) AS {quoted}", True
+            elif column_type.lower() == "year(2)":
+                quoted, cast = f"YEAR({quoted}) AS {quoted}", True
+            parts.append(quoted)
+        # '*' otherwise: a view the server cannot open lists no columns here, and SELECT *
+        # then fails with the server's own reason.
+        return (", ".join(parts) if cast else "*"), float32_columns
+
     # -- the Source interface
 
     def close(self) -> None:
@@ -538,13 +638,17 @@ class MySQLSource(Source):
         clause, params = compile_where(where, _quote, "%s")
         with self._translate(f"read '{name}'", name):
             json_columns = self._json_columns(name)
+            columns, float32_columns = self._select_list(name)
             cursor = self._conn.cursor(pymysql.cursors.SSCursor)
             self._stream = cursor
             try:
-                cursor.execute(f"SELECT * FROM {_quote(name)}{clause}", params)
+                cursor.execute(f"SELECT {columns} FROM {_quote(name)}{clause}", params)
                 names = [column[0] for column in cursor.description or ()]
                 encoder = RowEncoder(names, [i for i, column in enumerate(names) if column in json_columns])
+                float32_positions = [i for i, column in enumerate(names) if column in float32_columns]
                 while rows := cursor.fetchmany(batch_size):
+                    if float32_positions:  # the only per-value work in Python: FLOAT columns
+                        rows = [_with_float32(row, float32_positions) for row in rows]
                     yield encoder.encode(rows)
                 self._stream = None
                 cursor.close()
