@@ -3,7 +3,9 @@
 ``mariadb://`` is the same source. The URL must name a database; its tables and
 views are the schemas. Query parameters: ``unix_socket``, ``connect_timeout``
 (default 10 s), ``ssl_ca``, ``ssl_cert``, ``ssl_key``, ``ssl_verify_cert``,
-``ssl_verify_identity``, ``ssl_disabled``.
+``ssl_verify_identity``, ``ssl_disabled``. The password may hold a raw ``@`` or
+``:`` (the last ``@`` ends it); ``/``, ``?`` and ``#`` must be percent-encoded, or
+the URL is refused.
 
 Reading. The session is read-only (``SET SESSION TRANSACTION … READ ONLY``,
 isolation REPEATABLE READ, time zone UTC) and every read of a run happens inside
@@ -77,6 +79,7 @@ import pymysql.converters
 import pymysql.cursors
 from pymysql.constants import ER, FIELD_TYPE
 
+from executor.credentials import ambiguous_password, source_secrets
 from executor.filters import compile_where
 from executor.rowjson import RowEncoder, one_line
 from executor.sources import Source, SourceError, UnknownSchema
@@ -249,13 +252,19 @@ class MySQLSource(Source):
     dialect = "mysql"
 
     def __init__(self, location: str) -> None:
+        self._secrets = source_secrets(location)  # first: parse errors may echo parts of the URL
+        self._label = "MariaDB" if location.lower().startswith("mariadb:") else "MySQL"
         try:
             url = urlsplit(location)
+            if ambiguous_password(location, url.netloc.rpartition("@")[0] if "@" in url.netloc else None):
+                raise SourceError(
+                    f"The {self._label} URL is ambiguous: a '/', '?' or '#' in the password ends the "
+                    "host for the driver; write them as %2F, %3F and %23 (and an '@' after the host "
+                    "as %40)"
+                )
             port = url.port or 3306
         except ValueError as exc:
-            raise SourceError(f"Invalid MySQL URL: {exc}") from None
-        self._label = "MariaDB" if url.scheme.lower() == "mariadb" else "MySQL"
-        self._secrets = tuple(s for s in (url.password, unquote(url.password or "")) if s)
+            raise SourceError(f"Invalid {self._label} URL: {self._reason(exc)}") from None
         self._host = url.hostname or "localhost"
         self._port = port
         self._database = unquote(url.path.lstrip("/"))

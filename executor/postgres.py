@@ -2,6 +2,9 @@
 
 PostgreSQL 12 or later. The URL is libpq's (``postgres://`` too, with its query
 parameters: ``sslmode``, ``connect_timeout`` (default here 10 s), ``options``…).
+libpq ends the user-info at the first ``@`` or ``/``: a password holding either
+must be percent-encoded (``%40``, ``%2F``), and a URL libpq would split otherwise
+than the redaction does (``executor.credentials``) is refused, never connected to.
 
 Reading. The session is read-only (``default_transaction_read_only``) and every
 read of a run happens inside one ``REPEATABLE READ, READ ONLY, DEFERRABLE``
@@ -66,11 +69,11 @@ from __future__ import annotations
 
 import binascii
 import itertools
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import psycopg
 import psycopg.errors
@@ -81,6 +84,7 @@ from psycopg.types import TypeInfo
 from psycopg.types.array import register_array
 from psycopg.types.string import TextLoader
 
+from executor.credentials import ambiguous_password, source_secrets
 from executor.filters import compile_where
 from executor.rowjson import RowEncoder, compact_json, one_line
 from executor.sources import Source, SourceError, UnknownSchema
@@ -256,15 +260,19 @@ class PostgresSource(Source):
     dialect = "postgresql"
 
     def __init__(self, location: str) -> None:
-        self._secrets = _passwords_in(location)
+        self._secrets = source_secrets(location)  # first: libpq's parse errors may echo parts of the URL
+        if ambiguous_password(location, _libpq_userinfo(location)):
+            raise SourceError(
+                "The PostgreSQL URL is ambiguous: libpq ends the user name and password at the first "
+                "'@' or '/'; write those characters as %40 and %2F in the password (and an '@' after "
+                "the host as %40)"
+            )
         try:
             params = conninfo_to_dict(location)
         except psycopg.Error as exc:
             raise SourceError(f"Invalid PostgreSQL URL: {self._reason(exc)}") from None
-        if params.get("password"):
-            self._secrets += (params["password"],)
         self._host = params.get("host") or "localhost"
-        self._port = int(params.get("port") or 5432)
+        self._port: int | str = params.get("port") or 5432  # as written until connected: "5432,5433"…
         self._database = params.get("dbname") or params.get("user") or ""
         self._location = location
         self._extra: dict[str, Any] = {}
@@ -607,13 +615,11 @@ def _numeric_typmod(typmod: int) -> tuple[int | None, int | None]:
     return (packed >> 16) & 0xFFFF, scale - 0x800 if scale & 0x400 else scale  # scale may be < 0
 
 
-def _passwords_in(location: str) -> tuple[str, ...]:
-    """The URL's password as written and decoded: what must never appear in a message."""
-    try:
-        password = urlsplit(location).password
-    except ValueError:
-        return ()
-    return (password, unquote(password)) if password else ()
+def _libpq_userinfo(location: str) -> str | None:
+    """The user-info as libpq reads a URL: up to the first '@', if no '/' comes before it."""
+    rest = location.partition("://")[2]
+    end = re.search("[@/]", rest)
+    return rest[: end.start()] if end and end[0] == "@" else None
 
 
 def _lower_first(text: str) -> str:

@@ -909,6 +909,11 @@ def test_connection_failures_are_one_line_without_the_password(db: PG | My) -> N
                 f"postgres://postgres:{password}@127.0.0.1:5432/test?bogus=1",
                 r"^(Invalid PostgreSQL URL|Cannot connect to PostgreSQL).*",
             ),
+            (
+                f"postgresql://postgres:{password}@127.0.0.1:abc/test",
+                r'^Cannot connect to PostgreSQL at 127\.0\.0\.1:abc .*invalid integer value "abc"',
+            ),
+            (f"postgresql://postgres:{password}/x@127.0.0.1/test", r"URL is ambiguous"),
         ]
     else:
         cases = [
@@ -922,6 +927,8 @@ def test_connection_failures_are_one_line_without_the_password(db: PG | My) -> N
             ),
             (f"mysql://root:{password}@127.0.0.1:3306", r"must name one database"),
             (f"mysql://root:{password}@127.0.0.1:3306/x?password={password}", r"Unknown option"),
+            (f"mysql://root:{password}/x@127.0.0.1:3306/x", r"URL is ambiguous"),
+            (f"mysql://root:{password}@127.0.0.1:abc/x", r"^Invalid MySQL URL: Port could not be cast"),
         ]
     for url, message in cases:
         with pytest.raises(SourceError) as raised:
