@@ -182,6 +182,9 @@ def _float32_at(bits: int) -> float:
     return _FLOAT32.unpack(_UINT32.pack(bits))[0] if bits < 0x7F800000 else _PAST_FLOAT32_MAX
 
 
+_SIGNIFICANT = {digits: f"%.{digits - 1}e" for digits in range(1, 10)}  # a format per digit count
+
+
 def _reads_back(text: str, low: float, high: float) -> bool:
     """Whether a decimal lies strictly between the two midpoints around a float32."""
     number = float(text)
@@ -209,15 +212,15 @@ def shortest_float32(value: float) -> float:
     first, last = 1, 9
     while first < last:
         digits = (first + last) // 2
-        if _reads_back(f"{size:.{digits - 1}e}", low, high):
+        if _reads_back(_SIGNIFICANT[digits] % size, low, high):
             last = digits
         else:
             first = digits + 1
-    best = f"{size:.{first - 1}e}"
+    best = _SIGNIFICANT[first] % size
     if bits & 0x7FFFFF == 0 and first > 1:
         # A power of two is twice as close to its lower neighbour as to its upper one:
         # one digit fewer may read back just above it while the nearest (below) does not.
-        shorter = Decimal(f"{size:.{first - 2}e}")
+        shorter = Decimal(_SIGNIFICANT[first - 1] % size)
         if shorter < Decimal(size):
             above = str(shorter + Decimal((0, (1,), shorter.adjusted() - first + 2)))
             if _reads_back(above, low, high):
