@@ -41,6 +41,7 @@ from starlette.routing import Mount, Route, Router
 
 import extracts_downloads
 import extracts_state as state
+from executor.credentials import BlankingFormatter, blank, redact, source_secrets
 from executor.filters import check_where
 from executor.sources import SourceError, open_source
 from extracts_http import (
@@ -196,7 +197,8 @@ def prepare(settings: Settings) -> None:
         with open_source(settings.source) as source:
             source.names()
     except SourceError as exc:
-        raise StartupError(f"cannot open the source: {exc}") from exc
+        reason = blank(str(exc), source_secrets(settings.source))
+        raise StartupError(f"cannot open the source: {reason}") from exc
     if settings.token is None:
         settings.token, settings.token_generated = load_or_create_token(settings.db)
     free_mb = shutil.disk_usage(settings.storage).free // (1 << 20)
@@ -922,19 +924,17 @@ def banner(settings: Settings) -> list[str]:
     return lines + settings.notes
 
 
-def redact(location: str) -> str:
-    """A source URL without its password, for logs."""
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", location)
-
-
 KEEP_ALIVE_S = 65
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     settings = parse_settings(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()  # every log line, uvicorn's too, without the source's secrets
+    handler.setFormatter(BlankingFormatter(LOG_FORMAT, settings.source))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         prepare(settings)
     except StartupError as exc:
@@ -945,7 +945,7 @@ def main(argv: list[str] | None = None) -> None:
     # Idle keep-alive connections stay open well past the 5 s that clients such as httpx keep
     # them: with equal timeouts, a request sent as the server closes the socket is lost.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                access_log=False, timeout_keep_alive=KEEP_ALIVE_S)
+                log_config=None, access_log=False, timeout_keep_alive=KEEP_ALIVE_S)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from executor.credentials import blank, source_secrets
+
 log = logging.getLogger("extracts")
 
 MAX_BODY_BYTES = 1 << 20
@@ -118,7 +120,8 @@ async def api_error_handler(request: Request, exc: Exception) -> Response:
 
 async def source_error_handler(request: Request, exc: Exception) -> Response:
     """The source went away (file removed, server down): 503, the service itself is fine."""
-    return error_response(ServiceUnavailable(f"The source database cannot be read: {exc}; "
+    reason = blank(str(exc), source_secrets(request.app.state.extracts.settings.source))
+    return error_response(ServiceUnavailable(f"The source database cannot be read: {reason}; "
                                              "retry when it is back", headers={"Retry-After": "5"}))
 
 

@@ -3,7 +3,9 @@
 ``mariadb://`` is the same source. The URL must name a database; its tables and
 views are the schemas. Query parameters: ``unix_socket``, ``connect_timeout``
 (default 10 s), ``ssl_ca``, ``ssl_cert``, ``ssl_key``, ``ssl_verify_cert``,
-``ssl_verify_identity``, ``ssl_disabled``.
+``ssl_verify_identity``, ``ssl_disabled``. The password may hold a raw ``@`` or
+``:`` (the last ``@`` ends it); ``/``, ``?`` and ``#`` must be percent-encoded, or
+the URL is refused.
 
 Reading. The session is read-only (``SET SESSION TRANSACTION … READ ONLY``,
 isolation REPEATABLE READ, time zone UTC) and every read of a run happens inside
@@ -33,9 +35,13 @@ TINYINT(1) / BOOLEAN            number 0 / 1 (it is TINYINT: -128…127 fit;
                                 describe shows ``tinyint(1)``)
 BIT(n)                          number, the bits as an unsigned integer
                                 (BIT(1): 0 / 1)
-FLOAT, DOUBLE                   number (MySQL cannot store NaN or Infinity)
+FLOAT, DOUBLE                   number, the shortest form that reads back as
+                                the stored value (a FLOAT: as a float32, the
+                                digits PostgreSQL gives a ``real``); the
+                                display width of FLOAT(M,D) / DOUBLE(M,D) is
+                                ignored. MySQL cannot store NaN or Infinity
 DECIMAL / NUMERIC               string with the exact digits (``"12.50"``)
-YEAR                            number
+YEAR                            number (YEAR(2) too: 2024, not 24)
 CHAR, VARCHAR, TEXT             string, exact (utf8mb4)
 ENUM                            string
 SET                             string, members comma-separated (``"a,c"``)
@@ -60,8 +66,11 @@ from __future__ import annotations
 
 import binascii
 import re
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -70,6 +79,7 @@ import pymysql.converters
 import pymysql.cursors
 from pymysql.constants import ER, FIELD_TYPE
 
+from executor.credentials import ambiguous_password, source_secrets
 from executor.filters import compile_where
 from executor.rowjson import RowEncoder, one_line
 from executor.sources import Source, SourceError, UnknownSchema
@@ -159,6 +169,74 @@ CONVERSIONS.update(
 )
 
 
+# FLOAT columns arrive as exact doubles (MySQLSource._select_list casts them: the text
+# protocol prints 6 significant digits, 16777216 → 16777200); each value then becomes the
+# shortest decimal that reads back as the same float32.
+
+_FLOAT32 = struct.Struct("<f")
+_UINT32 = struct.Struct("<I")
+_PAST_FLOAT32_MAX = 2.0**128  # the neighbour above the largest float32: where strtof overflows
+
+
+def _float32_at(bits: int) -> float:
+    return _FLOAT32.unpack(_UINT32.pack(bits))[0] if bits < 0x7F800000 else _PAST_FLOAT32_MAX
+
+
+_SIGNIFICANT = {digits: f"%.{digits - 1}e" for digits in range(1, 10)}  # a format per digit count
+
+
+def _reads_back(text: str, low: float, high: float) -> bool:
+    """Whether a decimal lies strictly between the two midpoints around a float32."""
+    number = float(text)
+    if low < number < high:
+        return True
+    # float(text) rounded onto a midpoint: decide on the decimal's exact value.
+    return number in (low, high) and low < Fraction(text) < high
+
+
+def shortest_float32(value: float) -> float:
+    """The double of the shortest decimal that reads back as ``value``, a float32.
+
+    The same digits as PostgreSQL's ``real`` output (shortest, and of those the nearest;
+    a decimal exactly halfway to a neighbour is never chosen), so that
+    ``orjson`` prints them: 3.1415927410125732 → 3.1415927, 16777216.0 → 16777216.0.
+    """
+    if value == 0 or value - value != 0:
+        return value
+    size = abs(value)
+    bits = _UINT32.unpack(_FLOAT32.pack(size))[0]
+    low = (size + _float32_at(bits - 1)) / 2
+    high = (size + _float32_at(bits + 1)) / 2
+    # If the nearest decimal of d significant digits reads back, so does the nearest of
+    # d + 1 (it is no farther away): search d in 1..9 (9 always reads back).
+    first, last = 1, 9
+    while first < last:
+        digits = (first + last) // 2
+        if _reads_back(_SIGNIFICANT[digits] % size, low, high):
+            last = digits
+        else:
+            first = digits + 1
+    best = _SIGNIFICANT[first] % size
+    if bits & 0x7FFFFF == 0 and first > 1:
+        # A power of two is twice as close to its lower neighbour as to its upper one:
+        # one digit fewer may read back just above it while the nearest (below) does not.
+        shorter = Decimal(_SIGNIFICANT[first - 1] % size)
+        if shorter < Decimal(size):
+            above = str(shorter + Decimal((0, (1,), shorter.adjusted() - first + 2)))
+            if _reads_back(above, low, high):
+                best = above
+    number = float(best)
+    return number if value > 0 else -number
+
+
+def _with_float32(row: Sequence[Any], positions: Sequence[int]) -> list[Any]:
+    values = list(row)
+    for position in positions:
+        if values[position] is not None:
+            values[position] = shortest_float32(values[position])
+    return values
+
+
 # ---------------------------------------------------------------- the source
 
 
@@ -177,13 +255,19 @@ class MySQLSource(Source):
     dialect = "mysql"
 
     def __init__(self, location: str) -> None:
+        self._secrets = source_secrets(location)  # first: parse errors may echo parts of the URL
+        self._label = "MariaDB" if location.lower().startswith("mariadb:") else "MySQL"
         try:
             url = urlsplit(location)
+            if ambiguous_password(location, url.netloc.rpartition("@")[0] if "@" in url.netloc else None):
+                raise SourceError(
+                    f"The {self._label} URL is ambiguous: a '/', '?' or '#' in the password ends the "
+                    "host for the driver; write them as %2F, %3F and %23 (and an '@' after the host "
+                    "as %40)"
+                )
             port = url.port or 3306
         except ValueError as exc:
-            raise SourceError(f"Invalid MySQL URL: {exc}") from None
-        self._label = "MariaDB" if url.scheme.lower() == "mariadb" else "MySQL"
-        self._secrets = tuple(s for s in (url.password, unquote(url.password or "")) if s)
+            raise SourceError(f"Invalid {self._label} URL: {self._reason(exc)}") from None
         self._host = url.hostname or "localhost"
         self._port = port
         self._database = unquote(url.path.lstrip("/"))
@@ -349,6 +433,34 @@ class MySQLSource(Source):
                 if f"json_valid({_ident(column)})" in checks
             }  # fmt: skip
         return columns
+
+    def _select_list(self, name: str) -> tuple[str, set[str]]:
+        """``*``, or the same columns with those whose text is not their value cast; and the FLOATs.
+
+        A FLOAT prints 6 significant digits, a FLOAT(M,D) or DOUBLE(M,D) D decimals, whatever
+        is stored; MariaDB's YEAR(2) prints 2024 as 24. FLOAT values then arrive as doubles
+        holding the float32 exactly (see shortest_float32).
+        """
+        parts, cast, float32_columns = [], False, set()
+        for column, data_type, column_type, scale, extra, table in self._fetch(
+            "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, NUMERIC_SCALE, EXTRA, TABLE_NAME"
+            " FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s"
+            " ORDER BY ORDINAL_POSITION",
+            (name,),
+        ):
+            if table != name or "INVISIBLE" in (extra or "").upper():
+                continue  # another letter case's table; a column SELECT * leaves out
+            quoted = _quote(column)
+            if data_type == "float" or (data_type == "double" and scale is not None):
+                if data_type == "float":
+                    float32_columns.add(column)
+                quoted, cast = f"CAST({quoted} AS DOUBLE) AS {quoted}", True
+            elif column_type.lower() == "year(2)":
+                quoted, cast = f"YEAR({quoted}) AS {quoted}", True
+            parts.append(quoted)
+        # '*' otherwise: a view the server cannot open lists no columns here, and SELECT *
+        # then fails with the server's own reason.
+        return (", ".join(parts) if cast else "*"), float32_columns
 
     # -- the Source interface
 
@@ -538,13 +650,17 @@ class MySQLSource(Source):
         clause, params = compile_where(where, _quote, "%s")
         with self._translate(f"read '{name}'", name):
             json_columns = self._json_columns(name)
+            columns, float32_columns = self._select_list(name)
             cursor = self._conn.cursor(pymysql.cursors.SSCursor)
             self._stream = cursor
             try:
-                cursor.execute(f"SELECT * FROM {_quote(name)}{clause}", params)
+                cursor.execute(f"SELECT {columns} FROM {_quote(name)}{clause}", params)
                 names = [column[0] for column in cursor.description or ()]
                 encoder = RowEncoder(names, [i for i, column in enumerate(names) if column in json_columns])
+                float32_positions = [i for i, column in enumerate(names) if column in float32_columns]
                 while rows := cursor.fetchmany(batch_size):
+                    if float32_positions:  # the only per-value work in Python: FLOAT columns
+                        rows = [_with_float32(row, float32_positions) for row in rows]
                     yield encoder.encode(rows)
                 self._stream = None
                 cursor.close()

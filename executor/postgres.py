@@ -2,6 +2,9 @@
 
 PostgreSQL 12 or later. The URL is libpq's (``postgres://`` too, with its query
 parameters: ``sslmode``, ``connect_timeout`` (default here 10 s), ``options``…).
+libpq ends the user-info at the first ``@`` or ``/``: a password holding either
+must be percent-encoded (``%40``, ``%2F``), and a URL libpq would split otherwise
+than the redaction does (``executor.credentials``) is refused, never connected to.
 
 Reading. The session is read-only (``default_transaction_read_only``) and every
 read of a run happens inside one ``REPEATABLE READ, READ ONLY, DEFERRABLE``
@@ -51,7 +54,8 @@ BC dates and timestamps         astronomical ISO 8601 years: 1 BC is
                                 ``"0000-…"``, 44 BC is ``"-0043-…"``
 interval                        ISO 8601 duration (``"P1Y2M3DT4H5M6.5S"``;
                                 each part signed: ``"P-1Y-2M3DT-4H"``)
-arrays (any dimension)          arrays, nested, each element as above
+arrays (any dimension)          arrays, nested, each element as above (an
+                                array of a domain: as the domain's base type)
 anything else (inet, money,     string, PostgreSQL's text form
 ranges, geometry, composite,
 bit, xml, tsvector, …)
@@ -65,11 +69,11 @@ from __future__ import annotations
 
 import binascii
 import itertools
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import psycopg
 import psycopg.errors
@@ -80,6 +84,7 @@ from psycopg.types import TypeInfo
 from psycopg.types.array import register_array
 from psycopg.types.string import TextLoader
 
+from executor.credentials import ambiguous_password, source_secrets
 from executor.filters import compile_where
 from executor.rowjson import RowEncoder, compact_json, one_line
 from executor.sources import Source, SourceError, UnknownSchema
@@ -99,6 +104,20 @@ SET client_encoding = 'UTF8'
 """
 
 JSON_OIDS = frozenset({114, 199, 3802, 3807})  # json, json[], jsonb, jsonb[]
+
+# Every type a table's columns are made of: the column types, then (repeatedly) a domain's
+# base type and an array's element type.
+_USED_TYPES_SQL = """
+WITH RECURSIVE used(oid) AS (
+    SELECT atttypid FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped
+    UNION
+    SELECT CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.typelem END
+      FROM used JOIN pg_type t ON t.oid = used.oid
+     WHERE t.typtype = 'd' OR (t.typcategory = 'A' AND t.typelem <> 0)
+)
+SELECT t.oid, t.typtype = 'd', t.typbasetype, t.typelem, t.typcategory = 'A', t.typdelim
+  FROM used JOIN pg_type t ON t.oid = used.oid
+"""
 
 ON_ACTION = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
 
@@ -241,15 +260,19 @@ class PostgresSource(Source):
     dialect = "postgresql"
 
     def __init__(self, location: str) -> None:
-        self._secrets = _passwords_in(location)
+        self._secrets = source_secrets(location)  # first: libpq's parse errors may echo parts of the URL
+        if ambiguous_password(location, _libpq_userinfo(location)):
+            raise SourceError(
+                "The PostgreSQL URL is ambiguous: libpq ends the user name and password at the first "
+                "'@' or '/'; write those characters as %40 and %2F in the password (and an '@' after "
+                "the host as %40)"
+            )
         try:
             params = conninfo_to_dict(location)
         except psycopg.Error as exc:
             raise SourceError(f"Invalid PostgreSQL URL: {self._reason(exc)}") from None
-        if params.get("password"):
-            self._secrets += (params["password"],)
         self._host = params.get("host") or "localhost"
-        self._port = int(params.get("port") or 5432)
+        self._port: int | str = params.get("port") or 5432  # as written until connected: "5432,5433"…
         self._database = params.get("dbname") or params.get("user") or ""
         self._location = location
         self._extra: dict[str, Any] = {}
@@ -258,6 +281,7 @@ class PostgresSource(Source):
         if "application_name" not in params:
             self._extra["application_name"] = "extracts"
         self._array_oids: set[int] = set()
+        self._json_oids = set(JSON_OIDS)  # and the user arrays of JSON registered on this connection
         self._cursor_ids = itertools.count(1)
         self._in_snapshot = False
         self._closed = False
@@ -287,6 +311,7 @@ class PostgresSource(Source):
         conn.deferrable = True
         _configure_loaders(conn)
         self._array_oids.clear()
+        self._json_oids = set(JSON_OIDS)
         return conn
 
     def _reconnect_if_lost(self) -> None:
@@ -532,7 +557,7 @@ class PostgresSource(Source):
                 description = cursor.description or []
                 encoder = RowEncoder(
                     [column.name for column in description],
-                    [i for i, column in enumerate(description) if column.type_code in JSON_OIDS],
+                    [i for i, column in enumerate(description) if column.type_code in self._json_oids],
                 )
                 while rows := cursor.fetchmany(batch_size):
                     yield encoder.encode(rows)
@@ -547,20 +572,38 @@ class PostgresSource(Source):
                 yield
 
     def _register_arrays(self, oid: int) -> None:
-        """Teach psycopg the arrays of user-defined types (enum[], composite[], …) of a table."""
+        """Teach psycopg the arrays of a table's user-defined types (enum[], composite[], domain[], …).
+
+        Array elements load as values of their base type: PostgreSQL describes a domain
+        column by its base type, but an array of a domain by the array's own type, whose
+        element is the domain, which has no loader. Domains over domains, domains over
+        arrays and arrays of those resolve the same way. Arrays whose elements are JSON
+        are remembered, so that RowEncoder copies their text.
+        """
+        types = {row[0]: row[1:] for row in self._fetch(_USED_TYPES_SQL, (oid,))}
+
+        def base(type_oid: int) -> int:
+            while type_oid in types and types[type_oid][0]:
+                type_oid = types[type_oid][1]
+            return type_oid
+
+        def holds_json(type_oid: int) -> bool:
+            type_oid = base(type_oid)
+            if type_oid in JSON_OIDS:
+                return True
+            return type_oid in types and types[type_oid][2] != 0 and holds_json(types[type_oid][2])
+
         known = {info.array_oid for info in builtin_types} | self._array_oids
-        for array_oid, element_oid, delimiter in self._fetch(
-            """
-            SELECT DISTINCT t.oid, t.typelem, t.typdelim
-              FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-             WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
-               AND t.typcategory = 'A' AND t.typelem <> 0
-            """,
-            (oid,),
-        ):
-            if array_oid not in known:
-                register_array(TypeInfo("", element_oid, array_oid, delimiter=delimiter), self._conn)
-                self._array_oids.add(array_oid)
+        for array_oid, (is_domain, _base, element_oid, is_array, delimiter) in types.items():
+            if is_domain or not is_array or element_oid == 0 or array_oid in known:
+                continue
+            # Named: psycopg swaps a loader class named plain "ArrayLoader" (an empty name) for
+            # its C base class, whose element type is unknown, and every element was a string.
+            info = TypeInfo("extracts", base(element_oid), array_oid, delimiter=delimiter)
+            register_array(info, self._conn)
+            self._array_oids.add(array_oid)
+            if holds_json(element_oid):
+                self._json_oids.add(array_oid)
 
 
 def _numeric_typmod(typmod: int) -> tuple[int | None, int | None]:
@@ -572,13 +615,11 @@ def _numeric_typmod(typmod: int) -> tuple[int | None, int | None]:
     return (packed >> 16) & 0xFFFF, scale - 0x800 if scale & 0x400 else scale  # scale may be < 0
 
 
-def _passwords_in(location: str) -> tuple[str, ...]:
-    """The URL's password as written and decoded: what must never appear in a message."""
-    try:
-        password = urlsplit(location).password
-    except ValueError:
-        return ()
-    return (password, unquote(password)) if password else ()
+def _libpq_userinfo(location: str) -> str | None:
+    """The user-info as libpq reads a URL: up to the first '@', if no '/' comes before it."""
+    rest = location.partition("://")[2]
+    end = re.search("[@/]", rest)
+    return rest[: end.start()] if end and end[0] == "@" else None
 
 
 def _lower_first(text: str) -> str:

@@ -20,6 +20,8 @@ from typing import Any
 
 import orjson
 
+from executor.credentials import blank
+
 # A JSON string token, or a run of the whitespace JSON allows between tokens.
 _TOKEN_OR_SPACE = re.compile(rb'("(?:[^"\\]|\\.)*")|[ \t\n\r]+')
 _CONTROL = re.compile(rb"[\x00-\x1f]")
@@ -90,7 +92,4 @@ def one_line(exc: BaseException | str, *secrets: str | None) -> str:
     for prefix in ("FATAL:", "ERROR:"):
         if line.startswith(prefix):
             line = line[len(prefix) :].strip()
-    for secret in secrets:
-        if secret:
-            line = line.replace(secret, "***")
-    return line
+    return blank(line, sorted(filter(None, secrets), key=len, reverse=True))

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from executor.credentials import redact
 from executor.filters import compile_where
 from executor.sources import Source, SourceError, UnknownSchema
 
@@ -83,22 +84,24 @@ def _signed_zero(value: float) -> str:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    # Shown redacted: a libpq 'host=h password=x' string given as the source lands here.
+    shown = redact(str(path))
     if not path.exists():
-        raise SourceError(f"Source database {path} does not exist")
+        raise SourceError(f"Source database {shown} does not exist")
     if path.is_dir():
-        raise SourceError(f"Source database {path} is a directory, not an SQLite file")
+        raise SourceError(f"Source database {shown} is a directory, not an SQLite file")
     uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro"
     try:
         # check_same_thread=False: a table's chunks are read in a thread (_read_ahead).
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
-        raise SourceError(f"Cannot open the source database {path}: {exc}") from exc
+        raise SourceError(f"Cannot open the source database {shown}: {exc}") from exc
     try:
         conn.execute("PRAGMA query_only = 1")
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # "file is not a database"
     except sqlite3.Error as exc:
         conn.close()
-        raise SourceError(f"Cannot open the source database {path}: {exc}") from exc
+        raise SourceError(f"Cannot open the source database {shown}: {exc}") from exc
     conn.create_function("_extracts_base64", 1, _base64, deterministic=True)
     conn.create_function("_extracts_signed_zero", 1, _signed_zero, deterministic=True)
     return conn
@@ -143,7 +146,7 @@ class SQLiteSource(Source):
         self._conn.interrupt()
 
     def location(self) -> dict[str, Any]:
-        return {"dialect": self.dialect, "path": str(self.path), "version": sqlite3.sqlite_version}
+        return {"dialect": self.dialect, "path": redact(str(self.path)), "version": sqlite3.sqlite_version}
 
     # ------------------------------------------------------------ catalog
 
@@ -152,7 +155,7 @@ class SQLiteSource(Source):
         try:
             yield
         except sqlite3.Error as exc:
-            raise SourceError(f"Cannot {action} in {self.path}: {exc}") from exc
+            raise SourceError(f"Cannot {action} in {redact(str(self.path))}: {exc}") from exc
 
     def _relations(self) -> dict[str, _Relation]:
         with self._reading("list the tables"):

@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from executor.credentials import blank, source_secrets
 from executor.filters import check_where
 from executor.naming import download_base_name
 from executor.sources import Source, SourceError, UnknownSchema, open_source
@@ -341,8 +342,12 @@ def run_extract(job: dict[str, Any], queue: Any, cancelled: Any) -> dict[str, An
         else:
             # Only strings leave this block: a kept exception would hold the run's frames
             # (and the service's queue proxy) in a reference cycle.
-            result.update(status="failed", error=error_message(exc, job), error_detail={
-                "type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()})
+            # Blanked again here: a run record must never carry the source's secrets, whatever
+            # raised (the sources blank their own messages; a traceback holds every chained one).
+            hidden = source_secrets(job["source"])
+            result.update(status="failed", error=blank(error_message(exc, job), hidden), error_detail={
+                "type": type(exc).__name__, "message": blank(str(exc), hidden),
+                "traceback": blank(traceback.format_exc(), hidden)})
     return result | {"records_exported": export.records_exported,
                      "schemas_exported": export.schemas_exported,
                      "records_total": monitor.detail["records_total"]}

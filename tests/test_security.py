@@ -7,15 +7,19 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import sqlite3
 import subprocess
 import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
+import psycopg
+import pymysql
 import pytest
 from conftest import TOKEN, Service, app_command, free_port, make_shop_db, start_service
 
@@ -434,3 +438,143 @@ def test_an_empty_token_never_authenticates() -> None:
         sent.clear()
         asyncio.run(auth({"type": "http", "headers": [(b"authorization", header)]}, None, send))
         assert sent[0]["status"] == 401
+
+
+# ---------------------------------------------------------------- source credentials
+
+MARKER = "S3cret"  # in every password below: it must appear nowhere
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+ACCOUNT = f"extracts_leak_{os.getpid()}_{secrets.token_hex(3)}"  # a role/user and its database
+MY_PASSWORD = "p@ss:w0rd-S3cret"  # a raw '@' and ':', as people paste them
+# Every credential form each driver accepts. The local PostgreSQL trusts 127.0.0.1 (any
+# password is accepted: check_trust_accepts_any_password); the MariaDB user has MY_PASSWORD.
+SOURCE_FORMS = {
+    "pg-query-password": "postgresql://{a}@127.0.0.1:5432/{a}?password=S3cret-query",
+    "pg-encoded-userinfo": "postgresql://{a}:S3cret%40at%3Acolon%2Fslash@127.0.0.1:5432/{a}",
+    "pg-raw-colon-question-hash": "postgres://{a}:S3cret:c?q#h@127.0.0.1:5432/{a}?sslmode=disable",
+    "pg-ssl-and-passfile": "postgresql://{a}@127.0.0.1:5432/{a}?sslmode=disable&sslpassword=S3cret-ssl"
+                           "&passfile=/nonexistent/S3cret.pgpass",
+    "mysql-raw-at-and-colon": "mysql://{a}:p@ss:w0rd-S3cret@127.0.0.1:3306/{a}",
+    "mariadb-encoded": "mariadb://{a}:p%40ss%3Aw0rd-S3cret@127.0.0.1:3306/{a}",
+}
+
+
+class Account:
+    """A PostgreSQL role and a MariaDB user, each owning a database named like it, for one module."""
+
+    def __init__(self) -> None:
+        self.pg = psycopg.connect(PG_ADMIN, autocommit=True)
+        self.my = pymysql.connect(host="127.0.0.1", user="root", password="", autocommit=True)
+        try:
+            self.pg.execute(f'CREATE ROLE "{ACCOUNT}" LOGIN')
+            self.pg.execute(f'CREATE DATABASE "{ACCOUNT}" OWNER "{ACCOUNT}"')
+            self.my_sql(f"CREATE DATABASE `{ACCOUNT}`")
+            self.my_sql(f"CREATE USER '{ACCOUNT}'@'%%' IDENTIFIED BY %s", (MY_PASSWORD,))
+            self.my_sql(f"GRANT SELECT, SHOW VIEW ON `{ACCOUNT}`.* TO '{ACCOUNT}'@'%'")
+        except Exception:
+            self.close()
+            raise
+
+    def my_sql(self, sql: str, params: Any = None) -> None:
+        with self.my.cursor() as cursor:
+            cursor.execute(sql, params)
+
+    def tables(self, dialect: str) -> None:
+        """``items`` (two rows) and ``doomed``, made anew."""
+        statements = ["DROP TABLE IF EXISTS items", "DROP TABLE IF EXISTS doomed",
+                      "CREATE TABLE items (id int PRIMARY KEY, label text)",
+                      "INSERT INTO items VALUES (1, 'one'), (2, 'two')", "CREATE TABLE doomed (id int)"]
+        if dialect == "pg":
+            with psycopg.connect(f"postgresql://{ACCOUNT}@127.0.0.1:5432/{ACCOUNT}", autocommit=True) as conn:
+                for statement in statements:
+                    conn.execute(statement)
+        else:
+            for statement in statements:
+                self.my_sql(statement.replace("TABLE items", f"TABLE `{ACCOUNT}`.items")
+                            .replace("INTO items", f"INTO `{ACCOUNT}`.items")
+                            .replace("TABLE doomed", f"TABLE `{ACCOUNT}`.doomed")
+                            .replace("EXISTS items", f"EXISTS `{ACCOUNT}`.items")
+                            .replace("EXISTS doomed", f"EXISTS `{ACCOUNT}`.doomed"))
+
+    def drop_doomed(self, dialect: str) -> None:
+        if dialect == "pg":
+            with psycopg.connect(f"postgresql://{ACCOUNT}@127.0.0.1:5432/{ACCOUNT}", autocommit=True) as conn:
+                conn.execute("DROP TABLE doomed")
+        else:
+            self.my_sql(f"DROP TABLE `{ACCOUNT}`.doomed")
+
+    def lock(self, dialect: str, locked: bool) -> None:
+        """New connections are refused (the server's message names the user, not the password)."""
+        if dialect == "pg":
+            self.pg.execute(f'ALTER ROLE "{ACCOUNT}" {"NOLOGIN" if locked else "LOGIN"}')
+        else:
+            self.my_sql(f"ALTER USER '{ACCOUNT}'@'%' ACCOUNT {'LOCK' if locked else 'UNLOCK'}")
+
+    def close(self) -> None:
+        self.pg.execute(f'DROP DATABASE IF EXISTS "{ACCOUNT}" WITH (FORCE)')
+        self.pg.execute(f'DROP ROLE IF EXISTS "{ACCOUNT}"')
+        self.pg.close()
+        self.my_sql(f"DROP DATABASE IF EXISTS `{ACCOUNT}`")
+        self.my_sql(f"DROP USER IF EXISTS '{ACCOUNT}'@'%'")
+        self.my.close()
+
+
+@pytest.fixture(scope="module")
+def account() -> Iterator[Account]:
+    made = Account()
+    yield made
+    made.close()
+
+
+def test_check_trust_accepts_any_password(account: Account) -> None:
+    """The PostgreSQL forms above connect only because this server trusts 127.0.0.1."""
+    psycopg.connect(f"postgresql://{ACCOUNT}:{MARKER}@127.0.0.1:5432/{ACCOUNT}").close()
+    with pytest.raises(pymysql.err.OperationalError):
+        pymysql.connect(host="127.0.0.1", user=ACCOUNT, password=MARKER)
+    pymysql.connect(host="127.0.0.1", user=ACCOUNT, password=MY_PASSWORD).close()
+
+
+@pytest.mark.parametrize("form", SOURCE_FORMS)
+def test_source_passwords_appear_nowhere(account: Account, tmp_path: Path, form: str) -> None:
+    dialect = "pg" if form.startswith("pg") else "my"
+    location = SOURCE_FORMS[form].format(a=ACCOUNT)
+    account.tables(dialect)
+    svc = start_service(tmp_path, location)
+    seen: list[str] = []
+    try:
+        r = svc.client.get("/api/describe")
+        assert r.status_code == 200 and {s["name"] for s in r.json()["data"]} == {"items", "doomed"}
+        seen.append(r.text)
+        ok = svc.create_extract(name="ok", schemas=["items"], format="json", compress=False)
+        doomed = svc.create_extract(name="doomed", schemas=["doomed"])
+        account.drop_doomed(dialect)
+        runs = [svc.wait_run(svc.run(ok["id"])), svc.wait_run(svc.run(doomed["id"]))]
+        assert [run["status"] for run in runs] == ["completed", "failed"]
+        assert "no longer exists" in runs[1]["error"]
+        seen += [json.dumps(runs), svc.client.get("/api/data/extract_runs").text,
+                 svc.client.get("/api/data/extract_artifacts").text, svc.client.get("/openapi.json").text]
+        r = svc.client.get(f"/api/extracts/runs/{runs[0]['id']}/download")
+        assert r.status_code == 200
+        seen.append(r.content.decode("latin-1"))
+        account.lock(dialect, True)
+        try:
+            for r in (svc.client.get("/api/describe"),
+                      svc.client.post("/api/data/extracts", json={"name": "x", "schemas": ["items"]})):
+                assert r.status_code == 503 and ACCOUNT in r.json()["error"], r.text
+                seen.append(r.text)
+            failed = svc.wait_run(svc.run(ok["id"]))
+            assert failed["status"] == "failed" and "Cannot connect" in failed["error"], failed
+            seen.append(json.dumps(failed))
+        finally:
+            account.lock(dialect, False)
+    finally:
+        svc.stop()
+    output = svc.output()
+    assert f"Exporting from {location[: location.index('://') + 3]}" in output
+    seen.append(output)
+    seen += [path.read_bytes().decode("latin-1") for path in svc.storage.rglob("*") if path.is_file()]
+    seen += [path.read_bytes().decode("latin-1") for path in svc.db.parent.iterdir() if path.is_file()]
+    with contextlib.closing(sqlite3.connect(svc.db)) as con:
+        seen.append("\n".join(con.iterdump()))
+    leaks = [text[max(0, text.index(MARKER) - 80):text.index(MARKER) + 40] for text in seen if MARKER in text]
+    assert leaks == []

@@ -12,8 +12,10 @@ import base64
 import gzip
 import multiprocessing
 import os
+import random
 import re
 import secrets
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -315,6 +317,65 @@ def test_postgres_edge_values_are_lossless(pg: PG) -> None:
     }  # fmt: skip
 
 
+PG_DOMAIN_ARRAYS = """
+CREATE DOMAIN {s}.posint AS integer CHECK (VALUE > 0);
+CREATE DOMAIN {s}.posint2 AS {s}.posint;
+CREATE DOMAIN {s}.stamp AS timestamptz;
+CREATE DOMAIN {s}.doc AS jsonb;
+CREATE DOMAIN {s}.docs AS {s}.doc[];
+CREATE DOMAIN {s}.blob AS bytea;
+CREATE DOMAIN {s}.money2 AS numeric(10,2);
+CREATE DOMAIN {s}.single AS real;
+CREATE DOMAIN {s}.pair AS integer[];
+CREATE TYPE {s}.feeling AS ENUM ('happy', 'sad');
+CREATE DOMAIN {s}.feel AS {s}.feeling;
+CREATE DOMAIN {s}.feelings AS {s}.feeling[];
+CREATE TYPE {s}.point2 AS (x integer, label text);
+CREATE DOMAIN {s}.spot AS {s}.point2;
+CREATE DOMAIN {s}.place AS box;
+CREATE TABLE {s}.domain_arrays (
+    id integer PRIMARY KEY, i {s}.posint[], i2 {s}.posint2[], tz {s}.stamp[], j {s}.doc[],
+    jj {s}.docs, jjj {s}.docs[], b {s}.blob[], n {s}.money2[], f {s}.single[], p {s}.pair,
+    pp {s}.pair[], e {s}.feel[], ee {s}.feelings, eee {s}.feelings[], c {s}.spot[],
+    bx {s}.place[], f4 real[], f8 float8[], nn numeric[]
+);
+INSERT INTO {s}.domain_arrays VALUES (
+    1, '{1,2147483647}', '{{3},{4}}', '{"2024-01-02 03:04:05+02",infinity}',
+    ARRAY['{"b": 1, "a": [1.000000000000000000001]}'::{s}.doc, NULL], '{"[1, 2]","{}"}',
+    '{"{1,true}"}', ARRAY['\\x00ff'::{s}.blob, ''], '{1.5,NaN,-0.10}',
+    '{16777216,3.1415927,1e-45,NaN,-0}', '{1,NULL}', '{"{1,2}","{3,4}"}', '{sad}',
+    '{happy,sad}', '{"{happy}"}', ARRAY[ROW(1, 'a "b"')::{s}.spot],
+    ARRAY['((1,1),(0,0))'::{s}.place, '((2,2),(1,1))'], '{16777216,3.1415927,1e-45,-Infinity}',
+    '{0.30000000000000004,5e-324,1.7976931348623157e308,-0}', '{1e-30,12.500,NaN}'
+);
+INSERT INTO {s}.domain_arrays (id) VALUES (2);
+"""
+
+
+def test_postgres_arrays_of_domains_load_as_their_base_type(pg: PG) -> None:
+    pg.run(PG_DOMAIN_ARRAYS)
+    with open_source(pg.url) as source:
+        lines = export(source, pg.name("domain_arrays"))
+    by_id = {orjson.loads(line)["id"]: line for line in lines}
+    # What PostgreSQL's text of each element says, typed as its base type is typed.
+    assert orjson.loads(by_id[1]) == {
+        "id": 1, "i": [1, 2147483647], "i2": [[3], [4]],
+        "tz": ["2024-01-02T01:04:05Z", "infinity"],
+        "j": [{"a": [1.0], "b": 1}, None], "jj": [[1, 2], {}], "jjj": [[1, True]],
+        "b": ["AP8=", ""], "n": ["1.50", "NaN", "-0.10"],
+        "f": [16777216.0, 3.1415927, 1e-45, "NaN", -0.0], "p": [1, None], "pp": [[1, 2], [3, 4]],
+        "e": ["sad"], "ee": ["happy", "sad"], "eee": [["happy"]], "c": ['(1,"a ""b""")'],
+        "bx": ["(1,1),(0,0)", "(2,2),(1,1)"], "f4": [16777216.0, 3.1415927, 1e-45, "-Infinity"],
+        "f8": [0.30000000000000004, 5e-324, 1.7976931348623157e308, -0.0],
+        "nn": ["0.000000000000000000000000000001", "12.500", "NaN"],
+    }  # fmt: skip
+    # JSON elements are copied, digits and all, whatever domain they come through.
+    assert b'"j":[{"a":[1.000000000000000000001],"b":1},null]' in by_id[1]
+    assert orjson.loads(by_id[2]) == {
+        column: (2 if column == "id" else None) for column in orjson.loads(by_id[1])
+    }
+
+
 # ---------------------------------------------------------------- MySQL type fidelity
 
 MY_EVERY_TYPE = """
@@ -386,6 +447,73 @@ def test_mysql_zero_dates_booleans_and_json_text(my: My) -> None:
         "id": 2, "d": "2024-00-15", "dt": "2024-05-00 10:00:00", "ts": None, "bo": 0, "j": [],
         "tm": "-00:00:01",
     }  # fmt: skip
+
+
+def float32(value: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+FLT_MIN, FLT_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+
+
+def test_mysql_float_gives_the_digits_postgresql_gives_a_real(pg: PG, my: My) -> None:
+    """A FLOAT is a float32: the shortest decimal that reads back as it, as PostgreSQL's real."""
+    edges = [16777216, 1234567, 3.1415927, FLT_MIN, FLT_MAX, 1e-45, 0.1, -0.0, 123456.7]
+    generator = random.Random(12)
+    values = [float32(v) for v in edges] + [sign * 2.0**e for e in range(-149, 128) for sign in (1, -1)]
+    while len(values) < 3000:  # any finite float32, denormals included
+        bits = generator.getrandbits(32)
+        if bits & 0x7F800000 != 0x7F800000:
+            values.append(struct.unpack("<f", struct.pack("<I", bits))[0])
+    my.run("CREATE TABLE floats (id INT PRIMARY KEY, f FLOAT, fu FLOAT UNSIGNED)")
+    with my.admin.cursor() as cursor:
+        cursor.executemany("INSERT INTO floats VALUES (%s, %s, %s)",
+                           [(i, repr(v), repr(abs(v))) for i, v in enumerate(values)])
+    stored = my.rows("SELECT id, CAST(f AS DOUBLE), CAST(fu AS DOUBLE) FROM floats ORDER BY id")
+    assert [row[1] for row in stored] == values  # (MariaDB keeps no -0: it stores 0, equal to -0)
+    pg.run("CREATE TABLE {s}.reals (id integer PRIMARY KEY, f real, fu real)")
+    with pg.admin.cursor() as cursor:
+        cursor.executemany(f"INSERT INTO {pg.sql('reals')} VALUES (%s, %s::float8, %s::float8)", stored)
+
+    def numbers(lines: list[bytes]) -> dict[int, tuple[bytes, bytes]]:
+        found = (re.fullmatch(rb'\{"id":(\d+),"f":([^,]+),"fu":([^}]+)\}', line) for line in lines)
+        return {int(match[1]): (match[2], match[3]) for match in found if match}
+
+    with open_source(my.url) as source:
+        from_mysql = numbers(export(source, "floats", batch_size=500))
+    with open_source(pg.url) as source:
+        from_postgres = numbers(export(source, pg.name("reals"), batch_size=500))
+    assert len(from_mysql) == len(from_postgres) == len(values)
+    assert from_mysql == from_postgres
+    assert [from_mysql[i][0] for i in range(9)] == [
+        b"16777216.0", b"1234567.0", b"3.1415927", b"1.1754944e-38", b"3.4028235e+38", b"1e-45",
+        b"0.1", b"0.0", b"123456.7",
+    ]  # fmt: skip
+    assert all(float32(float(from_mysql[i][0])) == value for i, value in enumerate(values))
+
+
+def test_mysql_display_widths_and_two_digit_years_do_not_change_values(my: My) -> None:
+    my.run(
+        "CREATE TABLE widths (id INT PRIMARY KEY, fmd FLOAT(7,2), dmd DOUBLE, d DOUBLE,"
+        " f53 FLOAT(53), y2 YEAR(2), hidden INT INVISIBLE)"
+    )
+    doubles = [0.1 + 0.2, 5e-324, 1.7976931348623157e308, float(2**53 + 1), -1.5e-310, 1 / 3]
+    with my.admin.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO widths (id, fmd, dmd, d, f53, y2, hidden) VALUES (%s, %s, %s, %s, %s, %s, 7)",
+            [(1, 12345.678, 0.123456789, repr(doubles[0]), repr(doubles[0]), 2024)]
+            + [(i, None, None, repr(v), repr(v), None) for i, v in enumerate(doubles[1:], 2)],
+        )
+    # Values keep their digits when the column's display width changes afterwards.
+    my.run("ALTER TABLE widths MODIFY dmd DOUBLE(10,2)")
+    assert my.rows("SELECT dmd, CAST(dmd AS DOUBLE), y2 FROM widths WHERE id = 1") == [
+        (0.12, 0.123456789, 24)]  # the text protocol's view
+    with open_source(my.url) as source:
+        rows = [orjson.loads(line) for line in export(source, "widths")]
+    rows.sort(key=lambda row: row["id"])
+    assert rows[0] == {"id": 1, "fmd": 12345.68, "dmd": 0.123456789, "d": doubles[0], "f53": doubles[0],
+                       "y2": 2024}
+    assert [row["d"] for row in rows] == [row["f53"] for row in rows] == doubles
 
 
 # ---------------------------------------------------------------- describe
@@ -781,6 +909,11 @@ def test_connection_failures_are_one_line_without_the_password(db: PG | My) -> N
                 f"postgres://postgres:{password}@127.0.0.1:5432/test?bogus=1",
                 r"^(Invalid PostgreSQL URL|Cannot connect to PostgreSQL).*",
             ),
+            (
+                f"postgresql://postgres:{password}@127.0.0.1:abc/test",
+                r'^Cannot connect to PostgreSQL at 127\.0\.0\.1:abc .*invalid integer value "abc"',
+            ),
+            (f"postgresql://postgres:{password}/x@127.0.0.1/test", r"URL is ambiguous"),
         ]
     else:
         cases = [
@@ -794,6 +927,8 @@ def test_connection_failures_are_one_line_without_the_password(db: PG | My) -> N
             ),
             (f"mysql://root:{password}@127.0.0.1:3306", r"must name one database"),
             (f"mysql://root:{password}@127.0.0.1:3306/x?password={password}", r"Unknown option"),
+            (f"mysql://root:{password}/x@127.0.0.1:3306/x", r"URL is ambiguous"),
+            (f"mysql://root:{password}@127.0.0.1:abc/x", r"^Invalid MySQL URL: Port could not be cast"),
         ]
     for url, message in cases:
         with pytest.raises(SourceError) as raised:

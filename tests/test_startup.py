@@ -101,6 +101,22 @@ def test_start_up_fails_fast_with_one_line(tmp_path: Path, args: list[str], expe
     assert not (tmp_path / "nonexistent").exists()
 
 
+@pytest.mark.parametrize("source", [
+    "host=127.0.0.1 port=1 password=hunter2 dbname=none",  # libpq keyword/value: read as a path
+    "host=127.0.0.1 password='hunter2 with spaces'",
+    "postgresql://nobody:x@hunter2@127.0.0.1:1/none",  # libpq would make 'hunter2@127.0.0.1' the host
+    "postgresql://nobody@127.0.0.1:1/none?sslpassword=hunter2&password=hunter2",
+    "mysql://root:hunter2/x@127.0.0.1:1/none",  # urllib would make 'hunter2' the port
+    "mysql://root:x@hunter2@127.0.0.1:1/none",
+])
+def test_start_up_errors_never_show_a_password(tmp_path: Path, source: str) -> None:
+    process = launch(tmp_path, "--port", str(free_port()), "--source", source)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 1
+    assert output.startswith("extracts-app: cannot open the source: ") and output.count("\n") == 1, output
+    assert "hunter2" not in output
+
+
 def test_settings_from_flags_environment_and_defaults(tmp_path: Path) -> None:
     settings = parse_settings([], {})
     assert (settings.source, settings.db, settings.storage) == (
