@@ -30,7 +30,15 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from executor.naming import download_base_name
-from extracts_http import ApiError, Conflict, Gone, NotFound, ServiceUnavailable, ValidationFailed, query_param
+from extracts_http import (
+    ApiError,
+    Conflict,
+    Gone,
+    NotFound,
+    ServiceUnavailable,
+    ValidationFailed,
+    query_param,
+)
 from extracts_state import ARTIFACT_FIELDS, RUN_FIELDS, now_iso, parse_iso
 from extracts_zip import FileChangedError, HeldFiles, StoredZip, ZipEntry, write_deflated
 
