@@ -79,6 +79,7 @@ log = logging.getLogger("extracts")
 
 # ---------------------------------------------------------------- settings
 
+
 @dataclass(frozen=True)
 class Setting:
     """One start-up option: flag ``--name``, environment variable, default, help."""
@@ -92,22 +93,51 @@ class Setting:
 
 
 SETTINGS = (
-    Setting("source", None, "EXTRACTS_SOURCE", "the database to export: a SQLite file path, "
-            "sqlite:///relative/path, sqlite:////absolute/path, postgresql://… or mysql://… "
-            "(default: a demo SQLite database created beside the state file)", metavar="URL|PATH"),
+    Setting(
+        "source",
+        None,
+        "EXTRACTS_SOURCE",
+        "the database to export: a SQLite file path, "
+        "sqlite:///relative/path, sqlite:////absolute/path, postgresql://… or mysql://… "
+        "(default: a demo SQLite database created beside the state file)",
+        metavar="URL|PATH",
+    ),
     Setting("db", "./extracts.db", "EXTRACTS_DB", "the service's own SQLite state file", metavar="PATH"),
-    Setting("storage", "/tmp/extracts", "EXTRACTS_STORAGE", "directory where artifacts are written",
-            metavar="DIR"),
+    Setting(
+        "storage", "/tmp/extracts", "EXTRACTS_STORAGE", "directory where artifacts are written", metavar="DIR"
+    ),
     Setting("host", "127.0.0.1", "EXTRACTS_HOST", "address to listen on"),
     Setting("port", 9001, "EXTRACTS_PORT", "port to listen on", int),
-    Setting("token", None, "EXTRACTS_TOKEN", "bearer token; when absent one is generated and kept "
-            "in <state file>.token (mode 0600)"),
-    Setting("workers", os.cpu_count() or 1, "EXTRACTS_WORKERS", "size of the process pool: runs "
-            "executed at once", int, metavar="N"),
-    Setting("min_free_mb", 100, "EXTRACTS_MIN_FREE_MB", "free space to keep on the storage volume; "
-            "a run fails cleanly when free space falls under it", int, metavar="MB"),
-    Setting("cleanup_interval", 3600, "EXTRACTS_CLEANUP_INTERVAL", "seconds between retention "
-            "sweeps of expired artifacts", float, metavar="SECONDS"),
+    Setting(
+        "token",
+        None,
+        "EXTRACTS_TOKEN",
+        "bearer token; when absent one is generated and kept in <state file>.token (mode 0600)",
+    ),
+    Setting(
+        "workers",
+        os.cpu_count() or 1,
+        "EXTRACTS_WORKERS",
+        "size of the process pool: runs executed at once",
+        int,
+        metavar="N",
+    ),
+    Setting(
+        "min_free_mb",
+        100,
+        "EXTRACTS_MIN_FREE_MB",
+        "free space to keep on the storage volume; a run fails cleanly when free space falls under it",
+        int,
+        metavar="MB",
+    ),
+    Setting(
+        "cleanup_interval",
+        3600,
+        "EXTRACTS_CLEANUP_INTERVAL",
+        "seconds between retention sweeps of expired artifacts",
+        float,
+        metavar="SECONDS",
+    ),
 )
 
 
@@ -132,11 +162,12 @@ class Settings:
 def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
-        prog="extracts-app",
-        description="Export a database into downloadable, checksummed files over HTTP.")
+        prog="extracts-app", description="Export a database into downloadable, checksummed files over HTTP."
+    )
     for s in SETTINGS:
-        parser.add_argument(f"--{s.name.replace('_', '-')}", dest=s.name, metavar=s.metavar,
-                            help=f"{s.help} [{s.env}]")
+        parser.add_argument(
+            f"--{s.name.replace('_', '-')}", dest=s.name, metavar=s.metavar, help=f"{s.help} [{s.env}]"
+        )
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for s in SETTINGS:
@@ -180,8 +211,9 @@ def prepare(settings: Settings) -> None:
         probe.unlink()
         extracts_downloads.remove_stale_links(settings.storage)
     except OSError as exc:
-        raise StartupError(f"cannot create or write the storage directory {settings.storage}: "
-                           f"{exc.strerror or exc}") from exc
+        raise StartupError(
+            f"cannot create or write the storage directory {settings.storage}: {exc.strerror or exc}"
+        ) from exc
     if settings.source is None:
         demo = settings.db.with_name("demo.db")
         if not demo.exists():
@@ -206,7 +238,8 @@ def prepare(settings: Settings) -> None:
         settings.notes.append(
             f"warning: only {free_mb} MB free on the storage volume {settings.storage}, under the "
             f"{settings.min_free_mb} MB reserve (--min-free-mb): runs will fail until space is "
-            "freed; downloads keep working")
+            "freed; downloads keep working"
+        )
 
 
 def load_or_create_token(db: Path) -> tuple[str, bool]:
@@ -232,6 +265,7 @@ def load_or_create_token(db: Path) -> tuple[str, bool]:
 
 
 # ---------------------------------------------------------------- the extract configuration
+
 
 class FieldError(Exception):
     """A bad field value; the message completes the sentence '<field> …'."""
@@ -293,6 +327,7 @@ def _integer(low: int, high: int) -> Callable[[Any], int]:
         if not low <= v <= high:
             raise FieldError(f"must be between {low} and {high}")
         return v
+
     return check
 
 
@@ -301,6 +336,7 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
         if v not in options or not isinstance(v, str):
             raise FieldError(f"must be one of {', '.join(options)}")
         return v
+
     return check
 
 
@@ -345,13 +381,19 @@ def _cron() -> str:
     Every expression it matches is one croniter parses (tests/test_api_extracts.py checks
     each item of each field); croniter's own extensions (L, W, #, ?) are not part of it.
     """
+
     def anycase(word: str) -> str:
         return "".join(f"[{c}{c.upper()}]" for c in word)
 
     months = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
     days = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-    fields = ((r"0?[0-9]|[1-5][0-9]",), (r"0?[0-9]|1[0-9]|2[0-3]",), (r"0?[1-9]|[12][0-9]|3[01]",),
-              (r"0?[1-9]|1[0-2]", *map(anycase, months)), (r"0?[0-7]", *map(anycase, days)))
+    fields = (
+        (r"0?[0-9]|[1-5][0-9]",),
+        (r"0?[0-9]|1[0-9]|2[0-3]",),
+        (r"0?[1-9]|[12][0-9]|3[01]",),
+        (r"0?[1-9]|1[0-2]", *map(anycase, months)),
+        (r"0?[0-7]", *map(anycase, days)),
+    )
     parts = []
     for alternatives in fields:
         value = "|".join(alternatives)
@@ -371,8 +413,9 @@ def _schedule(v: Any) -> str | None:
     if len(v) > SCHEDULE_MAX:
         raise FieldError(f"must be at most {SCHEDULE_MAX} characters")
     if re.fullmatch(CRON, v) is None:
-        raise FieldError("must be a 5-field cron expression (minute hour day month weekday), "
-                         "e.g. '0 3 * * *'")
+        raise FieldError(
+            "must be a 5-field cron expression (minute hour day month weekday), e.g. '0 3 * * *'"
+        )
     return v.strip()
 
 
@@ -390,51 +433,99 @@ class ExtractField:
     def type(self) -> FieldType:
         """The record field's type, as its JSON Schema says (arrays and objects are JSON)."""
         kind = self.schema["type"] if isinstance(self.schema["type"], str) else self.schema["type"][0]
-        return {"string": FieldType.TEXT, "integer": FieldType.INTEGER,
-                "boolean": FieldType.BOOLEAN}.get(kind, FieldType.JSON)
+        return {"string": FieldType.TEXT, "integer": FieldType.INTEGER, "boolean": FieldType.BOOLEAN}.get(
+            kind, FieldType.JSON
+        )
 
 
 FORMATS = ("jsonl", "json", "yaml", "archive")
 
 EXTRACT_FIELDS = (
-    ExtractField("name", _name, None, {"type": "string", "minLength": 1, "maxLength": NAME_MAX,
-                                       "pattern": anchored(NAME)}, required=True),
-    ExtractField("description", _nullable(_text), None,
-                 {"type": ["string", "null"], "pattern": anchored(NUL_FREE)}),
+    ExtractField(
+        "name",
+        _name,
+        None,
+        {"type": "string", "minLength": 1, "maxLength": NAME_MAX, "pattern": anchored(NAME)},
+        required=True,
+    ),
+    ExtractField(
+        "description", _nullable(_text), None, {"type": ["string", "null"], "pattern": anchored(NUL_FREE)}
+    ),
     ExtractField("format", _choice(FORMATS), "jsonl", {"type": "string", "enum": list(FORMATS)}),
-    ExtractField("include", _include, ["describe", "data"],
-                 {"type": "array", "minItems": 1, "maxItems": 2, "uniqueItems": True,
-                  "items": {"type": "string", "enum": ["describe", "data"]}}),
-    ExtractField("schemas", _schemas, None,
-                 {"type": ["array", "null"], "minItems": 1, "uniqueItems": True,
-                  "items": {"type": "string", "minLength": 1, "pattern": anchored(NUL_FREE)}}),
+    ExtractField(
+        "include",
+        _include,
+        ["describe", "data"],
+        {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 2,
+            "uniqueItems": True,
+            "items": {"type": "string", "enum": ["describe", "data"]},
+        },
+    ),
+    ExtractField(
+        "schemas",
+        _schemas,
+        None,
+        {
+            "type": ["array", "null"],
+            "minItems": 1,
+            "uniqueItems": True,
+            "items": {"type": "string", "minLength": 1, "pattern": anchored(NUL_FREE)},
+        },
+    ),
     ExtractField("filter", _filter, None, {"type": ["object", "null"]}),
     ExtractField("compress", _boolean, True, {"type": "boolean"}),
     ExtractField("split_files", _boolean, False, {"type": "boolean"}),
-    ExtractField("split_max_records", _integer(1, 100_000_000), 1_000_000,
-                 {"type": "integer", "minimum": 1, "maximum": 100_000_000}),
-    ExtractField("schedule", _schedule, None,
-                 {"type": ["string", "null"], "maxLength": SCHEDULE_MAX, "pattern": anchored(CRON)}),
+    ExtractField(
+        "split_max_records",
+        _integer(1, 100_000_000),
+        1_000_000,
+        {"type": "integer", "minimum": 1, "maximum": 100_000_000},
+    ),
+    ExtractField(
+        "schedule",
+        _schedule,
+        None,
+        {"type": ["string", "null"], "maxLength": SCHEDULE_MAX, "pattern": anchored(CRON)},
+    ),
     ExtractField("schedule_enabled", _boolean, False, {"type": "boolean"}),
-    ExtractField("retention_days", _integer(1, 365), 7,
-                 {"type": "integer", "minimum": 1, "maximum": 365}),
+    ExtractField("retention_days", _integer(1, 365), 7, {"type": "integer", "minimum": 1, "maximum": 365}),
     ExtractField("enabled", _boolean, True, {"type": "boolean"}),
 )
 FIELDS_BY_NAME = {f.name: f for f in EXTRACT_FIELDS}
 READ_ONLY_FIELDS = {
-    "id": FieldType.TEXT, "created_at": FieldType.TIMESTAMP, "updated_at": FieldType.TIMESTAMP,
-    "deleted_at": FieldType.TIMESTAMP, "last_run_id": FieldType.TEXT, "last_run_status": FieldType.TEXT,
-    "last_run_at": FieldType.TIMESTAMP, "total_runs": FieldType.INTEGER,
-    "successful_runs": FieldType.INTEGER, "failed_runs": FieldType.INTEGER,
-    "cancelled_runs": FieldType.INTEGER, "next_run_at": FieldType.TIMESTAMP,
+    "id": FieldType.TEXT,
+    "created_at": FieldType.TIMESTAMP,
+    "updated_at": FieldType.TIMESTAMP,
+    "deleted_at": FieldType.TIMESTAMP,
+    "last_run_id": FieldType.TEXT,
+    "last_run_status": FieldType.TEXT,
+    "last_run_at": FieldType.TIMESTAMP,
+    "total_runs": FieldType.INTEGER,
+    "successful_runs": FieldType.INTEGER,
+    "failed_runs": FieldType.INTEGER,
+    "cancelled_runs": FieldType.INTEGER,
+    "next_run_at": FieldType.TIMESTAMP,
 }
 # The options a run uses, copied into its config_snapshot when it is queued.
-SNAPSHOT_FIELDS = ("name", "format", "include", "schemas", "filter", "compress", "split_files",
-                   "split_max_records", "retention_days")
+SNAPSHOT_FIELDS = (
+    "name",
+    "format",
+    "include",
+    "schemas",
+    "filter",
+    "compress",
+    "split_files",
+    "split_max_records",
+    "retention_days",
+)
 
 
-async def validate_extract(app_state: AppState, body: dict[str, Any],
-                           current: dict[str, Any] | None) -> dict[str, Any]:
+async def validate_extract(
+    app_state: AppState, body: dict[str, Any], current: dict[str, Any] | None
+) -> dict[str, Any]:
     """The configuration after applying ``body`` to ``current`` (None: create); 400 lists every bad field."""
     details: list[dict[str, str]] = []
     values: dict[str, Any] = {}
@@ -443,8 +534,11 @@ async def validate_extract(app_state: AppState, body: dict[str, Any],
         if spec is None:
             if key in READ_ONLY_FIELDS and current is not None:
                 continue  # SPEC: read-only fields sent back on PUT are ignored
-            reason = ("is read-only: the service sets it" if key in READ_ONLY_FIELDS
-                      else "is not a field of an extract")
+            reason = (
+                "is read-only: the service sets it"
+                if key in READ_ONLY_FIELDS
+                else "is not a field of an extract"
+            )
             details.append({"field": key, "message": f"{key} {reason}"})
             continue
         try:
@@ -457,15 +551,22 @@ async def validate_extract(app_state: AppState, body: dict[str, Any],
     merged.update(values)
     bad = {d["field"] for d in details}
     if merged["schedule_enabled"] and merged["schedule"] is None and "schedule" not in bad:
-        details.append({"field": "schedule", "message": "schedule is required when "
-                        "schedule_enabled is true: give a 5-field cron expression"})
+        details.append(
+            {
+                "field": "schedule",
+                "message": "schedule is required when "
+                "schedule_enabled is true: give a 5-field cron expression",
+            }
+        )
     schedule = values.get("schedule")
     if schedule is not None and await anyio.to_thread.run_sync(next_due, schedule, utcnow()) is None:
-        details.append({"field": "schedule", "message": f"schedule '{schedule}' never comes due: "
-                        "no date matches it"})
+        details.append(
+            {"field": "schedule", "message": f"schedule '{schedule}' never comes due: no date matches it"}
+        )
     if not bad & {"schemas", "filter"} and ("schemas" in values or "filter" in values):
         problems, seen = await anyio.to_thread.run_sync(
-            check_against_source, app_state.settings.source, merged["schemas"], merged["filter"])
+            check_against_source, app_state.settings.source, merged["schemas"], merged["filter"]
+        )
         app_state.documents.notice(*seen)
         details += problems
     if details:
@@ -474,8 +575,9 @@ async def validate_extract(app_state: AppState, body: dict[str, Any],
     return merged
 
 
-def check_against_source(location: str, schemas: list[str] | None, filters: dict[str, Any] | None
-                         ) -> tuple[list[dict[str, str]], tuple[set[str], dict[str, list[str]]]]:
+def check_against_source(
+    location: str, schemas: list[str] | None, filters: dict[str, Any] | None
+) -> tuple[list[dict[str, str]], tuple[set[str], dict[str, list[str]]]]:
     """Schema names and filter columns checked against the source (runs in a thread).
 
     Also returns what it read of the source's catalog (every schema name, the columns of
@@ -488,15 +590,24 @@ def check_against_source(location: str, schemas: list[str] | None, filters: dict
         if schemas is not None:
             unknown = [name for name in schemas if name not in known]
             if unknown:
-                details.append({"field": "schemas", "message": "schemas not found in the source: "
-                                + ", ".join(unknown)})
+                details.append(
+                    {"field": "schemas", "message": "schemas not found in the source: " + ", ".join(unknown)}
+                )
         for schema, spec in (filters or {}).items():
             if schema not in known:
-                details.append({"field": f"filter.{schema}",
-                                "message": f"schema '{schema}' does not exist in the source"})
+                details.append(
+                    {
+                        "field": f"filter.{schema}",
+                        "message": f"schema '{schema}' does not exist in the source",
+                    }
+                )
             elif schemas is not None and schema not in schemas:
-                details.append({"field": f"filter.{schema}", "message": f"schema '{schema}' is "
-                                "not among the extract's schemas"})
+                details.append(
+                    {
+                        "field": f"filter.{schema}",
+                        "message": f"schema '{schema}' is not among the extract's schemas",
+                    }
+                )
             else:
                 columns[schema] = source.columns(schema)
                 problems = check_where(spec["where"], columns[schema], field=f"filter.{schema}.where")
@@ -505,6 +616,7 @@ def check_against_source(location: str, schemas: list[str] | None, filters: dict
 
 
 # ---------------------------------------------------------------- lists: filter[...] query parameters
+
 
 @dataclass(frozen=True)
 class Model:
@@ -516,8 +628,11 @@ class Model:
 
 
 # The fields of an extract record, in order, with their types (runs and artifacts: extracts_state).
-EXTRACT_RECORD_FIELDS = {"id": FieldType.TEXT, **{f.name: f.type for f in EXTRACT_FIELDS},
-                         **{k: t for k, t in READ_ONLY_FIELDS.items() if k != "id"}}
+EXTRACT_RECORD_FIELDS = {
+    "id": FieldType.TEXT,
+    **{f.name: f.type for f in EXTRACT_FIELDS},
+    **{k: t for k, t in READ_ONLY_FIELDS.items() if k != "id"},
+}
 MODELS = {
     "extracts": Model("extracts_with_stats", EXTRACT_RECORD_FIELDS, live_only=True),
     "extract_runs": Model("extract_runs", RUN_FIELDS),
@@ -534,8 +649,10 @@ WHERE_VALUES = {
     FieldType.INTEGER: (r"null|-?[0-9]+", "an integer"),
     FieldType.NUMBER: (r"null|-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?", "a number"),
     FieldType.BOOLEAN: (r"null|true|false", "true or false"),
-    FieldType.TIMESTAMP: (r"null|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{3})?Z",
-                          "a timestamp like 2026-03-01T03:00:00.000Z"),
+    FieldType.TIMESTAMP: (
+        r"null|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{3})?Z",
+        "a timestamp like 2026-03-01T03:00:00.000Z",
+    ),
 }
 
 
@@ -589,8 +706,13 @@ def list_query(model: Model, params: list[tuple[str, str]]) -> tuple[str, dict[s
         seen.add(key)
         match = FILTER_PARAM.match(key)
         if match is None or (match[1] == "where") != (match[2] is not None):
-            details.append({"field": key, "message": f"{key} is not a known filter parameter: use "
-                            "filter[where][<field>], filter[order], filter[limit], filter[offset]"})
+            details.append(
+                {
+                    "field": key,
+                    "message": f"{key} is not a known filter parameter: use "
+                    "filter[where][<field>], filter[order], filter[limit], filter[offset]",
+                }
+            )
             continue
         kind, name = match[1], match[2]
         if kind == "where":
@@ -612,8 +734,13 @@ def list_query(model: Model, params: list[tuple[str, str]]) -> tuple[str, dict[s
             column, _, direction = value.strip().partition(" ")
             direction = direction.strip().lower() or "asc"
             if model.fields.get(column, FieldType.JSON) is FieldType.JSON or direction not in ("asc", "desc"):
-                details.append({"field": key, "message": "filter[order] must be '<field> asc' or "
-                                f"'<field> desc' with a known field (got {value!r})"})
+                details.append(
+                    {
+                        "field": key,
+                        "message": "filter[order] must be '<field> asc' or "
+                        f"'<field> desc' with a known field (got {value!r})",
+                    }
+                )
                 continue
             order = f'"{column}" {direction.upper()}, id {direction.upper()}'
         elif not (value.isascii() and value.isdigit()):  # str.isdigit alone takes '²'
@@ -629,11 +756,14 @@ def list_query(model: Model, params: list[tuple[str, str]]) -> tuple[str, dict[s
         raise ValidationFailed("Invalid list filter: " + ", ".join(d["field"] for d in details), details)
     clause = f" WHERE {' AND '.join(where)}" if where else ""
     columns = ", ".join(f'"{c}"' for c in model.fields)
-    return (f"SELECT {columns} FROM {model.table}{clause} ORDER BY {order} LIMIT {limit} "
-            f"OFFSET {offset}", args)
+    return (
+        f"SELECT {columns} FROM {model.table}{clause} ORDER BY {order} LIMIT {limit} OFFSET {offset}",
+        args,
+    )
 
 
 # ---------------------------------------------------------------- handlers
+
 
 @dataclass
 class AppState:
@@ -652,8 +782,9 @@ def app_state(request: Request) -> AppState:
 async def fetch_record(db: Database, model: str, record_id: str) -> dict[str, Any]:
     m = MODELS[model]
     live = " AND deleted_at IS NULL" if m.live_only else ""
-    row = await db.fetch_one(f"SELECT {', '.join(m.fields)} FROM {m.table} WHERE id = :id{live}",
-                             {"id": record_id})
+    row = await db.fetch_one(
+        f"SELECT {', '.join(m.fields)} FROM {m.table} WHERE id = :id{live}", {"id": record_id}
+    )
     if row is None:
         raise NotFound(f"{model.rstrip('s').replace('_', ' ').capitalize()} {record_id} not found")
     return to_record(row)
@@ -664,6 +795,7 @@ def list_handler(model: str) -> Callable[[Request], Any]:
         sql, args = list_query(MODELS[model], request.query_params.multi_items())
         rows = await app_state(request).db.fetch_all(sql, args)
         return ok([to_record(r) for r in rows])
+
     handler.__name__ = f"list_{model}"
     return handler
 
@@ -671,25 +803,33 @@ def list_handler(model: str) -> Callable[[Request], Any]:
 def get_handler(model: str) -> Callable[[Request], Any]:
     async def handler(request: Request) -> Response:
         return ok(await fetch_record(app_state(request).db, model, request.path_params["id"]))
+
     handler.__name__ = f"get_{model}"
     return handler
 
 
 def extract_columns(config: dict[str, Any]) -> dict[str, Any]:
     """An extract configuration as state-file column values."""
-    return {f.name: state.dumps(config[f.name]) if f.name in state.JSON_COLUMNS else config[f.name]
-            for f in EXTRACT_FIELDS}
+    return {
+        f.name: state.dumps(config[f.name]) if f.name in state.JSON_COLUMNS else config[f.name]
+        for f in EXTRACT_FIELDS
+    }
 
 
 async def create_extract(request: Request) -> Response:
     st = app_state(request)
     config = await validate_extract(st, await read_json_object(request), None)
     extract_id, now = new_id("extract"), now_iso()
-    values = extract_columns(config) | {"id": extract_id, "created_at": now, "updated_at": now,
-                                        "next_run_at": await st.runs.next_run_at(config)}
+    values = extract_columns(config) | {
+        "id": extract_id,
+        "created_at": now,
+        "updated_at": now,
+        "next_run_at": await st.runs.next_run_at(config),
+    }
     columns = ", ".join(values)
-    await st.db.execute(f"INSERT INTO extracts ({columns}) VALUES "
-                        f"({', '.join(':' + c for c in values)})", values)
+    await st.db.execute(
+        f"INSERT INTO extracts ({columns}) VALUES ({', '.join(':' + c for c in values)})", values
+    )
     return ok(await fetch_record(st.db, "extracts", extract_id), 201)
 
 
@@ -699,11 +839,15 @@ async def update_extract(request: Request) -> Response:
     current = await fetch_record(st.db, "extracts", extract_id)
     config = await validate_extract(st, await read_json_object(request), current)
     keep = current["next_run_at"] if current["schedule"] == config["schedule"] else None
-    values = extract_columns(config) | {"updated_at": now_iso(),
-                                        "next_run_at": await st.runs.next_run_at(config, keep)}
+    values = extract_columns(config) | {
+        "updated_at": now_iso(),
+        "next_run_at": await st.runs.next_run_at(config, keep),
+    }
     assignments = ", ".join(f"{c} = :{c}" for c in values)
-    await st.db.execute(f"UPDATE extracts SET {assignments} WHERE id = :id AND deleted_at IS NULL",
-                        values | {"id": extract_id})
+    await st.db.execute(
+        f"UPDATE extracts SET {assignments} WHERE id = :id AND deleted_at IS NULL",
+        values | {"id": extract_id},
+    )
     return ok(await fetch_record(st.db, "extracts", extract_id))
 
 
@@ -717,14 +861,21 @@ async def delete_extract(request: Request) -> Response:
         "UPDATE extracts SET deleted_at = :now, updated_at = :now, next_run_at = NULL "
         "WHERE id = :id AND deleted_at IS NULL AND NOT EXISTS (SELECT 1 FROM extract_runs "
         f"WHERE extract_id = :id AND status IN {ACTIVE_STATUSES}) RETURNING id",
-        {"now": now, "id": extract_id})
+        {"now": now, "id": extract_id},
+    )
     if deleted is None:
-        active = await st.db.fetch_val("SELECT id FROM extract_runs WHERE extract_id = :id AND "
-                                       f"status IN {ACTIVE_STATUSES}", {"id": extract_id})
-        raise Conflict(f"Extract {extract_id} has an active run {active}; cancel it with "
-                       f"POST /api/extracts/{extract_id}/cancel before deleting")
-    row = await st.db.fetch_one(f"SELECT {', '.join(EXTRACT_RECORD_FIELDS)} FROM extracts_with_stats "
-                                "WHERE id = :id", {"id": extract_id})
+        active = await st.db.fetch_val(
+            f"SELECT id FROM extract_runs WHERE extract_id = :id AND status IN {ACTIVE_STATUSES}",
+            {"id": extract_id},
+        )
+        raise Conflict(
+            f"Extract {extract_id} has an active run {active}; cancel it with "
+            f"POST /api/extracts/{extract_id}/cancel before deleting"
+        )
+    row = await st.db.fetch_one(
+        f"SELECT {', '.join(EXTRACT_RECORD_FIELDS)} FROM extracts_with_stats WHERE id = :id",
+        {"id": extract_id},
+    )
     return ok(to_record(row))
 
 
@@ -732,16 +883,22 @@ async def delete_run(request: Request) -> Response:
     st = app_state(request)
     run = await fetch_record(st.db, "extract_runs", request.path_params["id"])
     if run["status"] in ACTIVE_STATUSES:
-        raise Conflict(f"Run {run['id']} is {run['status']}; cancel it with POST "
-                       f"/api/extracts/{run['extract_id']}/cancel before deleting it")
+        raise Conflict(
+            f"Run {run['id']} is {run['status']}; cancel it with POST "
+            f"/api/extracts/{run['extract_id']}/cancel before deleting it"
+        )
     if st.runs.worker_holds(run["id"]):  # its last files and rows are still on their way
-        raise Conflict(f"Run {run['id']} is {run['status']} and its worker is still stopping "
-                       "(within 2 seconds); retry the delete in a moment")
+        raise Conflict(
+            f"Run {run['id']} is {run['status']} and its worker is still stopping "
+            "(within 2 seconds); retry the delete in a moment"
+        )
     try:
         await st.runs.delete_run_files(run["id"])
     except OSError as exc:
-        raise ServiceUnavailable(f"Cannot delete the files of run {run['id']}: {exc.strerror}; check that "
-                                 "the storage directory (--storage) is writable, then retry") from None
+        raise ServiceUnavailable(
+            f"Cannot delete the files of run {run['id']}: {exc.strerror}; check that "
+            "the storage directory (--storage) is writable, then retry"
+        ) from None
     return ok(await fetch_record(st.db, "extract_runs", run["id"]))
 
 
@@ -749,21 +906,29 @@ async def run_extract(request: Request) -> Response:
     st = app_state(request)
     extract = await fetch_record(st.db, "extracts", request.path_params["id"])
     if not extract["enabled"]:
-        raise Conflict(f"Extract {extract['id']} is disabled; enable it with PUT "
-                       f"/api/data/extracts/{extract['id']} and {{\"enabled\": true}}")
+        raise Conflict(
+            f"Extract {extract['id']} is disabled; enable it with PUT "
+            f'/api/data/extracts/{extract["id"]} and {{"enabled": true}}'
+        )
     run_id = await st.runs.queue_run(extract, TriggeredBy.MANUAL)
     if run_id is None:
         active = await st.db.fetch_one(
             f"SELECT id, status FROM extract_runs WHERE extract_id = :id AND status IN {ACTIVE_STATUSES}",
-            {"id": extract["id"]})
+            {"id": extract["id"]},
+        )
         if active is None:  # deleted or disabled meanwhile: say which
             return await run_extract(request)
-        raise Conflict(f"Extract {extract['id']} already has an active run ({active['id']} is "
-                       f"{active['status']}); wait for it or cancel it with "
-                       f"POST /api/extracts/{extract['id']}/cancel")
+        raise Conflict(
+            f"Extract {extract['id']} already has an active run ({active['id']} is "
+            f"{active['status']}); wait for it or cancel it with "
+            f"POST /api/extracts/{extract['id']}/cancel"
+        )
     status_url = f"/api/data/extract_runs/{run_id}"
-    return ok({"run_id": run_id, "message": "Extract queued for execution", "status_url": status_url},
-              202, headers={"Location": status_url})
+    return ok(
+        {"run_id": run_id, "message": "Extract queued for execution", "status_url": status_url},
+        202,
+        headers={"Location": status_url},
+    )
 
 
 async def cancel_extract(request: Request) -> Response:
@@ -819,8 +984,10 @@ async def openapi(request: Request) -> Response:
 
 
 def openapi_documents(location: str) -> DocumentCache:
-    lists = {name: {f: where_schema(t) for f, t in model.fields.items() if t is not FieldType.JSON}
-             for name, model in MODELS.items()}
+    lists = {
+        name: {f: where_schema(t) for f, t in model.fields.items() if t is not FieldType.JSON}
+        for name, model in MODELS.items()
+    }
 
     def build(catalog: dict[str, list[str]] | None) -> bytes:
         return orjson.dumps(openapi_document(EXTRACT_FIELDS, lists, catalog))
@@ -848,8 +1015,10 @@ def route(path: str, **handlers: Callable[[Request], Any]) -> Route:
         method = "GET" if request.method == "HEAD" else request.method
         handler = handlers.get(method)
         if handler is None:
-            raise MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}; "
-                                   f"allowed: {allowed}", headers={"Allow": allowed})
+            raise MethodNotAllowed(
+                f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}",
+                headers={"Allow": allowed},
+            )
         return await handler(request)
 
     return Route(path, endpoint, methods=HTTP_METHODS)
@@ -860,8 +1029,7 @@ HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRA
 
 api_routes = [
     route("/data/extracts", GET=list_handler("extracts"), POST=create_extract),
-    route("/data/extracts/{id}", GET=get_handler("extracts"), PUT=update_extract,
-          DELETE=delete_extract),
+    route("/data/extracts/{id}", GET=get_handler("extracts"), PUT=update_extract, DELETE=delete_extract),
     route("/data/extract_runs", GET=list_handler("extract_runs")),
     route("/data/extract_runs/{id}", GET=get_handler("extract_runs"), DELETE=delete_run),
     route("/data/extract_artifacts", GET=list_handler("extract_artifacts")),
@@ -890,8 +1058,11 @@ def create_app(settings: Settings) -> Starlette:
             await runs.stop()
             await state.close_database(db)
 
-    exception_handlers = {ApiError: api_error_handler, HTTPException: http_exception_handler,
-                          SourceError: source_error_handler}
+    exception_handlers = {
+        ApiError: api_error_handler,
+        HTTPException: http_exception_handler,
+        SourceError: source_error_handler,
+    }
     app = Starlette(
         routes=[
             route("/health", GET=health),
@@ -910,17 +1081,21 @@ def banner(settings: Settings) -> list[str]:
     url = f"http://{settings.host}:{settings.port}"
     lines = []
     if settings.demo:
-        lines.append(f"No --source given: serving the demo SQLite database {settings.source} "
-                     "(users, orders, products, order_items).")
+        lines.append(
+            f"No --source given: serving the demo SQLite database {settings.source} "
+            "(users, orders, products, order_items)."
+        )
     else:
         lines.append(f"Exporting from {redact(settings.source)}.")
-    lines.append(f"Extracts listening on {url} — state {settings.db}, storage {settings.storage}, "
-                 f"{settings.workers} worker(s).")
+    lines.append(
+        f"Extracts listening on {url} — state {settings.db}, storage {settings.storage}, "
+        f"{settings.workers} worker(s)."
+    )
     if settings.token_generated:
         lines.append(f"Token (kept in {settings.db}.token): {settings.token}")
         lines.append(f"Try: curl -H 'Authorization: Bearer {settings.token}' {url}/api/describe")
     else:
-        lines.append(f"Try: curl -H \"Authorization: Bearer $EXTRACTS_TOKEN\" {url}/api/describe")
+        lines.append(f'Try: curl -H "Authorization: Bearer $EXTRACTS_TOKEN" {url}/api/describe')
     return lines + settings.notes
 
 
@@ -944,8 +1119,15 @@ def main(argv: list[str] | None = None) -> None:
         print(line, flush=True)
     # Idle keep-alive connections stay open well past the 5 s that clients such as httpx keep
     # them: with equal timeouts, a request sent as the server closes the socket is lost.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                log_config=None, access_log=False, timeout_keep_alive=KEEP_ALIVE_S)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        log_config=None,
+        access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )
 
 
 if __name__ == "__main__":

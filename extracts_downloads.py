@@ -60,11 +60,15 @@ def check_not_gone(artifacts: list[dict[str, Any]]) -> None:
     now = now_iso()
     for artifact in artifacts:
         if artifact["deleted_at"] is not None:
-            raise Gone(f"Artifact {artifact['artifact_name']} of run {artifact['run_id']} was "
-                       f"deleted at {artifact['deleted_at']}")
+            raise Gone(
+                f"Artifact {artifact['artifact_name']} of run {artifact['run_id']} was "
+                f"deleted at {artifact['deleted_at']}"
+            )
         if artifact["expires_at"] <= now:
-            raise Gone(f"Artifact {artifact['artifact_name']} of run {artifact['run_id']} "
-                       f"expired at {artifact['expires_at']}")
+            raise Gone(
+                f"Artifact {artifact['artifact_name']} of run {artifact['run_id']} "
+                f"expired at {artifact['expires_at']}"
+            )
 
 
 async def hold(request: Request, artifacts: list[dict[str, Any]]) -> HeldFiles:
@@ -81,8 +85,10 @@ async def hold(request: Request, artifacts: list[dict[str, Any]]) -> HeldFiles:
             raise NotFound(f"{what} is missing from storage ({path})") from None
         raise NotFound(f"{what} cannot be sent: {exc}") from None
     except OSError as exc:
-        raise ServiceUnavailable(f"Cannot open the files to send: {exc.strerror} ({exc.filename}); "
-                                 "check the storage directory (--storage), then retry") from None
+        raise ServiceUnavailable(
+            f"Cannot open the files to send: {exc.strerror} ({exc.filename}); "
+            "check the storage directory (--storage), then retry"
+        ) from None
 
 
 async def release(files: HeldFiles) -> None:
@@ -97,8 +103,11 @@ async def count_download(db: Database, key: Literal["id", "run_id"], value: str)
     One bound value, however many artifacts: a run can have more than SQLite
     accepts parameters in one statement.
     """
-    await db.execute("UPDATE extract_artifacts SET download_count = download_count + 1, "
-                     f"accessed_at = :now WHERE {key} = :value", {"now": now_iso(), "value": value})
+    await db.execute(
+        "UPDATE extract_artifacts SET download_count = download_count + 1, "
+        f"accessed_at = :now WHERE {key} = :value",
+        {"now": now_iso(), "value": value},
+    )
 
 
 def counted(request: Request, requested: tuple[int, int] | None) -> bool:
@@ -130,7 +139,8 @@ async def download_artifact(request: Request) -> Response:
     st = request.app.state.extracts
     artifact = await st.db.fetch_one(
         f"SELECT {', '.join(ARTIFACT_FIELDS)} FROM extract_artifacts WHERE id = :id",
-        {"id": request.path_params["id"]})
+        {"id": request.path_params["id"]},
+    )
     if artifact is None:
         raise NotFound(f"Artifact {request.path_params['id']} not found")
     artifact = dict(artifact._mapping)
@@ -144,8 +154,12 @@ async def download_artifact(request: Request) -> Response:
             await count_download(st.db, "id", artifact["id"])
         headers = {
             "Content-Disposition": content_disposition(artifact["artifact_name"]),
-            "Content-Length": str(end - start), "ETag": etag, "X-Checksum-SHA256": artifact["checksum"],
-            "Accept-Ranges": "bytes", "Last-Modified": formatdate(files.modified(0), usegmt=True)}
+            "Content-Length": str(end - start),
+            "ETag": etag,
+            "X-Checksum-SHA256": artifact["checksum"],
+            "Accept-Ranges": "bytes",
+            "Last-Modified": formatdate(files.modified(0), usegmt=True),
+        }
         if requested is not None:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         status = 206 if requested is not None else 200
@@ -153,8 +167,9 @@ async def download_artifact(request: Request) -> Response:
             await release(files)
             return Response(status_code=status, headers=headers, media_type=artifact["content_type"])
         body = file_chunks(files, artifact["storage_path"], start, end)
-        return HeldResponse(body, files, status_code=status, headers=headers,
-                            media_type=artifact["content_type"])
+        return HeldResponse(
+            body, files, status_code=status, headers=headers, media_type=artifact["content_type"]
+        )
     except BaseException:
         await release(files)
         raise
@@ -182,26 +197,41 @@ async def file_chunks(files: HeldFiles, path: str, start: int, end: int) -> Asyn
 
 async def download_run(request: Request) -> Response:
     st = request.app.state.extracts
-    run = await st.db.fetch_one(f"SELECT {', '.join(RUN_FIELDS)} FROM extract_runs WHERE id = :id",
-                                {"id": request.path_params["id"]})
+    run = await st.db.fetch_one(
+        f"SELECT {', '.join(RUN_FIELDS)} FROM extract_runs WHERE id = :id", {"id": request.path_params["id"]}
+    )
     if run is None:
         raise NotFound(f"Run {request.path_params['id']} not found")
     compression = query_param(request, "compression", "stored")
     if compression not in ("stored", "deflate"):
-        raise ValidationFailed("compression must be 'stored' (the default) or 'deflate'", [
-            {"field": "compression", "message": "compression must be 'stored' or 'deflate'"}])
+        raise ValidationFailed(
+            "compression must be 'stored' (the default) or 'deflate'",
+            [{"field": "compression", "message": "compression must be 'stored' or 'deflate'"}],
+        )
     if run["status"] != "completed":
-        raise Conflict(f"Run {run['id']} is {run['status']}; only a completed run downloads as a "
-                       "ZIP (its files download one by one from /api/extracts/artifacts/<id>/download)")
+        raise Conflict(
+            f"Run {run['id']} is {run['status']}; only a completed run downloads as a "
+            "ZIP (its files download one by one from /api/extracts/artifacts/<id>/download)"
+        )
     rows = await st.db.fetch_all(
         f"SELECT {', '.join(ARTIFACT_FIELDS)}, crc32 FROM extract_artifacts "
-        "WHERE run_id = :id ORDER BY rowid", {"id": run["id"]})
+        "WHERE run_id = :id ORDER BY rowid",
+        {"id": run["id"]},
+    )
     artifacts = [dict(r._mapping) for r in rows]
     if not artifacts:
         raise Gone(f"Run {run['id']} has no artifacts left")
     check_not_gone(artifacts)
-    entries = [ZipEntry(a["artifact_name"], a["storage_path"], a["size_bytes"], a["crc32"],
-                        parse_iso(a["created_at"]).timetuple()[:6]) for a in artifacts]
+    entries = [
+        ZipEntry(
+            a["artifact_name"],
+            a["storage_path"],
+            a["size_bytes"],
+            a["crc32"],
+            parse_iso(a["created_at"]).timetuple()[:6],
+        )
+        for a in artifacts
+    ]
     filename = download_base_name(run["extract_name"], run["created_at"], run["id"]) + ".zip"
     headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
     if compression == "deflate":  # of unknown length: no Range (the whole archive, always)
@@ -282,16 +312,18 @@ def parse_range(header: str, size: int, what: str = "file") -> tuple[int, int] |
     unsatisfiable = {"Content-Range": f"bytes */{size}"}
     if not first:  # the last N bytes
         if _number(last) == 0:
-            raise RangeNotSatisfiable(f"The range asks for the last 0 bytes of the {size}-byte {what}",
-                                      headers=unsatisfiable)
+            raise RangeNotSatisfiable(
+                f"The range asks for the last 0 bytes of the {size}-byte {what}", headers=unsatisfiable
+            )
         # An empty body has no byte to name in a Content-Range: it is sent whole.
         return (max(size - _number(last), 0), size) if size else None
     if last and _less(last, first):
         return None
     start = _number(first)
     if start >= size:
-        raise RangeNotSatisfiable(f"The range starts at or past the end of the {size}-byte {what}",
-                                  headers=unsatisfiable)
+        raise RangeNotSatisfiable(
+            f"The range starts at or past the end of the {size}-byte {what}", headers=unsatisfiable
+        )
     return start, min(_number(last) + 1, size) if last else size
 
 

@@ -31,8 +31,9 @@ class ApiError(Exception):
     status = 400
     code = "BAD_REQUEST"
 
-    def __init__(self, message: str, details: list[dict[str, str]] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, details: list[dict[str, str]] | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
@@ -98,8 +99,7 @@ class ServiceUnavailable(ApiError):
 
 
 def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(content), status_code=status, headers=headers,
-                    media_type="application/json")
+    return Response(orjson.dumps(content), status_code=status, headers=headers, media_type="application/json")
 
 
 def ok(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -121,16 +121,21 @@ async def api_error_handler(request: Request, exc: Exception) -> Response:
 async def source_error_handler(request: Request, exc: Exception) -> Response:
     """The source went away (file removed, server down): 503, the service itself is fine."""
     reason = blank(str(exc), source_secrets(request.app.state.extracts.settings.source))
-    return error_response(ServiceUnavailable(f"The source database cannot be read: {reason}; "
-                                             "retry when it is back", headers={"Retry-After": "5"}))
+    return error_response(
+        ServiceUnavailable(
+            f"The source database cannot be read: {reason}; retry when it is back",
+            headers={"Retry-After": "5"},
+        )
+    )
 
 
 async def http_exception_handler(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405 (unknown route, wrong method) in the envelope."""
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return error_response(MethodNotAllowed(
-            f"{request.method} is not allowed on {request.url.path}", headers=exc.headers))
+        return error_response(
+            MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}", headers=exc.headers)
+        )
     if exc.status_code == 404:
         return error_response(NotFound(f"No route {request.method} {request.url.path}"))
     return error_response(ApiError(str(exc.detail)))
@@ -165,13 +170,22 @@ class CatchAll:
                 raise
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                 log.warning("state file locked: %s %s", scope["method"], scope["path"])
-                response = error_response(ServiceUnavailable(
-                    "The service's state file is busy; retry in a few seconds",
-                    headers={"Retry-After": "2"}))
+                response = error_response(
+                    ServiceUnavailable(
+                        "The service's state file is busy; retry in a few seconds",
+                        headers={"Retry-After": "2"},
+                    )
+                )
             else:
                 log.exception("unhandled error: %s %s", scope["method"], scope["path"])
-                response = json_response({"success": False, "error": "Internal error; see the "
-                                          "service log", "error_code": "INTERNAL_ERROR"}, 500)
+                response = json_response(
+                    {
+                        "success": False,
+                        "error": "Internal error; see the service log",
+                        "error_code": "INTERNAL_ERROR",
+                    },
+                    500,
+                )
             await response(scope, receive, send)
 
 
@@ -199,9 +213,12 @@ class BearerAuth:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         problem = bearer_problem(scope.get("headers", []), self.token)
         if problem is not None:
-            response = error_response(Unauthorized(
-                f"{problem}; send one header Authorization: Bearer <token>",
-                headers={"WWW-Authenticate": 'Bearer realm="extracts"'}))
+            response = error_response(
+                Unauthorized(
+                    f"{problem}; send one header Authorization: Bearer <token>",
+                    headers={"WWW-Authenticate": 'Bearer realm="extracts"'},
+                )
+            )
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -224,11 +241,15 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     content_type = "".join(content_types).split(";")[0].strip().lower()
     if content_type != "application/json" and not content_type.endswith("+json"):
         raise UnsupportedMediaType(
-            f"Send the body as JSON with Content-Type: application/json (got {content_type or 'none'})")
+            f"Send the body as JSON with Content-Type: application/json (got {content_type or 'none'})"
+        )
     # uvicorn's h11 has checked Content-Length; still, no int() of thousands of digits here.
     declared = request.headers.get("content-length", "").lstrip("0")
-    if declared.isascii() and declared.isdigit() and (
-            len(declared) > len(str(MAX_BODY_BYTES)) or int(declared) > MAX_BODY_BYTES):
+    if (
+        declared.isascii()
+        and declared.isdigit()
+        and (len(declared) > len(str(MAX_BODY_BYTES)) or int(declared) > MAX_BODY_BYTES)
+    ):
         raise PayloadTooLarge(f"The body is over {MAX_BODY_BYTES} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():

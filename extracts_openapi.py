@@ -18,8 +18,10 @@ import anyio
 from executor.filters import MAX_LIST, MAX_OPERANDS
 
 ERROR_CODES = {
-    "400": ("Invalid request: bad field values or filter (VALIDATION_ERROR, with details), or a "
-            "body that is not a JSON object (BAD_REQUEST)"),
+    "400": (
+        "Invalid request: bad field values or filter (VALIDATION_ERROR, with details), or a "
+        "body that is not a JSON object (BAD_REQUEST)"
+    ),
     "401": "Missing or wrong bearer token (UNAUTHORIZED)",
     "404": "No such record, route or file (RECORD_NOT_FOUND)",
     "405": "Method not allowed on this route (METHOD_NOT_ALLOWED)",
@@ -39,104 +41,183 @@ ERROR = {
     "properties": {
         "success": {"const": False},
         "error": {"type": "string"},
-        "error_code": {"type": "string", "enum": [
-            "VALIDATION_ERROR", "BAD_REQUEST", "UNAUTHORIZED", "RECORD_NOT_FOUND",
-            "METHOD_NOT_ALLOWED", "CONFLICT", "GONE", "PAYLOAD_TOO_LARGE",
-            "UNSUPPORTED_MEDIA_TYPE", "RANGE_NOT_SATISFIABLE", "INTERNAL_ERROR",
-            "SERVICE_UNAVAILABLE"]},
-        "details": {"type": "array", "items": {
-            "type": "object", "required": ["field", "message"],
-            "properties": {"field": {"type": "string"}, "message": {"type": "string"}}}},
+        "error_code": {
+            "type": "string",
+            "enum": [
+                "VALIDATION_ERROR",
+                "BAD_REQUEST",
+                "UNAUTHORIZED",
+                "RECORD_NOT_FOUND",
+                "METHOD_NOT_ALLOWED",
+                "CONFLICT",
+                "GONE",
+                "PAYLOAD_TOO_LARGE",
+                "UNSUPPORTED_MEDIA_TYPE",
+                "RANGE_NOT_SATISFIABLE",
+                "INTERNAL_ERROR",
+                "SERVICE_UNAVAILABLE",
+            ],
+        },
+        "details": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["field", "message"],
+                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
     },
 }
 PROGRESS_DETAIL = {
     "type": "object",
     "properties": {
-        "phase": {"type": "string", "enum": ["queued", "exporting_describe", "exported_describe",
-                                             "exporting_data", "writing_manifest", "completed",
-                                             "failed", "cancelled"]},
-        "schemas_total": {"type": "integer"}, "schemas_completed": {"type": "integer"},
-        "current_schema": {"type": ["string", "null"]}, "records_exported": {"type": "integer"},
+        "phase": {
+            "type": "string",
+            "enum": [
+                "queued",
+                "exporting_describe",
+                "exported_describe",
+                "exporting_data",
+                "writing_manifest",
+                "completed",
+                "failed",
+                "cancelled",
+            ],
+        },
+        "schemas_total": {"type": "integer"},
+        "schemas_completed": {"type": "integer"},
+        "current_schema": {"type": ["string", "null"]},
+        "records_exported": {"type": "integer"},
         "records_total": {"type": "integer"},
     },
 }
 RUN = {
     "type": "object",
     "properties": {
-        "id": {"type": "string"}, "extract_id": {"type": "string"},
+        "id": {"type": "string"},
+        "extract_id": {"type": "string"},
         "extract_name": {"type": "string"},
-        "status": {"type": "string", "enum": ["pending", "queued", "running", "completed",
-                                              "failed", "cancelled"]},
+        "status": {
+            "type": "string",
+            "enum": ["pending", "queued", "running", "completed", "failed", "cancelled"],
+        },
         "progress": {"type": "integer", "minimum": 0, "maximum": 100},
         "progress_detail": PROGRESS_DETAIL,
-        "started_at": TIMESTAMP, "completed_at": TIMESTAMP,
+        "started_at": TIMESTAMP,
+        "completed_at": TIMESTAMP,
         "duration_seconds": {"type": ["number", "null"]},
-        "records_exported": {"type": "integer"}, "schemas_exported": {"type": "integer"},
-        "artifacts_created": {"type": "integer"}, "total_size_bytes": {"type": "integer"},
-        "error": {"type": ["string", "null"]}, "error_detail": {"type": ["object", "null"]},
+        "records_exported": {"type": "integer"},
+        "schemas_exported": {"type": "integer"},
+        "artifacts_created": {"type": "integer"},
+        "total_size_bytes": {"type": "integer"},
+        "error": {"type": ["string", "null"]},
+        "error_detail": {"type": ["object", "null"]},
         "triggered_by": {"type": "string", "enum": ["manual", "schedule", "api"]},
         "config_snapshot": {"type": "object"},
-        "created_at": TIMESTAMP, "updated_at": TIMESTAMP,
+        "created_at": TIMESTAMP,
+        "updated_at": TIMESTAMP,
     },
 }
 ARTIFACT = {
     "type": "object",
     "properties": {
-        "id": {"type": "string"}, "run_id": {"type": "string"}, "extract_id": {"type": "string"},
-        "artifact_type": {"type": "string"}, "artifact_name": {"type": "string"},
-        "schema_name": {"type": ["string", "null"]}, "part": {"type": ["integer", "null"]},
-        "storage_path": {"type": "string"}, "storage_backend": {"type": "string", "enum": ["local"]},
-        "format": {"type": "string"}, "content_type": {"type": "string"},
-        "size_bytes": {"type": "integer"}, "records": {"type": ["integer", "null"]},
+        "id": {"type": "string"},
+        "run_id": {"type": "string"},
+        "extract_id": {"type": "string"},
+        "artifact_type": {"type": "string"},
+        "artifact_name": {"type": "string"},
+        "schema_name": {"type": ["string", "null"]},
+        "part": {"type": ["integer", "null"]},
+        "storage_path": {"type": "string"},
+        "storage_backend": {"type": "string", "enum": ["local"]},
+        "format": {"type": "string"},
+        "content_type": {"type": "string"},
+        "size_bytes": {"type": "integer"},
+        "records": {"type": ["integer", "null"]},
         "checksum": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-        "is_primary": {"type": "boolean"}, "created_at": TIMESTAMP, "expires_at": TIMESTAMP,
-        "accessed_at": TIMESTAMP, "download_count": {"type": "integer"}, "deleted_at": TIMESTAMP,
+        "is_primary": {"type": "boolean"},
+        "created_at": TIMESTAMP,
+        "expires_at": TIMESTAMP,
+        "accessed_at": TIMESTAMP,
+        "download_count": {"type": "integer"},
+        "deleted_at": TIMESTAMP,
     },
 }
 DESCRIBE_ENTRY = {
     "type": "object",
     "required": ["name", "type", "columns", "primary_key", "foreign_keys", "indexes", "row_count"],
     "properties": {
-        "name": {"type": "string"}, "type": {"type": "string", "enum": ["table", "view"]},
-        "columns": {"type": "object"}, "primary_key": {"type": "array"},
-        "foreign_keys": {"type": "array"}, "indexes": {"type": "array"},
+        "name": {"type": "string"},
+        "type": {"type": "string", "enum": ["table", "view"]},
+        "columns": {"type": "object"},
+        "primary_key": {"type": "array"},
+        "foreign_keys": {"type": "array"},
+        "indexes": {"type": "array"},
         "row_count": {"type": ["integer", "null"]},
     },
 }
 SCHEMA_SUMMARY = {
-    "type": "object", "required": ["name", "type", "columns", "row_count"],
-    "properties": {"name": {"type": "string"}, "type": {"type": "string", "enum": ["table", "view"]},
-                   "columns": {"type": "integer"}, "row_count": {"type": ["integer", "null"]}},
+    "type": "object",
+    "required": ["name", "type", "columns", "row_count"],
+    "properties": {
+        "name": {"type": "string"},
+        "type": {"type": "string", "enum": ["table", "view"]},
+        "columns": {"type": "integer"},
+        "row_count": {"type": ["integer", "null"]},
+    },
 }
 ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 RANGE_HEADERS = [  # RFC 9110 sections 14.1-14.2, as extracts_downloads.parse_range reads them
-    {"name": "Range", "in": "header", "schema": {"type": "string"},
-     "description": "One range, bytes=<first>-[<last>] or bytes=-<suffix length>, on GET: 206 with "
-                    "Content-Range. 416 when it starts at or past the end (or asks for the last 0 "
-                    "bytes). Ignored, and the whole body sent (200), when it is not valid bytes= "
-                    "syntax (a last before its first included), when it holds more than one range "
-                    "(no multipart/byteranges), when it is sent twice, and on HEAD"},
-    {"name": "If-Range", "in": "header", "schema": {"type": "string"},
-     "description": "The ETag of the first response: the range is served only while it matches "
-                    "(strong comparison; a date or a second If-Range never matches: 200, whole)"},
+    {
+        "name": "Range",
+        "in": "header",
+        "schema": {"type": "string"},
+        "description": "One range, bytes=<first>-[<last>] or bytes=-<suffix length>, on GET: 206 with "
+        "Content-Range. 416 when it starts at or past the end (or asks for the last 0 "
+        "bytes). Ignored, and the whole body sent (200), when it is not valid bytes= "
+        "syntax (a last before its first included), when it holds more than one range "
+        "(no multipart/byteranges), when it is sent twice, and on HEAD",
+    },
+    {
+        "name": "If-Range",
+        "in": "header",
+        "schema": {"type": "string"},
+        "description": "The ETag of the first response: the range is served only while it matches "
+        "(strong comparison; a date or a second If-Range never matches: 200, whole)",
+    },
 ]
 SCALAR = {"type": ["string", "number", "boolean"]}
 LIST_OPERAND = {"type": "array", "minItems": 1, "maxItems": MAX_LIST, "items": SCALAR}
 # One column's condition in a filter's "where" (SPEC: Extract configurations, Filters).
-CONDITION = {"anyOf": [
-    {"type": ["string", "number", "boolean", "null"]},
-    {"type": "object", "minProperties": 1, "additionalProperties": False, "properties": {
-        "$eq": {"type": ["string", "number", "boolean", "null"]},
-        "$ne": {"type": ["string", "number", "boolean", "null"]},
-        "$gt": SCALAR, "$gte": SCALAR, "$lt": SCALAR, "$lte": SCALAR,
-        "$in": LIST_OPERAND, "$nin": LIST_OPERAND, "$like": {"type": "string"},
-        "$null": {"type": "boolean"}}},
-]}
+CONDITION = {
+    "anyOf": [
+        {"type": ["string", "number", "boolean", "null"]},
+        {
+            "type": "object",
+            "minProperties": 1,
+            "additionalProperties": False,
+            "properties": {
+                "$eq": {"type": ["string", "number", "boolean", "null"]},
+                "$ne": {"type": ["string", "number", "boolean", "null"]},
+                "$gt": SCALAR,
+                "$gte": SCALAR,
+                "$lt": SCALAR,
+                "$lte": SCALAR,
+                "$in": LIST_OPERAND,
+                "$nin": LIST_OPERAND,
+                "$like": {"type": "string"},
+                "$null": {"type": "boolean"},
+            },
+        },
+    ]
+}
 CONDITION_REF = {"$ref": "#/components/schemas/Condition"}
-FILTER_RULES = (f"At most {MAX_LIST} values in one $in or $nin, and {MAX_OPERANDS} values in all in "
-                "one schema's where. A filter may name only schemas the extract exports: on POST, "
-                "those in `schemas` when it is given; on PUT, those in `schemas` as sent or, when "
-                "not sent, as stored.")
+FILTER_RULES = (
+    f"At most {MAX_LIST} values in one $in or $nin, and {MAX_OPERANDS} values in all in "
+    "one schema's where. A filter may name only schemas the extract exports: on POST, "
+    "those in `schemas` when it is given; on PUT, those in `schemas` as sent or, when "
+    "not sent, as stored."
+)
 MAX_OFFSET = 2**63 - 1
 
 
@@ -145,15 +226,31 @@ def list_parameters(fields: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     to the schema of its ``filter[where]`` value."""
     orders = [f"{f}{d}" for f in fields for d in ("", " asc", " desc")]
     return [
-        {"name": "filter[order]", "in": "query", "schema": {"type": "string", "enum": orders},
-         "description": "'<field> asc' or '<field> desc'; default newest first"},
-        {"name": "filter[limit]", "in": "query",
-         "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
-        {"name": "filter[offset]", "in": "query",
-         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET}},
-        *({"name": f"filter[where][{f}]", "in": "query", "schema": schema,
-           "description": f"{f} equals this value ('null': {f} is null); give each parameter once"}
-          for f, schema in fields.items()),
+        {
+            "name": "filter[order]",
+            "in": "query",
+            "schema": {"type": "string", "enum": orders},
+            "description": "'<field> asc' or '<field> desc'; default newest first",
+        },
+        {
+            "name": "filter[limit]",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+        },
+        {
+            "name": "filter[offset]",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
+        },
+        *(
+            {
+                "name": f"filter[where][{f}]",
+                "in": "query",
+                "schema": schema,
+                "description": f"{f} equals this value ('null': {f} is null); give each parameter once",
+            }
+            for f, schema in fields.items()
+        ),
     ]
 
 
@@ -162,43 +259,74 @@ def catalog_schemas(catalog: dict[str, list[str]] | None) -> dict[str, dict[str,
     if not catalog:
         return {}
     names = sorted(catalog)
-    where = {name: {"type": "object", "additionalProperties": False,
-                    "properties": dict.fromkeys(columns, CONDITION_REF)}
-             for name, columns in catalog.items()}
+    where = {
+        name: {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": dict.fromkeys(columns, CONDITION_REF),
+        }
+        for name, columns in catalog.items()
+    }
     return {
-        "schemas": {"type": ["array", "null"], "minItems": 1, "uniqueItems": True,
-                    "items": {"type": "string", "enum": names}},
-        "filter": {"type": ["object", "null"], "minProperties": 1, "additionalProperties": False,
-                   "description": FILTER_RULES,
-                   "properties": {name: {"type": "object", "required": ["where"],
-                                         "additionalProperties": False,
-                                         "properties": {"where": where[name]}}
-                                  for name in names}},
+        "schemas": {
+            "type": ["array", "null"],
+            "minItems": 1,
+            "uniqueItems": True,
+            "items": {"type": "string", "enum": names},
+        },
+        "filter": {
+            "type": ["object", "null"],
+            "minProperties": 1,
+            "additionalProperties": False,
+            "description": FILTER_RULES,
+            "properties": {
+                name: {
+                    "type": "object",
+                    "required": ["where"],
+                    "additionalProperties": False,
+                    "properties": {"where": where[name]},
+                }
+                for name in names
+            },
+        },
     }
 
 
 def envelope(data: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "required": ["success", "data"],
-            "properties": {"success": {"const": True}, "data": data}}
+    return {
+        "type": "object",
+        "required": ["success", "data"],
+        "properties": {"success": {"const": True}, "data": data},
+    }
 
 
 def json_content(schema: dict[str, Any]) -> dict[str, Any]:
     return {"application/json": {"schema": schema}}
 
 
-def operation(summary: str, ok_status: str, ok_schema: dict[str, Any] | None, errors: list[str],
-              parameters: list[dict[str, Any]] | None = None, body: dict[str, Any] | None = None,
-              ok_content: dict[str, Any] | None = None, secured: bool = True,
-              partial: dict[str, Any] | None = None,
-              ok_headers: dict[str, Any] | None = None) -> dict[str, Any]:
-    responses: dict[str, Any] = {ok_status: {
-        "description": summary,
-        "content": ok_content if ok_content is not None else json_content(envelope(ok_schema or {}))}}
+def operation(
+    summary: str,
+    ok_status: str,
+    ok_schema: dict[str, Any] | None,
+    errors: list[str],
+    parameters: list[dict[str, Any]] | None = None,
+    body: dict[str, Any] | None = None,
+    ok_content: dict[str, Any] | None = None,
+    secured: bool = True,
+    partial: dict[str, Any] | None = None,
+    ok_headers: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        ok_status: {
+            "description": summary,
+            "content": ok_content if ok_content is not None else json_content(envelope(ok_schema or {})),
+        }
+    }
     if ok_headers:
         responses[ok_status]["headers"] = ok_headers
     if partial is not None:  # a slice of the file: not parseable as its content type says
         responses["206"] = {"description": f"The requested byte range, as one of: {', '.join(partial)}"}
-    for status in ([*errors, "401", "500", "503"] if secured else errors):
+    for status in [*errors, "401", "500", "503"] if secured else errors:
         responses[status] = {"description": ERROR_CODES[status], "content": json_content(ERROR)}
     op: dict[str, Any] = {"summary": summary, "responses": responses}
     if parameters:
@@ -215,8 +343,11 @@ def strict(schema: dict[str, Any]) -> dict[str, Any]:
     return {**schema, "required": list(schema["properties"]), "additionalProperties": False}
 
 
-def openapi_document(fields: tuple[Any, ...], lists: dict[str, dict[str, dict[str, Any]]] | None = None,
-                     catalog: dict[str, list[str]] | None = None) -> dict[str, Any]:
+def openapi_document(
+    fields: tuple[Any, ...],
+    lists: dict[str, dict[str, dict[str, Any]]] | None = None,
+    catalog: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
     """The OpenAPI 3.1 document.
 
     ``fields`` is extracts_app.EXTRACT_FIELDS; ``lists`` maps each record list
@@ -232,98 +363,219 @@ def openapi_document(fields: tuple[Any, ...], lists: dict[str, dict[str, dict[st
     # The rule that a filter names only exported schemas spans two fields: JSON Schema can say
     # it only as one anyOf per schema of the source, from which schemathesis cannot generate
     # past three schemas. FILTER_RULES says it in words.
-    create_body = {"type": "object", "additionalProperties": False,
-                   "required": [f.name for f in fields if f.required], "properties": body_props,
-                   # schedule_enabled needs a schedule (the current one, on PUT)
-                   "if": {"required": ["schedule_enabled"],
-                          "properties": {"schedule_enabled": {"const": True}}},
-                   "then": {"required": ["schedule"], "properties": {"schedule": {"type": "string"}}}}
+    create_body = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": [f.name for f in fields if f.required],
+        "properties": body_props,
+        # schedule_enabled needs a schedule (the current one, on PUT)
+        "if": {"required": ["schedule_enabled"], "properties": {"schedule_enabled": {"const": True}}},
+        "then": {"required": ["schedule"], "properties": {"schedule": {"type": "string"}}},
+    }
     update_body = {"type": "object", "additionalProperties": False, "properties": body_props}
     # What the service stores was valid when saved, by the rules of the day: responses are not
     # held to today's patterns and lengths.
-    stored_props = {name: {k: v for k, v in schema.items() if k not in ("pattern", "maxLength")}
-                    for name, schema in config_props.items()}
-    extract = strict({"type": "object", "properties": {
-        "id": {"type": "string"}, **stored_props, "created_at": TIMESTAMP, "updated_at": TIMESTAMP,
-        "deleted_at": TIMESTAMP, "last_run_id": {"type": ["string", "null"]},
-        "last_run_status": {"type": ["string", "null"]}, "last_run_at": TIMESTAMP,
-        "total_runs": {"type": "integer"}, "successful_runs": {"type": "integer"},
-        "failed_runs": {"type": "integer"}, "cancelled_runs": {"type": "integer"},
-        "next_run_at": TIMESTAMP}})
+    stored_props = {
+        name: {k: v for k, v in schema.items() if k not in ("pattern", "maxLength")}
+        for name, schema in config_props.items()
+    }
+    extract = strict(
+        {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"},
+                **stored_props,
+                "created_at": TIMESTAMP,
+                "updated_at": TIMESTAMP,
+                "deleted_at": TIMESTAMP,
+                "last_run_id": {"type": ["string", "null"]},
+                "last_run_status": {"type": ["string", "null"]},
+                "last_run_at": TIMESTAMP,
+                "total_runs": {"type": "integer"},
+                "successful_runs": {"type": "integer"},
+                "failed_runs": {"type": "integer"},
+                "cancelled_runs": {"type": "integer"},
+                "next_run_at": TIMESTAMP,
+            },
+        }
+    )
     body_errors = ["400", "413", "415"]
     binary: dict[str, Any] = {"schema": {}}  # any bytes: a manifest.json is JSON, a .gz is not
-    file_content = dict.fromkeys((
-        "application/yaml", "application/x-ndjson", "application/json", "application/gzip",
-        "application/x-tar"), binary)
+    file_content = dict.fromkeys(
+        (
+            "application/yaml",
+            "application/x-ndjson",
+            "application/json",
+            "application/gzip",
+            "application/x-tar",
+        ),
+        binary,
+    )
     zip_content = {"application/zip": binary}
     paths = {
-        "/health": {"get": operation("Liveness", "200", None, [], secured=False, ok_content=json_content(
-            {"type": "object", "properties": {"status": {"const": "ok"}}}))},
-        "/openapi.json": {"get": operation(
-            "This document; with a valid bearer token it also lists the source's schemas and columns",
-            "200", None, [], secured=False,
-                                           ok_content=json_content({"type": "object"}))},
+        "/health": {
+            "get": operation(
+                "Liveness",
+                "200",
+                None,
+                [],
+                secured=False,
+                ok_content=json_content({"type": "object", "properties": {"status": {"const": "ok"}}}),
+            )
+        },
+        "/openapi.json": {
+            "get": operation(
+                "This document; with a valid bearer token it also lists the source's schemas and columns",
+                "200",
+                None,
+                [],
+                secured=False,
+                ok_content=json_content({"type": "object"}),
+            )
+        },
         "/api/data/extracts": {
-            "get": operation("List extracts", "200", {"type": "array", "items": extract}, ["400"],
-                             list_parameters(lists.get("extracts", ()))),
-            "post": operation("Create an extract", "201", extract, [*body_errors, "503"],
-                              body=create_body),
+            "get": operation(
+                "List extracts",
+                "200",
+                {"type": "array", "items": extract},
+                ["400"],
+                list_parameters(lists.get("extracts", ())),
+            ),
+            "post": operation("Create an extract", "201", extract, [*body_errors, "503"], body=create_body),
         },
         "/api/data/extracts/{id}": {
             "get": operation("Get an extract", "200", extract, ["404"], [ID]),
-            "put": operation("Update an extract (only the fields sent change)", "200", extract,
-                             [*body_errors, "404", "503"], [ID], body=update_body),
+            "put": operation(
+                "Update an extract (only the fields sent change)",
+                "200",
+                extract,
+                [*body_errors, "404", "503"],
+                [ID],
+                body=update_body,
+            ),
             "delete": operation("Soft-delete an extract", "200", extract, ["404", "409"], [ID]),
         },
-        "/api/data/extract_runs": {"get": operation(
-            "List runs", "200", {"type": "array", "items": strict(RUN)}, ["400"],
-            list_parameters(lists.get("extract_runs", ())))},
+        "/api/data/extract_runs": {
+            "get": operation(
+                "List runs",
+                "200",
+                {"type": "array", "items": strict(RUN)},
+                ["400"],
+                list_parameters(lists.get("extract_runs", ())),
+            )
+        },
         "/api/data/extract_runs/{id}": {
             "get": operation("Get a run (status, progress)", "200", strict(RUN), ["404"], [ID]),
             "delete": operation("Delete a run's files", "200", strict(RUN), ["404", "409"], [ID]),
         },
-        "/api/data/extract_artifacts": {"get": operation(
-            "List artifacts", "200", {"type": "array", "items": strict(ARTIFACT)}, ["400"],
-            list_parameters(lists.get("extract_artifacts", ())))},
+        "/api/data/extract_artifacts": {
+            "get": operation(
+                "List artifacts",
+                "200",
+                {"type": "array", "items": strict(ARTIFACT)},
+                ["400"],
+                list_parameters(lists.get("extract_artifacts", ())),
+            )
+        },
         "/api/data/extract_artifacts/{id}": {
-            "get": operation("Get an artifact", "200", strict(ARTIFACT), ["404"], [ID])},
-        "/api/extracts/{id}/run": {"post": operation(
-            "Queue a run", "202", {"type": "object", "required": ["run_id", "message", "status_url"],
-                                   "properties": {"run_id": {"type": "string"},
-                                                  "message": {"type": "string"},
-                                                  "status_url": {"type": "string"}}},
-            ["404", "409"], [ID],
-            ok_headers={"Location": {"required": True, "schema": {"type": "string"},
-                                     "description": "the status_url"}})},
-        "/api/extracts/{id}/cancel": {"post": operation(
-            "Cancel the extract's active run", "200",
-            {"type": "object", "required": ["message", "run_id"],
-             "properties": {"message": {"type": "string"}, "run_id": {"type": "string"}}},
-            ["404"], [ID])},
-        "/api/extracts/runs/{id}/download": {"get": operation(
-            "Download a completed run as a ZIP (Range/If-Range supported when stored)", "200", None,
-            ["400", "404", "409", "410", "416"],
-            [ID, {"name": "compression", "in": "query",
-                  "schema": {"type": "string", "enum": ["stored", "deflate"], "default": "stored"}},
-             *RANGE_HEADERS],
-            ok_content=zip_content, partial=zip_content)},
-        "/api/extracts/artifacts/{id}/download": {"get": operation(
-            "Download one artifact (Range supported)", "200", None, ["404", "410", "416"],
-            [ID, *RANGE_HEADERS],
-            ok_content=file_content, partial=file_content)},
-        "/api/describe": {"get": operation(
-            "List the source's tables and views", "200", {"type": "array", "items": SCHEMA_SUMMARY},
-            ["503"])},
-        "/api/describe/{schema}": {"get": operation(
-            "Describe one table or view", "200", DESCRIBE_ENTRY, ["404", "503"],
-            [{"name": "schema", "in": "path", "required": True, "schema": {"type": "string"}}])},
+            "get": operation("Get an artifact", "200", strict(ARTIFACT), ["404"], [ID])
+        },
+        "/api/extracts/{id}/run": {
+            "post": operation(
+                "Queue a run",
+                "202",
+                {
+                    "type": "object",
+                    "required": ["run_id", "message", "status_url"],
+                    "properties": {
+                        "run_id": {"type": "string"},
+                        "message": {"type": "string"},
+                        "status_url": {"type": "string"},
+                    },
+                },
+                ["404", "409"],
+                [ID],
+                ok_headers={
+                    "Location": {
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "description": "the status_url",
+                    }
+                },
+            )
+        },
+        "/api/extracts/{id}/cancel": {
+            "post": operation(
+                "Cancel the extract's active run",
+                "200",
+                {
+                    "type": "object",
+                    "required": ["message", "run_id"],
+                    "properties": {"message": {"type": "string"}, "run_id": {"type": "string"}},
+                },
+                ["404"],
+                [ID],
+            )
+        },
+        "/api/extracts/runs/{id}/download": {
+            "get": operation(
+                "Download a completed run as a ZIP (Range/If-Range supported when stored)",
+                "200",
+                None,
+                ["400", "404", "409", "410", "416"],
+                [
+                    ID,
+                    {
+                        "name": "compression",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": ["stored", "deflate"], "default": "stored"},
+                    },
+                    *RANGE_HEADERS,
+                ],
+                ok_content=zip_content,
+                partial=zip_content,
+            )
+        },
+        "/api/extracts/artifacts/{id}/download": {
+            "get": operation(
+                "Download one artifact (Range supported)",
+                "200",
+                None,
+                ["404", "410", "416"],
+                [ID, *RANGE_HEADERS],
+                ok_content=file_content,
+                partial=file_content,
+            )
+        },
+        "/api/describe": {
+            "get": operation(
+                "List the source's tables and views",
+                "200",
+                {"type": "array", "items": SCHEMA_SUMMARY},
+                ["503"],
+            )
+        },
+        "/api/describe/{schema}": {
+            "get": operation(
+                "Describe one table or view",
+                "200",
+                DESCRIBE_ENTRY,
+                ["404", "503"],
+                [{"name": "schema", "in": "path", "required": True, "schema": {"type": "string"}}],
+            )
+        },
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Extracts", "version": "0.1.0",
-                 "description": "Export a database into downloadable, checksummed files."},
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-                       "schemas": {"Condition": CONDITION}},
+        "info": {
+            "title": "Extracts",
+            "version": "0.1.0",
+            "description": "Export a database into downloadable, checksummed files.",
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Condition": CONDITION},
+        },
         "security": [{"bearer": []}],
         "paths": paths,
     }
@@ -348,9 +600,12 @@ class DocumentCache:
     CATALOG_TTL_S, and dropped sooner when validation reads a catalog that differs.
     """
 
-    def __init__(self, build: Callable[[dict[str, list[str]] | None], bytes],
-                 read_catalog: Callable[[], dict[str, list[str]] | None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        build: Callable[[dict[str, list[str]] | None], bytes],
+        read_catalog: Callable[[], dict[str, list[str]] | None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._build = build
         self._read_catalog = read_catalog
         self.clock = clock
@@ -367,6 +622,7 @@ class DocumentCache:
         async with self._lock:
             kept = self._kept
             if kept is None or self.clock() >= kept.expires:
+
                 def load() -> tuple[dict[str, list[str]] | None, bytes]:
                     catalog = self._read_catalog()
                     return catalog, self._build(catalog)

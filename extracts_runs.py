@@ -61,13 +61,27 @@ log = logging.getLogger("extracts.runs")
 
 INTERRUPTED = "interrupted: the service stopped while this run was running"
 DRAIN_TIMEOUT_S = 20.0  # past the state file's busy timeout: one locked write is waited out
-SNAPSHOT_FIELDS = ("format", "include", "schemas", "filter", "compress", "split_files",
-                   "split_max_records", "retention_days")
+SNAPSHOT_FIELDS = (
+    "format",
+    "include",
+    "schemas",
+    "filter",
+    "compress",
+    "split_files",
+    "split_max_records",
+    "retention_days",
+)
 
 
 def queued_detail() -> dict[str, Any]:
-    return {"phase": "queued", "schemas_total": 0, "schemas_completed": 0, "current_schema": None,
-            "records_exported": 0, "records_total": 0}
+    return {
+        "phase": "queued",
+        "schemas_total": 0,
+        "schemas_completed": 0,
+        "current_schema": None,
+        "records_exported": 0,
+        "records_total": 0,
+    }
 
 
 def manager_initializer(service_pid: int) -> None:
@@ -97,8 +111,9 @@ def worker_initializer(service_pid: int | None = None, queue: Any = None, cancel
 
         keep_channel(queue, cancelled)
     if service_pid is not None:
-        threading.Thread(target=_exit_with, args=(service_pid,), daemon=True,
-                         name="extracts-exit-with-service").start()
+        threading.Thread(
+            target=_exit_with, args=(service_pid,), daemon=True, name="extracts-exit-with-service"
+        ).start()
 
 
 def _exit_with(service_pid: int) -> None:
@@ -150,8 +165,8 @@ class RunManager:
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._pool_processes: dict[int, Any] = {}
         self._generation = 0
-        self._inflight: dict[str, int] = {}      # run id -> pool generation
-        self._pids: dict[str, int] = {}          # run id -> worker pid ("started" message)
+        self._inflight: dict[str, int] = {}  # run id -> pool generation
+        self._pids: dict[str, int] = {}  # run id -> worker pid ("started" message)
         self._jobs: dict[str, dict[str, Any]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
@@ -168,13 +183,16 @@ class RunManager:
         await self.recover()
         await asyncio.to_thread(self._start_processes)
         loop = asyncio.get_running_loop()
-        self._reader = threading.Thread(target=self._read_queue, args=(loop,), daemon=True,
-                                        name="extracts-progress-reader")
+        self._reader = threading.Thread(
+            target=self._read_queue, args=(loop,), daemon=True, name="extracts-progress-reader"
+        )
         self._reader.start()
         self._consumer = asyncio.create_task(self._consume())
         self._dispatcher = asyncio.create_task(self._dispatch())
-        self._clocks = [asyncio.create_task(self._sweep_forever()),
-                        asyncio.create_task(self._schedule_forever())]
+        self._clocks = [
+            asyncio.create_task(self._sweep_forever()),
+            asyncio.create_task(self._schedule_forever()),
+        ]
         self._wake.set()
 
     def _start_processes(self) -> None:
@@ -187,8 +205,11 @@ class RunManager:
     def _new_pool(self) -> None:
         self._generation += 1
         self._pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=self.settings.workers, mp_context=self._context,
-            initializer=worker_initializer, initargs=(os.getpid(), self._queue, self._cancelled))
+            max_workers=self.settings.workers,
+            mp_context=self._context,
+            initializer=worker_initializer,
+            initargs=(os.getpid(), self._queue, self._cancelled),
+        )
         self._pool_processes = self._pool._processes  # read after a break: who died, and how
 
     async def recover(self) -> None:
@@ -199,9 +220,13 @@ class RunManager:
             "UPDATE extract_runs SET status = 'failed', error = :error, completed_at = :now, "
             "updated_at = :now, progress_detail = json_set(progress_detail, '$.phase', 'failed'), "
             "duration_seconds = round((julianday(:now) - julianday(started_at)) * 86400, 3) "
-            "WHERE status = 'running'", {"error": INTERRUPTED, "now": now})
-        await self.db.execute("UPDATE extract_runs SET status = 'queued', updated_at = :now "
-                              "WHERE status = 'pending'", {"now": now})
+            "WHERE status = 'running'",
+            {"error": INTERRUPTED, "now": now},
+        )
+        await self.db.execute(
+            "UPDATE extract_runs SET status = 'queued', updated_at = :now WHERE status = 'pending'",
+            {"now": now},
+        )
         for row in interrupted:  # half-written files (dot-names) of the runs cut short
             await asyncio.to_thread(self._remove_temporary_files, self.run_dir(row["id"]))
 
@@ -235,8 +260,9 @@ class RunManager:
         for run_id in in_flight:  # cancelled, failed or completed meanwhile: only their temp files go
             await asyncio.to_thread(self._remove_temporary_files, self.run_dir(run_id))
         if requeued:
-            log.info("%d active run(s) put back in the queue: they run again at the next start",
-                     len(requeued))
+            log.info(
+                "%d active run(s) put back in the queue: they run again at the next start", len(requeued)
+            )
         await asyncio.to_thread(self._stop_manager)
 
     async def _drain(self, timeout: float = DRAIN_TIMEOUT_S) -> None:
@@ -282,14 +308,24 @@ class RunManager:
         completed, failed or was cancelled meanwhile keeps everything.
         """
         values = {"detail": dumps(queued_detail()), "now": now_iso()}
-        requeue = ("UPDATE extract_runs SET status = 'queued', progress = 0, progress_detail = :detail, "
-                   "started_at = NULL, updated_at = :now WHERE status = 'running'")
+        requeue = (
+            "UPDATE extract_runs SET status = 'queued', progress = 0, progress_detail = :detail, "
+            "started_at = NULL, updated_at = :now WHERE status = 'running'"
+        )
         async with self.db.transaction():
             if run_ids is None:
                 rows = await self.db.fetch_all(requeue + " RETURNING id", values)
             else:
-                rows = [row for run_id in run_ids if (row := await self.db.fetch_one(
-                    requeue + " AND id = :id RETURNING id", values | {"id": run_id})) is not None]
+                rows = [
+                    row
+                    for run_id in run_ids
+                    if (
+                        row := await self.db.fetch_one(
+                            requeue + " AND id = :id RETURNING id", values | {"id": run_id}
+                        )
+                    )
+                    is not None
+                ]
             won = [row["id"] for row in rows]
             for run_id in won:
                 await self.db.execute("DELETE FROM extract_artifacts WHERE run_id = :id", {"id": run_id})
@@ -312,8 +348,15 @@ class RunManager:
                 f"SELECT :id, id, name, 'queued', 0, :detail, :by, :snapshot, {SQL_NOW}, {SQL_NOW} "
                 "FROM extracts WHERE id = :extract AND deleted_at IS NULL AND enabled = 1 "
                 "RETURNING id",
-                {"id": run_id, "detail": dumps(queued_detail()), "by": triggered_by.value,
-                 "snapshot": dumps(snapshot), "extract": extract["id"], **SQL_NOW_PARAMS})
+                {
+                    "id": run_id,
+                    "detail": dumps(queued_detail()),
+                    "by": triggered_by.value,
+                    "snapshot": dumps(snapshot),
+                    "extract": extract["id"],
+                    **SQL_NOW_PARAMS,
+                },
+            )
         except sqlite3.IntegrityError as exc:
             if "UNIQUE" not in str(exc):
                 raise
@@ -330,7 +373,8 @@ class RunManager:
             "progress_detail = json_set(progress_detail, '$.phase', 'cancelled'), "
             "duration_seconds = round((julianday(:now) - julianday(started_at)) * 86400, 3) "
             f"WHERE extract_id = :extract AND status IN {ACTIVE_STATUSES} RETURNING id",
-            {"now": now, "extract": extract_id})
+            {"now": now, "extract": extract_id},
+        )
         if row is None:
             return None
         run_id = row["id"]
@@ -348,14 +392,16 @@ class RunManager:
         Raises OSError when the files cannot be removed (say, read-only storage):
         the rows must not claim files gone that are still there.
         """
+
         def remove() -> None:
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(self.run_dir(run_id))
 
         await asyncio.to_thread(remove)
-        await self.db.execute("UPDATE extract_artifacts SET deleted_at = :now "
-                              "WHERE run_id = :id AND deleted_at IS NULL",
-                              {"now": now_iso(), "id": run_id})
+        await self.db.execute(
+            "UPDATE extract_artifacts SET deleted_at = :now WHERE run_id = :id AND deleted_at IS NULL",
+            {"now": now_iso(), "id": run_id},
+        )
 
     def run_dir(self, run_id: str) -> Path:
         return self.settings.storage / run_id
@@ -391,14 +437,19 @@ class RunManager:
             "WHERE id = (SELECT id FROM extract_runs WHERE status = 'queued' "
             "ORDER BY created_at, rowid LIMIT 1) AND status = 'queued' "
             "RETURNING id, extract_id, extract_name, config_snapshot, created_at",
-            {"now": now})
+            {"now": now},
+        )
         if row is None:
             return False
         run = dict(row._mapping)
         job = {
-            "run_id": run["id"], "extract_id": run["extract_id"], "extract_name": run["extract_name"],
-            "source": self.settings.source, "run_dir": str(self.run_dir(run["id"])),
-            "min_free_bytes": self.settings.min_free_mb << 20, "created_at": run["created_at"],
+            "run_id": run["id"],
+            "extract_id": run["extract_id"],
+            "extract_name": run["extract_name"],
+            "source": self.settings.source,
+            "run_dir": str(self.run_dir(run["id"])),
+            "min_free_bytes": self.settings.min_free_mb << 20,
+            "created_at": run["created_at"],
             "config": orjson.loads(run["config_snapshot"]),
         }
         self._jobs[run["id"]] = job
@@ -414,6 +465,7 @@ class RunManager:
             await self._requeue([run["id"]])
             await self._replace_pool(self._generation)
             return False
+
         def done(f: concurrent.futures.Future[Any], run_id: str = run["id"]) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
                 loop.call_soon_threadsafe(self._future_done, run_id, f)
@@ -431,8 +483,11 @@ class RunManager:
             if generation == self._generation:
                 asyncio.create_task(self._replace_pool(generation))
             return
-        result = {"status": "failed", "error": f"the worker could not run this extract: {exc}",
-                  "error_detail": {"type": type(exc).__name__, "message": str(exc), "traceback": ""}}
+        result = {
+            "status": "failed",
+            "error": f"the worker could not run this extract: {exc}",
+            "error_detail": {"type": type(exc).__name__, "message": str(exc), "traceback": ""},
+        }
         # Behind everything the worker put on the queue.
         asyncio.create_task(asyncio.to_thread(self._queue.put, ("result", run_id, result)))
 
@@ -450,8 +505,9 @@ class RunManager:
 
         exitcodes = await asyncio.to_thread(reap)
         log.warning("worker pool broken (exit codes %s); replaced", exitcodes)
-        await asyncio.to_thread(self._queue.put, ("broken", None, {"generation": generation,
-                                                                   "exitcodes": exitcodes}))
+        await asyncio.to_thread(
+            self._queue.put, ("broken", None, {"generation": generation, "exitcodes": exitcodes})
+        )
 
     # ------------------------------------------------------------ the consumer: applies messages in order
 
@@ -466,8 +522,13 @@ class RunManager:
             loop.call_soon_threadsafe(self._messages.put_nowait, message)
 
     async def _consume(self) -> None:
-        handlers = {"started": self._on_started, "progress": self._on_progress,
-                    "artifact": self._on_artifact, "result": self._finish, "broken": self._on_broken}
+        handlers = {
+            "started": self._on_started,
+            "progress": self._on_progress,
+            "artifact": self._on_artifact,
+            "result": self._finish,
+            "broken": self._on_broken,
+        }
         while True:
             kind, run_id, payload = await self._messages.get()
             if kind == "drained":
@@ -475,8 +536,9 @@ class RunManager:
                 continue
             await self._apply(handlers[kind], kind, run_id, payload)
 
-    async def _apply(self, handler: Callable[[Any, Any], Any], kind: str, run_id: str | None,
-                     payload: Any) -> None:
+    async def _apply(
+        self, handler: Callable[[Any, Any], Any], kind: str, run_id: str | None, payload: Any
+    ) -> None:
         """Apply one message; a state file locked by another process is waited out, not skipped.
 
         Skipping would lose an artifact row, or leave the run 'running' forever when
@@ -504,8 +566,13 @@ class RunManager:
         await self.db.execute(
             "UPDATE extract_runs SET progress = max(progress, min(:progress, 99)), "
             "progress_detail = :detail, updated_at = :now WHERE id = :id AND status = 'running'",
-            {"progress": int(payload["progress"]), "detail": dumps(payload["progress_detail"]),
-             "now": now_iso(), "id": run_id})
+            {
+                "progress": int(payload["progress"]),
+                "detail": dumps(payload["progress_detail"]),
+                "now": now_iso(),
+                "id": run_id,
+            },
+        )
 
     async def _on_artifact(self, run_id: str, artifact: dict[str, Any]) -> None:
         job = self._jobs.get(run_id)
@@ -515,22 +582,31 @@ class RunManager:
         # One id per message, kept in it: applied again after a locked write (_apply), the
         # message inserts nothing more, while another file of the same name still conflicts.
         values = {
-            "id": artifact.setdefault("id", new_id("artifact")), "run_id": run_id,
+            "id": artifact.setdefault("id", new_id("artifact")),
+            "run_id": run_id,
             "extract_id": job["extract_id"],
-            "artifact_type": artifact["artifact_type"], "artifact_name": artifact["artifact_name"],
-            "schema_name": artifact.get("schema_name"), "part": artifact.get("part"),
+            "artifact_type": artifact["artifact_type"],
+            "artifact_name": artifact["artifact_name"],
+            "schema_name": artifact.get("schema_name"),
+            "part": artifact.get("part"),
             "storage_path": str(Path(job["run_dir"], artifact["artifact_name"])),
-            "format": artifact["format"], "content_type": artifact["content_type"],
-            "size_bytes": artifact["size_bytes"], "records": artifact.get("records"),
-            "checksum": artifact["checksum"], "crc32": artifact["crc32"],
-            "is_primary": int(bool(artifact.get("is_primary"))), "created_at": now,
+            "format": artifact["format"],
+            "content_type": artifact["content_type"],
+            "size_bytes": artifact["size_bytes"],
+            "records": artifact.get("records"),
+            "checksum": artifact["checksum"],
+            "crc32": artifact["crc32"],
+            "is_primary": int(bool(artifact.get("is_primary"))),
+            "created_at": now,
             "expires_at": plus_days(now, job["config"]["retention_days"]),
         }
         columns = ", ".join(values)
         try:
-            await self.db.execute(f"INSERT INTO extract_artifacts ({columns}) VALUES "
-                                  f"({', '.join(':' + c for c in values)}) ON CONFLICT (id) DO NOTHING",
-                                  values)
+            await self.db.execute(
+                f"INSERT INTO extract_artifacts ({columns}) VALUES "
+                f"({', '.join(':' + c for c in values)}) ON CONFLICT (id) DO NOTHING",
+                values,
+            )
         except sqlite3.IntegrityError as exc:
             if "UNIQUE" not in str(exc):
                 raise
@@ -542,8 +618,10 @@ class RunManager:
         The schema refuses the row (SPEC: Artifacts), so the manifest and the ZIP
         would miss a file: the run must not end completed.
         """
-        error = (f"The run wrote a second file named {name} (letter case aside), which was not "
-                 "recorded; the run was stopped. Report this as a bug in the file naming")
+        error = (
+            f"The run wrote a second file named {name} (letter case aside), which was not "
+            "recorded; the run was stopped. Report this as a bug in the file naming"
+        )
         now = now_iso()
         await self.db.execute(
             "UPDATE extract_runs SET status = 'failed', error = :error, error_detail = :detail, "
@@ -551,8 +629,20 @@ class RunManager:
             "progress_detail = json_set(progress_detail, '$.phase', 'failed'), "
             "duration_seconds = round((julianday(:now) - julianday(started_at)) * 86400, 3) "
             "WHERE id = :id AND status = 'running'",
-            {"error": error, "now": now, "id": run_id, "detail": dumps(
-                {"type": "DuplicateArtifactName", "message": error, "traceback": "", "artifact_name": name})})
+            {
+                "error": error,
+                "now": now,
+                "id": run_id,
+                "detail": dumps(
+                    {
+                        "type": "DuplicateArtifactName",
+                        "message": error,
+                        "traceback": "",
+                        "artifact_name": name,
+                    }
+                ),
+            },
+        )
         log.error("run %s: %s", run_id, error)
         if run_id in self._inflight:  # the worker stops; its result leaves the run failed
             await asyncio.to_thread(self._cancelled.__setitem__, run_id, True)
@@ -568,16 +658,31 @@ class RunManager:
                 continue
             code = exitcodes.get(pid)
             if code is not None and code != -signal.SIGTERM:
-                error = (f"the worker process running this extract died ({signal_name(code)}), "
-                         "possibly out of memory; the pool was restarted: run it again")
+                error = (
+                    f"the worker process running this extract died ({signal_name(code)}), "
+                    "possibly out of memory; the pool was restarted: run it again"
+                )
             else:
-                error = ("stopped because another run's worker process died and the pool was "
-                         "restarted: run it again")
+                error = (
+                    "stopped because another run's worker process died and the pool was "
+                    "restarted: run it again"
+                )
             # The dead workers' half-written files; what they finished stays (SPEC: faults).
             await asyncio.to_thread(self._remove_temporary_files, self.run_dir(run_id))
-            await self._finish(run_id, {"status": "failed", "error": error, "error_detail": {
-                "type": "BrokenProcessPool", "message": error, "traceback": "",
-                "worker_pid": pid, "exit_codes": {str(k): v for k, v in exitcodes.items()}}})
+            await self._finish(
+                run_id,
+                {
+                    "status": "failed",
+                    "error": error,
+                    "error_detail": {
+                        "type": "BrokenProcessPool",
+                        "message": error,
+                        "traceback": "",
+                        "worker_pid": pid,
+                        "exit_codes": {str(k): v for k, v in exitcodes.items()},
+                    },
+                },
+            )
         self._wake.set()
 
     def _forget(self, run_id: str) -> None:
@@ -594,13 +699,18 @@ class RunManager:
         if status not in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED):
             status = RunStatus.FAILED.value
         now = now_iso()
-        counts = {"records": result.get("records_exported", 0), "schemas": result.get("schemas_exported", 0),
-                  "id": run_id}
+        counts = {
+            "records": result.get("records_exported", 0),
+            "schemas": result.get("schemas_exported", 0),
+            "id": run_id,
+        }
         await self.db.execute(
             "UPDATE extract_runs SET records_exported = :records, schemas_exported = :schemas, "
             "artifacts_created = (SELECT count(*) FROM extract_artifacts WHERE run_id = :id), "
             "total_size_bytes = (SELECT coalesce(sum(size_bytes), 0) FROM extract_artifacts "
-            "WHERE run_id = :id) WHERE id = :id", counts)
+            "WHERE run_id = :id) WHERE id = :id",
+            counts,
+        )
         detail_patch = {"phase": status}
         if status == RunStatus.COMPLETED:
             detail_patch.update(records_exported=counts["records"])
@@ -611,8 +721,15 @@ class RunManager:
             "error_detail = :error_detail, "
             "duration_seconds = round((julianday(:now) - julianday(started_at)) * 86400, 3) "
             "WHERE id = :id AND status = 'running'",
-            {"status": status, "now": now, "patch": dumps(detail_patch), "error": result.get("error"),
-             "error_detail": dumps(result.get("error_detail")), "id": run_id})
+            {
+                "status": status,
+                "now": now,
+                "patch": dumps(detail_patch),
+                "error": result.get("error"),
+                "error_detail": dumps(result.get("error_detail")),
+                "id": run_id,
+            },
+        )
         self._forget(run_id)  # last: a retry after a locked write must still find the run
         self._wake.set()
 
@@ -631,11 +748,14 @@ class RunManager:
         now = iso(self.clock())
         rows = await self.db.fetch_all(
             "SELECT id, run_id, storage_path FROM extract_artifacts "
-            "WHERE deleted_at IS NULL AND expires_at <= :now", {"now": now})
+            "WHERE deleted_at IS NULL AND expires_at <= :now",
+            {"now": now},
+        )
         for row in rows:
             await asyncio.to_thread(self._remove_file, Path(row["storage_path"]))
-            await self.db.execute("UPDATE extract_artifacts SET deleted_at = :now WHERE id = :id",
-                                  {"now": now, "id": row["id"]})
+            await self.db.execute(
+                "UPDATE extract_artifacts SET deleted_at = :now WHERE id = :id", {"now": now, "id": row["id"]}
+            )
         await asyncio.to_thread(self._remove_empty_run_dirs)
         return len(rows)
 
@@ -668,7 +788,8 @@ class RunManager:
         rows = await self.db.fetch_all(
             "SELECT * FROM extracts WHERE schedule_enabled = 1 AND enabled = 1 AND "
             "deleted_at IS NULL AND next_run_at IS NOT NULL AND next_run_at <= :now",
-            {"now": iso(now)})
+            {"now": iso(now)},
+        )
         started = []
         for row in rows:
             extract = to_record(row)
@@ -679,6 +800,8 @@ class RunManager:
                 started.append(run_id)
             # None (no longer scheduled) for a schedule saved before it would have been refused.
             following = await asyncio.to_thread(next_due, extract["schedule"], now)
-            await self.db.execute("UPDATE extracts SET next_run_at = :next WHERE id = :id",
-                                  {"next": following, "id": extract["id"]})
+            await self.db.execute(
+                "UPDATE extracts SET next_run_at = :next WHERE id = :id",
+                {"next": following, "id": extract["id"]},
+            )
         return started

@@ -89,25 +89,52 @@ class FieldType(str, Enum):
     NUMBER = "number"
     BOOLEAN = "boolean"
     TIMESTAMP = "timestamp"  # ISO 8601 text, as iso() writes it
-    JSON = "json"            # not filterable
+    JSON = "json"  # not filterable
 
 
 _T = FieldType
 # The fields of a run record and of an artifact record, in order, with their types.
 RUN_FIELDS = {
-    "id": _T.TEXT, "extract_id": _T.TEXT, "extract_name": _T.TEXT, "status": _T.TEXT,
-    "progress": _T.INTEGER, "progress_detail": _T.JSON, "started_at": _T.TIMESTAMP,
-    "completed_at": _T.TIMESTAMP, "duration_seconds": _T.NUMBER, "records_exported": _T.INTEGER,
-    "schemas_exported": _T.INTEGER, "artifacts_created": _T.INTEGER, "total_size_bytes": _T.INTEGER,
-    "error": _T.TEXT, "error_detail": _T.JSON, "triggered_by": _T.TEXT, "config_snapshot": _T.JSON,
-    "created_at": _T.TIMESTAMP, "updated_at": _T.TIMESTAMP,
+    "id": _T.TEXT,
+    "extract_id": _T.TEXT,
+    "extract_name": _T.TEXT,
+    "status": _T.TEXT,
+    "progress": _T.INTEGER,
+    "progress_detail": _T.JSON,
+    "started_at": _T.TIMESTAMP,
+    "completed_at": _T.TIMESTAMP,
+    "duration_seconds": _T.NUMBER,
+    "records_exported": _T.INTEGER,
+    "schemas_exported": _T.INTEGER,
+    "artifacts_created": _T.INTEGER,
+    "total_size_bytes": _T.INTEGER,
+    "error": _T.TEXT,
+    "error_detail": _T.JSON,
+    "triggered_by": _T.TEXT,
+    "config_snapshot": _T.JSON,
+    "created_at": _T.TIMESTAMP,
+    "updated_at": _T.TIMESTAMP,
 }
 ARTIFACT_FIELDS = {
-    "id": _T.TEXT, "run_id": _T.TEXT, "extract_id": _T.TEXT, "artifact_type": _T.TEXT,
-    "artifact_name": _T.TEXT, "schema_name": _T.TEXT, "part": _T.INTEGER, "storage_path": _T.TEXT,
-    "storage_backend": _T.TEXT, "format": _T.TEXT, "content_type": _T.TEXT, "size_bytes": _T.INTEGER,
-    "records": _T.INTEGER, "checksum": _T.TEXT, "is_primary": _T.BOOLEAN, "created_at": _T.TIMESTAMP,
-    "expires_at": _T.TIMESTAMP, "accessed_at": _T.TIMESTAMP, "download_count": _T.INTEGER,
+    "id": _T.TEXT,
+    "run_id": _T.TEXT,
+    "extract_id": _T.TEXT,
+    "artifact_type": _T.TEXT,
+    "artifact_name": _T.TEXT,
+    "schema_name": _T.TEXT,
+    "part": _T.INTEGER,
+    "storage_path": _T.TEXT,
+    "storage_backend": _T.TEXT,
+    "format": _T.TEXT,
+    "content_type": _T.TEXT,
+    "size_bytes": _T.INTEGER,
+    "records": _T.INTEGER,
+    "checksum": _T.TEXT,
+    "is_primary": _T.BOOLEAN,
+    "created_at": _T.TIMESTAMP,
+    "expires_at": _T.TIMESTAMP,
+    "accessed_at": _T.TIMESTAMP,
+    "download_count": _T.INTEGER,
     "deleted_at": _T.TIMESTAMP,
 }
 
@@ -147,8 +174,10 @@ class StateConnection(sqlite3.Connection):
 
 def schema_sql() -> str:
     """schema.sql beside this module (source checkout) or in the installed data dir."""
-    for candidate in (Path(__file__).with_name("schema.sql"),
-                      Path(sys.prefix, "share", "extracts", "schema.sql")):
+    for candidate in (
+        Path(__file__).with_name("schema.sql"),
+        Path(sys.prefix, "share", "extracts", "schema.sql"),
+    ):
         if candidate.is_file():
             return candidate.read_text()
     raise FileNotFoundError("schema.sql not found beside extracts_state.py nor in share/extracts")
@@ -163,7 +192,8 @@ def prepare_state_file(path: Path) -> None:
         version = con.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
-                f"the state file has schema version {version}, newer than this service's {SCHEMA_VERSION}")
+                f"the state file has schema version {version}, newer than this service's {SCHEMA_VERSION}"
+            )
         migrate(con, version)
         con.executescript(schema_sql())
         con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -200,11 +230,14 @@ def _rename_artifacts_equal_ignoring_case(con: sqlite3.Connection) -> None:
     that is free. Only the recorded name changes, which is the name in the
     run's ZIP; the file stays where it is (``storage_path``).
     """
-    runs = con.execute("SELECT DISTINCT run_id FROM extract_artifacts "
-                       "GROUP BY run_id, artifact_name COLLATE NOCASE HAVING count(*) > 1").fetchall()
+    runs = con.execute(
+        "SELECT DISTINCT run_id FROM extract_artifacts "
+        "GROUP BY run_id, artifact_name COLLATE NOCASE HAVING count(*) > 1"
+    ).fetchall()
     for (run_id,) in runs:
-        rows = con.execute("SELECT rowid, artifact_name FROM extract_artifacts WHERE run_id = ? "
-                           "ORDER BY rowid", (run_id,)).fetchall()
+        rows = con.execute(
+            "SELECT rowid, artifact_name FROM extract_artifacts WHERE run_id = ? ORDER BY rowid", (run_id,)
+        ).fetchall()
         taken = {name.translate(_NOCASE) for _, name in rows}
         kept: set[str] = set()
         for rowid, name in rows:

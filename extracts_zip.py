@@ -301,8 +301,9 @@ class StoredZip:
                 pos = stop
             stop = min(end, data_offset + entry.size)
             if pos < stop:
-                yield from _read(files.read, index, entry, pos - data_offset, stop - data_offset, buf,
-                                 chunk_size)
+                yield from _read(
+                    files.read, index, entry, pos - data_offset, stop - data_offset, buf, chunk_size
+                )
                 pos = stop
             index += 1
         if pos < end:

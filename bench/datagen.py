@@ -25,11 +25,38 @@ GENERATOR_VERSION = 1
 
 # Unicode of several scripts, emoji (4-byte UTF-8), and characters JSON must escape.
 WORDS = [
-    "Zoë", "José", "Łukasz", "Ærøskøbing", "naïve café", "李小龙", "Ἀθηνᾶ", "Москва",
-    "🚀 launch", "Ünïcödé", "straße", "日本語テキスト", "Crème brûlée", "señor", "Ωmega",
-    'tab\tand "quotes"', "back\\slash", "emoji 🎉🎈", "plain ascii", "Åsa-Märta", "İstanbul",
-    "Дмитрий", "عربى", "עברית", "हिन्दी", "ελληνικά", "中文字符", "한국어", "Ñandú", "Øre",
-    "façade", "Zürich",
+    "Zoë",
+    "José",
+    "Łukasz",
+    "Ærøskøbing",
+    "naïve café",
+    "李小龙",
+    "Ἀθηνᾶ",
+    "Москва",
+    "🚀 launch",
+    "Ünïcödé",
+    "straße",
+    "日本語テキスト",
+    "Crème brûlée",
+    "señor",
+    "Ωmega",
+    'tab\tand "quotes"',
+    "back\\slash",
+    "emoji 🎉🎈",
+    "plain ascii",
+    "Åsa-Märta",
+    "İstanbul",
+    "Дмитрий",
+    "عربى",
+    "עברית",
+    "हिन्दी",
+    "ελληνικά",
+    "中文字符",
+    "한국어",
+    "Ñandú",
+    "Øre",
+    "façade",
+    "Zürich",
 ]
 COUNTRIES = ["DE", "FR", "JP", "BR", "IN", "US", "PL", "GR", "IL", "KR", "ES", "CN"]
 
@@ -118,8 +145,10 @@ def ensure_source(workdir: Path, rows: int, big_rows: int, seed: int) -> tuple[P
         con.execute(EVENTS_SQL.format(name="events"))
         con.execute("INSERT INTO events " + EVENTS_ROWS.format(w=len(WORDS)), {"n": rows, "s": seed})
         con.execute(ACCOUNTS_SQL)
-        con.execute("INSERT INTO accounts " + ACCOUNTS_ROWS.format(w=len(WORDS), c=len(COUNTRIES)),
-                    {"n": rows // 2, "s": seed})
+        con.execute(
+            "INSERT INTO accounts " + ACCOUNTS_ROWS.format(w=len(WORDS), c=len(COUNTRIES)),
+            {"n": rows // 2, "s": seed},
+        )
         if big_rows:
             con.execute(EVENTS_SQL.format(name="events_big"))
             for block in range(-(-big_rows // rows)):
@@ -127,7 +156,8 @@ def ensure_source(workdir: Path, rows: int, big_rows: int, seed: int) -> tuple[P
                     "INSERT INTO events_big SELECT id + :k * :n, (account_id + :k * 7919) % 100000 + 1, "
                     "amount + :k, ratio, title, note, created_at, updated_at FROM events "
                     "WHERE id <= :big - :k * :n ORDER BY id",
-                    {"k": block, "n": rows, "big": big_rows})
+                    {"k": block, "n": rows, "big": big_rows},
+                )
         con.execute("COMMIT")
     finally:
         con.close()

@@ -119,8 +119,10 @@ def mark(met: bool | None) -> str:
 
 
 def export_table(results: Results) -> str:
-    lines = ["| case | contender | rows | median wall s (runs) | rows/s | output MB | ratio | target | |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    lines = [
+        "| case | contender | rows | median wall s (runs) | rows/s | output MB | ratio | target | |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
     for e in results.exports:
         if not e.times:
             continue
@@ -128,9 +130,11 @@ def export_table(results: Results) -> str:
         ratio_text = "—" if ratio is None else f"{ratio:.2f}× {e.reference.contender}"  # type: ignore[union-attr]
         runs = ", ".join(f"{t:.2f}" for t in e.times) if len(e.times) <= 5 else f"{len(e.times)} runs"
         target = f"≤ {e.target:.1f}" if e.target else ""
-        lines.append(f"| {e.case} | {e.contender} | {e.rows:,} | **{e.seconds:.2f}** ({runs}) | "
-                     f"{e.rows / e.seconds:,.0f} | {e.size / 1e6:,.1f} | {ratio_text} | {target} | "
-                     f"{mark(e.met)} |")
+        lines.append(
+            f"| {e.case} | {e.contender} | {e.rows:,} | **{e.seconds:.2f}** ({runs}) | "
+            f"{e.rows / e.seconds:,.0f} | {e.size / 1e6:,.1f} | {ratio_text} | {target} | "
+            f"{mark(e.met)} |"
+        )
     return "\n".join(lines)
 
 
@@ -207,8 +211,9 @@ class Bench:
             self.columns[table] = verify.table_columns(self.source, table)
         return self.columns[table]
 
-    def check_file(self, path: Path, fmt: str, table: str, max_id: int | None = None,
-                   content: str | None = None) -> bool:
+    def check_file(
+        self, path: Path, fmt: str, table: str, max_id: int | None = None, content: str | None = None
+    ) -> bool:
         """Queue a data file for checking against the source, unless its rows are checked or queued.
 
         Files are known by the SHA-256 of the JSON lines they hold
@@ -239,7 +244,8 @@ class Bench:
                     if got != want:
                         raise verify.Mismatch(
                             f"{path.name}: {got.rows:,} rows, digest {got.sha256[:16]}…; the source "
-                            f"{table} has {want.rows:,} rows, digest {want.sha256[:16]}…")
+                            f"{table} has {want.rows:,} rows, digest {want.sha256[:16]}…"
+                        )
                     self.verified.add(key)
             self.pending.clear()
         for path in self.kept_outputs:
@@ -251,8 +257,9 @@ class Bench:
     def timed_command(self, command: str, output: Path) -> float:
         """Wall time of a shell command whose stdout goes to ``output``."""
         started = time.perf_counter()
-        subprocess.run(["bash", "-o", "pipefail", "-c", f"{command} > {shlex.quote(str(output))}"],
-                       check=True)
+        subprocess.run(
+            ["bash", "-o", "pipefail", "-c", f"{command} > {shlex.quote(str(output))}"], check=True
+        )
         return time.perf_counter() - started
 
     def sqlite3_json(self, table: str, max_id: int | None = None) -> str:
@@ -266,8 +273,9 @@ class Bench:
         say(f"source: {o.rows:,} rows" + (f" + {o.big_rows:,}-row table" if o.big_rows else ""))
         self.source, seconds = datagen.ensure_source(o.workdir, o.rows, o.big_rows, o.seed)
         if seconds:
-            self.results.notes.append(f"Generated the source ({self.source.stat().st_size / 1e6:,.0f} MB) "
-                                      f"in {seconds:.1f} s.")
+            self.results.notes.append(
+                f"Generated the source ({self.source.stat().st_size / 1e6:,.0f} MB) in {seconds:.1f} s."
+            )
             say(f"generated {self.source} in {seconds:.1f} s")
         datagen.warm_cache(self.source)
         say("reading the source's digests")
@@ -294,8 +302,10 @@ class Bench:
     def warm_up(self) -> None:
         """Two small runs at once: the pool starts its worker processes now, not in a timed run."""
         small = {"filter": {"accounts": {"where": {"id": {"$lte": 1000}}}}}
-        extracts = [self.svc.create_extract(f"warm-up {i}", ["accounts"], "jsonl", False, **small)
-                    for i in range(self.o.workers)]
+        extracts = [
+            self.svc.create_extract(f"warm-up {i}", ["accounts"], "jsonl", False, **small)
+            for i in range(self.o.workers)
+        ]
         runs = [self.svc.start_run(e) for e in extracts]
         for run in runs:
             self.svc.wait(run)
@@ -321,12 +331,14 @@ class Bench:
             self.svc.delete_run(run)
             self.idle_run = run
         worst = max(to_running)
-        self.results.check("6 start",
-                           f"POST run → `running`, worker free (median / max of {len(to_running)})",
-                           f"{median(to_running) * 1000:.0f} / {worst * 1000:.0f} ms", "< 200 ms",
-                           worst < 0.2)
-        self.results.check("6 start", "POST run answered (202), median",
-                           f"{median(to_answer) * 1000:.0f} ms")
+        self.results.check(
+            "6 start",
+            f"POST run → `running`, worker free (median / max of {len(to_running)})",
+            f"{median(to_running) * 1000:.0f} / {worst * 1000:.0f} ms",
+            "< 200 ms",
+            worst < 0.2,
+        )
+        self.results.check("6 start", "POST run answered (202), median", f"{median(to_answer) * 1000:.0f} ms")
 
     # ------------------------------------------------------------ parts 1 and 2: exports
 
@@ -336,13 +348,15 @@ class Bench:
         run = self.svc.start_run(extract)
         record = self.svc.wait(run)
         row.times.append(time.perf_counter() - started)
-        artifacts = {a["schema_name"]: a for a in self.svc.artifacts(run)
-                     if a["artifact_type"].startswith("data-")}
+        artifacts = {
+            a["schema_name"]: a for a in self.svc.artifacts(run) if a["artifact_type"].startswith("data-")
+        }
         row.size = sum(a["size_bytes"] for a in artifacts.values())
         expected_rows = sum(self.digest(table, max_id).rows for table, _, max_id in checks)
         if record["records_exported"] != expected_rows:
-            raise verify.Mismatch(f"run {run} exported {record['records_exported']:,} records, "
-                                  f"expected {expected_rows:,}")
+            raise verify.Mismatch(
+                f"run {run} exported {record['records_exported']:,} records, expected {expected_rows:,}"
+            )
         keep = False
         for table, fmt, max_id in checks:
             artifact = artifacts[table]
@@ -375,8 +389,10 @@ class Bench:
                     self.kept_outputs.append(output)
                     continue
             elif (lines := verify.count_lines(output)) != self.digest(table, max_id).rows:
-                raise verify.Mismatch(f"{row.contender} wrote {lines:,} lines for "
-                                      f"{self.digest(table, max_id).rows:,} rows of {table}")
+                raise verify.Mismatch(
+                    f"{row.contender} wrote {lines:,} lines for "
+                    f"{self.digest(table, max_id).rows:,} rows of {table}"
+                )
             output.unlink()
 
     def exports(self) -> None:
@@ -405,12 +421,12 @@ class Bench:
         svc_gz = r.export(gz, "extracts service, compress", n, reference=ref_gz, target=EXPORT_RATIO_TARGET)
         svc_json = r.export("json, 1 table", "extracts service", n, reference=ref, target=EXPORT_RATIO_TARGET)
         ref_yaml = r.export(yaml_case, "`sqlite3 -json`", yaml_rows) if yaml_max_id else ref
-        svc_yaml = r.export(yaml_case, "extracts service", yaml_rows, reference=ref_yaml,
-                            target=EXPORT_RATIO_TARGET)
+        svc_yaml = r.export(
+            yaml_case, "extracts service", yaml_rows, reference=ref_yaml, target=EXPORT_RATIO_TARGET
+        )
         two = "jsonl, 2 tables"
         ref_two = r.export(two, "`sqlite3 -json`, one table after the other", two_rows)
-        svc_two = r.export(two, "extracts service", two_rows, reference=ref_two,
-                           target=EXPORT_RATIO_TARGET)
+        svc_two = r.export(two, "extracts service", two_rows, reference=ref_two, target=EXPORT_RATIO_TARGET)
 
         e_plain = svc.create_extract("bench jsonl", ["events"], "jsonl", False)
         e_gz = svc.create_extract("bench jsonl gz", ["events"], "jsonl", True)
@@ -427,8 +443,9 @@ class Bench:
                 if utils_max_id:
                     first = self.sqlite3_json("events", utils_max_id)
                     self.baseline_export(utils_ref, [(first, "sqlite3-json", "events", utils_max_id)])
-                    command = (f"sqlite-utils query {db} 'SELECT * FROM events WHERE id <= {utils_max_id}' "
-                               "--nl")
+                    command = (
+                        f"sqlite-utils query {db} 'SELECT * FROM events WHERE id <= {utils_max_id}' --nl"
+                    )
                 else:
                     command = f"sqlite-utils rows {db} events --nl"
                 self.baseline_export(utils_row, [(command, "jsonl", "events", utils_max_id)])
@@ -437,21 +454,29 @@ class Bench:
             self.service_export(svc_gz, e_gz, [("events", "jsonl", None)])
             self.service_export(svc_json, e_json, [("events", "json", None)])
             if yaml_max_id:  # otherwise the yaml case compares with the first sqlite3 -json row
-                self.baseline_export(ref_yaml, [(self.sqlite3_json("events", yaml_max_id), "sqlite3-json",
-                                                 "events", yaml_max_id)])
+                self.baseline_export(
+                    ref_yaml,
+                    [(self.sqlite3_json("events", yaml_max_id), "sqlite3-json", "events", yaml_max_id)],
+                )
             self.service_export(svc_yaml, e_yaml, [("events", "yaml", yaml_max_id)])
-            self.baseline_export(ref_two, [
-                (self.sqlite3_json("events"), "sqlite3-json", "events", None),
-                (self.sqlite3_json("accounts"), "sqlite3-json", "accounts", None)])
+            self.baseline_export(
+                ref_two,
+                [
+                    (self.sqlite3_json("events"), "sqlite3-json", "events", None),
+                    (self.sqlite3_json("accounts"), "sqlite3-json", "accounts", None),
+                ],
+            )
             self.service_export(svc_two, e_two, [("events", "jsonl", None), ("accounts", "jsonl", None)])
         self.verify_pending()
         if utils_row is not None and o.sqlite_utils_repeats < o.repeats:
-            r.notes.append(f"`sqlite-utils` ran {o.sqlite_utils_repeats} time(s) (`--sqlite-utils-repeats`): "
-                           "it is a reference point, not a target, and takes several times longer.")
+            r.notes.append(
+                f"`sqlite-utils` ran {o.sqlite_utils_repeats} time(s) (`--sqlite-utils-repeats`): "
+                "it is a reference point, not a target, and takes several times longer."
+            )
         if utils_row is None:
-            r.notes.append("`sqlite-utils` is not installed: its row is missing "
-                           "(`pip install sqlite-utils`).")
-
+            r.notes.append(
+                "`sqlite-utils` is not installed: its row is missing (`pip install sqlite-utils`)."
+            )
 
     # ------------------------------------------------------------ part 3: memory
 
@@ -477,9 +502,12 @@ class Bench:
         self.check_file(self.data_file(run), "jsonl", "events")
         self.verify_pending()
         self.kept_run = (run, o.rows)
-        r.check("3 memory", f"worker peak RSS (VmHWM), jsonl, {o.rows:,} rows, the process's first run",
-                f"{cold.worker_peak / MIB:.1f} MiB (pid {cold.worker_pid}; its heap grows to its "
-                "working size: the runs below come after it)")
+        r.check(
+            "3 memory",
+            f"worker peak RSS (VmHWM), jsonl, {o.rows:,} rows, the process's first run",
+            f"{cold.worker_peak / MIB:.1f} MiB (pid {cold.worker_pid}; its heap grows to its "
+            "working size: the runs below come after it)",
+        )
         windows = [("jsonl", o.rows, small)]
         big = None
         if o.big_rows:  # right after the small one: the same format, the same process history
@@ -487,32 +515,54 @@ class Bench:
             big = self.big_export()
             windows.append(("jsonl", o.big_rows, big))
         for fmt in ("json", "yaml"):
-            other, window = self.run_measured(self.svc.create_extract(f"bench memory {fmt}", ["events"],
-                                                                      fmt, False))
+            other, window = self.run_measured(
+                self.svc.create_extract(f"bench memory {fmt}", ["events"], fmt, False)
+            )
             self.check_file(self.data_file(other, lines=False), fmt, "events")
             self.kept_runs.append(other)
             windows.append((fmt, o.rows, window))
         self.verify_pending()
         for fmt, rows, window in windows:
-            before = (f"; {window.worker_rss_before / MIB:.1f} MiB when the run started"
-                      if window.worker_rss_before else "; a new process")
-            r.check("3 memory", f"worker peak RSS (VmHWM), {fmt}, {rows:,} rows",
-                    f"{window.worker_peak / MIB:.1f} MiB (pid {window.worker_pid}{before})", "< 150 MiB",
-                    window.worker_peak < 150 * MIB)
-            r.check("3 memory", f"server peak RSS (VmHWM), {fmt}, {rows:,} rows",
-                    f"{window.server_peak / MIB:.1f} MiB")
+            before = (
+                f"; {window.worker_rss_before / MIB:.1f} MiB when the run started"
+                if window.worker_rss_before
+                else "; a new process"
+            )
+            r.check(
+                "3 memory",
+                f"worker peak RSS (VmHWM), {fmt}, {rows:,} rows",
+                f"{window.worker_peak / MIB:.1f} MiB (pid {window.worker_pid}{before})",
+                "< 150 MiB",
+                window.worker_peak < 150 * MIB,
+            )
+            r.check(
+                "3 memory",
+                f"server peak RSS (VmHWM), {fmt}, {rows:,} rows",
+                f"{window.server_peak / MIB:.1f} MiB",
+            )
         for fmt, rows, window in windows:
             curve = window.worker_curve()
             if curve:
                 grown = curve[-1] / curve[1] - 1
-                r.check("3 memory", f"worker RSS at 10%, 25%, 50%, 75%, 100% of the {fmt} run, {rows:,} rows",
-                        " / ".join(f"{v / MIB:.1f}" for v in curve) + f" MiB ({grown:+.1%} from 25% to 100%)",
-                        "flat: within 10%", grown <= 0.10)
+                r.check(
+                    "3 memory",
+                    f"worker RSS at 10%, 25%, 50%, 75%, 100% of the {fmt} run, {rows:,} rows",
+                    " / ".join(f"{v / MIB:.1f}" for v in curve) + f" MiB ({grown:+.1%} from 25% to 100%)",
+                    "flat: within 10%",
+                    grown <= 0.10,
+                )
         if big is not None:
-            for who, grown in (("worker", big.worker_peak / small.worker_peak - 1),
-                               ("server", big.server_peak / small.server_peak - 1)):
-                r.check("3 memory", f"{who} peak at {o.big_rows:,} vs {o.rows:,} rows (jsonl)",
-                        f"{grown:+.1%}", "within 10%", grown <= 0.10)
+            for who, grown in (
+                ("worker", big.worker_peak / small.worker_peak - 1),
+                ("server", big.server_peak / small.server_peak - 1),
+            ):
+                r.check(
+                    "3 memory",
+                    f"{who} peak at {o.big_rows:,} vs {o.rows:,} rows (jsonl)",
+                    f"{grown:+.1%}",
+                    "within 10%",
+                    grown <= 0.10,
+                )
 
     def run_measured(self, extract: str, timings: Export | None = None) -> tuple[str, MemoryWindow]:
         """One run with its memory window (and its wall time appended to ``timings``)."""
@@ -562,13 +612,17 @@ class Bench:
             how = "every row against the source"
         else:
             every = max(1, o.big_rows // 100_000)
-            checked = verify.sampled_check(path, self.source, "events_big", self.table_columns("events_big"),
-                                           every)
+            checked = verify.sampled_check(
+                path, self.source, "events_big", self.table_columns("events_big"), every
+            )
             sample = "every row" if every == 1 else f"every {every}th row"
-            how = (f"its line count, its checksum and {checked:,} rows ({sample}) against the source "
-                   "(`--verify-big full` checks every row)")
-        r.notes.append(f"The {o.big_rows:,}-row export was checked by {how}; `sqlite3 -json`'s by its "
-                       "line count.")
+            how = (
+                f"its line count, its checksum and {checked:,} rows ({sample}) against the source "
+                "(`--verify-big full` checks every row)"
+            )
+        r.notes.append(
+            f"The {o.big_rows:,}-row export was checked by {how}; `sqlite3 -json`'s by its line count."
+        )
         self.kept_run = (run, o.big_rows)
         return window
 
@@ -579,8 +633,22 @@ class Bench:
         url = self.svc.base_url + path
         if shutil.which("curl"):
             done = subprocess.run(
-                ["curl", "-sS", "--fail", "-o", "/dev/null", "-H", f"Authorization: Bearer {self.svc.token}",
-                 "-w", "%{time_total} %{size_download}", url], check=True, capture_output=True, text=True)
+                [
+                    "curl",
+                    "-sS",
+                    "--fail",
+                    "-o",
+                    "/dev/null",
+                    "-H",
+                    f"Authorization: Bearer {self.svc.token}",
+                    "-w",
+                    "%{time_total} %{size_download}",
+                    url,
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             seconds, size = done.stdout.split()
             return float(seconds), int(size)
         started, size = time.perf_counter(), 0
@@ -615,14 +683,25 @@ class Bench:
         zip_rate, file_rate = median(zip_rates), median(file_rates)
         ratio = zip_rate / file_rate
         r = self.results
-        r.check("4 download", f"run ZIP ({zip_length / 1e9:.2f} GB, {rows:,}-row jsonl run), median of "
-                f"{len(zip_rates)}", f"{zip_rate / 1e6:,.0f} MB/s")
-        r.check("4 download", f"one file, FileResponse ({data['size_bytes'] / 1e9:.2f} GB)",
-                f"{file_rate / 1e6:,.0f} MB/s")
+        r.check(
+            "4 download",
+            f"run ZIP ({zip_length / 1e9:.2f} GB, {rows:,}-row jsonl run), median of {len(zip_rates)}",
+            f"{zip_rate / 1e6:,.0f} MB/s",
+        )
+        r.check(
+            "4 download",
+            f"one file, FileResponse ({data['size_bytes'] / 1e9:.2f} GB)",
+            f"{file_rate / 1e6:,.0f} MB/s",
+        )
         r.check("4 download", "ZIP throughput / file throughput", f"{ratio:.2f}", "≥ 0.8", ratio >= 0.8)
         growth = max(growths)
-        r.check("4 download", "server RSS growth during a ZIP download (max)", f"{growth / MIB:.1f} MiB",
-                "< 50 MiB", growth < 50 * MIB)
+        r.check(
+            "4 download",
+            "server RSS growth during a ZIP download (max)",
+            f"{growth / MIB:.1f} MiB",
+            "< 50 MiB",
+            growth < 50 * MIB,
+        )
         self.svc.delete_run(run)
         self.kept_run = None
 
@@ -632,29 +711,41 @@ class Bench:
         """Polling clients with the workers idle (the service's own floor), then with two exports running."""
         o, r = self.o, self.results
         table = "events_big" if o.big_rows else "events"
-        say(f"part 5: API latency, {o.clients} clients: {o.latency_seconds / 4:g} s idle, "
-            f"{o.latency_seconds:.0f} s during two exports of {table}")
+        say(
+            f"part 5: API latency, {o.clients} clients: {o.latency_seconds / 4:g} s idle, "
+            f"{o.latency_seconds:.0f} s during two exports of {table}"
+        )
         idle = asyncio.run(self._latency([], o.latency_seconds / 4))
         extracts = [self.svc.create_extract(f"load {i}", [table], "jsonl", False) for i in range(2)]
         busy = asyncio.run(self._latency(extracts, o.latency_seconds))
         clients = f"{o.clients} clients polling every {o.poll_interval * 1000:.0f} ms"
         for label, (latencies, errors, exports), seconds in (
-                ("workers idle", idle, o.latency_seconds / 4),
-                ("two exports running", busy, o.latency_seconds)):
+            ("workers idle", idle, o.latency_seconds / 4),
+            ("two exports running", busy, o.latency_seconds),
+        ):
             latencies.sort()
             if not latencies:
                 r.check("5 latency", f"{label}: no request answered", "—", "p99 < 100 ms", False)
                 continue
-            p50, p99 = (latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
-                        for q in (0.5, 0.99))
+            p50, p99 = (
+                latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 for q in (0.5, 0.99)
+            )
             loaded = label != "workers idle"
-            r.check("5 latency", f"{label}: p50 / p99 / max; {clients}, {seconds:.0f} s "
-                    f"({len(latencies):,} requests, {len(latencies) / seconds:.0f}/s)",
-                    f"{p50:.1f} / {p99:.1f} / {latencies[-1] * 1000:.1f} ms",
-                    "p99 < 100 ms" if loaded else "", p99 < 100 if loaded else None)
-            r.check("5 latency", f"{label}: errors" + (f" (exports completed meanwhile: {exports})"
-                                                      if loaded else ""),
-                    f"{errors}", "0", errors == 0)
+            r.check(
+                "5 latency",
+                f"{label}: p50 / p99 / max; {clients}, {seconds:.0f} s "
+                f"({len(latencies):,} requests, {len(latencies) / seconds:.0f}/s)",
+                f"{p50:.1f} / {p99:.1f} / {latencies[-1] * 1000:.1f} ms",
+                "p99 < 100 ms" if loaded else "",
+                p99 < 100 if loaded else None,
+            )
+            r.check(
+                "5 latency",
+                f"{label}: errors" + (f" (exports completed meanwhile: {exports})" if loaded else ""),
+                f"{errors}",
+                "0",
+                errors == 0,
+            )
 
     async def _latency(self, extracts: list[str], seconds: float) -> tuple[list[float], int, int]:
         """(latencies, errors, exports completed) of ``clients`` pollers over ``seconds``.
@@ -665,8 +756,9 @@ class Bench:
         """
         o = self.o
         limits = httpx.Limits(max_connections=o.clients + 4)
-        async with httpx.AsyncClient(base_url=self.svc.base_url, headers=self.svc.headers, timeout=30,
-                                     limits=limits) as client:
+        async with httpx.AsyncClient(
+            base_url=self.svc.base_url, headers=self.svc.headers, timeout=30, limits=limits
+        ) as client:
             current: dict[str, str] = {}
             finished = 0
             stop = asyncio.Event()
@@ -723,7 +815,9 @@ class Bench:
             for extract in extracts:  # the runs cancelled at the end: wait for them, then delete them
                 run = current[extract]
                 while (await client.get(f"/api/data/extract_runs/{run}")).json()["data"]["status"] in (
-                        "queued", "running"):
+                    "queued",
+                    "running",
+                ):
                     await asyncio.sleep(0.1)
                 with contextlib.suppress(httpx.HTTPError):
                     await client.delete(f"/api/data/extract_runs/{run}")
@@ -776,19 +870,32 @@ def machine() -> dict[str, str]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     cli = subprocess.run(["sqlite3", "--version"], capture_output=True, text=True).stdout.split()[:1]
-    utils = subprocess.run(["sqlite-utils", "--version"], capture_output=True, text=True).stdout.strip() \
-        if shutil.which("sqlite-utils") else "not installed"
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip() or "?"
-    status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                            capture_output=True, text=True).stdout.splitlines()
-    changed = [path for path in (line[3:] for line in status)  # the service's code, not the bench's
-               if path.endswith((".py", ".sql")) and not path.startswith(("bench/", "tests/"))]
+    utils = (
+        subprocess.run(["sqlite-utils", "--version"], capture_output=True, text=True).stdout.strip()
+        if shutil.which("sqlite-utils")
+        else "not installed"
+    )
+    head = (
+        subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        or "?"
+    )
+    status = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    changed = [
+        path
+        for path in (line[3:] for line in status)  # the service's code, not the bench's
+        if path.endswith((".py", ".sql")) and not path.startswith(("bench/", "tests/"))
+    ]
     return {
         "code": f"commit {head}" + (f", with uncommitted changes to {', '.join(changed)}" if changed else ""),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{os.cpu_count()} CPUs (`nproc` {len(os.sched_getaffinity(0))}), {cpu}, {memory} RAM, "
-                   f"{platform.system()} {platform.release()}",
+        f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "sqlite": f"CLI {cli[0] if cli else '?'}, Python module {sqlite3.sqlite_version}",
         "orjson": orjson.__version__,
@@ -823,37 +930,66 @@ def render(results: Results, info: dict[str, str], argv: list[str], elapsed: flo
 
 
 def parse_args(argv: list[str]) -> Options:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the exported table")
-    parser.add_argument("--big-rows", type=int, default=0,
-                        help="rows of the big table (memory, downloads); 0: skip; e.g. 10000000")
+    parser.add_argument(
+        "--big-rows",
+        type=int,
+        default=0,
+        help="rows of the big table (memory, downloads); 0: skip; e.g. 10000000",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs of each contender (median)")
     parser.add_argument("--sqlite-utils-repeats", type=int, default=1, help="runs of sqlite-utils (slow)")
-    parser.add_argument("--sqlite-utils-rows", type=int, default=100_000,
-                        help="rows sqlite-utils exports, the first ones, against sqlite3 -json on the same "
-                             "rows (0: all of --rows; at 1M rows it takes about a minute)")
-    parser.add_argument("--yaml-rows", type=int, default=0,
-                        help="rows of the yaml case, the first ones (0: all of --rows)")
+    parser.add_argument(
+        "--sqlite-utils-rows",
+        type=int,
+        default=100_000,
+        help="rows sqlite-utils exports, the first ones, against sqlite3 -json on the same "
+        "rows (0: all of --rows; at 1M rows it takes about a minute)",
+    )
+    parser.add_argument(
+        "--yaml-rows", type=int, default=0, help="rows of the yaml case, the first ones (0: all of --rows)"
+    )
     parser.add_argument("--latency-seconds", type=float, default=20, help="duration of the latency part")
     parser.add_argument("--clients", type=int, default=8, help="polling clients in the latency part")
-    parser.add_argument("--poll-interval", type=float, default=0.25,
-                        help="seconds each latency client waits between polls")
+    parser.add_argument(
+        "--poll-interval", type=float, default=0.25, help="seconds each latency client waits between polls"
+    )
     parser.add_argument("--start-repeats", type=int, default=10, help="runs of the start latency part")
     parser.add_argument("--workers", type=int, default=2, help="the service's --workers")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/extracts-bench"),
-                        help="generated data (kept for later runs), the service's state and files")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/tmp/extracts-bench"),
+        help="generated data (kept for later runs), the service's state and files",
+    )
     parser.add_argument("--seed", type=int, default=42, help="seed of the generated data")
-    parser.add_argument("--verify-big", choices=["sampled", "full"], default="sampled",
-                        help="check the big export row by row (full: slower by about a minute per 10M rows)")
-    parser.add_argument("--check-baselines", choices=["rows", "full"], default="rows",
-                        help="check the command-line tools' outputs by row count, or row by row like the "
-                             "service's (full: slower by a few seconds per million rows)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also profile one jsonl export with py-spy and print where the time goes")
+    parser.add_argument(
+        "--verify-big",
+        choices=["sampled", "full"],
+        default="sampled",
+        help="check the big export row by row (full: slower by about a minute per 10M rows)",
+    )
+    parser.add_argument(
+        "--check-baselines",
+        choices=["rows", "full"],
+        default="rows",
+        help="check the command-line tools' outputs by row count, or row by row like the "
+        "service's (full: slower by a few seconds per million rows)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one jsonl export with py-spy and print where the time goes",
+    )
     parser.add_argument("--markdown", type=Path, help="also write the results as Markdown to this file")
-    parser.add_argument("--smoke", action="store_true",
-                        help="small and quick (about 30 s): 10,000 rows, one run each, 2 s of latency")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="small and quick (about 30 s): 10,000 rows, one run each, 2 s of latency",
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -870,8 +1006,7 @@ def parse_args(argv: list[str]) -> Options:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    options = Options(**{k: v for k, v in vars(args).items()
-                         if k in Options.__dataclass_fields__})
+    options = Options(**{k: v for k, v in vars(args).items() if k in Options.__dataclass_fields__})
     info = machine()
     started = time.perf_counter()
     try:

@@ -72,17 +72,36 @@ class Service:
             if name.startswith("EXTRACTS_"):
                 del env[name]
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "extracts_app.py"), "--source", str(self.source),
-             "--db", str(self.workdir / "state.db"), "--storage", str(self.storage),
-             "--port", str(self.port), "--token", self.token, "--workers", str(self.workers)],
-            cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
+            [
+                sys.executable,
+                str(ROOT / "extracts_app.py"),
+                "--source",
+                str(self.source),
+                "--db",
+                str(self.workdir / "state.db"),
+                "--storage",
+                str(self.storage),
+                "--port",
+                str(self.port),
+                "--token",
+                self.token,
+                "--workers",
+                str(self.workers),
+            ],
+            cwd=self.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         log.close()
         self.client = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=60)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise BenchError(f"the service exited with {self.process.returncode} at start-up; "
-                                 f"see {self.workdir / 'service.log'}")
+                raise BenchError(
+                    f"the service exited with {self.process.returncode} at start-up; "
+                    f"see {self.workdir / 'service.log'}"
+                )
             with contextlib.suppress(httpx.TransportError):
                 if self.client.get("/health").status_code == 200:
                     return
@@ -109,8 +128,7 @@ class Service:
             raise BenchError(f"{method} {path} answered {response.status_code}: {response.text[:500]}")
         return response.json()["data"]
 
-    def create_extract(self, name: str, schemas: list[str], fmt: str, compress: bool,
-                       **extra: Any) -> str:
+    def create_extract(self, name: str, schemas: list[str], fmt: str, compress: bool, **extra: Any) -> str:
         body = {"name": name, "schemas": schemas, "format": fmt, "compress": compress, **extra}
         return self.api("POST", "/api/data/extracts", json=body)["id"]
 
@@ -132,8 +150,11 @@ class Service:
         raise BenchError(f"run {run_id} did not finish within {timeout} s")
 
     def artifacts(self, run_id: str) -> list[dict[str, Any]]:
-        return self.api("GET", "/api/data/extract_artifacts",
-                        params={"filter[where][run_id]": run_id, "filter[limit]": 1000})
+        return self.api(
+            "GET",
+            "/api/data/extract_artifacts",
+            params={"filter[where][run_id]": run_id, "filter[limit]": 1000},
+        )
 
     def delete_run(self, run_id: str) -> None:
         self.api("DELETE", f"/api/data/extract_runs/{run_id}")

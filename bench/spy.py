@@ -20,8 +20,16 @@ from service import Service, descendants
 
 RATE = 47  # samples a second: low enough that native unwinding keeps up on 2 cores
 # Frames of threads that wait (py-spy counts a thread blocked in a system call as active).
-IDLE = ("acquire_lock", "Queue.get", "wait (", "_recv_bytes", "accept_connection", "accept4", "select (",
-        "epoll_wait")
+IDLE = (
+    "acquire_lock",
+    "Queue.get",
+    "wait (",
+    "_recv_bytes",
+    "accept_connection",
+    "accept4",
+    "select (",
+    "epoll_wait",
+)
 
 
 def forkserver_pid(server: int) -> int | None:
@@ -55,8 +63,11 @@ def summarize(raw: Path, top: int = 15) -> str:
     lines = [f"{total} busy samples of the pool's processes. Self time by frame:", ""]
     lines += [f"    {n / total:6.1%}  {frame[:110]}" for frame, n in own.most_common(top)]
     lines += ["", "Inclusive time by Python frame:", ""]
-    lines += [f"    {n / total:6.1%}  {frame[:110]}" for frame, n in inclusive.most_common(top + 10)
-              if "forkserver" not in frame and "process.py" not in frame and "spawn.py" not in frame]
+    lines += [
+        f"    {n / total:6.1%}  {frame[:110]}"
+        for frame, n in inclusive.most_common(top + 10)
+        if "forkserver" not in frame and "process.py" not in frame and "spawn.py" not in frame
+    ]
     return "\n".join(lines)
 
 
@@ -67,9 +78,24 @@ def profile_run(service: Service, extract: str, raw: Path) -> str:
     target = forkserver_pid(service.process.pid)
     if target is None:
         return "No forkserver process found under the service: no profile."
-    spy = subprocess.Popen(["py-spy", "record", "-p", str(target), "--subprocesses", "--native",
-                            "--format", "raw", "-r", str(RATE), "-o", str(raw)],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    spy = subprocess.Popen(
+        [
+            "py-spy",
+            "record",
+            "-p",
+            str(target),
+            "--subprocesses",
+            "--native",
+            "--format",
+            "raw",
+            "-r",
+            str(RATE),
+            "-o",
+            str(raw),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     time.sleep(1.5)  # py-spy attaches
     started = time.perf_counter()
     run = service.start_run(extract)
@@ -81,5 +107,7 @@ def profile_run(service: Service, extract: str, raw: Path) -> str:
     if not raw.exists():
         return f"py-spy wrote no profile: {output.strip()[-300:]}"
     summary = summarize(raw)
-    return (f"Profile of one jsonl export with py-spy ({RATE} Hz, native frames; {seconds:.1f} s "
-            f"wall while profiled):\n\n```\n{summary}\n```")
+    return (
+        f"Profile of one jsonl export with py-spy ({RATE} Hz, native frames; {seconds:.1f} s "
+        f"wall while profiled):\n\n```\n{summary}\n```"
+    )

@@ -73,8 +73,9 @@ def table_digest(db: Path, table: str, max_id: int | None = None) -> Digest:
         cursor = con.execute(f'SELECT * FROM "{table}"{where} ORDER BY rowid')
         cursor.arraysize = 10_000
         columns = [d[0] for d in cursor.description]
-        return _digest([dict(zip(columns, row, strict=True)) for row in batch]
-                       for batch in iter(cursor.fetchmany, []))
+        return _digest(
+            [dict(zip(columns, row, strict=True)) for row in batch] for batch in iter(cursor.fetchmany, [])
+        )
     finally:
         con.close()
 
@@ -131,8 +132,10 @@ def _yaml_objects(path: Path, both_ways: int = YAML_BOTH_WAYS, stop: int = 0) ->
             if record is None or number <= both_ways:
                 (as_yaml,) = yaml.load(line, Loader=YamlLoader)
                 if record is not None and dumps(as_yaml) != dumps(record):
-                    raise Mismatch(f"{path.name} line {number} reads differently as YAML: {as_yaml} "
-                                   f"and as JSON: {record}")
+                    raise Mismatch(
+                        f"{path.name} line {number} reads differently as YAML: {as_yaml} "
+                        f"and as JSON: {record}"
+                    )
                 record = as_yaml
             yield record
             if number == stop:

@@ -51,18 +51,70 @@ CREATE INDEX orders_status_date ON orders (status, ordered_at);
 CREATE VIEW active_users AS SELECT id, email, name FROM users WHERE is_active = 1;
 """
 
-FIRST = ["Ana", "Björn", "Chloé", "Dmitri", "Emeka", "Fatima", "Grace", "Hiroshi", "Inés",
-         "José", "Katarzyna", "Liam", "Mei", "Nadia", "Oluwaseun", "Priya", "Quentin",
-         "Rosa", "Søren", "Tomás", "Uma", "Viktor", "Wen", "Yusuf", "Zoë", "李娜", "Ελένη"]
-LAST = ["Almeida", "Bergström", "Chen", "Dubois", "Eze", "Fernández", "García", "Hansen",
-        "Ivanova", "Jóhannsson", "Kowalski", "López", "Müller", "Nakamura", "O'Brien",
-        "Petrov", "Rossi", "Schmidt", "Tanaka", "Øster", "王", "Παπαδόπουλος"]
+FIRST = [
+    "Ana",
+    "Björn",
+    "Chloé",
+    "Dmitri",
+    "Emeka",
+    "Fatima",
+    "Grace",
+    "Hiroshi",
+    "Inés",
+    "José",
+    "Katarzyna",
+    "Liam",
+    "Mei",
+    "Nadia",
+    "Oluwaseun",
+    "Priya",
+    "Quentin",
+    "Rosa",
+    "Søren",
+    "Tomás",
+    "Uma",
+    "Viktor",
+    "Wen",
+    "Yusuf",
+    "Zoë",
+    "李娜",
+    "Ελένη",
+]
+LAST = [
+    "Almeida",
+    "Bergström",
+    "Chen",
+    "Dubois",
+    "Eze",
+    "Fernández",
+    "García",
+    "Hansen",
+    "Ivanova",
+    "Jóhannsson",
+    "Kowalski",
+    "López",
+    "Müller",
+    "Nakamura",
+    "O'Brien",
+    "Petrov",
+    "Rossi",
+    "Schmidt",
+    "Tanaka",
+    "Øster",
+    "王",
+    "Παπαδόπουλος",
+]
 COUNTRIES = ["PT", "SE", "FR", "RU", "NG", "MA", "US", "JP", "ES", "DE", "IT", "CN", "GR", None]
 PRODUCTS = [
-    ("Espresso beans 1 kg", "Dark roast, notes of cocoa"), ("Pour-over kettle", None),
-    ("Ceramic mug – 350 ml", "Dishwasher safe"), ("Burr grinder", "40 settings"),
-    ("Paper filters ×100", None), ("Matcha 30 g 抹茶", "Ceremonial grade"),
-    ("Oat milk 1 l", "Barista edition"), ("Tea infuser", None), ("Milk frother", "USB-C"),
+    ("Espresso beans 1 kg", "Dark roast, notes of cocoa"),
+    ("Pour-over kettle", None),
+    ("Ceramic mug – 350 ml", "Dishwasher safe"),
+    ("Burr grinder", "40 settings"),
+    ("Paper filters ×100", None),
+    ("Matcha 30 g 抹茶", "Ceremonial grade"),
+    ("Oat milk 1 l", "Barista edition"),
+    ("Tea infuser", None),
+    ("Milk frother", "USB-C"),
     ("Café crème 500 g", "Mild roast, «douce»"),
 ]
 STATUSES = ["pending", "paid", "shipped", "delivered", "cancelled"]
@@ -82,28 +134,53 @@ def create_demo_database(path: Path, seed: int = 20250119) -> None:
             first, last = rng.choice(FIRST), rng.choice(LAST)
             avatar = bytes(rng.getrandbits(8) for _ in range(16)) if uid % 3 == 0 else None
             when = start + timedelta(minutes=rng.randrange(0, 400_000))
-            users.append((uid, f"user{uid}@example.com", f"{first} {last}", rng.choice(COUNTRIES),
-                          when.strftime("%Y-%m-%dT%H:%M:%SZ"), int(uid % 11 != 0), avatar))
+            users.append(
+                (
+                    uid,
+                    f"user{uid}@example.com",
+                    f"{first} {last}",
+                    rng.choice(COUNTRIES),
+                    when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    int(uid % 11 != 0),
+                    avatar,
+                )
+            )
         con.executemany("INSERT INTO users VALUES (?, ?, ?, ?, ?, ?, ?)", users)
         con.executemany(
             "INSERT INTO products VALUES (?, ?, ?, ?, ?, ?)",
-            [(pid, f"SKU-{pid:04d}", name, desc, round(rng.uniform(2, 250), 2), rng.randrange(0, 500))
-             for pid, (name, desc) in enumerate(PRODUCTS, start=1)],
+            [
+                (pid, f"SKU-{pid:04d}", name, desc, round(rng.uniform(2, 250), 2), rng.randrange(0, 500))
+                for pid, (name, desc) in enumerate(PRODUCTS, start=1)
+            ],
         )
         for oid in range(1, 501):
-            lines = [(rng.randrange(1, len(PRODUCTS) + 1), rng.randrange(1, 5))
-                     for _ in range(rng.randrange(1, 4))]
-            prices = [con.execute("SELECT price FROM products WHERE id = ?", (p,)).fetchone()[0]
-                      for p, _ in lines]
+            lines = [
+                (rng.randrange(1, len(PRODUCTS) + 1), rng.randrange(1, 5)) for _ in range(rng.randrange(1, 4))
+            ]
+            prices = [
+                con.execute("SELECT price FROM products WHERE id = ?", (p,)).fetchone()[0] for p, _ in lines
+            ]
             total = round(sum(price * qty for price, (_, qty) in zip(prices, lines, strict=True)), 2)
             when = start + timedelta(minutes=rng.randrange(0, 500_000))
             note = rng.choice([None, None, "Gift wrap, please 🎁", "Leave at the door", "Entregar à tarde"])
-            con.execute("INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?)",
-                        (oid, rng.randrange(1, 201), rng.choice(STATUSES), total, note,
-                         when.strftime("%Y-%m-%dT%H:%M:%SZ")))
-            con.executemany("INSERT INTO order_items VALUES (?, ?, ?, ?, ?)",
-                            [(oid, n, p, q, price) for n, ((p, q), price)
-                             in enumerate(zip(lines, prices, strict=True), start=1)])
+            con.execute(
+                "INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    oid,
+                    rng.randrange(1, 201),
+                    rng.choice(STATUSES),
+                    total,
+                    note,
+                    when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                ),
+            )
+            con.executemany(
+                "INSERT INTO order_items VALUES (?, ?, ?, ?, ?)",
+                [
+                    (oid, n, p, q, price)
+                    for n, ((p, q), price) in enumerate(zip(lines, prices, strict=True), start=1)
+                ],
+            )
         con.commit()
     finally:
         con.close()

@@ -67,7 +67,7 @@ def _condition_problems(condition: object) -> list[tuple[str, str]]:
     if condition is None or _is_scalar(condition):
         return []
     if isinstance(condition, list):
-        return [("", "use {\"$in\": [...]} to match one of several values")]
+        return [("", 'use {"$in": [...]} to match one of several values')]
     if not isinstance(condition, dict):
         return [("", "must be a scalar, null or an operator object")]
     if not condition:

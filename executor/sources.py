@@ -92,9 +92,7 @@ class Source(ABC):
         """Rows of ``name`` matching the filter's ``where`` (None: all rows)."""
 
     @abstractmethod
-    def json_batches(
-        self, name: str, where: dict[str, Any] | None, batch_size: int
-    ) -> Iterator[list[bytes]]:
+    def json_batches(self, name: str, where: dict[str, Any] | None, batch_size: int) -> Iterator[list[bytes]]:
         """Stream the rows of ``name`` as JSON objects (UTF-8, no newline), in batches.
 
         Keys are column names in column order; values follow the SPEC's encoding.

@@ -160,12 +160,14 @@ class SQLiteSource(Source):
     def _relations(self) -> dict[str, _Relation]:
         with self._reading("list the tables"):
             try:
-                rows = self._conn.execute("SELECT name, type, strict FROM pragma_table_list "
-                                          "WHERE schema = 'main'").fetchall()
+                rows = self._conn.execute(
+                    "SELECT name, type, strict FROM pragma_table_list WHERE schema = 'main'"
+                ).fetchall()
             except sqlite3.OperationalError:  # SQLite before 3.37
                 rows = self._conn.execute(
                     "SELECT name, CASE WHEN sql LIKE 'CREATE VIRTUAL%' THEN 'virtual' ELSE type END,"
-                    " 0 FROM sqlite_master WHERE type IN ('table', 'view')").fetchall()
+                    " 0 FROM sqlite_master WHERE type IN ('table', 'view')"
+                ).fetchall()
         return {
             name: _Relation(name, kind, bool(strict))
             for name, kind, strict in rows
@@ -183,7 +185,9 @@ class SQLiteSource(Source):
         with self._reading(f"read the columns of '{name}'"):
             return self._conn.execute(
                 'SELECT name, type, "notnull", dflt_value, pk FROM pragma_table_xinfo(?) '
-                "WHERE hidden <> 1 ORDER BY cid", (name,)).fetchall()
+                "WHERE hidden <> 1 ORDER BY cid",
+                (name,),
+            ).fetchall()
 
     def schemas(self) -> list[dict[str, Any]]:
         """Every readable table and view; one that cannot be read (a view over a dropped
@@ -191,9 +195,14 @@ class SQLiteSource(Source):
         listed = []
         for name, relation in sorted(self._relations().items()):
             try:
-                listed.append({"name": name, "type": "view" if relation.kind == "view" else "table",
-                               "columns": len(self._column_rows(name)),
-                               "row_count": self._row_count(name, None)})
+                listed.append(
+                    {
+                        "name": name,
+                        "type": "view" if relation.kind == "view" else "table",
+                        "columns": len(self._column_rows(name)),
+                        "row_count": self._row_count(name, None),
+                    }
+                )
             except SourceError:
                 continue
         return listed
@@ -221,8 +230,12 @@ class SQLiteSource(Source):
         return {
             "type": "view" if relation.kind == "view" else "table",
             "columns": {
-                column: {"type": declared, "required": bool(notnull), "default": default,
-                         "primary_key": pk > 0}
+                column: {
+                    "type": declared,
+                    "required": bool(notnull),
+                    "default": default,
+                    "primary_key": pk > 0,
+                }
                 for column, declared, notnull, default, pk in rows
             },
             "primary_key": [row[0] for row in sorted(rows, key=lambda row: row[4]) if row[4] > 0],
@@ -235,32 +248,49 @@ class SQLiteSource(Source):
         with self._reading(f"read the foreign keys of '{name}'"):
             rows = self._conn.execute(
                 'SELECT id, "table", "from", "to", on_update, on_delete '
-                "FROM pragma_foreign_key_list(?) ORDER BY id, seq", (name,)).fetchall()
+                "FROM pragma_foreign_key_list(?) ORDER BY id, seq",
+                (name,),
+            ).fetchall()
         keys: dict[int, dict[str, Any]] = {}
         for key_id, parent, column, target, on_update, on_delete in rows:
-            key = keys.setdefault(key_id, {"columns": [], "references": {"table": parent, "columns": []},
-                                           "on_update": on_update, "on_delete": on_delete})
+            key = keys.setdefault(
+                key_id,
+                {
+                    "columns": [],
+                    "references": {"table": parent, "columns": []},
+                    "on_update": on_update,
+                    "on_delete": on_delete,
+                },
+            )
             key["columns"].append(column)
             key["references"]["columns"].append(target)
         for key in keys.values():
             # "REFERENCES parent" without columns means the parent's primary key.
             if None in key["references"]["columns"]:
                 parent_rows = self._column_rows(key["references"]["table"])
-                key["references"]["columns"] = [r[0] for r in sorted(parent_rows, key=lambda r: r[4])
-                                                if r[4] > 0]
+                key["references"]["columns"] = [
+                    r[0] for r in sorted(parent_rows, key=lambda r: r[4]) if r[4] > 0
+                ]
         return list(keys.values())
 
     def _indexes(self, name: str) -> list[dict[str, Any]]:
         with self._reading(f"read the indexes of '{name}'"):
             listed = self._conn.execute(
-                'SELECT name, "unique" FROM pragma_index_list(?) WHERE origin <> \'pk\' ORDER BY name',
-                (name,)).fetchall()
+                "SELECT name, \"unique\" FROM pragma_index_list(?) WHERE origin <> 'pk' ORDER BY name",
+                (name,),
+            ).fetchall()
             # An expression's column name is NULL: shown as null.
             return [
-                {"name": index,
-                 "columns": [r[0] for r in self._conn.execute(
-                     "SELECT name FROM pragma_index_info(?) ORDER BY seqno", (index,))],
-                 "unique": bool(unique)}
+                {
+                    "name": index,
+                    "columns": [
+                        r[0]
+                        for r in self._conn.execute(
+                            "SELECT name FROM pragma_index_info(?) ORDER BY seqno", (index,)
+                        )
+                    ],
+                    "unique": bool(unique),
+                }
                 for index, unique in listed
             ]
 
@@ -287,9 +317,7 @@ class SQLiteSource(Source):
         self._relation(name)
         return self._row_count(name, where)
 
-    def json_batches(
-        self, name: str, where: dict[str, Any] | None, batch_size: int
-    ) -> Iterator[list[bytes]]:
+    def json_batches(self, name: str, where: dict[str, Any] | None, batch_size: int) -> Iterator[list[bytes]]:
         for chunk, _ in self.json_lines(name, where, batch_size):
             yield chunk.split(b"\n")
 
@@ -323,8 +351,9 @@ class SQLiteSource(Source):
                 return candidate
         return None
 
-    def _value_kinds(self, relation: _Relation, rows: list[tuple[str, str, int, str | None, int]],
-                     has_rowid: bool) -> list[str]:
+    def _value_kinds(
+        self, relation: _Relation, rows: list[tuple[str, str, int, str | None, int]], has_rowid: bool
+    ) -> list[str]:
         """Which storage classes each column can hold: the fewer, the less each value is checked.
 
         A view's column can hold anything. A table's column holds what its type
@@ -339,8 +368,9 @@ class SQLiteSource(Source):
         alias = None
         if has_rowid and len(keys) == 1 and keys[0][1].upper() == "INTEGER":
             # "INTEGER PRIMARY KEY DESC" is not an alias: it gets a 'pk' index instead.
-            pk_index = self._conn.execute("SELECT 1 FROM pragma_index_list(?) WHERE origin = 'pk'",
-                                          (relation.name,)).fetchone()
+            pk_index = self._conn.execute(
+                "SELECT 1 FROM pragma_index_list(?) WHERE origin = 'pk'", (relation.name,)
+            ).fetchone()
             alias = None if pk_index else keys[0][0]
         kinds = []
         for column, declared, *_ in rows:
@@ -352,18 +382,36 @@ class SQLiteSource(Source):
                 kinds.append(_AFFINITY_KINDS.get(_affinity(declared), "any"))
         return kinds
 
-    def _rowid_batches(self, name: str, row_json: str, columns: list[str], clause: str,
-                       params: list[Any], rowid: str, batch_size: int) -> Iterator[tuple[bytes, int]]:
+    def _rowid_batches(
+        self,
+        name: str,
+        row_json: str,
+        columns: list[str],
+        clause: str,
+        params: list[Any],
+        rowid: str,
+        batch_size: int,
+    ) -> Iterator[tuple[bytes, int]]:
         chunks = self._rowid_chunks(name, row_json, columns, clause, params, rowid, batch_size)
         for text, count in _read_ahead(chunks):
             yield _valid_utf8(text), count
 
-    def _rowid_chunks(self, name: str, row_json: str, columns: list[str], clause: str,
-                      params: list[Any], rowid: str, batch_size: int) -> Iterator[tuple[bytes, int]]:
+    def _rowid_chunks(
+        self,
+        name: str,
+        row_json: str,
+        columns: list[str],
+        clause: str,
+        params: list[Any],
+        rowid: str,
+        batch_size: int,
+    ) -> Iterator[tuple[bytes, int]]:
         def chunk_sql(after: str) -> str:
-            return (f"SELECT CAST(group_concat(j, char(10)) AS BLOB), max(r), count(*) FROM "
-                    f"(SELECT {rowid} AS r, {row_json} AS j FROM {quote(name)} NOT INDEXED"
-                    f"{after} ORDER BY {rowid} LIMIT ?)")
+            return (
+                f"SELECT CAST(group_concat(j, char(10)) AS BLOB), max(r), count(*) FROM "
+                f"(SELECT {rowid} AS r, {row_json} AS j FROM {quote(name)} NOT INDEXED"
+                f"{after} ORDER BY {rowid} LIMIT ?)"
+            )
 
         # NOT INDEXED: the scan always follows the rowid, whatever index a filter could use.
         first = chunk_sql(clause)
@@ -373,7 +421,8 @@ class SQLiteSource(Source):
         while True:
             try:
                 text, last, count = self._conn.execute(
-                    following if after else first, [*columns, *params, *after, limit]).fetchone()
+                    following if after else first, [*columns, *params, *after, limit]
+                ).fetchone()
             except sqlite3.DataError:  # the chunk passed SQLite's string limit (big BLOBs): fewer rows
                 if limit == 1:
                     raise
@@ -386,10 +435,12 @@ class SQLiteSource(Source):
             cap = max(cap, min(batch_size, cap * 2))
             limit = min(cap, _next_limit(len(text), count, batch_size))
 
-    def _cursor_batches(self, name: str, row_json: str, columns: list[str], clause: str,
-                        params: list[Any], batch_size: int) -> Iterator[tuple[bytes, int]]:
-        cursor = self._conn.execute(f"SELECT CAST({row_json} AS BLOB) FROM {quote(name)}{clause}",
-                                    [*columns, *params])
+    def _cursor_batches(
+        self, name: str, row_json: str, columns: list[str], clause: str, params: list[Any], batch_size: int
+    ) -> Iterator[tuple[bytes, int]]:
+        cursor = self._conn.execute(
+            f"SELECT CAST({row_json} AS BLOB) FROM {quote(name)}{clause}", [*columns, *params]
+        )
         try:
             limit = min(batch_size, _FIRST_CHUNK_ROWS)
             while rows := cursor.fetchmany(limit):
@@ -437,10 +488,12 @@ def _real_sql(c: str, zero_sql: str) -> str:
     significant digits; the infinities become strings, which ``json_object``
     quotes.
     """
-    return (f"CASE WHEN {c} = 0 THEN json({zero_sql.format(c=c)}) "
-            f"WHEN {c} > -1e9 AND {c} < 1e9 AND round({c} * 1e6) / 1e6 = {c} THEN {c} "
-            f"WHEN {c} < 9e999 AND {c} > -9e999 THEN json(printf('%!.18g', {c})) "
-            f"WHEN {c} > 0 THEN 'Infinity' ELSE '-Infinity' END")
+    return (
+        f"CASE WHEN {c} = 0 THEN json({zero_sql.format(c=c)}) "
+        f"WHEN {c} > -1e9 AND {c} < 1e9 AND round({c} * 1e6) / 1e6 = {c} THEN {c} "
+        f"WHEN {c} < 9e999 AND {c} > -9e999 THEN json(printf('%!.18g', {c})) "
+        f"WHEN {c} > 0 THEN 'Infinity' ELSE '-Infinity' END"
+    )
 
 
 def _value_sql(c: str, kind: str, zero_sql: str) -> str:
@@ -460,25 +513,35 @@ def _value_sql(c: str, kind: str, zero_sql: str) -> str:
     if kind == "text":
         return f"CASE WHEN +{c} >= x'' THEN {blob} ELSE {c} END"
     if kind == "mostly-integer":
-        return (f"CASE typeof({c}) WHEN 'integer' THEN {c} WHEN 'real' THEN {_real_sql(c, zero_sql)} "
-                f"WHEN 'blob' THEN {blob} ELSE {c} END")
+        return (
+            f"CASE typeof({c}) WHEN 'integer' THEN {c} WHEN 'real' THEN {_real_sql(c, zero_sql)} "
+            f"WHEN 'blob' THEN {blob} ELSE {c} END"
+        )
     if kind == "mostly-real":
-        return (f"CASE typeof({c}) WHEN 'real' THEN {_real_sql(c, zero_sql)} WHEN 'blob' THEN {blob} "
-                f"ELSE {c} END")
-    return (f"CASE WHEN +{c} >= '' THEN (CASE WHEN +{c} >= x'' THEN {blob} ELSE {c} END) "
-            f"WHEN typeof({c}) = 'real' THEN {_real_sql(c, zero_sql)} ELSE {c} END")
+        return (
+            f"CASE typeof({c}) WHEN 'real' THEN {_real_sql(c, zero_sql)} WHEN 'blob' THEN {blob} ELSE {c} END"
+        )
+    return (
+        f"CASE WHEN +{c} >= '' THEN (CASE WHEN +{c} >= x'' THEN {blob} ELSE {c} END) "
+        f"WHEN typeof({c}) = 'real' THEN {_real_sql(c, zero_sql)} ELSE {c} END"
+    )
 
 
 def _row_json_sql(columns: list[str], kinds: list[str], zero_sql: str) -> str:
     """SQL for one row as a JSON object; one ``?`` per column (its key), in order."""
     pairs = [f"?, {_value_sql(c, kind, zero_sql)}" for c, kind in zip(columns, kinds, strict=True)]
-    calls = ["json_object(" + ", ".join(pairs[i : i + _PAIRS_PER_CALL]) + ")"
-             for i in range(0, len(pairs), _PAIRS_PER_CALL)]
+    calls = [
+        "json_object(" + ", ".join(pairs[i : i + _PAIRS_PER_CALL]) + ")"
+        for i in range(0, len(pairs), _PAIRS_PER_CALL)
+    ]
     if len(calls) == 1:
         return calls[0]
     # '{"a":1}' + '{"b":2}' -> '{"a":1,"b":2}': no value ends with '}' nor starts a call.
-    inner = [f"rtrim({calls[0]}, '}}')", *(f"trim({c}, '{{}}')" for c in calls[1:-1]),
-             f"ltrim({calls[-1]}, '{{')"]
+    inner = [
+        f"rtrim({calls[0]}, '}}')",
+        *(f"trim({c}, '{{}}')" for c in calls[1:-1]),
+        f"ltrim({calls[-1]}, '{{')",
+    ]
     return " || ',' || ".join(inner)
 
 

@@ -59,8 +59,13 @@ class Monitor:
     def __init__(self, run_id: str, queue: Any, cancelled: Any) -> None:
         self.run_id, self._queue, self._cancelled = run_id, queue, cancelled
         self.detail: dict[str, Any] = {
-            "phase": None, "schemas_total": 0, "schemas_completed": 0,
-            "current_schema": None, "records_exported": 0, "records_total": 0}
+            "phase": None,
+            "schemas_total": 0,
+            "schemas_completed": 0,
+            "current_schema": None,
+            "records_exported": 0,
+            "records_total": 0,
+        }
         self.progress = 0
         self._base = 0
         self._lock = threading.Lock()
@@ -121,8 +126,11 @@ class Monitor:
 
     def _send(self) -> None:
         with self._lock:
-            message = ("progress", self.run_id,
-                       {"progress": self.progress, "progress_detail": dict(self.detail)})
+            message = (
+                "progress",
+                self.run_id,
+                {"progress": self.progress, "progress_detail": dict(self.detail)},
+            )
             self._queue.put(message)  # under the lock: messages leave in order
             self._last_sent = time.monotonic()
 
@@ -151,8 +159,10 @@ def _make_run_dir(path: str) -> Path:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StorageError(f"Cannot create the run directory {run_dir}: {exc.strerror}; "
-                           "check that the storage directory (--storage) is writable") from exc
+        raise StorageError(
+            f"Cannot create the run directory {run_dir}: {exc.strerror}; "
+            "check that the storage directory (--storage) is writable"
+        ) from exc
     return run_dir
 
 
@@ -231,12 +241,14 @@ class Export:
             problems = check_where(where, source.columns(name), field=f"filter.{name}.where")
             if problems:
                 field, message = problems[0]
-                raise RunError(f"The filter {field} no longer fits the source ({message}); "
-                               "update the extract's filter")
+                raise RunError(
+                    f"The filter {field} no longer fits the source ({message}); update the extract's filter"
+                )
         return wheres
 
-    def _export_schema(self, source: Source, output: FileOutput | ArchiveOutput, name: str,
-                       where: dict[str, Any] | None) -> None:
+    def _export_schema(
+        self, source: Source, output: FileOutput | ArchiveOutput, name: str, where: dict[str, Any] | None
+    ) -> None:
         self.monitor.phase("exporting_data", current_schema=name)
         writer = output.schema(name)
         since_trim = 0
@@ -258,10 +270,17 @@ class Export:
     def _manifest(self, names: list[str], location: dict[str, Any], entries: list[dict[str, Any]]) -> bytes:
         job = self.job
         manifest = {
-            "version": "1.0", "generated_at": _utc_now(), "run_id": job["run_id"],
-            "extract_id": job["extract_id"], "extract_name": job["extract_name"],
-            "format": self.config["format"], "include": self.include, "schemas": names,
-            "source": location, "artifacts": entries}
+            "version": "1.0",
+            "generated_at": _utc_now(),
+            "run_id": job["run_id"],
+            "extract_id": job["extract_id"],
+            "extract_name": job["extract_name"],
+            "format": self.config["format"],
+            "include": self.include,
+            "schemas": names,
+            "source": location,
+            "artifacts": entries,
+        }
         return orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n"
 
     def remove_temporary_files(self) -> None:
@@ -276,8 +295,10 @@ class Export:
 def error_message(exc: BaseException, job: dict[str, Any]) -> str:
     """One line a user can act on."""
     if isinstance(exc, UnknownSchema):
-        message = (f"Schema '{exc.name}' no longer exists in the source; remove it from the "
-                   f"extract's schemas (PUT /api/data/extracts/{job['extract_id']}) or restore it")
+        message = (
+            f"Schema '{exc.name}' no longer exists in the source; remove it from the "
+            f"extract's schemas (PUT /api/data/extracts/{job['extract_id']}) or restore it"
+        )
     elif isinstance(exc, (SourceError, StorageError, RunError)):
         message = str(exc)
     elif isinstance(exc, OSError) and exc.filename is not None:
@@ -345,9 +366,17 @@ def run_extract(job: dict[str, Any], queue: Any, cancelled: Any) -> dict[str, An
             # Blanked again here: a run record must never carry the source's secrets, whatever
             # raised (the sources blank their own messages; a traceback holds every chained one).
             hidden = source_secrets(job["source"])
-            result.update(status="failed", error=blank(error_message(exc, job), hidden), error_detail={
-                "type": type(exc).__name__, "message": blank(str(exc), hidden),
-                "traceback": blank(traceback.format_exc(), hidden)})
-    return result | {"records_exported": export.records_exported,
-                     "schemas_exported": export.schemas_exported,
-                     "records_total": monitor.detail["records_total"]}
+            result.update(
+                status="failed",
+                error=blank(error_message(exc, job), hidden),
+                error_detail={
+                    "type": type(exc).__name__,
+                    "message": blank(str(exc), hidden),
+                    "traceback": blank(traceback.format_exc(), hidden),
+                },
+            )
+    return result | {
+        "records_exported": export.records_exported,
+        "schemas_exported": export.schemas_exported,
+        "records_total": monitor.detail["records_total"],
+    }

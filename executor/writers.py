@@ -81,9 +81,11 @@ class RunFiles:
         first = self._used.get(name.casefold())
         if first is not None:
             used, by = first
-            raise NameClash(f"Two files of this run would be named {used} (letter case aside): {by} "
-                            f"and {owner}; the run stopped before overwriting either. Rename one of "
-                            "them in the source, or report this as a bug in the file naming")
+            raise NameClash(
+                f"Two files of this run would be named {used} (letter case aside): {by} "
+                f"and {owner}; the run stopped before overwriting either. Rename one of "
+                "them in the source, or report this as a bug in the file naming"
+            )
         self._used[name.casefold()] = (name, owner)
         return name
 
@@ -111,13 +113,17 @@ class SpaceGuard:
         if free < self.min_free_bytes:
             raise LowDiskSpace(
                 f"Free space on {_mount_point(self.directory)} is {free >> 20} MB, under the "
-                f"{self.min_free_bytes >> 20} MB reserve; free some space or lower --min-free-mb")
+                f"{self.min_free_bytes >> 20} MB reserve; free some space or lower --min-free-mb"
+            )
 
 
 def storage_error(exc: OSError, path: Path) -> StorageError:
     """An OS error while writing ``path``, as one line that says what to do."""
-    hint = ("free some space on the storage volume" if exc.errno == errno.ENOSPC
-            else "check that the storage directory (--storage) is writable")
+    hint = (
+        "free some space on the storage volume"
+        if exc.errno == errno.ENOSPC
+        else "check that the storage directory (--storage) is writable"
+    )
     return StorageError(f"Cannot write {path}: {exc.strerror or exc}; {hint}")
 
 
@@ -211,8 +217,10 @@ class ArtifactFile:
         return info
 
     def _exists(self) -> NameClash:
-        return NameClash(f"Cannot write {self.path}: a file of that name (letter case aside) is already "
-                         "in the run directory, and it was not overwritten; report this as a bug")
+        return NameClash(
+            f"Cannot write {self.path}: a file of that name (letter case aside) is already "
+            "in the run directory, and it was not overwritten; report this as a bug"
+        )
 
     def discard(self) -> None:
         """Stop and remove the temporary file (after a failure, or once an archive took it)."""
@@ -325,8 +333,10 @@ _YAML_UNSAFE = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]|\xef\xbb\xb
 # times slower): each scan looks for a literal lead, with memchr or with sre's
 # literal-prefix search.
 _YAML_LINE_SEPARATORS = re.compile(rb"\xe2\x80[\xa8\xa9]")
-_YAML_UNSAFE_AFTER_LEAD = {b"\xc2": re.compile(rb"\xc2[\x80-\x9f]"),
-                           b"\xef": re.compile(rb"\xef(?:\xbb\xbf|\xbf[\xbe\xbf])")}
+_YAML_UNSAFE_AFTER_LEAD = {
+    b"\xc2": re.compile(rb"\xc2[\x80-\x9f]"),
+    b"\xef": re.compile(rb"\xef(?:\xbb\xbf|\xbf[\xbe\xbf])"),
+}
 # JSON that YAML 1.1 reads otherwise: a number with an exponent but no dot or no
 # sign (a string to YAML 1.1), an escaped UTF-16 surrogate (two lone halves).
 _YAML_MISREAD = re.compile(rb"[:,\[]-?[0-9]+(?:[eE]|\.[0-9]+[eE][0-9])|\\u[dD][89abAB]")
@@ -380,8 +390,15 @@ class YamlSequence:
 
 def dump_yaml(data: Any, flow: bool = False) -> bytes:
     """YAML (block style, or one flow line), keys in their order, unicode kept."""
-    return yaml.dump(data, Dumper=_YAML_DUMPER, sort_keys=False, allow_unicode=True,
-                     default_flow_style=flow, width=1 << 30, encoding="utf-8")
+    return yaml.dump(
+        data,
+        Dumper=_YAML_DUMPER,
+        sort_keys=False,
+        allow_unicode=True,
+        default_flow_style=flow,
+        width=1 << 30,
+        encoding="utf-8",
+    )
 
 
 def encoder(fmt: str, json_is_yaml_safe: bool = False) -> Encoder:
@@ -406,8 +423,17 @@ class SchemaWriter:
     (empty) part 00001.
     """
 
-    def __init__(self, run_dir: Path, schema: str, encoder: Encoder, compress: bool,
-                 split_max: int | None, guard: SpaceGuard, part_done: PartDone, names: RunFiles) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        schema: str,
+        encoder: Encoder,
+        compress: bool,
+        split_max: int | None,
+        guard: SpaceGuard,
+        part_done: PartDone,
+        names: RunFiles,
+    ) -> None:
         self.run_dir, self.schema, self.encoder = run_dir, schema, encoder
         self.compress, self.split_max, self.guard = compress, split_max, guard
         self._part_done, self._names = part_done, names
@@ -418,7 +444,8 @@ class SchemaWriter:
     def file_name(self, part: int | None) -> str:
         number = "" if part is None else f".{part:05d}"
         return f"{safe_file_name(self.schema)}{number}.{self.encoder.extension}" + (
-            ".gz" if self.compress else "")
+            ".gz" if self.compress else ""
+        )
 
     def _open(self) -> ArtifactFile:
         self._part += 1
@@ -470,19 +497,44 @@ class SchemaWriter:
 # ---------------------------------------------------------------- the run's outputs
 
 
-def artifact(kind: str, info: FileInfo, fmt: str, content_type: str, *, schema: str | None = None,
-             part: int | None = None, records: int | None = None, primary: bool = True) -> dict[str, Any]:
+def artifact(
+    kind: str,
+    info: FileInfo,
+    fmt: str,
+    content_type: str,
+    *,
+    schema: str | None = None,
+    part: int | None = None,
+    records: int | None = None,
+    primary: bool = True,
+) -> dict[str, Any]:
     """The artifact message the worker sends to the service (see the executor contract)."""
-    return {"artifact_type": kind, "artifact_name": info.name, "schema_name": schema, "part": part,
-            "format": fmt, "content_type": content_type, "size_bytes": info.size, "records": records,
-            "checksum": info.checksum, "crc32": info.crc32, "is_primary": primary}
+    return {
+        "artifact_type": kind,
+        "artifact_name": info.name,
+        "schema_name": schema,
+        "part": part,
+        "format": fmt,
+        "content_type": content_type,
+        "size_bytes": info.size,
+        "records": records,
+        "checksum": info.checksum,
+        "crc32": info.crc32,
+        "is_primary": primary,
+    }
 
 
 def manifest_entry(item: dict[str, Any]) -> dict[str, Any]:
     """An artifact as listed in ``manifest.json``."""
-    return {"type": item["artifact_type"], "name": item["artifact_name"], "schema": item["schema_name"],
-            "part": item["part"], "size": item["size_bytes"], "checksum": item["checksum"],
-            "records": item["records"]}
+    return {
+        "type": item["artifact_type"],
+        "name": item["artifact_name"],
+        "schema": item["schema_name"],
+        "part": item["part"],
+        "size": item["size_bytes"],
+        "checksum": item["checksum"],
+        "records": item["records"],
+    }
 
 
 Report = Callable[[dict[str, Any]], None]
@@ -492,8 +544,14 @@ Manifest = Callable[[list[dict[str, Any]]], bytes]
 class FileOutput:
     """``jsonl``/``json``/``yaml``: describe.yaml, data files and manifest.json side by side."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], guard: SpaceGuard, report: Report,
-                 json_is_yaml_safe: bool = False) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        guard: SpaceGuard,
+        report: Report,
+        json_is_yaml_safe: bool = False,
+    ) -> None:
         self.run_dir, self.config, self.guard = run_dir, config, guard
         self._report = report
         self.artifacts: list[dict[str, Any]] = []
@@ -505,8 +563,9 @@ class FileOutput:
         self._report(item)
 
     def describe(self, data: bytes) -> None:
-        info = write_file(self.run_dir, self.names.claim("describe.yaml", "the schemas' description"),
-                          data, self.guard)
+        info = write_file(
+            self.run_dir, self.names.claim("describe.yaml", "the schemas' description"), data, self.guard
+        )
         self._add(artifact("describe", info, "yaml", "application/yaml"))
 
     def schema(self, name: str) -> SchemaWriter:
@@ -516,16 +575,27 @@ class FileOutput:
 
         def part_done(file: ArtifactFile, part: int | None, records: int) -> None:
             info = file.commit()
-            self._add(artifact(f"data-{name}", info, self.encoder.extension, content_type,
-                               schema=name, part=part, records=records))
+            self._add(
+                artifact(
+                    f"data-{name}",
+                    info,
+                    self.encoder.extension,
+                    content_type,
+                    schema=name,
+                    part=part,
+                    records=records,
+                )
+            )
 
-        return SchemaWriter(self.run_dir, name, self.encoder, compress, split, self.guard, part_done,
-                            self.names)
+        return SchemaWriter(
+            self.run_dir, name, self.encoder, compress, split, self.guard, part_done, self.names
+        )
 
     def finish(self, manifest: Manifest) -> None:
         entries = [manifest_entry(item) for item in self.artifacts]
-        info = write_file(self.run_dir, self.names.claim("manifest.json", "the manifest"), manifest(entries),
-                          self.guard)
+        info = write_file(
+            self.run_dir, self.names.claim("manifest.json", "the manifest"), manifest(entries), self.guard
+        )
         self._report(artifact("manifest", info, "json", "application/json", primary=False))
 
     def abort(self) -> None:
@@ -541,8 +611,9 @@ class ArchiveOutput:
     the run directory's (``RunFiles``): the tarball is unpacked too.
     """
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], guard: SpaceGuard, report: Report,
-                 base_name: str) -> None:
+    def __init__(
+        self, run_dir: Path, config: dict[str, Any], guard: SpaceGuard, report: Report, base_name: str
+    ) -> None:
         self.run_dir, self.config, self.guard = run_dir, config, guard
         self._report = report
         self.compress = bool(config["compress"])
@@ -550,8 +621,9 @@ class ArchiveOutput:
         self.names, self.member_names = RunFiles(), RunFiles()
         name = self.names.claim(base_name + (".tar.gz" if self.compress else ".tar"), "the archive")
         self._file = ArtifactFile(run_dir, name, guard, self.compress)
-        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT,  # noqa: SIM115
-                                 copybufsize=_BLOCK)
+        self._tar = tarfile.open(  # noqa: SIM115 — closed in finish()
+            fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT, copybufsize=_BLOCK
+        )
         self._mtime = time.time()
 
     def _member(self, name: str, size: int) -> tarfile.TarInfo:
@@ -576,25 +648,46 @@ class ArchiveOutput:
             with open(file.temp_path, "rb") as member:
                 self._tar.addfile(self._member(info.name, info.size), member)
             file.discard()
-            self.members.append(artifact(f"data-{name}", info, "jsonl", "application/x-ndjson",
-                                         schema=name, part=part, records=records))
+            self.members.append(
+                artifact(
+                    f"data-{name}",
+                    info,
+                    "jsonl",
+                    "application/x-ndjson",
+                    schema=name,
+                    part=part,
+                    records=records,
+                )
+            )
 
-        return SchemaWriter(self.run_dir, name, JsonLines(), False, split, self.guard, part_done,
-                            self.member_names)
+        return SchemaWriter(
+            self.run_dir, name, JsonLines(), False, split, self.guard, part_done, self.member_names
+        )
 
     def finish(self, manifest: Manifest) -> None:
-        self._add_bytes("manifest.json", manifest([manifest_entry(item) for item in self.members]),
-                        "the archive's manifest")
+        self._add_bytes(
+            "manifest.json",
+            manifest([manifest_entry(item) for item in self.members]),
+            "the archive's manifest",
+        )
         self._tar.close()
         info = self._file.commit()
         records = sum(item["records"] or 0 for item in self.members)
-        tarball = artifact("archive", info, "tar", "application/gzip" if self.compress
-                           else "application/x-tar", records=records)
+        tarball = artifact(
+            "archive",
+            info,
+            "tar",
+            "application/gzip" if self.compress else "application/x-tar",
+            records=records,
+        )
         self._report(tarball)
-        outer = write_file(self.run_dir, self.names.claim("manifest.json", "the manifest"),
-                           manifest([manifest_entry(tarball)]), self.guard)
+        outer = write_file(
+            self.run_dir,
+            self.names.claim("manifest.json", "the manifest"),
+            manifest([manifest_entry(tarball)]),
+            self.guard,
+        )
         self._report(artifact("manifest", outer, "json", "application/json", primary=False))
 
     def abort(self) -> None:
         self._file.discard()
-

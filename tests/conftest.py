@@ -36,16 +36,23 @@ def make_shop_db(path: Path) -> Path:
     """A small source with a composite key, a foreign key, an index, a BLOB and awkward names."""
     con = sqlite3.connect(path)
     con.executescript(SHOP_SCHEMA)
-    con.executemany("INSERT INTO users (id, email, name, age, score, avatar) VALUES (?, ?, ?, ?, ?, ?)", [
-        (1, "ana@example.com", "Ana Żółć", 34, 0.1 + 0.2, b"\x00\xff\x10"),
-        (2, "bo@example.com", "Bo 李", 17, None, None),
-        (3, "cy@example.com", None, 70, 1e308, b""),
-        (2**62, "big@example.com", "Big", None, -0.5, None),
-    ])
-    con.executemany("INSERT INTO orders (id, user_id, total, note) VALUES (?, ?, ?, ?)",
-                    [(i, 1 + i % 3, i * 1.25, None if i % 2 else f"note {i} ✓") for i in range(1, 51)])
-    con.executemany('INSERT INTO "order items" VALUES (?, ?, ?, ?)',
-                    [(o, n, f"SKU-{o}-{n}", n) for o in range(1, 11) for n in (1, 2)])
+    con.executemany(
+        "INSERT INTO users (id, email, name, age, score, avatar) VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            (1, "ana@example.com", "Ana Żółć", 34, 0.1 + 0.2, b"\x00\xff\x10"),
+            (2, "bo@example.com", "Bo 李", 17, None, None),
+            (3, "cy@example.com", None, 70, 1e308, b""),
+            (2**62, "big@example.com", "Big", None, -0.5, None),
+        ],
+    )
+    con.executemany(
+        "INSERT INTO orders (id, user_id, total, note) VALUES (?, ?, ?, ?)",
+        [(i, 1 + i % 3, i * 1.25, None if i % 2 else f"note {i} ✓") for i in range(1, 51)],
+    )
+    con.executemany(
+        'INSERT INTO "order items" VALUES (?, ?, ?, ?)',
+        [(o, n, f"SKU-{o}-{n}", n) for o in range(1, 11) for n in (1, 2)],
+    )
     con.commit()
     con.close()
     return path
@@ -55,9 +62,11 @@ def make_big_db(path: Path, rows: int) -> Path:
     """A ``big`` table of ``rows`` rows (~80 bytes of JSON each) and a one-row ``small``."""
     con = sqlite3.connect(path)
     con.execute("CREATE TABLE big (id INTEGER PRIMARY KEY, name TEXT, amount REAL, at TEXT)")
-    con.execute("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT ?) "
-                "INSERT INTO big SELECT x, 'name ' || x, x * 0.25, '2024-01-01T00:00:00Z' FROM c",
-                (rows,))
+    con.execute(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT ?) "
+        "INSERT INTO big SELECT x, 'name ' || x, x * 0.25, '2024-01-01T00:00:00Z' FROM c",
+        (rows,),
+    )
     con.execute("CREATE TABLE small (id INTEGER PRIMARY KEY, v TEXT)")
     con.execute("INSERT INTO small VALUES (1, 'one')")
     con.commit()
@@ -113,8 +122,9 @@ class Service:
     client: httpx.Client = field(init=False)
 
     def __post_init__(self) -> None:
-        self.client = httpx.Client(base_url=self.base_url, timeout=30,
-                                   headers={"Authorization": f"Bearer {TOKEN}"})
+        self.client = httpx.Client(
+            base_url=self.base_url, timeout=30, headers={"Authorization": f"Bearer {TOKEN}"}
+        )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -151,19 +161,41 @@ class Service:
         return response.json()["data"]["run_id"]
 
 
-def start_service(tmp: Path, source: str | None, *extra: str, env: dict | None = None,
-                  db: Path | None = None, storage: Path | None = None) -> Service:
+def start_service(
+    tmp: Path,
+    source: str | None,
+    *extra: str,
+    env: dict | None = None,
+    db: Path | None = None,
+    storage: Path | None = None,
+) -> Service:
     port = free_port()
     db = db or tmp / "state" / "extracts.db"
     storage = storage or tmp / "storage"
-    args = ["--db", str(db), "--storage", str(storage), "--port", str(port), "--token", TOKEN,
-            "--workers", "2", *extra]
+    args = [
+        "--db",
+        str(db),
+        "--storage",
+        str(storage),
+        "--port",
+        str(port),
+        "--token",
+        TOKEN,
+        "--workers",
+        "2",
+        *extra,
+    ]
     if source is not None:
         args += ["--source", source]
     log = tmp / f"service-{port}.log"
     with log.open("wb") as out:
-        process = subprocess.Popen([*app_command(), *args], stdout=out, stderr=subprocess.STDOUT,
-                                   cwd=tmp, env={**os.environ, **(env or {})})
+        process = subprocess.Popen(
+            [*app_command(), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp,
+            env={**os.environ, **(env or {})},
+        )
     service = Service(f"http://127.0.0.1:{port}", db, storage, source or "", process, log, args)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -38,13 +38,52 @@ CREATE TABLE keyed (k TEXT PRIMARY KEY, n INT) WITHOUT ROWID;
 CREATE VIEW adults AS SELECT id, name FROM users WHERE age >= 18;
 '''
 
-TEXTS = ["Ana Żółć", "Bo 李", "", "emoji 😀 𝄞", "quote \" back \\ slash", "tab\tnew\nline\r",
-         "nul\x00byte", "\u2028\u2029\x85\ufeff", "del\x7f c1\x9f \uffff", "12", "null", "true", "- dash",
-         "{", "}", "a: b", "# hash", "&anchor *alias", "550e8400-e29b-41d4", "ratio:1e5"]
+TEXTS = [
+    "Ana Żółć",
+    "Bo 李",
+    "",
+    "emoji 😀 𝄞",
+    'quote " back \\ slash',
+    "tab\tnew\nline\r",
+    "nul\x00byte",
+    "\u2028\u2029\x85\ufeff",
+    "del\x7f c1\x9f \uffff",
+    "12",
+    "null",
+    "true",
+    "- dash",
+    "{",
+    "}",
+    "a: b",
+    "# hash",
+    "&anchor *alias",
+    "550e8400-e29b-41d4",
+    "ratio:1e5",
+]
 VALUES: list[Any] = [
-    2**63 - 1, -(2**63), 0, 1, -1, 2**53 + 1, 0.1 + 0.2, 1e308, -1e308, 5e-324, -0.0, 0.0, 1.0,
-    2.0**60, 1e16 + 2, 123456789.125, float("inf"), float("-inf"), None, b"", b"\x00\xff\x10 blob",
-    *TEXTS]
+    2**63 - 1,
+    -(2**63),
+    0,
+    1,
+    -1,
+    2**53 + 1,
+    0.1 + 0.2,
+    1e308,
+    -1e308,
+    5e-324,
+    -0.0,
+    0.0,
+    1.0,
+    2.0**60,
+    1e16 + 2,
+    123456789.125,
+    float("inf"),
+    float("-inf"),
+    None,
+    b"",
+    b"\x00\xff\x10 blob",
+    *TEXTS,
+]
 USERS = [
     (1, "ana@example.com", "Ana Żółć", 34, 0.1 + 0.2, b"\x00\xff\x10"),
     (2, "bo@example.com", "Bo 李", 17, None, None),
@@ -57,16 +96,22 @@ def make_source(path: Path) -> Path:
     """A WAL source with every awkward case: keys, names, storage classes, an empty table."""
     con = sqlite3.connect(path)
     con.executescript(SOURCE_SCHEMA)
-    con.executemany("INSERT INTO users (id, email, name, age, score, avatar) VALUES (?, ?, ?, ?, ?, ?)",
-                    USERS)
-    con.executemany("INSERT INTO orders (id, user_id, total, note) VALUES (?, ?, ?, ?)",
-                    [(i, 1 + i % 3, i * 1.25, None if i % 2 else f"note {i} ✓") for i in range(1, 51)])
-    con.executemany('INSERT INTO "order items" VALUES (?, ?, ?, ?)',
-                    [(o, n, f"SKU-{o}-{n}", n) for o in range(1, 11) for n in (1, 2)])
-    con.executemany('INSERT INTO "values" (v, label) VALUES (?, ?)',
-                    [(value, repr(value)) for value in VALUES])
+    con.executemany(
+        "INSERT INTO users (id, email, name, age, score, avatar) VALUES (?, ?, ?, ?, ?, ?)", USERS
+    )
+    con.executemany(
+        "INSERT INTO orders (id, user_id, total, note) VALUES (?, ?, ?, ?)",
+        [(i, 1 + i % 3, i * 1.25, None if i % 2 else f"note {i} ✓") for i in range(1, 51)],
+    )
+    con.executemany(
+        'INSERT INTO "order items" VALUES (?, ?, ?, ?)',
+        [(o, n, f"SKU-{o}-{n}", n) for o in range(1, 11) for n in (1, 2)],
+    )
+    con.executemany(
+        'INSERT INTO "values" (v, label) VALUES (?, ?)', [(value, repr(value)) for value in VALUES]
+    )
     con.executemany('INSERT INTO "../../etc/passwd" VALUES (?)', [("root:x:0:0",), ("daemon",)])
-    con.executemany('INSERT INTO "notes ""2024"" Zoë\'s" VALUES (?, ?)', [("a \"b\"", 1), ("ü", 2)])
+    con.executemany('INSERT INTO "notes ""2024"" Zoë\'s" VALUES (?, ?)', [('a "b"', 1), ("ü", 2)])
     con.executemany("INSERT INTO keyed VALUES (?, ?)", [("b", 2), ("a", 1)])
     con.commit()
     con.close()
@@ -147,11 +192,23 @@ def tar_members(path: Path) -> dict[str, bytes]:
 
 def make_job(tmp_path: Path, source: Path | str, run_id: str = "run_0123456789ab", **config: Any) -> dict:
     return {
-        "run_id": run_id, "extract_id": "extract_test", "extract_name": "Daily Backup",
-        "source": str(source), "run_dir": str(tmp_path / "storage" / run_id),
-        "min_free_bytes": 1 << 20, "created_at": "2026-11-28T17:00:00.000Z",
-        "config": {"format": "jsonl", "include": ["describe", "data"], "schemas": None, "filter": None,
-                   "compress": False, "split_files": False, "split_max_records": 1_000_000} | config,
+        "run_id": run_id,
+        "extract_id": "extract_test",
+        "extract_name": "Daily Backup",
+        "source": str(source),
+        "run_dir": str(tmp_path / "storage" / run_id),
+        "min_free_bytes": 1 << 20,
+        "created_at": "2026-11-28T17:00:00.000Z",
+        "config": {
+            "format": "jsonl",
+            "include": ["describe", "data"],
+            "schemas": None,
+            "filter": None,
+            "compress": False,
+            "split_files": False,
+            "split_max_records": 1_000_000,
+        }
+        | config,
     }
 
 
@@ -195,9 +252,11 @@ def build_big_table(db: Path, name: str, rows: int) -> None:
     con = sqlite3.connect(db)
     con.execute("PRAGMA journal_mode = WAL")
     con.execute(f"CREATE TABLE {quote(name)} (id INTEGER PRIMARY KEY, label TEXT, amount REAL, n INTEGER)")
-    con.execute(f"""
+    con.execute(
+        f"""
         WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < ?)
-        INSERT INTO {quote(name)} SELECT i, 'row ' || i, i / 7.0, i % 1000 FROM s""", (rows,))
+        INSERT INTO {quote(name)} SELECT i, 'row ' || i, i / 7.0, i % 1000 FROM s""",
+        (rows,),
+    )
     con.commit()
     con.close()
-

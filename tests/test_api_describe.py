@@ -11,25 +11,43 @@ def column(type_: str, required: bool = False, default=None, primary_key: bool =
 
 def test_list_schemas(service: Service) -> None:
     r = service.client.get("/api/describe")
-    assert r.json() == {"success": True, "data": [
-        {"name": "adults", "type": "view", "columns": 2, "row_count": 2},
-        {"name": "order items", "type": "table", "columns": 4, "row_count": 20},
-        {"name": "orders", "type": "table", "columns": 4, "row_count": 50},
-        {"name": "users", "type": "table", "columns": 7, "row_count": 4},
-    ]}
+    assert r.json() == {
+        "success": True,
+        "data": [
+            {"name": "adults", "type": "view", "columns": 2, "row_count": 2},
+            {"name": "order items", "type": "table", "columns": 4, "row_count": 20},
+            {"name": "orders", "type": "table", "columns": 4, "row_count": 50},
+            {"name": "users", "type": "table", "columns": 7, "row_count": 4},
+        ],
+    }
 
 
 def test_composite_key_foreign_key_and_quoted_names(service: Service) -> None:
     r = service.client.get("/api/describe/order items")
-    assert r.json() == {"success": True, "data": {
-        "name": "order items", "type": "table",
-        "columns": {"order_id": column("INTEGER", True, primary_key=True),
-                    "line": column("INTEGER", True, primary_key=True),
-                    'sku "quoted"': column("TEXT"), "qty": column("INTEGER")},
-        "primary_key": ["order_id", "line"],
-        "foreign_keys": [{"columns": ["order_id"], "references": {"table": "orders", "columns": ["id"]},
-                          "on_update": "NO ACTION", "on_delete": "NO ACTION"}],
-        "indexes": [], "row_count": 20}}
+    assert r.json() == {
+        "success": True,
+        "data": {
+            "name": "order items",
+            "type": "table",
+            "columns": {
+                "order_id": column("INTEGER", True, primary_key=True),
+                "line": column("INTEGER", True, primary_key=True),
+                'sku "quoted"': column("TEXT"),
+                "qty": column("INTEGER"),
+            },
+            "primary_key": ["order_id", "line"],
+            "foreign_keys": [
+                {
+                    "columns": ["order_id"],
+                    "references": {"table": "orders", "columns": ["id"]},
+                    "on_update": "NO ACTION",
+                    "on_delete": "NO ACTION",
+                }
+            ],
+            "indexes": [],
+            "row_count": 20,
+        },
+    }
 
 
 def test_index_blob_and_default(service: Service) -> None:
@@ -40,9 +58,14 @@ def test_index_blob_and_default(service: Service) -> None:
     assert users["primary_key"] == ["id"]
     orders = service.client.get("/api/describe/orders").json()["data"]
     assert orders["indexes"] == [{"name": "orders_user", "unique": False, "columns": ["user_id"]}]
-    assert orders["foreign_keys"] == [{"columns": ["user_id"],
-                                       "references": {"table": "users", "columns": ["id"]},
-                                       "on_update": "NO ACTION", "on_delete": "CASCADE"}]
+    assert orders["foreign_keys"] == [
+        {
+            "columns": ["user_id"],
+            "references": {"table": "users", "columns": ["id"]},
+            "on_update": "NO ACTION",
+            "on_delete": "CASCADE",
+        }
+    ]
     assert orders["columns"]["total"] == column("REAL", True, "0")
 
 

@@ -18,36 +18,76 @@ def test_create_applies_defaults_and_returns_201(service: Service) -> None:
     assert data["id"].startswith("extract_")
     assert data["created_at"].endswith("Z") and data["updated_at"] == data["created_at"]
     expected = {
-        "name": "Full export", "description": None, "format": "jsonl",
-        "include": ["describe", "data"], "schemas": None, "filter": None, "compress": True,
-        "split_files": False, "split_max_records": 1000000, "schedule": None,
-        "schedule_enabled": False, "retention_days": 7, "enabled": True, "deleted_at": None,
-        "last_run_id": None, "last_run_status": None, "last_run_at": None, "total_runs": 0,
-        "successful_runs": 0, "failed_runs": 0, "cancelled_runs": 0, "next_run_at": None,
+        "name": "Full export",
+        "description": None,
+        "format": "jsonl",
+        "include": ["describe", "data"],
+        "schemas": None,
+        "filter": None,
+        "compress": True,
+        "split_files": False,
+        "split_max_records": 1000000,
+        "schedule": None,
+        "schedule_enabled": False,
+        "retention_days": 7,
+        "enabled": True,
+        "deleted_at": None,
+        "last_run_id": None,
+        "last_run_status": None,
+        "last_run_at": None,
+        "total_runs": 0,
+        "successful_runs": 0,
+        "failed_runs": 0,
+        "cancelled_runs": 0,
+        "next_run_at": None,
     }
     assert {k: data[k] for k in expected} == expected
-    assert service.client.get(f"/api/data/extracts/{data['id']}").json() == {"success": True,
-                                                                              "data": data}
+    assert service.client.get(f"/api/data/extracts/{data['id']}").json() == {"success": True, "data": data}
 
 
-@pytest.mark.parametrize("field,bad,good", [
-    ("name", "", "x"), ("name", "   ", "x"), ("name", "x" * 201, "x" * 200), ("name", 5, "n"),
-    ("description", 7, "notes"), ("description", ["a"], None),
-    ("format", "csv", "yaml"), ("format", "JSONL", "archive"), ("format", None, "json"),
-    ("include", [], ["data"]), ("include", ["data", "data"], ["describe"]),
-    ("include", ["everything"], ["describe", "data"]), ("include", "data", ["data"]),
-    ("schemas", [], ["users"]), ("schemas", ["users", "users"], ["users", "orders"]),
-    ("schemas", ["nope"], ["order items"]), ("schemas", "users", None), ("schemas", [1], ["adults"]),
-    ("schemas", ["sqlite_master"], ["users"]),
-    ("compress", "yes", False), ("compress", 1, True), ("split_files", None, True),
-    ("split_max_records", 0, 1), ("split_max_records", 100_000_001, 100_000_000),
-    ("split_max_records", 10.0, 10), ("split_max_records", "10", 10),
-    ("schedule", "not cron", "0 3 * * *"), ("schedule", "* * * * * *", "*/5 * * * *"),
-    ("schedule", "61 * * * *", None), ("schedule", "@daily", "0 0 * * 1-5"),
-    ("retention_days", 0, 1), ("retention_days", 366, 365), ("retention_days", "7", 7),
-    ("retention_days", 7.5, 30), ("retention_days", True, 3),
-    ("enabled", "yes", False), ("enabled", 0, True), ("schedule_enabled", "true", False),
-])
+@pytest.mark.parametrize(
+    "field,bad,good",
+    [
+        ("name", "", "x"),
+        ("name", "   ", "x"),
+        ("name", "x" * 201, "x" * 200),
+        ("name", 5, "n"),
+        ("description", 7, "notes"),
+        ("description", ["a"], None),
+        ("format", "csv", "yaml"),
+        ("format", "JSONL", "archive"),
+        ("format", None, "json"),
+        ("include", [], ["data"]),
+        ("include", ["data", "data"], ["describe"]),
+        ("include", ["everything"], ["describe", "data"]),
+        ("include", "data", ["data"]),
+        ("schemas", [], ["users"]),
+        ("schemas", ["users", "users"], ["users", "orders"]),
+        ("schemas", ["nope"], ["order items"]),
+        ("schemas", "users", None),
+        ("schemas", [1], ["adults"]),
+        ("schemas", ["sqlite_master"], ["users"]),
+        ("compress", "yes", False),
+        ("compress", 1, True),
+        ("split_files", None, True),
+        ("split_max_records", 0, 1),
+        ("split_max_records", 100_000_001, 100_000_000),
+        ("split_max_records", 10.0, 10),
+        ("split_max_records", "10", 10),
+        ("schedule", "not cron", "0 3 * * *"),
+        ("schedule", "* * * * * *", "*/5 * * * *"),
+        ("schedule", "61 * * * *", None),
+        ("schedule", "@daily", "0 0 * * 1-5"),
+        ("retention_days", 0, 1),
+        ("retention_days", 366, 365),
+        ("retention_days", "7", 7),
+        ("retention_days", 7.5, 30),
+        ("retention_days", True, 3),
+        ("enabled", "yes", False),
+        ("enabled", 0, True),
+        ("schedule_enabled", "true", False),
+    ],
+)
 def test_each_field_rule_rejects_bad_and_accepts_good(service: Service, field: str, bad, good) -> None:
     r = service.client.post("/api/data/extracts", json=VALID | {field: bad})
     assert r.status_code == 400, r.text
@@ -65,12 +105,14 @@ def test_unknown_schemas_are_listed(service: Service) -> None:
     r = service.client.post("/api/data/extracts", json=VALID | {"schemas": ["users", "ghost", "x y"]})
     assert r.status_code == 400
     assert r.json()["details"] == [
-        {"field": "schemas", "message": "schemas not found in the source: ghost, x y"}]
+        {"field": "schemas", "message": "schemas not found in the source: ghost, x y"}
+    ]
 
 
 def test_every_bad_field_is_named_at_once(service: Service) -> None:
-    r = service.client.post("/api/data/extracts", json={
-        "format": "csv", "retention_days": 0, "bogus": 1, "id": "extract_mine"})
+    r = service.client.post(
+        "/api/data/extracts", json={"format": "csv", "retention_days": 0, "bogus": 1, "id": "extract_mine"}
+    )
     assert r.status_code == 400
     fields = [d["field"] for d in r.json()["details"]]
     assert sorted(fields) == ["bogus", "format", "id", "name", "retention_days"]
@@ -80,8 +122,9 @@ def test_schedule_enabled_requires_schedule(service: Service) -> None:
     r = service.client.post("/api/data/extracts", json=VALID | {"schedule_enabled": True})
     assert r.status_code == 400
     assert [d["field"] for d in r.json()["details"]] == ["schedule"]
-    r = service.client.post("/api/data/extracts",
-                            json=VALID | {"schedule_enabled": True, "schedule": "0 3 * * *"})
+    r = service.client.post(
+        "/api/data/extracts", json=VALID | {"schedule_enabled": True, "schedule": "0 3 * * *"}
+    )
     assert r.status_code == 201
     data = r.json()["data"]
     assert data["next_run_at"].endswith("T03:00:00.000Z")
@@ -93,18 +136,21 @@ def test_schedule_enabled_requires_schedule(service: Service) -> None:
     assert r.json()["data"]["next_run_at"] is None
 
 
-@pytest.mark.parametrize("filter_,field", [
-    ({"users": {"where": {"age": {"$gt": 17}}}}, None),
-    ({"users": {"where": {"name": None, "age": {"$in": [1, 2]}, "email": {"$like": "%@x"}}}}, None),
-    ({"users": {"where": {"shoe_size": 4}}}, "filter.users.where.shoe_size"),
-    ({"ghost": {"where": {"a": 1}}}, "filter.ghost"),
-    ({"users": {"where": {"age": {"$between": [1, 2]}}}}, "filter.users.where.age"),
-    ({"users": {"where": {"age": {"$in": 3}}}}, "filter.users.where.age"),
-    ({"users": {"where": {"age": {"$null": "yes"}}}}, "filter.users.where.age"),
-    ({"users": {"where": {"age": 1}, "limit": 3}}, "filter"),
-    ({"users": "age > 3"}, "filter"),
-    ([], "filter"),
-])
+@pytest.mark.parametrize(
+    "filter_,field",
+    [
+        ({"users": {"where": {"age": {"$gt": 17}}}}, None),
+        ({"users": {"where": {"name": None, "age": {"$in": [1, 2]}, "email": {"$like": "%@x"}}}}, None),
+        ({"users": {"where": {"shoe_size": 4}}}, "filter.users.where.shoe_size"),
+        ({"ghost": {"where": {"a": 1}}}, "filter.ghost"),
+        ({"users": {"where": {"age": {"$between": [1, 2]}}}}, "filter.users.where.age"),
+        ({"users": {"where": {"age": {"$in": 3}}}}, "filter.users.where.age"),
+        ({"users": {"where": {"age": {"$null": "yes"}}}}, "filter.users.where.age"),
+        ({"users": {"where": {"age": 1}, "limit": 3}}, "filter"),
+        ({"users": "age > 3"}, "filter"),
+        ([], "filter"),
+    ],
+)
 def test_filter_shape_and_columns_are_checked(service: Service, filter_, field) -> None:
     r = service.client.post("/api/data/extracts", json=VALID | {"filter": filter_})
     if field is None:
@@ -116,8 +162,9 @@ def test_filter_shape_and_columns_are_checked(service: Service, filter_, field) 
 
 
 def test_filter_on_schema_not_exported_is_refused(service: Service) -> None:
-    r = service.client.post("/api/data/extracts", json=VALID | {
-        "schemas": ["orders"], "filter": {"users": {"where": {"age": 3}}}})
+    r = service.client.post(
+        "/api/data/extracts", json=VALID | {"schemas": ["orders"], "filter": {"users": {"where": {"age": 3}}}}
+    )
     assert r.status_code == 400
     assert r.json()["details"][0]["field"] == "filter.users"
 
@@ -130,8 +177,9 @@ def test_put_changes_only_the_fields_sent(service: Service) -> None:
     assert updated["description"] == "after"
     assert updated["retention_days"] == 3 and updated["name"] == "Partial"
     assert updated["updated_at"] >= created["updated_at"]
-    assert {k: v for k, v in updated.items() if k not in ("description", "updated_at")} == \
-        {k: v for k, v in created.items() if k not in ("description", "updated_at")}
+    assert {k: v for k, v in updated.items() if k not in ("description", "updated_at")} == {
+        k: v for k, v in created.items() if k not in ("description", "updated_at")
+    }
 
 
 def test_put_ignores_read_only_fields_and_rejects_unknown(service: Service) -> None:
@@ -152,10 +200,12 @@ def test_soft_delete(service: Service) -> None:
     r = service.client.delete(f"/api/data/extracts/{created['id']}")
     assert r.status_code == 200
     assert r.json()["data"]["deleted_at"] is not None and r.json()["data"]["id"] == created["id"]
-    for method, path in [("GET", f"/api/data/extracts/{created['id']}"),
-                         ("PUT", f"/api/data/extracts/{created['id']}"),
-                         ("DELETE", f"/api/data/extracts/{created['id']}"),
-                         ("POST", f"/api/extracts/{created['id']}/run")]:
+    for method, path in [
+        ("GET", f"/api/data/extracts/{created['id']}"),
+        ("PUT", f"/api/data/extracts/{created['id']}"),
+        ("DELETE", f"/api/data/extracts/{created['id']}"),
+        ("POST", f"/api/extracts/{created['id']}/run"),
+    ]:
         r = service.client.request(method, path, json={"name": "x"})
         assert r.status_code == 404, (method, r.text)
         assert r.json()["error_code"] == "RECORD_NOT_FOUND"
@@ -164,41 +214,55 @@ def test_soft_delete(service: Service) -> None:
 
 
 def test_list_filter_order_limit_offset(service: Service) -> None:
-    made = [service.create_extract(name=f"List {i}", format="yaml", description="list test",
-                                   retention_days=100 + i) for i in range(5)]
+    made = [
+        service.create_extract(
+            name=f"List {i}", format="yaml", description="list test", retention_days=100 + i
+        )
+        for i in range(5)
+    ]
     mine = {"filter[where][description]": "list test"}
     r = service.client.get("/api/data/extracts", params=mine | {"filter[where][enabled]": "true"})
     assert [row["name"] for row in r.json()["data"]] == [m["name"] for m in reversed(made)]
-    r = service.client.get("/api/data/extracts", params=mine | {
-        "filter[order]": "retention_days asc", "filter[limit]": "2", "filter[offset]": "1"})
+    r = service.client.get(
+        "/api/data/extracts",
+        params=mine | {"filter[order]": "retention_days asc", "filter[limit]": "2", "filter[offset]": "1"},
+    )
     assert [row["retention_days"] for row in r.json()["data"]] == [101, 102]
-    r = service.client.get("/api/data/extracts", params=mine | {"filter[order]": "name desc",
-                                                                "filter[limit]": "1"})
+    r = service.client.get(
+        "/api/data/extracts", params=mine | {"filter[order]": "name desc", "filter[limit]": "1"}
+    )
     assert [row["name"] for row in r.json()["data"]] == ["List 4"]
     r = service.client.get("/api/data/extracts", params={"filter[where][schemas]": "null"})
     assert r.status_code == 400
-    r = service.client.get("/api/data/extracts", params={"filter[where][description]": "null",
-                                                         "filter[where][retention_days]": "104"})
+    r = service.client.get(
+        "/api/data/extracts",
+        params={"filter[where][description]": "null", "filter[where][retention_days]": "104"},
+    )
     assert r.json()["data"] == []
     r = service.client.get("/api/data/extracts", params=mine | {"filter[where][enabled]": "false"})
     assert r.json()["data"] == []
     service.client.put(f"/api/data/extracts/{made[0]['id']}", json={"description": None})
-    r = service.client.get("/api/data/extracts", params={"filter[where][description]": "null",
-                                                         "filter[where][retention_days]": "100"})
+    r = service.client.get(
+        "/api/data/extracts",
+        params={"filter[where][description]": "null", "filter[where][retention_days]": "100"},
+    )
     assert [row["id"] for row in r.json()["data"]] == [made[0]["id"]]
 
 
-@pytest.mark.parametrize("params,field", [
-    ({"filter[where][colour]": "red"}, "filter[where][colour]"),
-    ({"filter[limit]": "1001"}, "filter[limit]"),
-    ({"filter[limit]": "0"}, "filter[limit]"),
-    ({"filter[limit]": "ten"}, "filter[limit]"),
-    ({"filter[offset]": "-1"}, "filter[offset]"),
-    ({"filter[order]": "name sideways"}, "filter[order]"),
-    ({"filter[order]": "nope desc"}, "filter[order]"),
-    ({"filter[sort]": "name"}, "filter[sort]"),
-    ({"filter[where]": "x"}, "filter[where]"),
-])
+@pytest.mark.parametrize(
+    "params,field",
+    [
+        ({"filter[where][colour]": "red"}, "filter[where][colour]"),
+        ({"filter[limit]": "1001"}, "filter[limit]"),
+        ({"filter[limit]": "0"}, "filter[limit]"),
+        ({"filter[limit]": "ten"}, "filter[limit]"),
+        ({"filter[offset]": "-1"}, "filter[offset]"),
+        ({"filter[order]": "name sideways"}, "filter[order]"),
+        ({"filter[order]": "nope desc"}, "filter[order]"),
+        ({"filter[sort]": "name"}, "filter[sort]"),
+        ({"filter[where]": "x"}, "filter[where]"),
+    ],
+)
 def test_bad_list_filters_are_400(service: Service, params, field) -> None:
     for model in ("extracts", "extract_runs", "extract_artifacts"):
         r = service.client.get(f"/api/data/{model}", params=params)
@@ -210,7 +274,9 @@ def test_bad_list_filters_are_400(service: Service, params, field) -> None:
 def test_runs_and_artifacts_lists_are_read_only(service: Service) -> None:
     for model in ("extract_runs", "extract_artifacts"):
         assert service.client.get(f"/api/data/{model}?filter[where][id]=none").json() == {
-            "success": True, "data": []}
+            "success": True,
+            "data": [],
+        }
         r = service.client.post(f"/api/data/{model}", json={})
         assert r.status_code == 405 and r.json()["error_code"] == "METHOD_NOT_ALLOWED"
         assert "GET" in r.headers["allow"]
@@ -220,19 +286,37 @@ def test_runs_and_artifacts_lists_are_read_only(service: Service) -> None:
     assert r.status_code == 405
 
 
-@pytest.mark.parametrize("headers", [
-    {}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
-    {"Authorization": "Bearer"}, {"Authorization": f"Bearer {TOKEN}x"}, {"Authorization": TOKEN},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": "Bearer"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": TOKEN},
+    ],
+)
 def test_every_api_route_requires_the_token(service: Service, headers) -> None:
-    paths = [("GET", "/api/data/extracts"), ("POST", "/api/data/extracts"),
-             ("GET", "/api/data/extracts/x"), ("PUT", "/api/data/extracts/x"),
-             ("DELETE", "/api/data/extracts/x"), ("GET", "/api/data/extract_runs"),
-             ("GET", "/api/data/extract_runs/x"), ("DELETE", "/api/data/extract_runs/x"),
-             ("GET", "/api/data/extract_artifacts"), ("GET", "/api/data/extract_artifacts/x"),
-             ("POST", "/api/extracts/x/run"), ("POST", "/api/extracts/x/cancel"),
-             ("GET", "/api/extracts/runs/x/download"), ("GET", "/api/extracts/artifacts/x/download"),
-             ("GET", "/api/describe"), ("GET", "/api/describe/users"), ("GET", "/api/nowhere")]
+    paths = [
+        ("GET", "/api/data/extracts"),
+        ("POST", "/api/data/extracts"),
+        ("GET", "/api/data/extracts/x"),
+        ("PUT", "/api/data/extracts/x"),
+        ("DELETE", "/api/data/extracts/x"),
+        ("GET", "/api/data/extract_runs"),
+        ("GET", "/api/data/extract_runs/x"),
+        ("DELETE", "/api/data/extract_runs/x"),
+        ("GET", "/api/data/extract_artifacts"),
+        ("GET", "/api/data/extract_artifacts/x"),
+        ("POST", "/api/extracts/x/run"),
+        ("POST", "/api/extracts/x/cancel"),
+        ("GET", "/api/extracts/runs/x/download"),
+        ("GET", "/api/extracts/artifacts/x/download"),
+        ("GET", "/api/describe"),
+        ("GET", "/api/describe/users"),
+        ("GET", "/api/nowhere"),
+    ]
     with httpx.Client(base_url=service.base_url, headers=headers) as anonymous:
         for method, path in paths:
             r = anonymous.request(method, path)
@@ -246,10 +330,16 @@ def test_health_and_openapi_need_no_token(service: Service) -> None:
     assert httpx.get(f"{service.base_url}/health").json() == {"status": "ok"}
     doc = httpx.get(f"{service.base_url}/openapi.json").json()
     assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) >= {"/api/data/extracts", "/api/data/extracts/{id}",
-                                 "/api/extracts/{id}/run", "/api/extracts/{id}/cancel",
-                                 "/api/extracts/runs/{id}/download", "/api/describe/{schema}",
-                                 "/api/extracts/artifacts/{id}/download", "/health"}
+    assert set(doc["paths"]) >= {
+        "/api/data/extracts",
+        "/api/data/extracts/{id}",
+        "/api/extracts/{id}/run",
+        "/api/extracts/{id}/cancel",
+        "/api/extracts/runs/{id}/download",
+        "/api/describe/{schema}",
+        "/api/extracts/artifacts/{id}/download",
+        "/health",
+    }
     create = doc["paths"]["/api/data/extracts"]["post"]
     schema = create["requestBody"]["content"]["application/json"]["schema"]
     assert schema["required"] == ["name"]
@@ -257,17 +347,24 @@ def test_health_and_openapi_need_no_token(service: Service) -> None:
     assert {"201", "400", "401", "413", "415"} <= set(create["responses"])
 
 
-@pytest.mark.parametrize("content,headers,status,code", [
-    (b"{not json", {"Content-Type": "application/json"}, 400, "BAD_REQUEST"),
-    (b"[1, 2]", {"Content-Type": "application/json"}, 400, "BAD_REQUEST"),
-    (b'"text"', {"Content-Type": "application/json"}, 400, "BAD_REQUEST"),
-    (b"", {"Content-Type": "application/json"}, 400, "BAD_REQUEST"),
-    (b'{"name": "x"}', {"Content-Type": "text/plain"}, 415, "UNSUPPORTED_MEDIA_TYPE"),
-    (b'{"name": "x"}', {}, 415, "UNSUPPORTED_MEDIA_TYPE"),
-    (b'{"name": "' + b"x" * (1 << 20) + b'"}', {"Content-Type": "application/json"}, 413,
-     "PAYLOAD_TOO_LARGE"),
-    (b"\xff\xfe{", {"Content-Type": "application/json"}, 400, "BAD_REQUEST"),
-])
+@pytest.mark.parametrize(
+    "content,headers,status,code",
+    [
+        (b"{not json", {"Content-Type": "application/json"}, 400, "BAD_REQUEST"),
+        (b"[1, 2]", {"Content-Type": "application/json"}, 400, "BAD_REQUEST"),
+        (b'"text"', {"Content-Type": "application/json"}, 400, "BAD_REQUEST"),
+        (b"", {"Content-Type": "application/json"}, 400, "BAD_REQUEST"),
+        (b'{"name": "x"}', {"Content-Type": "text/plain"}, 415, "UNSUPPORTED_MEDIA_TYPE"),
+        (b'{"name": "x"}', {}, 415, "UNSUPPORTED_MEDIA_TYPE"),
+        (
+            b'{"name": "' + b"x" * (1 << 20) + b'"}',
+            {"Content-Type": "application/json"},
+            413,
+            "PAYLOAD_TOO_LARGE",
+        ),
+        (b"\xff\xfe{", {"Content-Type": "application/json"}, 400, "BAD_REQUEST"),
+    ],
+)
 def test_malformed_bodies_get_the_envelope(service: Service, content, headers, status, code) -> None:
     r = service.client.post("/api/data/extracts", content=content, headers=headers)
     assert r.status_code == status, r.text
@@ -280,8 +377,10 @@ def test_chunked_body_over_the_limit_is_413(service: Service) -> None:
         for _ in range(70):
             yield b"y" * 16384
         yield b'"}'
-    r = service.client.post("/api/data/extracts", content=body(),
-                            headers={"Content-Type": "application/json"})
+
+    r = service.client.post(
+        "/api/data/extracts", content=body(), headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 413
 
 
@@ -296,49 +395,68 @@ def test_unknown_routes_and_methods(service: Service) -> None:
 
 # ---------------------------------------------------------------- text: Python's, SQLite's, the document's
 
-@pytest.mark.parametrize("body,field", [
-    ({"name": "\u0000"}, "name"),                      # was a 500: SQLite's length() stops at NUL
-    ({"name": " \u0000x"}, "name"),
-    ({"name": "x\u0000"}, "name"),
-    ({"description": "notes\u0000"}, "description"),   # was stored
-    ({"schedule": "0 3 * * *\u0000"}, "schedule"),
-    ({"schemas": ["users\u0000"]}, "schemas"),
-    ({"filter": {"users\u0000": {"where": {"age": 1}}}}, "filter.users\u0000"),
-    ({"filter": {"users": {"where": {"age\u0000": 1}}}}, "filter.users.where.age\u0000"),
-])
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"name": "\u0000"}, "name"),  # was a 500: SQLite's length() stops at NUL
+        ({"name": " \u0000x"}, "name"),
+        ({"name": "x\u0000"}, "name"),
+        ({"description": "notes\u0000"}, "description"),  # was stored
+        ({"schedule": "0 3 * * *\u0000"}, "schedule"),
+        ({"schemas": ["users\u0000"]}, "schemas"),
+        ({"filter": {"users\u0000": {"where": {"age": 1}}}}, "filter.users\u0000"),
+        ({"filter": {"users": {"where": {"age\u0000": 1}}}}, "filter.users.where.age\u0000"),
+    ],
+)
 def test_nul_in_any_text_of_the_configuration_is_a_400(service: Service, body: dict, field: str) -> None:
     created = service.create_extract(name="NUL target")
-    for method, path, sent in [("POST", "/api/data/extracts", VALID | body),
-                               ("PUT", f"/api/data/extracts/{created['id']}", body)]:
+    for method, path, sent in [
+        ("POST", "/api/data/extracts", VALID | body),
+        ("PUT", f"/api/data/extracts/{created['id']}", body),
+    ]:
         r = service.client.request(method, path, json=sent)
         assert r.status_code == 400, (method, r.text)
         assert r.json()["error_code"] == "VALIDATION_ERROR"
         assert [d["field"] for d in r.json()["details"]] == [field], r.text
     # A NUL in a filter VALUE is source data, bound as a parameter: accepted.
-    r = service.client.post("/api/data/extracts", json=VALID | {
-        "filter": {"users": {"where": {"name": "a\u0000b"}}}})
+    r = service.client.post(
+        "/api/data/extracts", json=VALID | {"filter": {"users": {"where": {"name": "a\u0000b"}}}}
+    )
     assert r.status_code == 201, r.text
 
 
-@pytest.mark.parametrize("name,stored", [
-    pytest.param(" " * 199 + "x", "x", id="199-spaces-x"),
-    ("\u3000\u00a0x\u2029\t", "x"),            # str.strip() whitespace, which SQLite's trim() keeps
-    ("é" * 200, "é" * 200),
-    ("😀" * 200, "😀" * 200),                  # characters, not UTF-8 bytes or UTF-16 units
-    ("\ufeffx", "\ufeffx"),                     # not whitespace for Python: kept
-])
+@pytest.mark.parametrize(
+    "name,stored",
+    [
+        pytest.param(" " * 199 + "x", "x", id="199-spaces-x"),
+        ("\u3000\u00a0x\u2029\t", "x"),  # str.strip() whitespace, which SQLite's trim() keeps
+        ("é" * 200, "é" * 200),
+        ("😀" * 200, "😀" * 200),  # characters, not UTF-8 bytes or UTF-16 units
+        ("\ufeffx", "\ufeffx"),  # not whitespace for Python: kept
+    ],
+)
 def test_name_length_counts_the_name_as_sent_and_the_stored_name_is_trimmed(
-        service: Service, name: str, stored: str) -> None:
+    service: Service, name: str, stored: str
+) -> None:
     r = service.client.post("/api/data/extracts", json={"name": name})
     assert r.status_code == 201, r.text
     assert r.json()["data"]["name"] == stored
 
 
-@pytest.mark.parametrize("name", [
-    " " * 249 + "x",                             # was stored as "x": now over the limit as sent
-    "x" * 201, "😀" * 201,
-    "\u3000", "\u00a0\u2000\u205f", "\x1c\x1d\x1e\x1f", "\x85",  # whitespace only, Unicode's
-], ids=["249-spaces-x", "201-x", "201-emoji", "ideographic-space", "nbsp-etc", "separators", "nel"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        " " * 249 + "x",  # was stored as "x": now over the limit as sent
+        "x" * 201,
+        "😀" * 201,
+        "\u3000",
+        "\u00a0\u2000\u205f",
+        "\x1c\x1d\x1e\x1f",
+        "\x85",  # whitespace only, Unicode's
+    ],
+    ids=["249-spaces-x", "201-x", "201-emoji", "ideographic-space", "nbsp-etc", "separators", "nel"],
+)
 def test_name_over_the_limit_or_only_whitespace_is_a_400(service: Service, name: str) -> None:
     r = service.client.post("/api/data/extracts", json={"name": name})
     assert r.status_code == 400, r.text
@@ -359,18 +477,54 @@ def test_text_rules_of_the_document_are_validation_rules() -> None:
 
     whitespace = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()]
     texts = [
-        "", "x", " x ", "\u0000", "x\u0000", "\u0000\n", "x\n", "\n", "\ufeff", "\u200b", "\u180e",
-        "a" * 200, "a" * 201, " " * 200, " " * 199 + "x", "😀" * 200, "😀" * 201, "x" + "\n" * 3,
-        *whitespace, *(w + "x" + w for w in whitespace), "".join(whitespace),
+        "",
+        "x",
+        " x ",
+        "\u0000",
+        "x\u0000",
+        "\u0000\n",
+        "x\n",
+        "\n",
+        "\ufeff",
+        "\u200b",
+        "\u180e",
+        "a" * 200,
+        "a" * 201,
+        " " * 200,
+        " " * 199 + "x",
+        "😀" * 200,
+        "😀" * 201,
+        "x" + "\n" * 3,
+        *whitespace,
+        *(w + "x" + w for w in whitespace),
+        "".join(whitespace),
     ]
     schedules = [
-        "0 3 * * *", " 0 3 * * * ", "0 3 * * *\n", "0\t3 * * *", "0 3 * * MON-fri", "0 0 1 jan,Jul *",
-        "*/5 * * * *", "00 03 * * 7", "0 0 L * *", "0 0 ? * *", "0 0 * * 1#2", "@daily",
-        "* * * * * *", "60 * * * *", "0 24 * * *", "0 0 0 * *", "0 0 * 13 *", "0 0 * * 8",
-        "*/0 * * * *", "0\u00a03 * * *", "0\u20033 * * *", "0 3 * * *\u0000",
+        "0 3 * * *",
+        " 0 3 * * * ",
+        "0 3 * * *\n",
+        "0\t3 * * *",
+        "0 3 * * MON-fri",
+        "0 0 1 jan,Jul *",
+        "*/5 * * * *",
+        "00 03 * * 7",
+        "0 0 L * *",
+        "0 0 ? * *",
+        "0 0 * * 1#2",
+        "@daily",
+        "* * * * * *",
+        "60 * * * *",
+        "0 24 * * *",
+        "0 0 0 * *",
+        "0 0 * 13 *",
+        "0 0 * * 8",
+        "*/0 * * * *",
+        "0\u00a03 * * *",
+        "0\u20033 * * *",
+        "0 3 * * *\u0000",
         ",".join(str(m) for m in range(60)) + " * * * *",
         "0 " + "1," * 95 + "11 * * *",  # 200 characters
-        "0 " + "1," * 96 + "1 * * *",   # 201
+        "0 " + "1," * 96 + "1 * * *",  # 201
     ]
     fields = {f.name: f for f in EXTRACT_FIELDS}
     for name, values in (("name", texts), ("description", texts), ("schedule", schedules)):
@@ -418,13 +572,21 @@ def test_every_schedule_the_grammar_allows_is_one_croniter_parses() -> None:
                     croniter(expression, now).get_next(datetime)
 
 
-@pytest.mark.parametrize("schedule,ok", [
-    ("0 3 * * mon-fri", True), ("0 0 1 JAN,jul *", True), ("00 03 * * *", True),
-    ("0 0 L * *", False), ("0 0 15W * *", False), ("0 0 * * 1#2", False), ("0 0 ? * *", False),
-    pytest.param(",".join(str(m) for m in range(60)) + " * * * *", True, id="every-minute-listed"),
-    pytest.param("0 " + "1," * 95 + "11 * * *", True, id="200-characters"),
-    pytest.param("0 " + "1," * 96 + "1 * * *", False, id="201-characters"),
-])
+@pytest.mark.parametrize(
+    "schedule,ok",
+    [
+        ("0 3 * * mon-fri", True),
+        ("0 0 1 JAN,jul *", True),
+        ("00 03 * * *", True),
+        ("0 0 L * *", False),
+        ("0 0 15W * *", False),
+        ("0 0 * * 1#2", False),
+        ("0 0 ? * *", False),
+        pytest.param(",".join(str(m) for m in range(60)) + " * * * *", True, id="every-minute-listed"),
+        pytest.param("0 " + "1," * 95 + "11 * * *", True, id="200-characters"),
+        pytest.param("0 " + "1," * 96 + "1 * * *", False, id="201-characters"),
+    ],
+)
 def test_schedule_grammar_and_length_bound(service: Service, schedule: str, ok: bool) -> None:
     r = service.client.post("/api/data/extracts", json=VALID | {"schedule": schedule})
     assert (r.status_code == 201) is ok, r.text
@@ -467,11 +629,13 @@ def test_a_filter_binds_at_most_10000_values_in_one_where(service: Service) -> N
     over = full | {"created_at": "2024"}
     r = service.client.post("/api/data/extracts", json=VALID | {"filter": {"users": {"where": over}}})
     assert r.status_code == 400
-    assert r.json()["details"] == [{"field": "filter.users.where",
-                                    "message": "holds 10001 values; at most 10000 in one where"}]
+    assert r.json()["details"] == [
+        {"field": "filter.users.where", "message": "holds 10001 values; at most 10000 in one where"}
+    ]
 
 
 # ---------------------------------------------------------------- typed list filters
+
 
 def ids(service: Service, model: str, **where: str) -> list[str]:
     r = service.client.get(f"/api/data/{model}", params={f"filter[where][{k}]": v for k, v in where.items()})
@@ -481,8 +645,9 @@ def ids(service: Service, model: str, **where: str) -> list[str]:
 
 def test_list_filters_read_each_value_by_its_field_type(service: Service) -> None:
     """filter[where][total_runs]=1 never matched: the value was bound as text (issue 12, item 11)."""
-    extract = service.create_extract(name="true", description="typed", schemas=["users"], compress=False,
-                                     retention_days=42)
+    extract = service.create_extract(
+        name="true", description="typed", schemas=["users"], compress=False, retention_days=42
+    )
     run = service.wait_run(service.run(extract["id"]))
     assert run["status"] == "completed", run
     other = service.create_extract(name="false", description="typed", compress=True)
@@ -510,39 +675,65 @@ def test_list_filters_read_each_value_by_its_field_type(service: Service) -> Non
         assert ids(service, "extracts", created_at=created[:-5] + "Z") == [extract["id"]]
     # runs: integers, a number, text, a timestamp
     assert ids(service, "extract_runs", extract_id=extract["id"], progress="100") == [run["id"]]
-    assert ids(service, "extract_runs", id=run["id"], records_exported=str(run["records_exported"])) \
-        == [run["id"]]
-    assert ids(service, "extract_runs", id=run["id"], duration_seconds=repr(run["duration_seconds"])) \
-        == [run["id"]]
+    assert ids(service, "extract_runs", id=run["id"], records_exported=str(run["records_exported"])) == [
+        run["id"]
+    ]
+    assert ids(service, "extract_runs", id=run["id"], duration_seconds=repr(run["duration_seconds"])) == [
+        run["id"]
+    ]
     assert ids(service, "extract_runs", id=run["id"], duration_seconds="-1.5e3") == []
-    assert ids(service, "extract_runs", id=run["id"], started_at=run["started_at"], status="completed") \
-        == [run["id"]]
+    assert ids(service, "extract_runs", id=run["id"], started_at=run["started_at"], status="completed") == [
+        run["id"]
+    ]
     assert ids(service, "extract_runs", id=run["id"], error="null") == [run["id"]]
     # artifacts: a boolean, integers, null
-    artifacts = service.client.get("/api/data/extract_artifacts",
-                                   params={"filter[where][run_id]": run["id"]}).json()["data"]
+    artifacts = service.client.get(
+        "/api/data/extract_artifacts", params={"filter[where][run_id]": run["id"]}
+    ).json()["data"]
     data = next(a for a in artifacts if a["artifact_type"] == "data-users")
     primary = {a["id"] for a in artifacts if a["is_primary"]}
     assert primary and len(primary) < len(artifacts)
     assert set(ids(service, "extract_artifacts", run_id=run["id"], is_primary="true")) == primary
-    assert set(ids(service, "extract_artifacts", run_id=run["id"], is_primary="false")) == \
-        {a["id"] for a in artifacts} - primary
-    assert ids(service, "extract_artifacts", run_id=run["id"], size_bytes=str(data["size_bytes"]),
-               records=str(data["records"]), download_count="0", part="null") == [data["id"]]
+    assert (
+        set(ids(service, "extract_artifacts", run_id=run["id"], is_primary="false"))
+        == {a["id"] for a in artifacts} - primary
+    )
+    assert ids(
+        service,
+        "extract_artifacts",
+        run_id=run["id"],
+        size_bytes=str(data["size_bytes"]),
+        records=str(data["records"]),
+        download_count="0",
+        part="null",
+    ) == [data["id"]]
 
 
-@pytest.mark.parametrize("model,field,value", [
-    ("extracts", "total_runs", "one"), ("extracts", "total_runs", "1.0"), ("extracts", "total_runs", " 1"),
-    ("extracts", "retention_days", "0x10"), ("extracts", "enabled", "1"), ("extracts", "enabled", "yes"),
-    ("extracts", "enabled", "TRUE"), ("extracts", "created_at", "yesterday"),
-    ("extracts", "created_at", "2026-01-01"), ("extracts", "name", "a\u0000b"),
-    ("extract_runs", "progress", "²"), ("extract_runs", "duration_seconds", "1,5"),
-    ("extract_runs", "duration_seconds", "nan"), ("extract_runs", "status", "\u0000"),
-    ("extract_artifacts", "is_primary", "0"), ("extract_artifacts", "size_bytes", "1e3"),
-    ("extract_artifacts", "expires_at", "2026-01-01T00:00:00+00:00"),
-])
-def test_a_list_filter_value_not_of_the_field_type_is_a_400(service: Service, model: str, field: str,
-                                                            value: str) -> None:
+@pytest.mark.parametrize(
+    "model,field,value",
+    [
+        ("extracts", "total_runs", "one"),
+        ("extracts", "total_runs", "1.0"),
+        ("extracts", "total_runs", " 1"),
+        ("extracts", "retention_days", "0x10"),
+        ("extracts", "enabled", "1"),
+        ("extracts", "enabled", "yes"),
+        ("extracts", "enabled", "TRUE"),
+        ("extracts", "created_at", "yesterday"),
+        ("extracts", "created_at", "2026-01-01"),
+        ("extracts", "name", "a\u0000b"),
+        ("extract_runs", "progress", "²"),
+        ("extract_runs", "duration_seconds", "1,5"),
+        ("extract_runs", "duration_seconds", "nan"),
+        ("extract_runs", "status", "\u0000"),
+        ("extract_artifacts", "is_primary", "0"),
+        ("extract_artifacts", "size_bytes", "1e3"),
+        ("extract_artifacts", "expires_at", "2026-01-01T00:00:00+00:00"),
+    ],
+)
+def test_a_list_filter_value_not_of_the_field_type_is_a_400(
+    service: Service, model: str, field: str, value: str
+) -> None:
     key = f"filter[where][{field}]"
     r = service.client.get(f"/api/data/{model}", params={key: value})
     assert r.status_code == 400, r.text
@@ -550,10 +741,15 @@ def test_a_list_filter_value_not_of_the_field_type_is_a_400(service: Service, mo
     assert [d["field"] for d in r.json()["details"]] == [key]
 
 
-@pytest.mark.parametrize("key,values", [
-    ("filter[limit]", ["1", "2"]), ("filter[offset]", ["0", "0"]),
-    ("filter[order]", ["created_at asc", "id desc"]), ("filter[where][id]", ["a", "b"]),
-])
+@pytest.mark.parametrize(
+    "key,values",
+    [
+        ("filter[limit]", ["1", "2"]),
+        ("filter[offset]", ["0", "0"]),
+        ("filter[order]", ["created_at asc", "id desc"]),
+        ("filter[where][id]", ["a", "b"]),
+    ],
+)
 def test_a_list_parameter_given_twice_is_a_400(service: Service, key: str, values: list[str]) -> None:
     for model in ("extracts", "extract_runs", "extract_artifacts"):
         r = service.client.get(f"/api/data/{model}", params=[(key, v) for v in values])
@@ -578,10 +774,33 @@ def test_list_filter_values_are_described_as_validated() -> None:
     from extracts_app import MODELS, FieldType, list_query, where_schema
     from extracts_http import ValidationFailed
 
-    samples = ["", "null", "NULL", "true", "false", "0", "-0", "1", "007", "-12", "1.5", "-1.5e-3", "1e400",
-               "9" * 30, "²", " 1", "1\n", "abc", "a\u0000", "2026-01-02T03:04:05Z",
-               "2026-01-02T03:04:05.123Z", "2026-01-02T03:04:05.1Z", "2026-01-02 03:04:05Z",
-               "2026-01-02T03:04:05.123Z\n", "null\n"]
+    samples = [
+        "",
+        "null",
+        "NULL",
+        "true",
+        "false",
+        "0",
+        "-0",
+        "1",
+        "007",
+        "-12",
+        "1.5",
+        "-1.5e-3",
+        "1e400",
+        "9" * 30,
+        "²",
+        " 1",
+        "1\n",
+        "abc",
+        "a\u0000",
+        "2026-01-02T03:04:05Z",
+        "2026-01-02T03:04:05.123Z",
+        "2026-01-02T03:04:05.1Z",
+        "2026-01-02 03:04:05Z",
+        "2026-01-02T03:04:05.123Z\n",
+        "null\n",
+    ]
     for model in MODELS.values():
         for field, field_type in model.fields.items():
             if field_type is FieldType.JSON:
@@ -596,10 +815,17 @@ def test_list_filter_values_are_described_as_validated() -> None:
                 assert validator.is_valid(value) == accepted, (field, field_type, value, accepted)
 
 
-@pytest.mark.parametrize("declared,status", [
-    (b"0" * 5000 + b"13", None), (b"\xb2", None),  # int() refused both: a 500 under a lenient server
-    (b"9" * 5000, 413), (b"1048577", 413), (b"13", None),
-], ids=["5000-zeros", "superscript-two", "5000-nines", "over-1MiB", "13"])
+@pytest.mark.parametrize(
+    "declared,status",
+    [
+        (b"0" * 5000 + b"13", None),
+        (b"\xb2", None),  # int() refused both: a 500 under a lenient server
+        (b"9" * 5000, 413),
+        (b"1048577", 413),
+        (b"13", None),
+    ],
+    ids=["5000-zeros", "superscript-two", "5000-nines", "over-1MiB", "13"],
+)
 def test_content_length_is_read_without_int_on_the_raw_header(declared: bytes, status: int | None) -> None:
     """uvicorn's h11 refuses such headers first; read_json_object must not depend on it."""
     import asyncio
@@ -611,8 +837,14 @@ def test_content_length_is_read_without_int_on_the_raw_header(declared: bytes, s
     async def receive() -> dict:
         return {"type": "http.request", "body": b'{"name": "x"}', "more_body": False}
 
-    request = Request({"type": "http", "method": "POST", "headers": [
-        (b"content-type", b"application/json"), (b"content-length", declared)]}, receive)
+    request = Request(
+        {
+            "type": "http",
+            "method": "POST",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", declared)],
+        },
+        receive,
+    )
     try:
         assert asyncio.run(read_json_object(request)) == {"name": "x"}
         assert status is None

@@ -21,14 +21,22 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_smoke_runs_and_prints_its_tables(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT)
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
 
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "| case | contender | rows | median wall s (runs) |" in out
-    for contender in ("| jsonl, 1 table | extracts service |", "| jsonl, 1 table | `sqlite3 -json` |",
-                      "| jsonl.gz, 1 table | extracts service, compress |", "| json, 1 table |",
-                      "| jsonl, 2 tables | extracts service |"):
+    for contender in (
+        "| jsonl, 1 table | extracts service |",
+        "| jsonl, 1 table | `sqlite3 -json` |",
+        "| jsonl.gz, 1 table | extracts service, compress |",
+        "| json, 1 table |",
+        "| jsonl, 2 tables | extracts service |",
+    ):
         assert contender in out
     assert "| part | measure | value | target | |" in out
     for part in ("| 3 memory |", "| 4 download |", "| 5 latency |", "| 6 start |"):

@@ -20,27 +20,47 @@ CASES = [
     ("mysql://root:pa/ss@h/db", "mysql://root:***@h/db", ["pa/ss"]),
     ("postgresql://u:pa?ss#x@h/db", "postgresql://u:***@h/db", ["pa?ss#x"]),
     ("postgresql://u:p%40ss%2F@h/db", "postgresql://u:***@h/db", ["p%40ss%2F", "p@ss/"]),
-    ("postgresql://u:pw@h1:5432,h2:5433/db?target_session_attrs=any",
-     "postgresql://u:***@h1:5432,h2:5433/db?target_session_attrs=any", ["pw"]),
-    ("postgres://h/db?sslmode=require&passfile=/home/u/.pgpass&sslpassword=kp%2B1&sslkey=/k/c.key",
-     "postgres://h/db?sslmode=require&passfile=***&sslpassword=***&sslkey=***",
-     ["/home/u/.pgpass", "kp+1", "/k/c.key"]),
+    (
+        "postgresql://u:pw@h1:5432,h2:5433/db?target_session_attrs=any",
+        "postgresql://u:***@h1:5432,h2:5433/db?target_session_attrs=any",
+        ["pw"],
+    ),
+    (
+        "postgres://h/db?sslmode=require&passfile=/home/u/.pgpass&sslpassword=kp%2B1&sslkey=/k/c.key",
+        "postgres://h/db?sslmode=require&passfile=***&sslpassword=***&sslkey=***",
+        ["/home/u/.pgpass", "kp+1", "/k/c.key"],
+    ),
     # libpq decodes parameter names too.
-    ("postgresql://h/db?pass%77ord=S3cret&Client_Secret=a+b&api_token=tok3n",
-     "postgresql://h/db?pass%77ord=***&Client_Secret=***&api_token=***", ["S3cret", "a b", "a+b", "tok3n"]),
-    ("mysql://u:pw@h/db?ssl_key=/k.pem&ssl_ca=/ca.pem", "mysql://u:***@h/db?ssl_key=***&ssl_ca=/ca.pem",
-     ["pw", "/k.pem"]),
+    (
+        "postgresql://h/db?pass%77ord=S3cret&Client_Secret=a+b&api_token=tok3n",
+        "postgresql://h/db?pass%77ord=***&Client_Secret=***&api_token=***",
+        ["S3cret", "a b", "a+b", "tok3n"],
+    ),
+    (
+        "mysql://u:pw@h/db?ssl_key=/k.pem&ssl_ca=/ca.pem",
+        "mysql://u:***@h/db?ssl_key=***&ssl_ca=/ca.pem",
+        ["pw", "/k.pem"],
+    ),
     # An '@' after the host: everything up to the last '@' is hidden (and the sources refuse
     # the URL as ambiguous, see below).
-    ("postgresql://u:pw@h/db?application_name=me@corp", "postgresql://u:***@corp",
-     ["pw@h/db?application_name=me"]),
-    ("postgresql://h/db?password=S3cret&application_name=me@corp",
-     "postgresql://h/db?password=***&application_name=me@corp", ["S3cret"]),
+    (
+        "postgresql://u:pw@h/db?application_name=me@corp",
+        "postgresql://u:***@corp",
+        ["pw@h/db?application_name=me"],
+    ),
+    (
+        "postgresql://h/db?password=S3cret&application_name=me@corp",
+        "postgresql://h/db?password=***&application_name=me@corp",
+        ["S3cret"],
+    ),
     # libpq keyword/value strings (read as an SQLite path, and echoed by its error).
     ("host=h password=S3cret dbname=x", "host=h password=*** dbname=x", ["S3cret"]),
     ("host=h password = 'a b\\'c' dbname=x", "host=h password = *** dbname=x", ["a b'c"]),
-    ("host=h password=a\\ b sslpassword='unterminated", "host=h password=*** sslpassword=***",
-     ["a b", "unterminated"]),
+    (
+        "host=h password=a\\ b sslpassword='unterminated",
+        "host=h password=*** sslpassword=***",
+        ["a b", "unterminated"],
+    ),
     ("/srv/password=S3cret host=h", "/srv/password=*** host=h", ["S3cret"]),
     # Nothing secret: unchanged.
     ("postgresql://[::1]:5432/db?sslmode=disable", "postgresql://[::1]:5432/db?sslmode=disable", []),
@@ -70,13 +90,16 @@ def test_urllib_ends_the_user_info_at_the_last_at_sign() -> None:
     assert urlsplit("mysql://root:pa/ss@h/db").password is None
 
 
-@pytest.mark.parametrize("location", [
-    "postgresql://postgres:p@S3cret@127.0.0.1:5432/test",  # libpq: password 'p', host 'S3cret@…'
-    "postgresql://postgres:pa/S3cret@127.0.0.1:5432/test",  # libpq: host 'postgres', port 'pa'
-    "mysql://root:pa/S3cret@127.0.0.1:3306/test",  # urllib: host 'root', port 'pa'
-    "mysql://root:pa?S3cret@127.0.0.1:3306/test",
-    "postgresql://postgres:pw@127.0.0.1:5432/test?application_name=me@S3cret",  # '@' after the host
-])
+@pytest.mark.parametrize(
+    "location",
+    [
+        "postgresql://postgres:p@S3cret@127.0.0.1:5432/test",  # libpq: password 'p', host 'S3cret@…'
+        "postgresql://postgres:pa/S3cret@127.0.0.1:5432/test",  # libpq: host 'postgres', port 'pa'
+        "mysql://root:pa/S3cret@127.0.0.1:3306/test",  # urllib: host 'root', port 'pa'
+        "mysql://root:pa?S3cret@127.0.0.1:3306/test",
+        "postgresql://postgres:pw@127.0.0.1:5432/test?application_name=me@S3cret",  # '@' after the host
+    ],
+)
 def test_a_password_the_driver_would_split_is_refused_without_echoing_it(location: str) -> None:
     with pytest.raises(SourceError) as raised:
         open_source(location)
@@ -90,7 +113,14 @@ def test_log_lines_and_tracebacks_are_blanked() -> None:
     try:
         raise RuntimeError("driver echoed p@ss-S3cret")
     except RuntimeError as exc:
-        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed with %s", ("p@ss-S3cret",),
-                                   (type(exc), exc, exc.__traceback__))
+        record = logging.LogRecord(
+            "x",
+            logging.ERROR,
+            __file__,
+            1,
+            "failed with %s",
+            ("p@ss-S3cret",),
+            (type(exc), exc, exc.__traceback__),
+        )
     text = formatter.format(record)
     assert "S3cret" not in text and text.startswith("ERROR failed with ***") and "driver echoed ***" in text

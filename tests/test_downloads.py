@@ -26,8 +26,9 @@ def completed(service: Service) -> dict:
     extract = service.create_extract(name="Down load: ZIP/é", schemas=["users", "order items"])
     run = service.wait_run(service.run(extract["id"]))
     assert run["status"] == "completed"
-    artifacts = service.client.get("/api/data/extract_artifacts",
-                                   params={"filter[where][run_id]": run["id"]}).json()["data"]
+    artifacts = service.client.get(
+        "/api/data/extract_artifacts", params={"filter[where][run_id]": run["id"]}
+    ).json()["data"]
     return {"extract": extract, "run": run, "artifacts": artifacts}
 
 
@@ -39,8 +40,9 @@ def test_zip_holds_every_artifact_byte_for_byte(service: Service, completed: dic
     assert int(r.headers["content-length"]) == len(r.content)
     assert r.headers["etag"].startswith('"') and r.headers["accept-ranges"] == "bytes"
     day = run["created_at"][:10]
-    assert r.headers["content-disposition"] == \
-        f'attachment; filename="Down-load-ZIP-{day}-{run["id"][:8]}.zip"'
+    assert (
+        r.headers["content-disposition"] == f'attachment; filename="Down-load-ZIP-{day}-{run["id"][:8]}.zip"'
+    )
     archive = zipfile.ZipFile(io.BytesIO(r.content))
     assert archive.testzip() is None
     members = {info.filename: info for info in archive.infolist()}
@@ -63,8 +65,22 @@ def test_zip_resumes_from_any_byte(service: Service, completed: dict) -> None:
     full = service.client.get(url)
     size, etag = len(full.content), full.headers["etag"]
     first_name_len = len(completed["artifacts"][0]["artifact_name"])
-    cuts = sorted({1, 7, 29, 30 + first_name_len, 31 + first_name_len, size // 3, size // 2,
-                   size - 200, size - 60, size - 22, size - 10, size - 1})
+    cuts = sorted(
+        {
+            1,
+            7,
+            29,
+            30 + first_name_len,
+            31 + first_name_len,
+            size // 3,
+            size // 2,
+            size - 200,
+            size - 60,
+            size - 22,
+            size - 10,
+            size - 1,
+        }
+    )
     for n in cuts:
         r = service.client.get(url, headers={"Range": f"bytes={n}-", "If-Range": etag})
         assert r.status_code == 206, n
@@ -84,15 +100,17 @@ def test_zip_resumes_from_any_byte(service: Service, completed: dict) -> None:
 
 
 def test_deflated_zip(service: Service, completed: dict) -> None:
-    r = service.client.get(f"/api/extracts/runs/{completed['run']['id']}/download",
-                           params={"compression": "deflate"})
+    r = service.client.get(
+        f"/api/extracts/runs/{completed['run']['id']}/download", params={"compression": "deflate"}
+    )
     assert r.status_code == 200 and "content-range" not in r.headers
     archive = zipfile.ZipFile(io.BytesIO(r.content))
     assert archive.testzip() is None
     for artifact in completed["artifacts"]:
         assert archive.read(artifact["artifact_name"]) == Path(artifact["storage_path"]).read_bytes()
-    r = service.client.get(f"/api/extracts/runs/{completed['run']['id']}/download",
-                           params={"compression": "bzip2"})
+    r = service.client.get(
+        f"/api/extracts/runs/{completed['run']['id']}/download", params={"compression": "bzip2"}
+    )
     assert r.status_code == 400 and r.json()["details"][0]["field"] == "compression"
 
 
@@ -119,8 +137,9 @@ def test_zip_download_counts_each_artifact(service: Service) -> None:
     run = service.wait_run(service.run(extract["id"]))
     service.client.get(f"/api/extracts/runs/{run['id']}/download")
     service.client.get(f"/api/extracts/runs/{run['id']}/download", headers={"Range": "bytes=100-"})
-    artifacts = service.client.get("/api/data/extract_artifacts",
-                                   params={"filter[where][run_id]": run["id"]}).json()["data"]
+    artifacts = service.client.get(
+        "/api/data/extract_artifacts", params={"filter[where][run_id]": run["id"]}
+    ).json()["data"]
     assert [a["download_count"] for a in artifacts] == [1] * len(artifacts)
 
 
@@ -139,12 +158,16 @@ def test_download_errors(service: Service, completed: dict, shop_db: Path) -> No
     victim.with_suffix(".away").rename(victim)
     assert service.client.get(f"/api/extracts/runs/{run['id']}/download").status_code == 200
     # A file whose size is not the recorded one: 404 naming it, for the ZIP and the file alike.
-    users = service.client.get("/api/data/extract_artifacts", params={
-        "filter[where][run_id]": run["id"], "filter[where][artifact_name]": "users.jsonl.gz"}).json()
+    users = service.client.get(
+        "/api/data/extract_artifacts",
+        params={"filter[where][run_id]": run["id"], "filter[where][artifact_name]": "users.jsonl.gz"},
+    ).json()
     data = victim.read_bytes()
     victim.write_bytes(data + b"x")
-    for url in (f"/api/extracts/runs/{run['id']}/download",
-                f"/api/extracts/artifacts/{users['data'][0]['id']}/download"):
+    for url in (
+        f"/api/extracts/runs/{run['id']}/download",
+        f"/api/extracts/artifacts/{users['data'][0]['id']}/download",
+    ):
         r = service.client.get(url)
         assert r.status_code == 404, url
         assert r.json()["error"].startswith(f"File users.jsonl.gz of run {run['id']} cannot be sent: ")
@@ -156,8 +179,9 @@ def test_download_errors(service: Service, completed: dict, shop_db: Path) -> No
     assert not (service.storage / run["id"]).exists()
     r = service.client.get(f"/api/extracts/runs/{run['id']}/download")
     assert r.status_code == 410 and r.json()["error_code"] == "GONE"
-    artifacts = service.client.get("/api/data/extract_artifacts",
-                                   params={"filter[where][run_id]": run["id"]}).json()["data"]
+    artifacts = service.client.get(
+        "/api/data/extract_artifacts", params={"filter[where][run_id]": run["id"]}
+    ).json()["data"]
     assert all(a["deleted_at"] for a in artifacts)
     r = service.client.get(f"/api/extracts/artifacts/{artifacts[0]['id']}/download")
     assert r.status_code == 410
@@ -182,14 +206,15 @@ class FewVariables(StateConnection):
 
 
 def test_downloads_are_counted_by_run_not_by_artifact_id(service: Service) -> None:
-    extract = service.create_extract(name="Many parts", compress=False, split_files=True,
-                                     split_max_records=1)
+    extract = service.create_extract(name="Many parts", compress=False, split_files=True, split_max_records=1)
     run = service.wait_run(service.run(extract["id"]))
     params = {"filter[where][run_id]": run["id"], "filter[limit]": 1000}
 
     def counts() -> list[int]:
-        return [a["download_count"] for a in
-                service.client.get("/api/data/extract_artifacts", params=params).json()["data"]]
+        return [
+            a["download_count"]
+            for a in service.client.get("/api/data/extract_artifacts", params=params).json()["data"]
+        ]
 
     assert len(counts()) > 50
 
@@ -214,14 +239,17 @@ def test_a_run_of_40000_files_downloads_as_a_zip(tmp_path: Path) -> None:
     source = tmp_path / "rows.db"
     con = sqlite3.connect(source)
     con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
-    con.execute("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 40000) "
-                "INSERT INTO t SELECT x FROM c")
+    con.execute(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 40000) "
+        "INSERT INTO t SELECT x FROM c"
+    )
     con.commit()
     con.close()
     svc = start_service(tmp_path, str(source))
     try:
-        extract = svc.create_extract(name="Parts", schemas=["t"], compress=False, split_files=True,
-                                     split_max_records=1)
+        extract = svc.create_extract(
+            name="Parts", schemas=["t"], compress=False, split_files=True, split_max_records=1
+        )
         run = svc.wait_run(svc.run(extract["id"]), timeout=600)
         assert run["status"] == "completed" and run["artifacts_created"] == 40_002
         started = time.monotonic()
@@ -232,8 +260,9 @@ def test_a_run_of_40000_files_downloads_as_a_zip(tmp_path: Path) -> None:
             assert len(archive.infolist()) == 40_002 and archive.testzip() is None
             assert archive.read("t.00001.jsonl") == b'{"id":1}\n'
         con = sqlite3.connect(svc.db)
-        assert con.execute("SELECT download_count, count(*) FROM extract_artifacts WHERE run_id = ? "
-                           "GROUP BY 1", (run["id"],)).fetchall() == [(1, 40_002)]
+        assert con.execute(
+            "SELECT download_count, count(*) FROM extract_artifacts WHERE run_id = ? GROUP BY 1", (run["id"],)
+        ).fetchall() == [(1, 40_002)]
         con.close()
         assert took < 60, took
     finally:

@@ -46,8 +46,9 @@ def make_noise_db(path: Path) -> Path:
 def held_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("held")
     svc = start_service(tmp, str(make_noise_db(tmp / "noise.db")), "--cleanup-interval", "1")
-    resource.prlimit(svc.process.pid, resource.RLIMIT_NOFILE,
-                     (NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    resource.prlimit(
+        svc.process.pid, resource.RLIMIT_NOFILE, (NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    )
     yield svc
     svc.stop()
 
@@ -105,8 +106,9 @@ def delete_run(svc: Service, run: dict) -> None:
 
 def expire_and_sweep(svc: Service, run: dict) -> None:
     con = sqlite3.connect(svc.db)
-    con.execute("UPDATE extract_artifacts SET expires_at = '2000-01-01T00:00:00.000Z' WHERE run_id = ?",
-                (run["id"],))
+    con.execute(
+        "UPDATE extract_artifacts SET expires_at = '2000-01-01T00:00:00.000Z' WHERE run_id = ?", (run["id"],)
+    )
     con.commit()
     con.close()
     deadline = time.monotonic() + 20  # the sweep runs every second (--cleanup-interval 1)
@@ -129,8 +131,9 @@ REMOVALS: dict[str, Callable[[Service, dict], None]] = {"delete": delete_run, "s
 
 @pytest.mark.parametrize("removal", list(REMOVALS))
 @pytest.mark.parametrize("compression", ["stored", "deflate"])
-def test_a_zip_download_completes_when_its_run_is_removed(held_service: Service, tmp_path: Path,
-                                                          compression: str, removal: str) -> None:
+def test_a_zip_download_completes_when_its_run_is_removed(
+    held_service: Service, tmp_path: Path, compression: str, removal: str
+) -> None:
     svc = held_service
     run, artifacts = completed_run(svc, split_files=True, split_max_records=1)
     assert len(artifacts) == PARTS + 2  # describe.yaml, the parts, manifest.json
@@ -175,9 +178,11 @@ def test_descriptors_are_released_when_the_client_goes_away(held_service: Servic
     svc = held_service
     run, artifacts = completed_run(svc, split_files=True, split_max_records=1)
     data = next(a for a in artifacts if a["artifact_type"] == "data-noise")
-    urls = [f"/api/extracts/runs/{run['id']}/download",
-            f"/api/extracts/runs/{run['id']}/download?compression=deflate",
-            f"/api/extracts/artifacts/{data['id']}/download"]
+    urls = [
+        f"/api/extracts/runs/{run['id']}/download",
+        f"/api/extracts/runs/{run['id']}/download?compression=deflate",
+        f"/api/extracts/artifacts/{data['id']}/download",
+    ]
     for url in urls:  # gone mid-stream
         conn, response = open_download(svc, url)
         assert response.read(1 << 16)

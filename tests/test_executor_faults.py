@@ -52,9 +52,12 @@ def test_a_schema_dropped_since_the_configuration_fails_the_run(tmp_path: Path, 
     db = run_sql(make_source(tmp_path / "source.db"), 'DROP TABLE "order items"')
     channel = Channel(manager)
     job = make_job(tmp_path, db, schemas=["users", "order items"])
-    assert_failed(channel.run(job), "Schema 'order items' no longer exists in the source; remove it "
-                  "from the extract's schemas (PUT /api/data/extracts/extract_test) or restore it",
-                  "UnknownSchema")
+    assert_failed(
+        channel.run(job),
+        "Schema 'order items' no longer exists in the source; remove it "
+        "from the extract's schemas (PUT /api/data/extracts/extract_test) or restore it",
+        "UnknownSchema",
+    )
     assert channel.artifacts() == [] and os.listdir(job["run_dir"]) == []
 
 
@@ -63,8 +66,10 @@ def test_a_filter_on_a_dropped_column_fails_the_run(tmp_path: Path, manager: Any
     db = run_sql(make_source(tmp_path / "source.db"), "ALTER TABLE orders DROP COLUMN note")
     result = Channel(manager).run(make_job(tmp_path, db, filter={"orders": {"where": {"note": None}}}))
     assert result["status"] == "failed"
-    assert result["error"].startswith("The filter filter.orders.where.note no longer fits the source "
-                                      "(unknown column 'note'; the columns are: id, user_id, total)")
+    assert result["error"].startswith(
+        "The filter filter.orders.where.note no longer fits the source "
+        "(unknown column 'note'; the columns are: id, user_id, total)"
+    )
 
 
 @pytest.mark.faults
@@ -74,8 +79,11 @@ def test_free_space_under_the_reserve_fails_before_writing(tmp_path: Path, manag
     job = make_job(tmp_path, db) | {"min_free_bytes": 1 << 60}
     result = channel.run(job)
     assert result["status"] == "failed" and result["error_detail"]["type"] == "LowDiskSpace"
-    assert re.fullmatch(r"Free space on /\S* is \d+ MB, under the 1099511627776 MB reserve; "
-                        r"free some space or lower --min-free-mb", result["error"])
+    assert re.fullmatch(
+        r"Free space on /\S* is \d+ MB, under the 1099511627776 MB reserve; "
+        r"free some space or lower --min-free-mb",
+        result["error"],
+    )
     assert channel.artifacts() == [] and os.listdir(job["run_dir"]) == []
 
 
@@ -97,9 +105,12 @@ def test_a_storage_directory_that_cannot_be_created_fails_the_run(tmp_path: Path
     db = make_source(tmp_path / "source.db")
     (tmp_path / "a file").write_text("not a directory")
     job = make_job(tmp_path, db) | {"run_dir": str(tmp_path / "a file" / "run_1")}
-    assert_failed(Channel(manager).run(job), f"Cannot create the run directory {tmp_path}/a file/run_1: "
-                  "Not a directory; check that the storage directory (--storage) is writable",
-                  "StorageError")
+    assert_failed(
+        Channel(manager).run(job),
+        f"Cannot create the run directory {tmp_path}/a file/run_1: "
+        "Not a directory; check that the storage directory (--storage) is writable",
+        "StorageError",
+    )
 
 
 @pytest.mark.faults
@@ -111,8 +122,12 @@ def test_a_full_disk_fails_the_run_and_names_the_file(tmp_path: Path, manager: A
     run_dir.mkdir(parents=True)
     (run_dir / ".orders.jsonl.tmp").symlink_to("/dev/full")  # every write: ENOSPC
     result = channel.run(job)
-    assert_failed(result, f"Cannot write {run_dir}/orders.jsonl: No space left on device; free some space "
-                  "on the storage volume", "StorageError")
+    assert_failed(
+        result,
+        f"Cannot write {run_dir}/orders.jsonl: No space left on device; free some space "
+        "on the storage volume",
+        "StorageError",
+    )
     assert [a["artifact_name"] for a in channel.artifacts()] == ["describe.yaml", "users.jsonl"]
     assert sorted(os.listdir(run_dir)) == ["describe.yaml", "users.jsonl"]
 
@@ -121,23 +136,29 @@ def test_a_full_disk_fails_the_run_and_names_the_file(tmp_path: Path, manager: A
 def test_a_source_file_removed_fails_the_run(tmp_path: Path, manager: Any) -> None:
     db = make_source(tmp_path / "source.db")
     db.unlink()
-    assert_failed(Channel(manager).run(make_job(tmp_path, db)),
-                  f"Source database {db} does not exist", "SourceError")
+    assert_failed(
+        Channel(manager).run(make_job(tmp_path, db)), f"Source database {db} does not exist", "SourceError"
+    )
     assert not db.exists()
 
 
 @pytest.mark.faults
-def test_files_written_before_a_failure_stay_and_the_half_written_one_goes(tmp_path: Path,
-                                                                            manager: Any) -> None:
+def test_files_written_before_a_failure_stay_and_the_half_written_one_goes(
+    tmp_path: Path, manager: Any
+) -> None:
     # Fails on its 30th row, in the middle of the export: malformed JSON.
-    db = run_sql(make_source(tmp_path / "source.db"),
-                 "CREATE VIEW breaks AS SELECT id, json(CASE WHEN id < 30 THEN '1' ELSE '{' END) AS j "
-                 "FROM orders")
+    db = run_sql(
+        make_source(tmp_path / "source.db"),
+        "CREATE VIEW breaks AS SELECT id, json(CASE WHEN id < 30 THEN '1' ELSE '{' END) AS j FROM orders",
+    )
     channel = Channel(manager)
     job = make_job(tmp_path, db, schemas=["users", "breaks", "orders"])
     result = channel.run(job)
-    assert result["status"] == "failed" and result["error"].startswith(
-        "Cannot read 'breaks' in ") and result["error"].endswith(": malformed JSON")
+    assert (
+        result["status"] == "failed"
+        and result["error"].startswith("Cannot read 'breaks' in ")
+        and result["error"].endswith(": malformed JSON")
+    )
     assert (result["records_exported"], result["schemas_exported"]) == (4, 1)
     names = [a["artifact_name"] for a in channel.artifacts()]
     assert names == ["describe.yaml", "users.jsonl"]
@@ -149,8 +170,10 @@ def test_files_written_before_a_failure_stay_and_the_half_written_one_goes(tmp_p
 def test_a_failed_run_leaves_no_reference_cycle(tmp_path: Path, manager: Any, fault: str) -> None:
     """A failed run's objects go at once: a cycle would keep the service's queue proxies alive
     until some later garbage collection closes their connection under another run."""
-    db = run_sql(make_source(tmp_path / "source.db"),
-                 "CREATE VIEW breaks AS SELECT json(CASE WHEN id < 30 THEN '1' ELSE '{' END) FROM orders")
+    db = run_sql(
+        make_source(tmp_path / "source.db"),
+        "CREATE VIEW breaks AS SELECT json(CASE WHEN id < 30 THEN '1' ELSE '{' END) FROM orders",
+    )
     job = make_job(tmp_path, db, schemas=["users", "breaks" if fault == "source error" else "orders"])
     if fault == "disk full":
         Path(job["run_dir"]).mkdir(parents=True)
@@ -191,15 +214,27 @@ def test_cancel_stops_within_two_seconds_in_the_middle_of_a_table(tmp_path: Path
     job = make_job(tmp_path, db, schemas=["users", "big", "orders"])
     thread, outcome = channel.run_in_thread(job)
 
-    wait_for(channel, lambda m: m[0] == "progress" and m[2]["progress_detail"]["current_schema"] == "big"
-             and m[2]["progress_detail"]["records_exported"] > 4)
+    wait_for(
+        channel,
+        lambda m: (
+            m[0] == "progress"
+            and m[2]["progress_detail"]["current_schema"] == "big"
+            and m[2]["progress_detail"]["records_exported"] > 4
+        ),
+    )
     cancelled_at = time.monotonic()
     channel.cancelled[job["run_id"]] = True
     thread.join(10)
 
     assert time.monotonic() - cancelled_at < 2
-    assert outcome == {"status": "cancelled", "records_exported": 4, "schemas_exported": 1,
-                       "records_total": 1_000_054, "error": None, "error_detail": None}
+    assert outcome == {
+        "status": "cancelled",
+        "records_exported": 4,
+        "schemas_exported": 1,
+        "records_total": 1_000_054,
+        "error": None,
+        "error_detail": None,
+    }
     names = [a["artifact_name"] for a in channel.artifacts()]
     assert names == ["describe.yaml", "users.jsonl"]
     assert sorted(os.listdir(job["run_dir"])) == sorted(names) and leftovers(Path(job["run_dir"])) == []
@@ -224,7 +259,9 @@ WRITER = textwrap.dedent("""
 
 @pytest.mark.faults
 def test_the_export_is_one_snapshot_while_another_process_writes(tmp_path: Path, manager: Any) -> None:
-    db = run_sql(tmp_path / "shop.db", """
+    db = run_sql(
+        tmp_path / "shop.db",
+        """
         PRAGMA journal_mode = WAL;
         CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT, padding TEXT);
         CREATE TABLE orders (id INTEGER PRIMARY KEY, user_id INTEGER NOT NULL REFERENCES users (id),
@@ -232,7 +269,8 @@ def test_the_export_is_one_snapshot_while_another_process_writes(tmp_path: Path,
         WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 200000)
         INSERT INTO users SELECT i, 'user ' || i, hex(randomblob(50)) FROM s;
         INSERT INTO orders SELECT id, id, id / 100.0 FROM users;
-    """)
+    """,
+    )
     stop = tmp_path / "stop"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(stop)], stdout=subprocess.PIPE)
     try:
@@ -267,8 +305,9 @@ def count_rows(db: Path, table: str) -> int:
 
 
 @pytest.mark.slow
-def test_progress_on_two_million_rows_climbs_often_and_memory_stays_flat(tmp_path: Path,
-                                                                         manager: Any) -> None:
+def test_progress_on_two_million_rows_climbs_often_and_memory_stays_flat(
+    tmp_path: Path, manager: Any
+) -> None:
     db = tmp_path / "big.db"
     build_big_table(db, "big", 2_000_000)
     channel = Channel(manager)

@@ -44,8 +44,15 @@ def manager() -> Iterator[Any]:
 
 
 def test_valid_filters_have_no_problems() -> None:
-    where = {"age": 3, "name": None, "email": {"$like": "%@example.com"}, "score": {"$gte": 0.5, "$lt": 2},
-             "id": {"$in": [1, 2]}, "avatar": {"$null": False}, "created_at": {"$ne": None}}
+    where = {
+        "age": 3,
+        "name": None,
+        "email": {"$like": "%@example.com"},
+        "score": {"$gte": 0.5, "$lt": 2},
+        "id": {"$in": [1, 2]},
+        "avatar": {"$null": False},
+        "created_at": {"$ne": None},
+    }
     assert check_where(where, USER_COLUMNS) == []
     assert check_where(None, USER_COLUMNS) == []
     assert check_where({}, USER_COLUMNS) == []
@@ -64,18 +71,27 @@ def test_every_problem_is_named_with_its_field() -> None:
     }
     problems = check_where(where, USER_COLUMNS, field="filter.users.where")
     assert problems == [
-        ("filter.users.where.agee", "unknown column 'agee'; the columns are: id, email, name, age, score, "
-                                    "avatar, created_at"),
+        (
+            "filter.users.where.agee",
+            "unknown column 'agee'; the columns are: id, email, name, age, score, avatar, created_at",
+        ),
         ("filter.users.where.age.$gt", "$gt needs a string, a number or a boolean"),
-        ("filter.users.where.name.$regex", "unknown operator '$regex'; use one of $eq, $ne, $gt, $gte, $lt, "
-                                           "$lte, $in, $nin, $like, $null"),
+        (
+            "filter.users.where.name.$regex",
+            "unknown operator '$regex'; use one of $eq, $ne, $gt, $gte, $lt, $lte, $in, $nin, $like, $null",
+        ),
         ("filter.users.where.name.$eq", "$eq needs a string, a number or a boolean or null"),
         ("filter.users.where.email", 'use {"$in": [...]} to match one of several values'),
-        ("filter.users.where.score", "an operator object needs at least one operator: $eq, $ne, $gt, $gte, "
-                                     "$lt, $lte, $in, $nin, $like, $null"),
+        (
+            "filter.users.where.score",
+            "an operator object needs at least one operator: $eq, $ne, $gt, $gte, "
+            "$lt, $lte, $in, $nin, $like, $null",
+        ),
         ("filter.users.where.id.$in", "$in needs a non-empty array of scalars"),
-        ("filter.users.where.avatar.$nin", "$nin needs an array of a string, a number or a boolean values "
-                                           "(match NULL with $null)"),
+        (
+            "filter.users.where.avatar.$nin",
+            "$nin needs an array of a string, a number or a boolean values (match NULL with $null)",
+        ),
         ("filter.users.where.created_at.$like", "$like needs a string pattern"),
         ("filter.users.where.created_at.$null", "$null needs true or false"),
     ]
@@ -83,17 +99,27 @@ def test_every_problem_is_named_with_its_field() -> None:
 
 def test_a_where_that_is_not_an_object_is_one_problem() -> None:
     assert check_where(["age"], USER_COLUMNS) == [
-        ("where", "must be an object mapping column names to a value or an operator object")]
+        ("where", "must be an object mapping column names to a value or an operator object")
+    ]
     assert check_where({"age": {"$in": list(range(1001))}}, USER_COLUMNS) == [
-        ("where.age.$in", "$in takes at most 1000 values")]
+        ("where.age.$in", "$in takes at most 1000 values")
+    ]
 
 
 def test_compile_binds_every_value_and_quotes_every_column() -> None:
-    where = {"age": {"$gte": 18, "$lt": 65}, 'we"ird': None, "id": {"$nin": [1, 2]}, "name": {"$like": "A%"},
-             "score": {"$null": False}, "email": {"$ne": None}}
+    where = {
+        "age": {"$gte": 18, "$lt": 65},
+        'we"ird': None,
+        "id": {"$nin": [1, 2]},
+        "name": {"$like": "A%"},
+        "score": {"$null": False},
+        "email": {"$ne": None},
+    }
     sql, params = compile_where(where, quote, "%s")
-    assert sql == (' WHERE "age" >= %s AND "age" < %s AND "we""ird" IS NULL AND "id" NOT IN (%s, %s)'
-                   ' AND "name" LIKE %s AND "score" IS NOT NULL AND "email" IS NOT NULL')
+    assert sql == (
+        ' WHERE "age" >= %s AND "age" < %s AND "we""ird" IS NULL AND "id" NOT IN (%s, %s)'
+        ' AND "name" LIKE %s AND "score" IS NOT NULL AND "email" IS NOT NULL'
+    )
     assert params == [18, 65, 1, 2, "A%"]
     assert compile_where(None, quote, "?") == ("", [])
     assert compile_where({}, quote, "?") == ("", [])
@@ -117,8 +143,11 @@ CASES = [
     ("orders", {"note": {"$like": "note 1%"}}, "\"note\" LIKE 'note 1%'"),
     ("orders", {"note": {"$null": True}}, '"note" IS NULL'),
     ("orders", {"note": {"$null": False}}, '"note" IS NOT NULL'),
-    ("orders", {"total": {"$gt": 10, "$lte": 40}, "user_id": 2},
-     '"total" > 10 AND "total" <= 40 AND "user_id" = 2'),
+    (
+        "orders",
+        {"total": {"$gt": 10, "$lte": 40}, "user_id": 2},
+        '"total" > 10 AND "total" <= 40 AND "user_id" = 2',
+    ),
     ("order items", {'sku "quoted"': "SKU-3-2"}, '"sku ""quoted""" = \'SKU-3-2\''),
     ("keyed", {"n": {"$gte": 2}}, '"n" >= 2'),  # WITHOUT ROWID: the cursor path
     ("adults", {"name": {"$like": "a%"}}, "\"name\" LIKE 'a%'"),  # a view: the cursor path
@@ -126,8 +155,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("table", "where", "condition"), CASES, ids=[str(c[1]) for c in CASES])
-def test_each_operator_selects_what_sql_selects(source: Source, source_db: Path, table: str,
-                                                where: dict[str, Any], condition: str) -> None:
+def test_each_operator_selects_what_sql_selects(
+    source: Source, source_db: Path, table: str, where: dict[str, Any], condition: str
+) -> None:
     assert check_where(where, source.columns(table)) == []
     # Rowid tables export in rowid order, whatever index the filter could use.
     order = " ORDER BY rowid" if table in ("users", "orders", "order items") else ""
@@ -140,11 +170,14 @@ def test_each_operator_selects_what_sql_selects(source: Source, source_db: Path,
     assert_same_rows([json.loads(row) for row in got], want)
 
 
-@pytest.mark.parametrize("where", [
-    {"name": "x' OR '1'='1"},
-    {"email": {"$like": "%' OR 1=1 --"}},
-    {"name": {"$in": ["'); DROP TABLE users; --", "Ana Żółć\" OR \"1\"=\"1"]}},
-])
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"name": "x' OR '1'='1"},
+        {"email": {"$like": "%' OR 1=1 --"}},
+        {"name": {"$in": ["'); DROP TABLE users; --", 'Ana Żółć" OR "1"="1']}},
+    ],
+)
 def test_injection_in_a_value_is_just_a_value(source: Source, source_db: Path, where: dict[str, Any]) -> None:
     with source.snapshot():
         assert source.count("users", where) == 0
@@ -159,11 +192,16 @@ def test_injection_in_a_column_name_is_an_unknown_column(source: Source) -> None
 
 def test_a_run_exports_and_counts_the_filtered_rows(tmp_path: Path, manager: Any, source_db: Path) -> None:
     channel = Channel(manager)
-    job = make_job(tmp_path, source_db, schemas=["orders", "users"],
-                   filter={"orders": {"where": {"user_id": {"$in": [1, 2]}, "total": {"$gt": 30}}}})
+    job = make_job(
+        tmp_path,
+        source_db,
+        schemas=["orders", "users"],
+        filter={"orders": {"where": {"user_id": {"$in": [1, 2]}, "total": {"$gt": 30}}}},
+    )
     result = channel.run(job)
-    want = source_rows(source_db, "orders",
-                       "SELECT * FROM orders WHERE user_id IN (1, 2) AND total > 30 ORDER BY id")
+    want = source_rows(
+        source_db, "orders", "SELECT * FROM orders WHERE user_id IN (1, 2) AND total > 30 ORDER BY id"
+    )
     assert result["records_total"] == result["records_exported"] == len(want) + 4
     orders = (Path(job["run_dir"]) / "orders.jsonl").read_bytes().split(b"\n")[:-1]
     assert_same_rows([json.loads(line) for line in orders], want)

@@ -34,12 +34,16 @@ def test_a_missing_file_is_an_error_and_is_not_created(tmp_path: Path) -> None:
     assert not missing.exists()
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (b"this is not a database, just some text " * 50, "file is not a database"),
-    (None, "is a directory"),
-])
-def test_what_is_not_a_database_is_one_clear_line(tmp_path: Path, content: bytes | None,
-                                                  message: str) -> None:
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"this is not a database, just some text " * 50, "file is not a database"),
+        (None, "is a directory"),
+    ],
+)
+def test_what_is_not_a_database_is_one_clear_line(
+    tmp_path: Path, content: bytes | None, message: str
+) -> None:
     path = tmp_path / "source.db"
     if content is None:
         path.mkdir()
@@ -57,8 +61,11 @@ def test_sqlite_urls_and_odd_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.chdir(tmp_path)
     for location in (str(db), "sqlite:///a dir?#%/my db.sqlite", f"sqlite:///{db}"):
         with open_source(location) as source:
-            assert source.location() == {"dialect": "sqlite", "path": str(db),
-                                         "version": sqlite3.sqlite_version}
+            assert source.location() == {
+                "dialect": "sqlite",
+                "path": str(db),
+                "version": sqlite3.sqlite_version,
+            }
             assert source.count("users", None) == 4
 
 
@@ -78,13 +85,17 @@ def test_the_source_is_never_written(tmp_path: Path) -> None:
 
 
 def test_internal_tables_never_appear(tmp_path: Path) -> None:
-    db = run_sql(tmp_path / "source.db",
-                 "CREATE TABLE counters (id INTEGER PRIMARY KEY AUTOINCREMENT, n INTEGER);"
-                 "INSERT INTO counters (n) VALUES (1); CREATE INDEX counters_n ON counters (n);"
-                 "CREATE VIRTUAL TABLE docs USING fts5(body); INSERT INTO docs VALUES ('hello'); ANALYZE;")
+    db = run_sql(
+        tmp_path / "source.db",
+        "CREATE TABLE counters (id INTEGER PRIMARY KEY AUTOINCREMENT, n INTEGER);"
+        "INSERT INTO counters (n) VALUES (1); CREATE INDEX counters_n ON counters (n);"
+        "CREATE VIRTUAL TABLE docs USING fts5(body); INSERT INTO docs VALUES ('hello'); ANALYZE;",
+    )
     with open_source(str(db)) as source:
         assert [(s["name"], s["type"], s["row_count"]) for s in source.schemas()] == [
-            ("counters", "table", 1), ("docs", "table", 1)]
+            ("counters", "table", 1),
+            ("docs", "table", 1),
+        ]
         for internal in ("sqlite_sequence", "sqlite_stat1", "sqlite_master", "docs_data", "nope"):
             with pytest.raises(UnknownSchema, match=f"Schema '{internal}' does not exist in the source"):
                 source.columns(internal)
@@ -92,10 +103,13 @@ def test_internal_tables_never_appear(tmp_path: Path) -> None:
 
 
 def test_an_unreadable_view_or_virtual_table_is_left_out_of_the_list(tmp_path: Path) -> None:
-    db = run_sql(tmp_path / "source.db", "CREATE TABLE gone (a); CREATE TABLE kept (a);"
-                 "CREATE VIEW broken AS SELECT * FROM gone; DROP TABLE gone; PRAGMA writable_schema = ON;"
-                 "INSERT INTO sqlite_master (type, name, tbl_name, rootpage, sql) VALUES ('table', 'vx',"
-                 " 'vx', 0, 'CREATE VIRTUAL TABLE vx USING no_such_module (a)');")
+    db = run_sql(
+        tmp_path / "source.db",
+        "CREATE TABLE gone (a); CREATE TABLE kept (a);"
+        "CREATE VIEW broken AS SELECT * FROM gone; DROP TABLE gone; PRAGMA writable_schema = ON;"
+        "INSERT INTO sqlite_master (type, name, tbl_name, rootpage, sql) VALUES ('table', 'vx',"
+        " 'vx', 0, 'CREATE VIRTUAL TABLE vx USING no_such_module (a)');",
+    )
     with open_source(str(db)) as source:
         assert [s["name"] for s in source.schemas()] == source.names() == ["kept"]
         with pytest.raises(SourceError, match="no such module: no_such_module"):
@@ -116,21 +130,34 @@ def test_schemas_lists_tables_and_views_with_counts(tmp_path: Path) -> None:
             {"name": "values", "type": "table", "columns": 3, "row_count": len(VALUES)},
         ]
         assert source.describe(["adults"])["adults"] == {
-            "type": "view", "columns": {
+            "type": "view",
+            "columns": {
                 "id": {"type": "INTEGER", "required": False, "default": None, "primary_key": False},
-                "name": {"type": "TEXT", "required": False, "default": None, "primary_key": False}},
-            "primary_key": [], "foreign_keys": [], "indexes": [], "row_count": 2}
+                "name": {"type": "TEXT", "required": False, "default": None, "primary_key": False},
+            },
+            "primary_key": [],
+            "foreign_keys": [],
+            "indexes": [],
+            "row_count": 2,
+        }
 
 
 def test_a_reference_to_the_parent_key_names_its_columns(tmp_path: Path) -> None:
-    db = run_sql(tmp_path / "source.db",
-                 "CREATE TABLE parent (a TEXT, b INTEGER, PRIMARY KEY (a, b));"
-                 "CREATE TABLE child (x TEXT, y INTEGER, FOREIGN KEY (x, y) REFERENCES parent"
-                 " ON DELETE SET NULL);")
+    db = run_sql(
+        tmp_path / "source.db",
+        "CREATE TABLE parent (a TEXT, b INTEGER, PRIMARY KEY (a, b));"
+        "CREATE TABLE child (x TEXT, y INTEGER, FOREIGN KEY (x, y) REFERENCES parent"
+        " ON DELETE SET NULL);",
+    )
     with open_source(str(db)) as source:
         assert source.describe(["child"])["child"]["foreign_keys"] == [
-            {"columns": ["x", "y"], "references": {"table": "parent", "columns": ["a", "b"]},
-             "on_update": "NO ACTION", "on_delete": "SET NULL"}]
+            {
+                "columns": ["x", "y"],
+                "references": {"table": "parent", "columns": ["a", "b"]},
+                "on_update": "NO ACTION",
+                "on_delete": "SET NULL",
+            }
+        ]
 
 
 # ---------------------------------------------------------------- values
@@ -141,8 +168,9 @@ def test_random_doubles_come_back_bit_for_bit(tmp_path: Path) -> None:
     doubles = [struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0] for _ in range(30_000)]
     doubles += [struct.unpack("<d", rng.getrandbits(52).to_bytes(8, "little"))[0] for _ in range(3_000)]
     doubles += [rng.uniform(-1e6, 1e6) for _ in range(3_000)]
-    doubles += [round(rng.uniform(-2e9, 2e9) / 10 ** rng.randrange(12), rng.randrange(10))
-                for _ in range(20_000)]  # decimals: the short form
+    doubles += [
+        round(rng.uniform(-2e9, 2e9) / 10 ** rng.randrange(12), rng.randrange(10)) for _ in range(20_000)
+    ]  # decimals: the short form
     doubles += [1.7976931348623157e308, 2.2250738585072014e-308, -0.0, float("inf"), float("-inf")]
     doubles = [d for d in doubles if d == d]  # SQLite stores NaN as NULL
     db = tmp_path / "source.db"
@@ -166,17 +194,29 @@ def test_reals_are_written_short_when_that_is_exact(tmp_path: Path) -> None:
     con.commit()
     con.close()
     with open_source(str(db)) as source, source.snapshot():
-        (chunk, _), = source.json_lines("r", None, 100)
+        ((chunk, _),) = source.json_lines("r", None, 100)
     assert chunk.decode().split("\n") == [
-        '{"x":19.99}', '{"x":0.1}', '{"x":-2.5}', '{"x":100.0}', '{"x":12345.67}', '{"x":1.0e-06}',
-        '{"x":999999999.999999}', '{"x":0.142857142857142849}', '{"x":0.300000000000000044}',
-        '{"x":9.99999999999999955e-08}', '{"x":1000000000.5}']
+        '{"x":19.99}',
+        '{"x":0.1}',
+        '{"x":-2.5}',
+        '{"x":100.0}',
+        '{"x":12345.67}',
+        '{"x":1.0e-06}',
+        '{"x":999999999.999999}',
+        '{"x":0.142857142857142849}',
+        '{"x":0.300000000000000044}',
+        '{"x":9.99999999999999955e-08}',
+        '{"x":1000000000.5}',
+    ]
 
 
 def test_text_that_is_not_utf8_still_gives_valid_json(tmp_path: Path) -> None:
-    db = run_sql(tmp_path / "source.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, s TEXT);"
-                 "INSERT INTO t (s) VALUES (CAST(x'4361666580ff' AS TEXT)), ('ok é');"
-                 "CREATE VIEW v AS SELECT * FROM t;")
+    db = run_sql(
+        tmp_path / "source.db",
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, s TEXT);"
+        "INSERT INTO t (s) VALUES (CAST(x'4361666580ff' AS TEXT)), ('ok é');"
+        "CREATE VIEW v AS SELECT * FROM t;",
+    )
     with open_source(str(db)) as source:
         for name in ("t", "v"):
             assert export(source, name) == [{"id": 1, "s": "Cafe\ufffd\ufffd"}, {"id": 2, "s": "ok é"}]
@@ -194,9 +234,7 @@ def test_utf8_is_checked_across_piece_boundaries(tmp_path: Path, offset: int) ->
     con.commit()
     con.close()
     with open_source(str(db)) as source:
-        assert export(source, "t") == [
-            {"id": 1, "s": long},
-            {"id": 2, "s": bad.decode("utf-8", "replace")}]
+        assert export(source, "t") == [{"id": 1, "s": long}, {"id": 2, "s": bad.decode("utf-8", "replace")}]
 
 
 def test_every_kind_of_column_keeps_its_values(tmp_path: Path) -> None:
@@ -217,13 +255,21 @@ def test_every_kind_of_column_keeps_its_values(tmp_path: Path) -> None:
         con.execute("INSERT INTO mixed VALUES (?, ?, ?, ?, ?, ?, ?)", (index, *[value] * 6))
         con.execute("INSERT INTO shadowed VALUES (?, ?, ?, ?)", ("a", "b", "c", value))
         con.execute("INSERT INTO one_shadow VALUES (?, ?)", ("a", value))
-        con.execute(f"INSERT INTO wide VALUES ({', '.join('?' * 150)})",
-                    [values[(index + i) % len(values)] for i in range(150)])
+        con.execute(
+            f"INSERT INTO wide VALUES ({', '.join('?' * 150)})",
+            [values[(index + i) % len(values)] for i in range(150)],
+        )
         con.execute("INSERT INTO gen (x) VALUES (?)", (index / 3,))
         con.execute("INSERT OR IGNORE INTO desc_key VALUES (?, ?)", (value, index))
-    con.executemany("INSERT INTO strict VALUES (?, ?, ?, ?, ?)",
-                    [(1, 2.5, "x", b"\x00", 3.5), (None, None, None, None, None), (-5, -0.0, "", b"", b"z"),
-                     (2**63 - 1, float("-inf"), "é", b"\xff", "t")])
+    con.executemany(
+        "INSERT INTO strict VALUES (?, ?, ?, ?, ?)",
+        [
+            (1, 2.5, "x", b"\x00", 3.5),
+            (None, None, None, None, None),
+            (-5, -0.0, "", b"", b"z"),
+            (2**63 - 1, float("-inf"), "é", b"\xff", "t"),
+        ],
+    )
     con.commit()
     con.close()
     with open_source(str(db)) as source:
@@ -244,8 +290,9 @@ def test_big_tables_stream_in_bounded_batches(tmp_path: Path) -> None:
 def test_chunks_shrink_under_sqlites_string_limit(tmp_path: Path) -> None:
     db = run_sql(tmp_path / "source.db", "CREATE TABLE files (id INTEGER PRIMARY KEY, body BLOB)")
     con = sqlite3.connect(db)
-    con.executemany("INSERT INTO files (body) VALUES (?)",
-                    [(bytes([i]) * (20_000 if i % 3 else 10),) for i in range(100)])
+    con.executemany(
+        "INSERT INTO files (body) VALUES (?)", [(bytes([i]) * (20_000 if i % 3 else 10),) for i in range(100)]
+    )
     con.commit()
     con.close()
     with open_source(str(db)) as source:
@@ -343,19 +390,22 @@ def test_a_read_stopped_early_leaves_no_thread_and_a_usable_connection(tmp_path:
 # ---------------------------------------------------------------- names
 
 
-@pytest.mark.parametrize(("schema", "file_name"), [
-    ("users", "users"),
-    ("order items", "order%20items"),
-    ("../../etc/passwd", "%2E%2E%2F..%2Fetc%2Fpasswd"),
-    (".", "%2E"),
-    ("..", "%2E%2E"),
-    (".hidden.tbl", "%2Ehidden.tbl"),
-    ("100%", "100%25"),
-    ('we"ird\\name', "we%22ird%5Cname"),
-    ("Café 李", "Caf%C3%A9%20%E6%9D%8E~1"),
-    ("a-b_c.d", "a-b_c.d"),
-    ("", "%00"),
-])
+@pytest.mark.parametrize(
+    ("schema", "file_name"),
+    [
+        ("users", "users"),
+        ("order items", "order%20items"),
+        ("../../etc/passwd", "%2E%2E%2F..%2Fetc%2Fpasswd"),
+        (".", "%2E"),
+        ("..", "%2E%2E"),
+        (".hidden.tbl", "%2Ehidden.tbl"),
+        ("100%", "100%25"),
+        ('we"ird\\name', "we%22ird%5Cname"),
+        ("Café 李", "Caf%C3%A9%20%E6%9D%8E~1"),
+        ("a-b_c.d", "a-b_c.d"),
+        ("", "%00"),
+    ],
+)
 def test_safe_file_names(schema: str, file_name: str) -> None:
     assert safe_file_name(schema) == file_name
 
@@ -367,8 +417,12 @@ def test_long_names_are_cut_without_collisions() -> None:
 
 
 def test_download_names() -> None:
-    assert download_base_name("Daily Backup", "2026-11-28T17:00:00.000Z", "run_abcdefgh") == \
-        "Daily-Backup-2026-11-28-run_abcd"
-    assert download_base_name("  ¡Ünïcode!  export ", "2025-01-19T00:00:00Z", "run_xyz789") == \
-        "n-code-export-2025-01-19-run_xyz7"
+    assert (
+        download_base_name("Daily Backup", "2026-11-28T17:00:00.000Z", "run_abcdefgh")
+        == "Daily-Backup-2026-11-28-run_abcd"
+    )
+    assert (
+        download_base_name("  ¡Ünïcode!  export ", "2025-01-19T00:00:00Z", "run_xyz789")
+        == "n-code-export-2025-01-19-run_xyz7"
+    )
     assert download_base_name("***", "2025-01-19T00:00:00Z", "run_1") == "extract-2025-01-19-run_1"

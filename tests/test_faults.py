@@ -39,8 +39,6 @@ INTERRUPTED = "interrupted: the service stopped while this run was running"
 # ---------------------------------------------------------------- helpers
 
 
-
-
 def descendants(pid: int) -> set[int]:
     """Every process below ``pid`` (workers, the forkserver, the manager, the resource tracker)."""
     children: dict[int, list[int]] = {}
@@ -68,8 +66,9 @@ def alive(pid: int) -> bool:
 
 
 def artifacts_of(service: Service, run_id: str) -> list[dict]:
-    return service.client.get("/api/data/extract_artifacts", params={
-        "filter[where][run_id]": run_id, "filter[limit]": "1000"}).json()["data"]
+    return service.client.get(
+        "/api/data/extract_artifacts", params={"filter[where][run_id]": run_id, "filter[limit]": "1000"}
+    ).json()["data"]
 
 
 def assert_files_match(service: Service, run_id: str) -> None:
@@ -107,8 +106,9 @@ class Prober:
         self._thread.join()
 
     def _probe(self) -> None:
-        with httpx.Client(base_url=self.service.base_url, timeout=10,
-                          headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        with httpx.Client(
+            base_url=self.service.base_url, timeout=10, headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as client:
             while not self._stop.wait(0.02):
                 for url in ("/health", "/api/data/extract_runs?filter[limit]=5"):
                     started = time.monotonic()
@@ -127,8 +127,9 @@ class Prober:
 def tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
     """A real small volume (root only); skips the test where the machine does not allow it."""
     path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
@@ -159,8 +160,11 @@ def test_worker_sigkilled_ten_times_with_other_runs_in_flight(tmp_path: Path, bi
         endings: list[float] = []  # seconds from the kill until all three runs ended
         with Prober(svc) as prober:
             for round_ in range(10):
-                runs = {"victim": svc.run(victim["id"]), "bystander": svc.run(bystander["id"]),
-                        "waiting": svc.run(waiting["id"])}
+                runs = {
+                    "victim": svc.run(victim["id"]),
+                    "bystander": svc.run(bystander["id"]),
+                    "waiting": svc.run(waiting["id"]),
+                }
                 os.kill(worker_writing(svc.storage, runs["victim"]), signal.SIGKILL)
                 killed_at = time.monotonic()
                 done = {name: svc.wait_run(run_id, timeout=30) for name, run_id in runs.items()}
@@ -170,7 +174,8 @@ def test_worker_sigkilled_ten_times_with_other_runs_in_flight(tmp_path: Path, bi
                 for name in ("bystander", "waiting"):
                     run = done[name]
                     assert run["status"] == "completed" or (
-                        run["status"] == "failed" and run["error"].startswith(INNOCENT)), (round_, run)
+                        run["status"] == "failed" and run["error"].startswith(INNOCENT)
+                    ), (round_, run)
                 for run_id in runs.values():
                     assert_files_match(svc, run_id)
         assert prober.problems == [], prober.problems[:10]
@@ -194,8 +199,10 @@ def test_service_kill_9_five_times_loses_nothing(tmp_path: Path, big_db: Path) -
     svc = start_service(tmp_path, str(big_db), "--workers", "1")
     # YAML is the slowest format: the run is surely still writing when the service dies.
     big = svc.create_extract(name="Big", schemas=["big"], compress=False, format="yaml")
-    smalls = [svc.create_extract(name=f"Small {i}", schemas=["small"], format=fmt)
-              for i, fmt in enumerate(("jsonl", "json", "yaml", "archive"))]
+    smalls = [
+        svc.create_extract(name=f"Small {i}", schemas=["small"], format=fmt)
+        for i, fmt in enumerate(("jsonl", "json", "yaml", "archive"))
+    ]
     completed = [svc.run(smalls[0]["id"])]
     svc.wait_run(completed[0])
     try:
@@ -203,8 +210,9 @@ def test_service_kill_9_five_times_loses_nothing(tmp_path: Path, big_db: Path) -
             interrupted = svc.run(big["id"])
             worker_writing(svc.storage, interrupted)
             queued = [svc.run(s["id"]) for s in smalls]
-            assert {svc.client.get(f"/api/data/extract_runs/{r}").json()["data"]["status"]
-                    for r in queued} == {"queued"}
+            assert {
+                svc.client.get(f"/api/data/extract_runs/{r}").json()["data"]["status"] for r in queued
+            } == {"queued"}
             family = descendants(svc.process.pid)
             assert family, "the service has no worker processes"
             svc.stop(signal.SIGKILL)
@@ -248,8 +256,12 @@ def state_rows(db: Path, sql: str, *args: object) -> list[tuple]:
 
 def files_match_rows(db: Path, storage: Path, run_id: str) -> list[str]:
     """The run's live artifact names, after checking each file's size and SHA-256 on disk."""
-    rows = state_rows(db, "SELECT artifact_name, size_bytes, checksum FROM extract_artifacts "
-                          "WHERE run_id = ? AND deleted_at IS NULL", run_id)
+    rows = state_rows(
+        db,
+        "SELECT artifact_name, size_bytes, checksum FROM extract_artifacts "
+        "WHERE run_id = ? AND deleted_at IS NULL",
+        run_id,
+    )
     for name, size, checksum in rows:
         data = (storage / run_id / name).read_bytes()
         assert (len(data), hashlib.sha256(data).hexdigest()) == (size, checksum), name
@@ -283,7 +295,8 @@ def test_sigterm_right_after_a_cancel_keeps_the_cancelled_runs_files(tmp_path: P
 
 
 def test_sigterm_while_a_finished_run_waits_on_a_locked_state_file_loses_nothing(
-        tmp_path: Path, big_db: Path) -> None:
+    tmp_path: Path, big_db: Path
+) -> None:
     """A run whose worker had finished, but whose messages were not applied yet, used to be
     requeued by the stop and its files deleted: the same window that wipes a completed run."""
     svc = start_service(tmp_path, str(big_db), "--workers", "1")
@@ -298,8 +311,9 @@ def test_sigterm_while_a_finished_run_waits_on_a_locked_state_file_loses_nothing
         assert manifest.exists(), "the worker did not finish while the state file was locked"
         svc.process.send_signal(signal.SIGTERM)  # its result is still on the queue
     assert svc.stop() in (0, -signal.SIGTERM)
-    assert state_rows(svc.db, "SELECT status, records_exported FROM extract_runs WHERE id = ?",
-                      run_id) == [("completed", 500_000)]
+    assert state_rows(svc.db, "SELECT status, records_exported FROM extract_runs WHERE id = ?", run_id) == [
+        ("completed", 500_000)
+    ]
     assert files_match_rows(svc.db, svc.storage, run_id) == ["big.jsonl", "describe.yaml", "manifest.json"]
 
 
@@ -337,9 +351,12 @@ def test_sigterm_at_any_moment_of_a_run_loses_nothing(tmp_path: Path) -> None:
     runs: list[str] = []
     for round_ in range(6):
         svc = start_service(tmp_path, str(source), "--workers", "2", db=db, storage=storage)
-        extracts = [svc.create_extract(name=f"Round {round_} {i}", schemas=["small", "big"],
-                                       format=fmt, compress=False)
-                    for i, fmt in enumerate(("jsonl", "yaml"))]
+        extracts = [
+            svc.create_extract(
+                name=f"Round {round_} {i}", schemas=["small", "big"], format=fmt, compress=False
+            )
+            for i, fmt in enumerate(("jsonl", "yaml"))
+        ]
         for extract in extracts:
             runs.append(svc.run(extract["id"]))
         time.sleep(chance.uniform(0, 0.8))
@@ -502,10 +519,18 @@ def state_locked(db: Path, seconds: float) -> Iterator[None]:
     The block starts once the lock is held; leaving it waits for the release.
     """
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], "
-         "isolation_level=None); c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); "
-         "time.sleep(float(sys.argv[2])); c.rollback()", str(db), str(seconds)],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], "
+            "isolation_level=None); c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); "
+            "time.sleep(float(sys.argv[2])); c.rollback()",
+            str(db),
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         yield
@@ -527,8 +552,9 @@ def mixed_requests(svc: Service, extract_id: str) -> list[tuple[str, int, dict]]
     results: list[tuple[str, int, dict]] = []
 
     def call(what: str) -> None:
-        with httpx.Client(base_url=svc.base_url, timeout=60,
-                          headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        with httpx.Client(
+            base_url=svc.base_url, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as client:
             r = calls[what](client)
             results.append((what, r.status_code, r.json()))
 
@@ -572,7 +598,10 @@ def test_state_file_locked_past_the_busy_timeout_is_a_503_and_nothing_is_stuck(t
             r = svc.client.post(f"/api/extracts/{small['id']}/run")
         for what, status, body in [*results, ("run", r.status_code, r.json())]:
             assert status < 300 or (status == 503 and body["error_code"] == "SERVICE_UNAVAILABLE"), (
-                what, status, body)
+                what,
+                status,
+                body,
+            )
         assert any(status == 503 for _, status, _ in results), results  # the writes gave up
         run = svc.wait_run(run_id, timeout=30)
         assert run["status"] == "completed" and run["records_exported"] == 300_000, run
@@ -668,16 +697,32 @@ def test_workers_get_the_progress_queue_once_not_with_every_job(tmp_path: Path) 
     try:
         queue, cancelled = manager.Queue(), manager.dict()
         source, missing = make_shop_db(tmp_path / "shop.db"), tmp_path / "missing.db"
-        config = {"format": "jsonl", "include": ["describe", "data"], "schemas": ["users"],
-                  "filter": None, "compress": True, "split_files": False,
-                  "split_max_records": 1_000_000, "retention_days": 7}
-        jobs = [{"run_id": f"run_{i}", "extract_id": "extract_x", "extract_name": "X",
-                 "source": str(path), "run_dir": str(tmp_path / "storage" / f"run_{i}"),
-                 "min_free_bytes": 0, "created_at": "2026-01-01T00:00:00.000Z", "config": config}
-                for i, path in enumerate((missing, source, missing, source, source))]
+        config = {
+            "format": "jsonl",
+            "include": ["describe", "data"],
+            "schemas": ["users"],
+            "filter": None,
+            "compress": True,
+            "split_files": False,
+            "split_max_records": 1_000_000,
+            "retention_days": 7,
+        }
+        jobs = [
+            {
+                "run_id": f"run_{i}",
+                "extract_id": "extract_x",
+                "extract_name": "X",
+                "source": str(path),
+                "run_dir": str(tmp_path / "storage" / f"run_{i}"),
+                "min_free_bytes": 0,
+                "created_at": "2026-01-01T00:00:00.000Z",
+                "config": config,
+            }
+            for i, path in enumerate((missing, source, missing, source, source))
+        ]
         with concurrent.futures.ProcessPoolExecutor(
-                1, mp_context=context, initializer=worker_initializer,
-                initargs=(os.getpid(), queue, cancelled)) as pool:
+            1, mp_context=context, initializer=worker_initializer, initargs=(os.getpid(), queue, cancelled)
+        ) as pool:
             for job in jobs:
                 assert pool.submit(run_in_worker, job).result(60) is None
         messages = []

@@ -40,17 +40,23 @@ def source_rows(db: Path, table: str, where: str = "", args: tuple = ()) -> list
 
 
 def artifacts_of(service: Service, run_id: str) -> list[dict]:
-    return service.client.get("/api/data/extract_artifacts", params={
-        "filter[where][run_id]": run_id, "filter[limit]": "1000"}).json()["data"]
+    return service.client.get(
+        "/api/data/extract_artifacts", params={"filter[where][run_id]": run_id, "filter[limit]": "1000"}
+    ).json()["data"]
 
 
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("compress", [False, True])
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "yaml"])
 def test_file_formats(service: Service, shop_db: Path, fmt: str, compress: bool, split: bool) -> None:
-    extract = service.create_extract(name=f"{fmt} {compress} {split}", format=fmt, compress=compress,
-                                     split_files=split, split_max_records=7,
-                                     schemas=["users", "orders", "order items"])
+    extract = service.create_extract(
+        name=f"{fmt} {compress} {split}",
+        format=fmt,
+        compress=compress,
+        split_files=split,
+        split_max_records=7,
+        schemas=["users", "orders", "order items"],
+    )
     run = service.wait_run(service.run(extract["id"]))
     assert run["status"] == "completed", run
     data = [a for a in artifacts_of(service, run["id"]) if a["artifact_type"].startswith("data-")]
@@ -72,8 +78,9 @@ def test_file_formats(service: Service, shop_db: Path, fmt: str, compress: bool,
 
 @pytest.mark.parametrize("compress", [True, False])
 def test_archive_format(service: Service, shop_db: Path, compress: bool) -> None:
-    extract = service.create_extract(name="Tar ball!", format="archive", compress=compress,
-                                     schemas=["users", "order items"])
+    extract = service.create_extract(
+        name="Tar ball!", format="archive", compress=compress, schemas=["users", "order items"]
+    )
     run = service.wait_run(service.run(extract["id"]))
     assert run["status"] == "completed", run
     artifacts = {a["artifact_type"]: a for a in artifacts_of(service, run["id"])}
@@ -97,10 +104,15 @@ def test_archive_format(service: Service, shop_db: Path, compress: bool) -> None
 
 
 def test_filters_select_rows_and_set_records_total(service: Service, shop_db: Path) -> None:
-    extract = service.create_extract(name="Filtered", compress=False, schemas=["orders", "users"],
-                                     filter={"orders": {"where": {"total": {"$gte": 20},
-                                                                  "note": {"$null": False}}},
-                                             "users": {"where": {"name": {"$like": "%a%"}}}})
+    extract = service.create_extract(
+        name="Filtered",
+        compress=False,
+        schemas=["orders", "users"],
+        filter={
+            "orders": {"where": {"total": {"$gte": 20}, "note": {"$null": False}}},
+            "users": {"where": {"name": {"$like": "%a%"}}},
+        },
+    )
     run = service.wait_run(service.run(extract["id"]))
     assert run["status"] == "completed", run
     orders = source_rows(shop_db, "orders", "WHERE total >= ? AND note IS NOT NULL", (20,))
@@ -118,9 +130,10 @@ def test_describe_only_and_snapshot_of_options(service: Service) -> None:
     assert (run["status"], run["records_exported"], run["schemas_exported"]) == ("completed", 0, 0)
     assert run["progress_detail"]["records_total"] == 0
     assert sorted(a["artifact_name"] for a in artifacts_of(service, run["id"])) == [
-        "describe.yaml", "manifest.json"]
-    service.client.put(f"/api/data/extracts/{extract['id']}", json={"include": ["data"],
-                                                                     "format": "yaml"})
+        "describe.yaml",
+        "manifest.json",
+    ]
+    service.client.put(f"/api/data/extracts/{extract['id']}", json={"include": ["data"], "format": "yaml"})
     old = service.client.get(f"/api/data/extract_runs/{run['id']}").json()["data"]
     assert old["config_snapshot"]["include"] == ["describe"]
     assert old["config_snapshot"]["format"] == "jsonl"

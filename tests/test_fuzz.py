@@ -71,7 +71,7 @@ def make_fuzz_source(path: Path) -> Path:
     make_shop_db(path)
     con = sqlite3.connect(path)
     con.execute('CREATE TABLE "../../etc/passwd" (id INTEGER PRIMARY KEY, "x\'; DROP TABLE users; --" TEXT)')
-    con.execute('INSERT INTO "../../etc/passwd" VALUES (1, \'root:x:0:0\')')
+    con.execute("INSERT INTO \"../../etc/passwd\" VALUES (1, 'root:x:0:0')")
     con.commit()
     con.close()
     return path
@@ -86,15 +86,33 @@ def fuzz_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 
 
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(
-        fuzz_service: Service, tmp_path: Path) -> None:
+    fuzz_service: Service, tmp_path: Path
+) -> None:
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
     command = [
-        sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "--no-color",
-        "run", f"{fuzz_service.base_url}/openapi.json",
-        "--header", f"Authorization: Bearer {TOKEN}",
-        "--max-examples", str(EXAMPLES), "--seed", str(SEED), "--generation-database", "none",
-        "--workers", "1", "--request-timeout", "30", "--suppress-health-check", "all",
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "--config-file",
+        str(config),
+        "--no-color",
+        "run",
+        f"{fuzz_service.base_url}/openapi.json",
+        "--header",
+        f"Authorization: Bearer {TOKEN}",
+        "--max-examples",
+        str(EXAMPLES),
+        "--seed",
+        str(SEED),
+        "--generation-database",
+        "none",
+        "--workers",
+        "1",
+        "--request-timeout",
+        "30",
+        "--suppress-health-check",
+        "all",
     ]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
@@ -111,13 +129,16 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(
 # ---------------------------------------------------------------- what the fuzzer found
 
 
-@pytest.mark.parametrize("query", [
-    {"filter[offset]": "785864347158895919104"},  # past SQLite's 64-bit integers: was a 500
-    {"filter[offset]": "9" * 5000},               # past int()'s 4,300-digit limit
-    {"filter[offset]": "²"},                      # str.isdigit() is true, int() refuses it: was a 500
-    {"filter[limit]": "²"},
-    {"filter[limit]": "1" * 5000},
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"filter[offset]": "785864347158895919104"},  # past SQLite's 64-bit integers: was a 500
+        {"filter[offset]": "9" * 5000},  # past int()'s 4,300-digit limit
+        {"filter[offset]": "²"},  # str.isdigit() is true, int() refuses it: was a 500
+        {"filter[limit]": "²"},
+        {"filter[limit]": "1" * 5000},
+    ],
+)
 def test_list_paging_out_of_range_is_a_400(fuzz_service: Service, query: dict[str, str]) -> None:
     for model in ("extracts", "extract_runs", "extract_artifacts"):
         r = fuzz_service.client.get(f"/api/data/{model}", params=query)
@@ -127,20 +148,27 @@ def test_list_paging_out_of_range_is_a_400(fuzz_service: Service, query: dict[st
         assert [d["field"] for d in body["details"]] == list(query)
 
 
-@pytest.mark.parametrize("query", [
-    {"filter[offset]": str(2**63 - 1), "filter[limit]": "0001000"},
-    {"filter[offset]": "0" * 5000 + "1", "filter[limit]": "0" * 5000 + "5"},  # the offset was a 500
-], ids=["largest", "5000-leading-zeros"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"filter[offset]": str(2**63 - 1), "filter[limit]": "0001000"},
+        {"filter[offset]": "0" * 5000 + "1", "filter[limit]": "0" * 5000 + "5"},  # the offset was a 500
+    ],
+    ids=["largest", "5000-leading-zeros"],
+)
 def test_list_paging_at_the_limits_works(fuzz_service: Service, query: dict[str, str]) -> None:
     for model in ("extracts", "extract_runs", "extract_artifacts"):
         r = fuzz_service.client.get(f"/api/data/{model}", params=query)
         assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("body", [
-    {"name": "Never", "schedule": "0 0 31 2 *", "schedule_enabled": True},  # was a 500
-    {"name": "Never", "schedule": "0 0 30 2 *"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "Never", "schedule": "0 0 31 2 *", "schedule_enabled": True},  # was a 500
+        {"name": "Never", "schedule": "0 0 30 2 *"},
+    ],
+)
 def test_a_schedule_that_never_comes_due_is_a_400(fuzz_service: Service, body: dict) -> None:
     r = fuzz_service.client.post("/api/data/extracts", json=body)
     assert r.status_code == 400, r.text

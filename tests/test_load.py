@@ -54,7 +54,9 @@ class ActiveRunWatch:
             while not self._stop.wait(0.05):
                 self.violations += con.execute(
                     "SELECT extract_id, count(*) FROM extract_runs WHERE status IN (?, ?, ?) "
-                    "GROUP BY extract_id HAVING count(*) > 1", ACTIVE).fetchall()
+                    "GROUP BY extract_id HAVING count(*) > 1",
+                    ACTIVE,
+                ).fetchall()
                 self.samples += 1
         finally:
             con.close()
@@ -72,8 +74,9 @@ async def drive(svc: Service, extract_ids: list[str], seconds: float) -> dict:
     # uvicorn's 5 s keep-alive timeout closes the connection before its reuse, and that
     # ReadError would be the client's, not the service's. Any transport error here is real.
     limits = httpx.Limits(max_connections=CLIENTS + BURST, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=svc.base_url, timeout=60, limits=limits,
-                                 headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+    async with httpx.AsyncClient(
+        base_url=svc.base_url, timeout=60, limits=limits, headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as client:
 
         async def request(kind: str, method: str, url: str, **kwargs) -> httpx.Response | None:
             started = time.perf_counter()
@@ -95,15 +98,23 @@ async def drive(svc: Service, extract_ids: list[str], seconds: float) -> dict:
                 extract_id = extract_ids[i % len(extract_ids)]
                 choice = i % 6
                 if choice == 0:
-                    await request("list", "GET", "/api/data/extracts",
-                                  params={"filter[limit]": "20", "filter[order]": "name asc"})
+                    await request(
+                        "list",
+                        "GET",
+                        "/api/data/extracts",
+                        params={"filter[limit]": "20", "filter[order]": "name asc"},
+                    )
                 elif choice == 1:
                     await request("get", "GET", f"/api/data/extracts/{extract_id}")
                 elif choice == 2 and run_ids:
                     await request("status", "GET", f"/api/data/extract_runs/{run_ids[i % len(run_ids)]}")
                 elif choice == 3:
-                    await request("runs", "GET", "/api/data/extract_runs",
-                                  params={"filter[where][extract_id]": extract_id, "filter[limit]": "5"})
+                    await request(
+                        "runs",
+                        "GET",
+                        "/api/data/extract_runs",
+                        params={"filter[where][extract_id]": extract_id, "filter[limit]": "5"},
+                    )
                 elif choice == 4:
                     await request("describe", "GET", "/api/describe")
                 else:
@@ -111,8 +122,10 @@ async def drive(svc: Service, extract_ids: list[str], seconds: float) -> dict:
 
         async def runner() -> None:
             while time.monotonic() < deadline:
-                burst = [request("run", "POST", f"/api/extracts/{extract_ids[i % EXTRACTS]}/run")
-                         for i in range(BURST)]
+                burst = [
+                    request("run", "POST", f"/api/extracts/{extract_ids[i % EXTRACTS]}/run")
+                    for i in range(BURST)
+                ]
                 for r in await asyncio.gather(*burst):
                     if r is None:
                         continue
@@ -124,8 +137,15 @@ async def drive(svc: Service, extract_ids: list[str], seconds: float) -> dict:
         started, load = time.monotonic(), os.getloadavg()
         await asyncio.gather(runner(), *(reader(n) for n in range(CLIENTS)))
         elapsed = time.monotonic() - started
-    return {"latencies": latencies, "statuses": statuses, "problems": problems, "run_ids": run_ids,
-            "run_outcomes": run_outcomes, "elapsed": elapsed, "load": load}
+    return {
+        "latencies": latencies,
+        "statuses": statuses,
+        "problems": problems,
+        "run_ids": run_ids,
+        "run_outcomes": run_outcomes,
+        "elapsed": elapsed,
+        "load": load,
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -162,8 +182,10 @@ def write_report(result: dict, seconds: float) -> str:
         "|---|---|---|---|---|",
     ]
     for kind, values in sorted(result["latencies"].items()):
-        lines.append(f"| {kind} | {len(values)} | {statistics.median(values) * 1000:.1f} | "
-                     f"{percentile(values, 0.99) * 1000:.1f} | {max(values) * 1000:.1f} |")
+        lines.append(
+            f"| {kind} | {len(values)} | {statistics.median(values) * 1000:.1f} | "
+            f"{percentile(values, 0.99) * 1000:.1f} | {max(values) * 1000:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -177,8 +199,9 @@ def load_service(tmp_path_factory: pytest.TempPathFactory):
 
 def test_load_mixed_reads_and_run_bursts(load_service: Service) -> None:
     svc = load_service
-    extract_ids = [svc.create_extract(name=f"Load {i}", schemas=["users", "orders"])["id"]
-                   for i in range(EXTRACTS)]
+    extract_ids = [
+        svc.create_extract(name=f"Load {i}", schemas=["users", "orders"])["id"] for i in range(EXTRACTS)
+    ]
     with ActiveRunWatch(svc.db) as watch:
         result = asyncio.run(drive(svc, extract_ids, SECONDS))
         for run_id in result["run_ids"]:

@@ -40,32 +40,36 @@ def folded(names: list[str]) -> set[str]:
 # ---------------------------------------------------------------- the rule
 
 
-@pytest.mark.parametrize(("schema", "stem"), [
-    ("users", "users"),
-    ("Users", "Users~1"),
-    ("uSers", "uSers~2"),
-    ("USERS", "USERS~1f"),
-    ("describe", "%64escribe"),
-    ("manifest", "%6Danifest"),
-    ("Describe", "Describe~1"),
-    ("MANIFEST", "MANIFEST~ff"),
-    ("%64escribe", "%2564escribe"),
-    ("order items", "order%20items"),
-    ("Order Items", "Order%20Items~101"),
-    ("Café 李", "Caf%C3%A9%20%E6%9D%8E~1"),  # escape digits are not letters of the name
-    ("café", "caf%C3%A9"),
-    ("a~b", "a%7Eb"),
-    (".Hidden", "%2EHidden~8"),
-    ("", "%00"),
-])
+@pytest.mark.parametrize(
+    ("schema", "stem"),
+    [
+        ("users", "users"),
+        ("Users", "Users~1"),
+        ("uSers", "uSers~2"),
+        ("USERS", "USERS~1f"),
+        ("describe", "%64escribe"),
+        ("manifest", "%6Danifest"),
+        ("Describe", "Describe~1"),
+        ("MANIFEST", "MANIFEST~ff"),
+        ("%64escribe", "%2564escribe"),
+        ("order items", "order%20items"),
+        ("Order Items", "Order%20Items~101"),
+        ("Café 李", "Caf%C3%A9%20%E6%9D%8E~1"),  # escape digits are not letters of the name
+        ("café", "caf%C3%A9"),
+        ("a~b", "a%7Eb"),
+        (".Hidden", "%2EHidden~8"),
+        ("", "%00"),
+    ],
+)
 def test_the_naming_rule(schema: str, stem: str) -> None:
     assert safe_file_name(schema) == stem
 
 
 def decode(stem: str) -> str:
     """The README's inverse: drop a ``~`` suffix, percent-decode."""
-    return re.sub(rb"%([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]),
-                  stem.split("~")[0].encode()).decode()
+    return re.sub(
+        rb"%([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]), stem.split("~")[0].encode()
+    ).decode()
 
 
 def check_names(names: list[str]) -> None:
@@ -80,14 +84,57 @@ def check_names(names: list[str]) -> None:
 
 
 def test_no_two_stems_meet_ignoring_case() -> None:
-    base = ["users", "Users", "USERS", "uSers", "usErs", "describe", "Describe", "DESCRIBE", "dEscribe",
-            "manifest", "Manifest", "MANIFEST", "%64escribe", "%6Danifest", "%6danifest", "users~1",
-            "Users~1", "users%7E1", "Café", "CAFÉ", "café", "cafÉ", "ÇA", "ça", "李", "Ωmega", "ωmega",
-            "describe.yaml", "manifest.json", "Manifest.JSON", "order items", "Order Items", "", ".", ".."]
-    long_names = [prefix + "x" * n + suffix for prefix in ("", "X", "é", "É")
-                  for n in (180, 181, 182, 183, 190, 199, 200, 250) for suffix in ("", "Y", "y")]
-    long_names += ["a" * 150 + "B" * 50, "A" * 150 + "b" * 50, "李" * 60 + "A", "李" * 60 + "a",
-                   "李" * 61 + "Q" * 20, "李" * 61 + "q" * 20]
+    base = [
+        "users",
+        "Users",
+        "USERS",
+        "uSers",
+        "usErs",
+        "describe",
+        "Describe",
+        "DESCRIBE",
+        "dEscribe",
+        "manifest",
+        "Manifest",
+        "MANIFEST",
+        "%64escribe",
+        "%6Danifest",
+        "%6danifest",
+        "users~1",
+        "Users~1",
+        "users%7E1",
+        "Café",
+        "CAFÉ",
+        "café",
+        "cafÉ",
+        "ÇA",
+        "ça",
+        "李",
+        "Ωmega",
+        "ωmega",
+        "describe.yaml",
+        "manifest.json",
+        "Manifest.JSON",
+        "order items",
+        "Order Items",
+        "",
+        ".",
+        "..",
+    ]
+    long_names = [
+        prefix + "x" * n + suffix
+        for prefix in ("", "X", "é", "É")
+        for n in (180, 181, 182, 183, 190, 199, 200, 250)
+        for suffix in ("", "Y", "y")
+    ]
+    long_names += [
+        "a" * 150 + "B" * 50,
+        "A" * 150 + "b" * 50,
+        "李" * 60 + "A",
+        "李" * 60 + "a",
+        "李" * 61 + "Q" * 20,
+        "李" * 61 + "q" * 20,
+    ]
     cased = [name.upper() for name in base + long_names] + [name.lower() for name in base + long_names]
     check_names(base + long_names + cased)
 
@@ -125,18 +172,22 @@ def test_a_second_name_equal_ignoring_case_is_refused_before_writing() -> None:
         names.claim("USERS.jsonl", "schema 'USERS'")
     assert str(caught.value).startswith(
         "Two files of this run would be named users.jsonl (letter case aside): schema 'users' and "
-        "schema 'USERS'; the run stopped before overwriting either.")
+        "schema 'USERS'; the run stopped before overwriting either."
+    )
     assert "\n" not in str(caught.value)
 
 
 @pytest.mark.parametrize("hard_links", [True, False])
-def test_a_finished_file_never_replaces_another(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                 hard_links: bool) -> None:
+def test_a_finished_file_never_replaces_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool
+) -> None:
     from executor.writers import ArtifactFile, NameClash, SpaceGuard
 
     if not hard_links:  # a volume without hard links (FAT, exFAT): link() says EPERM
+
         def no_link(*args: Any) -> None:
             raise OSError(errno.EPERM, "Operation not permitted")
+
         monkeypatch.setattr(os, "link", no_link)
     guard = SpaceGuard(tmp_path, 0)
     (tmp_path / "manifest.json").write_bytes(b"the run's manifest")
@@ -177,8 +228,9 @@ def reserved_service(tmp_path_factory: pytest.TempPathFactory, reserved_db: Path
 
 
 def artifacts_of(service: Service, run_id: str) -> list[dict]:
-    return service.client.get("/api/data/extract_artifacts", params={
-        "filter[where][run_id]": run_id, "filter[limit]": "1000"}).json()["data"]
+    return service.client.get(
+        "/api/data/extract_artifacts", params={"filter[where][run_id]": run_id, "filter[limit]": "1000"}
+    ).json()["data"]
 
 
 def sha256(data: bytes) -> str:
@@ -188,7 +240,8 @@ def sha256(data: bytes) -> str:
 def check_listing(files: dict[str, bytes], manifest: dict, listed: list[str]) -> None:
     """A manifest lists every other file, by name, size and checksum, and nothing else."""
     assert sorted((e["name"], e["size"], e["checksum"]) for e in manifest["artifacts"]) == sorted(
-        (name, len(files[name]), sha256(files[name])) for name in listed)
+        (name, len(files[name]), sha256(files[name])) for name in listed
+    )
 
 
 def rows_by_schema(files: dict[str, bytes], manifest: dict) -> dict[str, list[dict]]:
@@ -210,8 +263,10 @@ def check_run(service: Service, run: dict, schemas: dict[str, int]) -> dict[str,
     assert sorted(os.listdir(run_dir)) == sorted(names)
     files = {name: (run_dir / name).read_bytes() for name in names}
     for a in artifacts:
-        assert (a["size_bytes"], a["checksum"]) == (len(files[a["artifact_name"]]),
-                                                    sha256(files[a["artifact_name"]]))
+        assert (a["size_bytes"], a["checksum"]) == (
+            len(files[a["artifact_name"]]),
+            sha256(files[a["artifact_name"]]),
+        )
     manifest = json.loads(files["manifest.json"])
     check_listing(files, manifest, [name for name in names if name != "manifest.json"])
     if run["config_snapshot"]["format"] == "archive":
@@ -226,18 +281,23 @@ def check_run(service: Service, run: dict, schemas: dict[str, int]) -> dict[str,
     return files
 
 
-@pytest.mark.parametrize("config", [
-    {"format": "json", "compress": False},
-    {"format": "yaml", "compress": False},
-    {"format": "jsonl", "compress": False},
-    {"format": "jsonl", "compress": True},
-    {"format": "yaml", "compress": False, "split_files": True, "split_max_records": 2},
-    {"format": "json", "compress": True, "split_files": True, "split_max_records": 2},
-    {"format": "archive", "compress": False},
-    {"format": "archive", "compress": True, "split_files": True, "split_max_records": 4},
-], ids=lambda c: "-".join(str(v) for v in c.values()))
-def test_tables_named_like_the_runs_own_files_keep_every_row(reserved_service: Service, reserved_db: Path,
-                                                             config: dict) -> None:
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"format": "json", "compress": False},
+        {"format": "yaml", "compress": False},
+        {"format": "jsonl", "compress": False},
+        {"format": "jsonl", "compress": True},
+        {"format": "yaml", "compress": False, "split_files": True, "split_max_records": 2},
+        {"format": "json", "compress": True, "split_files": True, "split_max_records": 2},
+        {"format": "archive", "compress": False},
+        {"format": "archive", "compress": True, "split_files": True, "split_max_records": 4},
+    ],
+    ids=lambda c: "-".join(str(v) for v in c.values()),
+)
+def test_tables_named_like_the_runs_own_files_keep_every_row(
+    reserved_service: Service, reserved_db: Path, config: dict
+) -> None:
     """A table named manifest or describe overwrote manifest.json or describe.yaml: its rows were
     gone, the manifest listed a file whose size no longer matched, and the run said completed."""
     extract = reserved_service.create_extract(name="Reserved", schemas=list(ROWS), **config)
@@ -249,8 +309,9 @@ def test_tables_named_like_the_runs_own_files_keep_every_row(reserved_service: S
 
 
 def test_the_zip_of_a_run_holds_every_file_once(reserved_service: Service) -> None:
-    extract = reserved_service.create_extract(name="Zipped", schemas=list(ROWS), format="yaml",
-                                              compress=False)
+    extract = reserved_service.create_extract(
+        name="Zipped", schemas=list(ROWS), format="yaml", compress=False
+    )
     run = reserved_service.wait_run(reserved_service.run(extract["id"]))
     files = check_run(reserved_service, run, ROWS)
     r = reserved_service.client.get(f"/api/extracts/runs/{run['id']}/download")
@@ -299,7 +360,10 @@ def test_tables_that_differ_only_in_case_get_distinct_files(cased_service: Servi
     manifest = json.loads(files["manifest.json"])
     suffix = ".jsonl" if fmt == "archive" else ".jsonl.gz"
     assert {e["schema"]: e["name"] for e in manifest["artifacts"] if e["schema"]} == {
-        "users": f"users{suffix}", "Users": f"Users~1{suffix}", "USERS": f"USERS~1f{suffix}"}
+        "users": f"users{suffix}",
+        "Users": f"Users~1{suffix}",
+        "USERS": f"USERS~1f{suffix}",
+    }
     for entry in manifest["artifacts"]:
         if entry["schema"]:
             assert {row["owner"] for row in parse(entry["name"], files[entry["name"]])} == {entry["schema"]}
@@ -320,11 +384,17 @@ def state_file(tmp_path: Path) -> sqlite3.Connection:
 
 
 def add_run(con: sqlite3.Connection, run_id: str, extract_id: str = "extract_1") -> None:
-    con.execute("INSERT OR IGNORE INTO extracts (id, name, created_at, updated_at) "
-                "VALUES (?, 'X', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z')", (extract_id,))
-    con.execute("INSERT INTO extract_runs (id, extract_id, extract_name, status, progress_detail, "
-                "config_snapshot, created_at, updated_at) VALUES (?, ?, 'X', 'completed', '{}', '{}', "
-                "'2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z')", (run_id, extract_id))
+    con.execute(
+        "INSERT OR IGNORE INTO extracts (id, name, created_at, updated_at) "
+        "VALUES (?, 'X', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z')",
+        (extract_id,),
+    )
+    con.execute(
+        "INSERT INTO extract_runs (id, extract_id, extract_name, status, progress_detail, "
+        "config_snapshot, created_at, updated_at) VALUES (?, ?, 'X', 'completed', '{}', '{}', "
+        "'2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z')",
+        (run_id, extract_id),
+    )
 
 
 def add_artifact(con: sqlite3.Connection, run_id: str, name: str, storage: Path | None = None) -> None:
@@ -335,8 +405,16 @@ def add_artifact(con: sqlite3.Connection, run_id: str, name: str, storage: Path 
         "storage_path, format, content_type, size_bytes, checksum, crc32, is_primary, created_at, "
         "expires_at) SELECT ?, id, extract_id, 'data-x', ?, ?, 'jsonl', 'application/x-ndjson', ?, ?, "
         "?, 1, '2026-01-01T00:00:00.000Z', '2999-01-01T00:00:00.000Z' FROM extract_runs WHERE id = ?",
-        (f"artifact_{secrets.token_hex(8)}", name, str(path), len(data), sha256(data),
-         zlib.crc32(data), run_id))
+        (
+            f"artifact_{secrets.token_hex(8)}",
+            name,
+            str(path),
+            len(data),
+            sha256(data),
+            zlib.crc32(data),
+            run_id,
+        ),
+    )
 
 
 def test_the_schema_refuses_two_artifact_names_equal_ignoring_case(tmp_path: Path) -> None:
@@ -364,15 +442,22 @@ def test_a_second_artifact_of_one_name_fails_the_run(tmp_path: Path) -> None:
         add_artifact(con, run_id, "SMALL.jsonl")  # forced in before the worker writes small.jsonl
         run = svc.wait_run(run_id)
         assert run["status"] == "failed", run
-        assert run["error"] == ("The run wrote a second file named small.jsonl (letter case aside), which "
-                                "was not recorded; the run was stopped. Report this as a bug in the "
-                                "file naming")
-        names = [row[0] for row in con.execute(
-            "SELECT artifact_name FROM extract_artifacts WHERE run_id = ?", (run_id,))]
+        assert run["error"] == (
+            "The run wrote a second file named small.jsonl (letter case aside), which "
+            "was not recorded; the run was stopped. Report this as a bug in the "
+            "file naming"
+        )
+        names = [
+            row[0]
+            for row in con.execute("SELECT artifact_name FROM extract_artifacts WHERE run_id = ?", (run_id,))
+        ]
         con.close()
         # The worker may finish manifest.json before it sees the stop.
-        assert {"SMALL.jsonl", "big.jsonl", "describe.yaml"} <= set(names) <= {
-            "SMALL.jsonl", "big.jsonl", "describe.yaml", "manifest.json"}
+        assert (
+            {"SMALL.jsonl", "big.jsonl", "describe.yaml"}
+            <= set(names)
+            <= {"SMALL.jsonl", "big.jsonl", "describe.yaml", "manifest.json"}
+        )
         # The next run is not disturbed.
         assert svc.wait_run(svc.run(extract["id"]))["status"] == "completed"
     finally:
@@ -410,12 +495,24 @@ def test_an_artifact_message_applied_twice_is_recorded_once(tmp_path: Path) -> N
         try:
             runs = RunManager(LockedAfterWriting(db), SimpleNamespace(workers=1, storage=tmp_path))
             runs.retry_delay = 0.01
-            runs._jobs["run_x"] = {"extract_id": "extract_1", "run_dir": str(tmp_path / "run_x"),
-                                   "config": {"retention_days": 7}}
-            message = {"artifact_type": "data-users", "artifact_name": "users.jsonl", "schema_name": "users",
-                       "part": None, "format": "jsonl", "content_type": "application/x-ndjson",
-                       "size_bytes": 3, "records": 1, "checksum": sha256(b"{}\n"), "crc32": 0,
-                       "is_primary": True}
+            runs._jobs["run_x"] = {
+                "extract_id": "extract_1",
+                "run_dir": str(tmp_path / "run_x"),
+                "config": {"retention_days": 7},
+            }
+            message = {
+                "artifact_type": "data-users",
+                "artifact_name": "users.jsonl",
+                "schema_name": "users",
+                "part": None,
+                "format": "jsonl",
+                "content_type": "application/x-ndjson",
+                "size_bytes": 3,
+                "records": 1,
+                "checksum": sha256(b"{}\n"),
+                "crc32": 0,
+                "is_primary": True,
+            }
             await runs._apply(runs._on_artifact, "artifact", "run_x", message)
         finally:
             await close_database(db)
@@ -429,9 +526,19 @@ def test_a_version_1_state_file_keeps_artifacts_that_differ_only_in_case(tmp_pat
     """Version 1 recorded users.jsonl.gz and Users.jsonl.gz of one run (PostgreSQL, MySQL): the
     migration keeps both, under names the new unique index accepts, and the ZIP serves both."""
     storage = tmp_path / "storage"
-    legacy = {"run_1": ["describe.yaml", "users.jsonl.gz", "Users.jsonl.gz", "USERS.jsonl.gz", "a.b.jsonl.gz",
-                        "A.b.jsonl.gz", "Users~2.jsonl.gz", "manifest.json"],
-              "run_2": ["users.jsonl.gz", "manifest.json"]}
+    legacy = {
+        "run_1": [
+            "describe.yaml",
+            "users.jsonl.gz",
+            "Users.jsonl.gz",
+            "USERS.jsonl.gz",
+            "a.b.jsonl.gz",
+            "A.b.jsonl.gz",
+            "Users~2.jsonl.gz",
+            "manifest.json",
+        ],
+        "run_2": ["users.jsonl.gz", "manifest.json"],
+    }
     path = tmp_path / "state.db"
     con = sqlite3.connect(path, isolation_level=None)
     con.executescript((ROOT / "tests" / "schema_v1.sql").read_text())
@@ -451,14 +558,32 @@ def test_a_version_1_state_file_keeps_artifacts_that_differ_only_in_case(tmp_pat
     prepare_state_file(path)  # and again: nothing more changes
     con = sqlite3.connect(path, isolation_level=None)
     assert con.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (2,)
-    assert con.execute("SELECT id, storage_path, checksum FROM extract_artifacts ORDER BY rowid").fetchall() \
+    assert (
+        con.execute("SELECT id, storage_path, checksum FROM extract_artifacts ORDER BY rowid").fetchall()
         == before
-    names = {run_id: [row[0] for row in con.execute(
-        "SELECT artifact_name FROM extract_artifacts WHERE run_id = ? ORDER BY rowid", (run_id,))]
-        for run_id in legacy}
-    assert names == {"run_1": ["describe.yaml", "users.jsonl.gz", "Users~3.jsonl.gz", "USERS~4.jsonl.gz",
-                               "a.b.jsonl.gz", "A~2.b.jsonl.gz", "Users~2.jsonl.gz", "manifest.json"],
-                     "run_2": legacy["run_2"]}
+    )
+    names = {
+        run_id: [
+            row[0]
+            for row in con.execute(
+                "SELECT artifact_name FROM extract_artifacts WHERE run_id = ? ORDER BY rowid", (run_id,)
+            )
+        ]
+        for run_id in legacy
+    }
+    assert names == {
+        "run_1": [
+            "describe.yaml",
+            "users.jsonl.gz",
+            "Users~3.jsonl.gz",
+            "USERS~4.jsonl.gz",
+            "a.b.jsonl.gz",
+            "A~2.b.jsonl.gz",
+            "Users~2.jsonl.gz",
+            "manifest.json",
+        ],
+        "run_2": legacy["run_2"],
+    }
     with pytest.raises(sqlite3.IntegrityError):
         add_artifact(con, "run_1", "USERS~3.JSONL.GZ")
     con.close()
@@ -470,7 +595,8 @@ def test_a_version_1_state_file_keeps_artifacts_that_differ_only_in_case(tmp_pat
         archive = zipfile.ZipFile(io.BytesIO(r.content))
         assert sorted(archive.namelist()) == sorted(names["run_1"])
         for name, storage_path in sqlite3.connect(path).execute(
-                "SELECT artifact_name, storage_path FROM extract_artifacts WHERE run_id = 'run_1'"):
+            "SELECT artifact_name, storage_path FROM extract_artifacts WHERE run_id = 'run_1'"
+        ):
             assert archive.read(name) == Path(storage_path).read_bytes()  # each file, under its new name
     finally:
         svc.stop()

@@ -37,8 +37,9 @@ CASES: dict[str, Case] = {
     "closed range": Case(rng("bytes=1-3"), lambda size: (1, 4)),
     "open-ended": Case(rng("bytes=5-"), lambda size: (5, size)),
     "from 0": Case(rng("bytes=0-"), lambda size: (0, size)),
-    "last byte": Case(lambda size, etag: [("Range", f"bytes={size - 1}-{size - 1}")],
-                      lambda size: (size - 1, size)),
+    "last byte": Case(
+        lambda size, etag: [("Range", f"bytes={size - 1}-{size - 1}")], lambda size: (size - 1, size)
+    ),
     "last-pos past the end": Case(rng("bytes=2-99999999"), lambda size: (2, size)),
     "suffix": Case(rng("bytes=-5"), lambda size: (size - 5, size)),
     "suffix longer than the body": Case(rng("bytes=-99999999"), lambda size: (0, size)),
@@ -71,27 +72,35 @@ CASES: dict[str, Case] = {
     "thousands of digits, first-pos": Case(rng(f"bytes={HUGE}-"), lambda size: "416"),
     "thousands of digits, last-pos": Case(rng(f"bytes=3-{HUGE}"), lambda size: (3, size)),
     "thousands of digits, suffix": Case(rng(f"bytes=-{HUGE}"), lambda size: (0, size)),
-    "thousands of digits, last-pos before first-pos": Case(rng(f"bytes={HUGE}-{HUGE[1:]}"),
-                                                           lambda size: None),
+    "thousands of digits, last-pos before first-pos": Case(
+        rng(f"bytes={HUGE}-{HUGE[1:]}"), lambda size: None
+    ),
     "thousands of digits, both equal": Case(rng(f"bytes={HUGE}-{HUGE}"), lambda size: "416"),
-    "two Range headers": Case(lambda size, etag: [("Range", "bytes=1-3"), ("Range", "bytes=1-3")],
-                              lambda size: None),
-    "If-Range matching": Case(lambda size, etag: [("Range", "bytes=1-3"), ("If-Range", etag)],
-                              lambda size: (1, 4)),
+    "two Range headers": Case(
+        lambda size, etag: [("Range", "bytes=1-3"), ("Range", "bytes=1-3")], lambda size: None
+    ),
+    "If-Range matching": Case(
+        lambda size, etag: [("Range", "bytes=1-3"), ("If-Range", etag)], lambda size: (1, 4)
+    ),
     "If-Range matching, past the end": Case(
-        lambda size, etag: [("Range", f"bytes={size}-"), ("If-Range", etag)], lambda size: "416"),
-    "If-Range stale": Case(lambda size, etag: [("Range", "bytes=1-3"), ("If-Range", '"stale"')],
-                           lambda size: None),
+        lambda size, etag: [("Range", f"bytes={size}-"), ("If-Range", etag)], lambda size: "416"
+    ),
+    "If-Range stale": Case(
+        lambda size, etag: [("Range", "bytes=1-3"), ("If-Range", '"stale"')], lambda size: None
+    ),
     "If-Range stale, past the end": Case(
-        lambda size, etag: [("Range", f"bytes={size}-"), ("If-Range", '"stale"')], lambda size: None),
-    "If-Range weak": Case(lambda size, etag: [("Range", "bytes=1-3"), ("If-Range", "W/" + etag)],
-                          lambda size: None),
+        lambda size, etag: [("Range", f"bytes={size}-"), ("If-Range", '"stale"')], lambda size: None
+    ),
+    "If-Range weak": Case(
+        lambda size, etag: [("Range", "bytes=1-3"), ("If-Range", "W/" + etag)], lambda size: None
+    ),
     "If-Range a date": Case(
         lambda size, etag: [("Range", "bytes=1-3"), ("If-Range", "Sun, 06 Nov 1994 08:49:37 GMT")],
-        lambda size: None),
+        lambda size: None,
+    ),
     "two If-Range headers": Case(
-        lambda size, etag: [("Range", "bytes=1-3"), ("If-Range", etag), ("If-Range", etag)],
-        lambda size: None),
+        lambda size, etag: [("Range", "bytes=1-3"), ("If-Range", etag), ("If-Range", etag)], lambda size: None
+    ),
 }
 
 
@@ -126,10 +135,14 @@ def downloads(service: Service) -> dict[str, tuple[str, bytes, str]]:
     """Each route's URL, its whole body and its ETag."""
     extract = service.create_extract(name="Ranges", schemas=["users", "orders"], compress=False)
     run = service.wait_run(service.run(extract["id"]))
-    artifact = service.client.get("/api/data/extract_artifacts", params={
-        "filter[where][run_id]": run["id"], "filter[where][artifact_type]": "data-orders"}).json()["data"][0]
-    urls = {"zip": f"/api/extracts/runs/{run['id']}/download",
-            "file": f"/api/extracts/artifacts/{artifact['id']}/download"}
+    artifact = service.client.get(
+        "/api/data/extract_artifacts",
+        params={"filter[where][run_id]": run["id"], "filter[where][artifact_type]": "data-orders"},
+    ).json()["data"][0]
+    urls = {
+        "zip": f"/api/extracts/runs/{run['id']}/download",
+        "file": f"/api/extracts/artifacts/{artifact['id']}/download",
+    }
     out = {}
     for route, url in urls.items():
         whole = service.client.get(url)
@@ -165,8 +178,10 @@ def test_range_requests(service: Service, downloads: dict, route: str, name: str
     assert r.headers.get("accept-ranges") == ("bytes" if r.status_code != 416 else None)
 
 
-@pytest.mark.parametrize("name", ["no Range", "closed range", "starts past the end", "zero-length suffix",
-                                  "If-Range matching", "5-1"])
+@pytest.mark.parametrize(
+    "name",
+    ["no Range", "closed range", "starts past the end", "zero-length suffix", "If-Range matching", "5-1"],
+)
 @pytest.mark.parametrize("route", ["zip", "file"])
 def test_head_has_no_ranges(service: Service, downloads: dict, route: str, name: str) -> None:
     """RFC 9110 section 14.2: only GET has ranges; HEAD answers the whole body's headers."""
@@ -193,8 +208,9 @@ def test_a_download_counts_once_when_it_starts_at_byte_0(service: Service) -> No
     run = service.wait_run(service.run(extract["id"]))
 
     def counts() -> list[int]:
-        artifacts = service.client.get("/api/data/extract_artifacts",
-                                       params={"filter[where][run_id]": run["id"]}).json()["data"]
+        artifacts = service.client.get(
+            "/api/data/extract_artifacts", params={"filter[where][run_id]": run["id"]}
+        ).json()["data"]
         return [a["download_count"] for a in artifacts]
 
     zip_url = f"/api/extracts/runs/{run['id']}/download"

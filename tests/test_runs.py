@@ -21,9 +21,10 @@ from conftest import Service, make_big_db, make_shop_db, start_service, worker_w
 
 
 def artifacts_of(service: Service, run_id: str) -> list[dict]:
-    r = service.client.get("/api/data/extract_artifacts",
-                           params={"filter[where][run_id]": run_id, "filter[order]": "created_at asc",
-                                   "filter[limit]": "1000"})
+    r = service.client.get(
+        "/api/data/extract_artifacts",
+        params={"filter[where][run_id]": run_id, "filter[order]": "created_at asc", "filter[limit]": "1000"},
+    )
     return r.json()["data"]
 
 
@@ -59,8 +60,9 @@ def test_run_completes_with_checksummed_files(service: Service, shop_db: Path) -
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", run["created_at"]), run["created_at"]
     artifacts = artifacts_of(service, run["id"])
     names = [a["artifact_name"] for a in artifacts]
-    assert sorted(names) == sorted(["describe.yaml", "users.jsonl.gz", "orders.jsonl.gz",
-                                    "order%20items.jsonl.gz", "manifest.json"])
+    assert sorted(names) == sorted(
+        ["describe.yaml", "users.jsonl.gz", "orders.jsonl.gz", "order%20items.jsonl.gz", "manifest.json"]
+    )
     assert run["artifacts_created"] == 5
     assert run["total_size_bytes"] == sum(a["size_bytes"] for a in artifacts)
     for a in artifacts:
@@ -76,12 +78,16 @@ def test_run_completes_with_checksummed_files(service: Service, shop_db: Path) -
     assert items == source_rows(shop_db, "order items")
     describe = yaml.safe_load(Path(by_name["describe.yaml"]["storage_path"]).read_text())
     assert list(describe) == ["users", "orders", "order items"] or set(describe) == {
-        "users", "orders", "order items"}
+        "users",
+        "orders",
+        "order items",
+    }
     assert describe["order items"]["primary_key"] == ["order_id", "line"]
     manifest = json.loads(Path(by_name["manifest.json"]["storage_path"]).read_text())
     assert manifest["run_id"] == run["id"] and manifest["extract_id"] == extract["id"]
     assert {m["name"]: m["checksum"] for m in manifest["artifacts"]} == {
-        a["artifact_name"]: a["checksum"] for a in artifacts if a["artifact_type"] != "manifest"}
+        a["artifact_name"]: a["checksum"] for a in artifacts if a["artifact_type"] != "manifest"
+    }
     extract = service.client.get(f"/api/data/extracts/{extract['id']}").json()["data"]
     assert (extract["last_run_id"], extract["last_run_status"]) == (run["id"], "completed")
     assert (extract["total_runs"], extract["successful_runs"], extract["failed_runs"]) == (1, 1, 0)
@@ -104,8 +110,9 @@ def test_simultaneous_run_requests_create_exactly_one_run(service: Service) -> N
     for t in threads:
         t.join()
     assert sorted(statuses) == [202] + [409] * 19
-    runs = service.client.get("/api/data/extract_runs",
-                              params={"filter[where][extract_id]": extract["id"]}).json()["data"]
+    runs = service.client.get(
+        "/api/data/extract_runs", params={"filter[where][extract_id]": extract["id"]}
+    ).json()["data"]
     assert len(runs) == 1
     service.wait_run(runs[0]["id"])
 
@@ -147,8 +154,14 @@ def test_progress_moves_within_a_big_table_and_never_goes_down(big_service: Serv
     assert run["records_exported"] == 2_000_000
     assert run["progress_detail"]["records_total"] == 2_000_000
     phases = [d["phase"] for _, d in samples]
-    order = ["queued", "exporting_describe", "exported_describe", "exporting_data",
-             "writing_manifest", "completed"]
+    order = [
+        "queued",
+        "exporting_describe",
+        "exported_describe",
+        "exporting_data",
+        "writing_manifest",
+        "completed",
+    ]
     seen = [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p]
     assert seen == [p for p in order if p in seen]
 
@@ -159,8 +172,10 @@ def test_cancel_stops_the_worker_within_two_seconds(big_service: Service) -> Non
     run_id = big_service.run(extract["id"])
     while True:
         run = big_service.client.get(f"/api/data/extract_runs/{run_id}").json()["data"]
-        if run["progress_detail"].get("current_schema") == "big" and \
-                run["progress_detail"]["records_exported"] > 1:
+        if (
+            run["progress_detail"].get("current_schema") == "big"
+            and run["progress_detail"]["records_exported"] > 1
+        ):
             break
         time.sleep(0.01)
     r = big_service.client.post(f"/api/extracts/{extract['id']}/cancel")
@@ -193,8 +208,6 @@ def test_cancel_stops_the_worker_within_two_seconds(big_service: Service) -> Non
     assert extract["cancelled_runs"] == 1
     # A new run can start at once.
     assert big_service.client.post(f"/api/extracts/{extract['id']}/run").status_code == 202
-
-
 
 
 @pytest.mark.slow
@@ -312,8 +325,10 @@ def test_sigterm_requeues_active_runs_and_they_run_at_next_start(tmp_path: Path)
     assert svc.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
     assert "1 active run(s) put back in the queue" in svc.output()
     con = sqlite3.connect(svc.db)
-    assert con.execute("SELECT status, progress FROM extract_runs WHERE id = ?",
-                       (run_id,)).fetchone() == ("queued", 0)
+    assert con.execute("SELECT status, progress FROM extract_runs WHERE id = ?", (run_id,)).fetchone() == (
+        "queued",
+        0,
+    )
     con.close()
     svc = start_service(tmp_path, str(db), db=svc.db, storage=svc.storage)
     try:

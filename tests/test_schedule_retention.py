@@ -18,9 +18,17 @@ from extracts_runs import RunManager
 def scheduler_at(tmp_path: Path, clock: list[datetime]) -> tuple[RunManager, Path]:
     db_path = tmp_path / "state.db"
     state.prepare_state_file(db_path)
-    settings = Settings(source=str(make_shop_db(tmp_path / "shop.db")), db=db_path,
-                        storage=tmp_path / "storage", host="127.0.0.1", port=0, token="t",
-                        workers=1, min_free_mb=0, cleanup_interval=3600)
+    settings = Settings(
+        source=str(make_shop_db(tmp_path / "shop.db")),
+        db=db_path,
+        storage=tmp_path / "storage",
+        host="127.0.0.1",
+        port=0,
+        token="t",
+        workers=1,
+        min_free_mb=0,
+        cleanup_interval=3600,
+    )
     manager = RunManager(state.open_database(db_path), settings)
     manager.clock = lambda: clock[0]
     return manager, db_path
@@ -28,18 +36,28 @@ def scheduler_at(tmp_path: Path, clock: list[datetime]) -> tuple[RunManager, Pat
 
 def insert_extract(db_path: Path, extract_id: str, schedule: str, next_run_at: str | None) -> None:
     con = sqlite3.connect(db_path)
-    con.execute("INSERT INTO extracts (id, name, schedule, schedule_enabled, next_run_at, created_at, "
-                "updated_at) VALUES (?, ?, ?, 1, ?, ?, ?)",
-                (extract_id, extract_id, schedule, next_run_at, "2026-01-01T00:00:00.000Z",
-                 "2026-01-01T00:00:00.000Z"))
+    con.execute(
+        "INSERT INTO extracts (id, name, schedule, schedule_enabled, next_run_at, created_at, "
+        "updated_at) VALUES (?, ?, ?, 1, ?, ?, ?)",
+        (
+            extract_id,
+            extract_id,
+            schedule,
+            next_run_at,
+            "2026-01-01T00:00:00.000Z",
+            "2026-01-01T00:00:00.000Z",
+        ),
+    )
     con.commit()
     con.close()
 
 
 def runs_of(db_path: Path, extract_id: str) -> list[tuple[str, str]]:
     con = sqlite3.connect(db_path)
-    rows = con.execute("SELECT status, triggered_by FROM extract_runs WHERE extract_id = ? "
-                       "ORDER BY created_at", (extract_id,)).fetchall()
+    rows = con.execute(
+        "SELECT status, triggered_by FROM extract_runs WHERE extract_id = ? ORDER BY created_at",
+        (extract_id,),
+    ).fetchall()
     con.close()
     return rows
 
@@ -55,14 +73,13 @@ def test_scheduler_with_an_injected_clock(tmp_path: Path) -> None:
             first_due = await manager.next_run_at(extract)
             assert first_due == "2026-03-01T03:00:00.000Z"
             insert_extract(db_path, "extract_daily", "0 3 * * *", first_due)
-            assert await manager.schedule_tick() == []            # 02:59:30: not yet due
+            assert await manager.schedule_tick() == []  # 02:59:30: not yet due
             clock[0] = datetime(2026, 3, 1, 3, 0, 1, tzinfo=UTC)
             started = await manager.schedule_tick()
             assert len(started) == 1
             assert runs_of(db_path, "extract_daily") == [("queued", "schedule")]
             con = sqlite3.connect(db_path)
-            assert con.execute("SELECT next_run_at FROM extracts").fetchone() == (
-                "2026-03-02T03:00:00.000Z",)
+            assert con.execute("SELECT next_run_at FROM extracts").fetchone() == ("2026-03-02T03:00:00.000Z",)
             con.close()
             # The next due time comes while the first run is still active: skipped, not queued twice.
             clock[0] = datetime(2026, 3, 2, 3, 0, 0, tzinfo=UTC)
@@ -77,8 +94,7 @@ def test_scheduler_with_an_injected_clock(tmp_path: Path) -> None:
             assert len(await manager.schedule_tick()) == 1
             assert len(await manager.schedule_tick()) == 0
             con = sqlite3.connect(db_path)
-            assert con.execute("SELECT next_run_at FROM extracts").fetchone() == (
-                "2026-03-11T03:00:00.000Z",)
+            assert con.execute("SELECT next_run_at FROM extracts").fetchone() == ("2026-03-11T03:00:00.000Z",)
             con.close()
         finally:
             await state.close_database(manager.db)
@@ -100,8 +116,10 @@ def test_a_stored_schedule_croniter_refuses_does_not_stop_the_scheduler(tmp_path
             assert len(await manager.schedule_tick()) == 3
             con = sqlite3.connect(db_path)
             assert con.execute("SELECT id, next_run_at FROM extracts ORDER BY id").fetchall() == [
-                ("extract_a_never", None), ("extract_b_bogus", None),
-                ("extract_c_daily", "2026-03-02T03:00:00.000Z")]
+                ("extract_a_never", None),
+                ("extract_b_bogus", None),
+                ("extract_c_daily", "2026-03-02T03:00:00.000Z"),
+            ]
             con.close()
             assert await manager.schedule_tick() == []
         finally:
@@ -129,8 +147,9 @@ def test_next_run_at_follows_schedule_changes(tmp_path: Path) -> None:
 def test_a_missed_schedule_runs_once_at_start_on_a_live_server(tmp_path: Path) -> None:
     db = make_shop_db(tmp_path / "shop.db")
     svc = start_service(tmp_path, str(db))
-    extract = svc.create_extract(name="Nightly", schemas=["users"], schedule="0 3 * * *",
-                                 schedule_enabled=True)
+    extract = svc.create_extract(
+        name="Nightly", schemas=["users"], schedule="0 3 * * *", schedule_enabled=True
+    )
     svc.stop()
     con = sqlite3.connect(svc.db)
     con.execute("UPDATE extracts SET next_run_at = '2020-01-01T03:00:00.000Z'")
@@ -141,8 +160,9 @@ def test_a_missed_schedule_runs_once_at_start_on_a_live_server(tmp_path: Path) -
         deadline = time.monotonic() + 30
         runs: list = []
         while time.monotonic() < deadline and not runs:
-            runs = svc.client.get("/api/data/extract_runs", params={
-                "filter[where][extract_id]": extract["id"]}).json()["data"]
+            runs = svc.client.get(
+                "/api/data/extract_runs", params={"filter[where][extract_id]": extract["id"]}
+            ).json()["data"]
             time.sleep(0.1)
         assert len(runs) == 1 and runs[0]["triggered_by"] == "schedule"
         assert svc.wait_run(runs[0]["id"])["status"] == "completed"
@@ -159,15 +179,18 @@ def test_expired_artifacts_are_gone_at_once_and_swept(tmp_path: Path) -> None:
     try:
         extract = svc.create_extract(name="Short-lived", schemas=["users"], retention_days=1)
         run = svc.wait_run(svc.run(extract["id"]))
-        artifacts = svc.client.get("/api/data/extract_artifacts",
-                                   params={"filter[where][run_id]": run["id"]}).json()["data"]
+        artifacts = svc.client.get(
+            "/api/data/extract_artifacts", params={"filter[where][run_id]": run["id"]}
+        ).json()["data"]
         created = datetime.fromisoformat(artifacts[0]["created_at"].replace("Z", "+00:00"))
         expires = datetime.fromisoformat(artifacts[0]["expires_at"].replace("Z", "+00:00"))
         assert round((expires - created).total_seconds()) == 86400
         keep = svc.wait_run(svc.run(svc.create_extract(name="Kept", schemas=["users"])["id"]))
         con = sqlite3.connect(svc.db)
-        con.execute("UPDATE extract_artifacts SET expires_at = '2000-01-01T00:00:00.000Z' "
-                    "WHERE run_id = ?", (run["id"],))
+        con.execute(
+            "UPDATE extract_artifacts SET expires_at = '2000-01-01T00:00:00.000Z' WHERE run_id = ?",
+            (run["id"],),
+        )
         con.commit()
         con.close()
         r = svc.client.get(f"/api/extracts/artifacts/{artifacts[0]['id']}/download")
@@ -176,8 +199,9 @@ def test_expired_artifacts_are_gone_at_once_and_swept(tmp_path: Path) -> None:
         deadline = time.monotonic() + 10
         swept: list = []
         while time.monotonic() < deadline:  # the sweep removes the files, then marks the rows
-            swept = svc.client.get("/api/data/extract_artifacts",
-                                   params={"filter[where][run_id]": run["id"]}).json()["data"]
+            swept = svc.client.get(
+                "/api/data/extract_artifacts", params={"filter[where][run_id]": run["id"]}
+            ).json()["data"]
             if swept and all(a["deleted_at"] for a in swept):
                 break
             time.sleep(0.1)

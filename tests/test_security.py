@@ -28,10 +28,21 @@ EVIL_COLUMN = "x'; DROP TABLE users; --"
 SAFE_STEM = "%2E%2E%2F..%2Fetc%2Fpasswd"  # '/' and leading dots encoded: one name, in the run directory
 
 HOSTILE = [
-    "../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2e%2e%2f", "..\\..\\boot.ini", "run_\x00evil",
-    "a" * 5000, "ünïcødé-ид-😀", "' OR '1'='1", "1; DROP TABLE extracts; --",
+    "../../etc/passwd",
+    "..%2F..%2Fetc%2Fpasswd",
+    "%2e%2e%2f",
+    "..\\..\\boot.ini",
+    "run_\x00evil",
+    "a" * 5000,
+    "ünïcødé-ид-😀",
+    "' OR '1'='1",
+    "1; DROP TABLE extracts; --",
     '"; DELETE FROM extract_runs; --',
-    "extract_%", "%00", "/etc/passwd", "..", ".",
+    "extract_%",
+    "%00",
+    "/etc/passwd",
+    "..",
+    ".",
 ]
 
 
@@ -56,24 +67,43 @@ def secure_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service
 def api_operations(service: Service) -> list[tuple[str, str]]:
     """(method, path) of every /api operation in the OpenAPI document, ids filled in."""
     document = httpx.get(f"{service.base_url}/openapi.json").json()
-    return [(method.upper(), path.replace("{id}", "extract_0000").replace("{schema}", "users"))
-            for path, methods in document["paths"].items() if path.startswith("/api/")
-            for method in methods]
+    return [
+        (method.upper(), path.replace("{id}", "extract_0000").replace("{schema}", "users"))
+        for path, methods in document["paths"].items()
+        if path.startswith("/api/")
+        for method in methods
+    ]
 
 
 # ---------------------------------------------------------------- authentication
 
 
-@pytest.mark.parametrize("authorization", [
-    None, "", "Bearer", "Basic " + TOKEN, "Token " + TOKEN, "Bearer wrong-token",
-    "Bearer " + TOKEN + "x", "Bearer " + TOKEN[:-1], "Bearer " + TOKEN.upper(), TOKEN,
-    "Bearer " + TOKEN + " " + TOKEN, "Bearer tökén",
-])
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "",
+        "Bearer",
+        "Basic " + TOKEN,
+        "Token " + TOKEN,
+        "Bearer wrong-token",
+        "Bearer " + TOKEN + "x",
+        "Bearer " + TOKEN[:-1],
+        "Bearer " + TOKEN.upper(),
+        TOKEN,
+        "Bearer " + TOKEN + " " + TOKEN,
+        "Bearer tökén",
+    ],
+)
 def test_every_api_route_refuses_a_missing_malformed_or_wrong_token(
-        secure_service: Service, authorization: str | None) -> None:
+    secure_service: Service, authorization: str | None
+) -> None:
     headers = {} if authorization is None else {"Authorization": authorization.encode("utf-8")}
-    operations = [*api_operations(secure_service), ("GET", "/api/no/such/route"),
-                  ("PATCH", "/api/data/extracts")]
+    operations = [
+        *api_operations(secure_service),
+        ("GET", "/api/no/such/route"),
+        ("PATCH", "/api/data/extracts"),
+    ]
     assert len(operations) > 15
     with httpx.Client(base_url=secure_service.base_url, timeout=10) as client:
         for method, path in operations:
@@ -85,13 +115,17 @@ def test_every_api_route_refuses_a_missing_malformed_or_wrong_token(
             assert TOKEN not in r.text and not (given and len(given[0]) > 8 and given[0] in r.text)
 
 
-@pytest.mark.parametrize("values", [
-    ["Bearer wrong-token", "Bearer " + TOKEN],   # the last one won: accepted
-    ["Bearer " + TOKEN, "Bearer wrong-token"],
-    ["Bearer " + TOKEN, "Bearer " + TOKEN],
-])
-def test_a_request_with_two_authorization_headers_is_refused(secure_service: Service,
-                                                             values: list[str]) -> None:
+@pytest.mark.parametrize(
+    "values",
+    [
+        ["Bearer wrong-token", "Bearer " + TOKEN],  # the last one won: accepted
+        ["Bearer " + TOKEN, "Bearer wrong-token"],
+        ["Bearer " + TOKEN, "Bearer " + TOKEN],
+    ],
+)
+def test_a_request_with_two_authorization_headers_is_refused(
+    secure_service: Service, values: list[str]
+) -> None:
     headers = [("Authorization", v) for v in values]
     with httpx.Client(base_url=secure_service.base_url, timeout=10) as client:
         for method, path in api_operations(secure_service):
@@ -104,10 +138,16 @@ def test_a_request_with_two_authorization_headers_is_refused(secure_service: Ser
 
 def test_a_json_body_with_two_content_types_is_refused(secure_service: Service) -> None:
     """Starlette reads the first: text/plain then application/json was a 415, the reverse a 201."""
-    for first, second in [("application/json", "text/plain"), ("text/plain", "application/json"),
-                          ("application/json", "application/json")]:
-        r = secure_service.client.post("/api/data/extracts", content=b'{"name": "x"}', headers=[
-            ("Content-Type", first), ("Content-Type", second)])
+    for first, second in [
+        ("application/json", "text/plain"),
+        ("text/plain", "application/json"),
+        ("application/json", "application/json"),
+    ]:
+        r = secure_service.client.post(
+            "/api/data/extracts",
+            content=b'{"name": "x"}',
+            headers=[("Content-Type", first), ("Content-Type", second)],
+        )
         assert r.status_code == 400, (first, second, r.text)
         assert r.json()["error_code"] == "BAD_REQUEST"
 
@@ -119,8 +159,11 @@ def test_health_and_openapi_need_no_token_and_reveal_nothing(secure_service: Ser
 
 
 # Names found nowhere in the service's own vocabulary, so that a search of the document is exact.
-SECRET_TABLES = {"payroll_q7x": ["salary_k2v", "ssn_z9w"], "patients_m4r": ["diagnosis_b8t"],
-                 EVIL_TABLE: ["id", EVIL_COLUMN]}
+SECRET_TABLES = {
+    "payroll_q7x": ["salary_k2v", "ssn_z9w"],
+    "patients_m4r": ["diagnosis_b8t"],
+    EVIL_TABLE: ["id", EVIL_COLUMN],
+}
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +189,11 @@ def source_names() -> list[str]:
 def test_openapi_without_a_valid_token_names_nothing_of_the_source(secret_service: Service) -> None:
     """SPEC: without a token /openapi.json names no table or column; a wrong token is no 401."""
     url = f"{secret_service.base_url}/openapi.json"
-    anonymous = [httpx.get(url), httpx.get(url, headers={"Authorization": "Bearer wrong"}),
-                 httpx.get(url, headers=[("Authorization", f"Bearer {TOKEN}")] * 2)]
+    anonymous = [
+        httpx.get(url),
+        httpx.get(url, headers={"Authorization": "Bearer wrong"}),
+        httpx.get(url, headers=[("Authorization", f"Bearer {TOKEN}")] * 2),
+    ]
     for r in anonymous:
         assert r.status_code == 200 and r.headers["vary"] == "Authorization"
         assert r.content == anonymous[0].content
@@ -157,13 +203,15 @@ def test_openapi_without_a_valid_token_names_nothing_of_the_source(secret_servic
     assert r.status_code == 200
     body = r.json()["paths"]["/api/data/extracts"]["post"]["requestBody"]["content"]["application/json"]
     assert body["schema"]["properties"]["schemas"]["items"]["enum"] == sorted(
-        ["staff_view_h3j", *SECRET_TABLES])
+        ["staff_view_h3j", *SECRET_TABLES]
+    )
     for name in source_names():
         assert json.dumps(name)[1:-1] in r.text, name
 
 
 def test_openapi_catalog_is_cached_and_refreshed_when_validation_sees_it_changed(
-        secret_service: Service) -> None:
+    secret_service: Service,
+) -> None:
     def documented() -> list[str]:
         document = secret_service.client.get("/openapi.json").json()
         body = document["paths"]["/api/data/extracts"]["post"]["requestBody"]["content"]
@@ -222,11 +270,11 @@ def test_openapi_document_cache_reads_the_catalog_once_per_burst_and_expiry() ->
     clock[0] += 1
     asyncio.run(burst())
     assert len(reads) == 2
-    cache.notice({"t"}, {"t": ["a"]})          # what validation read matches: kept
+    cache.notice({"t"}, {"t": ["a"]})  # what validation read matches: kept
     asyncio.run(burst())
     assert len(reads) == 2
-    cache.notice({"t", "u"}, {})               # a new schema: dropped, read again
-    catalog = None                             # ... and the source is down: retried sooner
+    cache.notice({"t", "u"}, {})  # a new schema: dropped, read again
+    catalog = None  # ... and the source is down: retried sooner
     asyncio.run(burst())
     assert len(reads) == 3
     clock[0] += CATALOG_RETRY_S
@@ -247,9 +295,14 @@ def state_tables(service: Service) -> list[str]:
 
 def files_outside(service: Service, root: Path) -> set[str]:
     """Every file under ``root`` except the storage directory and the state files."""
-    return {str(p) for p in root.rglob("*") if p.is_file()
-            and service.storage not in p.parents and service.db.parent not in p.parents
-            and not p.name.startswith("service-")}
+    return {
+        str(p)
+        for p in root.rglob("*")
+        if p.is_file()
+        and service.storage not in p.parents
+        and service.db.parent not in p.parents
+        and not p.name.startswith("service-")
+    }
 
 
 def test_hostile_ids_never_reach_the_file_system_or_the_sql(secure_service: Service) -> None:
@@ -260,11 +313,14 @@ def test_hostile_ids_never_reach_the_file_system_or_the_sql(secure_service: Serv
     for hostile in HOSTILE:
         segment = quote(hostile, safe="")
         for method, path in [
-            ("GET", f"/api/data/extracts/{segment}"), ("PUT", f"/api/data/extracts/{segment}"),
-            ("DELETE", f"/api/data/extracts/{segment}"), ("GET", f"/api/data/extract_runs/{segment}"),
+            ("GET", f"/api/data/extracts/{segment}"),
+            ("PUT", f"/api/data/extracts/{segment}"),
+            ("DELETE", f"/api/data/extracts/{segment}"),
+            ("GET", f"/api/data/extract_runs/{segment}"),
             ("DELETE", f"/api/data/extract_runs/{segment}"),
             ("GET", f"/api/data/extract_artifacts/{segment}"),
-            ("POST", f"/api/extracts/{segment}/run"), ("POST", f"/api/extracts/{segment}/cancel"),
+            ("POST", f"/api/extracts/{segment}/run"),
+            ("POST", f"/api/extracts/{segment}/cancel"),
             ("GET", f"/api/extracts/runs/{segment}/download"),
             ("GET", f"/api/extracts/artifacts/{segment}/download"),
             ("GET", f"/api/describe/{segment}"),
@@ -297,11 +353,14 @@ def test_hostile_ids_never_reach_the_file_system_or_the_sql(secure_service: Serv
             assert r.status_code == 201, r.text
             assert r.json()["data"]["name"] == hostile.strip()
         # As filters: an unknown column is refused; a value is bound.
-        r = svc.client.put(f"/api/data/extracts/{extract['id']}",
-                           json={"filter": {"users": {"where": {hostile: 1}}}})
+        r = svc.client.put(
+            f"/api/data/extracts/{extract['id']}", json={"filter": {"users": {"where": {hostile: 1}}}}
+        )
         assert r.status_code == 400 and r.json()["details"][0]["field"].startswith("filter.users.where.")
-        r = svc.client.put(f"/api/data/extracts/{extract['id']}",
-                           json={"filter": {"users": {"where": {"name": {"$like": hostile}}}}})
+        r = svc.client.put(
+            f"/api/data/extracts/{extract['id']}",
+            json={"filter": {"users": {"where": {"name": {"$like": hostile}}}}},
+        )
         assert r.status_code == 200, r.text
     assert state_tables(svc) == tables
     assert files_outside(svc, root) == before
@@ -322,13 +381,17 @@ def test_a_schema_named_like_a_path_exports_to_a_safe_file_name(secure_service: 
     assert list(r.json()["data"]["columns"]) == ["id", EVIL_COLUMN]
     for fmt in ("jsonl", "json", "yaml", "archive"):
         extract = svc.create_extract(
-            name="../../etc/cron.d/evil", schemas=[EVIL_TABLE, "users"], format=fmt,
-            filter={EVIL_TABLE: {"where": {EVIL_COLUMN: {"$like": "root%"}}}})
+            name="../../etc/cron.d/evil",
+            schemas=[EVIL_TABLE, "users"],
+            format=fmt,
+            filter={EVIL_TABLE: {"where": {EVIL_COLUMN: {"$like": "root%"}}}},
+        )
         run = svc.wait_run(svc.run(extract["id"]))
         assert run["status"] == "completed", run
         run_dir = svc.storage / run["id"]
-        artifacts = svc.client.get("/api/data/extract_artifacts",
-                                   params={"filter[where][run_id]": run["id"]}).json()["data"]
+        artifacts = svc.client.get(
+            "/api/data/extract_artifacts", params={"filter[where][run_id]": run["id"]}
+        ).json()["data"]
         for a in artifacts:
             path = Path(a["storage_path"])
             assert path.parent == run_dir and path.resolve().parent == run_dir.resolve(), a
@@ -359,8 +422,13 @@ def start_with_env_token(tmp: Path, source: str, secret: str) -> Service:
     db, storage, log = tmp / "state" / "extracts.db", tmp / "storage", tmp / f"service-{port}.log"
     args = ["--db", str(db), "--storage", str(storage), "--port", str(port), "--source", source]
     with log.open("wb") as out:
-        process = subprocess.Popen([*app_command(), *args], stdout=out, stderr=subprocess.STDOUT, cwd=tmp,
-                                   env={**os.environ, "EXTRACTS_TOKEN": secret})
+        process = subprocess.Popen(
+            [*app_command(), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp,
+            env={**os.environ, "EXTRACTS_TOKEN": secret},
+        )
     svc = Service(f"http://127.0.0.1:{port}", db, storage, source, process, log, args)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -383,12 +451,17 @@ def test_the_token_never_appears_in_logs_or_responses(tmp_path: Path) -> None:
             svc = start_with_env_token(tmp_path / how, str(source), secret)
         try:
             seen = []
-            with httpx.Client(base_url=svc.base_url, headers={"Authorization": f"Bearer {secret}"},
-                              timeout=30) as client:
+            with httpx.Client(
+                base_url=svc.base_url, headers={"Authorization": f"Bearer {secret}"}, timeout=30
+            ) as client:
                 extract = client.post("/api/data/extracts", json={"name": "Leak?"}).json()["data"]
                 run_id = client.post(f"/api/extracts/{extract['id']}/run").json()["data"]["run_id"]
-                seen += [client.get("/api/data/extract_runs").text, client.get("/openapi.json").text,
-                         client.get("/api/data/extracts/nope").text, client.get("/api/describe").text]
+                seen += [
+                    client.get("/api/data/extract_runs").text,
+                    client.get("/openapi.json").text,
+                    client.get("/api/data/extracts/nope").text,
+                    client.get("/api/describe").text,
+                ]
                 svc.client.headers["Authorization"] = f"Bearer {secret}"
                 run = svc.wait_run(run_id)
                 assert run["status"] == "completed"
@@ -408,9 +481,14 @@ def test_the_token_never_appears_in_logs_or_responses(tmp_path: Path) -> None:
         assert not (svc.db.parent / "extracts.db.token").exists()
 
 
-@pytest.mark.parametrize(("args", "env"), [
-    (["--token", ""], {}), (["--token", "   "], {}), ([], {"EXTRACTS_TOKEN": "  "}),
-])
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--token", ""], {}),
+        (["--token", "   "], {}),
+        ([], {"EXTRACTS_TOKEN": "  "}),
+    ],
+)
 def test_an_empty_token_is_refused_at_start_up(args: list[str], env: dict[str, str]) -> None:
     """`--token ""` used to start a service that let "Authorization: Bearer" in."""
     from extracts_app import parse_settings
@@ -453,7 +531,7 @@ SOURCE_FORMS = {
     "pg-encoded-userinfo": "postgresql://{a}:S3cret%40at%3Acolon%2Fslash@127.0.0.1:5432/{a}",
     "pg-raw-colon-question-hash": "postgres://{a}:S3cret:c?q#h@127.0.0.1:5432/{a}?sslmode=disable",
     "pg-ssl-and-passfile": "postgresql://{a}@127.0.0.1:5432/{a}?sslmode=disable&sslpassword=S3cret-ssl"
-                           "&passfile=/nonexistent/S3cret.pgpass",
+    "&passfile=/nonexistent/S3cret.pgpass",
     "mysql-raw-at-and-colon": "mysql://{a}:p@ss:w0rd-S3cret@127.0.0.1:3306/{a}",
     "mariadb-encoded": "mariadb://{a}:p%40ss%3Aw0rd-S3cret@127.0.0.1:3306/{a}",
 }
@@ -481,20 +559,26 @@ class Account:
 
     def tables(self, dialect: str) -> None:
         """``items`` (two rows) and ``doomed``, made anew."""
-        statements = ["DROP TABLE IF EXISTS items", "DROP TABLE IF EXISTS doomed",
-                      "CREATE TABLE items (id int PRIMARY KEY, label text)",
-                      "INSERT INTO items VALUES (1, 'one'), (2, 'two')", "CREATE TABLE doomed (id int)"]
+        statements = [
+            "DROP TABLE IF EXISTS items",
+            "DROP TABLE IF EXISTS doomed",
+            "CREATE TABLE items (id int PRIMARY KEY, label text)",
+            "INSERT INTO items VALUES (1, 'one'), (2, 'two')",
+            "CREATE TABLE doomed (id int)",
+        ]
         if dialect == "pg":
             with psycopg.connect(f"postgresql://{ACCOUNT}@127.0.0.1:5432/{ACCOUNT}", autocommit=True) as conn:
                 for statement in statements:
                     conn.execute(statement)
         else:
             for statement in statements:
-                self.my_sql(statement.replace("TABLE items", f"TABLE `{ACCOUNT}`.items")
-                            .replace("INTO items", f"INTO `{ACCOUNT}`.items")
-                            .replace("TABLE doomed", f"TABLE `{ACCOUNT}`.doomed")
-                            .replace("EXISTS items", f"EXISTS `{ACCOUNT}`.items")
-                            .replace("EXISTS doomed", f"EXISTS `{ACCOUNT}`.doomed"))
+                self.my_sql(
+                    statement.replace("TABLE items", f"TABLE `{ACCOUNT}`.items")
+                    .replace("INTO items", f"INTO `{ACCOUNT}`.items")
+                    .replace("TABLE doomed", f"TABLE `{ACCOUNT}`.doomed")
+                    .replace("EXISTS items", f"EXISTS `{ACCOUNT}`.items")
+                    .replace("EXISTS doomed", f"EXISTS `{ACCOUNT}`.doomed")
+                )
 
     def drop_doomed(self, dialect: str) -> None:
         if dialect == "pg":
@@ -551,15 +635,21 @@ def test_source_passwords_appear_nowhere(account: Account, tmp_path: Path, form:
         runs = [svc.wait_run(svc.run(ok["id"])), svc.wait_run(svc.run(doomed["id"]))]
         assert [run["status"] for run in runs] == ["completed", "failed"]
         assert "no longer exists" in runs[1]["error"]
-        seen += [json.dumps(runs), svc.client.get("/api/data/extract_runs").text,
-                 svc.client.get("/api/data/extract_artifacts").text, svc.client.get("/openapi.json").text]
+        seen += [
+            json.dumps(runs),
+            svc.client.get("/api/data/extract_runs").text,
+            svc.client.get("/api/data/extract_artifacts").text,
+            svc.client.get("/openapi.json").text,
+        ]
         r = svc.client.get(f"/api/extracts/runs/{runs[0]['id']}/download")
         assert r.status_code == 200
         seen.append(r.content.decode("latin-1"))
         account.lock(dialect, True)
         try:
-            for r in (svc.client.get("/api/describe"),
-                      svc.client.post("/api/data/extracts", json={"name": "x", "schemas": ["items"]})):
+            for r in (
+                svc.client.get("/api/describe"),
+                svc.client.post("/api/data/extracts", json={"name": "x", "schemas": ["items"]}),
+            ):
                 assert r.status_code == 503 and ACCOUNT in r.json()["error"], r.text
                 seen.append(r.text)
             failed = svc.wait_run(svc.run(ok["id"]))
@@ -576,5 +666,7 @@ def test_source_passwords_appear_nowhere(account: Account, tmp_path: Path, form:
     seen += [path.read_bytes().decode("latin-1") for path in svc.db.parent.iterdir() if path.is_file()]
     with contextlib.closing(sqlite3.connect(svc.db)) as con:
         seen.append("\n".join(con.iterdump()))
-    leaks = [text[max(0, text.index(MARKER) - 80):text.index(MARKER) + 40] for text in seen if MARKER in text]
+    leaks = [
+        text[max(0, text.index(MARKER) - 80) : text.index(MARKER) + 40] for text in seen if MARKER in text
+    ]
     assert leaks == []

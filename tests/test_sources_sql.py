@@ -467,8 +467,10 @@ def test_mysql_float_gives_the_digits_postgresql_gives_a_real(pg: PG, my: My) ->
             values.append(struct.unpack("<f", struct.pack("<I", bits))[0])
     my.run("CREATE TABLE floats (id INT PRIMARY KEY, f FLOAT, fu FLOAT UNSIGNED)")
     with my.admin.cursor() as cursor:
-        cursor.executemany("INSERT INTO floats VALUES (%s, %s, %s)",
-                           [(i, repr(v), repr(abs(v))) for i, v in enumerate(values)])
+        cursor.executemany(
+            "INSERT INTO floats VALUES (%s, %s, %s)",
+            [(i, repr(v), repr(abs(v))) for i, v in enumerate(values)],
+        )
     stored = my.rows("SELECT id, CAST(f AS DOUBLE), CAST(fu AS DOUBLE) FROM floats ORDER BY id")
     assert [row[1] for row in stored] == values  # (MariaDB keeps no -0: it stores 0, equal to -0)
     pg.run("CREATE TABLE {s}.reals (id integer PRIMARY KEY, f real, fu real)")
@@ -507,12 +509,19 @@ def test_mysql_display_widths_and_two_digit_years_do_not_change_values(my: My) -
     # Values keep their digits when the column's display width changes afterwards.
     my.run("ALTER TABLE widths MODIFY dmd DOUBLE(10,2)")
     assert my.rows("SELECT dmd, CAST(dmd AS DOUBLE), y2 FROM widths WHERE id = 1") == [
-        (0.12, 0.123456789, 24)]  # the text protocol's view
+        (0.12, 0.123456789, 24)
+    ]  # the text protocol's view
     with open_source(my.url) as source:
         rows = [orjson.loads(line) for line in export(source, "widths")]
     rows.sort(key=lambda row: row["id"])
-    assert rows[0] == {"id": 1, "fmd": 12345.68, "dmd": 0.123456789, "d": doubles[0], "f53": doubles[0],
-                       "y2": 2024}
+    assert rows[0] == {
+        "id": 1,
+        "fmd": 12345.68,
+        "dmd": 0.123456789,
+        "d": doubles[0],
+        "f53": doubles[0],
+        "y2": 2024,
+    }
     assert [row["d"] for row in rows] == [row["f53"] for row in rows] == doubles
 
 

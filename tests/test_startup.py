@@ -15,12 +15,19 @@ from conftest import app_command, free_port, script_command
 from extracts_app import parse_settings
 
 
-def launch(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
-           script: bool = False) -> subprocess.Popen[str]:
+def launch(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, script: bool = False
+) -> subprocess.Popen[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("EXTRACTS_")}
     command = script_command() if script else app_command()
-    return subprocess.Popen([*command, *args], cwd=tmp_path, env=clean | (env or {}),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [*command, *args],
+        cwd=tmp_path,
+        env=clean | (env or {}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_healthy(port: int) -> None:
@@ -36,8 +43,11 @@ def wait_healthy(port: int) -> None:
 
 def test_no_options_serves_the_demo_database(tmp_path: Path) -> None:
     port = free_port()
-    process = launch(tmp_path, script=True, env={"EXTRACTS_PORT": str(port),
-                                                 "EXTRACTS_STORAGE": str(tmp_path / "artifacts")})
+    process = launch(
+        tmp_path,
+        script=True,
+        env={"EXTRACTS_PORT": str(port), "EXTRACTS_STORAGE": str(tmp_path / "artifacts")},
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         wait_healthy(port)
@@ -47,8 +57,7 @@ def test_no_options_serves_the_demo_database(tmp_path: Path) -> None:
         assert (tmp_path / "demo.db").is_file() and (tmp_path / "extracts.db").is_file()
         headers = {"Authorization": f"Bearer {token}"}
         schemas = httpx.get(f"{base}/api/describe", headers=headers).json()["data"]
-        assert {s["name"] for s in schemas} == {"users", "products", "orders", "order_items",
-                                                "active_users"}
+        assert {s["name"] for s in schemas} == {"users", "products", "orders", "order_items", "active_users"}
         assert {s["name"]: s["row_count"] for s in schemas}["users"] == 200
     finally:
         process.terminate()
@@ -69,8 +78,9 @@ def test_a_given_token_is_never_printed(tmp_path: Path) -> None:
     process = launch(tmp_path, "--port", str(port), "--token", "s3cret-token-value")
     try:
         wait_healthy(port)
-        r = httpx.get(f"http://127.0.0.1:{port}/api/describe",
-                      headers={"Authorization": "Bearer s3cret-token-value"})
+        r = httpx.get(
+            f"http://127.0.0.1:{port}/api/describe", headers={"Authorization": "Bearer s3cret-token-value"}
+        )
         assert r.status_code == 200
     finally:
         process.terminate()
@@ -79,13 +89,16 @@ def test_a_given_token_is_never_printed(tmp_path: Path) -> None:
     assert not (tmp_path / "extracts.db.token").exists()
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--source", "/nonexistent/shop.db"], "cannot open the source"),
-    (["--source", "{tmp}/not-a-db.db"], "cannot open the source"),
-    (["--db", "/proc/extracts/state.db"], "cannot write the state file /proc/extracts/state.db"),
-    (["--storage", "{tmp}/a-file/storage"], "cannot create or write the storage directory"),
-    (["--source", "postgresql://nobody:hunter2@127.0.0.1:1/none"], "cannot open the source"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--source", "/nonexistent/shop.db"], "cannot open the source"),
+        (["--source", "{tmp}/not-a-db.db"], "cannot open the source"),
+        (["--db", "/proc/extracts/state.db"], "cannot write the state file /proc/extracts/state.db"),
+        (["--storage", "{tmp}/a-file/storage"], "cannot create or write the storage directory"),
+        (["--source", "postgresql://nobody:hunter2@127.0.0.1:1/none"], "cannot open the source"),
+    ],
+)
 def test_start_up_fails_fast_with_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "not-a-db.db").write_text("this is not a database" * 100)
@@ -101,14 +114,17 @@ def test_start_up_fails_fast_with_one_line(tmp_path: Path, args: list[str], expe
     assert not (tmp_path / "nonexistent").exists()
 
 
-@pytest.mark.parametrize("source", [
-    "host=127.0.0.1 port=1 password=hunter2 dbname=none",  # libpq keyword/value: read as a path
-    "host=127.0.0.1 password='hunter2 with spaces'",
-    "postgresql://nobody:x@hunter2@127.0.0.1:1/none",  # libpq would make 'hunter2@127.0.0.1' the host
-    "postgresql://nobody@127.0.0.1:1/none?sslpassword=hunter2&password=hunter2",
-    "mysql://root:hunter2/x@127.0.0.1:1/none",  # urllib would make 'hunter2' the port
-    "mysql://root:x@hunter2@127.0.0.1:1/none",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "host=127.0.0.1 port=1 password=hunter2 dbname=none",  # libpq keyword/value: read as a path
+        "host=127.0.0.1 password='hunter2 with spaces'",
+        "postgresql://nobody:x@hunter2@127.0.0.1:1/none",  # libpq would make 'hunter2@127.0.0.1' the host
+        "postgresql://nobody@127.0.0.1:1/none?sslpassword=hunter2&password=hunter2",
+        "mysql://root:hunter2/x@127.0.0.1:1/none",  # urllib would make 'hunter2' the port
+        "mysql://root:x@hunter2@127.0.0.1:1/none",
+    ],
+)
 def test_start_up_errors_never_show_a_password(tmp_path: Path, source: str) -> None:
     process = launch(tmp_path, "--port", str(free_port()), "--source", source)
     output = process.communicate(timeout=60)[0]
@@ -120,17 +136,36 @@ def test_start_up_errors_never_show_a_password(tmp_path: Path, source: str) -> N
 def test_settings_from_flags_environment_and_defaults(tmp_path: Path) -> None:
     settings = parse_settings([], {})
     assert (settings.source, settings.db, settings.storage) == (
-        None, Path("extracts.db").absolute(), Path("/tmp/extracts"))
+        None,
+        Path("extracts.db").absolute(),
+        Path("/tmp/extracts"),
+    )
     assert (settings.host, settings.port, settings.token) == ("127.0.0.1", 9001, None)
     assert settings.workers == (os.cpu_count() or 1) and settings.min_free_mb == 100
     assert settings.cleanup_interval == 3600
-    env = {"EXTRACTS_SOURCE": "x.db", "EXTRACTS_DB": "/tmp/s.db", "EXTRACTS_STORAGE": "/tmp/st",
-           "EXTRACTS_HOST": "0.0.0.0", "EXTRACTS_PORT": "9100", "EXTRACTS_TOKEN": "tok",
-           "EXTRACTS_WORKERS": "3", "EXTRACTS_MIN_FREE_MB": "5", "EXTRACTS_CLEANUP_INTERVAL": "60"}
+    env = {
+        "EXTRACTS_SOURCE": "x.db",
+        "EXTRACTS_DB": "/tmp/s.db",
+        "EXTRACTS_STORAGE": "/tmp/st",
+        "EXTRACTS_HOST": "0.0.0.0",
+        "EXTRACTS_PORT": "9100",
+        "EXTRACTS_TOKEN": "tok",
+        "EXTRACTS_WORKERS": "3",
+        "EXTRACTS_MIN_FREE_MB": "5",
+        "EXTRACTS_CLEANUP_INTERVAL": "60",
+    }
     settings = parse_settings([], env)
-    assert (settings.source, settings.db, settings.storage, settings.host, settings.port,
-            settings.token, settings.workers, settings.min_free_mb, settings.cleanup_interval) == (
-        "x.db", Path("/tmp/s.db"), Path("/tmp/st"), "0.0.0.0", 9100, "tok", 3, 5, 60.0)
+    assert (
+        settings.source,
+        settings.db,
+        settings.storage,
+        settings.host,
+        settings.port,
+        settings.token,
+        settings.workers,
+        settings.min_free_mb,
+        settings.cleanup_interval,
+    ) == ("x.db", Path("/tmp/s.db"), Path("/tmp/st"), "0.0.0.0", 9100, "tok", 3, 5, 60.0)
     settings = parse_settings(["--port", "9200", "--workers", "1", "--min-free-mb", "7"], env)
     assert (settings.port, settings.workers, settings.min_free_mb) == (9200, 1, 7)
     with pytest.raises(SystemExit):

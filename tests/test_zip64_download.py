@@ -50,7 +50,9 @@ def test_zip64_run_downloads_and_resumes(service: Service, tmp_path: Path) -> No
         "is_primary, created_at, expires_at) SELECT 'artifact_huge', run_id, extract_id, "
         "'data-huge', 'huge.jsonl', 'huge', ?, 'jsonl', 'application/x-ndjson', ?, 0, "
         "'0' || substr(checksum, 2), ?, 1, created_at, expires_at FROM extract_artifacts "
-        "WHERE run_id = ? LIMIT 1", (str(big), BIG_SIZE, crc, run["id"]))
+        "WHERE run_id = ? LIMIT 1",
+        (str(big), BIG_SIZE, crc, run["id"]),
+    )
     con.commit()
     con.close()
 
@@ -58,9 +60,22 @@ def test_zip64_run_downloads_and_resumes(service: Service, tmp_path: Path) -> No
     length = int(service.client.head(url).headers["content-length"])
     assert length > BIG_SIZE
     # The whole stream, at C speed: every byte announced arrives.
-    curl = subprocess.run(["curl", "-sf", "-o", "/dev/null", "-w", "%{size_download}",
-                           "-H", f"Authorization: Bearer {TOKEN}", service.base_url + url],
-                          capture_output=True, text=True, timeout=300)
+    curl = subprocess.run(
+        [
+            "curl",
+            "-sf",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download}",
+            "-H",
+            f"Authorization: Bearer {TOKEN}",
+            service.base_url + url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert curl.returncode == 0 and int(curl.stdout) == length
     # zipfile reads the archive through Range requests: the end records, the central
     # directory past 4 GiB and the members after the big one are all where they must be.
@@ -77,8 +92,9 @@ def test_zip64_run_downloads_and_resumes(service: Service, tmp_path: Path) -> No
     tail = service.client.get(url, headers={"Range": "bytes=-120"}).content
     assert b"PK\x06\x06" in tail and b"PK\x06\x07" in tail  # ZIP64 end record and locator
     for offset, data in MARKS.items():
-        r = service.client.get(url, headers={
-            "Range": f"bytes={data_start + offset}-{data_start + offset + len(data) - 1}"})
+        r = service.client.get(
+            url, headers={"Range": f"bytes={data_start + offset}-{data_start + offset + len(data) - 1}"}
+        )
         assert r.status_code == 206 and r.content == data
     big.unlink()
 
