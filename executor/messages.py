@@ -73,7 +73,7 @@ class Job(TypedDict):
     extract_id: str
     extract_name: str
     source: str
-    run_dir: str
+    storage: str  # where the run's files go: --storage (extracts.storage.open_storage)
     min_free_bytes: int
     created_at: str
     config: RunConfig
@@ -164,8 +164,7 @@ def failure(
     return result(
         RunStatus.FAILED,
         error,
-        {"type": exc_type, "message": error if message is None else message, "traceback": traceback}
-        | detail,
+        {"type": exc_type, "message": error if message is None else message, "traceback": traceback} | detail,
     )
 
 

@@ -3,9 +3,9 @@
     open the source → one read transaction: schemas, filters, counts, describe.yaml,
     data files → manifest.json → the result (plain data) for the service
 
-Messages go to the service through ``queue`` (see the executor contract):
+Messages go to the service through ``queue`` (their shapes: ``executor.messages``):
 ``("progress", run_id, {...})`` throttled by a ``Monitor``, and
-``("artifact", run_id, {...})`` as soon as each file is renamed into place.
+``("artifact", run_id, {...})`` as soon as each file is in place.
 The monitor's thread polls ``cancelled`` every 0.2 s; once the run is
 cancelled it interrupts the source's running statement, and the export stops
 at the next batch. A run never raises: every error becomes a ``failed``
@@ -28,9 +28,11 @@ import orjson
 
 from executor.credentials import blank, source_secrets
 from executor.filters import check_where
+from executor.messages import Artifact, Job, Phase, Result, RunStatus, progress_detail, result
 from executor.naming import download_base_name
 from executor.sources import Source, SourceError, UnknownSchema, open_source
-from executor.writers import ArchiveOutput, FileOutput, SpaceGuard, StorageError, dump_yaml, storage_error
+from executor.writers import ArchiveOutput, FileOutput, RunPlace, dump_yaml
+from extracts.storage import StorageError, open_storage, storage_error
 
 BATCH_ROWS = 10_000
 _SEND_EVERY = 0.2  # seconds between progress messages (a Manager queue put is an RPC)
@@ -58,14 +60,7 @@ class Monitor:
 
     def __init__(self, run_id: str, queue: Any, cancelled: Any) -> None:
         self.run_id, self._queue, self._cancelled = run_id, queue, cancelled
-        self.detail: dict[str, Any] = {
-            "phase": None,
-            "schemas_total": 0,
-            "schemas_completed": 0,
-            "current_schema": None,
-            "records_exported": 0,
-            "records_total": 0,
-        }
+        self.detail = progress_detail(Phase.QUEUED)
         self.progress = 0
         self._base = 0
         self._lock = threading.Lock()
@@ -83,12 +78,12 @@ class Monitor:
         self._stop.set()
         self._thread.join()
 
-    def phase(self, phase: str, *, described: bool = False, **fields: Any) -> None:
+    def phase(self, phase: Phase, *, described: bool = False, **fields: Any) -> None:
         """Enter ``phase`` and say so at once; ``described``: describe.yaml is written (25)."""
         with self._lock:
             if described:
                 self._base = 25
-            self.detail.update(fields, phase=phase)
+            self.detail.update(fields, phase=phase.value)  # type: ignore[typeddict-item]
             self._recompute()
         self._send()
 
@@ -114,7 +109,7 @@ class Monitor:
         with self._lock:
             self.detail["schemas_completed"] += 1
 
-    def artifact(self, item: dict[str, Any]) -> None:
+    def artifact(self, item: Artifact) -> None:
         """An artifact is complete (renamed into place): tell the service now."""
         with self._lock:
             self._queue.put(("artifact", self.run_id, item))
@@ -154,61 +149,47 @@ def _utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _make_run_dir(path: str) -> Path:
-    run_dir = Path(path)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StorageError(
-            f"Cannot create the run directory {run_dir}: {exc.strerror}; "
-            "check that the storage directory (--storage) is writable"
-        ) from exc
-    return run_dir
-
-
 class Export:
     """The steps of one run; the counts it reports whatever the outcome."""
 
-    def __init__(self, job: dict[str, Any], monitor: Monitor) -> None:
+    def __init__(self, job: Job, monitor: Monitor) -> None:
         self.job, self.config, self.monitor = job, job["config"], monitor
         self.include = self.config.get("include") or ["describe", "data"]
         self.records_exported = 0
         self.schemas_exported = 0
-        self.run_dir: Path | None = None
+        self.place = RunPlace(open_storage(job["storage"]), job["run_id"], int(job["min_free_bytes"]))
 
-    def report(self, item: dict[str, Any]) -> None:
+    def report(self, item: Artifact) -> None:
         if item["artifact_type"].startswith("data-") or item["artifact_type"] == "archive":
             self.records_exported += item["records"] or 0
         self.monitor.artifact(item)
 
     def run(self) -> None:
-        self.run_dir = _make_run_dir(self.job["run_dir"])
-        guard = SpaceGuard(self.run_dir, int(self.job["min_free_bytes"]))
-        guard.check()
+        self.place.storage.begin_run(self.job["run_id"])
+        self.place.check()
         with open_source(self.job["source"]) as source:
             self.monitor.on_cancel = source.interrupt
             location = source.location()
-            output = self._output(guard, source)
+            output = self._output(source)
             try:
                 with source.snapshot():
                     names = self._read(source, output)
                 self.monitor.check()
-                self.monitor.phase("writing_manifest", current_schema=None)
+                self.monitor.phase(Phase.WRITING_MANIFEST, current_schema=None)
                 output.finish(lambda entries: self._manifest(names, location, entries))
             except BaseException:
                 output.abort()
                 raise
 
-    def _output(self, guard: SpaceGuard, source: Source) -> FileOutput | ArchiveOutput:
-        assert self.run_dir is not None
+    def _output(self, source: Source) -> FileOutput | ArchiveOutput:
         if self.config["format"] == "archive":
             base = download_base_name(self.job["extract_name"], self.job["created_at"], self.job["run_id"])
-            return ArchiveOutput(self.run_dir, self.config, guard, self.report, base)
-        return FileOutput(self.run_dir, self.config, guard, self.report, source.json_is_yaml_safe)
+            return ArchiveOutput(self.place, self.config, self.report, base)
+        return FileOutput(self.place, self.config, self.report, source.json_is_yaml_safe)
 
     def _read(self, source: Source, output: FileOutput | ArchiveOutput) -> list[str]:
         """Everything read from the source, inside its one snapshot."""
-        self.monitor.phase("exporting_describe" if "describe" in self.include else "exporting_data")
+        self.monitor.phase(Phase.EXPORTING_DESCRIBE if "describe" in self.include else Phase.EXPORTING_DATA)
         names = self._schema_names(source)
         wheres = self._wheres(source, names)
         if "data" in self.include:
@@ -219,9 +200,9 @@ class Export:
             self.monitor.plan(len(names), sum(totals))
         if "describe" in self.include:
             output.describe(dump_yaml(source.describe(names)))
-            self.monitor.phase("exported_describe", described=True)
+            self.monitor.phase(Phase.EXPORTED_DESCRIBE, described=True)
         if "data" in self.include:
-            self.monitor.phase("exporting_data")
+            self.monitor.phase(Phase.EXPORTING_DATA)
             for name in names:
                 self._export_schema(source, output, name, wheres[name])
         return names
@@ -249,7 +230,7 @@ class Export:
     def _export_schema(
         self, source: Source, output: FileOutput | ArchiveOutput, name: str, where: dict[str, Any] | None
     ) -> None:
-        self.monitor.phase("exporting_data", current_schema=name)
+        self.monitor.phase(Phase.EXPORTING_DATA, current_schema=name)
         writer = output.schema(name)
         since_trim = 0
         try:
@@ -283,16 +264,14 @@ class Export:
         }
         return orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n"
 
-    def remove_temporary_files(self) -> None:
-        if self.run_dir is not None and self.run_dir.is_dir():
-            for temp in self.run_dir.glob(".*.tmp"):
-                temp.unlink(missing_ok=True)
+    def remove_partial(self) -> None:
+        self.place.storage.remove_partial(self.job["run_id"])
 
 
 # ---------------------------------------------------------------- errors
 
 
-def error_message(exc: BaseException, job: dict[str, Any]) -> str:
+def error_message(exc: BaseException, job: Job) -> str:
     """One line a user can act on."""
     if isinstance(exc, UnknownSchema):
         message = (
@@ -347,36 +326,36 @@ def _trim_heap() -> None:
         _MALLOC_TRIM(0)
 
 
-def run_extract(job: dict[str, Any], queue: Any, cancelled: Any) -> dict[str, Any]:
+def run_extract(job: Job, queue: Any, cancelled: Any) -> Result:
     """Run one extract (the process pool's entry point); returns the run's outcome as plain data."""
     _tune_malloc()
     monitor = Monitor(job["run_id"], queue, cancelled)
     export = Export(job, monitor)
-    result: dict[str, Any] = {"status": "completed", "error": None, "error_detail": None}
+    status, error, error_detail = RunStatus.COMPLETED, None, None
     try:
         with monitor:
             export.run()
     except Exception as exc:  # noqa: BLE001 — every run error becomes a failed result
-        export.remove_temporary_files()
+        export.remove_partial()
         if monitor.cancel_requested.is_set():
-            result["status"] = "cancelled"
+            status = RunStatus.CANCELLED
         else:
             # Only strings leave this block: a kept exception would hold the run's frames
             # (and the service's queue proxy) in a reference cycle.
             # Blanked again here: a run record must never carry the source's secrets, whatever
             # raised (the sources blank their own messages; a traceback holds every chained one).
             hidden = source_secrets(job["source"])
-            result.update(
-                status="failed",
-                error=blank(error_message(exc, job), hidden),
-                error_detail={
-                    "type": type(exc).__name__,
-                    "message": blank(str(exc), hidden),
-                    "traceback": blank(traceback.format_exc(), hidden),
-                },
-            )
-    return result | {
-        "records_exported": export.records_exported,
-        "schemas_exported": export.schemas_exported,
-        "records_total": monitor.detail["records_total"],
-    }
+            status, error = RunStatus.FAILED, blank(error_message(exc, job), hidden)
+            error_detail = {
+                "type": type(exc).__name__,
+                "message": blank(str(exc), hidden),
+                "traceback": blank(traceback.format_exc(), hidden),
+            }
+    return result(
+        status,
+        error,
+        error_detail,
+        records_exported=export.records_exported,
+        schemas_exported=export.schemas_exported,
+        records_total=monitor.detail["records_total"],
+    )

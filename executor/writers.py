@@ -1,13 +1,12 @@
 """Writing a run's artifacts: files that are complete, checksummed and named safely.
 
-Every file is written to a temporary dot-name in the run directory and renamed
-into place when complete, so a half-written file never looks finished (no
-artifact name starts with a dot: ``executor.naming``). Nothing is ever
-overwritten: a run refuses a second file whose name equals one it already used,
-letter case ignored, before writing it (``RunFiles``), and the rename into place
-fails on an existing file. Bytes flow
+Every file goes through the storage (``extracts.storage``): a ``StoredFile``
+is in place only once committed, so a half-written file never looks finished.
+Nothing is ever overwritten: a run refuses a second file whose name equals one
+it already used, letter case ignored, before writing it (``RunFiles``), and a
+commit fails on an existing file. Bytes flow
 
-    encoder (main thread) → ArtifactFile.write → queue → [gzip] → SHA-256 + CRC-32 → file
+    encoder (main thread) → ArtifactFile.write → queue → [gzip] → SHA-256 + CRC-32 → StoredFile
 
 where everything after the queue runs on the file's own thread: zlib, hashlib
 and file writes release the GIL, so compressing and hashing overlap with
@@ -22,26 +21,23 @@ plain ``<schema>.jsonl`` members and an inner ``manifest.json``.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
-import os
 import queue
 import re
-import shutil
 import tarfile
 import threading
 import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 import yaml
 
 from executor.naming import safe_file_name
+from extracts.storage import LowDiskSpace, NameClash, Storage, StoredFile
 
 _BLOCK = 1 << 20  # bytes handed to the file thread at a time
 # Blocks waiting for the file thread: two keep it busy. More only fill up, and hold
@@ -50,18 +46,6 @@ _QUEUE_BLOCKS = 2
 _SPACE_CHECK_EVERY = 64 << 20
 _GZIP_LEVEL = 1  # fast: the files are big and mostly repetitive JSON
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-
-
-class StorageError(Exception):
-    """Writing to the storage directory failed; the message is one line for a human."""
-
-
-class LowDiskSpace(StorageError):
-    """Free space on the storage volume fell under the reserve."""
-
-
-class NameClash(StorageError):
-    """Two files of one run would have names that differ at most in letter case."""
 
 
 class RunFiles:
@@ -90,41 +74,26 @@ class RunFiles:
         return name
 
 
-# link() errors of a file system without hard links (FAT, exFAT, some SMB shares).
-_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS})
+class RunPlace:
+    """Where one run's files go: its storage, its id, and the free-space reserve kept there."""
 
-
-def _mount_point(path: Path) -> Path:
-    path = path.resolve()
-    while not os.path.ismount(path):
-        path = path.parent
-    return path
-
-
-class SpaceGuard:
-    """Fails the run when free space on the run directory's volume falls under the reserve."""
-
-    def __init__(self, directory: Path, min_free_bytes: int) -> None:
-        self.directory = directory
-        self.min_free_bytes = min_free_bytes
+    def __init__(self, storage: Storage, run_id: str, min_free_bytes: int) -> None:
+        self.storage, self.run_id, self.min_free_bytes = storage, run_id, min_free_bytes
 
     def check(self) -> None:
-        free = shutil.disk_usage(self.directory).free
-        if free < self.min_free_bytes:
+        """Fail the run when free space under the run's files fell under the reserve."""
+        free = self.storage.free_bytes(self.run_id)
+        if free is not None and free < self.min_free_bytes:
             raise LowDiskSpace(
-                f"Free space on {_mount_point(self.directory)} is {free >> 20} MB, under the "
+                f"Free space on {self.storage.volume()} is {free >> 20} MB, under the "
                 f"{self.min_free_bytes >> 20} MB reserve; free some space or lower --min-free-mb"
             )
 
-
-def storage_error(exc: OSError, path: Path) -> StorageError:
-    """An OS error while writing ``path``, as one line that says what to do."""
-    hint = (
-        "free some space on the storage volume"
-        if exc.errno == errno.ENOSPC
-        else "check that the storage directory (--storage) is writable"
-    )
-    return StorageError(f"Cannot write {path}: {exc.strerror or exc}; {hint}")
+    def open(self, name: str, scratch: bool = False) -> StoredFile:
+        """A new file of the run (``scratch``: one that is read back, never committed)."""
+        if scratch:
+            return self.storage.open_scratch(self.run_id, name)
+        return self.storage.open_file(self.run_id, name)
 
 
 @dataclass(frozen=True)
@@ -138,19 +107,13 @@ class FileInfo:
 
 
 class ArtifactFile:
-    """One file being written: hashed (and gzip'd) on its own thread, renamed when committed."""
+    """One file being written: hashed (and gzip'd) on its own thread into a ``StoredFile``."""
 
-    def __init__(self, run_dir: Path, name: str, guard: SpaceGuard, compress: bool = False) -> None:
+    def __init__(self, place: RunPlace, name: str, compress: bool = False, scratch: bool = False) -> None:
         self.name = name
-        self.path = run_dir / name
-        self.temp_path = run_dir / f".{name}.tmp"
-        self._guard = guard
-        guard.check()
-        try:
-            # Buffered: a big write goes straight through, looping over partial writes.
-            self._file = open(self.temp_path, "wb")  # noqa: SIM115 — closed in finish()/discard()
-        except OSError as exc:
-            raise storage_error(exc, self.path) from exc
+        self._place = place
+        place.check()
+        self.stored = place.open(name, scratch)
         self._compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31) if compress else None
         self._sha256 = hashlib.sha256()
         self._crc32 = 0
@@ -187,57 +150,29 @@ class ArtifactFile:
             self._pending, self._pending_size = [], 0
 
     def finish(self) -> FileInfo:
-        """Write everything out and close; the bytes stay under the temporary name."""
+        """Write everything out; the file is not in place yet (``commit``)."""
         self._flush_pending()
         self._queue.put(None)
         self._thread.join()
-        self._close_file()
         if self._error is not None:
             raise self._error
         return FileInfo(self.name, self._size, self._sha256.hexdigest(), self._crc32)
 
     def commit(self) -> FileInfo:
-        """Finish and move the file into place; an existing file of that name is never replaced."""
+        """Finish and put the file in place; an existing file of that name is never replaced."""
         info = self.finish()
-        try:
-            # A hard link, unlike a rename, fails when the name exists (also in another
-            # letter case, on a case-insensitive volume).
-            os.link(self.temp_path, self.path)
-        except FileExistsError as exc:
-            raise self._exists() from exc
-        except OSError as exc:
-            if exc.errno not in _NO_HARD_LINKS:
-                raise
-            # No hard links on this volume: check, then rename (the run is its directory's only writer).
-            if self.path.exists():
-                raise self._exists() from exc
-            os.rename(self.temp_path, self.path)
-        else:
-            self.temp_path.unlink()
+        self.stored.commit()
         return info
 
-    def _exists(self) -> NameClash:
-        return NameClash(
-            f"Cannot write {self.path}: a file of that name (letter case aside) is already "
-            "in the run directory, and it was not overwritten; report this as a bug"
-        )
-
     def discard(self) -> None:
-        """Stop and remove the temporary file (after a failure, or once an archive took it)."""
+        """Stop and remove what was written (after a failure, or once an archive took it)."""
         if self._thread.is_alive():
             self._pending = []
             self._queue.put(None)
             self._thread.join()
-        self._close_file()
-        self.temp_path.unlink(missing_ok=True)
+        self.stored.discard()
         # The error's traceback holds frames that hold this file: let the cycle go.
         self._error = None
-
-    def _close_file(self) -> None:
-        try:
-            self._file.close()  # the raw file closes even when the last flush fails
-        except OSError as exc:
-            self._error = self._error or storage_error(exc, self.path)
 
     # ------------------------------------------------------------ the file thread
 
@@ -249,13 +184,9 @@ class ArtifactFile:
                     if pieces is None:
                         if self._compressor is not None:
                             self._store(self._compressor.flush())
-                        self._file.flush()
                     else:
                         for piece in pieces:
                             self._store(self._compressor.compress(piece) if self._compressor else piece)
-                except OSError as exc:
-                    self._error = storage_error(exc, self.path)
-                    self._error.__cause__ = exc
                 except BaseException as exc:  # noqa: BLE001 — handed to the producer
                     self._error = exc
             if pieces is None:
@@ -264,16 +195,16 @@ class ArtifactFile:
     def _store(self, data: bytes) -> None:
         self._sha256.update(data)
         self._crc32 = zlib.crc32(data, self._crc32)
-        self._file.write(data)
+        self.stored.write(data)
         self._size += len(data)
         if self._size >= self._next_check:
             self._next_check += _SPACE_CHECK_EVERY
-            self._guard.check()
+            self._place.check()
 
 
-def write_file(run_dir: Path, name: str, data: bytes, guard: SpaceGuard) -> FileInfo:
+def write_file(place: RunPlace, name: str, data: bytes) -> FileInfo:
     """A small artifact written whole (describe.yaml, manifest.json)."""
-    with ArtifactFile(run_dir, name, guard) as file:
+    with ArtifactFile(place, name) as file:
         file.write(data)
         return file.commit()
 
@@ -425,17 +356,17 @@ class SchemaWriter:
 
     def __init__(
         self,
-        run_dir: Path,
+        place: RunPlace,
         schema: str,
         encoder: Encoder,
         compress: bool,
         split_max: int | None,
-        guard: SpaceGuard,
         part_done: PartDone,
         names: RunFiles,
+        scratch: bool = False,
     ) -> None:
-        self.run_dir, self.schema, self.encoder = run_dir, schema, encoder
-        self.compress, self.split_max, self.guard = compress, split_max, guard
+        self.place, self.schema, self.encoder = place, schema, encoder
+        self.compress, self.split_max, self.scratch = compress, split_max, scratch
         self._part_done, self._names = part_done, names
         self._file: ArtifactFile | None = None
         self._part = 0
@@ -452,7 +383,7 @@ class SchemaWriter:
         self._part_records = 0
         part = self._part if self.split_max else None
         name = self._names.claim(self.file_name(part), f"schema {self.schema!r}")
-        self._file = ArtifactFile(self.run_dir, name, self.guard, self.compress)
+        self._file = ArtifactFile(self.place, name, self.compress, self.scratch)
         self._file.write(self.encoder.head())
         return self._file
 
@@ -545,14 +476,9 @@ class FileOutput:
     """``jsonl``/``json``/``yaml``: describe.yaml, data files and manifest.json side by side."""
 
     def __init__(
-        self,
-        run_dir: Path,
-        config: dict[str, Any],
-        guard: SpaceGuard,
-        report: Report,
-        json_is_yaml_safe: bool = False,
+        self, place: RunPlace, config: dict[str, Any], report: Report, json_is_yaml_safe: bool = False
     ) -> None:
-        self.run_dir, self.config, self.guard = run_dir, config, guard
+        self.place, self.config = place, config
         self._report = report
         self.artifacts: list[dict[str, Any]] = []
         self.encoder = encoder(config["format"], json_is_yaml_safe)
@@ -563,9 +489,7 @@ class FileOutput:
         self._report(item)
 
     def describe(self, data: bytes) -> None:
-        info = write_file(
-            self.run_dir, self.names.claim("describe.yaml", "the schemas' description"), data, self.guard
-        )
+        info = write_file(self.place, self.names.claim("describe.yaml", "the schemas' description"), data)
         self._add(artifact("describe", info, "yaml", "application/yaml"))
 
     def schema(self, name: str) -> SchemaWriter:
@@ -587,15 +511,11 @@ class FileOutput:
                 )
             )
 
-        return SchemaWriter(
-            self.run_dir, name, self.encoder, compress, split, self.guard, part_done, self.names
-        )
+        return SchemaWriter(self.place, name, self.encoder, compress, split, part_done, self.names)
 
     def finish(self, manifest: Manifest) -> None:
         entries = [manifest_entry(item) for item in self.artifacts]
-        info = write_file(
-            self.run_dir, self.names.claim("manifest.json", "the manifest"), manifest(entries), self.guard
-        )
+        info = write_file(self.place, self.names.claim("manifest.json", "the manifest"), manifest(entries))
         self._report(artifact("manifest", info, "json", "application/json", primary=False))
 
     def abort(self) -> None:
@@ -611,16 +531,14 @@ class ArchiveOutput:
     the run directory's (``RunFiles``): the tarball is unpacked too.
     """
 
-    def __init__(
-        self, run_dir: Path, config: dict[str, Any], guard: SpaceGuard, report: Report, base_name: str
-    ) -> None:
-        self.run_dir, self.config, self.guard = run_dir, config, guard
+    def __init__(self, place: RunPlace, config: dict[str, Any], report: Report, base_name: str) -> None:
+        self.place, self.config = place, config
         self._report = report
         self.compress = bool(config["compress"])
         self.members: list[dict[str, Any]] = []
         self.names, self.member_names = RunFiles(), RunFiles()
         name = self.names.claim(base_name + (".tar.gz" if self.compress else ".tar"), "the archive")
-        self._file = ArtifactFile(run_dir, name, guard, self.compress)
+        self._file = ArtifactFile(place, name, self.compress)
         self._tar = tarfile.open(  # noqa: SIM115 — closed in finish()
             fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT, copybufsize=_BLOCK
         )
@@ -645,7 +563,7 @@ class ArchiveOutput:
 
         def part_done(file: ArtifactFile, part: int | None, records: int) -> None:
             info = file.finish()
-            with open(file.temp_path, "rb") as member:
+            with file.stored.read_back() as member:
                 self._tar.addfile(self._member(info.name, info.size), member)
             file.discard()
             self.members.append(
@@ -660,9 +578,7 @@ class ArchiveOutput:
                 )
             )
 
-        return SchemaWriter(
-            self.run_dir, name, JsonLines(), False, split, self.guard, part_done, self.member_names
-        )
+        return SchemaWriter(self.place, name, JsonLines(), False, split, part_done, self.member_names, True)
 
     def finish(self, manifest: Manifest) -> None:
         self._add_bytes(
@@ -682,10 +598,7 @@ class ArchiveOutput:
         )
         self._report(tarball)
         outer = write_file(
-            self.run_dir,
-            self.names.claim("manifest.json", "the manifest"),
-            manifest([manifest_entry(tarball)]),
-            self.guard,
+            self.place, self.names.claim("manifest.json", "the manifest"), manifest([manifest_entry(tarball)])
         )
         self._report(artifact("manifest", outer, "json", "application/json", primary=False))
 

@@ -191,11 +191,14 @@ def tar_members(path: Path) -> dict[str, bytes]:
 
 
 def make_job(tmp_path: Path, source: Path | str, run_id: str = "run_0123456789ab", **config: Any) -> dict:
+    """A job as the service hands it to a worker; ``run_dir`` (not read by the worker) is where
+    its files land in the local storage ``storage``."""
     return {
         "run_id": run_id,
         "extract_id": "extract_test",
         "extract_name": "Daily Backup",
         "source": str(source),
+        "storage": str(tmp_path / "storage"),
         "run_dir": str(tmp_path / "storage" / run_id),
         "min_free_bytes": 1 << 20,
         "created_at": "2026-11-28T17:00:00.000Z",

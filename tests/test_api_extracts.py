@@ -473,7 +473,8 @@ def test_text_rules_of_the_document_are_validation_rules() -> None:
 
     import jsonschema_rs
 
-    from extracts_app import EXTRACT_FIELDS, SCHEDULE_MAX, FieldError
+    from extracts.config import EXTRACT_FIELDS, FieldError
+    from extracts.cron import SCHEDULE_MAX
 
     whitespace = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()]
     texts = [
@@ -555,7 +556,7 @@ def test_every_schedule_the_grammar_allows_is_one_croniter_parses() -> None:
 
     from croniter import CroniterBadDateError, croniter
 
-    from extracts_app import CRON
+    from extracts.cron import CRON
 
     now = datetime(2026, 1, 1, tzinfo=UTC)
     values = (range(0, 60), range(0, 24), range(1, 32), range(1, 13), range(0, 8))
@@ -771,8 +772,9 @@ def test_list_filter_values_are_described_as_validated() -> None:
     """Each filter[where] parameter's schema in the document accepts exactly what the list accepts."""
     import jsonschema_rs
 
-    from extracts_app import MODELS, FieldType, list_query, where_schema
-    from extracts_http import ValidationFailed
+    from extracts.http import ValidationFailed
+    from extracts.records import MODELS, list_query, where_schema
+    from extracts.state import FieldType
 
     samples = [
         "",
@@ -832,7 +834,7 @@ def test_content_length_is_read_without_int_on_the_raw_header(declared: bytes, s
 
     from starlette.requests import Request
 
-    from extracts_http import ApiError, read_json_object
+    from extracts.http import ApiError, read_json_object
 
     async def receive() -> dict:
         return {"type": "http.request", "body": b'{"name": "x"}', "more_body": False}

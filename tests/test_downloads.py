@@ -17,8 +17,8 @@ import pytest
 from conftest import Service, start_service
 from databases import Database
 
-from extracts_downloads import count_download
-from extracts_state import StateConnection
+from extracts.downloads import count_download
+from extracts.state import StateConnection
 
 
 @pytest.fixture(scope="module")

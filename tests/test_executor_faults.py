@@ -24,7 +24,8 @@ from executor_fixtures import Channel, build_big_table, make_job, make_source, m
 
 from executor import run_extract
 from executor.worker import Export, Monitor
-from executor.writers import ArtifactFile, LowDiskSpace, SpaceGuard
+from executor.writers import ArtifactFile, RunPlace
+from extracts.storage import LocalStorage, LowDiskSpace
 
 
 @pytest.fixture(scope="module")
@@ -89,22 +90,23 @@ def test_free_space_under_the_reserve_fails_before_writing(tmp_path: Path, manag
 
 @pytest.mark.faults
 def test_the_reserve_is_checked_while_a_file_is_written(tmp_path: Path) -> None:
-    guard = SpaceGuard(tmp_path, 0)
-    file = ArtifactFile(tmp_path, "big.jsonl", guard)
-    guard.min_free_bytes = 1 << 60  # the volume "fills up" after the file was opened
+    place = RunPlace(LocalStorage(tmp_path), "run_1", 0)
+    place.storage.begin_run("run_1")
+    file = ArtifactFile(place, "big.jsonl")
+    place.min_free_bytes = 1 << 60  # the volume "fills up" after the file was opened
     block = b"x" * (1 << 20)
     with pytest.raises(LowDiskSpace, match="under the 1099511627776 MB reserve"), file:  # noqa: PT012
         for _ in range(200):
             file.write(block)
         file.commit()
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path / "run_1") == []
 
 
 @pytest.mark.faults
 def test_a_storage_directory_that_cannot_be_created_fails_the_run(tmp_path: Path, manager: Any) -> None:
     db = make_source(tmp_path / "source.db")
     (tmp_path / "a file").write_text("not a directory")
-    job = make_job(tmp_path, db) | {"run_dir": str(tmp_path / "a file" / "run_1")}
+    job = make_job(tmp_path, db, run_id="run_1") | {"storage": str(tmp_path / "a file")}
     assert_failed(
         Channel(manager).run(job),
         f"Cannot create the run directory {tmp_path}/a file/run_1: "

@@ -1,4 +1,5 @@
-"""extracts_zip: deterministic, resumable STORED archives and the deflated variant.
+"""extracts.zipstream: deterministic, resumable STORED archives and the deflated variant,
+read through the local storage's held files.
 
 Every archive is read back with zipfile and checked with ``unzip -t``; ranges
 are compared against slices of the whole archive.
@@ -25,8 +26,10 @@ from pathlib import Path
 
 import pytest
 
-import extracts_zip
-from extracts_zip import FileChangedError, FileReader, HeldFiles, StoredZip, ZipEntry, write_deflated
+from extracts import storage
+from extracts.storage import FileChangedError
+from extracts.storage import LocalHeldFiles as HeldFiles
+from extracts.zipstream import FileReader, StoredZip, ZipEntry, write_deflated
 
 WHEN = (2024, 5, 17, 13, 45, 30)
 _serial = itertools.count()
@@ -331,11 +334,11 @@ def open_fds() -> list[str]:
 @contextlib.contextmanager
 def descriptor_budget_spent() -> Iterator[None]:
     """As if other downloads held every descriptor the budget allows: files are held by links."""
-    taken = extracts_zip._BUDGET.take(1 << 30)
+    taken = storage._BUDGET.take(1 << 30)
     try:
         yield
     finally:
-        extracts_zip._BUDGET.give(taken)
+        storage._BUDGET.give(taken)
 
 
 @pytest.mark.parametrize("held_by", ["descriptors", "links"])

@@ -638,34 +638,39 @@ class LockedTwice:
 
 def test_a_run_message_that_meets_a_locked_state_file_is_applied_later(tmp_path: Path) -> None:
     """Past the busy timeout the message was dropped: a lost result left its run 'running' forever."""
-    from types import SimpleNamespace
 
-    from extracts_runs import RunManager
+    from executor.messages import RunStatus, result
+    from extracts.pool import WorkerPool
+    from extracts.runs import Runs
+    from extracts.storage import LocalStorage
 
-    async def scenario() -> RunManager:
-        runs = RunManager(LockedTwice(), SimpleNamespace(workers=1, storage=tmp_path))
-        runs.retry_delay = 0.01
-        runs._inflight["run_x"] = 1
-        await runs._apply(runs._finish, "result", "run_x", {"status": "completed"})
-        return runs
+    async def scenario() -> WorkerPool:
+        storage = LocalStorage(tmp_path)
+        pool = WorkerPool(Runs(LockedTwice(), storage, "source.db", 0), storage, 1)
+        pool.retry_delay = 0.01
+        pool._inflight["run_x"] = 1
+        await pool._apply(pool._on_result, "result", "run_x", result(RunStatus.COMPLETED))
+        return pool
 
-    runs = asyncio.run(scenario())
-    assert len(runs.db.statements) == 2 and "status = :status" in runs.db.statements[1]
-    assert "run_x" not in runs._inflight
+    pool = asyncio.run(scenario())
+    assert len(pool.runs.db.statements) == 2 and "status = :status" in pool.runs.db.statements[1]
+    assert "run_x" not in pool._inflight
 
 
 def test_the_dispatcher_survives_a_locked_state_file(tmp_path: Path) -> None:
     """It used to die on the first locked claim: no run was ever started again."""
-    from types import SimpleNamespace
 
-    from extracts_runs import RunManager
+    from extracts.pool import WorkerPool
+    from extracts.runs import Runs
+    from extracts.storage import LocalStorage
 
     async def scenario() -> tuple[LockedTwice, bool]:
         db = LockedTwice()
-        runs = RunManager(db, SimpleNamespace(workers=1, storage=tmp_path))
-        runs.retry_delay = 0.01
-        task = asyncio.create_task(runs._dispatch())
-        runs._wake.set()
+        storage = LocalStorage(tmp_path)
+        pool = WorkerPool(Runs(db, storage, "source.db", 0), storage, 1)
+        pool.retry_delay = 0.01
+        task = asyncio.create_task(pool._dispatch())
+        pool.runs.queued.set()
         for _ in range(200):
             if db.statements:
                 break
@@ -689,7 +694,7 @@ def test_workers_get_the_progress_queue_once_not_with_every_job(tmp_path: Path) 
     from multiprocessing.managers import SyncManager
 
     from executor.entry import run_in_worker
-    from extracts_runs import worker_initializer
+    from extracts.pool import worker_initializer
 
     context = multiprocessing.get_context("forkserver")
     manager = SyncManager(ctx=context)
@@ -713,7 +718,7 @@ def test_workers_get_the_progress_queue_once_not_with_every_job(tmp_path: Path) 
                 "extract_id": "extract_x",
                 "extract_name": "X",
                 "source": str(path),
-                "run_dir": str(tmp_path / "storage" / f"run_{i}"),
+                "storage": str(tmp_path / "storage"),
                 "min_free_bytes": 0,
                 "created_at": "2026-01-01T00:00:00.000Z",
                 "config": config,

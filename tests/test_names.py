@@ -164,7 +164,8 @@ def test_long_stems_keep_within_200_characters_and_whole_escapes() -> None:
 
 
 def test_a_second_name_equal_ignoring_case_is_refused_before_writing() -> None:
-    from executor.writers import NameClash, RunFiles
+    from executor.writers import RunFiles
+    from extracts.storage import NameClash
 
     names = RunFiles()
     names.claim("users.jsonl", "schema 'users'")
@@ -181,7 +182,8 @@ def test_a_second_name_equal_ignoring_case_is_refused_before_writing() -> None:
 def test_a_finished_file_never_replaces_another(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool
 ) -> None:
-    from executor.writers import ArtifactFile, NameClash, SpaceGuard
+    from executor.writers import ArtifactFile, RunPlace
+    from extracts.storage import LocalStorage, NameClash
 
     if not hard_links:  # a volume without hard links (FAT, exFAT): link() says EPERM
 
@@ -189,17 +191,19 @@ def test_a_finished_file_never_replaces_another(
             raise OSError(errno.EPERM, "Operation not permitted")
 
         monkeypatch.setattr(os, "link", no_link)
-    guard = SpaceGuard(tmp_path, 0)
-    (tmp_path / "manifest.json").write_bytes(b"the run's manifest")
-    with pytest.raises(NameClash, match="manifest.json"), ArtifactFile(tmp_path, "manifest.json", guard) as f:
+    place = RunPlace(LocalStorage(tmp_path), "run_1", 0)
+    run_dir = tmp_path / "run_1"
+    place.storage.begin_run("run_1")
+    (run_dir / "manifest.json").write_bytes(b"the run's manifest")
+    with pytest.raises(NameClash, match="manifest.json"), ArtifactFile(place, "manifest.json") as f:
         f.write(b"a table's rows")
         f.commit()
-    assert (tmp_path / "manifest.json").read_bytes() == b"the run's manifest"
-    with ArtifactFile(tmp_path, "users.jsonl", guard) as f:
+    assert (run_dir / "manifest.json").read_bytes() == b"the run's manifest"
+    with ArtifactFile(place, "users.jsonl") as f:
         f.write(b"{}\n")
         info = f.commit()
     assert (info.name, info.size) == ("users.jsonl", 3)
-    assert sorted(os.listdir(tmp_path)) == ["manifest.json", "users.jsonl"]  # no temporary file left
+    assert sorted(os.listdir(run_dir)) == ["manifest.json", "users.jsonl"]  # no temporary file left
 
 
 # ---------------------------------------------------------------- runs through the service
@@ -376,7 +380,7 @@ def test_tables_that_differ_only_in_case_get_distinct_files(cased_service: Servi
 
 
 def state_file(tmp_path: Path) -> sqlite3.Connection:
-    from extracts_state import prepare_state_file
+    from extracts.state import prepare_state_file
 
     path = tmp_path / "state.db"
     prepare_state_file(path)
@@ -480,10 +484,11 @@ class LockedAfterWriting:
 
 def test_an_artifact_message_applied_twice_is_recorded_once(tmp_path: Path) -> None:
     """_apply runs a handler again after "database is locked": that must not look like a second file."""
-    from types import SimpleNamespace
 
-    from extracts_runs import RunManager
-    from extracts_state import close_database, open_database
+    from extracts.pool import WorkerPool
+    from extracts.runs import Runs
+    from extracts.state import open_database
+    from extracts.storage import LocalStorage
 
     con = state_file(tmp_path)
     add_run(con, "run_x")
@@ -493,11 +498,12 @@ def test_an_artifact_message_applied_twice_is_recorded_once(tmp_path: Path) -> N
         db = open_database(tmp_path / "state.db")
         await db.connect()
         try:
-            runs = RunManager(LockedAfterWriting(db), SimpleNamespace(workers=1, storage=tmp_path))
-            runs.retry_delay = 0.01
-            runs._jobs["run_x"] = {
+            storage = LocalStorage(tmp_path)
+            pool = WorkerPool(Runs(LockedAfterWriting(db), storage, "source.db", 0), storage, 1)
+            pool.retry_delay = 0.01
+            pool._jobs["run_x"] = {
+                "run_id": "run_x",
                 "extract_id": "extract_1",
-                "run_dir": str(tmp_path / "run_x"),
                 "config": {"retention_days": 7},
             }
             message = {
@@ -513,9 +519,9 @@ def test_an_artifact_message_applied_twice_is_recorded_once(tmp_path: Path) -> N
                 "crc32": 0,
                 "is_primary": True,
             }
-            await runs._apply(runs._on_artifact, "artifact", "run_x", message)
+            await pool._apply(pool._on_artifact, "artifact", "run_x", message)
         finally:
-            await close_database(db)
+            await db.disconnect()
 
     asyncio.run(scenario())
     assert con.execute("SELECT artifact_name FROM extract_artifacts").fetchall() == [("users.jsonl",)]
@@ -552,7 +558,7 @@ def test_a_version_1_state_file_keeps_artifacts_that_differ_only_in_case(tmp_pat
     before = con.execute("SELECT id, storage_path, checksum FROM extract_artifacts ORDER BY rowid").fetchall()
     con.close()
 
-    from extracts_state import SCHEMA_VERSION, prepare_state_file
+    from extracts.state import SCHEMA_VERSION, prepare_state_file
 
     prepare_state_file(path)
     prepare_state_file(path)  # and again: nothing more changes

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import pytest
 from conftest import Service
 
-from extracts_downloads import RangeNotSatisfiable, parse_range
+from extracts.http import RangeNotSatisfiable
+from extracts.ranges import parse_range
 
 HUGE = "9" * 5000
 

@@ -10,28 +10,18 @@ from pathlib import Path
 
 from conftest import make_shop_db, start_service
 
-import extracts_state as state
-from extracts_app import Settings
-from extracts_runs import RunManager
+from extracts import state
+from extracts.runs import Runs
+from extracts.schedule import Scheduler, next_run_at
+from extracts.storage import LocalStorage
 
 
-def scheduler_at(tmp_path: Path, clock: list[datetime]) -> tuple[RunManager, Path]:
+def scheduler_at(tmp_path: Path, clock: list[datetime]) -> tuple[Scheduler, Path]:
     db_path = tmp_path / "state.db"
     state.prepare_state_file(db_path)
-    settings = Settings(
-        source=str(make_shop_db(tmp_path / "shop.db")),
-        db=db_path,
-        storage=tmp_path / "storage",
-        host="127.0.0.1",
-        port=0,
-        token="t",
-        workers=1,
-        min_free_mb=0,
-        cleanup_interval=3600,
-    )
-    manager = RunManager(state.open_database(db_path), settings)
-    manager.clock = lambda: clock[0]
-    return manager, db_path
+    db = state.open_database(db_path)
+    runs = Runs(db, LocalStorage(tmp_path / "storage"), str(make_shop_db(tmp_path / "shop.db")), 0)
+    return Scheduler(db, runs, lambda: clock[0]), db_path
 
 
 def insert_extract(db_path: Path, extract_id: str, schedule: str, next_run_at: str | None) -> None:
@@ -70,12 +60,12 @@ def test_scheduler_with_an_injected_clock(tmp_path: Path) -> None:
         await manager.db.connect()
         try:
             extract = {"schedule": "0 3 * * *", "schedule_enabled": True, "enabled": True}
-            first_due = await manager.next_run_at(extract)
+            first_due = await next_run_at(extract, clock[0])
             assert first_due == "2026-03-01T03:00:00.000Z"
             insert_extract(db_path, "extract_daily", "0 3 * * *", first_due)
-            assert await manager.schedule_tick() == []  # 02:59:30: not yet due
+            assert await manager.tick() == []  # 02:59:30: not yet due
             clock[0] = datetime(2026, 3, 1, 3, 0, 1, tzinfo=UTC)
-            started = await manager.schedule_tick()
+            started = await manager.tick()
             assert len(started) == 1
             assert runs_of(db_path, "extract_daily") == [("queued", "schedule")]
             con = sqlite3.connect(db_path)
@@ -83,7 +73,7 @@ def test_scheduler_with_an_injected_clock(tmp_path: Path) -> None:
             con.close()
             # The next due time comes while the first run is still active: skipped, not queued twice.
             clock[0] = datetime(2026, 3, 2, 3, 0, 0, tzinfo=UTC)
-            assert await manager.schedule_tick() == []
+            assert await manager.tick() == []
             assert len(runs_of(db_path, "extract_daily")) == 1
             # After a week of downtime, one run is made up, not seven.
             con = sqlite3.connect(db_path)
@@ -91,13 +81,13 @@ def test_scheduler_with_an_injected_clock(tmp_path: Path) -> None:
             con.commit()
             con.close()
             clock[0] = datetime(2026, 3, 10, 12, 0, 0, tzinfo=UTC)
-            assert len(await manager.schedule_tick()) == 1
-            assert len(await manager.schedule_tick()) == 0
+            assert len(await manager.tick()) == 1
+            assert len(await manager.tick()) == 0
             con = sqlite3.connect(db_path)
             assert con.execute("SELECT next_run_at FROM extracts").fetchone() == ("2026-03-11T03:00:00.000Z",)
             con.close()
         finally:
-            await state.close_database(manager.db)
+            await manager.db.disconnect()
 
     asyncio.run(scenario())
 
@@ -113,7 +103,7 @@ def test_a_stored_schedule_croniter_refuses_does_not_stop_the_scheduler(tmp_path
             insert_extract(db_path, "extract_a_never", "0 0 31 2 *", "2026-03-01T03:00:00.000Z")
             insert_extract(db_path, "extract_b_bogus", "61 * * * * *", "2026-03-01T03:00:00.000Z")
             insert_extract(db_path, "extract_c_daily", "0 3 * * *", "2026-03-01T03:00:00.000Z")
-            assert len(await manager.schedule_tick()) == 3
+            assert len(await manager.tick()) == 3
             con = sqlite3.connect(db_path)
             assert con.execute("SELECT id, next_run_at FROM extracts ORDER BY id").fetchall() == [
                 ("extract_a_never", None),
@@ -121,9 +111,9 @@ def test_a_stored_schedule_croniter_refuses_does_not_stop_the_scheduler(tmp_path
                 ("extract_c_daily", "2026-03-02T03:00:00.000Z"),
             ]
             con.close()
-            assert await manager.schedule_tick() == []
+            assert await manager.tick() == []
         finally:
-            await state.close_database(manager.db)
+            await manager.db.disconnect()
 
     asyncio.run(scenario())
 

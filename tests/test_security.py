@@ -241,7 +241,7 @@ def test_openapi_document_cache_reads_the_catalog_once_per_burst_and_expiry() ->
     """DocumentCache with a catalog reader that counts its calls and an injected clock."""
     import asyncio
 
-    from extracts_openapi import CATALOG_RETRY_S, CATALOG_TTL_S, DocumentCache
+    from extracts.openapi import CATALOG_RETRY_S, CATALOG_TTL_S, DocumentCache
 
     reads: list[int] = []
     builds: list[object] = []
@@ -491,7 +491,7 @@ def test_the_token_never_appears_in_logs_or_responses(tmp_path: Path) -> None:
 )
 def test_an_empty_token_is_refused_at_start_up(args: list[str], env: dict[str, str]) -> None:
     """`--token ""` used to start a service that let "Authorization: Bearer" in."""
-    from extracts_app import parse_settings
+    from extracts.settings import parse_settings
 
     with pytest.raises(SystemExit) as exit_info:
         parse_settings(args, environ=env)
@@ -501,7 +501,7 @@ def test_an_empty_token_is_refused_at_start_up(args: list[str], env: dict[str, s
 def test_an_empty_token_never_authenticates() -> None:
     import asyncio
 
-    from extracts_http import BearerAuth
+    from extracts.http import BearerAuth
 
     async def app(scope, receive, send) -> None:
         raise AssertionError("reached the app")

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from datetime import date, datetime, timedelta
 from datetime import time as time_of_day
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -1074,12 +1075,13 @@ def drain(queue: Any) -> list[tuple[Any, ...]]:
 
 
 def make_job(shop: PG | My, run_dir: str, **config: Any) -> dict[str, Any]:
+    """A job whose files land in ``run_dir`` (its storage is the parent directory)."""
     return {
-        "run_id": f"run_{secrets.token_hex(8)}",
+        "run_id": Path(run_dir).name,
         "extract_id": "extract_sql",
         "extract_name": "SQL export",
         "source": shop.url,
-        "run_dir": run_dir,
+        "storage": str(Path(run_dir).parent),
         "min_free_bytes": 1,
         "created_at": "2026-11-28T17:00:00.000Z",
         "config": {

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from conftest import app_command, free_port, script_command
 
-from extracts_app import parse_settings
+from extracts.settings import parse_settings
 
 
 def launch(

@@ -15,10 +15,9 @@ resumes without regenerating the prefix.
 ``write_deflated`` is the ``?compression=deflate`` variant: a plain
 ``zipfile.ZipFile`` written into a non-seekable sink, of unknown length.
 
-Both read the files through ``HeldFiles``, which holds every file before the
-first byte is sent: deleting the run or the retention sweep meanwhile unlinks
-names, not the bytes a download is sending. The single-file download reads
-through it too.
+Both read the files through the storage's ``HeldFiles``, which holds every
+file before the first byte is sent: deleting the run or the retention sweep
+meanwhile unlinks names, not the bytes a download is sending.
 
 Record layouts follow PKWARE's APPNOTE 6.3.x (4.3.7 local header, 4.3.12
 central directory, 4.3.14-4.3.16 end records, 4.5.3 ZIP64 extra field). A
@@ -29,26 +28,19 @@ record.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
-import os
-import resource
-import shutil
 import stat
 import struct
-import tempfile
-import threading
-import weakref
 import zipfile
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["FileChangedError", "HeldFiles", "StoredZip", "ZipEntry", "write_deflated"]
+from extracts.storage import FileChangedError
+
+__all__ = ["StoredZip", "ZipEntry", "write_deflated"]
 
 _U16 = 0xFFFF
 _U32 = 0xFFFF_FFFF
@@ -70,14 +62,6 @@ _DEFLATE_ZIP64_FROM = 1 << 31
 _READ_SIZE = 1 << 20
 
 
-class FileChangedError(Exception):
-    """An artifact's file on disk no longer has the size recorded for it."""
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(message)
-        self.path = path
-
-
 @dataclass(frozen=True)
 class ZipEntry:
     """One file of the archive: its name inside it, where it is, and what it holds."""
@@ -90,148 +74,9 @@ class ZipEntry:
 
 
 class FileReader(Protocol):
-    """Where the archive's file bytes come from: ``HeldFiles``, one file per entry, in order."""
+    """Where the archive's file bytes come from (``storage.HeldFiles``), one file per entry, in order."""
 
     def read(self, index: int, offset: int, size: int, /) -> bytes: ...
-
-
-class HeldFiles:
-    """Files a download will send, held from before its first byte until ``close()``.
-
-    Deleting a run and the retention sweep unlink names; the bytes stay while an
-    open descriptor or another hard link refers to them, so a download that
-    started always completes (SPEC: Downloads). Each file is held by a
-    descriptor while the process's budget allows (a quarter of its open-file
-    limit, shared by every download), the rest by hard links in a private
-    directory made under ``links``: a run can have more files than a process may
-    open. Where no link can be made (storage read-only or full, or without hard
-    links) a file is read by name: on read-only storage nothing can delete it.
-    Sizes are checked here. ``close()`` also runs when the holder is
-    garbage-collected, as a backstop. Raises FileNotFoundError (its
-    ``filename`` the missing path) or FileChangedError; nothing stays held then.
-    """
-
-    def __init__(self, files: Sequence[tuple[str, int]], links: Path) -> None:
-        self._held = _Held()
-        self._release = weakref.finalize(self, self._held.release)
-        self._paths = [path for path, _ in files]
-        self._by_name: set[int] = set()  # files past the budget that could not be linked
-        self._reading: int | None = None  # the file past the budget open in _held.reading
-        try:
-            self._held.granted = _BUDGET.take(len(files))
-            for index, (path, size) in enumerate(files):
-                if index < self._held.granted:
-                    self._held.fds.append(os.open(path, os.O_RDONLY))
-                    _check_file(path, size, os.fstat(self._held.fds[-1]))
-                    continue
-                _check_file(path, size, os.stat(path))  # before: a directory cannot be linked
-                if not self._link(index, path, links):
-                    self._by_name.add(index)
-        except BaseException:
-            self.close()
-            raise
-
-    def read(self, index: int, offset: int, size: int) -> bytes:
-        """Up to ``size`` bytes of file ``index`` from ``offset``; fewer only at its end."""
-        return os.pread(self._fd(index), size, offset)
-
-    def modified(self, index: int) -> float:
-        """The file's modification time (seconds since the epoch)."""
-        return os.fstat(self._fd(index)).st_mtime
-
-    def close(self) -> None:
-        """Release every descriptor and link; the bytes of files deleted meanwhile go with them."""
-        self._release()
-
-    def _fd(self, index: int) -> int:
-        held = self._held
-        if not self._release.alive:
-            raise ValueError("The files were released; this download can read nothing more.")
-        if index < held.granted:
-            return held.fds[index]
-        if self._reading != index:  # past the budget: open while it is read, one at a time
-            self._reading = None
-            while held.reading:
-                os.close(held.reading.pop())
-            if index in self._by_name:
-                path = self._paths[index]
-            else:
-                path = os.path.join(held.directory or "", str(index))
-            held.reading.append(os.open(path, os.O_RDONLY))
-            self._reading = index
-        return held.reading[0]
-
-    def _link(self, index: int, path: str, links: Path) -> bool:
-        try:
-            if self._held.directory is None:
-                links.mkdir(parents=True, exist_ok=True)
-                self._held.directory = tempfile.mkdtemp(dir=links)
-            os.link(path, os.path.join(self._held.directory, str(index)))
-            return True
-        except OSError:
-            if not os.path.exists(path):
-                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path) from None
-            return False
-
-
-@dataclass
-class _Held:
-    """What a HeldFiles holds, apart from it: its finalizer must not refer to the holder."""
-
-    fds: list[int] = field(default_factory=list)
-    granted: int = 0  # descriptors taken from the budget, for the first files
-    directory: str | None = None  # the private links of the other files
-    reading: list[int] = field(default_factory=list)  # the file past the budget being read
-
-    def release(self) -> None:
-        for fd in (*self.fds, *self.reading):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds.clear()
-        self.reading.clear()
-        _BUDGET.give(self.granted)
-        self.granted = 0
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory = None
-
-
-class _DescriptorBudget:
-    """How many descriptors held files take at once: a quarter of the open-file limit.
-
-    The rest stays for sockets and the state database, so that no number of
-    downloads makes the service unable to accept a connection.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._taken = 0
-
-    def take(self, wanted: int) -> int:
-        """Reserve up to ``wanted`` descriptors; returns how many were granted."""
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        with self._lock:
-            granted = max(0, min(wanted, soft // 4 - self._taken))
-            self._taken += granted
-            return granted
-
-    def give(self, count: int) -> None:
-        with self._lock:
-            self._taken -= count
-
-
-_BUDGET = _DescriptorBudget()
-
-
-def _check_file(path: str, expected: int, result: os.stat_result) -> None:
-    if not stat.S_ISREG(result.st_mode):
-        raise FileChangedError(path, f"{path} is not a regular file.")
-    if result.st_size != expected:
-        raise FileChangedError(
-            path,
-            f"{path} is {result.st_size} bytes on disk but was recorded as {expected}; "
-            "the artifact changed after its run completed.",
-        )
 
 
 class StoredZip:

@@ -1,25 +1,22 @@
 """Downloads: one artifact, or a run's artifacts as a ZIP built on the fly (SPEC: Downloads).
 
 Every check that can answer 4xx (unknown run, status, expiry, the range, a file
-missing from disk) runs before the first byte is sent, and so does holding every
-file the response will send (``extracts_zip.HeldFiles``): deleting the run or
-the retention sweep meanwhile cannot cut a download short. The stored ZIP is
-deterministic (``extracts_zip.StoredZip``), so it carries Content-Length and a
-strong ETag and serves byte ranges by computing where they fall: an interrupted
-download resumes with ``curl -C -``. File reads happen in worker threads, never
-on the event loop.
+missing from storage) runs before the first byte is sent, and so does holding
+every file the response will send (``Storage.hold``): deleting the run or the
+retention sweep meanwhile cannot cut a download short. The stored ZIP is
+deterministic (``zipstream.StoredZip``), so it carries Content-Length and a
+strong ETag and serves byte ranges by computing where they fall (``ranges``):
+an interrupted download resumes with ``curl -C -``. File reads happen in worker
+threads, never on the event loop.
 """
 
 from __future__ import annotations
 
 import queue
-import re
-import shutil
 import threading
 from collections.abc import AsyncGenerator, Callable, Generator
 from email.utils import formatdate
 from functools import partial
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -30,29 +27,16 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from executor.naming import download_base_name
-from extracts_http import (
-    ApiError,
-    Conflict,
-    Gone,
-    NotFound,
-    ServiceUnavailable,
-    ValidationFailed,
-    query_param,
-)
-from extracts_state import ARTIFACT_FIELDS, RUN_FIELDS, now_iso, parse_iso
-from extracts_zip import FileChangedError, HeldFiles, StoredZip, ZipEntry, write_deflated
+from extracts.http import Conflict, Gone, NotFound, ServiceUnavailable, ValidationFailed, query_param
+from extracts.ranges import requested_range
+from extracts.records import ARTIFACT_FIELDS, RUN_FIELDS
+from extracts.state import now_iso, parse_iso
+from extracts.storage import FileChangedError, HeldFiles
+from extracts.zipstream import StoredZip, ZipEntry, write_deflated
 
-# Private hard links of held files live here (extracts_zip.HeldFiles); what a
-# stopped service left behind is removed at the next start.
-LINKS_DIR = ".downloads"
 # 1 MiB per thread hop: 64 KiB (Starlette's FileResponse) ran at 130-180 MB/s here, 1 MiB
 # at 0.9-1.4 GB/s (bench/RESULTS.md, Downloads).
 CHUNK = 1 << 20
-
-
-def remove_stale_links(storage: Path) -> None:
-    """At start-up: links held by downloads of a service that stopped (they pin deleted files)."""
-    shutil.rmtree(storage / LINKS_DIR, ignore_errors=True)
 
 
 def check_not_gone(artifacts: list[dict[str, Any]]) -> None:
@@ -73,10 +57,10 @@ def check_not_gone(artifacts: list[dict[str, Any]]) -> None:
 
 async def hold(request: Request, artifacts: list[dict[str, Any]]) -> HeldFiles:
     """Every file of ``artifacts``, held (in a thread); 404 naming a file missing or changed."""
-    links = request.app.state.extracts.settings.storage / LINKS_DIR
+    storage = request.app.state.extracts.storage
     files = [(a["storage_path"], a["size_bytes"]) for a in artifacts]
     try:
-        return await anyio.to_thread.run_sync(HeldFiles, files, links)
+        return await anyio.to_thread.run_sync(storage.hold, files)
     except (FileNotFoundError, FileChangedError) as exc:
         path = exc.filename if isinstance(exc, FileNotFoundError) else exc.path
         artifact = next(a for a in artifacts if a["storage_path"] == path)
@@ -263,80 +247,6 @@ async def download_run(request: Request) -> Response:
     except BaseException:
         await release(files)
         raise
-
-
-class RangeNotSatisfiable(ApiError):
-    """The one range asked for selects no byte of the body."""
-
-    status, code = 416, "RANGE_NOT_SATISFIABLE"
-
-
-def requested_range(request: Request, etag: str, size: int, what: str) -> tuple[int, int] | None:
-    """The byte range a request asks for, as [start, end); None to send the whole body.
-
-    RFC 9110 section 14.2: only GET has ranges (HEAD gets the whole body's headers);
-    Range or If-Range sent twice, or an If-Range other than the ETag (a date
-    included: no Last-Modified is strong enough), gets the whole body. The header
-    itself is read by ``parse_range``.
-    """
-    if request.method != "GET":
-        return None
-    ranges, if_ranges = request.headers.getlist("range"), request.headers.getlist("if-range")
-    if len(ranges) != 1 or len(if_ranges) > 1 or (if_ranges and if_ranges[0].strip() != etag):
-        return None
-    return parse_range(ranges[0], size, what)
-
-
-RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)")
-
-
-def parse_range(header: str, size: int, what: str = "file") -> tuple[int, int] | None:
-    """The one byte range a Range value selects in ``size`` bytes, as [start, end); None to
-    ignore the header and send the whole body (RFC 9110 sections 14.1-14.2).
-
-    Ignored: anything but valid ``bytes=`` syntax (a last-pos before its
-    first-pos is invalid: ``bytes=5-1``), and more than one range (the service
-    never answers multipart/byteranges). A single range starting at or past the
-    end, or a suffix of 0 bytes, raises RangeNotSatisfiable (416). Positions of
-    any number of digits are read without int()'s 4,300-digit limit.
-    """
-    unit, equals, range_set = header.strip(" \t").partition("=")
-    if not equals or unit.lower() != "bytes":
-        return None
-    # A list may hold empty elements (RFC 9110 section 5.6.1): "bytes=, 0-5" is one range.
-    specs = [spec for spec in (part.strip(" \t") for part in range_set.split(",")) if spec]
-    match = RANGE_SPEC.fullmatch(specs[0]) if len(specs) == 1 else None
-    if match is None or match[0] == "-":
-        return None
-    first, last = match[1], match[2]
-    unsatisfiable = {"Content-Range": f"bytes */{size}"}
-    if not first:  # the last N bytes
-        if _number(last) == 0:
-            raise RangeNotSatisfiable(
-                f"The range asks for the last 0 bytes of the {size}-byte {what}", headers=unsatisfiable
-            )
-        # An empty body has no byte to name in a Content-Range: it is sent whole.
-        return (max(size - _number(last), 0), size) if size else None
-    if last and _less(last, first):
-        return None
-    start = _number(first)
-    if start >= size:
-        raise RangeNotSatisfiable(
-            f"The range starts at or past the end of the {size}-byte {what}", headers=unsatisfiable
-        )
-    return start, min(_number(last) + 1, size) if last else size
-
-
-def _number(digits: str) -> int:
-    """A position or length; past any size when it has more than 18 significant digits."""
-    digits = digits.lstrip("0") or "0"
-    return int(digits) if len(digits) <= 18 else 10**18
-
-
-def _less(a: str, b: str) -> bool:
-    """Whether the number written ``a`` is less than ``b``, whatever their lengths."""
-    a, b = a.lstrip("0"), b.lstrip("0")
-    return (len(a), a) < (len(b), b)
 
 
 async def chunks_in_thread(chunks: Generator[bytes, None, None]) -> AsyncGenerator[bytes, None]:

@@ -45,7 +45,7 @@ class BadRequest(ApiError):
 
 
 class ValidationFailed(ApiError):
-    """One or more fields have bad values; ``details`` names each."""
+    """One or more fields have bad values; details names each."""
 
     code = "VALIDATION_ERROR"
 
@@ -92,10 +92,32 @@ class UnsupportedMediaType(ApiError):
     status, code = 415, "UNSUPPORTED_MEDIA_TYPE"
 
 
+class RangeNotSatisfiable(ApiError):
+    """The one byte range asked for selects no byte of the body."""
+
+    status, code = 416, "RANGE_NOT_SATISFIABLE"
+
+
 class ServiceUnavailable(ApiError):
-    """The state file stayed locked past the busy timeout."""
+    """The state file stayed busy, or the source cannot be read; retry."""
 
     status, code = 503, "SERVICE_UNAVAILABLE"
+
+
+class InternalError(ApiError):
+    """Unexpected error; the service log has its traceback."""
+
+    status, code = 500, "INTERNAL_ERROR"
+
+
+def error_kinds() -> list[type[ApiError]]:
+    """Every error the API answers with, by status then code: what the OpenAPI document lists."""
+    kinds, todo = [], ApiError.__subclasses__()
+    while todo:
+        kind = todo.pop()
+        kinds.append(kind)
+        todo += kind.__subclasses__()
+    return sorted(kinds, key=lambda kind: (kind.status, kind.code))
 
 
 def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -178,14 +200,7 @@ class CatchAll:
                 )
             else:
                 log.exception("unhandled error: %s %s", scope["method"], scope["path"])
-                response = json_response(
-                    {
-                        "success": False,
-                        "error": "Internal error; see the service log",
-                        "error_code": "INTERNAL_ERROR",
-                    },
-                    500,
-                )
+                response = error_response(InternalError("Internal error; see the service log"))
             await response(scope, receive, send)
 
 

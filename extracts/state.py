@@ -1,9 +1,11 @@
 """The service's own state: one SQLite file reached through ``databases`` + ``aiosqlite``.
 
-Owns the facts every other module shares: run statuses, id and timestamp
-formats, how a state row becomes an API record, and how the file is opened
-(per-connection PRAGMAs, WAL, ``schema.sql``, migrations by ``user_version``).
-The parent process is the only writer; worker processes never open this file.
+Owns how the file is opened (per-connection PRAGMAs, WAL, ``schema.sql``,
+migrations by ``user_version``, connections kept open for the next query) and
+the small facts every state row shares: ids, timestamps, JSON text, the
+``triggered_by`` values. Run statuses and phases are named in
+``executor.messages``, which the workers share too. The parent process is the
+only writer; worker processes never open this file.
 """
 
 from __future__ import annotations
@@ -17,26 +19,15 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 import orjson
-from databases import Database
+from databases import Database, DatabaseURL
+from databases.backends.sqlite import SQLiteConnection
+from databases.interfaces import ConnectionBackend, DatabaseBackend
+from sqlalchemy.dialects.sqlite import pysqlite
 
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 15.0
-
-
-class RunStatus(str, Enum):
-    """Mirrors the CHECK on extract_runs.status in schema.sql."""
-
-    PENDING = "pending"
-    QUEUED = "queued"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-ACTIVE_STATUSES = (RunStatus.PENDING.value, RunStatus.QUEUED.value, RunStatus.RUNNING.value)
-TERMINAL_STATUSES = (RunStatus.COMPLETED.value, RunStatus.FAILED.value, RunStatus.CANCELLED.value)
 
 
 class TriggeredBy(str, Enum):
@@ -45,6 +36,17 @@ class TriggeredBy(str, Enum):
     MANUAL = "manual"
     SCHEDULE = "schedule"
     API = "api"
+
+
+class FieldType(str, Enum):
+    """The type of a record field: how it is stored, shown, and read from a list's filter."""
+
+    TEXT = "text"
+    INTEGER = "integer"
+    NUMBER = "number"
+    BOOLEAN = "boolean"  # 0/1 in the state file, true/false in a record
+    TIMESTAMP = "timestamp"  # ISO 8601 text, as iso() writes it
+    JSON = "json"  # JSON text in the state file, its value in a record; not filterable
 
 
 def utcnow() -> datetime:
@@ -66,6 +68,8 @@ def parse_iso(text: str) -> datetime:
 # format is bound (SQL_NOW_PARAMS): `databases` reads a literal '%' as its own.
 SQL_NOW = "strftime(:now_format, 'now')"
 SQL_NOW_PARAMS = {"now_format": "%Y-%m-%dT%H:%M:%fZ"}
+# A run's duration, in seconds to the millisecond, once :now is its end.
+SQL_DURATION = "round((julianday(:now) - julianday(started_at)) * 86400, 3)"
 
 
 def now_iso() -> str:
@@ -81,89 +85,18 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
 
 
-class FieldType(str, Enum):
-    """The type of a record field: how a list's ``filter[where][<field>]`` value is read."""
-
-    TEXT = "text"
-    INTEGER = "integer"
-    NUMBER = "number"
-    BOOLEAN = "boolean"
-    TIMESTAMP = "timestamp"  # ISO 8601 text, as iso() writes it
-    JSON = "json"  # not filterable
-
-
-_T = FieldType
-# The fields of a run record and of an artifact record, in order, with their types.
-RUN_FIELDS = {
-    "id": _T.TEXT,
-    "extract_id": _T.TEXT,
-    "extract_name": _T.TEXT,
-    "status": _T.TEXT,
-    "progress": _T.INTEGER,
-    "progress_detail": _T.JSON,
-    "started_at": _T.TIMESTAMP,
-    "completed_at": _T.TIMESTAMP,
-    "duration_seconds": _T.NUMBER,
-    "records_exported": _T.INTEGER,
-    "schemas_exported": _T.INTEGER,
-    "artifacts_created": _T.INTEGER,
-    "total_size_bytes": _T.INTEGER,
-    "error": _T.TEXT,
-    "error_detail": _T.JSON,
-    "triggered_by": _T.TEXT,
-    "config_snapshot": _T.JSON,
-    "created_at": _T.TIMESTAMP,
-    "updated_at": _T.TIMESTAMP,
-}
-ARTIFACT_FIELDS = {
-    "id": _T.TEXT,
-    "run_id": _T.TEXT,
-    "extract_id": _T.TEXT,
-    "artifact_type": _T.TEXT,
-    "artifact_name": _T.TEXT,
-    "schema_name": _T.TEXT,
-    "part": _T.INTEGER,
-    "storage_path": _T.TEXT,
-    "storage_backend": _T.TEXT,
-    "format": _T.TEXT,
-    "content_type": _T.TEXT,
-    "size_bytes": _T.INTEGER,
-    "records": _T.INTEGER,
-    "checksum": _T.TEXT,
-    "is_primary": _T.BOOLEAN,
-    "created_at": _T.TIMESTAMP,
-    "expires_at": _T.TIMESTAMP,
-    "accessed_at": _T.TIMESTAMP,
-    "download_count": _T.INTEGER,
-    "deleted_at": _T.TIMESTAMP,
-}
-
-# Columns holding JSON text or 0/1 booleans, per table: how a row becomes a record.
-JSON_COLUMNS = {"include", "schemas", "filter", "progress_detail", "error_detail", "config_snapshot"}
-BOOL_COLUMNS = {"compress", "split_files", "schedule_enabled", "enabled", "is_primary"}
-HIDDEN_COLUMNS = {"deleted_at_extract", "crc32"}
-
-
-def to_record(row: Any, hidden: set[str] = frozenset()) -> dict[str, Any]:
-    """A state row as the API shows it: JSON columns parsed, booleans as booleans."""
-    record = {}
-    for key, value in dict(row._mapping).items():
-        if key in hidden or key in HIDDEN_COLUMNS:
-            continue
-        if key in JSON_COLUMNS and value is not None:
-            value = orjson.loads(value)
-        elif key in BOOL_COLUMNS and value is not None:
-            value = bool(value)
-        record[key] = value
-    return record
+def sql_list(values: tuple[str, ...]) -> str:
+    """``('a', 'b')``: constant names for an SQL ``IN``, quoted here (never a tuple's repr)."""
+    return "(" + ", ".join("'" + value.replace("'", "''") + "'" for value in values) + ")"
 
 
 def dumps(value: Any) -> str | None:
+    """JSON text for a JSON column (None stays NULL)."""
     return None if value is None else orjson.dumps(value).decode()
 
 
 class StateConnection(sqlite3.Connection):
-    """Every connection ``databases`` opens gets the PRAGMAs the service relies on."""
+    """Every connection to the state file gets the PRAGMAs the service relies on."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -173,14 +106,14 @@ class StateConnection(sqlite3.Connection):
 
 
 def schema_sql() -> str:
-    """schema.sql beside this module (source checkout) or in the installed data dir."""
+    """schema.sql of the source checkout, or of the installed data dir."""
     for candidate in (
-        Path(__file__).with_name("schema.sql"),
+        Path(__file__).parent.parent / "schema.sql",
         Path(sys.prefix, "share", "extracts", "schema.sql"),
     ):
         if candidate.is_file():
             return candidate.read_text()
-    raise FileNotFoundError("schema.sql not found beside extracts_state.py nor in share/extracts")
+    raise FileNotFoundError("schema.sql not found in the source checkout nor in share/extracts")
 
 
 def prepare_state_file(path: Path) -> None:
@@ -253,41 +186,58 @@ def _rename_artifacts_equal_ignoring_case(con: sqlite3.Connection) -> None:
             con.execute("UPDATE extract_artifacts SET artifact_name = ? WHERE rowid = ?", (renamed, rowid))
 
 
-class ReusingPool:
-    """Keeps a few opened connections for the next query.
+class KeptConnections:
+    """Opened aiosqlite connections, kept for the next query (the pool ``SQLiteConnection`` takes).
 
-    ``databases`` opens (and closes) an aiosqlite connection — a thread and a file
-    open — for every query outside a transaction: about 3 ms, against 0.4 ms on an
-    open connection. This wraps its SQLite pool (same acquire/release interface).
+    ``databases``' own SQLite backend opens (and closes) an aiosqlite connection — a
+    thread and a file open — for every query outside a transaction: about 3 ms,
+    against 0.4 ms on an open connection.
     """
 
-    def __init__(self, pool: Any, keep: int = 16) -> None:
-        self._pool, self._keep, self._idle = pool, keep, []
-        self._memref = pool._memref  # read by the backend's disconnect()
+    def __init__(self, path: str, options: dict[str, Any], keep: int = 16) -> None:
+        self._path, self._options, self._keep = path, options, keep
+        self._idle: list[aiosqlite.Connection] = []
 
-    async def acquire(self) -> Any:
+    async def acquire(self) -> aiosqlite.Connection:
         if self._idle:
             return self._idle.pop()
-        return await self._pool.acquire()
+        return await aiosqlite.connect(self._path, isolation_level=None, **self._options)
 
-    async def release(self, connection: Any) -> None:
+    async def release(self, connection: aiosqlite.Connection) -> None:
         if len(self._idle) < self._keep and not connection.in_transaction:
             self._idle.append(connection)
         else:
-            await self._pool.release(connection)
+            await connection.close()
 
     async def close(self) -> None:
         while self._idle:
-            await self._pool.release(self._idle.pop())
+            await self._idle.pop().close()
+
+
+class StateBackend(DatabaseBackend):
+    """``databases``' SQLite connections over ``KeptConnections``: its public backend interface."""
+
+    def __init__(self, database_url: DatabaseURL | str, **options: Any) -> None:
+        self._dialect = pysqlite.dialect(paramstyle="qmark")
+        self._dialect.supports_native_decimal = False  # as in databases' own SQLite backend
+        self._connections = KeptConnections(DatabaseURL(database_url).database, options)
+
+    async def connect(self) -> None:
+        """Connections open on first use."""
+
+    async def disconnect(self) -> None:
+        await self._connections.close()
+
+    def connection(self) -> ConnectionBackend:
+        return SQLiteConnection(self._connections, self._dialect)  # type: ignore[arg-type]
+
+
+class StateDatabase(Database):
+    """A ``databases.Database`` whose SQLite URLs are served by ``StateBackend``."""
+
+    SUPPORTED_BACKENDS = {**Database.SUPPORTED_BACKENDS, "sqlite": "extracts.state:StateBackend"}
 
 
 def open_database(path: Path) -> Database:
-    """The state database; ``close_database`` closes the connections kept for reuse."""
-    db = Database(f"sqlite:///{path}", factory=StateConnection, timeout=BUSY_TIMEOUT_S)
-    db._backend._pool = ReusingPool(db._backend._pool)  # type: ignore[attr-defined]
-    return db
-
-
-async def close_database(db: Database) -> None:
-    await db._backend._pool.close()  # type: ignore[attr-defined]
-    await db.disconnect()
+    """The state database, not connected yet (``connect()``, then ``disconnect()``)."""
+    return StateDatabase(f"sqlite:///{path}", factory=StateConnection, timeout=BUSY_TIMEOUT_S)

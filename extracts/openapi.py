@@ -8,31 +8,22 @@ names nothing of the source; a valid token gets the source's schemas and columns
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import orjson
 
 from executor.filters import MAX_LIST, MAX_OPERANDS
-
-ERROR_CODES = {
-    "400": (
-        "Invalid request: bad field values or filter (VALIDATION_ERROR, with details), or a "
-        "body that is not a JSON object (BAD_REQUEST)"
-    ),
-    "401": "Missing or wrong bearer token (UNAUTHORIZED)",
-    "404": "No such record, route or file (RECORD_NOT_FOUND)",
-    "405": "Method not allowed on this route (METHOD_NOT_ALLOWED)",
-    "409": "The record's state forbids this (CONFLICT)",
-    "410": "The artifacts expired or were deleted (GONE)",
-    "413": "Body over 1 MiB (PAYLOAD_TOO_LARGE)",
-    "415": "Body not sent as application/json (UNSUPPORTED_MEDIA_TYPE)",
-    "416": "Range not satisfiable (RANGE_NOT_SATISFIABLE)",
-    "500": "Unexpected error (INTERNAL_ERROR)",
-    "503": "The state file stayed busy, or the source cannot be read; retry (SERVICE_UNAVAILABLE)",
-}
+from executor.messages import Phase, RunStatus
+from extracts.catalog import Catalog
+from extracts.config import EXTRACT_FIELDS
+from extracts.http import error_kinds
+from extracts.records import MODELS, where_schema
+from extracts.state import FieldType, TriggeredBy
 
 TIMESTAMP = {"type": ["string", "null"], "format": "date-time"}
 ERROR = {
@@ -41,23 +32,7 @@ ERROR = {
     "properties": {
         "success": {"const": False},
         "error": {"type": "string"},
-        "error_code": {
-            "type": "string",
-            "enum": [
-                "VALIDATION_ERROR",
-                "BAD_REQUEST",
-                "UNAUTHORIZED",
-                "RECORD_NOT_FOUND",
-                "METHOD_NOT_ALLOWED",
-                "CONFLICT",
-                "GONE",
-                "PAYLOAD_TOO_LARGE",
-                "UNSUPPORTED_MEDIA_TYPE",
-                "RANGE_NOT_SATISFIABLE",
-                "INTERNAL_ERROR",
-                "SERVICE_UNAVAILABLE",
-            ],
-        },
+        "error_code": {"type": "string", "enum": sorted({kind.code for kind in error_kinds()})},
         "details": {
             "type": "array",
             "items": {
@@ -71,19 +46,7 @@ ERROR = {
 PROGRESS_DETAIL = {
     "type": "object",
     "properties": {
-        "phase": {
-            "type": "string",
-            "enum": [
-                "queued",
-                "exporting_describe",
-                "exported_describe",
-                "exporting_data",
-                "writing_manifest",
-                "completed",
-                "failed",
-                "cancelled",
-            ],
-        },
+        "phase": {"type": "string", "enum": [phase.value for phase in Phase]},
         "schemas_total": {"type": "integer"},
         "schemas_completed": {"type": "integer"},
         "current_schema": {"type": ["string", "null"]},
@@ -97,10 +60,7 @@ RUN = {
         "id": {"type": "string"},
         "extract_id": {"type": "string"},
         "extract_name": {"type": "string"},
-        "status": {
-            "type": "string",
-            "enum": ["pending", "queued", "running", "completed", "failed", "cancelled"],
-        },
+        "status": {"type": "string", "enum": [status.value for status in RunStatus]},
         "progress": {"type": "integer", "minimum": 0, "maximum": 100},
         "progress_detail": PROGRESS_DETAIL,
         "started_at": TIMESTAMP,
@@ -112,7 +72,7 @@ RUN = {
         "total_size_bytes": {"type": "integer"},
         "error": {"type": ["string", "null"]},
         "error_detail": {"type": ["object", "null"]},
-        "triggered_by": {"type": "string", "enum": ["manual", "schedule", "api"]},
+        "triggered_by": {"type": "string", "enum": [trigger.value for trigger in TriggeredBy]},
         "config_snapshot": {"type": "object"},
         "created_at": TIMESTAMP,
         "updated_at": TIMESTAMP,
@@ -167,7 +127,7 @@ SCHEMA_SUMMARY = {
     },
 }
 ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-RANGE_HEADERS = [  # RFC 9110 sections 14.1-14.2, as extracts_downloads.parse_range reads them
+RANGE_HEADERS = [  # RFC 9110 sections 14.1-14.2, as downloads.parse_range reads them
     {
         "name": "Range",
         "in": "header",
@@ -219,6 +179,20 @@ FILTER_RULES = (
     "not sent, as stored."
 )
 MAX_OFFSET = 2**63 - 1
+
+
+def _error_codes() -> dict[str, str]:
+    """Each error status with what its codes mean, from the error classes themselves."""
+    described: dict[str, dict[str, str]] = {}
+    for kind in error_kinds():
+        described.setdefault(str(kind.status), {}).setdefault(kind.code, (kind.__doc__ or "").strip())
+    return {
+        status: "; ".join(f"{doc.rstrip('.')} ({code})" for code, doc in codes.items())
+        for status, codes in described.items()
+    }
+
+
+ERROR_CODES = _error_codes()
 
 
 def list_parameters(fields: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -338,25 +312,33 @@ def operation(
     return op
 
 
+def paths_of(routes: Sequence[tuple[str, str, str]], operations: dict[str, Any]) -> dict[str, Any]:
+    """The document's paths: every route of the app, each method by its handler's operation."""
+    paths: dict[str, dict[str, Any]] = {}
+    for path, method, handler in routes:
+        paths.setdefault(re.sub(r"{(\w+):\w+}", r"{\1}", path), {})[method.lower()] = operations[handler]
+    return paths
+
+
 def strict(schema: dict[str, Any]) -> dict[str, Any]:
     """A record schema whose every property is present and no other (responses are exact)."""
     return {**schema, "required": list(schema["properties"]), "additionalProperties": False}
 
 
 def openapi_document(
-    fields: tuple[Any, ...],
-    lists: dict[str, dict[str, dict[str, Any]]] | None = None,
-    catalog: dict[str, list[str]] | None = None,
+    routes: Sequence[tuple[str, str, str]], catalog: dict[str, list[str]] | None = None
 ) -> dict[str, Any]:
-    """The OpenAPI 3.1 document.
+    """The OpenAPI 3.1 document of ``routes`` (path, method, handler name: the app's route table).
 
-    ``fields`` is extracts_app.EXTRACT_FIELDS; ``lists`` maps each record list
-    (``extracts``, ``extract_runs``, ``extract_artifacts``) to the fields its
-    ``filter[where]``/``filter[order]`` accept, with the schema of a ``filter[where]``
-    value; ``catalog`` maps the source's schemas to their columns, so that ``schemas``
-    and ``filter`` list what exists (only in the document a valid token gets).
+    The extract body comes from ``config.EXTRACT_FIELDS``, the list parameters from
+    ``records.MODELS``; ``catalog`` maps the source's schemas to their columns, so that
+    ``schemas`` and ``filter`` list what exists (only in the document a valid token gets).
     """
-    lists = lists or {}
+    fields = EXTRACT_FIELDS
+    lists = {
+        name: {f: where_schema(t) for f, t in model.fields.items() if t is not FieldType.JSON}
+        for name, model in MODELS.items()
+    }
     config_props = {f.name: f.schema for f in fields}
     body_props = config_props | {"filter": {**config_props.get("filter", {}), "description": FILTER_RULES}}
     body_props |= catalog_schemas(catalog)
@@ -412,158 +394,132 @@ def openapi_document(
         binary,
     )
     zip_content = {"application/zip": binary}
-    paths = {
-        "/health": {
-            "get": operation(
-                "Liveness",
-                "200",
-                None,
-                [],
-                secured=False,
-                ok_content=json_content({"type": "object", "properties": {"status": {"const": "ok"}}}),
-            )
-        },
-        "/openapi.json": {
-            "get": operation(
-                "This document; with a valid bearer token it also lists the source's schemas and columns",
-                "200",
-                None,
-                [],
-                secured=False,
-                ok_content=json_content({"type": "object"}),
-            )
-        },
-        "/api/data/extracts": {
-            "get": operation(
-                "List extracts",
-                "200",
-                {"type": "array", "items": extract},
-                ["400"],
-                list_parameters(lists.get("extracts", ())),
-            ),
-            "post": operation("Create an extract", "201", extract, [*body_errors, "503"], body=create_body),
-        },
-        "/api/data/extracts/{id}": {
-            "get": operation("Get an extract", "200", extract, ["404"], [ID]),
-            "put": operation(
-                "Update an extract (only the fields sent change)",
-                "200",
-                extract,
-                [*body_errors, "404", "503"],
-                [ID],
-                body=update_body,
-            ),
-            "delete": operation("Soft-delete an extract", "200", extract, ["404", "409"], [ID]),
-        },
-        "/api/data/extract_runs": {
-            "get": operation(
-                "List runs",
-                "200",
-                {"type": "array", "items": strict(RUN)},
-                ["400"],
-                list_parameters(lists.get("extract_runs", ())),
-            )
-        },
-        "/api/data/extract_runs/{id}": {
-            "get": operation("Get a run (status, progress)", "200", strict(RUN), ["404"], [ID]),
-            "delete": operation("Delete a run's files", "200", strict(RUN), ["404", "409"], [ID]),
-        },
-        "/api/data/extract_artifacts": {
-            "get": operation(
-                "List artifacts",
-                "200",
-                {"type": "array", "items": strict(ARTIFACT)},
-                ["400"],
-                list_parameters(lists.get("extract_artifacts", ())),
-            )
-        },
-        "/api/data/extract_artifacts/{id}": {
-            "get": operation("Get an artifact", "200", strict(ARTIFACT), ["404"], [ID])
-        },
-        "/api/extracts/{id}/run": {
-            "post": operation(
-                "Queue a run",
-                "202",
+    operations = {
+        "health": operation(
+            "Liveness",
+            "200",
+            None,
+            [],
+            secured=False,
+            ok_content=json_content({"type": "object", "properties": {"status": {"const": "ok"}}}),
+        ),
+        "openapi": operation(
+            "This document; with a valid bearer token it also lists the source's schemas and columns",
+            "200",
+            None,
+            [],
+            secured=False,
+            ok_content=json_content({"type": "object"}),
+        ),
+        "list_extracts": operation(
+            "List extracts",
+            "200",
+            {"type": "array", "items": extract},
+            ["400"],
+            list_parameters(lists.get("extracts", ())),
+        ),
+        "create_extract": operation(
+            "Create an extract", "201", extract, [*body_errors, "503"], body=create_body
+        ),
+        "get_extracts": operation("Get an extract", "200", extract, ["404"], [ID]),
+        "update_extract": operation(
+            "Update an extract (only the fields sent change)",
+            "200",
+            extract,
+            [*body_errors, "404", "503"],
+            [ID],
+            body=update_body,
+        ),
+        "delete_extract": operation("Soft-delete an extract", "200", extract, ["404", "409"], [ID]),
+        "list_extract_runs": operation(
+            "List runs",
+            "200",
+            {"type": "array", "items": strict(RUN)},
+            ["400"],
+            list_parameters(lists.get("extract_runs", ())),
+        ),
+        "get_extract_runs": operation("Get a run (status, progress)", "200", strict(RUN), ["404"], [ID]),
+        "delete_run": operation("Delete a run's files", "200", strict(RUN), ["404", "409"], [ID]),
+        "list_extract_artifacts": operation(
+            "List artifacts",
+            "200",
+            {"type": "array", "items": strict(ARTIFACT)},
+            ["400"],
+            list_parameters(lists.get("extract_artifacts", ())),
+        ),
+        "get_extract_artifacts": operation("Get an artifact", "200", strict(ARTIFACT), ["404"], [ID]),
+        "start_run": operation(
+            "Queue a run",
+            "202",
+            {
+                "type": "object",
+                "required": ["run_id", "message", "status_url"],
+                "properties": {
+                    "run_id": {"type": "string"},
+                    "message": {"type": "string"},
+                    "status_url": {"type": "string"},
+                },
+            },
+            ["404", "409"],
+            [ID],
+            ok_headers={
+                "Location": {
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": "the status_url",
+                }
+            },
+        ),
+        "cancel_run": operation(
+            "Cancel the extract's active run",
+            "200",
+            {
+                "type": "object",
+                "required": ["message", "run_id"],
+                "properties": {"message": {"type": "string"}, "run_id": {"type": "string"}},
+            },
+            ["404"],
+            [ID],
+        ),
+        "download_run": operation(
+            "Download a completed run as a ZIP (Range/If-Range supported when stored)",
+            "200",
+            None,
+            ["400", "404", "409", "410", "416"],
+            [
+                ID,
                 {
-                    "type": "object",
-                    "required": ["run_id", "message", "status_url"],
-                    "properties": {
-                        "run_id": {"type": "string"},
-                        "message": {"type": "string"},
-                        "status_url": {"type": "string"},
-                    },
+                    "name": "compression",
+                    "in": "query",
+                    "schema": {"type": "string", "enum": ["stored", "deflate"], "default": "stored"},
                 },
-                ["404", "409"],
-                [ID],
-                ok_headers={
-                    "Location": {
-                        "required": True,
-                        "schema": {"type": "string"},
-                        "description": "the status_url",
-                    }
-                },
-            )
-        },
-        "/api/extracts/{id}/cancel": {
-            "post": operation(
-                "Cancel the extract's active run",
-                "200",
-                {
-                    "type": "object",
-                    "required": ["message", "run_id"],
-                    "properties": {"message": {"type": "string"}, "run_id": {"type": "string"}},
-                },
-                ["404"],
-                [ID],
-            )
-        },
-        "/api/extracts/runs/{id}/download": {
-            "get": operation(
-                "Download a completed run as a ZIP (Range/If-Range supported when stored)",
-                "200",
-                None,
-                ["400", "404", "409", "410", "416"],
-                [
-                    ID,
-                    {
-                        "name": "compression",
-                        "in": "query",
-                        "schema": {"type": "string", "enum": ["stored", "deflate"], "default": "stored"},
-                    },
-                    *RANGE_HEADERS,
-                ],
-                ok_content=zip_content,
-                partial=zip_content,
-            )
-        },
-        "/api/extracts/artifacts/{id}/download": {
-            "get": operation(
-                "Download one artifact (Range supported)",
-                "200",
-                None,
-                ["404", "410", "416"],
-                [ID, *RANGE_HEADERS],
-                ok_content=file_content,
-                partial=file_content,
-            )
-        },
-        "/api/describe": {
-            "get": operation(
-                "List the source's tables and views",
-                "200",
-                {"type": "array", "items": SCHEMA_SUMMARY},
-                ["503"],
-            )
-        },
-        "/api/describe/{schema}": {
-            "get": operation(
-                "Describe one table or view",
-                "200",
-                DESCRIBE_ENTRY,
-                ["404", "503"],
-                [{"name": "schema", "in": "path", "required": True, "schema": {"type": "string"}}],
-            )
-        },
+                *RANGE_HEADERS,
+            ],
+            ok_content=zip_content,
+            partial=zip_content,
+        ),
+        "download_artifact": operation(
+            "Download one artifact (Range supported)",
+            "200",
+            None,
+            ["404", "410", "416"],
+            [ID, *RANGE_HEADERS],
+            ok_content=file_content,
+            partial=file_content,
+        ),
+        "describe_list": operation(
+            "List the source's tables and views",
+            "200",
+            {"type": "array", "items": SCHEMA_SUMMARY},
+            ["503"],
+        ),
+        "describe_one": operation(
+            "Describe one table or view",
+            "200",
+            DESCRIBE_ENTRY,
+            ["404", "503"],
+            [{"name": "schema", "in": "path", "required": True, "schema": {"type": "string"}}],
+        ),
     }
     return {
         "openapi": "3.1.0",
@@ -577,7 +533,7 @@ def openapi_document(
             "schemas": {"Condition": CONDITION},
         },
         "security": [{"bearer": []}],
-        "paths": paths,
+        "paths": paths_of(routes, operations),
     }
 
 
@@ -612,6 +568,13 @@ class DocumentCache:
         self._anonymous: bytes | None = None
         self._kept: KeptDocument | None = None
         self._lock = anyio.Lock()
+
+    @classmethod
+    def of(cls, routes: Sequence[tuple[str, str, str]], catalog: Catalog) -> DocumentCache:
+        """The documents of the app's routes over the source's catalog, refreshed when it changes."""
+        cache = cls(lambda columns: orjson.dumps(openapi_document(routes, columns)), catalog.columns)
+        catalog.watch(cache.notice)
+        return cache
 
     def anonymous(self) -> bytes:
         if self._anonymous is None:

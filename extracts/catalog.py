@@ -1,0 +1,92 @@
+"""Every read of the source the service makes itself (the workers read it for runs).
+
+The describe API, validation of an extract's ``schemas`` and ``filter``, and the
+OpenAPI document's list of schemas and columns. Each read opens the source in a
+worker thread, never on the event loop; a source that cannot be read raises
+``SourceError`` (a 503 for the request).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from executor.filters import check_where
+from executor.sources import SourceError, open_source
+
+# What a check read of the catalog: every schema name, and the columns of the filtered schemas.
+Seen = tuple[set[str], dict[str, list[str]]]
+
+
+class Catalog:
+    """The source's schemas and columns, read on demand."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        self._watchers: list[Callable[[set[str], dict[str, list[str]]], None]] = []
+
+    def watch(self, notice: Callable[[set[str], dict[str, list[str]]], None]) -> None:
+        """Call ``notice(names, columns)`` with what each check read (a cache can tell it is stale)."""
+        self._watchers.append(notice)
+
+    async def schemas(self) -> list[dict[str, Any]]:
+        """``GET /api/describe``: every table and view with its column and row counts."""
+        return await anyio.to_thread.run_sync(self._schemas)
+
+    async def describe(self, name: str) -> dict[str, Any] | None:
+        """One schema's ``describe.yaml`` entry; None when the source has no such schema."""
+        return await anyio.to_thread.run_sync(self._describe, name)
+
+    async def check(self, schemas: list[str] | None, filters: dict[str, Any] | None) -> list[dict[str, str]]:
+        """What the source refuses of an extract's ``schemas`` and ``filter``, as 400 details."""
+        details, (names, columns) = await anyio.to_thread.run_sync(self._check, schemas, filters)
+        for notice in self._watchers:
+            notice(names, columns)
+        return details
+
+    def columns(self) -> dict[str, list[str]] | None:
+        """Every schema with its columns (blocking: for a worker thread); None when unreadable."""
+        try:
+            with open_source(self.location) as source:
+                return {name: source.columns(name) for name in source.names()}
+        except SourceError:
+            return None
+
+    def _schemas(self) -> list[dict[str, Any]]:
+        with open_source(self.location) as source:
+            return source.schemas()
+
+    def _describe(self, name: str) -> dict[str, Any] | None:
+        with open_source(self.location) as source:
+            if name not in source.names():
+                return None
+            return source.describe([name])[name]
+
+    def _check(
+        self, schemas: list[str] | None, filters: dict[str, Any] | None
+    ) -> tuple[list[dict[str, str]], Seen]:
+        details = []
+        columns: dict[str, list[str]] = {}
+        with open_source(self.location) as source:
+            known = set(source.names())
+            if schemas is not None:
+                unknown = [name for name in schemas if name not in known]
+                if unknown:
+                    message = "schemas not found in the source: " + ", ".join(unknown)
+                    details.append({"field": "schemas", "message": message})
+            for schema, spec in (filters or {}).items():
+                field = f"filter.{schema}"
+                if schema not in known:
+                    message = f"schema '{schema}' does not exist in the source"
+                    details.append({"field": field, "message": message})
+                elif schemas is not None and schema not in schemas:
+                    details.append(
+                        {"field": field, "message": f"schema '{schema}' is not among the extract's schemas"}
+                    )
+                else:
+                    columns[schema] = source.columns(schema)
+                    problems = check_where(spec["where"], columns[schema], field=f"{field}.where")
+                    details += [{"field": path, "message": message} for path, message in problems]
+        return details, (known, columns)

@@ -1,0 +1,417 @@
+"""The worker processes: a ``ProcessPoolExecutor``, its message queue, and its replacement.
+
+::
+
+    dispatcher: while a worker is free, Runs.claim() ─► pool.submit(run_in_worker, job)
+    worker ─► Manager queue: started, progress…, artifact…, result (executor.messages)
+    reader thread ─► consumer task: each message applied in order through Runs
+
+The consumer is the only writer of a run's rows while it runs. A worker that
+dies breaks the stdlib pool: the pool is replaced, and the runs it held fail
+with a message that tells the culprit (killed) from the innocent (stopped by
+the pool). A graceful stop applies every message the workers already sent
+before requeueing what is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import multiprocessing
+import os
+import select
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.managers import SyncManager
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from executor.messages import Artifact, Broken, Job, Message, Progress, Result, Started, failure
+from extracts.runs import Runs
+from extracts.state import new_id
+from extracts.storage import Storage
+
+log = logging.getLogger("extracts.pool")
+
+DRAIN_TIMEOUT_S = 20.0  # past the state file's busy timeout: one locked write is waited out
+
+
+def manager_initializer(service_pid: int) -> None:
+    """The Manager process outlives a signal sent to the service's whole process group.
+
+    It holds the messages workers already put; the service drains them when it
+    stops (``WorkerPool.stop``) and shuts the Manager down itself. It still dies
+    with the service after a ``kill -9``.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    worker_initializer(service_pid)
+
+
+def worker_initializer(service_pid: int | None = None, queue: Any = None, cancelled: Any = None) -> None:
+    """Workers leave SIGINT to the service, which stops them itself (runs go back to queued).
+
+    Pool workers receive the progress queue and cancel flags here, once
+    (``executor.entry.keep_channel`` says why not with every job).
+
+    They also die with the service: after a ``kill -9`` of it, a worker would
+    otherwise finish its export into a run that the next start marks failed, and
+    the manager (which holds the forkserver open) would idle forever.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if queue is not None:
+        from executor.entry import keep_channel
+
+        keep_channel(queue, cancelled)
+    if service_pid is not None:
+        threading.Thread(
+            target=_exit_with, args=(service_pid,), daemon=True, name="extracts-exit-with-service"
+        ).start()
+
+
+def _exit_with(service_pid: int) -> None:
+    try:
+        pidfd = os.pidfd_open(service_pid)
+    except (AttributeError, OSError):  # not Linux 5.3+: poll
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(service_pid, 0)
+            except ProcessLookupError:
+                break
+    else:
+        select.select([pidfd], [], [])  # readable once the service has exited
+    os._exit(1)
+
+
+def signal_name(exitcode: int | None) -> str:
+    if exitcode is None or exitcode >= 0:
+        return f"exit code {exitcode}"
+    with contextlib.suppress(ValueError):
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"killed by signal {-exitcode}"
+
+
+class WorkerPool:
+    """Runs claimed runs on ``workers`` processes and applies what the workers report."""
+
+    def __init__(self, runs: Runs, storage: Storage, workers: int) -> None:
+        self.runs, self.storage, self.workers = runs, storage, workers
+        self.retry_delay = 1.0  # seconds before writing again to a locked state file
+        self._context = multiprocessing.get_context("forkserver")
+        self._manager: SyncManager | None = None
+        self._queue: Any = None
+        self._cancelled: Any = None
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._generation = 0
+        self._others: set[int] = set()  # child processes that are not pool workers (the Manager)
+        self._processes: dict[int, dict[int, BaseProcess]] = {}  # generation -> pid -> worker
+        self._inflight: dict[str, int] = {}  # run id -> pool generation
+        self._pids: dict[str, int] = {}  # run id -> worker pid ("started" message)
+        self._jobs: dict[str, Job] = {}
+        self._stopping = False
+        self._consumer: asyncio.Task[None] | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._messages: asyncio.Queue[Message] = asyncio.Queue()
+        self._reader: threading.Thread | None = None
+        self._drained = asyncio.Event()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._start_processes)
+        loop = asyncio.get_running_loop()
+        self._reader = threading.Thread(
+            target=self._read_queue, args=(loop,), daemon=True, name="extracts-progress-reader"
+        )
+        self._reader.start()
+        self._consumer = asyncio.create_task(self._consume())
+        self._dispatcher = asyncio.create_task(self._dispatch())
+        self.runs.queued.set()
+
+    def _start_processes(self) -> None:
+        self._manager = SyncManager(ctx=self._context)
+        self._manager.start(initializer=manager_initializer, initargs=(os.getpid(),))
+        self._others = {process.pid for process in multiprocessing.active_children()}
+        self._queue = self._manager.Queue()
+        self._cancelled = self._manager.dict()
+        self._new_pool()
+
+    def _new_pool(self) -> None:
+        self._generation += 1
+        self._processes[self._generation] = {}
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=self._context,
+            initializer=worker_initializer,
+            initargs=(os.getpid(), self._queue, self._cancelled),
+        )
+
+    def _note_workers(self) -> None:
+        """Keep the worker processes the pool started (read after a break: who died, and how)."""
+        known = {pid for processes in self._processes.values() for pid in processes}
+        for process in multiprocessing.active_children():
+            if process.pid not in known and process.pid not in self._others:
+                self._processes[self._generation][process.pid] = process
+
+    async def stop(self) -> None:
+        """Graceful stop: active runs go back to 'queued' and run again at the next start.
+
+        Nothing a worker finished is lost: the workers are stopped first, then
+        every message they had already sent (artifacts, results) is applied, and
+        only the runs still 'running' after that are requeued, each one's status
+        change won before its files go (SPEC: Snapshot, safety and faults).
+        """
+        self._stopping = True
+        if self._dispatcher is not None:
+            # Not cancelled: a claim in progress completes, so its run is in _inflight
+            # (or still 'queued'); the loop ends at its next turn.
+            self.runs.queued.set()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        in_flight = list(self._inflight)
+        await asyncio.to_thread(self._kill_pool)
+        await self._drain()
+        requeued = await self.runs.requeue()
+        for run_id in in_flight:  # cancelled, failed or completed meanwhile: only their temp files go
+            await asyncio.to_thread(self.storage.remove_partial, run_id)
+        if requeued:
+            log.info(
+                "%d active run(s) put back in the queue: they run again at the next start", len(requeued)
+            )
+        await asyncio.to_thread(self._stop_manager)
+
+    async def _drain(self, timeout: float = DRAIN_TIMEOUT_S) -> None:
+        """Apply every message already on the queue, then stop the consumer."""
+        if self._consumer is None:
+            return
+        self._drained.clear()
+        try:
+            await asyncio.to_thread(self._queue.put, ("drained", None, None))
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        except Exception:  # noqa: BLE001 — the Manager is gone, or the state file stayed locked
+            log.warning("could not apply every message of the stopped runs; they are requeued")
+        self._consumer.cancel()
+        await asyncio.gather(self._consumer, return_exceptions=True)
+
+    def _kill_pool(self) -> None:
+        if self._pool is None:
+            return
+        processes = list(self._processes.get(self._generation, {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            with contextlib.suppress(Exception):
+                process.terminate()
+        for process in processes:
+            with contextlib.suppress(Exception):
+                process.join(5)
+
+    def _stop_manager(self) -> None:
+        if self._queue is not None:
+            with contextlib.suppress(Exception):
+                self._queue.put(("stop", None, None))
+        if self._reader is not None:
+            self._reader.join(5)
+        if self._manager is not None:
+            with contextlib.suppress(Exception):
+                self._manager.shutdown()
+
+    # ------------------------------------------------------------ what the handlers ask
+
+    def holds(self, run_id: str) -> bool:
+        """Whether a worker still works on the run (a cancelled one stops within 2 seconds)."""
+        return run_id in self._inflight
+
+    async def cancel(self, run_id: str) -> None:
+        """Tell the run's worker, if it has one, to stop (it polls every 0.2 s)."""
+        if run_id in self._inflight:
+            await asyncio.to_thread(self._cancelled.__setitem__, run_id, True)
+
+    # ------------------------------------------------------------ dispatch
+
+    async def _dispatch(self) -> None:
+        """Start queued runs while workers are free; ends once the service stops."""
+        while not self._stopping:
+            await self.runs.queued.wait()
+            self.runs.queued.clear()
+            try:
+                while len(self._inflight) < self.workers and not self._stopping:
+                    if not await self._claim_and_submit():
+                        break
+            except Exception:  # noqa: BLE001 — e.g. the state file locked past the busy timeout
+                log.exception("could not start queued runs; trying again in a moment")
+                await asyncio.sleep(self.retry_delay)
+                self.runs.queued.set()
+
+    async def _claim_and_submit(self) -> bool:
+        job = await self.runs.claim()
+        if job is None:
+            return False
+        run_id = job["run_id"]
+        self._jobs[run_id] = job
+        self._inflight[run_id] = self._generation
+        loop = asyncio.get_running_loop()
+        from executor.entry import run_in_worker
+
+        try:
+            future = self._pool.submit(run_in_worker, job)
+        except (BrokenProcessPool, RuntimeError) as exc:
+            log.warning("pool refused run %s (%s); replacing the pool", run_id, exc)
+            self._forget(run_id)
+            await self.runs.requeue([run_id])
+            await self._replace_pool(self._generation)
+            return False
+        self._note_workers()
+
+        def done(f: concurrent.futures.Future[None]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+                loop.call_soon_threadsafe(self._future_done, run_id, f)
+
+        future.add_done_callback(done)
+        return True
+
+    def _future_done(self, run_id: str, future: concurrent.futures.Future[None]) -> None:
+        """The worker put its result on the queue itself; only an escaped exception is handled here."""
+        if self._stopping or future.cancelled() or future.exception() is None:
+            return
+        exc = future.exception()
+        if isinstance(exc, BrokenProcessPool):
+            generation = self._inflight.get(run_id)
+            if generation == self._generation:
+                asyncio.create_task(self._replace_pool(generation))
+            return
+        error = f"the worker could not run this extract: {exc}"
+        result = failure(error, type(exc).__name__, message=str(exc))
+        # Behind everything the worker put on the queue.
+        asyncio.create_task(asyncio.to_thread(self._queue.put, ("result", run_id, result)))
+
+    async def _replace_pool(self, generation: int) -> None:
+        """A worker died: build a new pool, then fail (or requeue) the runs the old one held."""
+        if generation != self._generation:
+            return
+        old_pool, old_processes = self._pool, self._processes[generation]
+        self._new_pool()
+
+        def reap() -> dict[int, int | None]:
+            old_pool.shutdown(wait=True, cancel_futures=True)
+            return {pid: process.exitcode for pid, process in old_processes.items()}
+
+        exitcodes = await asyncio.to_thread(reap)
+        del self._processes[generation]
+        log.warning("worker pool broken (exit codes %s); replaced", exitcodes)
+        broken: Broken = {"generation": generation, "exitcodes": exitcodes}
+        await asyncio.to_thread(self._queue.put, ("broken", None, broken))
+
+    # ------------------------------------------------------------ the consumer: applies messages in order
+
+    def _read_queue(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            try:
+                message = self._queue.get()
+            except (EOFError, OSError, BrokenPipeError):
+                return
+            if message[0] == "stop":
+                return
+            loop.call_soon_threadsafe(self._messages.put_nowait, message)
+
+    async def _consume(self) -> None:
+        handlers: dict[str, Callable[[Any, Any], Awaitable[None]]] = {
+            "started": self._on_started,
+            "progress": self._on_progress,
+            "artifact": self._on_artifact,
+            "result": self._on_result,
+            "broken": self._on_broken,
+        }
+        while True:
+            kind, run_id, payload = await self._messages.get()
+            if kind == "drained":
+                self._drained.set()
+                continue
+            await self._apply(handlers[kind], kind, run_id, payload)
+
+    async def _apply(
+        self, handler: Callable[[Any, Any], Awaitable[None]], kind: str, run_id: str | None, payload: Any
+    ) -> None:
+        """Apply one message; a state file locked by another process is waited out, not skipped.
+
+        Skipping would lose an artifact row, or leave the run 'running' forever when
+        the lost message was its result. Every handler can be applied again. While
+        the service stops, ``_drain`` bounds the waiting.
+        """
+        while True:
+            try:
+                await handler(run_id, payload)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc):
+                    log.exception("could not apply %s message for %s", kind, run_id)
+                    return
+                log.warning("state file locked; applying the %s message for %s again", kind, run_id)
+                await asyncio.sleep(self.retry_delay)
+            except Exception:  # noqa: BLE001 — one bad message must not stop every run
+                log.exception("could not apply %s message for %s", kind, run_id)
+                return
+
+    async def _on_started(self, run_id: str, started: Started) -> None:
+        self._pids[run_id] = started["pid"]
+
+    async def _on_progress(self, run_id: str, progress: Progress) -> None:
+        await self.runs.record_progress(run_id, progress)
+
+    async def _on_artifact(self, run_id: str, artifact: Artifact) -> None:
+        job = self._jobs.get(run_id)
+        if job is None:
+            return
+        # One id per message, kept in it: applied again after a locked write, it inserts nothing more.
+        artifact_id = artifact.setdefault("id", new_id("artifact"))  # type: ignore[typeddict-item]
+        if not await self.runs.record_artifact(job, artifact, artifact_id):
+            log.error("run %s failed: a second file named %s", run_id, artifact["artifact_name"])
+            await self.cancel(run_id)  # the worker stops; its result leaves the run failed
+
+    async def _on_result(self, run_id: str, result: Result) -> None:
+        await self.runs.finish(run_id, result)
+        self._forget(run_id)  # last: a retry after a locked write must still find the run
+        self.runs.queued.set()
+
+    async def _on_broken(self, run_id: None, broken: Broken) -> None:
+        exitcodes = broken["exitcodes"]
+        held = [r for r, g in self._inflight.items() if g == broken["generation"]]
+        for run_id in held:
+            pid = self._pids.get(run_id)
+            if pid is None:
+                await self.runs.requeue([run_id])
+                self._forget(run_id)
+                continue
+            code = exitcodes.get(pid)
+            if code is not None and code != -signal.SIGTERM:
+                error = (
+                    f"the worker process running this extract died ({signal_name(code)}), "
+                    "possibly out of memory; the pool was restarted: run it again"
+                )
+            else:
+                error = (
+                    "stopped because another run's worker process died and the pool was "
+                    "restarted: run it again"
+                )
+            # The dead workers' half-written files; what they finished stays (SPEC: faults).
+            await asyncio.to_thread(self.storage.remove_partial, run_id)
+            exit_codes = {str(k): v for k, v in exitcodes.items()}
+            result = failure(error, "BrokenProcessPool", worker_pid=pid, exit_codes=exit_codes)
+            await self._on_result(run_id, result)
+        self.runs.queued.set()
+
+    def _forget(self, run_id: str) -> None:
+        self._inflight.pop(run_id, None)
+        self._pids.pop(run_id, None)
+        self._jobs.pop(run_id, None)
+        if self._cancelled is not None:
+            with contextlib.suppress(Exception):
+                self._cancelled.pop(run_id, None)
+
+    def active(self) -> set[str]:
+        """The runs workers hold now (the retention sweep leaves their directories alone)."""
+        return set(self._inflight)

@@ -1,0 +1,288 @@
+"""Runs in the state file: every status change of a run, each one statement (or one transaction).
+
+::
+
+    queue()  inserts a 'queued' run (the one-active-run index refuses a second)
+    claim()  'queued' → 'running', the oldest first, and hands back its Job
+    record_progress / record_artifact   while it runs (the worker's messages)
+    finish() 'running' → completed | failed | cancelled, from the worker's result
+    cancel_active()     queued/running → 'cancelled' (the worker notices and stops)
+    requeue()           'running' → 'queued' after a graceful stop, files removed after
+    recover()           at start-up: 'running' left by a crash → failed as interrupted
+
+A transition that removes files wins its status change first, so a run that
+ended meanwhile keeps everything (SPEC: Snapshot, safety and faults).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from typing import Any
+
+import orjson
+from databases import Database
+
+from executor.messages import (
+    ACTIVE_STATUSES,
+    SNAPSHOT_FIELDS,
+    Artifact,
+    Job,
+    Phase,
+    Progress,
+    Result,
+    RunStatus,
+    failure,
+    progress_detail,
+)
+from extracts.state import (
+    SQL_DURATION,
+    SQL_NOW,
+    SQL_NOW_PARAMS,
+    TriggeredBy,
+    dumps,
+    new_id,
+    now_iso,
+    plus_days,
+    sql_list,
+)
+from extracts.storage import Storage
+
+INTERRUPTED = "interrupted: the service stopped while this run was running"
+ACTIVE = sql_list(tuple(status.value for status in ACTIVE_STATUSES))
+
+
+def ending(*detail: str) -> str:
+    """What every ending sets: the status, when it ended, its phase, how long it ran.
+
+    ``detail`` names more ``progress_detail`` fields to set, each bound by its name.
+    """
+    pairs = "".join(f", '$.{name}', :{name}" for name in detail)
+    return (
+        "status = :status, completed_at = :now, updated_at = :now, "
+        f"progress_detail = json_set(progress_detail, '$.phase', :status{pairs}), "
+        f"duration_seconds = {SQL_DURATION}"
+    )
+
+
+class Runs:
+    """The run and artifact rows of the state file, and the run files that go with them."""
+
+    def __init__(self, db: Database, storage: Storage, source: str, min_free_bytes: int) -> None:
+        self.db, self.storage = db, storage
+        self.source, self.min_free_bytes = source, min_free_bytes
+        self.queued = asyncio.Event()  # set when a run may be waiting: the dispatcher's cue
+
+    async def recover(self) -> None:
+        """After a crash: runs left running failed as interrupted; pending ones queued (SPEC)."""
+        now = now_iso()
+        interrupted = await self.db.fetch_all(
+            f"UPDATE extract_runs SET {ending()}, error = :error WHERE status = 'running' RETURNING id",
+            {"status": RunStatus.FAILED.value, "error": INTERRUPTED, "now": now},
+        )
+        await self.db.execute(
+            "UPDATE extract_runs SET status = 'queued', updated_at = :now WHERE status = 'pending'",
+            {"now": now},
+        )
+        for row in interrupted:  # half-written files of the runs cut short
+            await asyncio.to_thread(self.storage.remove_partial, row["id"])
+
+    async def queue(self, extract: dict[str, Any], triggered_by: TriggeredBy) -> str | None:
+        """Insert a queued run; None when the extract already has an active one (unique index)."""
+        run_id = new_id("run")
+        snapshot = {key: extract[key] for key in SNAPSHOT_FIELDS}
+        try:
+            # The time is SQLite's, read once the write lock is held: runs are stamped in
+            # the order they were inserted, however long one waited for the lock.
+            inserted = await self.db.fetch_one(
+                "INSERT INTO extract_runs (id, extract_id, extract_name, status, progress, "
+                "progress_detail, triggered_by, config_snapshot, created_at, updated_at) "
+                f"SELECT :id, id, name, 'queued', 0, :detail, :by, :snapshot, {SQL_NOW}, {SQL_NOW} "
+                "FROM extracts WHERE id = :extract AND deleted_at IS NULL AND enabled = 1 "
+                "RETURNING id",
+                {
+                    "id": run_id,
+                    "detail": dumps(progress_detail(Phase.QUEUED)),
+                    "by": triggered_by.value,
+                    "snapshot": dumps(snapshot),
+                    "extract": extract["id"],
+                    **SQL_NOW_PARAMS,
+                },
+            )
+        except sqlite3.IntegrityError as exc:
+            if "UNIQUE" not in str(exc):
+                raise
+            return None
+        if inserted is None:  # deleted or disabled since the caller read it
+            return None
+        self.queued.set()
+        return run_id
+
+    async def active_run(self, extract_id: str) -> dict[str, Any] | None:
+        """The extract's active run (id, status), if it has one."""
+        row = await self.db.fetch_one(
+            f"SELECT id, status FROM extract_runs WHERE extract_id = :id AND status IN {ACTIVE}",
+            {"id": extract_id},
+        )
+        return None if row is None else dict(row._mapping)
+
+    async def cancel_active(self, extract_id: str) -> str | None:
+        """Cancel the extract's active run at once; its worker, if any, is told by the caller."""
+        row = await self.db.fetch_one(
+            f"UPDATE extract_runs SET {ending()} "
+            f"WHERE extract_id = :extract AND status IN {ACTIVE} RETURNING id",
+            {"status": RunStatus.CANCELLED.value, "now": now_iso(), "extract": extract_id},
+        )
+        return None if row is None else row["id"]
+
+    async def claim(self) -> Job | None:
+        """The oldest queued run, now 'running', as the job its worker gets; None when none waits."""
+        row = await self.db.fetch_one(
+            "UPDATE extract_runs SET status = 'running', started_at = :now, updated_at = :now "
+            "WHERE id = (SELECT id FROM extract_runs WHERE status = 'queued' "
+            "ORDER BY created_at, rowid LIMIT 1) AND status = 'queued' "
+            "RETURNING id, extract_id, extract_name, config_snapshot, created_at",
+            {"now": now_iso()},
+        )
+        if row is None:
+            return None
+        return {
+            "run_id": row["id"],
+            "extract_id": row["extract_id"],
+            "extract_name": row["extract_name"],
+            "source": self.source,
+            "storage": str(self.storage),
+            "min_free_bytes": self.min_free_bytes,
+            "created_at": row["created_at"],
+            "config": orjson.loads(row["config_snapshot"]),
+        }
+
+    async def record_progress(self, run_id: str, progress: Progress) -> None:
+        await self.db.execute(
+            "UPDATE extract_runs SET progress = max(progress, min(:progress, 99)), "
+            "progress_detail = :detail, updated_at = :now WHERE id = :id AND status = 'running'",
+            {
+                "progress": int(progress["progress"]),
+                "detail": dumps(progress["progress_detail"]),
+                "now": now_iso(),
+                "id": run_id,
+            },
+        )
+
+    async def record_artifact(self, job: Job, artifact: Artifact, artifact_id: str) -> bool:
+        """The row of a file in place; False when the run already has a file of that name.
+
+        ``artifact_id`` is made once per message: applied again after a locked write,
+        the message inserts nothing more, while another file of the same name (letter
+        case aside) still conflicts, and then the run fails at once (SPEC: Artifacts).
+        """
+        now = now_iso()
+        values = {
+            "id": artifact_id,
+            "run_id": job["run_id"],
+            "extract_id": job["extract_id"],
+            **{key: artifact[key] for key in ("artifact_type", "artifact_name", "schema_name", "part")},
+            "storage_path": self.storage.storage_path(job["run_id"], artifact["artifact_name"]),
+            "storage_backend": self.storage.backend,
+            **{key: artifact[key] for key in ("format", "content_type", "size_bytes", "records")},
+            "checksum": artifact["checksum"],
+            "crc32": artifact["crc32"],
+            "is_primary": int(artifact["is_primary"]),
+            "created_at": now,
+            "expires_at": plus_days(now, job["config"]["retention_days"]),
+        }
+        try:
+            await self.db.execute(
+                f"INSERT INTO extract_artifacts ({', '.join(values)}) VALUES "
+                f"({', '.join(':' + c for c in values)}) ON CONFLICT (id) DO NOTHING",
+                values,
+            )
+        except sqlite3.IntegrityError as exc:
+            if "UNIQUE" not in str(exc):
+                raise
+            error = (
+                f"The run wrote a second file named {artifact['artifact_name']} (letter case aside), "
+                "which was not recorded; the run was stopped. Report this as a bug in the file naming"
+            )
+            await self.finish(
+                job["run_id"],
+                failure(error, "DuplicateArtifactName", artifact_name=artifact["artifact_name"]),
+            )
+            return False
+        return True
+
+    async def finish(self, run_id: str, result: Result) -> None:
+        """End a running run as its result says; a run cancelled (or failed) meanwhile stays so."""
+        status = RunStatus(result["status"])
+        if status not in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED):
+            status = RunStatus.FAILED
+        values = {"records": result["records_exported"], "schemas": result["schemas_exported"], "id": run_id}
+        await self.db.execute(
+            "UPDATE extract_runs SET records_exported = :records, schemas_exported = :schemas, "
+            "artifacts_created = (SELECT count(*) FROM extract_artifacts WHERE run_id = :id), "
+            "total_size_bytes = (SELECT coalesce(sum(size_bytes), 0) FROM extract_artifacts "
+            "WHERE run_id = :id) WHERE id = :id",
+            values,
+        )
+        completed = status is RunStatus.COMPLETED
+        await self.db.execute(
+            f"UPDATE extract_runs SET {ending(*(['records_exported'] if completed else []))}, "
+            "error = :error, error_detail = :error_detail"
+            + (", progress = 100" if completed else "")
+            + " WHERE id = :id AND status = 'running'",
+            {
+                "status": status.value,
+                "now": now_iso(),
+                "error": result["error"],
+                "error_detail": dumps(result["error_detail"]),
+                "id": run_id,
+                **({"records_exported": values["records"]} if completed else {}),
+            },
+        )
+
+    async def requeue(self, run_ids: list[str] | None = None) -> list[str]:
+        """Put interrupted runs back in the queue (None: every 'running' run); returns their ids.
+
+        The status change is won first, in the transaction that removes the run's
+        artifact rows; only then do its partial files go. A run that completed,
+        failed or was cancelled meanwhile keeps everything.
+        """
+        values = {"detail": dumps(progress_detail(Phase.QUEUED)), "now": now_iso()}
+        requeue = (
+            "UPDATE extract_runs SET status = 'queued', progress = 0, progress_detail = :detail, "
+            "started_at = NULL, updated_at = :now WHERE status = 'running'"
+        )
+        async with self.db.transaction():
+            if run_ids is None:
+                rows = await self.db.fetch_all(requeue + " RETURNING id", values)
+            else:
+                rows = [
+                    row
+                    for run_id in run_ids
+                    if (
+                        row := await self.db.fetch_one(
+                            requeue + " AND id = :id RETURNING id", values | {"id": run_id}
+                        )
+                    )
+                    is not None
+                ]
+            won = [row["id"] for row in rows]
+            for run_id in won:
+                await self.db.execute("DELETE FROM extract_artifacts WHERE run_id = :id", {"id": run_id})
+        for run_id in won:
+            await asyncio.to_thread(self.storage.delete_run, run_id)
+        if won:
+            self.queued.set()
+        return won
+
+    async def delete_files(self, run_id: str) -> None:
+        """Delete a run's files and mark its artifact rows deleted.
+
+        Raises OSError when the files cannot be removed (say, read-only storage):
+        the rows must not claim files gone that are still there.
+        """
+        await asyncio.to_thread(self.storage.delete_run, run_id)
+        await self.db.execute(
+            "UPDATE extract_artifacts SET deleted_at = :now WHERE run_id = :id AND deleted_at IS NULL",
+            {"now": now_iso(), "id": run_id},
+        )

@@ -1,0 +1,113 @@
+"""What happens on a clock: scheduled runs (SPEC: Scheduling) and the retention sweep (SPEC: Retention).
+
+Both loops survive their own errors (a locked state file, a source gone): they
+log and try again at their next turn. The clock is injectable for the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from databases import Database
+
+from extracts.config import EXTRACT_FIELDS
+from extracts.cron import next_due
+from extracts.records import to_record
+from extracts.runs import Runs
+from extracts.state import TriggeredBy, iso, utcnow
+from extracts.storage import Storage
+
+log = logging.getLogger("extracts.schedule")
+
+TICK_S = 1.0
+
+
+async def next_run_at(config: dict[str, Any], now: datetime, keep: str | None = None) -> str | None:
+    """The next due time of an extract (None when not scheduled); ``keep`` when still valid."""
+    if not (config.get("schedule_enabled") and config.get("enabled", True) and config.get("schedule")):
+        return None
+    if keep:
+        return keep
+    return await asyncio.to_thread(next_due, config["schedule"], now)
+
+
+class Scheduler:
+    """Starts a run of every scheduled extract that is due, one per tick however many slots passed."""
+
+    def __init__(self, db: Database, runs: Runs, clock: Callable[[], datetime] = utcnow) -> None:
+        self.db, self.runs, self.clock = db, runs, clock
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 — retry at the next tick
+                log.exception("scheduler tick failed")
+            await asyncio.sleep(TICK_S)
+
+    async def tick(self) -> list[str]:
+        """Queue every due extract; returns the runs started. A due time while running is skipped."""
+        now = self.clock()
+        columns = ", ".join(["id", *(f.name for f in EXTRACT_FIELDS)])
+        rows = await self.db.fetch_all(
+            f"SELECT {columns} FROM extracts WHERE schedule_enabled = 1 AND enabled = 1 AND "
+            "deleted_at IS NULL AND next_run_at IS NOT NULL AND next_run_at <= :now",
+            {"now": iso(now)},
+        )
+        started = []
+        for row in rows:
+            extract = to_record(row)
+            run_id = await self.runs.queue(extract, TriggeredBy.SCHEDULE)
+            if run_id is None:
+                log.info("extract %s due but already running: this due time is skipped", extract["id"])
+            else:
+                started.append(run_id)
+            # None (no longer scheduled) for a schedule saved before it would have been refused.
+            following = await asyncio.to_thread(next_due, extract["schedule"], now)
+            await self.db.execute(
+                "UPDATE extracts SET next_run_at = :next WHERE id = :id",
+                {"next": following, "id": extract["id"]},
+            )
+        return started
+
+
+class Sweeper:
+    """Deletes the files of expired artifacts, and empty run directories; the records stay."""
+
+    def __init__(
+        self,
+        db: Database,
+        storage: Storage,
+        interval: float,
+        active: Callable[[], set[str]],
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.db, self.storage, self.interval = db, storage, interval
+        self.active, self.clock = active, clock
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:  # noqa: BLE001 — retry at the next interval
+                log.exception("retention sweep failed")
+            await asyncio.sleep(self.interval)
+
+    async def sweep(self) -> int:
+        """One sweep; returns how many artifacts expired."""
+        now = iso(self.clock())
+        rows = await self.db.fetch_all(
+            "SELECT id, storage_path FROM extract_artifacts WHERE deleted_at IS NULL AND expires_at <= :now",
+            {"now": now},
+        )
+        for row in rows:
+            await asyncio.to_thread(self.storage.delete, row["storage_path"])
+            await self.db.execute(
+                "UPDATE extract_artifacts SET deleted_at = :now WHERE id = :id", {"now": now, "id": row["id"]}
+            )
+        await asyncio.to_thread(self.storage.remove_empty_runs, self.active())
+        return len(rows)

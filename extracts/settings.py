@@ -1,0 +1,128 @@
+"""The service's start-up options: one table of flag, environment variable, default and help.
+
+Read once at start-up (Datasette's ``SETTINGS``): a flag wins over the
+variable, the variable over the default. ``README.md`` lists the same table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One start-up option: flag ``--name``, environment variable, default, help."""
+
+    name: str
+    default: Any
+    env: str
+    help: str
+    type: Callable[[str], Any] = str
+    metavar: str | None = None
+
+
+SETTINGS = (
+    Setting(
+        "source",
+        None,
+        "EXTRACTS_SOURCE",
+        "the database to export: a SQLite file path, "
+        "sqlite:///relative/path, sqlite:////absolute/path, postgresql://… or mysql://… "
+        "(default: a demo SQLite database created beside the state file)",
+        metavar="URL|PATH",
+    ),
+    Setting("db", "./extracts.db", "EXTRACTS_DB", "the service's own SQLite state file", metavar="PATH"),
+    Setting(
+        "storage", "/tmp/extracts", "EXTRACTS_STORAGE", "directory where artifacts are written", metavar="DIR"
+    ),
+    Setting("host", "127.0.0.1", "EXTRACTS_HOST", "address to listen on"),
+    Setting("port", 9001, "EXTRACTS_PORT", "port to listen on", int),
+    Setting(
+        "token",
+        None,
+        "EXTRACTS_TOKEN",
+        "bearer token; when absent one is generated and kept in <state file>.token (mode 0600)",
+    ),
+    Setting(
+        "workers",
+        os.cpu_count() or 1,
+        "EXTRACTS_WORKERS",
+        "size of the process pool: runs executed at once",
+        int,
+        metavar="N",
+    ),
+    Setting(
+        "min_free_mb",
+        100,
+        "EXTRACTS_MIN_FREE_MB",
+        "free space to keep on the storage volume; a run fails cleanly when free space falls under it",
+        int,
+        metavar="MB",
+    ),
+    Setting(
+        "cleanup_interval",
+        3600,
+        "EXTRACTS_CLEANUP_INTERVAL",
+        "seconds between retention sweeps of expired artifacts",
+        float,
+        metavar="SECONDS",
+    ),
+)
+
+
+@dataclass
+class Settings:
+    """The resolved start-up options (flag, else environment variable, else default)."""
+
+    source: str | None
+    db: Path
+    storage: Path
+    host: str
+    port: int
+    token: str | None
+    workers: int
+    min_free_mb: int
+    cleanup_interval: float
+    demo: bool = False
+    token_generated: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="extracts-app", description="Export a database into downloadable, checksummed files over HTTP."
+    )
+    for s in SETTINGS:
+        parser.add_argument(
+            f"--{s.name.replace('_', '-')}", dest=s.name, metavar=s.metavar, help=f"{s.help} [{s.env}]"
+        )
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        raw = getattr(args, s.name)
+        if raw is None:
+            raw = environ.get(s.env) or None
+        if raw is None:
+            values[s.name] = s.default
+            continue
+        try:
+            values[s.name] = s.type(raw)
+        except ValueError:
+            parser.error(f"--{s.name.replace('_', '-')} [{s.env}]: {raw!r} is not a valid {s.type.__name__}")
+    if values["workers"] < 1:
+        parser.error("--workers [EXTRACTS_WORKERS] must be at least 1")
+    if values["token"] is not None:  # an empty token would let "Authorization: Bearer" in
+        values["token"] = values["token"].strip()
+        if not values["token"]:
+            parser.error("--token [EXTRACTS_TOKEN] must not be empty")
+    if values["cleanup_interval"] <= 0:
+        parser.error("--cleanup-interval [EXTRACTS_CLEANUP_INTERVAL] must be positive")
+    values["db"] = Path(values["db"]).expanduser().absolute()
+    values["storage"] = Path(values["storage"]).expanduser().absolute()
+    return Settings(**values)
