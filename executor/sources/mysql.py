@@ -12,10 +12,17 @@ isolation REPEATABLE READ, time zone UTC) and every read of a run happens inside
 one ``START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY`` (``snapshot()``).
 That snapshot covers InnoDB tables; MyISAM/Aria tables have no snapshots and are
 read as they are at that moment. Rows stream through an unbuffered ``SSCursor``
-with ``fetchmany``: no OFFSET, never a whole table in memory. MySQL's protocol
-cannot abandon a streaming result without reading it to the end, so stopping
-a read early (cancel, disk full) closes the connection: the rest of that
-snapshot is lost, and the next call outside a snapshot connects again.
+with ``fetchmany``: no OFFSET, never a whole table in memory.
+
+Stopping a read early (cancel, disk full, an error while writing). MySQL's
+protocol has no way to abandon a streaming result: the client must read it to
+its end. So the server is told to stop: ``KILL QUERY`` from a second,
+short-lived connection; the client then reads only what was already on its way
+(the socket buffers) up to the server's "Query execution was interrupted", in
+milliseconds, and the connection and its snapshot go on. When that second
+connection cannot be opened (the server's connection limit), the read's own
+connection is closed instead: the rest of that snapshot is lost ("closed when a
+read stopped early"), and the next call outside a snapshot connects again.
 
 Schemas. Base tables (and MariaDB system-versioned tables: their current rows)
 and views of the URL's database; sequences are not listed.
@@ -310,8 +317,9 @@ class MySQLSource(ServerSource):
 
     def _open(self) -> pymysql.Connection:
         conn = pymysql.connect(**self._connect_args)
-        for statement in SESSION_SETTINGS:
-            conn.query(statement)
+        with conn.cursor() as cursor:
+            for statement in SESSION_SETTINGS:
+                cursor.execute(statement)
         self._closed_by_stopped_read = False
         return conn
 
@@ -328,15 +336,27 @@ class MySQLSource(ServerSource):
             self._conn.close()
 
     def interrupt(self) -> None:
-        # KILL QUERY from a second connection (thread-safe: this one is busy reading); the
-        # running statement fails with "Query execution was interrupted" and the worker stops.
-        with suppress(pymysql.err.MySQLError, OSError):
+        # The running statement fails with "Query execution was interrupted" and the worker stops.
+        self._kill_query()
+
+    def _kill_query(self) -> bool:
+        """KILL QUERY this connection's statement, from a second, short-lived connection.
+
+        Thread-safe (this connection may be busy reading). Killing an idle connection's
+        query does nothing: its next statement runs. False when it could not be sent.
+        """
+        try:
             killer = pymysql.connect(**{**self._connect_args, "connect_timeout": 5})
-            try:
-                with killer.cursor() as cursor:
-                    cursor.execute("KILL QUERY %s", (self._conn.thread_id(),))
-            finally:
-                killer.close()
+        except (pymysql.err.MySQLError, OSError):
+            return False
+        try:
+            with killer.cursor() as cursor:
+                cursor.execute("KILL QUERY %s", (self._conn.thread_id(),))
+        except pymysql.err.MySQLError:
+            return False
+        finally:
+            killer.close()
+        return True
 
     def _gone(self) -> bool:
         return not self._conn.open
@@ -579,14 +599,31 @@ class MySQLSource(ServerSource):
                 self._stop_stream(cursor)
 
     def _stop_stream(self, cursor: pymysql.cursors.SSCursor) -> None:
-        """Stop a streaming read by closing the connection (reading on could take minutes)."""
+        """End a read before its last row: KILL QUERY, else close the connection (module docstring)."""
         self._stream = None
-        # PyMySQL drains an unfinished stream when the cursor or its result is closed or
-        # collected; tell both there is nothing left to read.
-        result = self._conn._result
-        if result is not None:
-            result.unbuffered_active = False
-        cursor.connection = None
+        if self._conn.open and self._kill_query():
+            # Reads what the server had already sent, up to its "Query execution was
+            # interrupted" (or the last row): the result is over, the connection goes on.
+            with suppress(pymysql.err.MySQLError):
+                cursor.close()
+            if self._conn.open:
+                cursor.close()  # a close that met the error stopped before marking the cursor closed
+                return
+        # No second connection (the server's connection limit), or this one is gone.
         self._closed_by_stopped_read = True
-        with suppress(Exception):  # the socket may already be gone
-            self._conn._force_close()  # PyMySQL has no public way to drop a stream
+        self._disconnect()
+        _forget(cursor)
+
+
+def _forget(cursor: pymysql.cursors.SSCursor) -> None:
+    """Close a streaming cursor whose connection is closed: nothing is left to read.
+
+    PyMySQL (1.1, 1.2) has no public way to: its result still waits for the rest of
+    the rows, and the cursor's ``close()`` and the result's finalizer would read them
+    from the closed socket and raise ("Exception ignored in MySQLResult.__del__").
+    The one use of PyMySQL's private state, and only once the socket is gone.
+    """
+    result = cursor._result
+    if result is not None:
+        result.unbuffered_active = False
+    cursor.close()
