@@ -145,7 +145,7 @@ class ServerSource(Source):
     def _connect(self) -> Any:
         try:
             return self._open()
-        except (*self._errors, OSError) as exc:  # OSError: PyMySQL lets a socket error out of connect()
+        except (*self._errors, OSError) as exc:  # OSError: e.g. PyMySQL reading an ssl_ca file
             # 'from None': never chain a driver error, it may carry the connection string.
             raise SourceError(
                 f"Cannot connect to {self._label} at {self._host}:{self._port} "
