@@ -7,10 +7,10 @@ selected schema inside one read transaction and stream rows as JSON.
 Modules: ``base`` (the Source interface, SourceError, UnknownSchema),
 ``sqlite`` (``SQLiteSource``, the default), ``server`` (``ServerSource``, what
 the two server dialects share: connecting, errors, listings, the snapshot
-guard), ``postgres`` (``PostgresSource``), ``mysql`` (``MySQLSource``) and
-``rowjson`` (row tuples to JSON, for the server dialects). Every implementation
-opens its source read-only, quotes every identifier and binds every value as a
-parameter.
+guard), ``postgres`` (``PostgresSource``), ``mysql`` (``MySQLSource``),
+``rowjson`` (row tuples to JSON, for the server dialects) and ``float32`` (the
+digits of a MySQL FLOAT). Every implementation opens its source read-only,
+quotes every identifier and binds every value as a parameter.
 """
 
 from __future__ import annotations
