@@ -7,11 +7,14 @@
                           └ queue: ("progress", …) throttled, ("artifact", …) per finished file
                         → result dict (completed | cancelled | failed, counts, error)
 
-Modules: ``sources`` (the Source interface, ``open_source``), ``sqlite_source``,
-``postgres``, ``mysql`` (the dialects; ``rowjson`` encodes rows for the last
-two), ``filters`` (checking and compiling a filter's ``where``), ``naming``
-(safe file names), ``writers`` (formats and files), ``worker`` (one run:
-``run_extract``), ``entry`` (the pool's entry point), ``demo`` (the demo database).
+Modules: ``sources`` (a package: ``open_source``; ``base``, the Source
+interface; ``sqlite``, ``postgres``, ``mysql``, the dialects; ``server``, the
+skeleton the last two share; ``rowjson`` and ``float32``, their value
+encoding), ``filters`` (checking and compiling a filter's ``where``),
+``credentials`` (secrets of a source URL, redacted), ``naming`` (safe file
+names), ``writers`` (formats and files), ``messages`` (the typed job, progress,
+artifact and result shapes), ``worker`` (one run: ``run_extract``), ``entry``
+(the pool's entry point), ``demo`` (the demo database).
 """
 
 from executor.filters import check_where, compile_where

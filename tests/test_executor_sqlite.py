@@ -16,7 +16,7 @@ from executor_fixtures import VALUES, assert_same_rows, build_big_table, make_so
 
 from executor import SourceError, UnknownSchema, open_source, safe_file_name
 from executor.naming import download_base_name
-from executor.sqlite_source import SQLiteSource
+from executor.sources.sqlite import SQLiteSource
 
 
 def export(source: SQLiteSource, name: str, batch_size: int = 1000, where: dict | None = None) -> list[dict]:

@@ -12,18 +12,24 @@ isolation REPEATABLE READ, time zone UTC) and every read of a run happens inside
 one ``START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY`` (``snapshot()``).
 That snapshot covers InnoDB tables; MyISAM/Aria tables have no snapshots and are
 read as they are at that moment. Rows stream through an unbuffered ``SSCursor``
-with ``fetchmany``: no OFFSET, never a whole table in memory. MySQL's protocol
-cannot abandon a streaming result without reading it to the end, so stopping
-a read early (cancel, disk full) closes the connection: the rest of that
-snapshot is lost, and the next call outside a snapshot connects again.
+with ``fetchmany``: no OFFSET, never a whole table in memory.
+
+Stopping a read early (cancel, disk full, an error while writing). MySQL's
+protocol has no way to abandon a streaming result: the client must read it to
+its end. So the server is told to stop: ``KILL QUERY`` from a second,
+short-lived connection; the client then reads only what was already on its way
+(the socket buffers) up to the server's "Query execution was interrupted", in
+milliseconds, and the connection and its snapshot go on. When that second
+connection cannot be opened (the server's connection limit), the read's own
+connection is closed instead: the rest of that snapshot is lost ("closed when a
+read stopped early"), and the next call outside a snapshot connects again.
 
 Schemas. Base tables (and MariaDB system-versioned tables: their current rows)
 and views of the URL's database; sequences are not listed.
 
-Row counts. ``count()`` is exact, inside the snapshot (it gives
-``records_total``). The ``row_count`` of ``schemas()`` and ``describe()`` is
-exact for tables under 32 MiB of data and otherwise the server's estimate
-(``information_schema.TABLES.TABLE_ROWS``); null for views.
+Row counts (``executor.sources.server``): a table's size is its
+``DATA_LENGTH``, the estimate ``information_schema.TABLES.TABLE_ROWS``; a table
+the session cannot count gets the estimate.
 
 Type fidelity (MySQL/MariaDB → JSON value):
 
@@ -66,11 +72,8 @@ from __future__ import annotations
 
 import binascii
 import re
-import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from decimal import Decimal
-from fractions import Fraction
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -79,13 +82,11 @@ import pymysql.converters
 import pymysql.cursors
 from pymysql.constants import ER, FIELD_TYPE
 
-from executor.credentials import ambiguous_password, source_secrets
-from executor.filters import compile_where
-from executor.rowjson import RowEncoder, one_line
-from executor.sources import Source, SourceError, UnknownSchema
-
-# Tables with less data than this get an exact row_count in listings.
-EXACT_COUNT_MAX_BYTES = 32 * 1024 * 1024
+from executor.credentials import ambiguous_password
+from executor.sources.base import SourceError, foreign_keys
+from executor.sources.float32 import shortest_float32
+from executor.sources.rowjson import RowEncoder, one_line
+from executor.sources.server import Listed, ServerSource
 
 SESSION_SETTINGS = (
     "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
@@ -169,67 +170,10 @@ CONVERSIONS.update(
 )
 
 
-# FLOAT columns arrive as exact doubles (MySQLSource._select_list casts them: the text
-# protocol prints 6 significant digits, 16777216 → 16777200); each value then becomes the
-# shortest decimal that reads back as the same float32.
-
-_FLOAT32 = struct.Struct("<f")
-_UINT32 = struct.Struct("<I")
-_PAST_FLOAT32_MAX = 2.0**128  # the neighbour above the largest float32: where strtof overflows
-
-
-def _float32_at(bits: int) -> float:
-    return _FLOAT32.unpack(_UINT32.pack(bits))[0] if bits < 0x7F800000 else _PAST_FLOAT32_MAX
-
-
-_SIGNIFICANT = {digits: f"%.{digits - 1}e" for digits in range(1, 10)}  # a format per digit count
-
-
-def _reads_back(text: str, low: float, high: float) -> bool:
-    """Whether a decimal lies strictly between the two midpoints around a float32."""
-    number = float(text)
-    if low < number < high:
-        return True
-    # float(text) rounded onto a midpoint: decide on the decimal's exact value.
-    return number in (low, high) and low < Fraction(text) < high
-
-
-def shortest_float32(value: float) -> float:
-    """The double of the shortest decimal that reads back as ``value``, a float32.
-
-    The same digits as PostgreSQL's ``real`` output (shortest, and of those the nearest;
-    a decimal exactly halfway to a neighbour is never chosen), so that
-    ``orjson`` prints them: 3.1415927410125732 → 3.1415927, 16777216.0 → 16777216.0.
-    """
-    if value == 0 or value - value != 0:
-        return value
-    size = abs(value)
-    bits = _UINT32.unpack(_FLOAT32.pack(size))[0]
-    low = (size + _float32_at(bits - 1)) / 2
-    high = (size + _float32_at(bits + 1)) / 2
-    # If the nearest decimal of d significant digits reads back, so does the nearest of
-    # d + 1 (it is no farther away): search d in 1..9 (9 always reads back).
-    first, last = 1, 9
-    while first < last:
-        digits = (first + last) // 2
-        if _reads_back(_SIGNIFICANT[digits] % size, low, high):
-            last = digits
-        else:
-            first = digits + 1
-    best = _SIGNIFICANT[first] % size
-    if bits & 0x7FFFFF == 0 and first > 1:
-        # A power of two is twice as close to its lower neighbour as to its upper one:
-        # one digit fewer may read back just above it while the nearest (below) does not.
-        shorter = Decimal(_SIGNIFICANT[first - 1] % size)
-        if shorter < Decimal(size):
-            above = str(shorter + Decimal((0, (1,), shorter.adjusted() - first + 2)))
-            if _reads_back(above, low, high):
-                best = above
-    number = float(best)
-    return number if value > 0 else -number
-
-
 def _with_float32(row: Sequence[Any], positions: Sequence[int]) -> list[Any]:
+    # FLOAT columns arrive as exact doubles (MySQLSource._select_list casts them: the text
+    # protocol prints 6 significant digits, 16777216 → 16777200); each value then becomes the
+    # shortest decimal that reads back as the same float32.
     values = list(row)
     for position in positions:
         if values[position] is not None:
@@ -249,13 +193,24 @@ def _quote(identifier: str) -> str:
     return _ident(identifier).replace("%", "%%")
 
 
-class MySQLSource(Source):
+class MySQLSource(ServerSource):
     """A read-only MySQL / MariaDB connection (see the module docstring for the rules)."""
 
     dialect = "mysql"
+    _errors = (pymysql.err.MySQLError,)
+    _columns_sql = (
+        "SELECT COLUMN_NAME FROM information_schema.COLUMNS"
+        " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION"
+    )
+    _quote = staticmethod(_quote)
 
     def __init__(self, location: str) -> None:
-        self._secrets = source_secrets(location)  # first: parse errors may echo parts of the URL
+        super().__init__(location)
+        self._mariadb = "mariadb" in self._conn.get_server_info().lower()
+        if self._mariadb:
+            self._label = "MariaDB"
+
+    def _configure(self, location: str) -> None:
         self._label = "MariaDB" if location.lower().startswith("mariadb:") else "MySQL"
         try:
             url = urlsplit(location)
@@ -298,77 +253,77 @@ class MySQLSource(Source):
             "conv": CONVERSIONS,
             **options,
         }
-        self._in_snapshot = False
         self._stream: pymysql.cursors.SSCursor | None = None  # a read in progress
-        self._closed_by_abandoned_read = False
-        self._closed = False
-        self._conn = self._connect()
-        self._mariadb = "mariadb" in self._conn.get_server_info().lower()
-        if self._mariadb:
-            self._label = "MariaDB"
+        self._closed_by_stopped_read = False
 
-    def _connect(self) -> pymysql.Connection:
-        try:
-            conn = pymysql.connect(**self._connect_args)
+    def _open(self) -> pymysql.Connection:
+        conn = pymysql.connect(**self._connect_args)
+        with conn.cursor() as cursor:
             for statement in SESSION_SETTINGS:
-                conn.query(statement)
-        except (pymysql.err.MySQLError, OSError) as exc:
-            # 'from None': never chain a driver error that might carry the credentials.
-            raise SourceError(
-                f"Cannot connect to {self._label} at {self._host}:{self._port} "
-                f"database '{self._database}': {self._reason(exc, connecting=True)}"
-            ) from None
-        self._closed_by_abandoned_read = False
+                cursor.execute(statement)
+        self._closed_by_stopped_read = False
         return conn
 
-    def _reconnect_if_lost(self) -> None:
-        """A long-lived source (the service's) survives a server restart or a stopped read.
+    def _connect_reason(self, exc: BaseException) -> str:
+        message = str(self._message(exc))
+        # "Can't connect to MySQL server on 'h' ([Errno 111] Connection refused)"
+        found = re.search(r"\[Errno -?\d+\] ([^)]*)\)", message)
+        if found:
+            message = found.group(1)
+        return one_line(message[:1].lower() + message[1:], *self._secrets)
 
-        Never inside a snapshot: a new connection would silently be a new snapshot.
+    def _disconnect(self) -> None:
+        if self._conn.open:
+            self._conn.close()
+
+    def interrupt(self) -> None:
+        # The running statement fails with "Query execution was interrupted" and the worker stops.
+        self._kill_query()
+
+    def _kill_query(self) -> bool:
+        """KILL QUERY this connection's statement, from a second, short-lived connection.
+
+        Thread-safe (this connection may be busy reading). Killing an idle connection's
+        query does nothing: its next statement runs. False when it could not be sent.
         """
-        if not self._conn.open and not self._in_snapshot and not self._closed:
-            self._conn = self._connect()
-
-    # -- plumbing
-
-    def _reason(self, exc: BaseException, connecting: bool = False) -> str:
-        args = getattr(exc, "args", ())
-        message = args[1] if len(args) > 1 and isinstance(args[1], str) else str(exc)
-        if connecting:  # "Can't connect to MySQL server on 'h' ([Errno 111] Connection refused)"
-            found = re.search(r"\[Errno -?\d+\] ([^)]*)\)", message)
-            if found:
-                message = found.group(1)
-            message = message[:1].lower() + message[1:]
-        return one_line(message, *self._secrets)
-
-    @contextmanager
-    def _translate(self, action: str, name: str | None = None) -> Iterator[None]:
-        """Driver errors become one-line SourceErrors (UnknownSchema for a dropped table)."""
         try:
-            yield
-        except pymysql.err.MySQLError as exc:
-            code = exc.args[0] if exc.args else None
-            if code == ER.NO_SUCH_TABLE and name is not None:
-                raise UnknownSchema(name) from None
-            if code in CONNECTION_LOST or not self._conn.open:
-                raise SourceError(
-                    f"Lost the connection to {self._label} at {self._host}:{self._port} "
-                    f"database '{self._database}' while trying to {action}: {self._reason(exc)}"
-                ) from exc
-            raise SourceError(f"{self._label} could not {action}: {self._reason(exc)}") from exc
+            killer = pymysql.connect(**{**self._connect_args, "connect_timeout": 5})
+        except (pymysql.err.MySQLError, OSError):
+            return False
+        try:
+            with killer.cursor() as cursor:
+                cursor.execute("KILL QUERY %s", (self._conn.thread_id(),))
+        except pymysql.err.MySQLError:
+            return False
+        finally:
+            killer.close()
+        return True
 
-    def _fetch(self, query: str, params: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
+    def _gone(self) -> bool:
+        return not self._conn.open
+
+    def _message(self, exc: BaseException) -> BaseException | str:
+        args = getattr(exc, "args", ())
+        return args[1] if len(args) > 1 and isinstance(args[1], str) else str(exc)
+
+    def _missing_table(self, exc: BaseException) -> bool:
+        return bool(exc.args) and exc.args[0] == ER.NO_SUCH_TABLE
+
+    def _lost(self, exc: BaseException) -> bool:
+        return (exc.args[0] if exc.args else None) in CONNECTION_LOST or self._gone()
+
+    def _fetch(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
         if self._stream is not None:
             raise RuntimeError("a json_batches() read is still in progress on this source")
         if not self._conn.open:
-            why = " when a read stopped early" if self._closed_by_abandoned_read else ""
+            why = " when a read stopped early" if self._closed_by_stopped_read else ""
             raise SourceError(f"The connection to {self._label} was closed{why}; the snapshot is lost")
         with self._conn.cursor() as cursor:
             cursor.execute(query, params)
             return list(cursor.fetchall())
 
-    def _tables(self, name: str | None = None) -> list[tuple[Any, ...]]:
-        """(name, type, data bytes, estimated rows, column count) of the database's schemas."""
+    def _tables(self, name: str | None = None) -> list[Listed]:
+        """The database's base tables (and system-versioned ones) and views."""
         query = """
             SELECT t.TABLE_NAME, t.TABLE_TYPE, t.DATA_LENGTH, t.TABLE_ROWS,
                    (SELECT COUNT(*) FROM information_schema.COLUMNS c
@@ -378,31 +333,37 @@ class MySQLSource(Source):
                AND t.TABLE_TYPE IN ('BASE TABLE', 'SYSTEM VERSIONED', 'VIEW')
         """
         if name is None:
-            return sorted(self._fetch(query))
-        # information_schema compares names case-insensitively; the table's name is exact.
-        return [row for row in self._fetch(query + " AND t.TABLE_NAME = %s", (name,)) if row[0] == name]
+            rows = sorted(self._fetch(query))
+        else:
+            # information_schema compares names case-insensitively; the table's name is exact.
+            rows = [row for row in self._fetch(query + " AND t.TABLE_NAME = %s", (name,)) if row[0] == name]
+        return [
+            Listed(
+                name=table,
+                kind="view" if table_type == "VIEW" else "table",
+                sql=_quote(table),
+                columns=columns,
+                size=None if table_type == "VIEW" else data_bytes,
+                estimate=None if table_type == "VIEW" or estimate is None else int(estimate),
+                key=table,
+            )
+            for table, table_type, data_bytes, estimate, columns in rows
+        ]
 
-    def _resolve(self, name: str) -> tuple[Any, ...]:
-        self._reconnect_if_lost()
-        with self._translate(f"look up '{name}'"):
-            rows = self._tables(name)
-        if not rows:
-            raise UnknownSchema(name)
-        return rows[0]
+    def _listing(self) -> list[Listed]:
+        return self._tables()
 
-    def _row_count(self, row: tuple[Any, ...]) -> int | None:
-        """Exact for small tables, else the server's estimate (module docstring)."""
-        name, table_type, data_bytes, estimate = row[:4]
-        if table_type == "VIEW":
-            return None
-        if data_bytes is not None and data_bytes <= EXACT_COUNT_MAX_BYTES:
-            try:
-                return self._fetch(f"SELECT COUNT(*) FROM {_quote(name)}")[0][0]
-            except pymysql.err.MySQLError:
-                if not self._conn.open:
-                    raise
-                # e.g. no SELECT privilege: the estimate will do for a listing.
-        return int(estimate) if estimate is not None else None
+    def _lookup(self, name: str) -> Listed | None:
+        tables = self._tables(name)
+        return tables[0] if tables else None
+
+    def _exact_count(self, listed: Listed) -> int | None:
+        try:
+            return super()._exact_count(listed)
+        except pymysql.err.MySQLError:
+            if not self._conn.open:
+                raise
+            return None  # e.g. no SELECT privilege: the estimate will do for a listing
 
     def _json_columns(self, name: str) -> set[str]:
         """Columns holding JSON: MySQL's JSON type, MariaDB's LONGTEXT CHECK (json_valid(col))."""
@@ -462,70 +423,8 @@ class MySQLSource(Source):
         # then fails with the server's own reason.
         return (", ".join(parts) if cast else "*"), float32_columns
 
-    # -- the Source interface
-
-    def close(self) -> None:
-        self._closed = True
-        if self._conn.open:
-            self._conn.close()
-
-    def interrupt(self) -> None:
-        # KILL QUERY from a second connection (thread-safe: this one is busy reading); the
-        # running statement fails with "Query execution was interrupted" and the worker stops.
-        with suppress(pymysql.err.MySQLError, OSError):
-            killer = pymysql.connect(**{**self._connect_args, "connect_timeout": 5})
-            try:
-                with killer.cursor() as cursor:
-                    cursor.execute("KILL QUERY %s", (self._conn.thread_id(),))
-            finally:
-                killer.close()
-
-    def location(self) -> dict[str, Any]:
-        return {
-            "dialect": self.dialect,
-            "host": self._host,
-            "port": self._port,
-            "database": self._database,
-        }
-
-    def schemas(self) -> list[dict[str, Any]]:
-        self._reconnect_if_lost()
-        with self._translate("list the schemas"):
-            return [
-                {
-                    "name": row[0],
-                    "type": "view" if row[1] == "VIEW" else "table",
-                    "columns": row[4],
-                    "row_count": self._row_count(row),
-                }
-                for row in self._tables()
-            ]
-
-    def names(self) -> list[str]:
-        self._reconnect_if_lost()
-        with self._translate("list the schemas"):
-            return [row[0] for row in self._tables()]
-
-    def columns(self, name: str) -> list[str]:
-        self._resolve(name)
-        with self._translate(f"read the columns of '{name}'", name):
-            rows = self._fetch(
-                "SELECT COLUMN_NAME FROM information_schema.COLUMNS"
-                " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
-                (name,),
-            )
-        return [row[0] for row in rows]
-
-    def describe(self, names: list[str]) -> dict[str, dict[str, Any]]:
-        described = {}
-        for name in names:
-            table = self._resolve(name)
-            with self._translate(f"describe '{name}'", name):
-                described[name] = self._describe(table)
-        return described
-
-    def _describe(self, table: tuple[Any, ...]) -> dict[str, Any]:
-        name = table[0]
+    def _structure(self, listed: Listed) -> dict[str, Any]:
+        name = listed.key
         index_rows = self._fetch(
             "SELECT INDEX_NAME, NON_UNIQUE, COLUMN_NAME FROM information_schema.STATISTICS"
             " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s ORDER BY SEQ_IN_INDEX",
@@ -539,11 +438,10 @@ class MySQLSource(Source):
             index["columns"].append(column)
         primary_key = indexes["PRIMARY"]["columns"] if "PRIMARY" in indexes else []
 
-        foreign_keys: dict[str, dict[str, Any]] = {}
-        for constraint, column, ref_db, ref_table, ref_column, on_update, on_delete in self._fetch(
+        rows = self._fetch(
             """
-            SELECT k.CONSTRAINT_NAME, k.COLUMN_NAME, k.REFERENCED_TABLE_SCHEMA,
-                   k.REFERENCED_TABLE_NAME, k.REFERENCED_COLUMN_NAME, r.UPDATE_RULE, r.DELETE_RULE
+            SELECT k.CONSTRAINT_NAME, k.REFERENCED_TABLE_SCHEMA, k.REFERENCED_TABLE_NAME, k.COLUMN_NAME,
+                   k.REFERENCED_COLUMN_NAME, r.UPDATE_RULE, r.DELETE_RULE
               FROM information_schema.KEY_COLUMN_USAGE k
               JOIN information_schema.REFERENTIAL_CONSTRAINTS r
                 ON r.CONSTRAINT_SCHEMA = k.CONSTRAINT_SCHEMA
@@ -553,19 +451,11 @@ class MySQLSource(Source):
              ORDER BY k.ORDINAL_POSITION
             """,
             (name,),
-        ):
-            reference = ref_table if ref_db == self._database else f"{ref_db}.{ref_table}"
-            key = foreign_keys.setdefault(
-                constraint,
-                {
-                    "columns": [],
-                    "references": {"table": reference, "columns": []},
-                    "on_update": on_update,
-                    "on_delete": on_delete,
-                },
-            )
-            key["columns"].append(column)
-            key["references"]["columns"].append(ref_column)
+        )
+        keys = foreign_keys(
+            (constraint, table if schema == self._database else f"{schema}.{table}", *rest)
+            for constraint, schema, table, *rest in rows
+        )
 
         json_columns = self._json_columns(name)
         columns = {}
@@ -597,12 +487,10 @@ class MySQLSource(Source):
                 column["generated"] = generation
             columns[column_name] = column
         return {
-            "type": "view" if table[1] == "VIEW" else "table",
             "columns": columns,
             "primary_key": primary_key,
-            "foreign_keys": [foreign_keys[key] for key in sorted(foreign_keys)],
+            "foreign_keys": [keys[key] for key in sorted(keys)],
             "indexes": [indexes[key] for key in sorted(indexes) if key != "PRIMARY"],  # primary_key
-            "row_count": self._row_count(table),
         }
 
     def _default_sql(self, default: str | None, data_type: str, extra: str) -> str | None:
@@ -617,66 +505,66 @@ class MySQLSource(Source):
         return "'" + default.replace("'", "''") + "'"
 
     @contextmanager
-    def snapshot(self) -> Iterator[None]:
-        if self._in_snapshot:
-            raise RuntimeError("snapshot() is already open on this source")
-        self._reconnect_if_lost()
+    def _transaction(self) -> Iterator[None]:
         with self._translate("start a read transaction"):
             self._fetch("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
-        self._in_snapshot = True
         try:
             yield
         finally:
-            self._end_snapshot()
+            if self._stream is not None:  # a read left suspended, its generator not closed
+                self._stop_stream(self._stream)
+            if self._conn.open:
+                # Read-only: COMMIT is ROLLBACK. A failure here loses nothing: every read
+                # already succeeded, or failed with its own error.
+                with suppress(pymysql.err.MySQLError):
+                    self._fetch("COMMIT")
 
-    def _end_snapshot(self) -> None:
-        self._in_snapshot = False
-        if self._stream is not None:  # a read left suspended: MySQL cannot end it cheaply
-            self._abandon(self._stream)
-        if self._conn.open:
-            # Read-only: COMMIT is ROLLBACK. A failure here loses nothing: every read
-            # already succeeded, or failed with its own error.
-            with suppress(pymysql.err.MySQLError):
-                self._fetch("COMMIT")
+    def _rows(self, listed: Listed, clause: str, params: list[Any], batch_size: int) -> Iterator[list[bytes]]:
+        json_columns = self._json_columns(listed.key)
+        columns, float32_columns = self._select_list(listed.key)
+        cursor = self._conn.cursor(pymysql.cursors.SSCursor)
+        self._stream = cursor
+        try:
+            cursor.execute(f"SELECT {columns} FROM {listed.sql}{clause}", params)
+            names = [column[0] for column in cursor.description or ()]
+            encoder = RowEncoder(names, [i for i, column in enumerate(names) if column in json_columns])
+            float32_positions = [i for i, column in enumerate(names) if column in float32_columns]
+            while rows := cursor.fetchmany(batch_size):
+                if float32_positions:  # the only per-value work in Python: FLOAT columns
+                    rows = [_with_float32(row, float32_positions) for row in rows]
+                yield encoder.encode(rows)
+            self._stream = None
+            cursor.close()
+        finally:
+            if self._stream is cursor:  # stopped early, or failed
+                self._stop_stream(cursor)
 
-    def count(self, name: str, where: dict[str, Any] | None) -> int:
-        self._resolve(name)
-        clause, params = compile_where(where, _quote, "%s")
-        with self._translate(f"count the rows of '{name}'", name):
-            return self._fetch(f"SELECT COUNT(*) FROM {_quote(name)}{clause}", params)[0][0]
-
-    def json_batches(self, name: str, where: dict[str, Any] | None, batch_size: int) -> Iterator[list[bytes]]:
-        self._resolve(name)
-        clause, params = compile_where(where, _quote, "%s")
-        with self._translate(f"read '{name}'", name):
-            json_columns = self._json_columns(name)
-            columns, float32_columns = self._select_list(name)
-            cursor = self._conn.cursor(pymysql.cursors.SSCursor)
-            self._stream = cursor
-            try:
-                cursor.execute(f"SELECT {columns} FROM {_quote(name)}{clause}", params)
-                names = [column[0] for column in cursor.description or ()]
-                encoder = RowEncoder(names, [i for i, column in enumerate(names) if column in json_columns])
-                float32_positions = [i for i, column in enumerate(names) if column in float32_columns]
-                while rows := cursor.fetchmany(batch_size):
-                    if float32_positions:  # the only per-value work in Python: FLOAT columns
-                        rows = [_with_float32(row, float32_positions) for row in rows]
-                    yield encoder.encode(rows)
-                self._stream = None
-                cursor.close()
-            finally:
-                if self._stream is cursor:  # stopped early, or failed
-                    self._abandon(cursor)
-
-    def _abandon(self, cursor: pymysql.cursors.SSCursor) -> None:
-        """Stop a streaming read by closing the connection (reading on could take minutes)."""
+    def _stop_stream(self, cursor: pymysql.cursors.SSCursor) -> None:
+        """End a read before its last row: KILL QUERY, else close the connection (module docstring)."""
         self._stream = None
-        # PyMySQL drains an unfinished stream when the cursor or its result is closed or
-        # collected; tell both there is nothing left to read.
-        result = self._conn._result
-        if result is not None:
-            result.unbuffered_active = False
-        cursor.connection = None
-        self._closed_by_abandoned_read = True
-        with suppress(Exception):  # the socket may already be gone
-            self._conn._force_close()  # PyMySQL has no public way to drop a stream
+        if self._conn.open and self._kill_query():
+            # Reads what the server had already sent, up to its "Query execution was
+            # interrupted" (or the last row): the result is over, the connection goes on.
+            with suppress(pymysql.err.MySQLError):
+                cursor.close()
+            if self._conn.open:
+                cursor.close()  # a close that met the error stopped before marking the cursor closed
+                return
+        # No second connection (the server's connection limit), or this one is gone.
+        self._closed_by_stopped_read = True
+        self._disconnect()
+        _forget(cursor)
+
+
+def _forget(cursor: pymysql.cursors.SSCursor) -> None:
+    """Close a streaming cursor whose connection is closed: nothing is left to read.
+
+    PyMySQL (1.1, 1.2) has no public way to: its result still waits for the rest of
+    the rows, and the cursor's ``close()`` and the result's finalizer would read them
+    from the closed socket and raise ("Exception ignored in MySQLResult.__del__").
+    The one use of PyMySQL's private state, and only once the socket is gone.
+    """
+    result = cursor._result
+    if result is not None:
+        result.unbuffered_active = False
+    cursor.close()

@@ -52,7 +52,7 @@ from typing import Any
 
 from executor.credentials import redact
 from executor.filters import compile_where
-from executor.sources import Source, SourceError, UnknownSchema
+from executor.sources.base import Source, SourceError, UnknownSchema, foreign_keys
 
 # SQLite's default SQLITE_MAX_FUNCTION_ARG is 127: at most 63 key/value pairs per
 # json_object() call, so wide tables are encoded as several objects glued together.
@@ -251,19 +251,7 @@ class SQLiteSource(Source):
                 "FROM pragma_foreign_key_list(?) ORDER BY id, seq",
                 (name,),
             ).fetchall()
-        keys: dict[int, dict[str, Any]] = {}
-        for key_id, parent, column, target, on_update, on_delete in rows:
-            key = keys.setdefault(
-                key_id,
-                {
-                    "columns": [],
-                    "references": {"table": parent, "columns": []},
-                    "on_update": on_update,
-                    "on_delete": on_delete,
-                },
-            )
-            key["columns"].append(column)
-            key["references"]["columns"].append(target)
+        keys = foreign_keys(rows)
         for key in keys.values():
             # "REFERENCES parent" without columns means the parent's primary key.
             if None in key["references"]["columns"]:
@@ -335,7 +323,9 @@ class SQLiteSource(Source):
             if rowid is None:
                 yield from self._cursor_batches(name, row_json, columns, clause, params, batch_size)
             else:
-                yield from self._rowid_batches(name, row_json, columns, clause, params, rowid, batch_size)
+                chunks = self._rowid_chunks(name, row_json, columns, clause, params, rowid, batch_size)
+                for text, count in _read_ahead(chunks):
+                    yield _valid_utf8(text), count
 
     def _rowid_name(self, relation: _Relation, columns: list[str]) -> str | None:
         """The name that reaches the rowid of an ordinary table, or None (no rowid)."""
@@ -381,20 +371,6 @@ class SQLiteSource(Source):
             else:
                 kinds.append(_AFFINITY_KINDS.get(_affinity(declared), "any"))
         return kinds
-
-    def _rowid_batches(
-        self,
-        name: str,
-        row_json: str,
-        columns: list[str],
-        clause: str,
-        params: list[Any],
-        rowid: str,
-        batch_size: int,
-    ) -> Iterator[tuple[bytes, int]]:
-        chunks = self._rowid_chunks(name, row_json, columns, clause, params, rowid, batch_size)
-        for text, count in _read_ahead(chunks):
-            yield _valid_utf8(text), count
 
     def _rowid_chunks(
         self,

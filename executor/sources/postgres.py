@@ -21,11 +21,9 @@ table. Materialized views are listed as views (exported only when named;
 an unpopulated one fails the run with PostgreSQL's message). Foreign tables
 are not listed: their rows live in another server, outside the snapshot.
 
-Row counts. ``count()`` is exact, inside the snapshot (it gives
-``records_total``). The ``row_count`` of ``schemas()`` and ``describe()`` is
-exact for tables under 32 MiB on disk and otherwise PostgreSQL's planner
-estimate (``pg_class.reltuples``, null when the table was never analyzed),
-so that listing a large database stays fast; for views it is null.
+Row counts (``executor.sources.server``): a table's size is its size on disk,
+the estimate PostgreSQL's planner's (``pg_class.reltuples``, null when the
+table was never analyzed); an unpopulated materialized view has none.
 
 Type fidelity (PostgreSQL → JSON value):
 
@@ -72,7 +70,6 @@ import itertools
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -84,13 +81,10 @@ from psycopg.types import TypeInfo
 from psycopg.types.array import register_array
 from psycopg.types.string import TextLoader
 
-from executor.credentials import ambiguous_password, source_secrets
-from executor.filters import compile_where
-from executor.rowjson import RowEncoder, compact_json, one_line
-from executor.sources import Source, SourceError, UnknownSchema
-
-# Tables smaller than this on disk get an exact row_count in listings.
-EXACT_COUNT_MAX_BYTES = 32 * 1024 * 1024
+from executor.credentials import ambiguous_password
+from executor.sources.base import SourceError
+from executor.sources.rowjson import RowEncoder, compact_json, one_line
+from executor.sources.server import Listed, ServerSource
 
 # Session settings the loaders below rely on.
 SESSION_SETTINGS = """
@@ -217,19 +211,6 @@ def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""').replace("%", "%%") + '"'
 
 
-@dataclass(frozen=True)
-class _Relation:
-    name: str
-    oid: int
-    namespace: str
-    relname: str
-    kind: str  # table | view
-
-    @property
-    def sql(self) -> str:
-        return f"{_quote(self.namespace)}.{_quote(self.relname)}"
-
-
 # Every relation that is a schema of the source, with what listings need.
 _RELATIONS_SQL = """
 SELECT CASE WHEN n.nspname = 'public' THEN c.relname ELSE n.nspname || '.' || c.relname END,
@@ -254,13 +235,39 @@ SELECT CASE WHEN n.nspname = 'public' THEN c.relname ELSE n.nspname || '.' || c.
 """
 
 
-class PostgresSource(Source):
+def _listed(row: tuple[Any, ...]) -> Listed:
+    """A row of _RELATIONS_SQL as a listing.
+
+    An exact count only for a table the session may read; the planner's estimate only
+    once the table was analyzed (reltuples ≥ 0); neither for a view or an unpopulated
+    materialized view.
+    """
+    name, oid, namespace, relname, relkind, columns, size, estimate, populated, readable = row
+    counted = relkind != "v" and populated
+    return Listed(
+        name=name,
+        kind="table" if relkind in "rp" else "view",
+        sql=f"{_quote(namespace)}.{_quote(relname)}",
+        columns=columns,
+        size=size if counted and readable else None,
+        estimate=int(estimate) if counted and estimate is not None and estimate >= 0 else None,
+        key=oid,
+    )
+
+
+class PostgresSource(ServerSource):
     """A read-only PostgreSQL connection (see the module docstring for the rules)."""
 
     dialect = "postgresql"
+    _label = "PostgreSQL"
+    _errors = (psycopg.Error,)
+    _columns_sql = (
+        "SELECT attname FROM pg_attribute"
+        " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
+    )
+    _quote = staticmethod(_quote)
 
-    def __init__(self, location: str) -> None:
-        self._secrets = source_secrets(location)  # first: libpq's parse errors may echo parts of the URL
+    def _configure(self, location: str) -> None:
         if ambiguous_password(location, _libpq_userinfo(location)):
             raise SourceError(
                 "The PostgreSQL URL is ambiguous: libpq ends the user name and password at the first "
@@ -272,7 +279,7 @@ class PostgresSource(Source):
         except psycopg.Error as exc:
             raise SourceError(f"Invalid PostgreSQL URL: {self._reason(exc)}") from None
         self._host = params.get("host") or "localhost"
-        self._port: int | str = params.get("port") or 5432  # as written until connected: "5432,5433"…
+        self._port = params.get("port") or 5432  # as written until connected: "5432,5433"…
         self._database = params.get("dbname") or params.get("user") or ""
         self._location = location
         self._extra: dict[str, Any] = {}
@@ -283,21 +290,9 @@ class PostgresSource(Source):
         self._array_oids: set[int] = set()
         self._json_oids = set(JSON_OIDS)  # and the user arrays of JSON registered on this connection
         self._cursor_ids = itertools.count(1)
-        self._in_snapshot = False
-        self._closed = False
-        self._conn = self._connect()
 
-    def _connect(self) -> psycopg.Connection[Any]:
-        try:
-            conn = psycopg.connect(self._location, autocommit=True, **self._extra)
-        except psycopg.Error as exc:
-            # 'from None': the driver's message may carry the connection string.
-            # 'connection to server at "h", port 5432 failed: FATAL:  <the reason>'
-            reason = one_line(self._reason(exc).rsplit(" failed: ", 1)[-1])
-            raise SourceError(
-                f"Cannot connect to PostgreSQL at {self._host}:{self._port} "
-                f"database '{self._database}': {_lower_first(reason)}"
-            ) from None
+    def _open(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(self._location, autocommit=True, **self._extra)
         try:
             conn.execute(SESSION_SETTINGS)
         except psycopg.Error as exc:
@@ -314,74 +309,11 @@ class PostgresSource(Source):
         self._json_oids = set(JSON_OIDS)
         return conn
 
-    def _reconnect_if_lost(self) -> None:
-        """A long-lived source (the service's) survives a server restart.
+    def _connect_reason(self, exc: BaseException) -> str:
+        # 'connection to server at "h", port 5432 failed: FATAL:  <the reason>'
+        return _lower_first(one_line(self._reason(exc).rsplit(" failed: ", 1)[-1]))
 
-        Never inside a snapshot: a new connection would silently be a new snapshot.
-        """
-        if (self._conn.broken or self._conn.closed) and not self._in_snapshot and not self._closed:
-            self._conn = self._connect()
-
-    # -- plumbing
-
-    def _reason(self, exc: BaseException) -> str:
-        return one_line(exc, *self._secrets)
-
-    @contextmanager
-    def _translate(self, action: str, name: str | None = None) -> Iterator[None]:
-        """Driver errors become one-line SourceErrors (UnknownSchema for a dropped table)."""
-        try:
-            yield
-        except psycopg.errors.UndefinedTable:
-            if name is None:
-                raise SourceError(f"PostgreSQL could not {action}: a table has disappeared") from None
-            raise UnknownSchema(name) from None
-        except psycopg.Error as exc:
-            if self._conn.broken or self._conn.closed:
-                raise SourceError(
-                    f"Lost the connection to PostgreSQL at {self._host}:{self._port} "
-                    f"database '{self._database}' while trying to {action}: {self._reason(exc)}"
-                ) from exc
-            raise SourceError(f"PostgreSQL could not {action}: {self._reason(exc)}") from exc
-
-    def _fetch(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
-        return self._conn.execute(query, params).fetchall()
-
-    def _relations(self, name: str | None = None) -> list[tuple[Any, ...]]:
-        if name is None:
-            return sorted(self._fetch(_RELATIONS_SQL))
-        # The public table wins when a name could mean two relations (module docstring).
-        return self._fetch(
-            _RELATIONS_SQL
-            + " AND ((n.nspname = 'public' AND c.relname = %s)"
-            + " OR (n.nspname <> 'public' AND n.nspname || '.' || c.relname = %s))"
-            + " ORDER BY n.nspname <> 'public' LIMIT 1",
-            (name, name),
-        )
-
-    def _resolve(self, name: str) -> _Relation:
-        self._reconnect_if_lost()
-        with self._translate(f"look up '{name}'"):
-            rows = self._relations(name)
-        if not rows:
-            raise UnknownSchema(name)
-        display, oid, namespace, relname, relkind = rows[0][:5]
-        return _Relation(display, oid, namespace, relname, "table" if relkind in "rp" else "view")
-
-    def _row_count(self, row: tuple[Any, ...]) -> int | None:
-        """Exact for small readable tables, else the planner's estimate (module docstring)."""
-        _name, _oid, namespace, relname, relkind, _ncols, size, estimate, populated, readable = row
-        if relkind == "v" or not populated:
-            return None
-        if readable and size is not None and size <= EXACT_COUNT_MAX_BYTES:
-            sql = f"SELECT count(*) FROM {_quote(namespace)}.{_quote(relname)}"
-            return self._fetch(sql)[0][0]
-        return int(estimate) if estimate is not None and estimate >= 0 else None
-
-    # -- the Source interface
-
-    def close(self) -> None:
-        self._closed = True
+    def _disconnect(self) -> None:
         self._conn.close()
 
     def interrupt(self) -> None:
@@ -390,52 +322,31 @@ class PostgresSource(Source):
         with suppress(psycopg.Error):
             self._conn.cancel_safe(timeout=5)
 
-    def location(self) -> dict[str, Any]:
-        return {
-            "dialect": self.dialect,
-            "host": self._host,
-            "port": self._port,
-            "database": self._database,
-        }
+    def _gone(self) -> bool:
+        return self._conn.broken or self._conn.closed
 
-    def schemas(self) -> list[dict[str, Any]]:
-        self._reconnect_if_lost()
-        with self._translate("list the schemas"):
-            return [
-                {
-                    "name": row[0],
-                    "type": "table" if row[4] in "rp" else "view",
-                    "columns": row[5],
-                    "row_count": self._row_count(row),
-                }
-                for row in self._relations()
-            ]
+    def _missing_table(self, exc: BaseException) -> bool:
+        return isinstance(exc, psycopg.errors.UndefinedTable)
 
-    def names(self) -> list[str]:
-        self._reconnect_if_lost()
-        with self._translate("list the schemas"):
-            return [row[0] for row in self._relations()]
+    def _fetch(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        return self._conn.execute(query, params).fetchall()
 
-    def columns(self, name: str) -> list[str]:
-        relation = self._resolve(name)
-        with self._translate(f"read the columns of '{name}'", name):
-            rows = self._fetch(
-                "SELECT attname FROM pg_attribute"
-                " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-                (relation.oid,),
-            )
-        return [row[0] for row in rows]
+    def _listing(self) -> list[Listed]:
+        return [_listed(row) for row in sorted(self._fetch(_RELATIONS_SQL))]
 
-    def describe(self, names: list[str]) -> dict[str, dict[str, Any]]:
-        described = {}
-        for name in names:
-            relation = self._resolve(name)
-            with self._translate(f"describe '{name}'", name):
-                described[name] = self._describe(relation)
-        return described
+    def _lookup(self, name: str) -> Listed | None:
+        # The public table wins when a name could mean two relations (module docstring).
+        rows = self._fetch(
+            _RELATIONS_SQL
+            + " AND ((n.nspname = 'public' AND c.relname = %s)"
+            + " OR (n.nspname <> 'public' AND n.nspname || '.' || c.relname = %s))"
+            + " ORDER BY n.nspname <> 'public' LIMIT 1",
+            (name, name),
+        )
+        return _listed(rows[0]) if rows else None
 
-    def _describe(self, relation: _Relation) -> dict[str, Any]:
-        oid = relation.oid
+    def _structure(self, listed: Listed) -> dict[str, Any]:
+        oid = listed.key
         constraints = self._fetch(
             """
             SELECT con.contype,
@@ -515,45 +426,25 @@ class PostgresSource(Source):
                 (oid,),
             )
         ]
-        listing = self._relations(relation.name)
         return {
-            "type": relation.kind,
             "columns": columns,
             "primary_key": primary_key,
             "foreign_keys": foreign_keys,
             "indexes": indexes,
-            "row_count": self._row_count(listing[0]) if listing else None,
         }
 
     @contextmanager
-    def snapshot(self) -> Iterator[None]:
-        if self._in_snapshot:
-            raise RuntimeError("snapshot() is already open on this source")
-        self._reconnect_if_lost()
-        # BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY DEFERRABLE (set in _connect).
+    def _transaction(self) -> Iterator[None]:
+        # BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY DEFERRABLE (set in _open).
         with self._translate("hold the read transaction"), self._conn.transaction():
-            self._in_snapshot = True
-            try:
-                yield
-            finally:
-                self._in_snapshot = False
+            yield
 
-    def count(self, name: str, where: dict[str, Any] | None) -> int:
-        relation = self._resolve(name)
-        clause, params = compile_where(where, _quote, "%s")
-        with self._translate(f"count the rows of '{name}'", name):
-            return self._fetch(f"SELECT count(*) FROM {relation.sql}{clause}", params)[0][0]
-
-    def json_batches(self, name: str, where: dict[str, Any] | None, batch_size: int) -> Iterator[list[bytes]]:
-        relation = self._resolve(name)
-        clause, params = compile_where(where, _quote, "%s")
-        action = f"read '{name}'"
-        with self._translate(action, name):
-            self._register_arrays(relation.oid)
-        with self._translate(action, name), self._reading():
+    def _rows(self, listed: Listed, clause: str, params: list[Any], batch_size: int) -> Iterator[list[bytes]]:
+        self._register_arrays(listed.key)
+        with self._reading():
             cursor = self._conn.cursor(name=f"extracts_{next(self._cursor_ids)}")
             with cursor:
-                cursor.execute(f"SELECT * FROM {relation.sql}{clause}", params)
+                cursor.execute(f"SELECT * FROM {listed.sql}{clause}", params)
                 description = cursor.description or []
                 encoder = RowEncoder(
                     [column.name for column in description],

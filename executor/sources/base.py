@@ -1,19 +1,14 @@
-"""The source abstraction: one class per database dialect, one interface.
+"""What every source is: the Source interface and the two errors it raises.
 
-The service (parent process) uses a Source to list and describe schemas and to
-validate extract configurations; the worker processes use it to read every
-selected schema inside one read transaction and stream rows as JSON.
-
-Implementations: ``executor.sqlite_source.SQLiteSource`` (the default),
-``executor.postgres.PostgresSource``, ``executor.mysql.MySQLSource``.
-Every implementation opens its source read-only, quotes every identifier and
-binds every value as a parameter.
+A dialect module (``sqlite``, ``postgres``, ``mysql``) implements Source;
+``executor.sources.open_source`` picks one by the location's scheme. The errors
+carry one line for a human, never a credential.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -114,17 +109,26 @@ class Source(ABC):
                 yield b"\n".join(batch), len(batch)
 
 
-def open_source(location: str) -> Source:
-    """Open the source named by a path or URL; raises SourceError with a one-line reason."""
-    scheme = location.split("://", 1)[0].lower() if "://" in location else ""
-    if scheme in ("postgresql", "postgres"):
-        from executor.postgres import PostgresSource
+def foreign_keys(
+    rows: Iterable[tuple[Hashable, str, str, str | None, str, str]],
+) -> dict[Hashable, dict[str, Any]]:
+    """``describe.yaml``'s foreign keys, from one row per column of each key.
 
-        return PostgresSource(location)
-    if scheme in ("mysql", "mariadb"):
-        from executor.mysql import MySQLSource
-
-        return MySQLSource(location)
-    from executor.sqlite_source import SQLiteSource
-
-    return SQLiteSource(location)
+    A row: (the key's id, the referenced table, the column, the referenced column,
+    on_update, on_delete), each key's rows in column order. Keys keep the order in
+    which they first appear.
+    """
+    keys: dict[Hashable, dict[str, Any]] = {}
+    for key_id, table, column, target, on_update, on_delete in rows:
+        key = keys.setdefault(
+            key_id,
+            {
+                "columns": [],
+                "references": {"table": table, "columns": []},
+                "on_update": on_update,
+                "on_delete": on_delete,
+            },
+        )
+        key["columns"].append(column)
+        key["references"]["columns"].append(target)
+    return keys
