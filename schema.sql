@@ -1,9 +1,10 @@
 -- The service's own state. Applied at every start-up; every statement is
--- idempotent. Schema changes bump PRAGMA user_version (see extracts_state.SCHEMA_VERSION)
--- and add a migration step in extracts_state.migrate(), which runs before this file.
+-- idempotent. Schema changes bump PRAGMA user_version (extracts/state.py SCHEMA_VERSION)
+-- and add a migration step in extracts/state.py migrate(), which runs before this file.
 --
--- Enumerations are mirrored by the str Enums in extracts_app (RunStatus, Format,
--- TriggeredBy): change both together.
+-- Enumerations are mirrored in Python: run statuses by executor/messages.py RunStatus,
+-- triggered_by by extracts/state.py TriggeredBy, formats by extracts/config.py FORMATS;
+-- change both together.
 -- JSON-valued columns (include, schemas, filter, progress_detail, error_detail,
 -- config_snapshot) hold JSON text. Booleans are 0/1. Timestamps are ISO 8601 UTC
 -- text with a Z suffix, so they sort as text.

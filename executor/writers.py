@@ -12,10 +12,8 @@ where everything after the queue runs on the file's own thread: zlib, hashlib
 and file writes release the GIL, so compressing and hashing overlap with
 reading the source. The queue is bounded: memory stays flat.
 
-Records arrive as chunks of JSON lines (``Source.json_lines``). Formats (SPEC:
-Artifacts, 2): ``jsonl`` one object per line, ``json`` one array, ``yaml`` one
-sequence of mappings, each streamed chunk by chunk; and
-``archive``, one tar stream (gzip'd with ``compress``) holding ``describe.yaml``,
+Records arrive as chunks of JSON lines, laid out by a format (``executor.formats``);
+``archive`` is one tar stream (gzip'd with ``compress``) holding ``describe.yaml``,
 plain ``<schema>.jsonl`` members and an inner ``manifest.json``.
 """
 
@@ -24,18 +22,16 @@ from __future__ import annotations
 import hashlib
 import io
 import queue
-import re
 import tarfile
 import threading
 import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-import orjson
-import yaml
-
+from executor.formats import Encoder, JsonLines, encoder
+from executor.messages import Artifact
 from executor.naming import safe_file_name
 from extracts.storage import LowDiskSpace, NameClash, Storage, StoredFile
 
@@ -45,7 +41,6 @@ _BLOCK = 1 << 20  # bytes handed to the file thread at a time
 _QUEUE_BLOCKS = 2
 _SPACE_CHECK_EVERY = 64 << 20
 _GZIP_LEVEL = 1  # fast: the files are big and mostly repetitive JSON
-_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 class RunFiles:
@@ -209,136 +204,6 @@ def write_file(place: RunPlace, name: str, data: bytes) -> FileInfo:
         return file.commit()
 
 
-# ---------------------------------------------------------------- record encoders
-
-
-class Encoder(Protocol):
-    """A data format: the bytes before, for each chunk of JSON lines, and after the records."""
-
-    extension: str
-    content_type: str
-
-    def head(self) -> bytes: ...
-
-    def body(self, chunk: bytes, first: bool) -> tuple[bytes, ...]: ...
-
-    def tail(self, records: int) -> bytes: ...
-
-
-class JsonLines:
-    """``jsonl``: one object per line; an empty table is an empty file."""
-
-    extension, content_type = "jsonl", "application/x-ndjson"
-
-    def head(self) -> bytes:
-        return b""
-
-    def body(self, chunk: bytes, first: bool) -> tuple[bytes, ...]:
-        return chunk, b"\n"
-
-    def tail(self, records: int) -> bytes:
-        return b""
-
-
-class JsonArray:
-    """``json``: one array, an object per line; ``[]`` when empty."""
-
-    extension, content_type = "json", "application/json"
-
-    def head(self) -> bytes:
-        return b"["
-
-    def body(self, chunk: bytes, first: bool) -> tuple[bytes, ...]:
-        # Newlines only separate records: a JSON object never holds a raw one.
-        return b"\n" if first else b",\n", chunk.replace(b"\n", b",\n")
-
-    def tail(self, records: int) -> bytes:
-        return b"\n]\n" if records else b"]\n"
-
-
-# Characters a YAML reader refuses (DEL, C1 controls, U+FFFE/F) or folds into a
-# space (NEL, U+2028/9) inside a double-quoted scalar, and the BOM: as UTF-8 bytes.
-# Outside JSON strings there is only ASCII, so they are always inside one.
-_YAML_UNSAFE = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]|\xef\xbb\xbf|\xef\xbf[\xbe\xbf]")
-# The same, tested piece by piece (one alternation tries every byte, about six
-# times slower): each scan looks for a literal lead, with memchr or with sre's
-# literal-prefix search.
-_YAML_LINE_SEPARATORS = re.compile(rb"\xe2\x80[\xa8\xa9]")
-_YAML_UNSAFE_AFTER_LEAD = {
-    b"\xc2": re.compile(rb"\xc2[\x80-\x9f]"),
-    b"\xef": re.compile(rb"\xef(?:\xbb\xbf|\xbf[\xbe\xbf])"),
-}
-# JSON that YAML 1.1 reads otherwise: a number with an exponent but no dot or no
-# sign (a string to YAML 1.1), an escaped UTF-16 surrogate (two lone halves).
-_YAML_MISREAD = re.compile(rb"[:,\[]-?[0-9]+(?:[eE]|\.[0-9]+[eE][0-9])|\\u[dD][89abAB]")
-
-
-def _has_yaml_unsafe(chunk: bytes) -> bool:
-    """Whether ``_YAML_UNSAFE`` matches ``chunk``: mostly not, and found out fast."""
-    if b"\x7f" in chunk or _YAML_LINE_SEPARATORS.search(chunk):
-        return True
-    for lead, pattern in _YAML_UNSAFE_AFTER_LEAD.items():
-        at = chunk.find(lead)
-        if at >= 0 and pattern.search(chunk, at):
-            return True
-    return False
-
-
-def _yaml_escape(match: re.Match[bytes]) -> bytes:
-    return b"\\u%04x" % ord(match.group().decode())
-
-
-class YamlSequence:
-    """``yaml``: one sequence of mappings, a record per line; ``[]`` when empty.
-
-    A JSON object is a YAML flow mapping, so each record is its JSON line after
-    ``- ``, with the few characters YAML reads differently escaped: about as
-    fast as ``jsonl``, and ``yaml.safe_load`` gives back the same values. Unless
-    the source vouches for its JSON (``Source.json_is_yaml_safe``), a chunk with
-    JSON that YAML 1.1 would misread goes through PyYAML instead, still one
-    flow mapping per line.
-    """
-
-    extension, content_type = "yaml", "application/yaml"
-
-    def __init__(self, json_is_yaml_safe: bool = False) -> None:
-        self.json_is_yaml_safe = json_is_yaml_safe
-
-    def head(self) -> bytes:
-        return b""
-
-    def body(self, chunk: bytes, first: bool) -> tuple[bytes, ...]:
-        if not self.json_is_yaml_safe and _YAML_MISREAD.search(chunk):
-            records = orjson.loads(b"[" + chunk.replace(b"\n", b",") + b"]")
-            return tuple(b"- " + dump_yaml(record, flow=True) for record in records)
-        if _has_yaml_unsafe(chunk):  # mostly not
-            chunk = _YAML_UNSAFE.sub(_yaml_escape, chunk)
-        return b"- ", chunk.replace(b"\n", b"\n- "), b"\n"
-
-    def tail(self, records: int) -> bytes:
-        return b"" if records else b"[]\n"
-
-
-def dump_yaml(data: Any, flow: bool = False) -> bytes:
-    """YAML (block style, or one flow line), keys in their order, unicode kept."""
-    return yaml.dump(
-        data,
-        Dumper=_YAML_DUMPER,
-        sort_keys=False,
-        allow_unicode=True,
-        default_flow_style=flow,
-        width=1 << 30,
-        encoding="utf-8",
-    )
-
-
-def encoder(fmt: str, json_is_yaml_safe: bool = False) -> Encoder:
-    """The encoder of a data format (``jsonl``, ``json``, ``yaml``)."""
-    if fmt == "yaml":
-        return YamlSequence(json_is_yaml_safe)
-    return JsonArray() if fmt == "json" else JsonLines()
-
-
 # ---------------------------------------------------------------- one schema's data
 
 
@@ -438,8 +303,8 @@ def artifact(
     part: int | None = None,
     records: int | None = None,
     primary: bool = True,
-) -> dict[str, Any]:
-    """The artifact message the worker sends to the service (see the executor contract)."""
+) -> Artifact:
+    """The artifact message the worker sends to the service."""
     return {
         "artifact_type": kind,
         "artifact_name": info.name,

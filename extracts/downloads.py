@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from executor.messages import RunStatus
 from executor.naming import download_base_name
 from extracts.http import Conflict, Gone, NotFound, ServiceUnavailable, ValidationFailed, query_param
 from extracts.ranges import requested_range
@@ -192,7 +193,7 @@ async def download_run(request: Request) -> Response:
             "compression must be 'stored' (the default) or 'deflate'",
             [{"field": "compression", "message": "compression must be 'stored' or 'deflate'"}],
         )
-    if run["status"] != "completed":
+    if run["status"] != RunStatus.COMPLETED:
         raise Conflict(
             f"Run {run['id']} is {run['status']}; only a completed run downloads as a "
             "ZIP (its files download one by one from /api/extracts/artifacts/<id>/download)"

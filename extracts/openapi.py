@@ -22,8 +22,9 @@ from executor.messages import Phase, RunStatus
 from extracts.catalog import Catalog
 from extracts.config import EXTRACT_FIELDS
 from extracts.http import error_kinds
-from extracts.records import MODELS, where_schema
+from extracts.records import ARTIFACT_FIELDS, MAX_OFFSET, MODELS, RUN_FIELDS, where_schema
 from extracts.state import FieldType, TriggeredBy
+from extracts.storage import LocalStorage
 
 TIMESTAMP = {"type": ["string", "null"], "format": "date-time"}
 ERROR = {
@@ -54,55 +55,47 @@ PROGRESS_DETAIL = {
         "records_total": {"type": "integer"},
     },
 }
-RUN = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string"},
-        "extract_id": {"type": "string"},
-        "extract_name": {"type": "string"},
+JSON_TYPES = {
+    FieldType.TEXT: {"type": "string"},
+    FieldType.INTEGER: {"type": "integer"},
+    FieldType.NUMBER: {"type": "number"},
+    FieldType.BOOLEAN: {"type": "boolean"},
+    FieldType.TIMESTAMP: TIMESTAMP,
+    FieldType.JSON: {"type": "object"},
+}
+
+
+def record_schema(
+    fields: dict[str, FieldType], nullable: set[str], exact: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """A record's schema from its field table: ``nullable`` fields may be null, ``exact`` says more."""
+    properties = {}
+    for name, kind in fields.items():
+        schema = exact.get(name, JSON_TYPES[kind])
+        if name in nullable:
+            schema = {**schema, "type": [schema["type"], "null"]}
+        properties[name] = schema
+    return {"type": "object", "properties": properties}
+
+
+RUN = record_schema(
+    RUN_FIELDS,
+    {"duration_seconds", "error", "error_detail"},
+    {
         "status": {"type": "string", "enum": [status.value for status in RunStatus]},
         "progress": {"type": "integer", "minimum": 0, "maximum": 100},
         "progress_detail": PROGRESS_DETAIL,
-        "started_at": TIMESTAMP,
-        "completed_at": TIMESTAMP,
-        "duration_seconds": {"type": ["number", "null"]},
-        "records_exported": {"type": "integer"},
-        "schemas_exported": {"type": "integer"},
-        "artifacts_created": {"type": "integer"},
-        "total_size_bytes": {"type": "integer"},
-        "error": {"type": ["string", "null"]},
-        "error_detail": {"type": ["object", "null"]},
         "triggered_by": {"type": "string", "enum": [trigger.value for trigger in TriggeredBy]},
-        "config_snapshot": {"type": "object"},
-        "created_at": TIMESTAMP,
-        "updated_at": TIMESTAMP,
     },
-}
-ARTIFACT = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string"},
-        "run_id": {"type": "string"},
-        "extract_id": {"type": "string"},
-        "artifact_type": {"type": "string"},
-        "artifact_name": {"type": "string"},
-        "schema_name": {"type": ["string", "null"]},
-        "part": {"type": ["integer", "null"]},
-        "storage_path": {"type": "string"},
-        "storage_backend": {"type": "string", "enum": ["local"]},
-        "format": {"type": "string"},
-        "content_type": {"type": "string"},
-        "size_bytes": {"type": "integer"},
-        "records": {"type": ["integer", "null"]},
+)
+ARTIFACT = record_schema(
+    ARTIFACT_FIELDS,
+    {"schema_name", "part", "records"},
+    {
+        "storage_backend": {"type": "string", "enum": [LocalStorage.backend]},
         "checksum": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-        "is_primary": {"type": "boolean"},
-        "created_at": TIMESTAMP,
-        "expires_at": TIMESTAMP,
-        "accessed_at": TIMESTAMP,
-        "download_count": {"type": "integer"},
-        "deleted_at": TIMESTAMP,
     },
-}
+)
 DESCRIBE_ENTRY = {
     "type": "object",
     "required": ["name", "type", "columns", "primary_key", "foreign_keys", "indexes", "row_count"],
@@ -178,7 +171,6 @@ FILTER_RULES = (
     "those in `schemas` when it is given; on PUT, those in `schemas` as sent or, when "
     "not sent, as stored."
 )
-MAX_OFFSET = 2**63 - 1
 
 
 def _error_codes() -> dict[str, str]:

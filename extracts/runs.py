@@ -49,6 +49,8 @@ from extracts.state import (
 from extracts.storage import Storage
 
 INTERRUPTED = "interrupted: the service stopped while this run was running"
+# The statuses as SQL text, from the one enum (schema.sql's CHECK mirrors it).
+PENDING, QUEUED, RUNNING = (sql_list((status.value,))[1:-1] for status in ACTIVE_STATUSES)
 ACTIVE = sql_list(tuple(status.value for status in ACTIVE_STATUSES))
 
 
@@ -77,11 +79,11 @@ class Runs:
         """After a crash: runs left running failed as interrupted; pending ones queued (SPEC)."""
         now = now_iso()
         interrupted = await self.db.fetch_all(
-            f"UPDATE extract_runs SET {ending()}, error = :error WHERE status = 'running' RETURNING id",
+            f"UPDATE extract_runs SET {ending()}, error = :error WHERE status = {RUNNING} RETURNING id",
             {"status": RunStatus.FAILED.value, "error": INTERRUPTED, "now": now},
         )
         await self.db.execute(
-            "UPDATE extract_runs SET status = 'queued', updated_at = :now WHERE status = 'pending'",
+            f"UPDATE extract_runs SET status = {QUEUED}, updated_at = :now WHERE status = {PENDING}",
             {"now": now},
         )
         for row in interrupted:  # half-written files of the runs cut short
@@ -97,7 +99,7 @@ class Runs:
             inserted = await self.db.fetch_one(
                 "INSERT INTO extract_runs (id, extract_id, extract_name, status, progress, "
                 "progress_detail, triggered_by, config_snapshot, created_at, updated_at) "
-                f"SELECT :id, id, name, 'queued', 0, :detail, :by, :snapshot, {SQL_NOW}, {SQL_NOW} "
+                f"SELECT :id, id, name, {QUEUED}, 0, :detail, :by, :snapshot, {SQL_NOW}, {SQL_NOW} "
                 "FROM extracts WHERE id = :extract AND deleted_at IS NULL AND enabled = 1 "
                 "RETURNING id",
                 {
@@ -138,9 +140,9 @@ class Runs:
     async def claim(self) -> Job | None:
         """The oldest queued run, now 'running', as the job its worker gets; None when none waits."""
         row = await self.db.fetch_one(
-            "UPDATE extract_runs SET status = 'running', started_at = :now, updated_at = :now "
-            "WHERE id = (SELECT id FROM extract_runs WHERE status = 'queued' "
-            "ORDER BY created_at, rowid LIMIT 1) AND status = 'queued' "
+            f"UPDATE extract_runs SET status = {RUNNING}, started_at = :now, updated_at = :now "
+            f"WHERE id = (SELECT id FROM extract_runs WHERE status = {QUEUED} "
+            f"ORDER BY created_at, rowid LIMIT 1) AND status = {QUEUED} "
             "RETURNING id, extract_id, extract_name, config_snapshot, created_at",
             {"now": now_iso()},
         )
@@ -160,7 +162,7 @@ class Runs:
     async def record_progress(self, run_id: str, progress: Progress) -> None:
         await self.db.execute(
             "UPDATE extract_runs SET progress = max(progress, min(:progress, 99)), "
-            "progress_detail = :detail, updated_at = :now WHERE id = :id AND status = 'running'",
+            f"progress_detail = :detail, updated_at = :now WHERE id = :id AND status = {RUNNING}",
             {
                 "progress": int(progress["progress"]),
                 "detail": dumps(progress["progress_detail"]),
@@ -229,7 +231,7 @@ class Runs:
             f"UPDATE extract_runs SET {ending(*(['records_exported'] if completed else []))}, "
             "error = :error, error_detail = :error_detail"
             + (", progress = 100" if completed else "")
-            + " WHERE id = :id AND status = 'running'",
+            + f" WHERE id = :id AND status = {RUNNING}",
             {
                 "status": status.value,
                 "now": now_iso(),
@@ -249,8 +251,8 @@ class Runs:
         """
         values = {"detail": dumps(progress_detail(Phase.QUEUED)), "now": now_iso()}
         requeue = (
-            "UPDATE extract_runs SET status = 'queued', progress = 0, progress_detail = :detail, "
-            "started_at = NULL, updated_at = :now WHERE status = 'running'"
+            f"UPDATE extract_runs SET status = {QUEUED}, progress = 0, progress_detail = :detail, "
+            f"started_at = NULL, updated_at = :now WHERE status = {RUNNING}"
         )
         async with self.db.transaction():
             if run_ids is None:

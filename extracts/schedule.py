@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +24,16 @@ from extracts.storage import Storage
 log = logging.getLogger("extracts.schedule")
 
 TICK_S = 1.0
+
+
+async def every(seconds: float, step: Callable[[], Awaitable[object]], what: str) -> None:
+    """Run ``step`` every ``seconds``, for ever; a failed step is logged and tried again next time."""
+    while True:
+        try:
+            await step()
+        except Exception:  # noqa: BLE001 — e.g. the state file locked: the next turn retries
+            log.exception("%s failed", what)
+        await asyncio.sleep(seconds)
 
 
 async def next_run_at(config: dict[str, Any], now: datetime, keep: str | None = None) -> str | None:
@@ -42,12 +52,7 @@ class Scheduler:
         self.db, self.runs, self.clock = db, runs, clock
 
     async def run_forever(self) -> None:
-        while True:
-            try:
-                await self.tick()
-            except Exception:  # noqa: BLE001 — retry at the next tick
-                log.exception("scheduler tick failed")
-            await asyncio.sleep(TICK_S)
+        await every(TICK_S, self.tick, "scheduler tick")
 
     async def tick(self) -> list[str]:
         """Queue every due extract; returns the runs started. A due time while running is skipped."""
@@ -90,12 +95,7 @@ class Sweeper:
         self.active, self.clock = active, clock
 
     async def run_forever(self) -> None:
-        while True:
-            try:
-                await self.sweep()
-            except Exception:  # noqa: BLE001 — retry at the next interval
-                log.exception("retention sweep failed")
-            await asyncio.sleep(self.interval)
+        await every(self.interval, self.sweep, "retention sweep")
 
     async def sweep(self) -> int:
         """One sweep; returns how many artifacts expired."""

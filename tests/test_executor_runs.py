@@ -29,7 +29,7 @@ from executor_fixtures import (
 )
 
 from executor import run_extract, safe_file_name
-from executor.writers import encoder
+from executor.formats import encoder
 
 QUOTED = 'notes "2024" Zoë\'s'
 TABLES = ["../../etc/passwd", "empty", "keyed", QUOTED, "order items", "orders", "users", "values"]
