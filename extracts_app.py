@@ -31,7 +31,7 @@ from starlette.routing import Mount, Route, Router
 from executor.credentials import BlankingFormatter
 from executor.sources import SourceError
 from extracts import downloads, handlers, state
-from extracts.catalog import Catalog
+from extracts.catalog import Catalog, DocumentCache
 from extracts.handlers import Service, get_handler, list_handler
 from extracts.http import (
     ApiError,
@@ -42,7 +42,6 @@ from extracts.http import (
     http_exception_handler,
     source_error_handler,
 )
-from extracts.openapi import DocumentCache
 from extracts.pool import WorkerPool
 from extracts.runs import Runs
 from extracts.schedule import Scheduler, Sweeper
@@ -106,7 +105,7 @@ def operations() -> list[tuple[str, str, str]]:
 def create_app(settings: Settings) -> Starlette:
     """The ASGI app; ``prepare(settings)`` must have run (the CLI does it)."""
     db = state.open_database(settings.db)
-    storage = open_storage(settings.storage)
+    storage = open_storage(settings.storage, settings.storage_endpoint)
     catalog = Catalog(settings.source)
     runs = Runs(db, storage, settings.source, settings.min_free_mb << 20)
     pool = WorkerPool(runs, storage, settings.workers)

@@ -82,7 +82,8 @@ CREATE TABLE IF NOT EXISTS extract_artifacts (
     schema_name     TEXT,
     part            INTEGER,
     storage_path    TEXT NOT NULL,
-    storage_backend TEXT NOT NULL DEFAULT 'local' CHECK (storage_backend IN ('local')),
+    storage_backend TEXT NOT NULL DEFAULT 'local'
+                    CHECK (storage_backend IN ('local', 's3', 'gcs', 'azure')),
     format          TEXT NOT NULL,
     content_type    TEXT NOT NULL,
     size_bytes      INTEGER NOT NULL CHECK (size_bytes >= 0),

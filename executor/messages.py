@@ -74,6 +74,7 @@ class Job(TypedDict):
     extract_name: str
     source: str
     storage: str  # where the run's files go: --storage (extracts.storage.open_storage)
+    storage_endpoint: str | None  # --storage-endpoint
     min_free_bytes: int
     created_at: str
     config: RunConfig

@@ -158,7 +158,8 @@ class Export:
         self.include = self.config.get("include") or ["describe", "data"]
         self.records_exported = 0
         self.schemas_exported = 0
-        self.place = RunPlace(open_storage(job["storage"]), job["run_id"], int(job["min_free_bytes"]))
+        storage = open_storage(job["storage"], job.get("storage_endpoint"))
+        self.place = RunPlace(storage, job["run_id"], int(job["min_free_bytes"]))
 
     def report(self, item: Artifact) -> None:
         if item["artifact_type"].startswith("data-") or item["artifact_type"] == "archive":

@@ -1,20 +1,25 @@
 """Every read of the source the service makes itself (the workers read it for runs).
 
 The describe API, validation of an extract's ``schemas`` and ``filter``, and the
-OpenAPI document's list of schemas and columns. Each read opens the source in a
-worker thread, never on the event loop; a source that cannot be read raises
-``SourceError`` (a 503 for the request).
+OpenAPI document's list of schemas and columns, kept with the documents built
+from it (``DocumentCache``). Each read opens the source in a worker thread,
+never on the event loop; a source that cannot be read raises ``SourceError``
+(a 503 for the request).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import orjson
 
 from executor.filters import check_where
 from executor.sources import SourceError, open_source
+from extracts.openapi import openapi_document
 
 # What a check read of the catalog: every schema name, and the columns of the filtered schemas.
 Seen = tuple[set[str], dict[str, list[str]]]
@@ -90,3 +95,70 @@ class Catalog:
                     problems = check_where(spec["where"], columns[schema], field=f"{field}.where")
                     details += [{"field": path, "message": message} for path, message in problems]
         return details, (known, columns)
+
+
+CATALOG_TTL_S = 60.0
+CATALOG_RETRY_S = 5.0  # after the source could not be read
+
+
+@dataclass(frozen=True)
+class KeptDocument:
+    expires: float
+    catalog: dict[str, list[str]] | None
+    document: bytes
+
+
+class DocumentCache:
+    """The two documents, serialized: neither is built per request.
+
+    The anonymous one is built once. The authenticated one lists the source's catalog:
+    read and built in a worker thread (one read for a burst of requests), kept for
+    CATALOG_TTL_S, and dropped sooner when validation reads a catalog that differs.
+    """
+
+    def __init__(
+        self,
+        build: Callable[[dict[str, list[str]] | None], bytes],
+        read_catalog: Callable[[], dict[str, list[str]] | None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._build = build
+        self._read_catalog = read_catalog
+        self.clock = clock
+        self._anonymous: bytes | None = None
+        self._kept: KeptDocument | None = None
+        self._lock = anyio.Lock()
+
+    @classmethod
+    def of(cls, routes: Sequence[tuple[str, str, str]], catalog: Catalog) -> DocumentCache:
+        """The documents of the app's routes over the source's catalog, refreshed when it changes."""
+        cache = cls(lambda columns: orjson.dumps(openapi_document(routes, columns)), catalog.columns)
+        catalog.watch(cache.notice)
+        return cache
+
+    def anonymous(self) -> bytes:
+        if self._anonymous is None:
+            self._anonymous = self._build(None)
+        return self._anonymous
+
+    async def authenticated(self) -> bytes:
+        async with self._lock:
+            kept = self._kept
+            if kept is None or self.clock() >= kept.expires:
+
+                def load() -> tuple[dict[str, list[str]] | None, bytes]:
+                    catalog = self._read_catalog()
+                    return catalog, self._build(catalog)
+
+                catalog, document = await anyio.to_thread.run_sync(load)
+                ttl = CATALOG_TTL_S if catalog is not None else CATALOG_RETRY_S
+                self._kept = kept = KeptDocument(self.clock() + ttl, catalog, document)
+            return kept.document
+
+    def notice(self, names: set[str], columns: dict[str, list[str]]) -> None:
+        """What validation read of the source: every schema name, some schemas' columns."""
+        kept = self._kept
+        if kept is None or kept.catalog is None:
+            return
+        if set(kept.catalog) != names or any(kept.catalog.get(s) != c for s, c in columns.items()):
+            self._kept = None

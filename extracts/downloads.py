@@ -32,7 +32,7 @@ from extracts.http import Conflict, Gone, NotFound, ServiceUnavailable, Validati
 from extracts.ranges import requested_range
 from extracts.records import ARTIFACT_FIELDS, RUN_FIELDS
 from extracts.state import now_iso, parse_iso
-from extracts.storage import FileChangedError, HeldFiles
+from extracts.storage import FileChangedError, HeldFiles, StorageError
 from extracts.zipstream import StoredZip, ZipEntry, write_deflated
 
 # 1 MiB per thread hop: 64 KiB (Starlette's FileResponse) ran at 130-180 MB/s here, 1 MiB
@@ -69,6 +69,8 @@ async def hold(request: Request, artifacts: list[dict[str, Any]]) -> HeldFiles:
         if isinstance(exc, FileNotFoundError):
             raise NotFound(f"{what} is missing from storage ({path})") from None
         raise NotFound(f"{what} cannot be sent: {exc}") from None
+    except StorageError as exc:  # the object store is down or refused: retry later
+        raise ServiceUnavailable(f"{exc}; retry in a moment", headers={"Retry-After": "5"}) from None
     except OSError as exc:
         raise ServiceUnavailable(
             f"Cannot open the files to send: {exc.strerror} ({exc.filename}); "
@@ -130,6 +132,8 @@ async def download_artifact(request: Request) -> Response:
         raise NotFound(f"Artifact {request.path_params['id']} not found")
     artifact = dict(artifact._mapping)
     check_not_gone([artifact])
+    if await redirect_requested(request):
+        return await redirect(request, artifact)
     size, etag = artifact["size_bytes"], f'"{artifact["checksum"]}"'
     requested = requested_range(request, etag, size, "file")
     start, end = requested or (0, size)
@@ -158,6 +162,40 @@ async def download_artifact(request: Request) -> Response:
     except BaseException:
         await release(files)
         raise
+
+
+SIGNED_FOR_S = 15 * 60  # SPEC: a presigned URL is valid 15 minutes
+
+
+async def redirect_requested(request: Request) -> bool:
+    """``?redirect=true`` (or false, the default); 400 naming anything else."""
+    value = query_param(request, "redirect", "false")
+    if value not in ("true", "false"):
+        raise ValidationFailed(
+            "redirect must be true or false",
+            [{"field": "redirect", "message": "redirect must be true or false"}],
+        )
+    return value == "true"
+
+
+async def redirect(request: Request, artifact: dict[str, Any]) -> Response:
+    """307 to a URL the store signed, so a large file need not pass through the service.
+
+    The file is checked first (404 naming it when it is gone); the download counts.
+    """
+    st = request.app.state.extracts
+    files = await hold(request, [artifact])
+    try:
+        url = await anyio.to_thread.run_sync(st.storage.sign, artifact["storage_path"], SIGNED_FOR_S)
+    finally:
+        await release(files)
+    if url is None:
+        raise ValidationFailed(
+            f"The storage ({st.storage.backend}) cannot sign URLs; download without redirect=true",
+            [{"field": "redirect", "message": f"the {st.storage.backend} storage cannot sign URLs"}],
+        )
+    await count_download(st.db, "id", artifact["id"])
+    return Response(status_code=307, headers={"Location": url, "Cache-Control": "no-store"})
 
 
 def content_disposition(name: str) -> str:

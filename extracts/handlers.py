@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from executor.messages import ACTIVE_STATUSES, RunStatus
-from extracts.catalog import Catalog
+from extracts.catalog import Catalog, DocumentCache
 from extracts.config import extract_columns, validate_extract
 from extracts.http import (
     Conflict,
@@ -28,7 +28,6 @@ from extracts.http import (
     ok,
     read_json_object,
 )
-from extracts.openapi import DocumentCache
 from extracts.pool import WorkerPool
 from extracts.records import EXTRACT_RECORD_FIELDS, MODELS, fetch_record, list_query, to_record
 from extracts.runs import ACTIVE, Runs

@@ -1,30 +1,24 @@
 """``GET /openapi.json``: every route with its parameters, bodies, responses and errors.
 
-Built from the same field table that validates extract configurations, so the
+Built from the route table and the same field tables that validate, so the
 document cannot drift from what the API accepts. Two documents: the anonymous one
 names nothing of the source; a valid token gets the source's schemas and columns
-(SPEC: Starting it). ``DocumentCache`` keeps both.
+(SPEC: Starting it). ``catalog.DocumentCache`` keeps both.
 """
 
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
-
-import anyio
-import orjson
 
 from executor.filters import MAX_LIST, MAX_OPERANDS
 from executor.messages import Phase, RunStatus
-from extracts.catalog import Catalog
 from extracts.config import EXTRACT_FIELDS
 from extracts.http import error_kinds
 from extracts.records import ARTIFACT_FIELDS, MAX_OFFSET, MODELS, RUN_FIELDS, where_schema
 from extracts.state import FieldType, TriggeredBy
-from extracts.storage import LocalStorage
+from extracts.storage import OBJECT_SCHEMES
 
 TIMESTAMP = {"type": ["string", "null"], "format": "date-time"}
 ERROR = {
@@ -92,7 +86,7 @@ ARTIFACT = record_schema(
     ARTIFACT_FIELDS,
     {"schema_name", "part", "records"},
     {
-        "storage_backend": {"type": "string", "enum": [LocalStorage.backend]},
+        "storage_backend": {"type": "string", "enum": ["local", *sorted(set(OBJECT_SCHEMES.values()))]},
         "checksum": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
     },
 )
@@ -281,6 +275,7 @@ def operation(
     secured: bool = True,
     partial: dict[str, Any] | None = None,
     ok_headers: dict[str, Any] | None = None,
+    redirects: bool = False,
 ) -> dict[str, Any]:
     responses: dict[str, Any] = {
         ok_status: {
@@ -292,6 +287,11 @@ def operation(
         responses[ok_status]["headers"] = ok_headers
     if partial is not None:  # a slice of the file: not parseable as its content type says
         responses["206"] = {"description": f"The requested byte range, as one of: {', '.join(partial)}"}
+    if redirects:
+        responses["307"] = {
+            "description": "redirect=true: the file at a URL the object store signed",
+            "headers": {"Location": {"required": True, "schema": {"type": "string"}}},
+        }
     for status in [*errors, "401", "500", "503"] if secured else errors:
         responses[status] = {"description": ERROR_CODES[status], "content": json_content(ERROR)}
     op: dict[str, Any] = {"summary": summary, "responses": responses}
@@ -494,10 +494,21 @@ def openapi_document(
             "Download one artifact (Range supported)",
             "200",
             None,
-            ["404", "410", "416"],
-            [ID, *RANGE_HEADERS],
+            ["400", "404", "410", "416"],
+            [
+                ID,
+                {
+                    "name": "redirect",
+                    "in": "query",
+                    "schema": {"type": "string", "enum": ["true", "false"], "default": "false"},
+                    "description": "true: 307 to a URL the object store signed (valid 15 minutes); "
+                    "400 where the storage cannot sign (a local directory)",
+                },
+                *RANGE_HEADERS,
+            ],
             ok_content=file_content,
             partial=file_content,
+            redirects=True,
         ),
         "describe_list": operation(
             "List the source's tables and views",
@@ -527,70 +538,3 @@ def openapi_document(
         "security": [{"bearer": []}],
         "paths": paths_of(routes, operations),
     }
-
-
-CATALOG_TTL_S = 60.0
-CATALOG_RETRY_S = 5.0  # after the source could not be read
-
-
-@dataclass(frozen=True)
-class KeptDocument:
-    expires: float
-    catalog: dict[str, list[str]] | None
-    document: bytes
-
-
-class DocumentCache:
-    """The two documents, serialized: neither is built per request.
-
-    The anonymous one is built once. The authenticated one lists the source's catalog:
-    read and built in a worker thread (one read for a burst of requests), kept for
-    CATALOG_TTL_S, and dropped sooner when validation reads a catalog that differs.
-    """
-
-    def __init__(
-        self,
-        build: Callable[[dict[str, list[str]] | None], bytes],
-        read_catalog: Callable[[], dict[str, list[str]] | None],
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._build = build
-        self._read_catalog = read_catalog
-        self.clock = clock
-        self._anonymous: bytes | None = None
-        self._kept: KeptDocument | None = None
-        self._lock = anyio.Lock()
-
-    @classmethod
-    def of(cls, routes: Sequence[tuple[str, str, str]], catalog: Catalog) -> DocumentCache:
-        """The documents of the app's routes over the source's catalog, refreshed when it changes."""
-        cache = cls(lambda columns: orjson.dumps(openapi_document(routes, columns)), catalog.columns)
-        catalog.watch(cache.notice)
-        return cache
-
-    def anonymous(self) -> bytes:
-        if self._anonymous is None:
-            self._anonymous = self._build(None)
-        return self._anonymous
-
-    async def authenticated(self) -> bytes:
-        async with self._lock:
-            kept = self._kept
-            if kept is None or self.clock() >= kept.expires:
-
-                def load() -> tuple[dict[str, list[str]] | None, bytes]:
-                    catalog = self._read_catalog()
-                    return catalog, self._build(catalog)
-
-                catalog, document = await anyio.to_thread.run_sync(load)
-                ttl = CATALOG_TTL_S if catalog is not None else CATALOG_RETRY_S
-                self._kept = kept = KeptDocument(self.clock() + ttl, catalog, document)
-            return kept.document
-
-    def notice(self, names: set[str], columns: dict[str, list[str]]) -> None:
-        """What validation read of the source: every schema name, some schemas' columns."""
-        kept = self._kept
-        if kept is None or kept.catalog is None:
-            return
-        if set(kept.catalog) != names or any(kept.catalog.get(s) != c for s, c in columns.items()):
-            self._kept = None

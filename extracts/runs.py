@@ -154,6 +154,7 @@ class Runs:
             "extract_name": row["extract_name"],
             "source": self.source,
             "storage": str(self.storage),
+            "storage_endpoint": self.storage.endpoint,
             "min_free_bytes": self.min_free_bytes,
             "created_at": row["created_at"],
             "config": orjson.loads(row["config_snapshot"]),

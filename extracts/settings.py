@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from extracts.storage import OBJECT_SCHEMES
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -38,7 +40,19 @@ SETTINGS = (
     ),
     Setting("db", "./extracts.db", "EXTRACTS_DB", "the service's own SQLite state file", metavar="PATH"),
     Setting(
-        "storage", "/tmp/extracts", "EXTRACTS_STORAGE", "directory where artifacts are written", metavar="DIR"
+        "storage",
+        "/tmp/extracts",
+        "EXTRACTS_STORAGE",
+        "where artifacts are written: a directory, or an object store s3://bucket/prefix, "
+        "gs://bucket/prefix, az://container/prefix",
+        metavar="DIR|URL",
+    ),
+    Setting(
+        "storage_endpoint",
+        None,
+        "EXTRACTS_STORAGE_ENDPOINT",
+        "the object store's endpoint (S3-compatible stores, emulators); default: the cloud's own",
+        metavar="URL",
     ),
     Setting("host", "127.0.0.1", "EXTRACTS_HOST", "address to listen on"),
     Setting("port", 9001, "EXTRACTS_PORT", "port to listen on", int),
@@ -81,7 +95,8 @@ class Settings:
 
     source: str | None
     db: Path
-    storage: Path
+    storage: str
+    storage_endpoint: str | None
     host: str
     port: int
     token: str | None
@@ -124,5 +139,6 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
     if values["cleanup_interval"] <= 0:
         parser.error("--cleanup-interval [EXTRACTS_CLEANUP_INTERVAL] must be positive")
     values["db"] = Path(values["db"]).expanduser().absolute()
-    values["storage"] = Path(values["storage"]).expanduser().absolute()
+    if values["storage"].split("://", 1)[0].lower() not in OBJECT_SCHEMES:
+        values["storage"] = str(Path(values["storage"]).expanduser().absolute())
     return Settings(**values)

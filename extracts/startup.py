@@ -30,8 +30,8 @@ def prepare(settings: Settings) -> None:
         state.prepare_state_file(settings.db)
     except (OSError, sqlite3.Error) as exc:
         raise StartupError(f"cannot write the state file {settings.db}: {exc}") from exc
-    storage = open_storage(settings.storage)
     try:
+        storage = open_storage(settings.storage, settings.storage_endpoint)
         storage.probe()
     except StorageError as exc:
         raise StartupError(str(exc)) from exc

@@ -10,6 +10,7 @@ only writer; worker processes never open this file.
 
 from __future__ import annotations
 
+import re
 import secrets
 import sqlite3
 import string
@@ -26,7 +27,7 @@ from databases.backends.sqlite import SQLiteConnection
 from databases.interfaces import ConnectionBackend, DatabaseBackend
 from sqlalchemy.dialects.sqlite import pysqlite
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 15.0
 
 
@@ -140,14 +141,31 @@ def migrate(con: sqlite3.Connection, from_version: int) -> None:
     Version 1 is the first; a new file (version 0) is made whole by schema.sql.
     Each step is one transaction and can run again.
     """
-    if 1 <= from_version < 2:
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            _rename_artifacts_equal_ignoring_case(con)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+    steps = {2: _rename_artifacts_equal_ignoring_case, 3: _rebuild_artifacts}
+    for version, step in steps.items():
+        if 1 <= from_version < version:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                step(con)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+
+def _rebuild_artifacts(con: sqlite3.Connection) -> None:
+    """Version 3 lets storage_backend be an object store (s3, gcs, azure), not only local.
+
+    SQLite changes a CHECK only by rebuilding the table: schema.sql's own definition
+    of the table (the one place it is written) makes the new one, every row is copied,
+    and schema.sql then recreates the indexes.
+    """
+    statement = re.search(r"CREATE TABLE IF NOT EXISTS extract_artifacts \(.*?\n\);", schema_sql(), re.S)
+    assert statement is not None, "schema.sql defines extract_artifacts"
+    con.execute(statement[0].replace("IF NOT EXISTS extract_artifacts", "extract_artifacts_v3"))
+    con.execute("INSERT INTO extract_artifacts_v3 SELECT * FROM extract_artifacts")
+    con.execute("DROP TABLE extract_artifacts")
+    con.execute("ALTER TABLE extract_artifacts_v3 RENAME TO extract_artifacts")
 
 
 # SQLite's NOCASE: ASCII letters only.

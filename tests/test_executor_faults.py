@@ -25,7 +25,8 @@ from executor_fixtures import Channel, build_big_table, make_job, make_source, m
 from executor import run_extract
 from executor.worker import Export, Monitor
 from executor.writers import ArtifactFile, RunPlace
-from extracts.storage import LocalStorage, LowDiskSpace
+from extracts.storage import LowDiskSpace
+from extracts.storage.local import LocalStorage
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from extracts import storage
 from extracts.storage import FileChangedError
-from extracts.storage import LocalHeldFiles as HeldFiles
+from extracts.storage import local as storage
+from extracts.storage.local import LocalHeldFiles as HeldFiles
 from extracts.zipstream import FileReader, StoredZip, ZipEntry, write_deflated
 
 WHEN = (2024, 5, 17, 13, 45, 30)

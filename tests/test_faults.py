@@ -642,7 +642,7 @@ def test_a_run_message_that_meets_a_locked_state_file_is_applied_later(tmp_path:
     from executor.messages import RunStatus, result
     from extracts.pool import WorkerPool
     from extracts.runs import Runs
-    from extracts.storage import LocalStorage
+    from extracts.storage.local import LocalStorage
 
     async def scenario() -> WorkerPool:
         storage = LocalStorage(tmp_path)
@@ -662,7 +662,7 @@ def test_the_dispatcher_survives_a_locked_state_file(tmp_path: Path) -> None:
 
     from extracts.pool import WorkerPool
     from extracts.runs import Runs
-    from extracts.storage import LocalStorage
+    from extracts.storage.local import LocalStorage
 
     async def scenario() -> tuple[LockedTwice, bool]:
         db = LockedTwice()

@@ -183,7 +183,8 @@ def test_a_finished_file_never_replaces_another(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool
 ) -> None:
     from executor.writers import ArtifactFile, RunPlace
-    from extracts.storage import LocalStorage, NameClash
+    from extracts.storage import NameClash
+    from extracts.storage.local import LocalStorage
 
     if not hard_links:  # a volume without hard links (FAT, exFAT): link() says EPERM
 
@@ -488,7 +489,7 @@ def test_an_artifact_message_applied_twice_is_recorded_once(tmp_path: Path) -> N
     from extracts.pool import WorkerPool
     from extracts.runs import Runs
     from extracts.state import open_database
-    from extracts.storage import LocalStorage
+    from extracts.storage.local import LocalStorage
 
     con = state_file(tmp_path)
     add_run(con, "run_x")
@@ -563,7 +564,7 @@ def test_a_version_1_state_file_keeps_artifacts_that_differ_only_in_case(tmp_pat
     prepare_state_file(path)
     prepare_state_file(path)  # and again: nothing more changes
     con = sqlite3.connect(path, isolation_level=None)
-    assert con.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (2,)
+    assert con.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
     assert (
         con.execute("SELECT id, storage_path, checksum FROM extract_artifacts ORDER BY rowid").fetchall()
         == before

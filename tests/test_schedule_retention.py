@@ -13,7 +13,7 @@ from conftest import make_shop_db, start_service
 from extracts import state
 from extracts.runs import Runs
 from extracts.schedule import Scheduler, next_run_at
-from extracts.storage import LocalStorage
+from extracts.storage.local import LocalStorage
 
 
 def scheduler_at(tmp_path: Path, clock: list[datetime]) -> tuple[Scheduler, Path]:

@@ -241,7 +241,7 @@ def test_openapi_document_cache_reads_the_catalog_once_per_burst_and_expiry() ->
     """DocumentCache with a catalog reader that counts its calls and an injected clock."""
     import asyncio
 
-    from extracts.openapi import CATALOG_RETRY_S, CATALOG_TTL_S, DocumentCache
+    from extracts.catalog import CATALOG_RETRY_S, CATALOG_TTL_S, DocumentCache
 
     reads: list[int] = []
     builds: list[object] = []

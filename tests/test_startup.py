@@ -138,7 +138,7 @@ def test_settings_from_flags_environment_and_defaults(tmp_path: Path) -> None:
     assert (settings.source, settings.db, settings.storage) == (
         None,
         Path("extracts.db").absolute(),
-        Path("/tmp/extracts"),
+        "/tmp/extracts",
     )
     assert (settings.host, settings.port, settings.token) == ("127.0.0.1", 9001, None)
     assert settings.workers == (os.cpu_count() or 1) and settings.min_free_mb == 100
@@ -153,8 +153,10 @@ def test_settings_from_flags_environment_and_defaults(tmp_path: Path) -> None:
         "EXTRACTS_WORKERS": "3",
         "EXTRACTS_MIN_FREE_MB": "5",
         "EXTRACTS_CLEANUP_INTERVAL": "60",
+        "EXTRACTS_STORAGE_ENDPOINT": "http://127.0.0.1:9000",
     }
     settings = parse_settings([], env)
+    assert settings.storage_endpoint == "http://127.0.0.1:9000"
     assert (
         settings.source,
         settings.db,
@@ -165,7 +167,10 @@ def test_settings_from_flags_environment_and_defaults(tmp_path: Path) -> None:
         settings.workers,
         settings.min_free_mb,
         settings.cleanup_interval,
-    ) == ("x.db", Path("/tmp/s.db"), Path("/tmp/st"), "0.0.0.0", 9100, "tok", 3, 5, 60.0)
+    ) == ("x.db", Path("/tmp/s.db"), "/tmp/st", "0.0.0.0", 9100, "tok", 3, 5, 60.0)
+    # An object store URL stays a URL; a relative directory becomes absolute.
+    assert parse_settings(["--storage", "s3://bucket/pre"], {}).storage == "s3://bucket/pre"
+    assert parse_settings(["--storage", "st"], {}).storage == str(Path("st").absolute())
     settings = parse_settings(["--port", "9200", "--workers", "1", "--min-free-mb", "7"], env)
     assert (settings.port, settings.workers, settings.min_free_mb) == (9200, 1, 7)
     with pytest.raises(SystemExit):

@@ -1,0 +1,329 @@
+"""Object stores through obstore: S3 (and S3-compatible stores), Google Cloud Storage, Azure.
+
+A run's files are objects ``<prefix>/<run_id>/<file name>``. Credentials,
+region and endpoint come from each cloud's standard environment variables
+(obstore reads them: ``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``,
+``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_ACCOUNT_NAME``…), and
+``--storage-endpoint`` overrides the endpoint.
+
+Writing streams a multipart upload of ``PART_BYTES`` parts, at most
+``UPLOADS_AT_ONCE`` in flight: a worker holds a bounded buffer whatever the
+file's size, and no local disk. ``commit`` completes the upload and checks the
+stored size; ``discard`` aborts it, so a failed or cancelled run leaves no
+half-uploaded object. A download holds the objects it sends: their deletion
+(a run deleted, the retention sweep) waits until the download ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
+
+import obstore
+from obstore.store import AzureStore, GCSStore, S3Store
+
+from extracts.storage.base import (
+    OBJECT_SCHEMES,
+    FileChangedError,
+    HeldFiles,
+    NameClash,
+    Storage,
+    StorageError,
+    StoredFile,
+    StoreUnavailable,
+)
+
+PART_BYTES = 8 << 20  # a multipart upload's part (S3 needs 5 MiB at least)
+UPLOADS_AT_ONCE = 2  # parts in flight per file: memory stays at a few parts per worker
+READ_BYTES = 1 << 20
+SCRATCH = ".scratch"  # an archive's members, uploaded then copied into the tarball
+CLIENT_OPTIONS = {"connect_timeout": "5s", "timeout": "60s"}
+RETRY = {"max_retries": 3, "retry_timeout": timedelta(seconds=30)}
+
+
+def _store(scheme: str, bucket: str, prefix: str, endpoint: str | None) -> Any:
+    options: dict[str, Any] = {"client_options": CLIENT_OPTIONS, "retry_config": RETRY}
+    if prefix:
+        options["prefix"] = prefix
+    if scheme == "s3":
+        config = {"endpoint": endpoint} if endpoint else {}
+        if (endpoint or "").startswith("http://"):
+            options["client_options"] = CLIENT_OPTIONS | {"allow_http": True}
+        return S3Store(bucket, config=config, **options)
+    if scheme == "gs":
+        return GCSStore(bucket, config={"base_url": endpoint} if endpoint else {}, **options)
+    config = {"endpoint": endpoint} if endpoint else {}
+    return AzureStore(bucket, config=config, **options)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an obstore error (its debug dump follows on later lines)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+class ObjectStorage(Storage):
+    """``s3://``, ``gs://`` or ``az://`` ``bucket[/prefix]``."""
+
+    def __init__(self, url: str, endpoint: str | None = None) -> None:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        self.backend = OBJECT_SCHEMES[scheme]
+        self.bucket = parts.netloc
+        self.prefix = parts.path.strip("/")
+        if not self.bucket:
+            raise StorageError(f"--storage {url}: name a bucket, as in {scheme}://bucket/prefix")
+        # The URL as shown: scheme, bucket and prefix only (a user-info part never survives).
+        self.url = f"{scheme}://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.endpoint = endpoint
+        self._store = _store(scheme, self.bucket, self.prefix, endpoint)
+        self._held: Counter[str] = Counter()  # keys being sent by downloads
+        self._deferred: set[str] = set()  # keys to delete once no download holds them
+        self._lock = threading.Lock()
+
+    def __str__(self) -> str:
+        return self.url
+
+    def _failed(self, exc: BaseException, doing: str) -> StoreUnavailable:
+        return StoreUnavailable(f"The object store {self.url} failed to {doing}: {_reason(exc)}")
+
+    def key(self, storage_path: str) -> str:
+        """The object key (below the prefix) of an artifact's storage_path."""
+        base = self.url + "/"
+        if not storage_path.startswith(base):
+            raise StorageError(f"{storage_path} is not in the storage {self.url}")
+        return storage_path[len(base) :]
+
+    def probe(self) -> None:
+        key = f".write-test-{threading.get_ident()}"
+        try:
+            obstore.put(self._store, key, b"ok")
+            obstore.delete(self._store, key)
+        except Exception as exc:  # noqa: BLE001 — obstore raises many kinds; one line names the cause
+            raise StorageError(f"cannot write to the object store {self.url}: {_reason(exc)}") from None
+
+    def storage_path(self, run_id: str, name: str) -> str:
+        return f"{self.url}/{run_id}/{name}"
+
+    def begin_run(self, run_id: str) -> None:
+        """Objects need no directory."""
+
+    def open_file(self, run_id: str, name: str) -> StoredFile:
+        return ObjectFile(self, f"{run_id}/{name}", name)
+
+    def open_scratch(self, run_id: str, name: str) -> StoredFile:
+        return ObjectFile(self, f"{run_id}/{SCRATCH}/{name}", name)
+
+    def free_bytes(self, run_id: str | None = None) -> int | None:
+        return None  # a bucket has no free-space reserve
+
+    def hold(self, files: Sequence[tuple[str, int]]) -> HeldFiles:
+        return ObjectHeldFiles(self, files)
+
+    def delete_run(self, run_id: str) -> None:
+        for key in self._keys(f"{run_id}/"):
+            self._delete(key)
+
+    def delete(self, storage_path: str) -> None:
+        self._delete(self.key(storage_path))
+
+    def remove_partial(self, run_id: str) -> None:
+        for key in self._keys(f"{run_id}/{SCRATCH}/"):
+            self._delete(key)
+
+    def remove_empty_runs(self, active: set[str]) -> None:
+        """Objects leave no empty directory behind; deletions a download held back are retried."""
+        with self._lock:
+            ready = [key for key in self._deferred if not self._held[key]]
+        for key in ready:
+            self._delete(key)
+
+    def sign(self, storage_path: str, seconds: int) -> str | None:
+        try:
+            return obstore.sign(self._store, "GET", self.key(storage_path), timedelta(seconds=seconds))
+        except Exception:  # noqa: BLE001 — a store without signing credentials (anonymous, emulators)
+            return None
+
+    # ------------------------------------------------------------ plumbing
+
+    def _keys(self, prefix: str) -> list[str]:
+        try:
+            return [item["path"] for batch in obstore.list(self._store, prefix) for item in batch]
+        except Exception as exc:  # noqa: BLE001
+            raise self._failed(exc, f"list {prefix}") from None
+
+    def _delete(self, key: str) -> None:
+        with self._lock:
+            if self._held[key]:  # a download is sending it: deleted when it is released
+                self._deferred.add(key)
+                return
+            self._deferred.discard(key)
+        try:
+            obstore.delete(self._store, key)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            raise self._failed(exc, f"delete {key}") from None
+
+    def _hold(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            self._held.update(keys)
+
+    def _release(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            self._held.subtract(keys)
+            ready = [key for key in keys if key in self._deferred and not self._held[key]]
+        for key in ready:
+            try:
+                self._delete(key)
+            except StorageError:  # the sweep retries deferred deletions
+                with self._lock:
+                    self._deferred.add(key)
+
+
+class ObjectFile(StoredFile):
+    """A streaming multipart upload; the object exists only once ``commit`` completes it."""
+
+    def __init__(self, storage: ObjectStorage, key: str, name: str) -> None:
+        self.name, self.key, self._storage = name, key, storage
+        self._size = 0
+        self._writer = obstore.open_writer(
+            storage._store, key, buffer_size=PART_BYTES, max_concurrency=UPLOADS_AT_ONCE
+        )
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._writer.write(data)
+        except Exception as exc:  # noqa: BLE001
+            raise self._storage._failed(exc, f"upload {self.key}") from None
+        self._size += len(data)
+
+    def commit(self) -> None:
+        try:
+            obstore.head(self._storage._store, self.key)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            self.discard()
+            raise self._storage._failed(exc, f"upload {self.key}") from None
+        else:
+            self.discard()
+            raise NameClash(f"Cannot write {self.key}: an object of that name is already in the store")
+        try:
+            self._writer.close()
+            stored = obstore.head(self._storage._store, self.key)["size"]
+        except Exception as exc:  # noqa: BLE001
+            self.discard()
+            raise self._storage._failed(exc, f"upload {self.key}") from None
+        if stored != self._size:
+            raise StoreUnavailable(
+                f"The object store {self._storage.url} stored {stored} bytes of {self.key}, "
+                f"{self._size} sent; the run fails rather than keep a damaged file"
+            )
+
+    def discard(self) -> None:
+        """Abort the upload (its parts go); an object already completed is deleted."""
+        # Errors are let go: the store is down (an aborted upload's parts cannot be
+        # listed back; a bucket lifecycle rule removes them), or the object is gone already.
+        if not self._writer.closed():
+            with contextlib.suppress(Exception):
+                self._writer.__exit__(StorageError, StorageError("discarded"), None)
+        else:
+            with contextlib.suppress(Exception):
+                obstore.delete(self._storage._store, self.key)
+
+    def read_back(self) -> BinaryIO:
+        self.commit()
+        return _ObjectReader(self._storage, self.key)  # type: ignore[return-value]
+
+
+class _ObjectReader:
+    """A scratch object read back in order (``tarfile`` copies it with ``read``)."""
+
+    def __init__(self, storage: ObjectStorage, key: str) -> None:
+        self._chunks = iter(obstore.get(storage._store, key).stream(min_chunk_size=READ_BYTES))
+        self._buffer = b""
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buffer += bytes(chunk)
+        if size < 0:
+            data, self._buffer = self._buffer, b""
+        else:
+            data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+    def __enter__(self) -> _ObjectReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._chunks = iter(())
+
+
+class ObjectHeldFiles(HeldFiles):
+    """Objects checked (HEAD) before a download's first byte, read in order with ranged GETs.
+
+    While held their deletion waits; a read at the position the last one ended
+    goes on with the same request, any other opens a ranged one.
+    """
+
+    def __init__(self, storage: ObjectStorage, files: Sequence[tuple[str, int]]) -> None:
+        self._storage = storage
+        self._keys = [storage.key(path) for path, _ in files]
+        self._modified: list[float] = []
+        self._stream: tuple[int, int, Iterator[Any]] | None = None  # (index, position, chunks)
+        self._pending = b""
+        storage._hold(self._keys)
+        # Released once, by close() or when the holder is garbage-collected (a backstop).
+        self._release = weakref.finalize(self, storage._release, list(self._keys))
+        try:
+            for (path, size), key in zip(files, self._keys, strict=True):
+                try:
+                    meta = obstore.head(storage._store, key)
+                except FileNotFoundError:
+                    raise FileNotFoundError(2, "No such object", path) from None
+                except Exception as exc:  # noqa: BLE001
+                    raise storage._failed(exc, f"read {key}") from None
+                if meta["size"] != size:
+                    raise FileChangedError(
+                        path, f"{path} is {meta['size']} bytes in the store but was recorded as {size}"
+                    )
+                self._modified.append(meta["last_modified"].timestamp())
+        except BaseException:
+            self.close()
+            raise
+
+    def read(self, index: int, offset: int, size: int) -> bytes:
+        if not self._release.alive:
+            raise ValueError("The files were released; this download can read nothing more.")
+        if self._stream is None or self._stream[:2] != (index, offset):
+            options = {"range": {"offset": offset}}
+            try:
+                result = obstore.get(self._storage._store, self._keys[index], options=options)
+            except Exception as exc:  # noqa: BLE001
+                raise self._storage._failed(exc, f"read {self._keys[index]}") from None
+            self._stream, self._pending = (index, offset, iter(result.stream(min_chunk_size=READ_BYTES))), b""
+        _, position, chunks = self._stream
+        while len(self._pending) < size:
+            chunk = next(chunks, None)
+            if chunk is None:
+                break
+            self._pending += bytes(chunk)
+        data, self._pending = self._pending[:size], self._pending[size:]
+        self._stream = (index, position + len(data), chunks)
+        return data
+
+    def modified(self, index: int) -> float:
+        return self._modified[index]
+
+    def close(self) -> None:
+        self._stream = None
+        self._release()
