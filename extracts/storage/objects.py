@@ -63,8 +63,9 @@ def _store(scheme: str, bucket: str, prefix: str, endpoint: str | None) -> Any:
 
 
 def _reason(exc: BaseException) -> str:
-    """The first line of an obstore error (its debug dump follows on later lines)."""
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    """The first line of an obstore error (its debug dump follows), without a response body."""
+    line = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return line.split(": <?xml", 1)[0].split(": {", 1)[0]
 
 
 class ObjectStorage(Storage):

@@ -1,0 +1,272 @@
+"""Object storage (SPEC: Object storage) against a real S3-compatible server: moto's server mode.
+
+The tests start ``moto_server`` on 127.0.0.1 (a separate process, nothing mocked
+inside ours) and the service with ``--storage s3://bucket/prefix
+--storage-endpoint http://127.0.0.1:<port>`` and the standard AWS variables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import obstore
+import pytest
+from conftest import Service, free_port, make_big_db, make_shop_db, start_service
+from obstore.store import S3Store
+
+BUCKET = "extracts-test"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+
+
+@dataclass
+class Moto:
+    """A running moto_server: an S3 endpoint on loopback."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def store(self, prefix: str) -> S3Store:
+        return S3Store(
+            BUCKET,
+            prefix=prefix,
+            config={
+                "endpoint": self.endpoint,
+                **{"access_key_id": "test", "secret_access_key": "test", "region": "us-east-1"},
+            },
+            client_options={"allow_http": True},
+        )
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def uploads_in_progress(self) -> int:
+        with urllib.request.urlopen(f"{self.endpoint}/{BUCKET}?uploads") as reply:
+            return reply.read().count(b"<Upload>")
+
+
+def start_moto(port: int | None = None, bucket: bool = True, **env: str) -> Moto:
+    port = port or free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **env},
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        process.kill()
+        process.wait()
+        raise AssertionError("moto_server did not start")
+    if bucket:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/{BUCKET}", method="PUT")
+        urllib.request.urlopen(request).close()
+    return Moto(port, process)
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[Moto]:
+    server = start_moto()
+    yield server
+    server.stop()
+
+
+def s3_service(tmp: Path, moto: Moto, source: str, prefix: str, *extra: str) -> Service:
+    return start_service(
+        tmp,
+        source,
+        "--storage-endpoint",
+        moto.endpoint,
+        *extra,
+        storage=f"s3://{BUCKET}/{prefix}",
+        env=CREDENTIALS,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory, moto: Moto) -> Iterator[Service]:
+    tmp = tmp_path_factory.mktemp("s3")
+    svc = s3_service(tmp, moto, str(make_shop_db(tmp / "shop.db")), "svc")
+    yield svc
+    svc.stop()
+
+
+def artifacts(svc: Service, run_id: str) -> list[dict]:
+    return svc.client.get(
+        "/api/data/extract_artifacts", params={"filter[where][run_id]": run_id, "filter[limit]": "1000"}
+    ).json()["data"]
+
+
+def object_bytes(moto: Moto, prefix: str, storage_path: str) -> bytes:
+    key = storage_path.removeprefix(f"s3://{BUCKET}/{prefix}/")
+    return bytes(obstore.get(moto.store(prefix), key).bytes())
+
+
+def test_runs_write_objects_that_download_as_files_and_as_a_resumable_zip(s3: Service, moto: Moto) -> None:
+    for fmt in ("jsonl", "archive"):
+        extract = s3.create_extract(name=f"S3 {fmt}", format=fmt, split_files=True, split_max_records=20)
+        run = s3.wait_run(s3.run(extract["id"]))
+        assert run["status"] == "completed", run
+        rows = artifacts(s3, run["id"])
+        assert {a["storage_backend"] for a in rows} == {"s3"}
+        for a in rows:
+            assert a["storage_path"] == f"s3://{BUCKET}/svc/{run['id']}/{a['artifact_name']}"
+            stored = object_bytes(moto, "svc", a["storage_path"])
+            assert (len(stored), hashlib.sha256(stored).hexdigest()) == (a["size_bytes"], a["checksum"])
+            r = s3.client.get(f"/api/extracts/artifacts/{a['id']}/download")
+            assert (r.status_code, r.content) == (200, stored)
+            r = s3.client.get(f"/api/extracts/artifacts/{a['id']}/download", headers={"Range": "bytes=3-40"})
+            assert (r.status_code, r.content) == (206, stored[3:41])
+        # The stored ZIP: its entries are the objects; a download resumed from any byte is the same.
+        url = f"/api/extracts/runs/{run['id']}/download"
+        whole = s3.client.get(url)
+        assert whole.status_code == 200 and int(whole.headers["content-length"]) == len(whole.content)
+        with zipfile.ZipFile(io.BytesIO(whole.content)) as archive:
+            assert archive.testzip() is None
+            assert {i.filename: archive.read(i) for i in archive.infolist()} == {
+                a["artifact_name"]: object_bytes(moto, "svc", a["storage_path"]) for a in rows
+            }
+        middle = len(whole.content) // 3
+        rest = s3.client.get(url, headers={"Range": f"bytes={middle}-", "If-Range": whole.headers["etag"]})
+        assert rest.status_code == 206 and whole.content[:middle] + rest.content == whole.content
+    assert moto.uploads_in_progress() == 0
+    keys = [o["path"] for batch in obstore.list(moto.store("svc")) for o in batch]
+    assert not [k for k in keys if "/.scratch/" in k]  # an archive's staged members are gone
+
+
+def test_a_redirect_hands_out_a_presigned_url(s3: Service, moto: Moto, tmp_path: Path) -> None:
+    extract = s3.create_extract(name="Signed", schemas=["users"])
+    run = s3.wait_run(s3.run(extract["id"]))
+    data = next(a for a in artifacts(s3, run["id"]) if a["artifact_type"] == "data-users")
+    r = s3.client.get(f"/api/extracts/artifacts/{data['id']}/download", params={"redirect": "true"})
+    assert r.status_code == 307
+    signed = httpx.get(r.headers["location"])  # no token, no AWS credentials: the URL is signed
+    assert signed.status_code == 200 and hashlib.sha256(signed.content).hexdigest() == data["checksum"]
+    r = s3.client.get(f"/api/extracts/artifacts/{data['id']}/download", params={"redirect": "maybe"})
+    assert r.status_code == 400 and r.json()["details"][0]["field"] == "redirect"
+    # A local directory cannot sign: 400, saying so.
+    local = start_service(tmp_path, str(make_shop_db(tmp_path / "shop.db")))
+    try:
+        extract = local.create_extract(name="Local", schemas=["users"])
+        run = local.wait_run(local.run(extract["id"]))
+        first = artifacts(local, run["id"])[0]
+        r = local.client.get(f"/api/extracts/artifacts/{first['id']}/download", params={"redirect": "true"})
+        assert r.status_code == 400 and "cannot sign" in r.json()["error"]
+    finally:
+        local.stop()
+
+
+def test_deleting_a_run_and_the_sweep_delete_the_objects(s3: Service, moto: Moto) -> None:
+    extract = s3.create_extract(name="Deleted", schemas=["users", "orders"])
+    run = s3.wait_run(s3.run(extract["id"]))
+    keys = lambda: [o["path"] for b in obstore.list(moto.store("svc"), run["id"]) for o in b]  # noqa: E731
+    assert len(keys()) == 4
+    assert s3.client.delete(f"/api/data/extract_runs/{run['id']}").status_code == 200
+    assert keys() == []
+    assert s3.client.get(f"/api/extracts/runs/{run['id']}/download").status_code == 410
+
+
+def test_an_object_deleted_behind_the_services_back_is_a_404_naming_it(s3: Service, moto: Moto) -> None:
+    extract = s3.create_extract(name="Vanishing", schemas=["users"])
+    run = s3.wait_run(s3.run(extract["id"]))
+    data = next(a for a in artifacts(s3, run["id"]) if a["artifact_type"] == "data-users")
+    obstore.delete(moto.store("svc"), f"{run['id']}/{data['artifact_name']}")
+    for url in (f"/api/extracts/runs/{run['id']}/download", f"/api/extracts/artifacts/{data['id']}/download"):
+        r = s3.client.get(url)
+        assert r.status_code == 404 and data["artifact_name"] in r.json()["error"], r.text
+
+
+def test_a_cancelled_upload_is_aborted_and_a_stopped_store_fails_the_run_naming_it(
+    tmp_path: Path, moto: Moto
+) -> None:
+    source = make_big_db(tmp_path / "big.db", 400_000)
+    svc = s3_service(tmp_path, moto, str(source), "faults", "--workers", "1")
+    try:
+        extract = svc.create_extract(name="Big", schemas=["small", "big"], compress=False)
+        run_id = svc.run(extract["id"])
+        deadline = time.monotonic() + 30
+        while moto.uploads_in_progress() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # big.jsonl's multipart upload has begun
+        assert svc.client.post(f"/api/extracts/{extract['id']}/cancel").status_code == 200
+        run = svc.wait_run(run_id)
+        time.sleep(1)
+        assert run["status"] == "cancelled" and moto.uploads_in_progress() == 0
+        assert sorted(a["artifact_name"] for a in artifacts(svc, run_id)) == ["describe.yaml", "small.jsonl"]
+        # The store dies mid-upload: the run fails with one line naming it.
+        run_id = svc.run(extract["id"])
+        while moto.uploads_in_progress() == 0 and time.monotonic() < deadline + 30:
+            time.sleep(0.05)
+        moto.stop()
+        run = svc.wait_run(run_id, timeout=120)
+        assert run["status"] == "failed" and f"s3://{BUCKET}/faults" in run["error"], run["error"]
+        assert "\n" not in run["error"]
+        assert "big.jsonl" not in [a["artifact_name"] for a in artifacts(svc, run_id)]
+        assert svc.client.get("/health").status_code == 200
+    finally:
+        svc.stop()
+        restarted = start_moto(moto.port)  # the module's other tests go on with a fresh store
+        moto.process = restarted.process
+
+
+@pytest.mark.parametrize("case", ["unreachable", "refused", "no bucket"])
+def test_start_up_fails_fast_naming_the_store(tmp_path: Path, case: str) -> None:
+    # With IAM checks on from the first request, moto refuses every key: credentials refused.
+    refusing = start_moto(bucket=False, INITIAL_NO_AUTH_ACTION_COUNT="0") if case == "refused" else None
+    endpoint = f"http://127.0.0.1:{free_port()}" if case == "unreachable" else None
+    try:
+        if refusing is not None:
+            endpoint = refusing.endpoint
+        elif endpoint is None:
+            running = start_moto()
+            endpoint, refusing = running.endpoint, running
+        bucket = "no-such-bucket" if case == "no bucket" else BUCKET
+        started = time.monotonic()
+        process = subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).parent.parent / "extracts_app.py"),
+                "--db",
+                str(tmp_path / "s.db"),
+                "--storage",
+                f"s3://{bucket}/p",
+                "--storage-endpoint",
+                endpoint,
+                "--port",
+                str(free_port()),
+                "--token",
+                "t",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, **CREDENTIALS},
+            cwd=tmp_path,
+        )
+        assert process.returncode == 1, process.stdout + process.stderr
+        assert process.stderr.startswith(f"extracts-app: cannot write to the object store s3://{bucket}/p: ")
+        assert process.stderr.count("\n") == 1, process.stderr
+        assert time.monotonic() - started < 60
+    finally:
+        if refusing is not None:
+            refusing.stop()
