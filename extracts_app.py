@@ -111,6 +111,7 @@ def create_app(settings: Settings) -> Starlette:
     pool = WorkerPool(runs, storage, settings.workers)
     documents = DocumentCache.of(operations(), catalog)
     st = Service(settings, db, storage, catalog, runs, pool, documents, state.utcnow)
+    runs.clock = lambda: st.clock()  # one clock for runs, retries and schedules (tests move it)
     scheduler = Scheduler(db, runs, lambda: st.clock())
     sweeper = Sweeper(db, storage, settings.cleanup_interval, pool.active, lambda: st.clock())
 

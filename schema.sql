@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS extracts (
     schedule_enabled  INTEGER NOT NULL DEFAULT 0 CHECK (schedule_enabled IN (0, 1)),
     retention_days    INTEGER NOT NULL DEFAULT 7 CHECK (retention_days BETWEEN 1 AND 365),
     enabled           INTEGER NOT NULL DEFAULT 1 CHECK (enabled IN (0, 1)),
+    max_attempts      INTEGER NOT NULL DEFAULT 3 CHECK (max_attempts BETWEEN 1 AND 10),
+    retry_delay_seconds INTEGER NOT NULL DEFAULT 60 CHECK (retry_delay_seconds BETWEEN 1 AND 86400),
     next_run_at       TEXT,
     created_at        TEXT NOT NULL,
     updated_at        TEXT NOT NULL,
@@ -56,8 +58,14 @@ CREATE TABLE IF NOT EXISTS extract_runs (
     error            TEXT,
     error_detail     TEXT,
     triggered_by     TEXT NOT NULL DEFAULT 'manual'
-                     CHECK (triggered_by IN ('manual', 'schedule', 'api')),
+                     CHECK (triggered_by IN ('manual', 'schedule', 'api', 'retry')),
     config_snapshot  TEXT NOT NULL,
+    attempt          INTEGER NOT NULL DEFAULT 1 CHECK (attempt >= 1),
+    retry_of         TEXT REFERENCES extract_runs (id),
+    retry_run_id     TEXT,
+    not_before       TEXT,
+    instance_id      TEXT,
+    lease_expires_at TEXT,
     created_at       TEXT NOT NULL,
     updated_at       TEXT NOT NULL
 );

@@ -159,13 +159,23 @@ def result(
 
 
 def failure(
-    error: str, exc_type: str, *, message: str | None = None, traceback: str = "", **detail: Any
+    error: str,
+    exc_type: str,
+    *,
+    retryable: bool,
+    message: str | None = None,
+    traceback: str = "",
+    **detail: Any,
 ) -> Result:
-    """A failed run's result: ``error`` is the one line shown; ``error_detail`` keeps the rest."""
+    """A failed run's result: ``error`` is the one line shown; ``error_detail`` keeps the rest.
+
+    ``retryable``: the cause is transient (``executor.failures``), worth another attempt.
+    """
+    shown = error if message is None else message
     return result(
         RunStatus.FAILED,
         error,
-        {"type": exc_type, "message": error if message is None else message, "traceback": traceback} | detail,
+        {"type": exc_type, "message": shown, "traceback": traceback, "retryable": retryable} | detail,
     )
 
 

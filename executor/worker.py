@@ -15,6 +15,7 @@ removed, completed files stay (they were already reported).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 import time
@@ -27,6 +28,7 @@ from typing import Any
 import orjson
 
 from executor.credentials import blank, source_secrets
+from executor.failures import is_transient
 from executor.filters import check_where
 from executor.formats import dump_yaml
 from executor.messages import Artifact, Job, Phase, Result, RunStatus, progress_detail, result
@@ -338,7 +340,8 @@ def run_extract(job: Job, queue: Any, cancelled: Any) -> Result:
         with monitor:
             export.run()
     except Exception as exc:  # noqa: BLE001 — every run error becomes a failed result
-        export.remove_partial()
+        with contextlib.suppress(Exception):  # best effort: the service sweeps what is left
+            export.remove_partial()
         if monitor.cancel_requested.is_set():
             status = RunStatus.CANCELLED
         else:
@@ -352,6 +355,7 @@ def run_extract(job: Job, queue: Any, cancelled: Any) -> Result:
                 "type": type(exc).__name__,
                 "message": blank(str(exc), hidden),
                 "traceback": blank(traceback.format_exc(), hidden),
+                "retryable": is_transient(exc),
             }
     return result(
         status,

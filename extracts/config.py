@@ -216,6 +216,13 @@ EXTRACT_FIELDS = (
     ExtractField("schedule_enabled", _boolean, False, {"type": "boolean"}),
     ExtractField("retention_days", _integer(1, 365), 7, {"type": "integer", "minimum": 1, "maximum": 365}),
     ExtractField("enabled", _boolean, True, {"type": "boolean"}),
+    ExtractField("max_attempts", _integer(1, 10), 3, {"type": "integer", "minimum": 1, "maximum": 10}),
+    ExtractField(
+        "retry_delay_seconds",
+        _integer(1, 86_400),
+        60,
+        {"type": "integer", "minimum": 1, "maximum": 86_400},
+    ),
 )
 FIELDS_BY_NAME = {f.name: f for f in EXTRACT_FIELDS}
 READ_ONLY_FIELDS = {

@@ -74,7 +74,7 @@ def record_schema(
 
 RUN = record_schema(
     RUN_FIELDS,
-    {"duration_seconds", "error", "error_detail"},
+    {"duration_seconds", "error", "error_detail", "retry_of", "retry_run_id", "instance_id"},
     {
         "status": {"type": "string", "enum": [status.value for status in RunStatus]},
         "progress": {"type": "integer", "minimum": 0, "maximum": 100},

@@ -234,9 +234,14 @@ class WorkerPool:
     # ------------------------------------------------------------ dispatch
 
     async def _dispatch(self) -> None:
-        """Start queued runs while workers are free; ends once the service stops."""
+        """Start queued runs while workers are free; ends once the service stops.
+
+        It wakes when a run is queued or a worker frees up (``runs.queued``), and
+        when the earliest waiting retry may start.
+        """
         while not self._stopping:
-            await self.runs.queued.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.runs.queued.wait(), await self._until_next_start())
             self.runs.queued.clear()
             try:
                 while len(self._inflight) < self.workers and not self._stopping:
@@ -246,6 +251,14 @@ class WorkerPool:
                 log.exception("could not start queued runs; trying again in a moment")
                 await asyncio.sleep(self.retry_delay)
                 self.runs.queued.set()
+
+    async def _until_next_start(self) -> float | None:
+        """Seconds until the earliest waiting retry may start; None when none waits."""
+        try:
+            at = await self.runs.next_start()
+        except Exception:  # noqa: BLE001 — e.g. the state file locked: look again in a moment
+            return self.retry_delay
+        return None if at is None else max((at - self.runs.clock()).total_seconds(), 0) + 0.01
 
     async def _claim_and_submit(self) -> bool:
         job = await self.runs.claim()
@@ -284,8 +297,8 @@ class WorkerPool:
             if generation == self._generation:
                 asyncio.create_task(self._replace_pool(generation))
             return
-        error = f"the worker could not run this extract: {exc}"
-        result = failure(error, type(exc).__name__, message=str(exc))
+        error = " ".join(f"the worker could not run this extract: {exc}".split())
+        result = failure(error, type(exc).__name__, retryable=False, message=str(exc))
         # Behind everything the worker put on the queue.
         asyncio.create_task(asyncio.to_thread(self._queue.put, ("result", run_id, result)))
 
@@ -400,7 +413,9 @@ class WorkerPool:
             # The dead workers' half-written files; what they finished stays (SPEC: faults).
             await asyncio.to_thread(self.storage.remove_partial, run_id)
             exit_codes = {str(k): v for k, v in exitcodes.items()}
-            result = failure(error, "BrokenProcessPool", worker_pid=pid, exit_codes=exit_codes)
+            result = failure(
+                error, "BrokenProcessPool", retryable=True, worker_pid=pid, exit_codes=exit_codes
+            )
             await self._on_result(run_id, result)
         self.runs.queued.set()
 

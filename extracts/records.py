@@ -42,6 +42,12 @@ RUN_FIELDS = {
     "config_snapshot": _T.JSON,
     "created_at": _T.TIMESTAMP,
     "updated_at": _T.TIMESTAMP,
+    "attempt": _T.INTEGER,
+    "retry_of": _T.TEXT,
+    "retry_run_id": _T.TEXT,
+    "not_before": _T.TIMESTAMP,
+    "instance_id": _T.TEXT,
+    "lease_expires_at": _T.TIMESTAMP,
 }
 ARTIFACT_FIELDS = {
     "id": _T.TEXT,

@@ -12,12 +12,21 @@
 
 A transition that removes files wins its status change first, so a run that
 ended meanwhile keeps everything (SPEC: Snapshot, safety and faults).
+
+Retries (SPEC: Retries) are rows, not timers: a run that fails for a transient
+cause (``executor.failures``) gets its retry — a new 'queued' run with
+``attempt`` + 1, ``retry_of`` and a ``not_before`` — in the transaction that
+fails it, so a crash between the two loses neither. The waits double from the
+extract's ``retry_delay_seconds``, with ±20 % jitter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import sqlite3
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -41,10 +50,13 @@ from extracts.state import (
     SQL_NOW_PARAMS,
     TriggeredBy,
     dumps,
+    iso,
     new_id,
     now_iso,
+    parse_iso,
     plus_days,
     sql_list,
+    utcnow,
 )
 from extracts.storage import Storage
 
@@ -67,27 +79,43 @@ def ending(*detail: str) -> str:
     )
 
 
+JITTER = 0.2  # a retry waits its delay ± 20 %
+
+
+def retry_wait(delay_seconds: int, attempt: int, jitter: float) -> timedelta:
+    """The wait before the attempt after ``attempt``: the delay doubled each time, ``jitter`` in [-1, 1]."""
+    return timedelta(seconds=delay_seconds * 2 ** (attempt - 1) * (1 + JITTER * jitter))
+
+
 class Runs:
     """The run and artifact rows of the state file, and the run files that go with them."""
 
-    def __init__(self, db: Database, storage: Storage, source: str, min_free_bytes: int) -> None:
+    def __init__(
+        self,
+        db: Database,
+        storage: Storage,
+        source: str,
+        min_free_bytes: int,
+        clock: Callable[[], datetime] = utcnow,
+        jitter: Callable[[], float] = lambda: random.uniform(-1, 1),
+    ) -> None:
         self.db, self.storage = db, storage
         self.source, self.min_free_bytes = source, min_free_bytes
+        self.clock, self.jitter = clock, jitter
         self.queued = asyncio.Event()  # set when a run may be waiting: the dispatcher's cue
 
     async def recover(self) -> None:
-        """After a crash: runs left running failed as interrupted; pending ones queued (SPEC)."""
-        now = now_iso()
-        interrupted = await self.db.fetch_all(
-            f"UPDATE extract_runs SET {ending()}, error = :error WHERE status = {RUNNING} RETURNING id",
-            {"status": RunStatus.FAILED.value, "error": INTERRUPTED, "now": now},
-        )
+        """After a crash: runs left running fail as interrupted, and are retried per their
+        extract's policy (exactly once: the failure and its retry are one transaction);
+        pending ones are queued (SPEC)."""
+        interrupted = await self.db.fetch_all(f"SELECT id FROM extract_runs WHERE status = {RUNNING}")
+        for row in interrupted:
+            await self.finish(row["id"], failure(INTERRUPTED, "Interrupted", retryable=True))
+            await asyncio.to_thread(self.storage.remove_partial, row["id"])  # its half-written files
         await self.db.execute(
             f"UPDATE extract_runs SET status = {QUEUED}, updated_at = :now WHERE status = {PENDING}",
-            {"now": now},
+            {"now": now_iso()},
         )
-        for row in interrupted:  # half-written files of the runs cut short
-            await asyncio.to_thread(self.storage.remove_partial, row["id"])
 
     async def queue(self, extract: dict[str, Any], triggered_by: TriggeredBy) -> str | None:
         """Insert a queued run; None when the extract already has an active one (unique index)."""
@@ -121,9 +149,9 @@ class Runs:
         return run_id
 
     async def active_run(self, extract_id: str) -> dict[str, Any] | None:
-        """The extract's active run (id, status), if it has one."""
+        """The extract's active run (id, status, not_before), if it has one."""
         row = await self.db.fetch_one(
-            f"SELECT id, status FROM extract_runs WHERE extract_id = :id AND status IN {ACTIVE}",
+            f"SELECT id, status, not_before FROM extract_runs WHERE extract_id = :id AND status IN {ACTIVE}",
             {"id": extract_id},
         )
         return None if row is None else dict(row._mapping)
@@ -138,16 +166,28 @@ class Runs:
         return None if row is None else row["id"]
 
     async def claim(self) -> Job | None:
-        """The oldest queued run, now 'running', as the job its worker gets; None when none waits."""
-        row = await self.db.fetch_one(
-            f"UPDATE extract_runs SET status = {RUNNING}, started_at = :now, updated_at = :now "
-            f"WHERE id = (SELECT id FROM extract_runs WHERE status = {QUEUED} "
-            f"ORDER BY created_at, rowid LIMIT 1) AND status = {QUEUED} "
-            "RETURNING id, extract_id, extract_name, config_snapshot, created_at",
-            {"now": now_iso()},
-        )
-        if row is None:
-            return None
+        """The oldest queued run that may start, now 'running', as the job its worker gets.
+
+        None when none waits. A retry whose extract was disabled or deleted while it
+        waited ends instead, failed for good, and the next one is tried.
+        """
+        while True:
+            now = iso(self.clock())
+            row = await self.db.fetch_one(
+                f"UPDATE extract_runs SET status = {RUNNING}, started_at = :now, updated_at = :now "
+                f"WHERE id = (SELECT id FROM extract_runs WHERE status = {QUEUED} "
+                "AND (not_before IS NULL OR not_before <= :now) "
+                f"ORDER BY created_at, rowid LIMIT 1) AND status = {QUEUED} "
+                "RETURNING id, extract_id, extract_name, config_snapshot, created_at, triggered_by",
+                {"now": now},
+            )
+            if row is None:
+                return None
+            if row["triggered_by"] == TriggeredBy.RETRY and not await self._runnable(row["extract_id"]):
+                error = "The extract was disabled or deleted while this retry waited: not retried"
+                await self.finish(row["id"], failure(error, "ExtractDisabled", retryable=False))
+                continue
+            break
         return {
             "run_id": row["id"],
             "extract_id": row["extract_id"],
@@ -209,39 +249,119 @@ class Runs:
             )
             await self.finish(
                 job["run_id"],
-                failure(error, "DuplicateArtifactName", artifact_name=artifact["artifact_name"]),
+                failure(
+                    error, "DuplicateArtifactName", retryable=False, artifact_name=artifact["artifact_name"]
+                ),
             )
             return False
         return True
 
+    async def _runnable(self, extract_id: str) -> bool:
+        return bool(
+            await self.db.fetch_val(
+                "SELECT 1 FROM extracts WHERE id = :id AND enabled = 1 AND deleted_at IS NULL",
+                {"id": extract_id},
+            )
+        )
+
     async def finish(self, run_id: str, result: Result) -> None:
-        """End a running run as its result says; a run cancelled (or failed) meanwhile stays so."""
+        """End a running run as its result says; a run cancelled (or failed) meanwhile stays so.
+
+        One transaction: the counts, the ending and, for a transient failure with
+        attempts left, the retry (SPEC: Retries).
+        """
         status = RunStatus(result["status"])
         if status not in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED):
             status = RunStatus.FAILED
         values = {"records": result["records_exported"], "schemas": result["schemas_exported"], "id": run_id}
+        async with self.db.transaction():
+            # A write first: the transaction holds the write lock before it reads anything.
+            await self.db.execute(
+                "UPDATE extract_runs SET records_exported = :records, schemas_exported = :schemas, "
+                "artifacts_created = (SELECT count(*) FROM extract_artifacts WHERE run_id = :id), "
+                "total_size_bytes = (SELECT coalesce(sum(size_bytes), 0) FROM extract_artifacts "
+                "WHERE run_id = :id) WHERE id = :id",
+                values,
+            )
+            run = await self.db.fetch_one(
+                "SELECT r.attempt, r.extract_id, r.extract_name, r.config_snapshot, e.max_attempts, "
+                "e.retry_delay_seconds, e.enabled = 1 AND e.deleted_at IS NULL AS runnable "
+                f"FROM extract_runs r JOIN extracts e ON e.id = r.extract_id "
+                f"WHERE r.id = :id AND r.status = {RUNNING}",
+                {"id": run_id},
+            )
+            if run is None:  # cancelled or ended meanwhile: it stays as it is
+                return
+            error, retrying = result["error"], False
+            if status is RunStatus.FAILED and (result["error_detail"] or {}).get("retryable"):
+                error = f"{error} (attempt {run['attempt']} of {run['max_attempts']})"
+                retrying = run["attempt"] < run["max_attempts"] and bool(run["runnable"])
+            completed = status is RunStatus.COMPLETED
+            await self.db.execute(
+                f"UPDATE extract_runs SET {ending(*(['records_exported'] if completed else []))}, "
+                "error = :error, error_detail = :error_detail"
+                + (", progress = 100" if completed else "")
+                + " WHERE id = :id",
+                {
+                    "status": status.value,
+                    "now": now_iso(),
+                    "error": error,
+                    "error_detail": dumps(result["error_detail"]),
+                    "id": run_id,
+                    **({"records_exported": values["records"]} if completed else {}),
+                },
+            )
+            if retrying:  # no longer active: the one-active-run index lets its retry in
+                retry = await self._queue_retry(run_id, dict(run._mapping))
+                await self.db.execute(
+                    "UPDATE extract_runs SET retry_run_id = :retry WHERE id = :id",
+                    {"retry": retry, "id": run_id},
+                )
+        if retrying:
+            self.queued.set()
+
+    async def _queue_retry(self, failed_id: str, run: dict[str, Any]) -> str:
+        """Insert the retry of a failed run (inside ``finish``'s transaction); returns its id."""
+        retry_id = new_id("run")
+        wait = retry_wait(run["retry_delay_seconds"], run["attempt"], self.jitter())
         await self.db.execute(
-            "UPDATE extract_runs SET records_exported = :records, schemas_exported = :schemas, "
-            "artifacts_created = (SELECT count(*) FROM extract_artifacts WHERE run_id = :id), "
-            "total_size_bytes = (SELECT coalesce(sum(size_bytes), 0) FROM extract_artifacts "
-            "WHERE run_id = :id) WHERE id = :id",
-            values,
-        )
-        completed = status is RunStatus.COMPLETED
-        await self.db.execute(
-            f"UPDATE extract_runs SET {ending(*(['records_exported'] if completed else []))}, "
-            "error = :error, error_detail = :error_detail"
-            + (", progress = 100" if completed else "")
-            + f" WHERE id = :id AND status = {RUNNING}",
+            "INSERT INTO extract_runs (id, extract_id, extract_name, status, progress, progress_detail, "
+            "triggered_by, config_snapshot, created_at, updated_at, attempt, retry_of, not_before) "
+            f"VALUES (:id, :extract, :name, {QUEUED}, 0, :detail, :by, :snapshot, {SQL_NOW}, {SQL_NOW}, "
+            ":attempt, :retry_of, :not_before)",
             {
-                "status": status.value,
-                "now": now_iso(),
-                "error": result["error"],
-                "error_detail": dumps(result["error_detail"]),
-                "id": run_id,
-                **({"records_exported": values["records"]} if completed else {}),
+                "id": retry_id,
+                "extract": run["extract_id"],
+                "name": run["extract_name"],
+                "detail": dumps(progress_detail(Phase.QUEUED)),
+                "by": TriggeredBy.RETRY.value,
+                "snapshot": run["config_snapshot"],
+                "attempt": run["attempt"] + 1,
+                "retry_of": failed_id,
+                "not_before": iso(self.clock() + wait),
+                **SQL_NOW_PARAMS,
             },
         )
+        return retry_id
+
+    async def start_now(self, run_id: str) -> bool:
+        """A waiting retry starts at once (a run request while it waits); False if it is not waiting."""
+        row = await self.db.fetch_one(
+            "UPDATE extract_runs SET not_before = :now, updated_at = :now "
+            f"WHERE id = :id AND status = {QUEUED} AND not_before IS NOT NULL RETURNING id",
+            {"now": iso(self.clock()), "id": run_id},
+        )
+        if row is not None:
+            self.queued.set()
+        return row is not None
+
+    async def next_start(self) -> datetime | None:
+        """When the earliest waiting retry may start (the dispatcher sleeps until then)."""
+        text = await self.db.fetch_val(
+            f"SELECT min(not_before) FROM extract_runs WHERE status = {QUEUED} AND not_before > :now",
+            {"now": iso(self.clock())},
+        )
+        return None if text is None else parse_iso(text)
 
     async def requeue(self, run_ids: list[str] | None = None) -> list[str]:
         """Put interrupted runs back in the queue (None: every 'running' run); returns their ids.

@@ -27,7 +27,7 @@ from databases.backends.sqlite import SQLiteConnection
 from databases.interfaces import ConnectionBackend, DatabaseBackend
 from sqlalchemy.dialects.sqlite import pysqlite
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_S = 15.0
 
 
@@ -37,6 +37,7 @@ class TriggeredBy(str, Enum):
     MANUAL = "manual"
     SCHEDULE = "schedule"
     API = "api"
+    RETRY = "retry"
 
 
 class FieldType(str, Enum):
@@ -141,7 +142,11 @@ def migrate(con: sqlite3.Connection, from_version: int) -> None:
     Version 1 is the first; a new file (version 0) is made whole by schema.sql.
     Each step is one transaction and can run again.
     """
-    steps = {2: _rename_artifacts_equal_ignoring_case, 3: _rebuild_artifacts}
+    steps = {
+        2: _rename_artifacts_equal_ignoring_case,
+        3: lambda con: _rebuild(con, "extract_artifacts"),
+        4: lambda con: [_rebuild(con, table) for table in ("extracts", "extract_runs")],
+    }
     for version, step in steps.items():
         if 1 <= from_version < version:
             con.execute("BEGIN IMMEDIATE")
@@ -153,19 +158,27 @@ def migrate(con: sqlite3.Connection, from_version: int) -> None:
                 raise
 
 
-def _rebuild_artifacts(con: sqlite3.Connection) -> None:
-    """Version 3 lets storage_backend be an object store (s3, gcs, azure), not only local.
+def _rebuild(con: sqlite3.Connection, table: str) -> None:
+    """Rebuild ``table`` as schema.sql defines it today, keeping every row.
 
-    SQLite changes a CHECK only by rebuilding the table: schema.sql's own definition
-    of the table (the one place it is written) makes the new one, every row is copied,
-    and schema.sql then recreates the indexes.
+    SQLite changes a CHECK only by rebuilding the table. Version 3 let an
+    artifact's storage_backend be an object store; version 4 added the retry
+    fields (extracts: max_attempts, retry_delay_seconds; runs: attempt, retry_of,
+    retry_run_id, not_before, instance_id, lease_expires_at, and the 'retry'
+    trigger). schema.sql's definition (the one place it is written) makes the new
+    table; the columns both have are copied, new ones take their defaults;
+    schema.sql then recreates the indexes and the statistics view.
     """
-    statement = re.search(r"CREATE TABLE IF NOT EXISTS extract_artifacts \(.*?\n\);", schema_sql(), re.S)
-    assert statement is not None, "schema.sql defines extract_artifacts"
-    con.execute(statement[0].replace("IF NOT EXISTS extract_artifacts", "extract_artifacts_v3"))
-    con.execute("INSERT INTO extract_artifacts_v3 SELECT * FROM extract_artifacts")
-    con.execute("DROP TABLE extract_artifacts")
-    con.execute("ALTER TABLE extract_artifacts_v3 RENAME TO extract_artifacts")
+    statement = re.search(rf"CREATE TABLE IF NOT EXISTS {table} \(.*?\n\);", schema_sql(), re.S)
+    assert statement is not None, f"schema.sql defines {table}"
+    con.execute("DROP VIEW IF EXISTS extracts_with_stats")  # renaming under a view fails
+    con.execute(statement[0].replace(f"IF NOT EXISTS {table}", f"{table}_rebuilt"))
+    old = {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
+    new = [row[1] for row in con.execute(f"PRAGMA table_info({table}_rebuilt)")]
+    columns = ", ".join(f'"{name}"' for name in new if name in old)
+    con.execute(f"INSERT INTO {table}_rebuilt ({columns}) SELECT {columns} FROM {table}")
+    con.execute(f"DROP TABLE {table}")
+    con.execute(f"ALTER TABLE {table}_rebuilt RENAME TO {table}")
 
 
 # SQLite's NOCASE: ASCII letters only.

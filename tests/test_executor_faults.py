@@ -140,7 +140,9 @@ def test_a_source_file_removed_fails_the_run(tmp_path: Path, manager: Any) -> No
     db = make_source(tmp_path / "source.db")
     db.unlink()
     assert_failed(
-        Channel(manager).run(make_job(tmp_path, db)), f"Source database {db} does not exist", "SourceError"
+        Channel(manager).run(make_job(tmp_path, db)),
+        f"Source database {db} does not exist",
+        "SourceUnavailable",
     )
     assert not db.exists()
 

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -154,8 +155,9 @@ def big_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_worker_sigkilled_ten_times_with_other_runs_in_flight(tmp_path: Path, big_db: Path) -> None:
     svc = start_service(tmp_path, str(big_db))  # 2 workers
     try:
-        victim = svc.create_extract(name="Victim", schemas=["big"], compress=False)
-        bystander = svc.create_extract(name="Bystander", schemas=["big"], compress=False)
+        # One attempt each: what the pool does to its runs, not the retries (tests/test_retries.py).
+        victim = svc.create_extract(name="Victim", schemas=["big"], compress=False, max_attempts=1)
+        bystander = svc.create_extract(name="Bystander", schemas=["big"], compress=False, max_attempts=1)
         waiting = svc.create_extract(name="Waiting", schemas=["small"])
         endings: list[float] = []  # seconds from the kill until all three runs ended
         with Prober(svc) as prober:
@@ -198,7 +200,8 @@ def test_worker_sigkilled_ten_times_with_other_runs_in_flight(tmp_path: Path, bi
 def test_service_kill_9_five_times_loses_nothing(tmp_path: Path, big_db: Path) -> None:
     svc = start_service(tmp_path, str(big_db), "--workers", "1")
     # YAML is the slowest format: the run is surely still writing when the service dies.
-    big = svc.create_extract(name="Big", schemas=["big"], compress=False, format="yaml")
+    # One attempt: what a crash does to a run, not its retry (tests/test_retries.py).
+    big = svc.create_extract(name="Big", schemas=["big"], compress=False, format="yaml", max_attempts=1)
     smalls = [
         svc.create_extract(name=f"Small {i}", schemas=["small"], format=fmt)
         for i, fmt in enumerate(("jsonl", "json", "yaml", "archive"))
@@ -223,7 +226,7 @@ def test_service_kill_9_five_times_loses_nothing(tmp_path: Path, big_db: Path) -
             assert [pid for pid in family if alive(pid)] == [], f"round {round_}: orphans left"
             svc = start_service(tmp_path, str(big_db), "--workers", "1", db=svc.db, storage=svc.storage)
             run = svc.client.get(f"/api/data/extract_runs/{interrupted}").json()["data"]
-            assert (run["status"], run["error"]) == ("failed", INTERRUPTED)
+            assert (run["status"], run["error"]) == ("failed", f"{INTERRUPTED} (attempt 1 of 1)")
             assert_files_match(svc, interrupted)  # what it wrote before the crash, no temp file
             for run_id in queued:
                 assert svc.wait_run(run_id)["status"] == "completed"
@@ -620,52 +623,92 @@ def test_state_file_locked_past_the_busy_timeout_is_a_503_and_nothing_is_stuck(t
 
 
 class LockedTwice:
-    """A state database whose first two statements find the file locked."""
+    """A real state database whose first two statements find the file locked."""
 
-    def __init__(self) -> None:
-        self.failures = 2
+    def __init__(self, db: Any) -> None:
+        self.db, self.failures = db, 2
         self.statements: list[str] = []
 
-    async def execute(self, sql: str, values: dict | None = None) -> None:
+    async def _locked_twice(self, sql: str) -> None:
         if self.failures:
             self.failures -= 1
             raise sqlite3.OperationalError("database is locked")
         self.statements.append(sql)
 
-    async def fetch_one(self, sql: str, values: dict | None = None) -> None:
-        await self.execute(sql, values)
+    async def execute(self, sql: str, values: dict | None = None) -> Any:
+        await self._locked_twice(sql)
+        return await self.db.execute(sql, values)
+
+    async def fetch_one(self, sql: str, values: dict | None = None) -> Any:
+        await self._locked_twice(sql)
+        return await self.db.fetch_one(sql, values)
+
+    def __getattr__(self, name: str) -> Any:  # fetch_all, fetch_val, transaction: as they are
+        return getattr(self.db, name)
+
+
+def state_with_running_run(tmp_path: Path) -> Path:
+    from extracts import state
+
+    path = tmp_path / "state.db"
+    state.prepare_state_file(path)
+    con = sqlite3.connect(path)
+    con.execute("INSERT INTO extracts (id, name, created_at, updated_at) VALUES ('extract_x', 'X', 't', 't')")
+    con.execute(
+        "INSERT INTO extract_runs (id, extract_id, extract_name, status, progress_detail, config_snapshot, "
+        "created_at, updated_at, started_at) VALUES ('run_x', 'extract_x', 'X', 'running', '{}', '{}', "
+        "'2026-01-01T00:00:00.000Z', 't', '2026-01-01T00:00:00.000Z')"
+    )
+    con.commit()
+    con.close()
+    return path
 
 
 def test_a_run_message_that_meets_a_locked_state_file_is_applied_later(tmp_path: Path) -> None:
     """Past the busy timeout the message was dropped: a lost result left its run 'running' forever."""
 
     from executor.messages import RunStatus, result
+    from extracts import state
     from extracts.pool import WorkerPool
     from extracts.runs import Runs
     from extracts.storage.local import LocalStorage
 
+    path = state_with_running_run(tmp_path)
+
     async def scenario() -> WorkerPool:
-        storage = LocalStorage(tmp_path)
-        pool = WorkerPool(Runs(LockedTwice(), storage, "source.db", 0), storage, 1)
-        pool.retry_delay = 0.01
-        pool._inflight["run_x"] = 1
-        await pool._apply(pool._on_result, "result", "run_x", result(RunStatus.COMPLETED))
-        return pool
+        db = state.open_database(path)
+        await db.connect()
+        try:
+            storage = LocalStorage(tmp_path)
+            pool = WorkerPool(Runs(LockedTwice(db), storage, "source.db", 0), storage, 1)
+            pool.retry_delay = 0.01
+            pool._inflight["run_x"] = 1
+            await pool._apply(pool._on_result, "result", "run_x", result(RunStatus.COMPLETED))
+            return pool
+        finally:
+            await db.disconnect()
 
     pool = asyncio.run(scenario())
-    assert len(pool.runs.db.statements) == 2 and "status = :status" in pool.runs.db.statements[1]
-    assert "run_x" not in pool._inflight
+    assert pool.runs.db.failures == 0 and "run_x" not in pool._inflight
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT status, progress FROM extract_runs").fetchall() == [("completed", 100)]
+    con.close()
 
 
 def test_the_dispatcher_survives_a_locked_state_file(tmp_path: Path) -> None:
     """It used to die on the first locked claim: no run was ever started again."""
 
+    from extracts import state
     from extracts.pool import WorkerPool
     from extracts.runs import Runs
     from extracts.storage.local import LocalStorage
 
+    path = state_with_running_run(tmp_path)
+
     async def scenario() -> tuple[LockedTwice, bool]:
-        db = LockedTwice()
+        real = state.open_database(path)
+        await real.connect()
+        db = LockedTwice(real)
         storage = LocalStorage(tmp_path)
         pool = WorkerPool(Runs(db, storage, "source.db", 0), storage, 1)
         pool.retry_delay = 0.01
@@ -679,6 +722,7 @@ def test_the_dispatcher_survives_a_locked_state_file(tmp_path: Path) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await real.disconnect()
         return db, alive
 
     db, alive = asyncio.run(scenario())

@@ -564,7 +564,7 @@ def test_a_version_1_state_file_keeps_artifacts_that_differ_only_in_case(tmp_pat
     prepare_state_file(path)
     prepare_state_file(path)  # and again: nothing more changes
     con = sqlite3.connect(path, isolation_level=None)
-    assert con.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
+    assert con.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     assert (
         con.execute("SELECT id, storage_path, checksum FROM extract_artifacts ORDER BY rowid").fetchall()
         == before

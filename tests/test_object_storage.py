@@ -200,7 +200,7 @@ def test_an_object_deleted_behind_the_services_back_is_a_404_naming_it(s3: Servi
 def test_a_cancelled_upload_is_aborted_and_a_stopped_store_fails_the_run_naming_it(
     tmp_path: Path, moto: Moto
 ) -> None:
-    source = make_big_db(tmp_path / "big.db", 400_000)
+    source = make_big_db(tmp_path / "big.db", 1_500_000)  # still uploading when the cancel lands
     svc = s3_service(tmp_path, moto, str(source), "faults", "--workers", "1")
     try:
         extract = svc.create_extract(name="Big", schemas=["small", "big"], compress=False)
@@ -211,22 +211,33 @@ def test_a_cancelled_upload_is_aborted_and_a_stopped_store_fails_the_run_naming_
         assert svc.client.post(f"/api/extracts/{extract['id']}/cancel").status_code == 200
         run = svc.wait_run(run_id)
         time.sleep(1)
-        assert run["status"] == "cancelled" and moto.uploads_in_progress() == 0
-        assert sorted(a["artifact_name"] for a in artifacts(svc, run_id)) == ["describe.yaml", "small.jsonl"]
-        # The store dies mid-upload: the run fails with one line naming it.
+        names = sorted(a["artifact_name"] for a in artifacts(svc, run_id))
+        assert run["status"] == "cancelled" and names == ["describe.yaml", "small.jsonl"], (run, names)
+        assert moto.uploads_in_progress() == 0
+        # The store dies mid-upload: the run fails with one line naming it, and its retry
+        # completes once the store is back (SPEC: a failing store is transient).
+        svc.client.put(f"/api/data/extracts/{extract['id']}", json={"retry_delay_seconds": 3})
         run_id = svc.run(extract["id"])
         while moto.uploads_in_progress() == 0 and time.monotonic() < deadline + 30:
             time.sleep(0.05)
         moto.stop()
         run = svc.wait_run(run_id, timeout=120)
         assert run["status"] == "failed" and f"s3://{BUCKET}/faults" in run["error"], run["error"]
-        assert "\n" not in run["error"]
+        assert "\n" not in run["error"] and run["error_detail"]["retryable"] is True
         assert "big.jsonl" not in [a["artifact_name"] for a in artifacts(svc, run_id)]
         assert svc.client.get("/health").status_code == 200
+        moto.process = start_moto(moto.port).process  # an empty store, the bucket made again
+        retry = svc.wait_run(
+            run["retry_run_id"]
+            or svc.client.get(f"/api/data/extract_runs/{run_id}").json()["data"]["retry_run_id"],
+            timeout=120,
+        )
+        assert retry["status"] == "completed" and retry["attempt"] == 2, retry
+        assert moto.uploads_in_progress() == 0
     finally:
         svc.stop()
-        restarted = start_moto(moto.port)  # the module's other tests go on with a fresh store
-        moto.process = restarted.process
+        if moto.process.poll() is not None:  # the module's other tests go on with a fresh store
+            moto.process = start_moto(moto.port).process
 
 
 @pytest.mark.parametrize("case", ["unreachable", "refused", "no bucket"])

@@ -293,7 +293,7 @@ def test_storage_and_source_going_away_fail_runs_then_recover(tmp_path: Path) ->
 def test_kill_9_of_the_service_fails_running_and_executes_queued(tmp_path: Path) -> None:
     db = make_big_db(tmp_path / "big.db", 1_500_000)
     svc = start_service(tmp_path, str(db), "--workers", "1")
-    running = svc.create_extract(name="Interrupted", schemas=["big"], compress=False)
+    running = svc.create_extract(name="Interrupted", schemas=["big"], compress=False, max_attempts=1)
     waiting = svc.create_extract(name="Waiting", schemas=["small"])
     running_run = svc.run(running["id"])
     worker_writing(svc.storage, running_run)
@@ -304,7 +304,7 @@ def test_kill_9_of_the_service_fails_running_and_executes_queued(tmp_path: Path)
     try:
         run = svc.client.get(f"/api/data/extract_runs/{running_run}").json()["data"]
         assert run["status"] == "failed"
-        assert run["error"] == "interrupted: the service stopped while this run was running"
+        assert run["error"] == "interrupted: the service stopped while this run was running (attempt 1 of 1)"
         assert svc.wait_run(waiting_run)["status"] == "completed"
         con = sqlite3.connect(svc.db)
         assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)

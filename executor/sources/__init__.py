@@ -15,9 +15,9 @@ quotes every identifier and binds every value as a parameter.
 
 from __future__ import annotations
 
-from executor.sources.base import Source, SourceError, UnknownSchema
+from executor.sources.base import Source, SourceError, SourceUnavailable, UnknownSchema
 
-__all__ = ["Source", "SourceError", "UnknownSchema", "open_source"]
+__all__ = ["Source", "SourceError", "SourceUnavailable", "UnknownSchema", "open_source"]
 
 
 def open_source(location: str) -> Source:

@@ -17,6 +17,10 @@ class SourceError(Exception):
     """The source cannot be opened or read; the message is one line for a human."""
 
 
+class SourceUnavailable(SourceError):
+    """The source cannot be reached, or the connection to it was lost: worth another attempt."""
+
+
 class UnknownSchema(SourceError):
     """A schema named in a request or configuration does not exist in the source."""
 

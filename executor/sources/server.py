@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 from executor.credentials import source_secrets
 from executor.filters import compile_where
-from executor.sources.base import Source, SourceError, UnknownSchema
+from executor.sources.base import Source, SourceError, SourceUnavailable, UnknownSchema
 from executor.sources.rowjson import one_line
 
 # Tables with less data than this get an exact row_count in listings.
@@ -147,7 +147,7 @@ class ServerSource(Source):
             return self._open()
         except (*self._errors, OSError) as exc:  # OSError: e.g. PyMySQL reading an ssl_ca file
             # 'from None': never chain a driver error, it may carry the connection string.
-            raise SourceError(
+            raise SourceUnavailable(
                 f"Cannot connect to {self._label} at {self._host}:{self._port} "
                 f"database '{self._database}': {self._connect_reason(exc)}"
             ) from None
@@ -174,7 +174,7 @@ class ServerSource(Source):
                     raise UnknownSchema(name) from None
                 raise SourceError(f"{self._label} could not {action}: a table has disappeared") from None
             if self._lost(exc):
-                raise SourceError(
+                raise SourceUnavailable(
                     f"Lost the connection to {self._label} at {self._host}:{self._port} "
                     f"database '{self._database}' while trying to {action}: {self._reason(exc)}"
                 ) from exc

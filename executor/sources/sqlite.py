@@ -53,7 +53,7 @@ from typing import Any
 
 from executor.credentials import redact
 from executor.filters import compile_where
-from executor.sources.base import Source, SourceError, UnknownSchema, foreign_keys
+from executor.sources.base import Source, SourceError, SourceUnavailable, UnknownSchema, foreign_keys
 
 # SQLite's default SQLITE_MAX_FUNCTION_ARG is 127: at most 63 key/value pairs per
 # json_object() call, so wide tables are encoded as several objects glued together.
@@ -88,7 +88,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     # Shown redacted: a libpq 'host=h password=x' string given as the source lands here.
     shown = redact(str(path))
     if not path.exists():
-        raise SourceError(f"Source database {shown} does not exist")
+        raise SourceUnavailable(f"Source database {shown} does not exist")
     if path.is_dir():
         raise SourceError(f"Source database {shown} is a directory, not an SQLite file")
     uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro"
