@@ -459,6 +459,8 @@ def test_storage_turning_read_only_fails_runs_and_downloads_keep_working(tmp_pat
                 assert prober.problems == []
                 assert run["status"] == "failed", run
                 assert "Read-only file system" in run["error"] and "--storage" in run["error"], run["error"]
+                # A permission error is permanent (SPEC: Retries): no retry.
+                assert run["error_detail"]["retryable"] is False and run["retry_run_id"] is None
                 # Deleting the earlier run's files cannot work: a 503, and the records still true
                 # (they used to be marked deleted while the files stayed).
                 r = svc.client.delete(f"/api/data/extract_runs/{before['id']}")
