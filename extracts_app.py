@@ -19,6 +19,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from typing import Any
 
 from starlette.applications import Starlette
@@ -32,6 +33,7 @@ from executor.credentials import BlankingFormatter
 from executor.sources import SourceError
 from extracts import downloads, handlers, state
 from extracts.catalog import Catalog, DocumentCache
+from extracts.dialects import dialect_of
 from extracts.handlers import Service, get_handler, list_handler
 from extracts.http import (
     ApiError,
@@ -42,6 +44,7 @@ from extracts.http import (
     http_exception_handler,
     source_error_handler,
 )
+from extracts.instances import Instance
 from extracts.pool import WorkerPool
 from extracts.runs import Runs
 from extracts.schedule import Scheduler, Sweeper
@@ -49,6 +52,7 @@ from extracts.settings import Settings, parse_settings
 from extracts.startup import StartupError, banner, prepare
 from extracts.storage import open_storage
 
+POLL_S = 1.0  # with a shared state, how often an instance looks for runs another one queued
 HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
 
 
@@ -86,6 +90,7 @@ API_ROUTES = [
     route("/extracts/{id}/cancel", POST=handlers.cancel_run),
     route("/extracts/runs/{id}/download", GET=downloads.download_run),
     route("/extracts/artifacts/{id}/download", GET=downloads.download_artifact),
+    route("/instances", GET=handlers.list_instances),
     route("/describe", GET=handlers.describe_list),
     route("/describe/{schema:path}", GET=handlers.describe_one),
 ]
@@ -104,30 +109,34 @@ def operations() -> list[tuple[str, str, str]]:
 
 def create_app(settings: Settings) -> Starlette:
     """The ASGI app; ``prepare(settings)`` must have run (the CLI does it)."""
-    db = state.open_database(settings.db)
+    db, dialect = state.open_database(settings.db), dialect_of(str(settings.db))
     storage = open_storage(settings.storage, settings.storage_endpoint)
     catalog = Catalog(settings.source)
-    runs = Runs(db, storage, settings.source, settings.min_free_mb << 20)
-    pool = WorkerPool(runs, storage, settings.workers)
+    runs = Runs(db, storage, settings.source, settings.min_free_mb << 20, dialect=dialect)
+    runs.lease = timedelta(seconds=settings.lease_seconds)
+    pool = WorkerPool(runs, storage, settings.workers, poll=POLL_S if settings.shared else None)
+    instance = Instance(db, runs, pool, settings.shared)
     documents = DocumentCache.of(operations(), catalog)
-    st = Service(settings, db, storage, catalog, runs, pool, documents, state.utcnow)
+    st = Service(settings, db, storage, catalog, runs, pool, documents, instance, state.utcnow)
     runs.clock = lambda: st.clock()  # one clock for runs, retries and schedules (tests move it)
-    scheduler = Scheduler(db, runs, lambda: st.clock())
-    sweeper = Sweeper(db, storage, settings.cleanup_interval, pool.active, lambda: st.clock())
+    scheduler = Scheduler(db, runs, lambda: st.clock(), instance.leads)
+    sweeper = Sweeper(db, storage, settings.cleanup_interval, pool.active, lambda: st.clock(), instance.leads)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await db.connect()
-        await runs.recover()
+        await instance.start()
+        await runs.recover(alone=not settings.shared)
         await pool.start()
-        clocks = [asyncio.create_task(scheduler.run_forever()), asyncio.create_task(sweeper.run_forever())]
+        loops = [asyncio.create_task(job.run_forever()) for job in (scheduler, sweeper, instance)]
         try:
             yield
         finally:
-            for task in clocks:
+            for task in loops:
                 task.cancel()
-            await asyncio.gather(*clocks, return_exceptions=True)
+            await asyncio.gather(*loops, return_exceptions=True)
             await pool.stop()
+            await instance.stop()
             await db.disconnect()
 
     exception_handlers = {
@@ -137,7 +146,7 @@ def create_app(settings: Settings) -> Starlette:
     }
     app = Starlette(
         routes=[*PUBLIC_ROUTES, Mount("/api", app=BearerAuth(Router(routes=API_ROUTES), settings.token))],
-        middleware=[Middleware(CatchAll)],
+        middleware=[Middleware(CatchAll, busy=dialect.busy)],
         exception_handlers=exception_handlers,
         lifespan=lifespan,
     )

@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS extract_runs (
     not_before       TEXT,
     instance_id      TEXT,
     lease_expires_at TEXT,
+    lease_token      TEXT,
     created_at       TEXT NOT NULL,
     updated_at       TEXT NOT NULL
 );
@@ -116,6 +117,25 @@ CREATE INDEX IF NOT EXISTS extract_artifacts_run ON extract_artifacts (run_id);
 CREATE INDEX IF NOT EXISTS extract_artifacts_extract ON extract_artifacts (extract_id);
 CREATE INDEX IF NOT EXISTS extract_artifacts_expiry
     ON extract_artifacts (expires_at) WHERE deleted_at IS NULL;
+
+-- The instances serving one state (SPEC: Beyond one machine): each heartbeats its row.
+CREATE TABLE IF NOT EXISTS extracts_instances (
+    id           TEXT PRIMARY KEY,
+    host         TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    started_at   TEXT NOT NULL,
+    heartbeat_at TEXT NOT NULL,
+    workers      INTEGER NOT NULL,
+    active_runs  INTEGER NOT NULL DEFAULT 0
+);
+
+-- A job one instance at a time does (the scheduler, the retention sweep): held by a lease
+-- the holder renews; when it lapses (the instance died), another takes it.
+CREATE TABLE IF NOT EXISTS extracts_leaders (
+    name        TEXT PRIMARY KEY,
+    instance_id TEXT NOT NULL,
+    expires_at  TEXT NOT NULL
+);
 
 -- An extract with the statistics derived from its runs: counted, never stored,
 -- so they cannot drift from the runs themselves. last_run_* describe the most

@@ -78,6 +78,7 @@ class Job(TypedDict):
     min_free_bytes: int
     created_at: str
     config: RunConfig
+    lease: str  # the claim's fencing token: the service applies this run's messages only while it holds
 
 
 class ProgressDetail(TypedDict):

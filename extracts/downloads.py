@@ -238,7 +238,7 @@ async def download_run(request: Request) -> Response:
         )
     rows = await st.db.fetch_all(
         f"SELECT {', '.join(ARTIFACT_FIELDS)}, crc32 FROM extract_artifacts "
-        "WHERE run_id = :id ORDER BY rowid",
+        f"WHERE run_id = :id ORDER BY {st.runs.dialect.artifact_order}",
         {"id": run["id"]},
     )
     artifacts = [dict(r._mapping) for r in rows]

@@ -28,6 +28,7 @@ from extracts.http import (
     ok,
     read_json_object,
 )
+from extracts.instances import Instance
 from extracts.pool import WorkerPool
 from extracts.records import EXTRACT_RECORD_FIELDS, MODELS, fetch_record, list_query, to_record
 from extracts.runs import ACTIVE, Runs
@@ -48,6 +49,7 @@ class Service:
     runs: Runs
     pool: WorkerPool
     documents: DocumentCache
+    instance: Instance
     clock: Callable[[], datetime]
 
 
@@ -141,7 +143,7 @@ async def delete_run(request: Request) -> Response:
             f"Run {run['id']} is {run['status']}; cancel it with POST "
             f"/api/extracts/{run['extract_id']}/cancel before deleting it"
         )
-    if st.pool.holds(run["id"]):  # its last files and rows are still on their way
+    if await st.runs.held(run["id"]):  # a worker (here or on another instance) is still stopping
         raise Conflict(
             f"Run {run['id']} is {run['status']} and its worker is still stopping "
             "(within 2 seconds); retry the delete in a moment"
@@ -209,6 +211,11 @@ async def describe_one(request: Request) -> Response:
     if entry is None:
         raise NotFound(f"Schema '{name}' not found in the source; GET /api/describe lists them")
     return ok({"name": name, **entry})
+
+
+async def list_instances(request: Request) -> Response:
+    """The instances serving this state, live ones only (SPEC: Beyond one machine)."""
+    return ok(await service(request).instance.live())
 
 
 async def health(request: Request) -> Response:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -166,11 +166,12 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
 class CatchAll:
     """Answers any unexpected exception with a generic 500 envelope, logged with its traceback.
 
-    A locked state file past the busy timeout becomes a 503 the client may retry.
+    State that stays busy (a locked SQLite file past its busy timeout, a PostgreSQL
+    connection lost or a lock not granted: ``busy``) becomes a 503 the client may retry.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, busy: Callable[[BaseException], bool]) -> None:
+        self.app, self.busy = app, busy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -190,11 +191,11 @@ class CatchAll:
             if started:
                 log.exception("error after the response started: %s %s", scope["method"], scope["path"])
                 raise
-            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
-                log.warning("state file locked: %s %s", scope["method"], scope["path"])
+            if self.busy(exc):
+                log.warning("state busy (%s): %s %s", exc, scope["method"], scope["path"])
                 response = error_response(
                     ServiceUnavailable(
-                        "The service's state file is busy; retry in a few seconds",
+                        "The service's state database is busy; retry in a few seconds",
                         headers={"Retry-After": "2"},
                     )
                 )

@@ -90,6 +90,27 @@ ARTIFACT = record_schema(
         "checksum": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
     },
 )
+
+
+def strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """A record schema whose every property is present and no other (responses are exact)."""
+    return {**schema, "required": list(schema["properties"]), "additionalProperties": False}
+
+
+INSTANCE = strict(
+    {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "host": {"type": "string"},
+            "pid": {"type": "integer"},
+            "started_at": TIMESTAMP,
+            "heartbeat_at": TIMESTAMP,
+            "workers": {"type": "integer"},
+            "active_runs": {"type": "integer"},
+        },
+    }
+)
 DESCRIBE_ENTRY = {
     "type": "object",
     "required": ["name", "type", "columns", "primary_key", "foreign_keys", "indexes", "row_count"],
@@ -312,11 +333,6 @@ def paths_of(routes: Sequence[tuple[str, str, str]], operations: dict[str, Any])
     return paths
 
 
-def strict(schema: dict[str, Any]) -> dict[str, Any]:
-    """A record schema whose every property is present and no other (responses are exact)."""
-    return {**schema, "required": list(schema["properties"]), "additionalProperties": False}
-
-
 def openapi_document(
     routes: Sequence[tuple[str, str, str]], catalog: dict[str, list[str]] | None = None
 ) -> dict[str, Any]:
@@ -509,6 +525,12 @@ def openapi_document(
             ok_content=file_content,
             partial=file_content,
             redirects=True,
+        ),
+        "list_instances": operation(
+            "The instances serving this state (with PostgreSQL state, several), live ones only",
+            "200",
+            {"type": "array", "items": INSTANCE},
+            [],
         ),
         "describe_list": operation(
             "List the source's tables and views",

@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import select
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -100,8 +99,9 @@ def signal_name(exitcode: int | None) -> str:
 class WorkerPool:
     """Runs claimed runs on ``workers`` processes and applies what the workers report."""
 
-    def __init__(self, runs: Runs, storage: Storage, workers: int) -> None:
+    def __init__(self, runs: Runs, storage: Storage, workers: int, poll: float | None = None) -> None:
         self.runs, self.storage, self.workers = runs, storage, workers
+        self.poll = poll  # with a shared state: look for runs other instances queued this often
         self.retry_delay = 1.0  # seconds before writing again to a locked state file
         self._context = multiprocessing.get_context("forkserver")
         self._manager: SyncManager | None = None
@@ -253,12 +253,13 @@ class WorkerPool:
                 self.runs.queued.set()
 
     async def _until_next_start(self) -> float | None:
-        """Seconds until the earliest waiting retry may start; None when none waits."""
+        """Seconds until the earliest waiting retry may start (or the next poll); None: no reason."""
         try:
             at = await self.runs.next_start()
         except Exception:  # noqa: BLE001 — e.g. the state file locked: look again in a moment
             return self.retry_delay
-        return None if at is None else max((at - self.runs.clock()).total_seconds(), 0) + 0.01
+        wait = None if at is None else max((at - self.runs.clock()).total_seconds(), 0) + 0.01
+        return self.poll if wait is None else min(wait, self.poll or wait)
 
     async def _claim_and_submit(self) -> bool:
         job = await self.runs.claim()
@@ -359,21 +360,20 @@ class WorkerPool:
             try:
                 await handler(run_id, payload)
                 return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc):
+            except Exception as exc:  # noqa: BLE001 — one bad message must not stop every run
+                if not self.runs.dialect.busy(exc):
                     log.exception("could not apply %s message for %s", kind, run_id)
                     return
-                log.warning("state file locked; applying the %s message for %s again", kind, run_id)
+                log.warning("state busy (%s); applying the %s message for %s again", exc, kind, run_id)
                 await asyncio.sleep(self.retry_delay)
-            except Exception:  # noqa: BLE001 — one bad message must not stop every run
-                log.exception("could not apply %s message for %s", kind, run_id)
-                return
 
     async def _on_started(self, run_id: str, started: Started) -> None:
         self._pids[run_id] = started["pid"]
 
     async def _on_progress(self, run_id: str, progress: Progress) -> None:
-        await self.runs.record_progress(run_id, progress)
+        job = self._jobs.get(run_id)
+        if job is not None:
+            await self.runs.record_progress(run_id, progress, job["lease"])
 
     async def _on_artifact(self, run_id: str, artifact: Artifact) -> None:
         job = self._jobs.get(run_id)
@@ -386,7 +386,9 @@ class WorkerPool:
             await self.cancel(run_id)  # the worker stops; its result leaves the run failed
 
     async def _on_result(self, run_id: str, result: Result) -> None:
-        await self.runs.finish(run_id, result)
+        job = self._jobs.get(run_id)
+        if job is not None:
+            await self.runs.finish(run_id, result, job["lease"])
         self._forget(run_id)  # last: a retry after a locked write must still find the run
         self.runs.queued.set()
 

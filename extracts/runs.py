@@ -13,6 +13,14 @@
 A transition that removes files wins its status change first, so a run that
 ended meanwhile keeps everything (SPEC: Snapshot, safety and faults).
 
+Several instances (SPEC: Beyond one machine) share the rows: a claim takes the
+run for this instance (``instance_id``) with a lease (``lease_expires_at``, which
+the instance's heartbeat renews) and a fencing token (``lease_token``, new at each
+claim). Every write a worker causes — progress, artifact rows, the ending — is
+made only while the run still carries that token: once a lease expired and the
+run was failed as interrupted (``reap``), the late writes of its old worker change
+nothing.
+
 Retries (SPEC: Retries) are rows, not timers: a run that fails for a transient
 cause (``executor.failures``) gets its retry — a new 'queued' run with
 ``attempt`` + 1, ``retry_of`` and a ``not_before`` — in the transaction that
@@ -24,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sqlite3
+import secrets
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -44,10 +52,8 @@ from executor.messages import (
     failure,
     progress_detail,
 )
+from extracts.dialects import SQLITE, Dialect
 from extracts.state import (
-    SQL_DURATION,
-    SQL_NOW,
-    SQL_NOW_PARAMS,
     TriggeredBy,
     dumps,
     iso,
@@ -64,19 +70,6 @@ INTERRUPTED = "interrupted: the service stopped while this run was running"
 # The statuses as SQL text, from the one enum (schema.sql's CHECK mirrors it).
 PENDING, QUEUED, RUNNING = (sql_list((status.value,))[1:-1] for status in ACTIVE_STATUSES)
 ACTIVE = sql_list(tuple(status.value for status in ACTIVE_STATUSES))
-
-
-def ending(*detail: str) -> str:
-    """What every ending sets: the status, when it ended, its phase, how long it ran.
-
-    ``detail`` names more ``progress_detail`` fields to set, each bound by its name.
-    """
-    pairs = "".join(f", '$.{name}', :{name}" for name in detail)
-    return (
-        "status = :status, completed_at = :now, updated_at = :now, "
-        f"progress_detail = json_set(progress_detail, '$.phase', :status{pairs}), "
-        f"duration_seconds = {SQL_DURATION}"
-    )
 
 
 JITTER = 0.2  # a retry waits its delay ± 20 %
@@ -98,28 +91,88 @@ class Runs:
         min_free_bytes: int,
         clock: Callable[[], datetime] = utcnow,
         jitter: Callable[[], float] = lambda: random.uniform(-1, 1),
+        dialect: Dialect = SQLITE,
     ) -> None:
-        self.db, self.storage = db, storage
+        self.db, self.dialect, self.storage = db, dialect, storage
         self.source, self.min_free_bytes = source, min_free_bytes
         self.clock, self.jitter = clock, jitter
         self.queued = asyncio.Event()  # set when a run may be waiting: the dispatcher's cue
+        self.instance_id = new_id("instance")
+        self.lease = timedelta(seconds=30)  # --lease-seconds
 
-    async def recover(self) -> None:
-        """After a crash: runs left running fail as interrupted, and are retried per their
-        extract's policy (exactly once: the failure and its retry are one transaction);
-        pending ones are queued (SPEC)."""
-        interrupted = await self.db.fetch_all(f"SELECT id FROM extract_runs WHERE status = {RUNNING}")
-        for row in interrupted:
-            await self.finish(row["id"], failure(INTERRUPTED, "Interrupted", retryable=True))
-            await asyncio.to_thread(self.storage.remove_partial, row["id"])  # its half-written files
+    def ending(self, *integers: str) -> str:
+        """What every ending sets: the status, when it ended, its phase, how long it ran.
+
+        ``integers`` names more ``progress_detail`` fields to set, each bound by its name.
+        """
+        fields = {"phase": ("status", "text")} | {name: (name, "bigint") for name in integers}
+        return (
+            "status = :status, completed_at = :now, updated_at = :now, "
+            f"progress_detail = {self.dialect.json_set('progress_detail', fields)}, "
+            f"duration_seconds = {self.dialect.duration()}"
+        )
+
+    async def recover(self, alone: bool) -> None:
+        """At start-up: runs a stopped service left running fail as interrupted, and are retried
+        per their extract's policy (exactly once: the failure and its retry are one transaction);
+        pending ones are queued (SPEC). ``alone``: no other instance can hold a run (a SQLite
+        state), so every running run was this service's; else only expired leases are reaped."""
+        await self.reap(every=alone)
         await self.db.execute(
             f"UPDATE extract_runs SET status = {QUEUED}, updated_at = :now WHERE status = {PENDING}",
             {"now": now_iso()},
         )
 
+    async def reap(self, every: bool = False) -> list[str]:
+        """Fail as interrupted (and retry) the running runs whose lease expired: their instance
+        died, froze or lost its network (``every``: all running runs). Returns their ids."""
+        expired = "" if every else " AND lease_expires_at < :now"
+        rows = await self.db.fetch_all(
+            f"SELECT id, lease_token FROM extract_runs WHERE status = {RUNNING}{expired}",
+            {} if every else {"now": iso(self.clock())},
+        )
+        for row in rows:
+            interrupted = failure(INTERRUPTED, "Interrupted", retryable=True)
+            await self.finish(row["id"], interrupted, row["lease_token"])
+            await asyncio.to_thread(self.storage.remove_partial, row["id"])  # its half-written files
+        # A cancelled run whose worker never reported back (its instance died): nothing holds it.
+        await self.db.execute(
+            f"UPDATE extract_runs SET lease_token = NULL, lease_expires_at = NULL WHERE status <> {RUNNING} "
+            "AND lease_token IS NOT NULL AND lease_expires_at < :now",
+            {"now": iso(self.clock())},
+        )
+        return [row["id"] for row in rows]
+
+    async def held(self, run_id: str) -> bool:
+        """Whether a worker (of any instance) may still write to the run: its lease is live."""
+        return bool(
+            await self.db.fetch_val(
+                "SELECT 1 FROM extract_runs WHERE id = :id AND lease_token IS NOT NULL "
+                "AND lease_expires_at >= :now",
+                {"id": run_id, "now": iso(self.clock())},
+            )
+        )
+
+    async def renew(self) -> None:
+        """Extend the leases of the runs this instance holds (its heartbeat)."""
+        await self.db.execute(
+            "UPDATE extract_runs SET lease_expires_at = :until WHERE instance_id = :me "
+            f"AND status = {RUNNING} AND lease_token IS NOT NULL",
+            {"until": iso(self.clock() + self.lease), "me": self.instance_id},
+        )
+
+    async def cancelled_here(self) -> list[str]:
+        """Runs this instance's workers hold that were cancelled, maybe through another instance."""
+        rows = await self.db.fetch_all(
+            "SELECT id FROM extract_runs WHERE instance_id = :me AND status = 'cancelled' "
+            "AND lease_token IS NOT NULL",
+            {"me": self.instance_id},
+        )
+        return [row["id"] for row in rows]
+
     async def queue(self, extract: dict[str, Any], triggered_by: TriggeredBy) -> str | None:
         """Insert a queued run; None when the extract already has an active one (unique index)."""
-        run_id = new_id("run")
+        run_id, now = new_id("run"), self.dialect.now
         snapshot = {key: extract[key] for key in SNAPSHOT_FIELDS}
         try:
             # The time is SQLite's, read once the write lock is held: runs are stamped in
@@ -127,7 +180,7 @@ class Runs:
             inserted = await self.db.fetch_one(
                 "INSERT INTO extract_runs (id, extract_id, extract_name, status, progress, "
                 "progress_detail, triggered_by, config_snapshot, created_at, updated_at) "
-                f"SELECT :id, id, name, {QUEUED}, 0, :detail, :by, :snapshot, {SQL_NOW}, {SQL_NOW} "
+                f"SELECT :id, id, name, {QUEUED}, 0, :detail, :by, :snapshot, {now}, {now} "
                 "FROM extracts WHERE id = :extract AND deleted_at IS NULL AND enabled = 1 "
                 "RETURNING id",
                 {
@@ -136,11 +189,11 @@ class Runs:
                     "by": triggered_by.value,
                     "snapshot": dumps(snapshot),
                     "extract": extract["id"],
-                    **SQL_NOW_PARAMS,
+                    **self.dialect.now_params,
                 },
             )
-        except sqlite3.IntegrityError as exc:
-            if "UNIQUE" not in str(exc):
+        except Exception as exc:
+            if not self.dialect.unique_violation(exc):
                 raise
             return None
         if inserted is None:  # deleted or disabled since the caller read it
@@ -159,7 +212,7 @@ class Runs:
     async def cancel_active(self, extract_id: str) -> str | None:
         """Cancel the extract's active run at once; its worker, if any, is told by the caller."""
         row = await self.db.fetch_one(
-            f"UPDATE extract_runs SET {ending()} "
+            f"UPDATE extract_runs SET {self.ending()} "
             f"WHERE extract_id = :extract AND status IN {ACTIVE} RETURNING id",
             {"status": RunStatus.CANCELLED.value, "now": now_iso(), "extract": extract_id},
         )
@@ -174,18 +227,27 @@ class Runs:
         while True:
             now = iso(self.clock())
             row = await self.db.fetch_one(
-                f"UPDATE extract_runs SET status = {RUNNING}, started_at = :now, updated_at = :now "
+                f"UPDATE extract_runs SET status = {RUNNING}, started_at = :now, updated_at = :now, "
+                "instance_id = :me, lease_token = :token, lease_expires_at = :until "
                 f"WHERE id = (SELECT id FROM extract_runs WHERE status = {QUEUED} "
                 "AND (not_before IS NULL OR not_before <= :now) "
-                f"ORDER BY created_at, rowid LIMIT 1) AND status = {QUEUED} "
-                "RETURNING id, extract_id, extract_name, config_snapshot, created_at, triggered_by",
-                {"now": now},
+                f"ORDER BY {self.dialect.queue_order} LIMIT 1{self.dialect.claim_lock}) "
+                f"AND status = {QUEUED} "
+                "RETURNING id, extract_id, extract_name, config_snapshot, created_at, triggered_by, "
+                "lease_token",
+                {
+                    "now": now,
+                    "me": self.instance_id,
+                    "token": secrets.token_hex(8),
+                    "until": iso(self.clock() + self.lease),
+                },
             )
             if row is None:
                 return None
             if row["triggered_by"] == TriggeredBy.RETRY and not await self._runnable(row["extract_id"]):
                 error = "The extract was disabled or deleted while this retry waited: not retried"
-                await self.finish(row["id"], failure(error, "ExtractDisabled", retryable=False))
+                disabled = failure(error, "ExtractDisabled", retryable=False)
+                await self.finish(row["id"], disabled, row["lease_token"])
                 continue
             break
         return {
@@ -198,17 +260,23 @@ class Runs:
             "min_free_bytes": self.min_free_bytes,
             "created_at": row["created_at"],
             "config": orjson.loads(row["config_snapshot"]),
+            "lease": row["lease_token"],
         }
 
-    async def record_progress(self, run_id: str, progress: Progress) -> None:
+    async def record_progress(self, run_id: str, progress: Progress, lease: str) -> None:
+        progress_sql = self.dialect.greatest(
+            "progress", self.dialect.least("CAST(:progress AS integer)", "99")
+        )
         await self.db.execute(
-            "UPDATE extract_runs SET progress = max(progress, min(:progress, 99)), "
-            f"progress_detail = :detail, updated_at = :now WHERE id = :id AND status = {RUNNING}",
+            f"UPDATE extract_runs SET progress = {progress_sql}, "
+            "progress_detail = :detail, updated_at = :now "
+            f"WHERE id = :id AND status = {RUNNING} AND lease_token = :lease",
             {
                 "progress": int(progress["progress"]),
                 "detail": dumps(progress["progress_detail"]),
                 "now": now_iso(),
                 "id": run_id,
+                "lease": lease,
             },
         )
 
@@ -234,14 +302,18 @@ class Runs:
             "created_at": now,
             "expires_at": plus_days(now, job["config"]["retention_days"]),
         }
+        # Only while the run carries this worker's lease (fenced), from a SELECT: typed
+        # columns are cast, since PostgreSQL cannot type a bare parameter in a select list.
+        typed = {"part", "size_bytes", "records", "crc32", "is_primary"}
+        selected = ", ".join(f"CAST(:{c} AS {'bigint' if c in typed else 'text'})" for c in values)
         try:
             await self.db.execute(
-                f"INSERT INTO extract_artifacts ({', '.join(values)}) VALUES "
-                f"({', '.join(':' + c for c in values)}) ON CONFLICT (id) DO NOTHING",
-                values,
+                f"INSERT INTO extract_artifacts ({', '.join(values)}) SELECT {selected} FROM extract_runs "
+                "WHERE id = :run_id AND lease_token = :lease ON CONFLICT (id) DO NOTHING",
+                values | {"lease": job["lease"]},
             )
-        except sqlite3.IntegrityError as exc:
-            if "UNIQUE" not in str(exc):
+        except Exception as exc:
+            if not self.dialect.unique_violation(exc):
                 raise
             error = (
                 f"The run wrote a second file named {artifact['artifact_name']} (letter case aside), "
@@ -252,6 +324,7 @@ class Runs:
                 failure(
                     error, "DuplicateArtifactName", retryable=False, artifact_name=artifact["artifact_name"]
                 ),
+                job["lease"],
             )
             return False
         return True
@@ -264,41 +337,45 @@ class Runs:
             )
         )
 
-    async def finish(self, run_id: str, result: Result) -> None:
+    async def finish(self, run_id: str, result: Result, lease: str | None) -> None:
         """End a running run as its result says; a run cancelled (or failed) meanwhile stays so.
 
         One transaction: the counts, the ending and, for a transient failure with
-        attempts left, the retry (SPEC: Retries).
+        attempts left, the retry (SPEC: Retries). Fenced: nothing changes unless the
+        run still carries ``lease`` (None: a run of a state file older than leases).
         """
         status = RunStatus(result["status"])
         if status not in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED):
             status = RunStatus.FAILED
         values = {"records": result["records_exported"], "schemas": result["schemas_exported"], "id": run_id}
+        fence = " AND lease_token IS NULL" if lease is None else " AND lease_token = :lease"
+        held = {} if lease is None else {"lease": lease}
         async with self.db.transaction():
-            # A write first: the transaction holds the write lock before it reads anything.
-            await self.db.execute(
+            # A write first: the transaction holds the write lock before it reads anything. The
+            # lease is let go here: no worker holds the run any more (a cancelled one included).
+            counted = await self.db.fetch_one(
                 "UPDATE extract_runs SET records_exported = :records, schemas_exported = :schemas, "
                 "artifacts_created = (SELECT count(*) FROM extract_artifacts WHERE run_id = :id), "
                 "total_size_bytes = (SELECT coalesce(sum(size_bytes), 0) FROM extract_artifacts "
-                "WHERE run_id = :id) WHERE id = :id",
-                values,
+                f"WHERE run_id = :id), lease_token = NULL, lease_expires_at = NULL WHERE id = :id{fence} "
+                "RETURNING status",
+                values | held,
             )
+            if counted is None or counted["status"] != RunStatus.RUNNING:  # fenced off, or ended
+                return
             run = await self.db.fetch_one(
                 "SELECT r.attempt, r.extract_id, r.extract_name, r.config_snapshot, e.max_attempts, "
                 "e.retry_delay_seconds, e.enabled = 1 AND e.deleted_at IS NULL AS runnable "
-                f"FROM extract_runs r JOIN extracts e ON e.id = r.extract_id "
-                f"WHERE r.id = :id AND r.status = {RUNNING}",
+                "FROM extract_runs r JOIN extracts e ON e.id = r.extract_id WHERE r.id = :id",
                 {"id": run_id},
             )
-            if run is None:  # cancelled or ended meanwhile: it stays as it is
-                return
             error, retrying = result["error"], False
             if status is RunStatus.FAILED and (result["error_detail"] or {}).get("retryable"):
                 error = f"{error} (attempt {run['attempt']} of {run['max_attempts']})"
                 retrying = run["attempt"] < run["max_attempts"] and bool(run["runnable"])
             completed = status is RunStatus.COMPLETED
             await self.db.execute(
-                f"UPDATE extract_runs SET {ending(*(['records_exported'] if completed else []))}, "
+                f"UPDATE extract_runs SET {self.ending(*(['records_exported'] if completed else []))}, "
                 "error = :error, error_detail = :error_detail"
                 + (", progress = 100" if completed else "")
                 + " WHERE id = :id",
@@ -322,12 +399,12 @@ class Runs:
 
     async def _queue_retry(self, failed_id: str, run: dict[str, Any]) -> str:
         """Insert the retry of a failed run (inside ``finish``'s transaction); returns its id."""
-        retry_id = new_id("run")
+        retry_id, now = new_id("run"), self.dialect.now
         wait = retry_wait(run["retry_delay_seconds"], run["attempt"], self.jitter())
         await self.db.execute(
             "INSERT INTO extract_runs (id, extract_id, extract_name, status, progress, progress_detail, "
             "triggered_by, config_snapshot, created_at, updated_at, attempt, retry_of, not_before) "
-            f"VALUES (:id, :extract, :name, {QUEUED}, 0, :detail, :by, :snapshot, {SQL_NOW}, {SQL_NOW}, "
+            f"VALUES (:id, :extract, :name, {QUEUED}, 0, :detail, :by, :snapshot, {now}, {now}, "
             ":attempt, :retry_of, :not_before)",
             {
                 "id": retry_id,
@@ -339,7 +416,7 @@ class Runs:
                 "attempt": run["attempt"] + 1,
                 "retry_of": failed_id,
                 "not_before": iso(self.clock() + wait),
-                **SQL_NOW_PARAMS,
+                **self.dialect.now_params,
             },
         )
         return retry_id
@@ -370,10 +447,11 @@ class Runs:
         artifact rows; only then do its partial files go. A run that completed,
         failed or was cancelled meanwhile keeps everything.
         """
-        values = {"detail": dumps(progress_detail(Phase.QUEUED)), "now": now_iso()}
+        values = {"detail": dumps(progress_detail(Phase.QUEUED)), "now": now_iso(), "me": self.instance_id}
         requeue = (
             f"UPDATE extract_runs SET status = {QUEUED}, progress = 0, progress_detail = :detail, "
-            f"started_at = NULL, updated_at = :now WHERE status = {RUNNING}"
+            "started_at = NULL, updated_at = :now, instance_id = NULL, lease_token = NULL, "
+            f"lease_expires_at = NULL WHERE status = {RUNNING} AND instance_id = :me"
         )
         async with self.db.transaction():
             if run_ids is None:

@@ -24,6 +24,12 @@ from extracts.storage import Storage
 log = logging.getLogger("extracts.schedule")
 
 TICK_S = 1.0
+Leads = Callable[[str], Awaitable[bool]]
+
+
+async def always(job: str) -> bool:
+    """The one instance of a state leads every job."""
+    return True
 
 
 async def every(seconds: float, step: Callable[[], Awaitable[object]], what: str) -> None:
@@ -48,14 +54,21 @@ async def next_run_at(config: dict[str, Any], now: datetime, keep: str | None = 
 class Scheduler:
     """Starts a run of every scheduled extract that is due, one per tick however many slots passed."""
 
-    def __init__(self, db: Database, runs: Runs, clock: Callable[[], datetime] = utcnow) -> None:
-        self.db, self.runs, self.clock = db, runs, clock
+    def __init__(
+        self, db: Database, runs: Runs, clock: Callable[[], datetime] = utcnow, leads: Leads = always
+    ) -> None:
+        self.db, self.runs, self.clock, self.leads = db, runs, clock, leads
 
     async def run_forever(self) -> None:
         await every(TICK_S, self.tick, "scheduler tick")
 
     async def tick(self) -> list[str]:
-        """Queue every due extract; returns the runs started. A due time while running is skipped."""
+        """Queue every due extract; returns the runs started. A due time while running is skipped.
+
+        One instance at a time ticks (``leads``), so a due time starts one run, not one per instance.
+        """
+        if not await self.leads("scheduler"):
+            return []
         now = self.clock()
         columns = ", ".join(["id", *(f.name for f in EXTRACT_FIELDS)])
         rows = await self.db.fetch_all(
@@ -90,15 +103,18 @@ class Sweeper:
         interval: float,
         active: Callable[[], set[str]],
         clock: Callable[[], datetime] = utcnow,
+        leads: Leads = always,
     ) -> None:
         self.db, self.storage, self.interval = db, storage, interval
-        self.active, self.clock = active, clock
+        self.active, self.clock, self.leads = active, clock, leads
 
     async def run_forever(self) -> None:
         await every(self.interval, self.sweep, "retention sweep")
 
     async def sweep(self) -> int:
-        """One sweep; returns how many artifacts expired."""
+        """One sweep; returns how many artifacts expired (one instance at a time sweeps)."""
+        if not await self.leads("retention sweep"):
+            return 0
         now = iso(self.clock())
         rows = await self.db.fetch_all(
             "SELECT id, storage_path FROM extract_artifacts WHERE deleted_at IS NULL AND expires_at <= :now",

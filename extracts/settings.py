@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from extracts.dialects import SQLITE, dialect_of
 from extracts.storage import OBJECT_SCHEMES
 
 
@@ -38,7 +39,13 @@ SETTINGS = (
         "(default: a demo SQLite database created beside the state file)",
         metavar="URL|PATH",
     ),
-    Setting("db", "./extracts.db", "EXTRACTS_DB", "the service's own SQLite state file", metavar="PATH"),
+    Setting(
+        "db",
+        "./extracts.db",
+        "EXTRACTS_DB",
+        "the service's own state: a SQLite file, or postgresql://… shared by several instances",
+        metavar="PATH|URL",
+    ),
     Setting(
         "storage",
         "/tmp/extracts",
@@ -79,6 +86,15 @@ SETTINGS = (
         metavar="MB",
     ),
     Setting(
+        "lease_seconds",
+        30,
+        "EXTRACTS_LEASE_SECONDS",
+        "how long a run stays its instance's without a heartbeat; past it, another instance "
+        "fails the run as interrupted and retries it",
+        float,
+        metavar="SECONDS",
+    ),
+    Setting(
         "cleanup_interval",
         3600,
         "EXTRACTS_CLEANUP_INTERVAL",
@@ -94,7 +110,7 @@ class Settings:
     """The resolved start-up options (flag, else environment variable, else default)."""
 
     source: str | None
-    db: Path
+    db: Path | str  # a SQLite file, or a postgresql:// URL
     storage: str
     storage_endpoint: str | None
     host: str
@@ -102,8 +118,20 @@ class Settings:
     token: str | None
     workers: int
     min_free_mb: int
+    lease_seconds: float
     cleanup_interval: float
     demo: bool = False
+
+    @property
+    def shared(self) -> bool:
+        """The state is PostgreSQL: several instances may serve it together."""
+        return isinstance(self.db, str)
+
+    @property
+    def home(self) -> Path:
+        """Where the demo database and the generated token live: beside the state file, or here."""
+        return self.db.parent if isinstance(self.db, Path) else Path.cwd()
+
     token_generated: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -136,9 +164,12 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
         values["token"] = values["token"].strip()
         if not values["token"]:
             parser.error("--token [EXTRACTS_TOKEN] must not be empty")
+    if values["lease_seconds"] < 1:
+        parser.error("--lease-seconds [EXTRACTS_LEASE_SECONDS] must be at least 1")
     if values["cleanup_interval"] <= 0:
         parser.error("--cleanup-interval [EXTRACTS_CLEANUP_INTERVAL] must be positive")
-    values["db"] = Path(values["db"]).expanduser().absolute()
+    if dialect_of(values["db"]) is SQLITE:
+        values["db"] = Path(values["db"]).expanduser().absolute()
     if values["storage"].split("://", 1)[0].lower() not in OBJECT_SCHEMES:
         values["storage"] = str(Path(values["storage"]).expanduser().absolute())
     return Settings(**values)

@@ -8,6 +8,7 @@ free-space reserve only warns: downloads keep working.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import sqlite3
@@ -18,25 +19,46 @@ from executor.sources import SourceError, open_source
 from extracts import state
 from extracts.settings import Settings
 from extracts.storage import StorageError, open_storage
+from extracts.storage.local import LocalStorage
 
 
 class StartupError(Exception):
     """The service cannot start; the message is the one line printed before exiting."""
 
 
+SEVERAL = (
+    "several instances need --db postgresql://… and an object store --storage "
+    "(README: Running several instances)"
+)
+
+
 def prepare(settings: Settings) -> None:
     """Fail fast on anything that would stop the service working (SPEC: Starting it)."""
-    try:
-        state.prepare_state_file(settings.db)
-    except (OSError, sqlite3.Error) as exc:
-        raise StartupError(f"cannot write the state file {settings.db}: {exc}") from exc
+    if isinstance(settings.db, Path):
+        hold_alone(settings.db.with_name(settings.db.name + ".lock"), f"the state file {settings.db}")
+        try:
+            state.prepare_state_file(settings.db)
+        except (OSError, sqlite3.Error) as exc:
+            raise StartupError(f"cannot write the state file {settings.db}: {exc}") from exc
+    else:
+        if settings.token is None:  # a generated one would differ from instance to instance
+            raise StartupError(
+                "give --token [EXTRACTS_TOKEN]: instances sharing --db postgresql://… share one token"
+            )
+        try:
+            state.prepare_postgres(settings.db)
+        except Exception as exc:  # noqa: BLE001 — psycopg's errors, a newer schema: one line either way
+            reason = blank(" ".join(str(exc).split()), source_secrets(settings.db))
+            raise StartupError(f"cannot prepare the state database {redact(settings.db)}: {reason}") from None
     try:
         storage = open_storage(settings.storage, settings.storage_endpoint)
         storage.probe()
     except StorageError as exc:
         raise StartupError(str(exc)) from exc
+    if isinstance(storage, LocalStorage):
+        hold_alone(storage.root / ".extracts.lock", f"the storage directory {storage.root}")
     if settings.source is None:
-        demo = settings.db.with_name("demo.db")
+        demo = settings.home / "demo.db"
         if not demo.exists():
             from executor.demo import create_demo_database
 
@@ -53,7 +75,7 @@ def prepare(settings: Settings) -> None:
         reason = blank(str(exc), source_secrets(settings.source))
         raise StartupError(f"cannot open the source: {reason}") from exc
     if settings.token is None:
-        settings.token, settings.token_generated = load_or_create_token(settings.db)
+        settings.token, settings.token_generated = load_or_create_token(settings.db)  # SQLite state
     free = storage.free_bytes()
     if free is not None and free >> 20 < settings.min_free_mb:
         settings.notes.append(
@@ -61,6 +83,32 @@ def prepare(settings: Settings) -> None:
             f"{settings.min_free_mb} MB reserve (--min-free-mb): runs will fail until space is "
             "freed; downloads keep working"
         )
+
+
+_HELD: list[int] = []  # the lock files' descriptors, open for the life of the process
+
+
+def hold_alone(path: Path, what: str) -> None:
+    """Take the lock file beside ``what`` for this process's life; refuse when another instance has it.
+
+    A SQLite state file and a local storage directory serve one instance
+    (SPEC: Beyond one machine). The kernel drops the lock when the process
+    ends, however it ends.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return  # the state or storage check that follows says why it cannot be written
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StartupError(f"{what} is in use by another extracts-app (pid {holder}); {SEVERAL}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _HELD.append(fd)
 
 
 def load_or_create_token(db: Path) -> tuple[str, bool]:
@@ -96,7 +144,7 @@ def banner(settings: Settings) -> list[str]:
     else:
         lines.append(f"Exporting from {redact(settings.source)}.")
     lines.append(
-        f"Extracts listening on {url} — state {settings.db}, storage {settings.storage}, "
+        f"Extracts listening on {url} — state {redact(str(settings.db))}, storage {settings.storage}, "
         f"{settings.workers} worker(s)."
     )
     if settings.token_generated:

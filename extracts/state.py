@@ -1,11 +1,12 @@
-"""The service's own state: one SQLite file reached through ``databases`` + ``aiosqlite``.
+"""The service's own state, through ``databases``: a SQLite file (aiosqlite), or PostgreSQL (asyncpg).
 
-Owns how the file is opened (per-connection PRAGMAs, WAL, ``schema.sql``,
-migrations by ``user_version``, connections kept open for the next query) and
-the small facts every state row shares: ids, timestamps, JSON text, the
-``triggered_by`` values. Run statuses and phases are named in
-``executor.messages``, which the workers share too. The parent process is the
-only writer; worker processes never open this file.
+Owns how the state is opened (per-connection PRAGMAs, WAL, ``schema.sql``,
+migrations, connections kept open for the next query) and the small facts
+every state row shares: ids, timestamps, JSON text, the ``triggered_by``
+values. ``schema.sql`` is written once, in SQLite's dialect; PostgreSQL gets it
+translated (``postgres_schema``). Run statuses and phases are named in
+``executor.messages``, which the workers share too. Only the service writes
+the state; worker processes never open it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from databases import Database, DatabaseURL
 from databases.backends.sqlite import SQLiteConnection
 from databases.interfaces import ConnectionBackend, DatabaseBackend
 from sqlalchemy.dialects.sqlite import pysqlite
+
+from extracts.dialects import POSTGRES, dialect_of
 
 SCHEMA_VERSION = 4
 BUSY_TIMEOUT_S = 15.0
@@ -116,6 +119,36 @@ def schema_sql() -> str:
         if candidate.is_file():
             return candidate.read_text()
     raise FileNotFoundError("schema.sql not found in the source checkout nor in share/extracts")
+
+
+def postgres_schema(sql: str) -> str:
+    """schema.sql in PostgreSQL's words: 64-bit integers (as SQLite's), doubles, no rowid, and a
+    case-insensitive index spelled with lower()."""
+    sql = re.sub(r"\bINTEGER\b", "BIGINT", sql)
+    sql = re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql)
+    sql = sql.replace("artifact_name COLLATE NOCASE", "lower(artifact_name)")
+    return sql.replace("r.rowid DESC", "r.id DESC")
+
+
+def prepare_postgres(url: str) -> None:
+    """Create the tables in PostgreSQL at start-up (several instances may start at once)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as con, con.transaction():
+        con.execute("SELECT pg_advisory_xact_lock(20261130)")  # one instance at a time
+        con.execute("CREATE TABLE IF NOT EXISTS extracts_schema (version INTEGER NOT NULL)")
+        version = con.execute("SELECT max(version) FROM extracts_schema").fetchone()[0]
+        if version is not None and version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"the state has schema version {version}, newer than this service's {SCHEMA_VERSION}"
+            )
+        text = "\n".join(line for line in schema_sql().splitlines() if not line.lstrip().startswith("--"))
+        for statement in postgres_schema(text).split(";"):
+            if statement.strip():
+                con.execute(statement)
+        if version != SCHEMA_VERSION:
+            con.execute("DELETE FROM extracts_schema")
+            con.execute("INSERT INTO extracts_schema VALUES (%s)", (SCHEMA_VERSION,))
 
 
 def prepare_state_file(path: Path) -> None:
@@ -269,6 +302,12 @@ class StateDatabase(Database):
     SUPPORTED_BACKENDS = {**Database.SUPPORTED_BACKENDS, "sqlite": "extracts.state:StateBackend"}
 
 
-def open_database(path: Path) -> Database:
-    """The state database, not connected yet (``connect()``, then ``disconnect()``)."""
-    return StateDatabase(f"sqlite:///{path}", factory=StateConnection, timeout=BUSY_TIMEOUT_S)
+def open_database(location: Path | str) -> Database:
+    """The state database, not connected yet (``connect()``, then ``disconnect()``).
+
+    ``location``: a SQLite file, or a ``postgresql://`` URL.
+    """
+    text = str(location)
+    if dialect_of(text) is POSTGRES:
+        return Database(text.replace("postgres://", "postgresql://", 1), min_size=2, max_size=10)
+    return StateDatabase(f"sqlite:///{location}", factory=StateConnection, timeout=BUSY_TIMEOUT_S)

@@ -685,6 +685,7 @@ def test_a_run_message_that_meets_a_locked_state_file_is_applied_later(tmp_path:
             pool = WorkerPool(Runs(LockedTwice(db), storage, "source.db", 0), storage, 1)
             pool.retry_delay = 0.01
             pool._inflight["run_x"] = 1
+            pool._jobs["run_x"] = {"run_id": "run_x", "lease": None}  # type: ignore[typeddict-item]
             await pool._apply(pool._on_result, "result", "run_x", result(RunStatus.COMPLETED))
             return pool
         finally:

@@ -493,7 +493,7 @@ def test_an_artifact_message_applied_twice_is_recorded_once(tmp_path: Path) -> N
 
     con = state_file(tmp_path)
     add_run(con, "run_x")
-    con.execute("UPDATE extract_runs SET status = 'running'")
+    con.execute("UPDATE extract_runs SET status = 'running', lease_token = 'lease_x'")
 
     async def scenario() -> None:
         db = open_database(tmp_path / "state.db")
@@ -506,6 +506,7 @@ def test_an_artifact_message_applied_twice_is_recorded_once(tmp_path: Path) -> N
                 "run_id": "run_x",
                 "extract_id": "extract_1",
                 "config": {"retention_days": 7},
+                "lease": "lease_x",
             }
             message = {
                 "artifact_type": "data-users",

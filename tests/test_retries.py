@@ -76,7 +76,7 @@ def test_a_four_attempt_chain_waits_twice_as_long_each_time_within_the_jitter(tm
                 job = await runs.claim()
                 assert job is not None, f"attempt {attempt} did not start"
                 cause = failure("Lost the connection to PostgreSQL", "SourceUnavailable", retryable=True)
-                await runs.finish(job["run_id"], cause)
+                await runs.finish(job["run_id"], cause, job["lease"])
                 waiting = await runs.next_start()
                 if attempt == 4:
                     assert waiting is None
@@ -131,16 +131,14 @@ def test_only_a_transient_failure_with_attempts_left_is_retried(tmp_path: Path, 
             await runs.queue({"id": "extract_1", **FULL_CONFIG}, state.TriggeredBy.MANUAL)
             job = await runs.claim()
             if ending == "permanent":
-                await runs.finish(
-                    job["run_id"], failure("Schema 'x' no longer exists", "UnknownSchema", retryable=False)
-                )
+                gone = failure("Schema 'x' no longer exists", "UnknownSchema", retryable=False)
+                await runs.finish(job["run_id"], gone, job["lease"])
                 return
             if ending == "completed":
-                await runs.finish(job["run_id"], result(RunStatus.COMPLETED))
+                await runs.finish(job["run_id"], result(RunStatus.COMPLETED), job["lease"])
                 return
-            await runs.finish(
-                job["run_id"], failure("Lost the connection", "SourceUnavailable", retryable=True)
-            )
+            lost = failure("Lost the connection", "SourceUnavailable", retryable=True)
+            await runs.finish(job["run_id"], lost, job["lease"])
             clock[0] += timedelta(seconds=10)
             if ending == "disabled meanwhile":
                 await db.execute("UPDATE extracts SET enabled = 0")
