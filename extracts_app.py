@@ -128,12 +128,12 @@ def create_app(settings: Settings) -> Starlette:
         await instance.start()
         await runs.recover(alone=not settings.shared)
         await pool.start()
-        loops = [asyncio.create_task(job.run_forever()) for job in (scheduler, sweeper, instance)]
+        stopping = asyncio.Event()
+        loops = [asyncio.create_task(job.run_forever(stopping)) for job in (scheduler, sweeper, instance)]
         try:
             yield
         finally:
-            for task in loops:
-                task.cancel()
+            stopping.set()  # each loop ends after the step it is in (never cut in a statement)
             await asyncio.gather(*loops, return_exceptions=True)
             await pool.stop()
             await instance.stop()

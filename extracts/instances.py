@@ -24,6 +24,7 @@ from databases import Database
 
 from extracts.pool import WorkerPool
 from extracts.runs import Runs
+from extracts.schedule import every
 from extracts.state import iso
 
 log = logging.getLogger("extracts.instances")
@@ -67,24 +68,12 @@ class Instance:
             await self.db.execute("DELETE FROM extracts_leaders WHERE instance_id = :me", {"me": self.id})
             await self.db.execute("DELETE FROM extracts_instances WHERE id = :me", {"me": self.id})
 
-    async def run_forever(self) -> None:
+    async def run_forever(self, stopping: asyncio.Event) -> None:
         """Heartbeat, renew, reap; with a shared state also watch for cancels made elsewhere."""
-        tasks = [asyncio.create_task(self._beat_forever())]
+        loops = [every(self.heartbeat_s, self.beat, "heartbeat", stopping)]
         if self.shared:
-            tasks.append(asyncio.create_task(self._watch_cancels()))
-        try:
-            await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
-
-    async def _beat_forever(self) -> None:
-        while True:
-            try:
-                await self.beat()
-            except Exception:  # noqa: BLE001 — the state busy or unreachable: the next beat retries
-                log.exception("heartbeat failed")
-            await asyncio.sleep(self.heartbeat_s)
+            loops.append(every(CANCEL_POLL_S, self.pass_on_cancels, "cancel watch", stopping))
+        await asyncio.gather(*loops)
 
     async def beat(self) -> None:
         now = iso(self.clock())
@@ -96,12 +85,10 @@ class Instance:
         for run_id in await self.runs.reap():
             log.warning("run %s lost its instance (lease expired): failed as interrupted", run_id)
 
-    async def _watch_cancels(self) -> None:
-        while True:
-            with contextlib.suppress(Exception):  # the state busy: next turn
-                for run_id in await self.runs.cancelled_here():
-                    await self.pool.cancel(run_id)
-            await asyncio.sleep(CANCEL_POLL_S)
+    async def pass_on_cancels(self) -> None:
+        """Tell this instance's workers about their runs cancelled through any instance."""
+        for run_id in await self.runs.cancelled_here():
+            await self.pool.cancel(run_id)
 
     async def leads(self, job: str) -> bool:
         """Whether this instance does ``job`` now: it holds (or just took) the job's lease row."""

@@ -7,6 +7,7 @@ log and try again at their next turn. The clock is injectable for the tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -32,14 +33,19 @@ async def always(job: str) -> bool:
     return True
 
 
-async def every(seconds: float, step: Callable[[], Awaitable[object]], what: str) -> None:
-    """Run ``step`` every ``seconds``, for ever; a failed step is logged and tried again next time."""
-    while True:
+async def every(
+    seconds: float, step: Callable[[], Awaitable[object]], what: str, stopping: asyncio.Event
+) -> None:
+    """Run ``step`` every ``seconds`` until ``stopping`` is set; a failed step is logged and
+    tried again next time. A step is never cut short: the service waits for it when it stops
+    (a statement cancelled while it waits on a busy state would hold up the ones after it)."""
+    while not stopping.is_set():
         try:
             await step()
         except Exception:  # noqa: BLE001 — e.g. the state file locked: the next turn retries
             log.exception("%s failed", what)
-        await asyncio.sleep(seconds)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), seconds)
 
 
 async def next_run_at(config: dict[str, Any], now: datetime, keep: str | None = None) -> str | None:
@@ -59,8 +65,8 @@ class Scheduler:
     ) -> None:
         self.db, self.runs, self.clock, self.leads = db, runs, clock, leads
 
-    async def run_forever(self) -> None:
-        await every(TICK_S, self.tick, "scheduler tick")
+    async def run_forever(self, stopping: asyncio.Event) -> None:
+        await every(TICK_S, self.tick, "scheduler tick", stopping)
 
     async def tick(self) -> list[str]:
         """Queue every due extract; returns the runs started. A due time while running is skipped.
@@ -108,8 +114,8 @@ class Sweeper:
         self.db, self.storage, self.interval = db, storage, interval
         self.active, self.clock, self.leads = active, clock, leads
 
-    async def run_forever(self) -> None:
-        await every(self.interval, self.sweep, "retention sweep")
+    async def run_forever(self, stopping: asyncio.Event) -> None:
+        await every(self.interval, self.sweep, "retention sweep", stopping)
 
     async def sweep(self) -> int:
         """One sweep; returns how many artifacts expired (one instance at a time sweeps)."""
