@@ -8,6 +8,7 @@ free-space reserve only warns: downloads keep working.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import secrets
@@ -97,7 +98,8 @@ def hold_alone(path: Path, what: str) -> None:
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        # Read-only: an open file to write would stop the volume being remounted read-only.
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
     except OSError:
         return  # the state or storage check that follows says why it cannot be written
     try:
@@ -106,8 +108,8 @@ def hold_alone(path: Path, what: str) -> None:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
         raise StartupError(f"{what} is in use by another extracts-app (pid {holder}); {SEVERAL}") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    with contextlib.suppress(OSError):  # the pid, for the message a second instance gets
+        path.write_text(str(os.getpid()))
     _HELD.append(fd)
 
 
