@@ -266,6 +266,7 @@ class WorkerPool:
         if job is None:
             return False
         run_id = job["run_id"]
+        log.info("run %s claimed by %s", run_id, self.runs.instance_id)
         self._jobs[run_id] = job
         self._inflight[run_id] = self._generation
         loop = asyncio.get_running_loop()

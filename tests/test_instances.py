@@ -1,0 +1,384 @@
+"""Several instances over one PostgreSQL state and one S3 store (SPEC: Beyond one machine).
+
+Real processes on one machine: PostgreSQL on 127.0.0.1 (a database made for the
+module), moto's S3 server, and three service instances on three ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from conftest import TOKEN, Service, free_port, make_big_db, make_shop_db, start_service
+from test_object_storage import BUCKET, CREDENTIALS, Moto, start_moto
+
+ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+LEASE_S = 3
+
+
+def make_state_database(name: str) -> str:
+    with psycopg.connect(ADMIN, autocommit=True) as con:
+        con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        con.execute(f'CREATE DATABASE "{name}"')
+    return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+
+def drop_state_database(name: str) -> None:
+    with psycopg.connect(ADMIN, autocommit=True) as con:
+        con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[Moto]:
+    server = start_moto()
+    yield server
+    server.stop()
+
+
+class Cluster:
+    """Three instances sharing a PostgreSQL state and an S3 prefix."""
+
+    def __init__(self, tmp: Path, moto: Moto, source: Path, name: str, workers: int = 1) -> None:
+        self.tmp, self.moto, self.source, self.workers = tmp, moto, source, workers
+        self.name = name
+        self.url = make_state_database(name)
+        self.instances: list[Service] = []
+
+    def start(self, count: int = 3) -> list[Service]:
+        for i in range(count):
+            self.instances.append(self.start_one(i))
+        return self.instances
+
+    def start_one(self, i: int) -> Service:
+        home = self.tmp / f"instance{i}-{len(self.instances)}"
+        home.mkdir(parents=True, exist_ok=True)
+        return start_service(
+            home,
+            str(self.source),
+            "--storage-endpoint",
+            self.moto.endpoint,
+            "--lease-seconds",
+            str(LEASE_S),
+            "--workers",
+            str(self.workers),
+            db=self.url,  # type: ignore[arg-type]
+            storage=f"s3://{BUCKET}/{self.name}",  # type: ignore[arg-type]
+            env=CREDENTIALS,
+        )
+
+    def stop(self) -> None:
+        for svc in self.instances:
+            if svc.process.poll() is None:
+                os.kill(svc.process.pid, signal.SIGCONT)
+            svc.stop()
+        drop_state_database(self.name)
+
+    def logs(self) -> str:
+        return "".join(svc.output() for svc in self.instances)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, moto: Moto) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("cluster")
+    source = make_shop_db(tmp / "shop.db")
+    con = sqlite3.connect(source)  # and a table that takes a worker a few seconds
+    con.execute("CREATE TABLE big (id INTEGER PRIMARY KEY, pad TEXT)")
+    con.execute(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 1500000) "
+        "INSERT INTO big SELECT x, 'padding padding padding ' || x FROM c"
+    )
+    con.commit()
+    con.close()
+    group = Cluster(tmp, moto, source, f"extracts_cluster_{os.getpid()}")
+    group.start()
+    yield group
+    group.stop()
+
+
+def test_instances_list_each_other(cluster: Cluster) -> None:
+    for svc in cluster.instances:
+        listed = svc.client.get("/api/instances").json()["data"]
+        assert len(listed) == 3 and {i["workers"] for i in listed} == {1}
+        assert {i["pid"] for i in listed} == {s.process.pid for s in cluster.instances}
+
+
+def test_fifty_queued_runs_each_run_exactly_once(cluster: Cluster) -> None:
+    first = cluster.instances[0]
+    extracts = [first.create_extract(name=f"Small {i}", schemas=["users"]) for i in range(50)]
+    runs = [cluster.instances[i % 3].run(e["id"]) for i, e in enumerate(extracts)]
+    for run_id in runs:
+        assert first.wait_run(run_id, timeout=120)["status"] == "completed"
+    claimed = re.findall(r"run (run_[0-9a-f]+) claimed", cluster.logs())
+    assert sorted(r for r in claimed if r in runs) == sorted(runs)  # each claimed once, by one instance
+    by = {first.client.get(f"/api/data/extract_runs/{r}").json()["data"]["instance_id"] for r in runs}
+    assert len(by) >= 2, "the work was not shared"
+
+
+def test_simultaneous_run_requests_over_three_instances_create_one_run(cluster: Cluster) -> None:
+    first = cluster.instances[0]
+    # Every worker busy, so the one run the burst creates stays active (queued) throughout.
+    busy = [first.create_extract(name=f"Busy {i}", schemas=["big"], compress=False) for i in range(3)]
+    busy_runs = [cluster.instances[i].run(e["id"]) for i, e in enumerate(busy)]
+    extract = first.create_extract(name="Contended", schemas=["users"])
+    statuses: list[int] = []
+
+    def ask(svc: Service) -> None:
+        with httpx.Client(base_url=svc.base_url, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+            statuses.append(client.post(f"/api/extracts/{extract['id']}/run").status_code)
+
+    threads = [threading.Thread(target=ask, args=(cluster.instances[i % 3],)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses.count(202) == 1 and statuses.count(409) == 49, statuses
+    for run_id in busy_runs:
+        assert first.wait_run(run_id, timeout=120)["status"] == "completed"
+
+
+def test_downloads_are_the_same_bytes_from_every_instance(cluster: Cluster) -> None:
+    first = cluster.instances[0]
+    extract = first.create_extract(name="Everywhere", schemas=["users", "orders"])
+    run = first.wait_run(first.run(extract["id"]))
+    bodies = [svc.client.get(f"/api/extracts/runs/{run['id']}/download").content for svc in cluster.instances]
+    assert bodies[0] == bodies[1] == bodies[2] and zipfile.ZipFile(io.BytesIO(bodies[0])).testzip() is None
+
+
+def test_a_killed_instance_loses_its_run_within_the_lease_and_the_retry_completes(
+    tmp_path: Path, moto: Moto
+) -> None:
+    group = Cluster(tmp_path, moto, make_big_db(tmp_path / "big.db", 600_000), f"extracts_kill_{os.getpid()}")
+    try:
+        a, b, c = group.start()
+        extract = a.create_extract(name="Orphaned", schemas=["big"], compress=False, retry_delay_seconds=1)
+        run_id = a.run(extract["id"])
+        deadline = time.monotonic() + 30
+        while (run := a.client.get(f"/api/data/extract_runs/{run_id}").json()["data"])["instance_id"] is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        victim = next(s for s in group.instances if _instance_id(s) == run["instance_id"])
+        victim.process.send_signal(signal.SIGKILL)
+        victim.process.wait()
+        killed = time.monotonic()
+        survivor = next(s for s in group.instances if s is not victim)
+        failed = survivor.wait_run(run_id, timeout=LEASE_S + 30)
+        assert failed["status"] == "failed" and failed["error"].startswith("interrupted"), failed
+        assert time.monotonic() - killed <= LEASE_S + 5 + 1  # + the poll of wait_run
+        retry = survivor.wait_run(failed["retry_run_id"], timeout=120)
+        assert retry["status"] == "completed" and retry["instance_id"] != run["instance_id"]
+        body = survivor.client.get(f"/api/extracts/runs/{retry['id']}/download").content
+        with zipfile.ZipFile(io.BytesIO(body)) as archive:
+            assert archive.testzip() is None
+    finally:
+        group.stop()
+
+
+def _instance_id(svc: Service) -> str:
+    """The id of the instance behind ``svc`` (its pid is in the instance list)."""
+    listed = svc.client.get("/api/instances").json()["data"]
+    return next(i["id"] for i in listed if i["pid"] == svc.process.pid)
+
+
+def test_a_frozen_instance_is_fenced_off(tmp_path: Path, moto: Moto) -> None:
+    """SIGSTOP past the lease, then SIGCONT: its late progress, status and files change nothing."""
+    group = Cluster(
+        tmp_path, moto, make_big_db(tmp_path / "big.db", 600_000), f"extracts_fence_{os.getpid()}"
+    )
+    try:
+        a, b, c = group.start()
+        extract = a.create_extract(
+            name="Frozen", schemas=["small", "big"], compress=False, retry_delay_seconds=1
+        )
+        run_id = a.run(extract["id"])
+        deadline = time.monotonic() + 30
+        while (run := a.client.get(f"/api/data/extract_runs/{run_id}").json()["data"])["progress"] < 30:
+            assert time.monotonic() < deadline, run
+            time.sleep(0.02)
+        victim = next(s for s in group.instances if _instance_id(s) == run["instance_id"])
+        family = [victim.process.pid, *_descendants(victim.process.pid)]  # its workers freeze with it
+        for pid in family:
+            os.kill(pid, signal.SIGSTOP)
+        survivor = next(s for s in group.instances if s is not victim)
+        failed = survivor.wait_run(run_id, timeout=LEASE_S + 30)
+        assert failed["status"] == "failed"
+        frozen = survivor.client.get(f"/api/data/extract_runs/{run_id}").json()["data"]
+        artifacts_before = survivor.client.get(
+            "/api/data/extract_artifacts", params={"filter[where][run_id]": run_id}
+        ).json()["data"]
+        retry = survivor.wait_run(failed["retry_run_id"], timeout=120)
+        assert retry["status"] == "completed"
+        for pid in family:
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(LEASE_S + 3)  # the old worker finishes or dies; its messages arrive
+        after = survivor.client.get(f"/api/data/extract_runs/{run_id}").json()["data"]
+        for field in ("status", "progress", "progress_detail", "error", "records_exported", "retry_run_id"):
+            assert after[field] == frozen[field], field
+        assert (
+            survivor.client.get(
+                "/api/data/extract_artifacts", params={"filter[where][run_id]": run_id}
+            ).json()["data"]
+            == artifacts_before
+        )
+        body = survivor.client.get(f"/api/extracts/runs/{retry['id']}/download").content
+        with zipfile.ZipFile(io.BytesIO(body)) as archive:
+            names = archive.namelist()
+            assert archive.testzip() is None
+        assert sorted(names) == ["big.jsonl", "describe.yaml", "manifest.json", "small.jsonl"]
+        manifest = archive_manifest(body)
+        assert manifest["run_id"] == retry["id"]
+    finally:
+        group.stop()
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def archive_manifest(body: bytes) -> dict:
+    import json
+
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        return json.loads(archive.read("manifest.json"))
+
+
+def test_one_scheduled_run_per_due_time_and_the_scheduler_survives_its_leader(tmp_path: Path) -> None:
+    """Three schedulers on one PostgreSQL state, an injected clock: one run per due time; when
+    the leading instance dies (its lease lapses), another leads."""
+    from extracts import state
+    from extracts.dialects import POSTGRES
+    from extracts.instances import Instance
+    from extracts.pool import WorkerPool
+    from extracts.runs import Runs
+    from extracts.schedule import Scheduler
+    from extracts.storage.local import LocalStorage
+
+    name = f"extracts_sched_{os.getpid()}"
+    url = make_state_database(name)
+    state.prepare_postgres(url)
+    clock = [datetime(2026, 3, 1, 2, 59, 0, tzinfo=UTC)]
+    try:
+
+        async def scenario() -> list[tuple[str, str]]:
+            db = state.open_database(url)
+            await db.connect()
+            await db.execute(
+                "INSERT INTO extracts (id, name, schedule, schedule_enabled, next_run_at, created_at, "
+                "updated_at) VALUES ('extract_s', 'S', '* * * * *', 1, '2026-03-01T03:00:00.000Z', 't', 't')"
+            )
+            storage = LocalStorage(tmp_path)
+            schedulers, instances = [], []
+            for _ in range(3):
+                runs = Runs(db, storage, "source.db", 0, lambda: clock[0], dialect=POSTGRES)
+                instance = Instance(db, runs, WorkerPool(runs, storage, 1), shared=True)
+                await instance.start()
+                instances.append(instance)
+                schedulers.append(Scheduler(db, runs, lambda: clock[0], instance.leads))
+            for minute in range(1, 6):
+                clock[0] = datetime(2026, 3, 1, 3, minute - 1, 1, tzinfo=UTC)
+                started = [await s.tick() for s in schedulers]
+                assert sum(len(x) for x in started) == 1, started
+                await db.execute("UPDATE extract_runs SET status = 'completed' WHERE status = 'queued'")
+                if minute == 2:  # the leader dies: its lease row lapses, another takes over
+                    leader = next(i for i, x in enumerate(started) if x)
+                    del schedulers[leader]
+                    clock[0] += timedelta(seconds=LEASE_S * 20)
+                    await db.execute(
+                        "UPDATE extracts SET next_run_at = :due",
+                        {"due": state.iso(clock[0] - timedelta(seconds=1))},
+                    )
+            rows = await db.fetch_all("SELECT status, triggered_by FROM extract_runs ORDER BY created_at")
+            await db.disconnect()
+            return [(r["status"], r["triggered_by"]) for r in rows]
+
+        runs = asyncio.run(scenario())
+        assert runs == [("completed", "schedule")] * 5
+    finally:
+        drop_state_database(name)
+
+
+def test_a_second_instance_on_the_same_sqlite_state_or_local_storage_refuses_to_start(tmp_path: Path) -> None:
+    source = make_shop_db(tmp_path / "shop.db")
+    (tmp_path / "one").mkdir()
+    first = start_service(tmp_path / "one", str(source))
+    try:
+        for args in (
+            ["--db", str(first.db), "--storage", str(tmp_path / "other")],
+            ["--db", str(tmp_path / "other.db"), "--storage", str(first.storage)],
+        ):
+            second = subprocess.run(
+                [
+                    sys.executable,
+                    str(Path(__file__).parent.parent / "extracts_app.py"),
+                    *args,
+                    "--source",
+                    str(source),
+                    "--port",
+                    str(free_port()),
+                    "--token",
+                    TOKEN,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=tmp_path,
+            )
+            assert second.returncode == 1, second.stderr
+            assert "is in use by another extracts-app" in second.stderr and "postgresql" in second.stderr
+            assert second.stderr.count("\n") == 1
+        assert first.client.get("/health").status_code == 200
+    finally:
+        first.stop()
+
+
+def test_a_shared_state_needs_a_token(tmp_path: Path) -> None:
+    name = f"extracts_token_{os.getpid()}"
+    url = make_state_database(name)
+    try:
+        process = subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).parent.parent / "extracts_app.py"),
+                "--db",
+                url,
+                "--storage",
+                str(tmp_path / "st"),
+                "--source",
+                str(make_shop_db(tmp_path / "shop.db")),
+                "--port",
+                str(free_port()),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        assert process.returncode == 1 and "give --token" in process.stderr, process.stderr
+    finally:
+        drop_state_database(name)
