@@ -12,7 +12,6 @@ import base64
 import gc
 import gzip
 import multiprocessing
-import os
 import random
 import re
 import secrets
@@ -32,6 +31,7 @@ import psycopg
 import pymysql
 import pytest
 import yaml
+from helpers import unique_name
 
 from executor.naming import safe_file_name
 from executor.sources import Source, SourceError, UnknownSchema, open_source
@@ -43,7 +43,7 @@ START_HINT = {
     "postgresql": "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
     "mysql": "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd",
 }
-NAME = f"extracts_test_{os.getpid()}_{secrets.token_hex(3)}"
+NAME = unique_name("extracts_test")
 
 
 def server_down(dialect: str, exc: Exception) -> None:
