@@ -31,6 +31,7 @@ from helpers import (
     start_in_process,
     start_moto,
     start_service,
+    wait_for,
 )
 
 
@@ -153,10 +154,9 @@ def test_a_cancelled_upload_is_aborted_and_a_stopped_store_fails_the_run_naming_
             time.sleep(0.05)  # big.jsonl's multipart upload has begun
         assert svc.client.post(f"/api/extracts/{extract['id']}/cancel").status_code == 200
         run = svc.wait_run(run_id)
-        time.sleep(1)
+        wait_for(lambda: moto.uploads_in_progress() == 0, what="the cancelled upload aborted")
         names = sorted(a["artifact_name"] for a in artifacts(svc, run_id))
         assert run["status"] == "cancelled" and names == ["describe.yaml", "small.jsonl"], (run, names)
-        assert moto.uploads_in_progress() == 0
         # The store dies mid-upload: the run fails with one line naming it, and its retry
         # completes once the store is back (SPEC: a failing store is transient).
         svc.client.put(f"/api/data/extracts/{extract['id']}", json={"retry_delay_seconds": 3})

@@ -1,8 +1,8 @@
 """Runs end to end: the app, real worker processes, real files read back.
 
-The contract runs against the app served in this process; what needs a service of its own
-(a big source, its storage and source going away) starts one. Crashes, kills and signals
-are in tests/test_faults.py.
+The contract runs against the app served in this process; the big source (progress within
+a table, a cancel mid-table) has a service of its own. Crashes, kills, signals and the
+storage or source going away are in tests/test_faults*.py.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from helpers import InProcessService, Service, make_big_db, start_service
+from helpers import Api, InProcessService, Service, make_big_db, start_service
 
 
-def artifacts_of(service: Service, run_id: str) -> list[dict]:
+def artifacts_of(service: Api, run_id: str) -> list[dict]:
     r = service.client.get(
         "/api/data/extract_artifacts",
         params={"filter[where][run_id]": run_id, "filter[order]": "created_at asc", "filter[limit]": "1000"},
