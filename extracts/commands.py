@@ -32,6 +32,7 @@ COMMANDS = ("export", "verify", "run")
 FORMATS = ("jsonl", "json", "yaml", "archive")  # extracts.config.FORMATS
 INCLUDE = ("describe", "data")
 SPLIT_MAX = 100_000_000  # extracts.config: split_max_records between 1 and this
+NAME_MAX = 200  # extracts.config.NAME_MAX
 DEFAULT_RETENTION_DAYS = 7  # in the run's config snapshot, as an extract's default; unused here
 
 
@@ -165,6 +166,8 @@ def export_config(args: argparse.Namespace, fail: Any) -> RunConfig:
         for schema, spec in filters.items():
             if not isinstance(spec, dict) or set(spec) != {"where"} or not isinstance(spec["where"], dict):
                 fail(f'--filter: .{schema} must be an object with one key, "where", holding an object')
+    if args.name is not None and (not args.name.strip() or "\x00" in args.name or len(args.name) > NAME_MAX):
+        fail(f"--name: must be 1 to {NAME_MAX} characters, not only whitespace, without NUL")
     split = args.split_max_records
     if split is not None and not 1 <= split <= SPLIT_MAX:
         fail(f"--split-max-records: must be between 1 and {SPLIT_MAX:,}")
@@ -225,7 +228,8 @@ def _export(sub: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"extracts-app: cannot open the source: {blank(str(exc), hidden)}", file=sys.stderr)
         return 1
     view = make_view(args.quiet)
-    job = Export(args.source, config, args.name or default_name(args.source), zip_path, directory, view)
+    name = args.name.strip() if args.name else default_name(args.source)
+    job = Export(args.source, config, name, zip_path, directory, view)
     started = time.monotonic()
     try:
         target, result = job.run()

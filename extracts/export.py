@@ -146,6 +146,8 @@ class Export:
         thread.join()
         if stop.is_set():
             raise Interrupted
+        if not outcome:  # run_extract returns whatever happens; only a bug in it lands here
+            raise ExportFailed("the export stopped without a result; see the traceback above")
         result = outcome[0]
         if result["status"] != RunStatus.COMPLETED:
             raise ExportFailed(result["error"] or f"the export ended {result['status']}")

@@ -26,6 +26,7 @@ from executor.messages import Phase
 
 # Phases after which no schema is being exported any more.
 _PAST_DATA = {Phase.WRITING_MANIFEST.value, Phase.COMPLETED.value, Phase.FAILED.value, Phase.CANCELLED.value}
+_ALL_WRITTEN = {Phase.WRITING_MANIFEST.value, Phase.COMPLETED.value}  # the schema it was on is whole
 
 
 class View(Protocol):
@@ -55,7 +56,7 @@ class SchemaTally:
 
     def finished(self, detail: dict[str, Any]) -> list[str]:
         """Lines for the schemas finished since the last call."""
-        current = None if detail["phase"] in _PAST_DATA else detail["current_schema"]
+        current = None if detail["phase"] in _ALL_WRITTEN else detail["current_schema"]
         lines = []
         for schema, records in self._records.items():
             if schema != current and schema not in self._told:
@@ -78,10 +79,8 @@ class Lines:
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
         self.tally = SchemaTally()
-        self._detail: dict[str, Any] | None = None
 
     def update(self, detail: dict[str, Any]) -> None:
-        self._detail = detail
         for line in self.tally.finished(detail):
             self.note(line)
 
@@ -92,9 +91,7 @@ class Lines:
         print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
-        if self._detail is not None:  # the last schema, if the end came with no further update
-            for line in self.tally.finished({**self._detail, "phase": Phase.COMPLETED.value}):
-                self.note(line)
+        """The run ended (its last update came): the lines are all out."""
 
 
 class Quiet:
@@ -142,7 +139,6 @@ class Bar(Lines):
         self._progress.console.print(line, markup=False, highlight=False)
 
     def close(self) -> None:
-        super().close()
         self._progress.stop()
 
 

@@ -192,7 +192,7 @@ def run_remote(args: argparse.Namespace, bad_option: Callable[[str], NoReturn]) 
             f"({_default('db')}.token); the service prints its token when it starts"
         )
     client = Client(url, token)
-    view = make_view(args.quiet) if args.wait or args.download else make_view(True)
+    view: View | None = None
     try:
         extract = find_extract(client, args.extract)
         started = client.call("POST", f"/api/extracts/{quote(extract['id'], safe='')}/run")
@@ -204,6 +204,7 @@ def run_remote(args: argparse.Namespace, bad_option: Callable[[str], NoReturn]) 
             )
         if not (args.wait or args.download):
             return 0
+        view = make_view(args.quiet)
         run = watch(client, run_id, view)
         view.close()
         if run["status"] != RunStatus.COMPLETED:
@@ -217,7 +218,8 @@ def run_remote(args: argparse.Namespace, bad_option: Callable[[str], NoReturn]) 
             return _download_and_verify(client, run_id, Path(args.download), view, args.quiet)
         return 0
     except Failed as exc:
-        view.close()
+        if view is not None:
+            view.close()
         print(f"extracts-app: {exc}", file=sys.stderr)
         return 1
 

@@ -269,6 +269,7 @@ def test_export_names_a_bad_option(shop_db: Path, tmp_path: Path, capsys: pytest
         (["--split-max-records", "0"], "--split-max-records: must be between 1 and"),
         (["--include", "data,everything"], "--include:"),
         (["--format", "csv"], "--format: invalid choice: 'csv'"),
+        (["--name", " "], "--name: must be 1 to 200 characters"),
         (["-d", str(tmp_path / "full")], "-d: "),
         (["-o", str(tmp_path / "no" / "such" / "x.zip")], "-o: the directory"),
     ]:
@@ -566,3 +567,17 @@ def test_serve_and_no_command_are_the_service():
         [*APP, "export", "--help"], capture_output=True, text=True, env=ENV, timeout=30
     )
     assert export_help.returncode == 0 and "--split-max-records N" in export_help.stdout
+
+
+def test_bench_cli_smoke(tmp_path: Path):
+    """``bench/cli.py --smoke`` runs end to end (the figures: bench/cli.py on 1M rows)."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cli.py"), "--smoke", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| jsonl | `sqlite3 -json` |" in done.stdout
+    assert "-o plain.zip` |" in done.stdout and "-d dir` |" in done.stdout
