@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import os
 import sys
 import time
@@ -37,6 +38,7 @@ from extracts.progress import View, make_view
 from extracts.settings import SETTINGS
 
 POLL_S = 0.25
+RETRIES = 3  # a download whose connection drops resumes where it stopped
 _CHUNK = 1 << 20
 _ENDED = {status.value for status in ENDED_STATUSES}
 
@@ -157,8 +159,9 @@ def watch(client: Client, run_id: str, view: View) -> dict[str, Any]:
 def download(client: Client, run_id: str, target: Path, view: View) -> tuple[Path, bool]:
     """The run's ZIP at ``target`` (a file, or a directory to put it in), resuming a partial file.
 
-    Returns the file and whether it was resumed. A partial file is kept on failure: the next
-    attempt resumes it.
+    A connection lost midway is resumed from where it stopped (``RETRIES`` times). Returns the
+    file and whether it was resumed: a partial file found there is taken to be the start of this
+    ZIP, which ``verify`` then checks. A partial file is kept on failure, for the next attempt.
     """
     path = f"/api/extracts/runs/{run_id}/download"
     with client.open(client.request("HEAD", path)) as head:
@@ -166,19 +169,28 @@ def download(client: Client, run_id: str, target: Path, view: View) -> tuple[Pat
         name = head.headers.get("Content-Disposition", "").partition('filename="')[2].rstrip('"')
     if target.is_dir():
         target = target / (name or f"{run_id}.zip")
-    have = target.stat().st_size if target.is_file() else 0
-    if have > size:
-        have = 0  # not part of this archive: start over
-    headers = {"Range": f"bytes={have}-", "If-Range": etag} if 0 < have < size else {}
-    if have == size:
-        view.note(f"{target} already holds all {size:,} bytes")
-        return target, True
-    with client.open(client.request("GET", path, headers)) as response:
-        resumed = response.status == 206
-        with open(target, "ab" if resumed else "wb") as out:
-            while chunk := response.read(_CHUNK):
-                out.write(chunk)
-    how = f"resumed at byte {have:,}" if resumed else "whole"
+    first = target.stat().st_size if target.is_file() else 0
+    resumed = 0 < first <= size
+    for attempt in range(RETRIES + 1):
+        have = target.stat().st_size if target.is_file() else 0
+        if have == size:
+            break
+        # If-Range: should the archive have changed, the answer is all of it (200), not a part.
+        headers = {"Range": f"bytes={have}-", "If-Range": etag} if 0 < have < size else {}
+        try:
+            with client.open(client.request("GET", path, headers)) as response:
+                partial = response.status == 206
+                resumed = resumed and partial
+                with open(target, "ab" if partial else "wb") as out:
+                    while chunk := response.read(_CHUNK):
+                        out.write(chunk)
+        except (OSError, http.client.HTTPException) as exc:
+            if attempt == RETRIES:
+                raise Failed(
+                    f"the download of {target} stopped: {exc}; run the command again to resume"
+                ) from None
+            view.note(f"the download stopped ({exc}); resuming")
+    how = f"resumed at byte {first:,}" if resumed else "whole"
     view.note(f"Downloaded {target} ({size:,} bytes, {how})")
     return target, resumed
 
@@ -222,6 +234,15 @@ def run_remote(args: argparse.Namespace, bad_option: Callable[[str], NoReturn]) 
             view.close()
         print(f"extracts-app: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if view is not None:
+            view.close()
+        print(
+            "extracts-app: interrupted; the run goes on in the service (cancel it with POST "
+            "/api/extracts/<id>/cancel); a partial download resumes with the same --download PATH",
+            file=sys.stderr,
+        )
+        return 130
 
 
 def _download_and_verify(client: Client, run_id: str, target: Path, view: View, quiet: bool) -> int:
