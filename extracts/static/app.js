@@ -264,8 +264,8 @@ function extractItem(e) {
         e.enabled ? null : [" ", h("span", { class: "tag" }, "disabled")],
         e.description ? h("span", { class: "muted block" }, e.description) : null),
       h("span", { class: "item-meta" },
-        badge(e.last_run_status),
-        h("span", { class: "muted" }, `${e.format}${e.schedule_enabled ? ` · ${e.schedule}` : ""}`),
+        h("span", { class: "line" }, h("span", { class: "muted" }, `${e.format}${e.schedule_enabled ? ` · ${e.schedule} UTC` : ""}`),
+          badge(e.last_run_status)),
         h("span", { class: "muted" }, runs))));
 }
 
