@@ -202,10 +202,10 @@ def test_export_writes_the_service_files_and_manifest(service, shop_db: Path, tm
 
     zipped = cli("export", str(shop_db), *options, "-o", str(tmp_path / "out.zip"), "-q", cwd=tmp_path)
     assert zipped.returncode == 0 and zipped.stdout == zipped.stderr == ""
-    download = service.client.get(f"/api/extracts/runs/{run['id']}/download")
+    served_zip = service.client.get(f"/api/extracts/runs/{run['id']}/download")
     ours_zip, theirs_zip = (
         zipfile.ZipFile(tmp_path / "out.zip"),
-        zipfile.ZipFile(io.BytesIO(download.content)),
+        zipfile.ZipFile(io.BytesIO(served_zip.content)),
     )
     assert ours_zip.testzip() is None
     if case != "archive":
