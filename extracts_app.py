@@ -33,6 +33,7 @@ from executor.credentials import BlankingFormatter
 from executor.sources import SourceError
 from extracts import downloads, handlers, metrics, page, state
 from extracts.catalog import Catalog, DocumentCache
+from extracts.commands import is_command, run_command
 from extracts.dialects import dialect_of
 from extracts.handlers import Service, get_handler, list_handler
 from extracts.http import (
@@ -172,6 +173,12 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``extracts-app [serve] [options]``: the service; ``export``, ``verify``, ``run``: the commands."""
+    argv = sys.argv[1:] if argv is None else argv
+    if is_command(argv):
+        raise SystemExit(run_command(argv))
+    if argv[:1] == ["serve"]:
+        argv = argv[1:]
     import uvicorn
 
     settings = parse_settings(argv)
