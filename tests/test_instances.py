@@ -40,6 +40,7 @@ from helpers import (
     unique_name,
     wait_for,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 ADMIN = PG_ADMIN
 LEASE_S = 3
@@ -108,7 +109,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, moto: Moto) -> Iterator[Cl
     con = sqlite3.connect(source)  # and a table that takes a worker a few seconds
     con.execute("CREATE TABLE big (id INTEGER PRIMARY KEY, pad TEXT)")
     con.execute(
-        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 500000) "
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 1500000) "
         "INSERT INTO big SELECT x, 'padding padding padding ' || x FROM c"
     )
     con.commit()
@@ -172,8 +173,13 @@ def test_simultaneous_run_requests_over_three_instances_create_one_run(cluster: 
         for pid in held:
             os.kill(pid, signal.SIGCONT)
     assert statuses.count(202) == 1 and statuses.count(409) == 49, statuses
-    for run_id in busy_runs:
-        assert first.wait_run(run_id, timeout=120)["status"] == "completed"
+    for busy_extract, run_id in zip(busy, busy_runs, strict=True):  # their work is done: freed
+        assert first.client.post(f"/api/extracts/{busy_extract['id']}/cancel").status_code == 200
+        assert first.wait_run(run_id)["status"] == "cancelled"
+    (contended,) = first.client.get(
+        "/api/data/extract_runs", params={"filter[where][extract_id]": extract["id"]}
+    ).json()["data"]
+    assert first.wait_run(contended["id"], timeout=120)["status"] == "completed"
 
 
 @pytest.mark.slow
@@ -183,6 +189,54 @@ def test_downloads_are_the_same_bytes_from_every_instance(cluster: Cluster) -> N
     run = first.wait_run(first.run(extract["id"]))
     bodies = [svc.client.get(f"/api/extracts/runs/{run['id']}/download").content for svc in cluster.instances]
     assert bodies[0] == bodies[1] == bodies[2] and zipfile.ZipFile(io.BytesIO(bodies[0])).testzip() is None
+
+
+def scrape(svc: Service) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """``/metrics`` of one instance, parsed by prometheus-client's own parser."""
+    text = svc.client.get("/metrics").text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+@pytest.mark.slow
+def test_metrics_count_runs_per_instance_and_the_same_from_each(cluster: Cluster) -> None:
+    first = cluster.instances[0]
+    extract = first.create_extract(name="Watched", schemas=["big"])
+    run_id = first.run(extract["id"])
+    deadline = time.monotonic() + 30
+    while (run := first.client.get(f"/api/data/extract_runs/{run_id}").json()["data"])["status"] != "running":
+        assert time.monotonic() < deadline, run
+        time.sleep(0.05)
+    ids = {_instance_id(svc) for svc in cluster.instances}
+    scrapes = [scrape(svc) for svc in cluster.instances]
+    for svc, samples in zip(cluster.instances, scrapes, strict=True):
+        workers = {
+            dict(labels)["instance_id"] for name, labels in samples if name == "extracts_instance_workers"
+        }
+        assert workers == ids  # every live instance, from any instance
+        active = {
+            dict(labels)["instance_id"]: v
+            for (name, labels), v in samples.items()
+            if name == "extracts_runs_active"
+        }
+        assert active[run["instance_id"]] >= 1 and set(active) >= ids
+        answering = [
+            dict(labels)["instance_id"] for name, labels in samples if name == "extracts_instance_info"
+        ]
+        assert answering == [_instance_id(svc)]
+    assert first.client.post(f"/api/extracts/{extract['id']}/cancel").status_code == 200
+    first.wait_run(run_id)
+    # Counted in the shared state: every instance says the same.
+    ended = [
+        {labels: v for (name, labels), v in scrape(svc).items() if name == "extracts_runs_total"}
+        for svc in cluster.instances
+    ]
+    assert ended[0] == ended[1] == ended[2]
+    cancelled = frozenset({"status": "cancelled", "triggered_by": "manual"}.items())
+    assert ended[0][cancelled] >= 1
 
 
 @pytest.mark.slow
