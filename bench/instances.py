@@ -13,8 +13,9 @@ a. throughput of a workload of ``--runs`` small extracts (``accounts``, the
    the requests spread over the instances) with k instances of one worker each
    against one instance of k workers, for each k of ``--instances``; each
    configuration on a fresh cluster, warm (its workers started), alternated
-   repeat by repeat, median wall time from the first request to the last run
-   seen completed (target: k instances at most 10 % slower);
+   repeat by repeat, median wall time from the first request to the last run's
+   ``completed_at`` (target: k instances at most 10 % slower), and the CPU
+   time the servers, their workers and moto used per run;
 b. failover: a run of the ``events`` table is started, its instance SIGKILLed
    half a second after the run is seen ``running``; the time from the kill to
    the run seen failed as interrupted, and to its retry seen ``running`` on
@@ -43,12 +44,11 @@ import time
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import datagen
 import httpx
-from service import TERMINAL, BenchError, Service
-from stores import CREDENTIALS, Figures, Moto, StateDatabase, load, say
+from service import TERMINAL, BenchError, Service, descendants
+from stores import CREDENTIALS, Figures, Moto, StateDatabase, cpu_seconds, load, say
 
 OVERHEAD_TARGET = 0.10
 LATENCY_TARGET_MS = 100
@@ -142,8 +142,17 @@ class InstancesBench:
 
     # ------------------------------------------------------------ a. throughput
 
-    def workload(self, instances: int, workers: int, label: str) -> tuple[float, Counter[str]]:
-        """Wall seconds of ``--runs`` small runs on a fresh, warm cluster; runs per instance."""
+    def workload(
+        self, instances: int, workers: int, label: str
+    ) -> tuple[float, Counter[str], dict[str, float]]:
+        """Wall seconds of ``--runs`` small runs on a fresh, warm cluster; runs per instance; CPU seconds
+        used meanwhile by the instances' servers, their workers, and moto.
+
+        The end is the last run's ``completed_at``, read (with the runs' statuses) from the state
+        database every 0.1 s: polling the instances' API would load the instances being measured.
+        """
+        import psycopg
+
         a = self.a
         cluster = Cluster(self, label, workers).start(instances)
         try:
@@ -152,33 +161,39 @@ class InstancesBench:
                 cluster.first.create_extract(f"small {i}", ["accounts"], "jsonl", False, **self.small_filter)
                 for i in range(a.runs)
             ]
-            started = time.perf_counter()
-            runs = {cluster.instances[i % instances].start_run(extract) for i, extract in enumerate(extracts)}
-            done: dict[str, dict[str, Any]] = {}
+            servers = [svc.process.pid for svc in cluster.instances if svc.process]
+            children = [pid for server in servers for pid in descendants(server)]
+            cpu = {"servers": servers, "workers": children, "moto": [self.moto.pid]}
+            cpu_before = {k: sum(cpu_seconds(pid) for pid in pids) for k, pids in cpu.items()}
+            started, started_wall = time.perf_counter(), time.time()
+            runs = [cluster.instances[i % instances].start_run(extract) for i, extract in enumerate(extracts)]
             deadline = time.monotonic() + 600
-            while len(done) < len(runs):
-                if time.monotonic() > deadline:
-                    raise BenchError(f"{label}: {len(runs) - len(done)} runs unfinished after 600 s")
-                listed = cluster.first.api(
-                    "GET",
-                    "/api/data/extract_runs",
-                    params={"filter[where][status]": "completed", "filter[limit]": 1000},
-                )
-                done = {r["id"]: r for r in listed if r["id"] in runs}
-                if len(done) < len(runs):
-                    time.sleep(0.05)
-            elapsed = time.perf_counter() - started
-            failed = cluster.first.api(
-                "GET", "/api/data/extract_runs", params={"filter[where][status]": "failed"}
-            )
-            if failed:
-                raise BenchError(f"{label}: {len(failed)} runs failed: {failed[0]['error']}")
-            wrong = [r for r in done.values() if r["records_exported"] != min(a.small_rows, a.rows // 2)]
+            with psycopg.connect(cluster.state.url, autocommit=True) as con:
+                while True:
+                    completed, ended, last = con.execute(
+                        "SELECT count(*) FILTER (WHERE status = 'completed'), "
+                        "count(*) FILTER (WHERE status IN ('failed', 'cancelled')), max(completed_at) "
+                        "FROM extract_runs WHERE id = ANY(%s)",
+                        (runs,),
+                    ).fetchone()
+                    if ended:
+                        raise BenchError(f"{label}: {ended} runs failed; see {cluster.first.workdir}")
+                    if completed == len(runs):
+                        break
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"{label}: {len(runs) - completed} runs unfinished after 600 s")
+                    time.sleep(0.1)
+                rows = con.execute(
+                    "SELECT instance_id, records_exported FROM extract_runs WHERE id = ANY(%s)", (runs,)
+                ).fetchall()
+            used = {k: sum(cpu_seconds(pid) for pid in pids) - cpu_before[k] for k, pids in cpu.items()}
+            elapsed = parse_iso(last) - started_wall
+            if abs(elapsed - (time.perf_counter() - started)) > 5:
+                raise BenchError(f"{label}: the state's clock and this one differ")
+            wrong = [n for _, n in rows if n != min(a.small_rows, a.rows // 2)]
             if wrong:
-                raise BenchError(
-                    f"{label}: run {wrong[0]['id']} exported {wrong[0]['records_exported']} rows"
-                )
-            return elapsed, Counter(r["instance_id"] for r in done.values())
+                raise BenchError(f"{label}: a run exported {wrong[0]} rows")
+            return elapsed, Counter(instance for instance, _ in rows), used
         finally:
             cluster.stop()
 
@@ -186,6 +201,7 @@ class InstancesBench:
         a, f = self.a, self.figures
         times: dict[tuple[int, int], list[float]] = {}
         spread: dict[tuple[int, int], list[str]] = {}
+        used: dict[tuple[int, int], list[dict[str, float]]] = {}
         configs = [(k, 1) for k in a.instances] + [(1, k) for k in a.instances if k > 1]
         for rep in range(a.repeats):
             order = configs if rep % 2 == 0 else configs[::-1]
@@ -195,23 +211,30 @@ class InstancesBench:
                     f"a. repeat {rep + 1} of {a.repeats}: {a.runs} small runs, "
                     f"{instances} instance(s) × {workers} worker(s)"
                 )
-                seconds, per_instance = self.workload(instances, workers, label)
+                seconds, per_instance, cpu = self.workload(instances, workers, label)
+                used.setdefault((instances, workers), []).append(cpu)
                 times.setdefault((instances, workers), []).append(seconds)
                 spread.setdefault((instances, workers), []).append(
                     "/".join(str(n) for n in sorted(per_instance.values(), reverse=True))
                 )
                 say(
                     f"   {seconds:.2f} s, {a.runs / seconds:.1f} runs/s, "
-                    f"runs per instance {spread[(instances, workers)][-1]}"
+                    f"runs per instance {spread[(instances, workers)][-1]}; CPU s: "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
                 )
         for instances, workers in configs:
             t = times[(instances, workers)]
+            per_run = {
+                k: median([u[k] for u in used[(instances, workers)]]) / a.runs * 1000
+                for k in used[configs[0]][0]
+            }
             f.add(
                 "a throughput",
                 f"{a.runs} runs of {a.small_rows:,} rows, {instances} instance(s) × {workers} worker(s): "
-                "median wall s (runs); runs per instance",
+                "median wall s (runs); runs per instance; CPU ms per run: servers / workers / moto",
                 f"**{median(t):.2f}** ({', '.join(f'{x:.2f}' for x in t)}); "
-                f"{a.runs / median(t):.2f} runs/s; {', '.join(spread[(instances, workers)])}",
+                f"{a.runs / median(t):.2f} runs/s; {', '.join(spread[(instances, workers)])}; "
+                + " / ".join(f"{v:.0f}" for v in per_run.values()),
             )
         for k in a.instances:
             if k == 1:
