@@ -353,6 +353,10 @@ class InstancesBench:
         cluster = Cluster(self, "latency", 1).start(3)
         try:
             cluster.warm_up()
+            if a.nice_workers:  # an experiment: the workers (and the forkserver they come from) yield the CPU
+                for svc in cluster.instances:
+                    for pid in descendants(svc.process.pid):  # type: ignore[union-attr]
+                        os.setpriority(os.PRIO_PROCESS, pid, a.nice_workers)
             idle_run = cluster.first.start_run(
                 cluster.first.create_extract("idle", ["accounts"], "jsonl", False, **self.small_filter)
             )
@@ -496,10 +500,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=5, help="runs of each throughput configuration")
     parser.add_argument("--trials", type=int, default=10, help="failover trials")
-    parser.add_argument("--lease-seconds", type=int, default=5, help="the instances' --lease-seconds")
+    parser.add_argument("--lease-seconds", type=int, default=5, help="the instances' --lease-seconds (≥ 1)")
     parser.add_argument("--latency-seconds", type=float, default=20, help="duration of the latency part")
     parser.add_argument("--clients", type=int, default=8, help="polling clients in the latency part")
     parser.add_argument("--poll-interval", type=float, default=0.25, help="seconds between a client's polls")
+    parser.add_argument(
+        "--nice-workers",
+        type=int,
+        default=0,
+        help="an experiment: part c renices every instance's workers to this (0: as started)",
+    )
     parser.add_argument("--parts", default="abc", help="which parts to run, e.g. 'b' for failover only")
     parser.add_argument(
         "--postgres",
@@ -513,12 +523,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.rows, args.runs, args.repeats, args.trials = min(args.rows, 300_000), 12, 1, 2
+        args.rows, args.runs = min(args.rows, 300_000), min(args.runs, 12)
+        args.repeats, args.trials = 1, min(args.trials, 2)
         args.instances, args.latency_seconds = "1,2", min(args.latency_seconds, 4)
+        args.lease_seconds = min(args.lease_seconds, 2)
     try:
         args.instances = sorted({int(k) for k in args.instances.split(",")})
     except ValueError:
         parser.error("--instances: comma-separated counts, e.g. 1,2,3")
+    if args.lease_seconds < 1:
+        parser.error("--lease-seconds: at least 1")
     if not set(args.parts) <= set("abc") or not args.parts:
         parser.error("--parts: letters among a, b, c")
     args.workdir = args.workdir.absolute()
