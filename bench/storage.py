@@ -480,7 +480,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--big-rows", type=int, default=10_000_000, help="rows of the big export to S3 (0: skip)"
     )
     parser.add_argument("--repeats", type=int, default=5, help="runs each way of the compared export")
-    parser.add_argument("--download-repeats", type=int, default=3, help="downloads of the ZIP and the file")
+    parser.add_argument("--download-repeats", type=int, default=5, help="downloads of the ZIP and the file")
     parser.add_argument("--workers", type=int, default=2, help="each service's --workers")
     parser.add_argument(
         "--no-moto-alone",
