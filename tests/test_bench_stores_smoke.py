@@ -14,9 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+from helpers import PG_ADMIN, ROOT
 
 
 def bench(script: str, tmp_path: Path, *extra: str) -> str:
@@ -31,6 +29,7 @@ def bench(script: str, tmp_path: Path, *extra: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the download part runs curl")
 def test_storage_bench_smoke_prints_every_part(tmp_path: Path) -> None:
     out = bench("storage.py", tmp_path)
@@ -46,9 +45,10 @@ def test_storage_bench_smoke_prints_every_part(tmp_path: Path) -> None:
         assert row in out, out
 
 
+@pytest.mark.slow
 def test_instances_bench_smoke_prints_every_part(tmp_path: Path) -> None:
     try:
-        psycopg.connect(POSTGRES, connect_timeout=5).close()
+        psycopg.connect(PG_ADMIN, connect_timeout=5).close()
     except psycopg.OperationalError:
         pytest.skip("no PostgreSQL on 127.0.0.1:5432")
     out = bench("instances.py", tmp_path, "--trials", "1", "--runs", "8")
