@@ -73,6 +73,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -472,9 +473,8 @@ class MySQLSource(ServerSource):
                 for rows in self._stream_rows(query, params, batch_size, raw=True):
                     yield myread.finish(b"\n".join([row[0] for row in rows])), len(rows)
             else:
-                yield from in_order(
-                    [lambda feed: self._key_ranges(listed, row_sql, key, clause, params, feed)]
-                )
+                reader = partial(self._key_ranges, listed, row_sql, key, clause, params)
+                yield from in_order([reader], "mysql-read")
 
     def json_batches(self, name: str, where: dict[str, Any] | None, batch_size: int) -> Iterator[list[bytes]]:
         for chunk, _ in self.json_lines(name, where, batch_size):

@@ -64,7 +64,9 @@ class Feed(Generic[T]):
 Reader = Callable[[Feed[T]], None]
 
 
-def in_order(readers: list[Reader[T]], on_stop: Callable[[], None] | None = None) -> Iterator[T]:
+def in_order(
+    readers: list[Reader[T]], name: str = "read", on_stop: Callable[[], None] | None = None
+) -> Iterator[T]:
     """The chunks of every reader's units, in unit order (see the module docstring).
 
     Each reader runs ``reader(feed)`` in a thread of its own: it reads its
@@ -73,7 +75,7 @@ def in_order(readers: list[Reader[T]], on_stop: Callable[[], None] | None = None
     reader is raised here, in the caller's thread. When the caller stops early
     (or a reader fails), ``on_stop`` is called (to cancel the statements that
     are running) and every reader is joined before this generator ends, so
-    the connections are free again.
+    the connections are free again. ``name`` names the readers' threads.
     """
     stop = threading.Event()
     feeds = [Feed[T](stop) for _ in readers]
@@ -92,7 +94,7 @@ def in_order(readers: list[Reader[T]], on_stop: Callable[[], None] | None = None
                 return
 
     threads = [
-        threading.Thread(target=run, args=(reader, feed), name=f"read {i + 1}/{len(readers)}", daemon=True)
+        threading.Thread(target=run, args=(reader, feed), name=name, daemon=True)
         for i, (reader, feed) in enumerate(zip(readers, feeds, strict=True))
     ]
     for thread in threads:

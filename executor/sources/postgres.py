@@ -500,7 +500,8 @@ class PostgresSource(ServerSource):
             [
                 pgread.reader(conn, listed.sql, read.row_sql, condition, params, read.blocks, read.step, i, n)
                 for i, conn in enumerate(connections)
-            ]
+            ],
+            "postgresql-read",
         )
 
     def _rows(self, listed: Listed, clause: str, params: list[Any], batch_size: int) -> Iterator[list[bytes]]:
