@@ -31,8 +31,9 @@ from starlette.routing import Mount, Route, Router
 
 from executor.credentials import BlankingFormatter
 from executor.sources import SourceError
-from extracts import downloads, handlers, state
+from extracts import downloads, handlers, metrics, page, state
 from extracts.catalog import Catalog, DocumentCache
+from extracts.commands import is_command, run_command
 from extracts.dialects import dialect_of
 from extracts.handlers import Service, get_handler, list_handler
 from extracts.http import (
@@ -45,6 +46,7 @@ from extracts.http import (
     source_error_handler,
 )
 from extracts.instances import Instance
+from extracts.metrics import Metrics, RequestMetrics
 from extracts.pool import WorkerPool
 from extracts.runs import Runs
 from extracts.schedule import Scheduler, Sweeper
@@ -94,7 +96,15 @@ API_ROUTES = [
     route("/describe", GET=handlers.describe_list),
     route("/describe/{schema:path}", GET=handlers.describe_one),
 ]
-PUBLIC_ROUTES = [route("/health", GET=handlers.health), route("/openapi.json", GET=handlers.openapi)]
+# Served without the /api bearer check: the page (public, it holds no data), its files, liveness,
+# the API's description, and the metrics (which check the token themselves).
+PUBLIC_ROUTES = [
+    route("/", GET=page.index),
+    route("/assets/{name}", GET=page.asset),
+    route("/health", GET=handlers.health),
+    route("/openapi.json", GET=handlers.openapi),
+    route("/metrics", GET=metrics.metrics),
+]
 
 
 def operations() -> list[tuple[str, str, str]]:
@@ -121,6 +131,8 @@ def create_app(settings: Settings) -> Starlette:
     runs.clock = lambda: st.clock()  # one clock for runs, retries and schedules (tests move it)
     scheduler = Scheduler(db, runs, lambda: st.clock(), instance.leads)
     sweeper = Sweeper(db, storage, settings.cleanup_interval, pool.active, lambda: st.clock(), instance.leads)
+    tables = [("", item) for item in PUBLIC_ROUTES] + [("/api", item) for item in API_ROUTES]
+    measured = Metrics(db, instance, settings.token, tables)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -146,11 +158,13 @@ def create_app(settings: Settings) -> Starlette:
     }
     app = Starlette(
         routes=[*PUBLIC_ROUTES, Mount("/api", app=BearerAuth(Router(routes=API_ROUTES), settings.token))],
-        middleware=[Middleware(CatchAll, busy=dialect.busy)],
+        # Outermost first: every response is counted, the 500s CatchAll makes included.
+        middleware=[Middleware(RequestMetrics, metrics=measured), Middleware(CatchAll, busy=dialect.busy)],
         exception_handlers=exception_handlers,
         lifespan=lifespan,
     )
     app.state.extracts = st
+    app.state.metrics = measured
     return app
 
 
@@ -159,6 +173,12 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``extracts-app [serve] [options]``: the service; ``export``, ``verify``, ``run``: the commands."""
+    argv = sys.argv[1:] if argv is None else argv
+    if is_command(argv):
+        raise SystemExit(run_command(argv))
+    if argv[:1] == ["serve"]:
+        argv = argv[1:]
     import uvicorn
 
     settings = parse_settings(argv)

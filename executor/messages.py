@@ -70,7 +70,7 @@ class Job(TypedDict):
     """One run, as the service hands it to a worker."""
 
     run_id: str
-    extract_id: str
+    extract_id: str | None  # None: a command-line export (extracts-app export), which has no extract
     extract_name: str
     source: str
     storage: str  # where the run's files go: --storage (extracts.storage.open_storage)

@@ -280,10 +280,12 @@ class Export:
 def error_message(exc: BaseException, job: Job) -> str:
     """One line a user can act on."""
     if isinstance(exc, UnknownSchema):
-        message = (
-            f"Schema '{exc.name}' no longer exists in the source; remove it from the "
-            f"extract's schemas (PUT /api/data/extracts/{job['extract_id']}) or restore it"
+        where = (  # a command-line export has no extract (extracts.export)
+            f"the extract's schemas (PUT /api/data/extracts/{job['extract_id']})"
+            if job["extract_id"] is not None
+            else "--schemas"
         )
+        message = f"Schema '{exc.name}' no longer exists in the source; remove it from {where} or restore it"
     elif isinstance(exc, (SourceError, StorageError, RunError)):
         message = str(exc)
     elif isinstance(exc, OSError) and exc.filename is not None:

@@ -19,6 +19,8 @@ Request to download, by module::
     ranges     byte ranges (RFC 9110)
     zipstream  the byte layout of the resumable ZIP, and the deflated one
     openapi    ``/openapi.json``, from the route table and the field tables
+    page       ``GET /``: the web page and its files (``static/``), under a strict CSP
+    metrics    ``GET /metrics``: Prometheus series from the state and from requests
 
 ``extracts_app`` (beside this package) holds the route table, ``create_app``
 and ``main``; ``executor`` what runs in the worker processes.

@@ -139,7 +139,10 @@ class Settings:
 def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
-        prog="extracts-app", description="Export a database into downloadable, checksummed files over HTTP."
+        prog="extracts-app",
+        description="Export a database into downloadable, checksummed files over HTTP.",
+        epilog="Without a service: extracts-app export SOURCE | verify PATH | run EXTRACT "
+        "(extracts-app COMMAND --help). 'extracts-app serve [options]' is the service too.",
     )
     for s in SETTINGS:
         parser.add_argument(

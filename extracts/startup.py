@@ -154,4 +154,7 @@ def banner(settings: Settings) -> list[str]:
         lines.append(f"Try: curl -H 'Authorization: Bearer {settings.token}' {url}/api/describe")
     else:
         lines.append(f'Try: curl -H "Authorization: Bearer $EXTRACTS_TOKEN" {url}/api/describe')
+    lines.append(
+        f"Web page: {url}/ (paste the token there); Prometheus metrics: {url}/metrics (with the token)."
+    )
     return lines + settings.notes

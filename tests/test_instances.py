@@ -25,6 +25,7 @@ import httpx
 import psycopg
 import pytest
 from conftest import TOKEN, Service, free_port, make_big_db, make_shop_db, start_service
+from prometheus_client.parser import text_string_to_metric_families
 from test_object_storage import BUCKET, CREDENTIALS, Moto, start_moto
 
 ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -157,6 +158,53 @@ def test_downloads_are_the_same_bytes_from_every_instance(cluster: Cluster) -> N
     run = first.wait_run(first.run(extract["id"]))
     bodies = [svc.client.get(f"/api/extracts/runs/{run['id']}/download").content for svc in cluster.instances]
     assert bodies[0] == bodies[1] == bodies[2] and zipfile.ZipFile(io.BytesIO(bodies[0])).testzip() is None
+
+
+def scrape(svc: Service) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """``/metrics`` of one instance, parsed by prometheus-client's own parser."""
+    text = svc.client.get("/metrics").text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_count_runs_per_instance_and_the_same_from_each(cluster: Cluster) -> None:
+    first = cluster.instances[0]
+    extract = first.create_extract(name="Watched", schemas=["big"])
+    run_id = first.run(extract["id"])
+    deadline = time.monotonic() + 30
+    while (run := first.client.get(f"/api/data/extract_runs/{run_id}").json()["data"])["status"] != "running":
+        assert time.monotonic() < deadline, run
+        time.sleep(0.05)
+    ids = {_instance_id(svc) for svc in cluster.instances}
+    scrapes = [scrape(svc) for svc in cluster.instances]
+    for svc, samples in zip(cluster.instances, scrapes, strict=True):
+        workers = {
+            dict(labels)["instance_id"] for name, labels in samples if name == "extracts_instance_workers"
+        }
+        assert workers == ids  # every live instance, from any instance
+        active = {
+            dict(labels)["instance_id"]: v
+            for (name, labels), v in samples.items()
+            if name == "extracts_runs_active"
+        }
+        assert active[run["instance_id"]] >= 1 and set(active) >= ids
+        answering = [
+            dict(labels)["instance_id"] for name, labels in samples if name == "extracts_instance_info"
+        ]
+        assert answering == [_instance_id(svc)]
+    assert first.client.post(f"/api/extracts/{extract['id']}/cancel").status_code == 200
+    first.wait_run(run_id)
+    # Counted in the shared state: every instance says the same.
+    ended = [
+        {labels: v for (name, labels), v in scrape(svc).items() if name == "extracts_runs_total"}
+        for svc in cluster.instances
+    ]
+    assert ended[0] == ended[1] == ended[2]
+    cancelled = frozenset({"status": "cancelled", "triggered_by": "manual"}.items())
+    assert ended[0][cancelled] >= 1
 
 
 def test_a_killed_instance_loses_its_run_within_the_lease_and_the_retry_completes(

@@ -281,3 +281,37 @@ def test_start_up_fails_fast_naming_the_store(tmp_path: Path, case: str) -> None
     finally:
         if refusing is not None:
             refusing.stop()
+
+
+@pytest.mark.parametrize(
+    ("url", "env"),
+    [
+        ("gs://bucket/p", {"GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/key.json"}),
+        (
+            "az://container/p",
+            {"AZURE_STORAGE_ACCOUNT_NAME": "acct", "AZURE_STORAGE_ACCOUNT_KEY": "not base64!"},
+        ),
+    ],
+)
+def test_credentials_the_store_cannot_use_fail_start_up_in_one_line(
+    tmp_path: Path, url: str, env: dict[str, str]
+) -> None:
+    process = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent.parent / "extracts_app.py"),
+            "--db",
+            str(tmp_path / "s.db"),
+        ]
+        + ["--storage", url, "--port", str(free_port()), "--token", "t"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+        cwd=tmp_path,
+    )
+    assert process.returncode == 1, process.stdout + process.stderr
+    assert process.stderr.startswith(f"extracts-app: cannot write to the object store {url}: "), (
+        process.stderr
+    )
+    assert process.stderr.count("\n") == 1, process.stderr

@@ -51,11 +51,10 @@ def _store(scheme: str, bucket: str, prefix: str, endpoint: str | None) -> Any:
     options: dict[str, Any] = {"client_options": CLIENT_OPTIONS, "retry_config": RETRY}
     if prefix:
         options["prefix"] = prefix
+    if (endpoint or "").startswith("http://"):  # a local server: MinIO, Azurite, an emulator
+        options["client_options"] = CLIENT_OPTIONS | {"allow_http": True}
     if scheme == "s3":
-        config = {"endpoint": endpoint} if endpoint else {}
-        if (endpoint or "").startswith("http://"):
-            options["client_options"] = CLIENT_OPTIONS | {"allow_http": True}
-        return S3Store(bucket, config=config, **options)
+        return S3Store(bucket, config={"endpoint": endpoint} if endpoint else {}, **options)
     if scheme == "gs":
         return GCSStore(bucket, config={"base_url": endpoint} if endpoint else {}, **options)
     config = {"endpoint": endpoint} if endpoint else {}
@@ -82,7 +81,10 @@ class ObjectStorage(Storage):
         # The URL as shown: scheme, bucket and prefix only (a user-info part never survives).
         self.url = f"{scheme}://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.endpoint = endpoint
-        self._store = _store(scheme, self.bucket, self.prefix, endpoint)
+        try:
+            self._store = _store(scheme, self.bucket, self.prefix, endpoint)
+        except Exception as exc:  # noqa: BLE001 — a malformed key or key file, refused before any request
+            raise StorageError(f"cannot write to the object store {self.url}: {_reason(exc)}") from None
         self._held: Counter[str] = Counter()  # keys being sent by downloads
         self._deferred: set[str] = set()  # keys to delete once no download holds them
         self._lock = threading.Lock()

@@ -1,0 +1,254 @@
+"""The commands beside the service (SPEC: Command line): ``export``, ``verify`` and ``run``.
+
+``run_command(argv)`` parses one of them and returns its exit status: 0 done,
+1 failed (one line on stderr says why), 2 a bad option (argparse's usage
+line, naming it), 130 stopped by Ctrl-C. ``extracts_app.main`` and the
+console script (``extracts.cli``) send these words here; anything else starts
+the service.
+
+Nothing here imports the service (Starlette, databases, SQLAlchemy): an
+export starts in a tenth of a second. So the options are checked here, with
+the same rules as an extract's fields (``extracts.config``; a test keeps the
+choices and defaults equal) and the same source checks (``Catalog.check``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import orjson
+
+from executor.credentials import blank, source_secrets
+from executor.filters import check_where
+from executor.messages import RunConfig
+from executor.sources import SourceError, open_source
+
+COMMANDS = ("export", "verify", "run")
+FORMATS = ("jsonl", "json", "yaml", "archive")  # extracts.config.FORMATS
+INCLUDE = ("describe", "data")
+SPLIT_MAX = 100_000_000  # extracts.config: split_max_records between 1 and this
+NAME_MAX = 200  # extracts.config.NAME_MAX
+DEFAULT_RETENTION_DAYS = 7  # in the run's config snapshot, as an extract's default; unused here
+
+
+def is_command(argv: list[str]) -> bool:
+    return bool(argv) and argv[0] in COMMANDS
+
+
+def run_command(argv: list[str]) -> int:
+    """Run ``export``, ``verify`` or ``run`` with its options; returns the exit status."""
+    parser, subs = _parser()
+    args = parser.parse_args(argv)
+    command, sub = args.command, subs[args.command]
+    try:
+        if command == "export":
+            return _export(sub, args)
+        if command == "verify":
+            from extracts.verify import verify_path
+
+            path = Path(args.path)
+            if not path.exists():
+                sub.error(f"PATH: {path} does not exist")
+            return 0 if verify_path(path, sys.stdout) else 1
+        from extracts.remote import run_remote
+
+        return run_remote(args, sub.error)
+    except KeyboardInterrupt:
+        print("extracts-app: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------- the parsers
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog="extracts-app", description="Export a database to checksummed files."
+    )
+    subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    export = subs.add_parser(
+        "export",
+        help="export a database here and now, without a service",
+        description="Export SOURCE into a ZIP (-o) or a directory (-d): the service's files and manifest, "
+        "without a service. Progress goes to stderr.",
+    )
+    export.add_argument(
+        "source", metavar="SOURCE", help="a SQLite file, sqlite:///…, postgresql://… or mysql://…"
+    )
+    export.add_argument(
+        "--schemas", action="append", metavar="NAME[,NAME…]", help="tables and views (default: every table)"
+    )
+    export.add_argument(
+        "--format", default="jsonl", choices=FORMATS, help="data file format (default: jsonl)"
+    )
+    export.add_argument(
+        "--include", metavar="describe,data", default="describe,data", help="what to write (default: both)"
+    )
+    export.add_argument(
+        "--filter", metavar="JSON", help='rows to keep: {"<schema>": {"where": {…}}}, as an extract\'s filter'
+    )
+    export.add_argument("--no-compress", action="store_true", help="plain data files, not gzip'd")
+    export.add_argument(
+        "--split-max-records", type=int, metavar="N", help="split each schema into parts of N records"
+    )
+    export.add_argument(
+        "--name", help="the extract name in the manifest and the ZIP name (default: from SOURCE)"
+    )
+    out = export.add_mutually_exclusive_group()
+    out.add_argument(
+        "-o", "--output", metavar="ZIP", help="the ZIP to write (default: <name>-<date>-<run>.zip here)"
+    )
+    out.add_argument(
+        "-d", "--directory", metavar="DIR", help="write the files into DIR (new or empty) instead"
+    )
+    export.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+
+    verify = subs.add_parser(
+        "verify",
+        help="check a ZIP, run directory or archive tarball against its manifest",
+        description="Check every file against the manifest: present, size, SHA-256, records of JSON lines "
+        "files. One line per file; exit status 0 only when all match.",
+    )
+    verify.add_argument("path", metavar="PATH", help="a ZIP, a run directory, or an archive .tar/.tar.gz")
+
+    run = subs.add_parser(
+        "run",
+        help="start a run on a running service, wait for it, download it",
+        description="Start a run of EXTRACT on a service; exit status 0 only when it completed.",
+    )
+    run.add_argument("extract", metavar="EXTRACT", help="the extract's id or exact name")
+    run.add_argument(
+        "--url", help="the service (default: $EXTRACTS_URL, else http://EXTRACTS_HOST:EXTRACTS_PORT)"
+    )
+    run.add_argument(
+        "--token", help="bearer token (default: $EXTRACTS_TOKEN, else the token file beside EXTRACTS_DB)"
+    )
+    run.add_argument("--wait", action="store_true", help="show the run's progress until it ends")
+    run.add_argument(
+        "--download",
+        metavar="PATH",
+        help="then fetch its ZIP to PATH (resumes a partial file; implies --wait)",
+    )
+    run.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    return parser, {"export": export, "verify": verify, "run": run}
+
+
+# ---------------------------------------------------------------- export
+
+
+def _names(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+
+
+def export_config(args: argparse.Namespace, fail: Any) -> RunConfig:
+    """The run's configuration from the options; ``fail(message)`` names a bad one (exit 2)."""
+    include = _names([args.include]) or []
+    if not include or any(item not in INCLUDE for item in include) or len(set(include)) != len(include):
+        fail(f"--include: {args.include!r} must be describe, data or describe,data")
+    schemas = _names(args.schemas)
+    if schemas is not None and len(set(schemas)) != len(schemas):
+        fail("--schemas: a schema is named twice")
+    filters = None
+    if args.filter is not None:
+        try:
+            filters = orjson.loads(args.filter)
+        except orjson.JSONDecodeError as exc:
+            fail(f"--filter: not JSON ({exc})")
+        if not isinstance(filters, dict) or not filters:
+            fail('--filter: must be an object like {"<schema>": {"where": {...}}}')
+        for schema, spec in filters.items():
+            if not isinstance(spec, dict) or set(spec) != {"where"} or not isinstance(spec["where"], dict):
+                fail(f'--filter: .{schema} must be an object with one key, "where", holding an object')
+    if args.name is not None and (not args.name.strip() or "\x00" in args.name or len(args.name) > NAME_MAX):
+        fail(f"--name: must be 1 to {NAME_MAX} characters, not only whitespace, without NUL")
+    split = args.split_max_records
+    if split is not None and not 1 <= split <= SPLIT_MAX:
+        fail(f"--split-max-records: must be between 1 and {SPLIT_MAX:,}")
+    return {
+        "format": args.format,
+        "include": include,
+        "schemas": schemas,
+        "filter": filters,
+        "compress": not args.no_compress,
+        "split_files": split is not None,
+        "split_max_records": split or 1_000_000,
+        "retention_days": DEFAULT_RETENTION_DAYS,
+    }
+
+
+def check_against_source(source: str, config: RunConfig, fail: Any) -> None:
+    """What ``Catalog.check`` refuses at an extract's creation, refused here naming the option."""
+    with open_source(source) as src:
+        known = set(src.names())
+        unknown = [name for name in config["schemas"] or [] if name not in known]
+        if unknown:
+            fail(f"--schemas: not in the source: {', '.join(unknown)} (it has: {', '.join(sorted(known))})")
+        for schema, spec in (config["filter"] or {}).items():
+            if schema not in known:
+                fail(f"--filter: schema '{schema}' does not exist in the source")
+            if config["schemas"] is not None and schema not in config["schemas"]:
+                fail(f"--filter: schema '{schema}' is not among --schemas")
+            problems = check_where(spec["where"], src.columns(schema), field=f"{schema}.where")
+            if problems:
+                path, message = problems[0]
+                fail(f"--filter: {path}: {message}")
+
+
+def default_name(source: str) -> str:
+    """The extract name an export takes from its source: a file's stem, a server database's name."""
+    if "://" in source:
+        path = unquote(urlsplit(source).path)
+        return Path(path.rstrip("/")).stem or "extract"
+    return Path(source).stem or "extract"
+
+
+def _export(sub: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from extracts.export import Export, ExportFailed, Interrupted
+    from extracts.progress import make_view
+
+    config = export_config(args, sub.error)
+    directory = Path(args.directory) if args.directory else None
+    zip_path = Path(args.output) if args.output else None
+    for option, path in (("-d", directory), ("-o", zip_path)):
+        if path is not None and not path.absolute().parent.is_dir():
+            sub.error(f"{option}: the directory {path.absolute().parent} does not exist")
+    if directory is not None and directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        sub.error(f"-d: {directory} exists and is not an empty directory")
+    hidden = source_secrets(args.source)
+    try:
+        check_against_source(args.source, config, sub.error)
+    except SourceError as exc:
+        print(f"extracts-app: cannot open the source: {blank(str(exc), hidden)}", file=sys.stderr)
+        return 1
+    view = make_view(args.quiet)
+    name = args.name.strip() if args.name else default_name(args.source)
+    job = Export(args.source, config, name, zip_path, directory, view)
+    started = time.monotonic()
+    try:
+        target, result = job.run()
+    except ExportFailed as exc:
+        view.close()
+        print(f"extracts-app: {blank(str(exc), hidden)}", file=sys.stderr)
+        return 1
+    except Interrupted:
+        view.close()
+        print("extracts-app: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        view.close()
+        print(f"extracts-app: {exc.strerror or exc} ({exc.filename})", file=sys.stderr)
+        return 1
+    view.close()
+    files = len(job.artifacts)
+    view.note(
+        f"Wrote {target}: {result['records_exported']:,} records of {result['schemas_exported']} schemas, "
+        f"{files} files, in {time.monotonic() - started:.1f} s"
+    )
+    return 0

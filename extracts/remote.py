@@ -1,0 +1,263 @@
+"""``extracts-app run EXTRACT``: start a run on a service, watch it, download and check its ZIP.
+
+::
+
+    EXTRACT ─► GET /api/data/extracts/<id>, else ?filter[where][name]=<EXTRACT> (exactly one)
+            ─► POST /api/extracts/<id>/run ─► 202 {run_id, status_url}
+    --wait  ─► GET status_url every 0.25 s ─► the export's progress view (and the run's
+               artifacts when a schema ends, for its line) until the run ends
+    --download PATH ─► GET /api/extracts/runs/<id>/download, ``Range: bytes=<size>-`` with
+               ``If-Range: <ETag>`` when PATH holds part of it; then ``verify`` on the ZIP
+
+HTTP through the standard library's urllib: five kinds of plain requests need
+no client dependency, and the command starts fast. The URL and token default
+as the SPEC says: ``EXTRACTS_URL``/``EXTRACTS_TOKEN``, then the service's own
+defaults (``EXTRACTS_HOST``/``EXTRACTS_PORT``) and the token file it writes
+beside its state file (``EXTRACTS_DB`` + ``.token``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import quote, urlencode
+
+import orjson
+
+from executor.messages import ENDED_STATUSES, RunStatus
+from extracts.progress import View, make_view
+from extracts.settings import SETTINGS
+
+POLL_S = 0.25
+RETRIES = 3  # a download whose connection drops resumes where it stopped
+_CHUNK = 1 << 20
+_ENDED = {status.value for status in ENDED_STATUSES}
+
+
+class Failed(Exception):
+    """The command cannot go on; the message is the one line shown."""
+
+
+def _default(name: str) -> Any:
+    setting = next(s for s in SETTINGS if s.name == name)
+    return os.environ.get(setting.env) or setting.default
+
+
+def default_url() -> str:
+    """``EXTRACTS_URL``, else where a service started with the same environment listens."""
+    if os.environ.get("EXTRACTS_URL"):
+        return os.environ["EXTRACTS_URL"]
+    host = _default("host")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{f'[{host}]' if ':' in host else host}:{_default('port')}"
+
+
+def default_token() -> str | None:
+    """``EXTRACTS_TOKEN``, else the token file the service keeps beside its state file."""
+    if os.environ.get("EXTRACTS_TOKEN"):
+        return os.environ["EXTRACTS_TOKEN"].strip()
+    db = str(_default("db"))
+    if "://" in db:  # a PostgreSQL state: its instances share a token given to them
+        return None
+    try:
+        return Path(db + ".token").expanduser().read_text().strip() or None
+    except OSError:
+        return None
+
+
+class Client:
+    """The service's JSON API and downloads, with the bearer token."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url, self.token = url.rstrip("/"), token
+
+    def request(
+        self, method: str, path: str, headers: dict[str, str] | None = None
+    ) -> urllib.request.Request:
+        return urllib.request.Request(
+            self.url + path,
+            method=method,
+            headers={"Authorization": f"Bearer {self.token}", **(headers or {})},
+        )
+
+    def open(self, request: urllib.request.Request, missing_ok: bool = False) -> Any:
+        """The response; None for a 404 when ``missing_ok``; else Failed with the service's message."""
+        try:
+            return urllib.request.urlopen(request, timeout=30)
+        except urllib.error.HTTPError as exc:
+            with exc:
+                if exc.code == 404 and missing_ok:
+                    return None
+                try:
+                    message = orjson.loads(exc.read())["error"]
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    message = exc.reason
+            hint = " (check --token or EXTRACTS_TOKEN)" if exc.code == 401 else ""
+            path = request.full_url.removeprefix(self.url)
+            raise Failed(f"{request.get_method()} {path}: {exc.code} {message}{hint}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise Failed(f"cannot reach the service at {self.url}: {reason}") from None
+
+    def call(self, method: str, path: str, missing_ok: bool = False) -> Any:
+        """The ``data`` of a JSON answer (None for a 404 when ``missing_ok``)."""
+        response = self.open(self.request(method, path), missing_ok)
+        if response is None:
+            return None
+        with response:
+            return orjson.loads(response.read())["data"]
+
+
+def find_extract(client: Client, wanted: str) -> dict[str, Any]:
+    """The extract whose id is ``wanted``, else the one whose name is exactly ``wanted``."""
+    found = client.call("GET", f"/api/data/extracts/{quote(wanted, safe='')}", missing_ok=True)
+    if found is not None:
+        return found
+    query = urlencode({"filter[where][name]": wanted, "filter[limit]": "2"})
+    named = client.call("GET", f"/api/data/extracts?{query}")
+    if not named:
+        raise Failed(f"no extract has the id or name {wanted!r}; GET /api/data/extracts lists them")
+    if len(named) > 1:
+        ids = ", ".join(extract["id"] for extract in named)
+        raise Failed(f"several extracts are named {wanted!r} ({ids}…); give the id")
+    return named[0]
+
+
+def watch(client: Client, run_id: str, view: View) -> dict[str, Any]:
+    """Poll the run until it ends, feeding ``view``; returns the ended run."""
+    path = f"/api/data/extract_runs/{run_id}"
+    artifacts = "/api/data/extract_artifacts?" + urlencode(
+        {"filter[where][run_id]": run_id, "filter[order]": "created_at asc", "filter[limit]": "1000"}
+    )
+    schema = None
+    while True:
+        run = client.call("GET", path)
+        detail = run["progress_detail"]
+        ended = run["status"] in _ENDED
+        if ended or detail["current_schema"] != schema:  # a schema ended: its line needs its files
+            view.artifacts(client.call("GET", artifacts))
+            schema = detail["current_schema"]
+        if ended:
+            detail = {**detail, "phase": run["status"]}
+            if run["status"] == RunStatus.COMPLETED:
+                detail["records_exported"] = run["records_exported"] or detail["records_exported"]
+        view.update(detail)
+        if ended:
+            return run
+        time.sleep(POLL_S)
+
+
+def download(client: Client, run_id: str, target: Path, view: View) -> tuple[Path, bool]:
+    """The run's ZIP at ``target`` (a file, or a directory to put it in), resuming a partial file.
+
+    A connection lost midway is resumed from where it stopped (``RETRIES`` times). Returns the
+    file and whether it was resumed: a partial file found there is taken to be the start of this
+    ZIP, which ``verify`` then checks. A partial file is kept on failure, for the next attempt.
+    """
+    path = f"/api/extracts/runs/{run_id}/download"
+    with client.open(client.request("HEAD", path)) as head:
+        size, etag = int(head.headers["Content-Length"]), head.headers["ETag"]
+        name = head.headers.get("Content-Disposition", "").partition('filename="')[2].rstrip('"')
+    if target.is_dir():
+        target = target / (name or f"{run_id}.zip")
+    first = target.stat().st_size if target.is_file() else 0
+    resumed = 0 < first <= size
+    for attempt in range(RETRIES + 1):
+        have = target.stat().st_size if target.is_file() else 0
+        if have == size:
+            break
+        # If-Range: should the archive have changed, the answer is all of it (200), not a part.
+        headers = {"Range": f"bytes={have}-", "If-Range": etag} if 0 < have < size else {}
+        try:
+            with client.open(client.request("GET", path, headers)) as response:
+                partial = response.status == 206
+                resumed = resumed and partial
+                with open(target, "ab" if partial else "wb") as out:
+                    while chunk := response.read(_CHUNK):
+                        out.write(chunk)
+        except (OSError, http.client.HTTPException) as exc:
+            if attempt == RETRIES:
+                raise Failed(
+                    f"the download of {target} stopped: {exc}; run the command again to resume"
+                ) from None
+            view.note(f"the download stopped ({exc}); resuming")
+    how = f"resumed at byte {first:,}" if resumed else "whole"
+    view.note(f"Downloaded {target} ({size:,} bytes, {how})")
+    return target, resumed
+
+
+def run_remote(args: argparse.Namespace, bad_option: Callable[[str], NoReturn]) -> int:
+    url = args.url or default_url()
+    token = args.token or default_token()
+    if not token:
+        bad_option(
+            "--token: none given, no EXTRACTS_TOKEN, and no token file beside the state file "
+            f"({_default('db')}.token); the service prints its token when it starts"
+        )
+    client = Client(url, token)
+    view: View | None = None
+    try:
+        extract = find_extract(client, args.extract)
+        started = client.call("POST", f"/api/extracts/{quote(extract['id'], safe='')}/run")
+        run_id = started["run_id"]
+        if not args.quiet:
+            print(
+                f"Run {run_id} of {extract['name']!r} ({extract['id']}): {started['message']}",
+                file=sys.stderr,
+            )
+        if not (args.wait or args.download):
+            return 0
+        view = make_view(args.quiet)
+        run = watch(client, run_id, view)
+        view.close()
+        if run["status"] != RunStatus.COMPLETED:
+            print(
+                f"extracts-app: run {run_id} {run['status']}: {run['error'] or 'no error given'}",
+                file=sys.stderr,
+            )
+            return 1
+        view.note(f"Run {run_id} completed: {run['records_exported'] or 0:,} records")
+        if args.download:
+            return _download_and_verify(client, run_id, Path(args.download), view, args.quiet)
+        return 0
+    except Failed as exc:
+        if view is not None:
+            view.close()
+        print(f"extracts-app: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if view is not None:
+            view.close()
+        print(
+            "extracts-app: interrupted; the run goes on in the service (cancel it with POST "
+            "/api/extracts/<id>/cancel); a partial download resumes with the same --download PATH",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _download_and_verify(client: Client, run_id: str, target: Path, view: View, quiet: bool) -> int:
+    """Download, then ``verify``; a resumed file that does not verify is fetched again whole, once."""
+    from extracts.verify import verify_path
+
+    path, resumed = download(client, run_id, target, view)
+    with open(os.devnull, "w") if quiet else contextlib.nullcontext(sys.stderr) as out:
+        if verify_path(path, out):
+            return 0
+        if resumed:
+            view.note(f"{path} did not verify after resuming: downloading it again whole")
+            path.unlink()
+            path, _ = download(client, run_id, path, view)
+            if verify_path(path, out):
+                return 0
+    print(f"extracts-app: {path} does not match its manifest (lines above)", file=sys.stderr)
+    return 1

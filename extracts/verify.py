@@ -1,0 +1,248 @@
+"""``extracts-app verify PATH``: a ZIP, a run directory or an archive tarball against its manifest.
+
+Every file the manifest lists must be there with its size and SHA-256, and a
+JSON lines file (gzip'd or not) must hold as many records as it says; a file
+the manifest does not list is reported too. An ``archive`` tarball, on its own
+or inside a ZIP or run directory, is also opened and checked against the
+manifest inside it. Files are read as streams, a megabyte at a time: the
+tarball's bytes are hashed as tarfile reads them, never held whole. One line
+per file; ``verify_path`` is true only when every file matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TextIO
+
+import orjson
+
+_CHUNK = 1 << 20
+_INFLATED_MAX = 8 << 20  # decompressed bytes per step: a gzip bomb cannot fill memory
+_ARCHIVE = (".tar", ".tar.gz", ".tgz")
+
+
+class Unreadable(Exception):
+    """The container (ZIP, tarball, manifest) cannot be read; the message says why."""
+
+
+@dataclass
+class Measured:
+    size: int
+    sha256: str
+    records: int | None  # newlines of a JSON lines file (decompressed), else None
+    error: str | None = None  # a read that failed midway (bad CRC, corrupt gzip)
+
+
+class _Hashing:
+    """A readable stream that hashes and counts every byte read through it."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream, self.sha256, self.size = stream, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.sha256.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(_CHUNK):
+            pass
+
+
+def _lines(compressed: bool) -> Callable[[bytes], int]:
+    """Counts newlines of the (decompressed) bytes fed to it, a chunk at a time."""
+    inflater = zlib.decompressobj(31) if compressed else None
+
+    def count(data: bytes) -> int:
+        nonlocal inflater
+        if inflater is None:
+            return data.count(b"\n")
+        total = 0
+        while data:
+            out = inflater.decompress(data, _INFLATED_MAX)
+            total += out.count(b"\n")
+            data = inflater.unconsumed_tail
+            if inflater.eof and inflater.unused_data:  # another gzip member follows
+                data, inflater = inflater.unused_data, zlib.decompressobj(31)
+        return total
+
+    return count
+
+
+def is_json_lines(name: str) -> bool:
+    return name.endswith((".jsonl", ".jsonl.gz"))
+
+
+def measure(stream: IO[bytes], name: str) -> Measured:
+    """Size, SHA-256 and, for a JSON lines file, its records, in one streamed pass."""
+    sha256, size = hashlib.sha256(), 0
+    count = _lines(name.endswith(".gz")) if is_json_lines(name) else None
+    records = 0
+    try:
+        while chunk := stream.read(_CHUNK):
+            sha256.update(chunk)
+            size += len(chunk)
+            if count is not None:
+                records += count(chunk)
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, tarfile.TarError) as exc:
+        return Measured(size, sha256.hexdigest(), None, f"cannot be read whole: {exc}")
+    return Measured(size, sha256.hexdigest(), records if count is not None else None)
+
+
+class Report:
+    """The lines of one verification and whether every file matched."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out, self.checked, self.failed = out, 0, 0
+
+    def line(self, ok: bool, word: str, text: str) -> None:
+        self.checked += 1
+        self.failed += not ok
+        print(f"{word:<8}{text}", file=self.out, flush=True)
+
+    def compare(self, entry: dict[str, Any], got: Measured | None, label: str) -> None:
+        """One manifest entry against what was read (None: the file is missing)."""
+        if got is None:
+            self.line(False, "MISSING", f"{label}: listed in the manifest, not found")
+            return
+        problems = []
+        if got.error:
+            problems.append(got.error)
+        if got.size != entry["size"]:
+            problems.append(f"{got.size:,} bytes, the manifest says {entry['size']:,}")
+        if got.sha256 != entry["checksum"]:
+            problems.append("SHA-256 differs from the manifest")
+        if got.records is not None and got.records != entry["records"]:
+            problems.append(f"{got.records:,} records, the manifest says {entry['records']}")
+        if problems:
+            self.line(False, "FAILED", f"{label}: {'; '.join(problems)}")
+            return
+        records = f", {got.records:,} records" if got.records is not None else ""
+        self.line(True, "ok", f"{label}: {got.size:,} bytes{records}")
+
+    def extra(self, label: str) -> None:
+        self.line(False, "EXTRA", f"{label}: not listed in the manifest")
+
+
+def _manifest(data: bytes, where: str) -> list[dict[str, Any]]:
+    try:
+        manifest = orjson.loads(data)
+        entries = manifest["artifacts"]
+        for entry in entries:
+            _ = (entry["name"], entry["size"], entry["checksum"], entry["records"])
+        return entries
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise Unreadable(f"the manifest.json of {where} is not a run manifest ({exc})") from None
+
+
+Measure = Callable[[str, str], Measured | None]  # (name, label) -> what was read; None: missing
+
+
+def _check_files(
+    report: Report, entries: list[dict[str, Any]], names: set[str], read: Measure, prefix: str
+) -> None:
+    """Every entry measured by ``read``; then the names the manifest does not list."""
+    for entry in entries:
+        label = prefix + entry["name"]
+        report.compare(entry, read(entry["name"], label), label)
+    for name in sorted(names - {entry["name"] for entry in entries} - {"manifest.json"}):
+        report.extra(prefix + name)
+
+
+def _read(report: Report, stream: IO[bytes], name: str, label: str) -> Measured:
+    """A file's measure; a tarball is also checked inside (its lines come first)."""
+    if name.endswith(_ARCHIVE):
+        return _check_tarball(report, stream, label + "/")
+    return measure(stream, name)
+
+
+def _check_tarball(report: Report, stream: IO[bytes], prefix: str) -> Measured:
+    """Check a tarball's members against its inner manifest; returns the tarball's own measure.
+
+    Its records are the members' total (what the outer manifest lists for the archive).
+    """
+    hashing = _Hashing(stream)
+    seen: dict[str, Measured] = {}
+    inner: list[dict[str, Any]] | None = None
+    error = None
+    try:
+        with tarfile.open(fileobj=hashing, mode="r|*") as tar:  # type: ignore[call-overload]
+            for member in tar:
+                file = tar.extractfile(member) if member.isfile() else None
+                if file is None:
+                    seen[member.name] = Measured(0, "", None, "is not a regular file")
+                elif member.name == "manifest.json":
+                    inner = _manifest(file.read(), prefix.rstrip("/") or "the tarball")
+                else:
+                    seen[member.name] = measure(file, member.name)
+        hashing.drain()
+    except (tarfile.TarError, zlib.error, EOFError, OSError) as exc:
+        error = f"cannot be read whole: {exc}"
+    if inner is None:
+        report.line(False, "FAILED", f"{prefix}manifest.json: {error or 'not in the archive'}")
+        return Measured(hashing.size, hashing.sha256.hexdigest(), None, error or "has no manifest.json")
+    _check_files(report, inner, set(seen), lambda name, _: seen.get(name), prefix)
+    records = None if error else sum(m.records or 0 for m in seen.values())
+    return Measured(hashing.size, hashing.sha256.hexdigest(), records, error)
+
+
+def verify_path(path: Path, out: TextIO) -> bool:
+    """Print one line per file of ``path`` (ZIP, run directory or tarball); True when all match."""
+    report = Report(out)
+    try:
+        _verify(report, path)
+    except Unreadable as exc:
+        print(f"FAILED  {path}: {exc}", file=out)
+        return False
+    if report.failed:
+        print(f"{report.failed} of {report.checked} files do not match the manifest", file=out)
+        return False
+    print(f"all {report.checked} files match the manifest", file=out)
+    return True
+
+
+def _verify(report: Report, path: Path) -> None:
+    if path.is_dir():
+        manifest = path / "manifest.json"
+        if not manifest.is_file():
+            raise Unreadable(f"{path} has no manifest.json: not a run directory")
+        names = {p.name for p in path.iterdir() if not p.name.startswith(".")}  # dot-names: temp files
+
+        def read_file(name: str, label: str) -> Measured | None:
+            if not (path / name).is_file():
+                return None
+            with open(path / name, "rb") as stream:
+                return _read(report, stream, name, label)
+
+        _check_files(report, _manifest(manifest.read_bytes(), str(path)), names, read_file, "")
+    elif path.name.endswith(_ARCHIVE) or (not zipfile.is_zipfile(path) and tarfile.is_tarfile(path)):
+        with open(path, "rb") as stream:
+            _check_tarball(report, stream, "")
+    else:
+        try:
+            archive = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise Unreadable(f"not a readable ZIP, tarball or run directory ({exc}; truncated?)") from None
+        with archive:
+            names = set(archive.namelist())
+            if "manifest.json" not in names:
+                raise Unreadable("the ZIP has no manifest.json")
+            try:
+                entries = _manifest(archive.read("manifest.json"), str(path))
+            except zipfile.BadZipFile as exc:
+                raise Unreadable(f"the ZIP's manifest.json cannot be read: {exc}") from None
+
+            def read_entry(name: str, label: str) -> Measured | None:
+                if name not in names:
+                    return None
+                with archive.open(name) as stream:
+                    return _read(report, stream, name, label)
+
+            _check_files(report, entries, names, read_entry, "")

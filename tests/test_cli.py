@@ -1,0 +1,583 @@
+"""The command line (SPEC: Command line): export, verify and run, as a user runs them.
+
+Every command runs as ``python extracts_app.py …`` from this checkout, in a
+child process; ``export`` is compared byte for byte with what the running
+service writes for the same options.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import pty
+import re
+import select
+import signal
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+
+from extracts import commands, config
+from extracts.progress import Quiet
+from extracts.remote import Client, download
+from extracts.state import parse_iso
+from extracts.storage.local import LocalStorage
+from extracts.verify import verify_path
+from extracts.zipstream import ZipEntry
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = [sys.executable, str(ROOT / "extracts_app.py")]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+
+# Options of one run, as an extract's fields and as export options.
+CASES = {
+    "jsonl-gz": ({}, []),
+    "json-split": (
+        {"format": "json", "compress": False, "split_files": True, "split_max_records": 20},
+        ["--format", "json", "--no-compress", "--split-max-records", "20"],
+    ),
+    "yaml-filtered": (
+        {
+            "format": "yaml",
+            "schemas": ["users", "order items"],
+            "filter": {"users": {"where": {"age": {"$gte": 18}}}},
+        },
+        [
+            "--format",
+            "yaml",
+            "--schemas",
+            "users,order items",
+            "--filter",
+            '{"users": {"where": {"age": {"$gte": 18}}}}',
+        ],
+    ),
+    "archive": (
+        {"format": "archive", "split_files": True, "split_max_records": 30},
+        ["--format", "archive", "--split-max-records", "30"],
+    ),
+    "describe-only": (
+        {"include": ["describe"], "compress": False},
+        ["--include", "describe", "--no-compress"],
+    ),
+}
+ENDED_DIFFERENTLY = {"run_id", "generated_at", "extract_id"}  # what a command-line manifest may differ in
+
+
+def cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*APP, *args], capture_output=True, cwd=cwd, env=env or ENV, timeout=timeout, text=True
+    )
+
+
+def make_big_db(path: Path, rows: int) -> Path:
+    """A ``big`` table of ``rows`` rows and a one-row ``small`` (``big`` is exported first)."""
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE small (id INTEGER PRIMARY KEY, v TEXT)")
+    con.execute("INSERT INTO small VALUES (1, 'one')")
+    con.execute("CREATE TABLE big (id INTEGER PRIMARY KEY, name TEXT, amount REAL, at TEXT)")
+    con.execute(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT ?) "
+        "INSERT INTO big SELECT x, 'name ' || x || ' ' || hex(randomblob(8)), x * 0.25, "
+        "'2024-01-01T00:00:00Z' FROM c",
+        (rows,),
+    )
+    con.commit()
+    con.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def big_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_big_db(tmp_path_factory.mktemp("big") / "big.db", 600_000)
+
+
+def in_pty(
+    args: list[str], cwd: Path, until: float = 60, stop_when: bytes | None = None
+) -> tuple[int, bytes, float]:
+    """Run the command on a pseudo-terminal; with ``stop_when``, send SIGINT once the output matches.
+
+    Returns the exit status, the output, and seconds from SIGINT to exit (0 without one).
+    """
+    master, slave = pty.openpty()
+    env = {**ENV, "TERM": "xterm-256color", "COLUMNS": "140"}
+    process = subprocess.Popen([*APP, *args], stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env)
+    os.close(slave)
+    output, sent, deadline = b"", 0.0, time.monotonic() + until
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.05)
+            if ready:
+                try:
+                    data = os.read(master, 1 << 16)
+                except OSError:  # the child closed the terminal
+                    data = b""
+                if not data and process.poll() is not None:
+                    break
+                output += data
+            elif process.poll() is not None:
+                break
+            if stop_when is not None and not sent and re.search(stop_when, ANSI.sub(b"", output)):
+                process.send_signal(signal.SIGINT)
+                sent = time.monotonic()
+        code = process.wait(5)
+        return code, output, (time.monotonic() - sent) if sent else 0.0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(master)
+
+
+def manifest_of(data: bytes) -> dict:
+    manifest = json.loads(data)
+    return {key: value for key, value in manifest.items() if key not in ENDED_DIFFERENTLY}
+
+
+def tar_members(data: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def service_token(service) -> str:
+    return service.client.headers["Authorization"].split()[1]
+
+
+# ---------------------------------------------------------------- export against the service
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_writes_the_service_files_and_manifest(service, shop_db: Path, tmp_path: Path, case: str):
+    fields, options = CASES[case]
+    extract = service.create_extract(name="shop", **fields)
+    run = service.wait_run(service.run(extract["id"]))
+    assert run["status"] == "completed", run["error"]
+    served = service.storage / run["id"]
+
+    done = cli("export", str(shop_db), *options, "-d", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    if case != "archive":
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in served.iterdir())
+
+    ours, theirs = (
+        manifest_of((out / "manifest.json").read_bytes()),
+        manifest_of((served / "manifest.json").read_bytes()),
+    )
+    if case != "archive":
+        assert ours == theirs
+        for path in served.iterdir():
+            if path.name != "manifest.json":
+                assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+        assert json.loads((out / "manifest.json").read_bytes())["extract_id"] is None
+    else:
+        # The tarball's name and its members' times carry the run: its members are the same bytes.
+        (tar_ours,) = out.glob("*.tar.gz")
+        (tar_theirs,) = served.glob("*.tar.gz")
+        assert tar_ours.name.startswith(f"shop-{run['created_at'][:10]}-run_")
+        drop = {"name", "size", "checksum"}
+        assert [{k: v for k, v in a.items() if k not in drop} for a in ours.pop("artifacts")] == [
+            {k: v for k, v in a.items() if k not in drop} for a in theirs.pop("artifacts")
+        ]
+        assert ours == theirs
+        members_ours, members_theirs = (
+            tar_members(tar_ours.read_bytes()),
+            tar_members(tar_theirs.read_bytes()),
+        )
+        assert manifest_of(members_ours.pop("manifest.json")) == manifest_of(
+            members_theirs.pop("manifest.json")
+        )
+        assert members_ours == members_theirs
+
+    zipped = cli("export", str(shop_db), *options, "-o", str(tmp_path / "out.zip"), "-q", cwd=tmp_path)
+    assert zipped.returncode == 0 and zipped.stdout == zipped.stderr == ""
+    served_zip = service.client.get(f"/api/extracts/runs/{run['id']}/download")
+    ours_zip, theirs_zip = (
+        zipfile.ZipFile(tmp_path / "out.zip"),
+        zipfile.ZipFile(io.BytesIO(served_zip.content)),
+    )
+    assert ours_zip.testzip() is None
+    if case != "archive":
+        assert ours_zip.namelist() == theirs_zip.namelist()  # the same files, in the same order
+        for name in theirs_zip.namelist():
+            if name != "manifest.json":
+                assert ours_zip.read(name) == theirs_zip.read(name)
+
+
+def test_the_zip_is_the_service_download_for_the_same_files(service, tmp_path: Path):
+    """The export's ZIP writer, given the service's files and times, gives the download's bytes."""
+    from extracts.export import write_zip
+
+    extract = service.create_extract(name="shop zip", schemas=["orders", "users"])
+    run = service.wait_run(service.run(extract["id"]))
+    artifacts = service.client.get(
+        "/api/data/extract_artifacts",
+        params={"filter[where][run_id]": run["id"], "filter[order]": "created_at asc"},
+    ).json()["data"]
+    served = service.client.get(f"/api/extracts/runs/{run['id']}/download").content
+    order = zipfile.ZipFile(io.BytesIO(served)).namelist()
+    by_name = {a["artifact_name"]: a for a in artifacts}
+    entries = []
+    for name in order:
+        artifact = by_name[name]
+        data = Path(artifact["storage_path"]).read_bytes()
+        at = parse_iso(artifact["created_at"]).timetuple()[:6]
+        entries.append(ZipEntry(name, artifact["storage_path"], len(data), zlib.crc32(data), at))
+    files = LocalStorage(service.storage).hold([(e.path, e.size) for e in entries])
+    try:
+        write_zip(entries, files, tmp_path / "same.zip", lambda: False)
+    finally:
+        files.close()
+    assert (tmp_path / "same.zip").read_bytes() == served
+
+
+def test_export_default_name_and_plain_lines_when_piped(shop_db: Path, tmp_path: Path):
+    done = cli("export", str(shop_db), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (made,) = tmp_path.glob("*.zip")
+    run_id = json.loads(zipfile.ZipFile(made).read("manifest.json"))["run_id"]
+    assert made.name == f"shop-{time.strftime('%Y-%m-%d', time.gmtime())}-{run_id[:8]}.zip"
+    lines = done.stderr.splitlines()
+    assert lines[:3] == ["order items: 20 records", "orders: 50 records", "users: 4 records"]
+    assert lines[3].startswith(f"Wrote {made}: 74 records of 3 schemas, 5 files, in ")
+    assert "\x1b" not in done.stderr and done.stdout == ""
+    assert [p.name for p in tmp_path.iterdir()] == [made.name]  # no work directory left
+
+
+def test_export_names_a_bad_option(shop_db: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    for options, named in [
+        (["--schemas", "users,nope"], "--schemas: not in the source: nope"),
+        (["--filter", "{x"], "--filter: not JSON"),
+        (
+            ["--filter", '{"users": {"where": {"agez": 1}}}'],
+            "--filter: users.where.agez: unknown column 'agez'",
+        ),
+        (["--filter", '{"orders": {"where": {}}}', "--schemas", "users"], "'orders' is not among --schemas"),
+        (["--split-max-records", "0"], "--split-max-records: must be between 1 and"),
+        (["--include", "data,everything"], "--include:"),
+        (["--format", "csv"], "--format: invalid choice: 'csv'"),
+        (["--name", " "], "--name: must be 1 to 200 characters"),
+        (["-d", str(tmp_path / "full")], "-d: "),
+        (["-o", str(tmp_path / "no" / "such" / "x.zip")], "-o: the directory"),
+    ]:
+        with pytest.raises(SystemExit) as exited:  # in this process: argparse's exit
+            commands.run_command(["export", str(shop_db), *options])
+        stderr = capsys.readouterr().err
+        assert exited.value.code == 2, (options, stderr)
+        assert named in stderr.splitlines()[-1], (options, stderr)
+    done = cli("export", str(shop_db), "--schemas", "nope", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.splitlines()[-1].startswith(
+        "extracts-app export: error: --schemas"
+    )
+    missing = cli("export", str(tmp_path / "nope.db"), cwd=tmp_path)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines() == [
+        f"extracts-app: cannot open the source: Source database {tmp_path / 'nope.db'} does not exist"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+def test_export_options_follow_the_extract_fields():
+    """The command line checks options without importing the service: its copies of the rules must agree."""
+    assert commands.FORMATS == config.FORMATS
+    assert config.FIELDS_BY_NAME["split_max_records"].schema["maximum"] == commands.SPLIT_MAX
+    defaults = {f.name: f.default for f in config.EXTRACT_FIELDS}
+    parsed = commands._parser()[0].parse_args(["export", "x.db"])
+    snapshot = commands.export_config(parsed, pytest.fail)
+    assert snapshot == {key: defaults[key] for key in snapshot}
+    leaves = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, extracts.cli, extracts.export, extracts.verify, extracts.remote, extracts.progress; "
+            "heavy = {'starlette', 'databases', 'sqlalchemy', 'extracts_app', 'uvicorn'}; "
+            "print(sorted(heavy & set(sys.modules)))",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+    )
+    assert leaves.stdout.strip() == "[]", leaves.stderr
+
+
+# ---------------------------------------------------------------- the progress bar, Ctrl-C
+
+
+def test_progress_bar_on_a_terminal_appears_advances_and_finishes(big_db: Path, tmp_path: Path):
+    code, output, _ = in_pty(["export", str(big_db), "-o", "big.zip"], tmp_path)
+    assert code == 0, output[-2000:]
+    text = ANSI.sub(b"", output).decode()
+    counts = [int(done.replace(",", "")) for done in re.findall(r"([\d,]+)/600,001 records", text)]
+    assert len(set(counts)) >= 3, text[-2000:]  # it advanced
+    assert counts == sorted(counts) and counts[-1] == 600_001
+    assert re.search(r"big \(1/2\)", text) and re.search(r"[\d,]+ rows/s", text) and "ETA" in text
+    assert "small: 1 records" in text and "big: 600,000 records" in text
+    assert "Wrote " in text and "\x1b[" in output.decode()  # drawn in place, with escapes
+    assert verify_path(tmp_path / "big.zip", io.StringIO())
+
+
+@pytest.mark.parametrize("target", [["-o", "out.zip"], ["-d", "out"]])
+def test_ctrl_c_mid_table_stops_within_two_seconds_leaving_nothing(big_db: Path, tmp_path: Path, target):
+    code, output, stopped_in = in_pty(
+        ["export", str(big_db), *target],
+        tmp_path,
+        stop_when=rb"big \(1/2\)[^\r\n]* [1-9][\d,]*/600,001 records",
+    )
+    assert code == 130, output[-2000:]
+    assert 0 < stopped_in < 2.0
+    assert b"extracts-app: interrupted; nothing was written" in output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quiet_prints_nothing(shop_db: Path, tmp_path: Path):
+    code, output, _ = in_pty(["export", str(shop_db), "-q", "-d", "out"], tmp_path)
+    assert code == 0 and output == b""
+    assert (tmp_path / "out" / "manifest.json").is_file()
+
+
+# ---------------------------------------------------------------- verify
+
+
+@pytest.fixture(scope="module")
+def exported(shop_db: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One ZIP and one directory per format, compressed and not."""
+    base = tmp_path_factory.mktemp("exported")
+    made = {}
+    for fmt in ("jsonl", "json", "yaml", "archive"):
+        for compress in ("gz", "plain"):
+            name = f"{fmt}-{compress}"
+            options = ["--format", fmt] + (["--no-compress"] if compress == "plain" else [])
+            for kind, target in (
+                ("zip", ["-o", str(base / f"{name}.zip")]),
+                ("dir", ["-d", str(base / name)]),
+            ):
+                # In this process (the same code as the command; a process start costs 0.4 s here).
+                assert commands.run_command(["export", str(shop_db), *options, *target, "-q"]) == 0
+                made[f"{name}.{kind}"] = Path(target[1])
+    return made
+
+
+def test_verify_passes_on_every_format(exported: dict[str, Path]):
+    for name, path in exported.items():
+        out = io.StringIO()
+        assert verify_path(path, out), (name, out.getvalue())
+        lines = out.getvalue().splitlines()
+        assert all(line.startswith("ok ") for line in lines[:-1]) and lines[-1].startswith("all ")
+        if name.startswith("jsonl"):
+            assert any(line.split()[1] == "users.jsonl.gz:" or "users.jsonl:" in line for line in lines)
+            assert any("4 records" in line for line in lines)
+    tarball = next(exported["archive-gz.dir"].glob("*.tar.gz"))
+    done = cli("verify", str(tarball))
+    assert done.returncode == 0
+    assert "ok      users.jsonl: " in done.stdout and ", 4 records" in done.stdout
+    plain = next(exported["archive-plain.dir"].glob("*.tar"))
+    assert cli("verify", str(plain)).returncode == 0
+
+
+def _copy_dir(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+def _flip(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_verify_catches_flipped_truncated_missing_and_wrong_sizes(exported: dict[str, Path], tmp_path: Path):
+    def check(path: Path, expected: str) -> None:
+        out = io.StringIO()
+        assert not verify_path(path, out)
+        assert expected in out.getvalue(), out.getvalue()
+
+    flipped = _copy_dir(exported["jsonl-plain.dir"], tmp_path / "flipped")
+    _flip(flipped / "orders.jsonl", 100)
+    check(flipped, "FAILED  orders.jsonl: SHA-256 differs from the manifest")
+    done = cli("verify", str(flipped))  # the command: one line per file, exit status 1
+    assert done.returncode == 1 and len(done.stdout.splitlines()) == 5
+    assert done.stdout.splitlines()[-1] == "1 of 4 files do not match the manifest"
+
+    truncated = _copy_dir(exported["jsonl-gz.dir"], tmp_path / "truncated")
+    data = (truncated / "users.jsonl.gz").read_bytes()
+    (truncated / "users.jsonl.gz").write_bytes(data[:-10])
+    check(truncated, f"FAILED  users.jsonl.gz: {len(data) - 10:,} bytes, the manifest says {len(data):,}")
+
+    missing = _copy_dir(exported["yaml-plain.dir"], tmp_path / "missing")
+    (missing / "users.yaml").unlink()
+    (missing / "notes.txt").write_text("mine")
+    check(missing, "MISSING users.yaml: listed in the manifest, not found")
+    check(missing, "EXTRA   notes.txt: not listed in the manifest")
+
+    wrong = _copy_dir(exported["json-gz.dir"], tmp_path / "wrong")
+    manifest = json.loads((wrong / "manifest.json").read_bytes())
+    manifest["artifacts"][1]["size"] += 1
+    (wrong / "manifest.json").write_text(json.dumps(manifest))
+    check(wrong, f"the manifest says {manifest['artifacts'][1]['size']:,}")
+
+    records = _copy_dir(exported["jsonl-plain.dir"], tmp_path / "records")
+    manifest = json.loads((records / "manifest.json").read_bytes())
+    users = next(a for a in manifest["artifacts"] if a["name"] == "users.jsonl")
+    users["records"] = 5
+    (records / "manifest.json").write_text(json.dumps(manifest))
+    check(records, "FAILED  users.jsonl: 4 records, the manifest says 5")
+
+    # In a ZIP: a flipped byte of a stored entry, and the ZIP cut short.
+    source = exported["jsonl-plain.zip"]
+    archive = zipfile.ZipFile(source)
+    info = archive.getinfo("orders.jsonl")
+    flipped_zip = tmp_path / "flipped.zip"
+    flipped_zip.write_bytes(source.read_bytes())
+    _flip(flipped_zip, info.header_offset + 30 + len(info.filename) + 5)
+    check(flipped_zip, "FAILED  orders.jsonl: cannot be read whole: Bad CRC-32")
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(source.read_bytes()[:-100])
+    check(cut, "not a readable ZIP, tarball or run directory")
+
+    # In a tarball: a flipped byte in a plain tar member.
+    tarball = tmp_path / "flipped.tar"
+    tarball.write_bytes(next(exported["archive-plain.dir"].glob("*.tar")).read_bytes())
+    with tarfile.open(tarball) as tar:
+        member = tar.getmember("orders.jsonl")
+    _flip(tarball, member.offset_data + 10)
+    check(tarball, "FAILED  orders.jsonl: SHA-256 differs from the manifest")
+    assert cli("verify", str(tmp_path / "nothing-here")).returncode == 2
+
+
+def test_verify_reads_in_a_stream(exported: dict[str, Path], tmp_path: Path):
+    """A gzip'd JSON lines file counted a chunk at a time gives the records of the whole file."""
+    lines = b"".join(b'{"n": %d}\n' % i for i in range(300_000))
+    path = tmp_path / "many.jsonl.gz"
+    path.write_bytes(gzip.compress(lines, 1))
+    from extracts.verify import measure
+
+    with open(path, "rb") as stream:
+        got = measure(stream, path.name)
+    assert got.records == 300_000 and got.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- run against a live service
+
+
+def test_run_wait_download_against_the_service(service, tmp_path: Path):
+    extract = service.create_extract(
+        name="cli run", schemas=["users", "orders"], split_files=True, split_max_records=20
+    )
+    token = service_token(service)
+    target = tmp_path / "run.zip"
+    done = cli(
+        "run", "cli run", "--url", service.base_url, "--token", token, "--wait", "--download", str(target)
+    )
+    assert done.returncode == 0, done.stderr
+    assert "orders: 50 records in 3 files" in done.stderr and "users: 4 records" in done.stderr
+    run_id = re.search(r"Run (run_[0-9a-f]+) of 'cli run'", done.stderr)[1]
+    assert f"Run {run_id} completed: 54 records" in done.stderr
+    assert "all 5 files match the manifest" in done.stderr
+    served = service.client.get(f"/api/extracts/runs/{run_id}/download").content
+    assert target.read_bytes() == served
+
+    # A partial file of that ZIP resumes where it stops (Range), and the whole verifies.
+    partial = tmp_path / "partial.zip"
+    partial.write_bytes(served[: len(served) // 2])
+    path, resumed = download(Client(service.base_url, token), run_id, partial, Quiet())
+    assert resumed and path.read_bytes() == served
+    assert verify_path(path, io.StringIO())
+
+    # By id, with the URL and the token file from the environment; the partial file
+    # holds the first bytes every such ZIP starts with: the download resumes after them.
+    state = tmp_path / "state" / "extracts.db"
+    state.parent.mkdir()
+    (state.parent / "extracts.db.token").write_text(token + "\n")
+    env = {**ENV, "EXTRACTS_URL": service.base_url, "EXTRACTS_DB": str(state)}
+    env.pop("EXTRACTS_TOKEN", None)
+    again = tmp_path / "again.zip"
+    again.write_bytes(served[:10])  # "PK\3\4", version 20, no flags, stored
+    done = cli("run", extract["id"], "--download", str(again), env=env)
+    assert done.returncode == 0, done.stderr
+    assert "resumed at byte 10" in done.stderr and "all 5 files match the manifest" in done.stderr
+
+    # A partial file of another run's ZIP does not verify once resumed: fetched again whole.
+    other = tmp_path / "other.zip"
+    other.write_bytes(served[: len(served) - 200])
+    done = cli("run", extract["id"], "--download", str(other), "--url", service.base_url, "--token", token)
+    assert done.returncode == 0, done.stderr
+    assert "downloading it again whole" in done.stderr
+    assert verify_path(other, io.StringIO())
+
+
+def test_run_fails_clearly(service, tmp_path: Path):
+    token = service_token(service)
+    base = ["--url", service.base_url, "--token", token]
+    missing = cli("run", "no such extract", *base)
+    assert missing.returncode == 1
+    assert (
+        missing.stderr.strip()
+        == "extracts-app: no extract has the id or name 'no such extract'; GET /api/data/extracts lists them"
+    )
+    wrong = cli("run", "x", "--url", service.base_url, "--token", "wrong")
+    assert wrong.returncode == 1 and "401" in wrong.stderr and "--token" in wrong.stderr
+    down = cli("run", "x", "--url", "http://127.0.0.1:9", "--token", "t")
+    assert down.returncode == 1 and "cannot reach the service at http://127.0.0.1:9" in down.stderr
+    no_token = cli("run", "x", env={**ENV, "EXTRACTS_DB": str(tmp_path / "none.db"), "EXTRACTS_TOKEN": ""})
+    assert no_token.returncode == 2 and "--token: none given" in no_token.stderr
+    # A run that fails exits 1 with its error: its filter names a column renamed since.
+    service.create_extract(
+        name="cli fails", schemas=["orders"], filter={"orders": {"where": {"note": {"$null": False}}}}
+    )
+    with sqlite3.connect(service.source) as con:
+        con.execute("ALTER TABLE orders RENAME COLUMN note TO remark")
+    try:
+        failed = cli("run", "cli fails", *base, "--wait")
+    finally:
+        with sqlite3.connect(service.source) as con:
+            con.execute("ALTER TABLE orders RENAME COLUMN remark TO note")
+    assert failed.returncode == 1
+    assert re.search(
+        r"extracts-app: run run_[0-9a-f]+ failed: The filter filter.orders.where.note no longer fits",
+        failed.stderr,
+    )
+
+
+def test_serve_and_no_command_are_the_service():
+    for argv in (["--help"], ["serve", "--help"]):
+        done = subprocess.run([*APP, *argv], capture_output=True, text=True, env=ENV, timeout=30)
+        assert done.returncode == 0
+        assert "--storage" in done.stdout and "--workers" in done.stdout
+    bad = subprocess.run(
+        [*APP, "serve", "--port", "many"], capture_output=True, text=True, env=ENV, timeout=30
+    )
+    assert bad.returncode == 2 and "--port [EXTRACTS_PORT]: 'many' is not a valid int" in bad.stderr
+    export_help = subprocess.run(
+        [*APP, "export", "--help"], capture_output=True, text=True, env=ENV, timeout=30
+    )
+    assert export_help.returncode == 0 and "--split-max-records N" in export_help.stdout
+
+
+def test_bench_cli_smoke(tmp_path: Path):
+    """``bench/cli.py --smoke`` runs end to end (the figures: bench/cli.py on 1M rows)."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cli.py"), "--smoke", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| jsonl | `sqlite3 -json` |" in done.stdout
+    assert "-o plain.zip` |" in done.stdout and "-d dir` |" in done.stdout
