@@ -11,8 +11,10 @@ Reading. The session is read-only (``SET SESSION TRANSACTION … READ ONLY``,
 isolation REPEATABLE READ, time zone UTC) and every read of a run happens inside
 one ``START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY`` (``snapshot()``).
 That snapshot covers InnoDB tables; MyISAM/Aria tables have no snapshots and are
-read as they are at that moment. Rows stream through an unbuffered ``SSCursor``
-with ``fetchmany``: no OFFSET, never a whole table in memory.
+read as they are at that moment. Each row's JSON is built by the server, a
+primary-key range at a time (``executor.sources.myread``); tables without an
+integer primary key, and tables with a type built row by row, stream through an
+unbuffered ``SSCursor`` with ``fetchmany``: no OFFSET, never a whole table in memory.
 
 Stopping a read early (cancel, disk full, an error while writing). MySQL's
 protocol has no way to abandon a streaming result: the client must read it to

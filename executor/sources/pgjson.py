@@ -10,16 +10,16 @@ pieces (the cheapest way PostgreSQL 15 has: ``row_to_json``, ``format`` and
 * integers, ``oid``: their text; ``boolean``: ``true`` / ``false``;
 * ``real`` / ``double precision``: orjson's form of the shortest exact
   digits — PostgreSQL's own text (``extra_float_digits = 1``) in the common
-  range, with ``.0`` on whole numbers; the few values where the two write
-  exponents differently are rewritten (``1e-05`` → ``0.00001``, ``1e-07`` →
-  ``1e-7``, ``1e+15`` → ``1000000000000000.0``); ±infinity and NaN as strings;
+  range (1e-4 to 1e15), with ``.0`` on whole numbers; every other value is
+  finished in Python as the row-by-row path does (``finish``): there the two
+  formats differ, and PostgreSQL's digits are not always the shortest;
 * text types: ``to_json``, whose escaping is orjson's (the same short
   escapes, ``\\u00XX`` in lower case, nothing else escaped);
 * dates and times: their ISO text with a ``T``; BC years made astronomical;
   ``timestamptz`` through ``AT TIME ZONE 'UTC'`` and a ``Z``;
 * ``bytea``: base64 without line breaks; ``numeric``, ``uuid``, ``time``,
   ``interval``: their text as a string;
-* ``json`` / ``jsonb``: their text with the whitespace between tokens removed;
+* ``json`` / ``jsonb``: their text, compacted in Python (``rowjson.compact_json``);
 * any other scalar type (enums, ranges, ``inet``, ``money``, composites…): its
   output function's text as a string.
 

@@ -9,8 +9,11 @@ than the redaction does (``executor.credentials``) is refused, never connected t
 Reading. The session is read-only (``default_transaction_read_only``) and every
 read of a run happens inside one ``REPEATABLE READ, READ ONLY, DEFERRABLE``
 transaction (``snapshot()``; DEFERRABLE only matters at SERIALIZABLE and is
-harmless here). Rows are streamed through a named server-side cursor with
-``fetchmany``: no OFFSET, never a whole table in memory.
+harmless here). Each row's JSON is built by the server and a table is read in
+chunks of heap block ranges, a big one by several connections sharing the
+snapshot (``executor.sources.pgread``); tables with array columns stream through
+a named server-side cursor with ``fetchmany``. No OFFSET, never a whole table
+in memory.
 
 Schemas. Tables, partitioned tables and views of every namespace except
 ``pg_*`` and ``information_schema``, named ``table`` in ``public`` and

@@ -30,10 +30,13 @@ A rowid table is read in chunks along its rowid (``WHERE rowid > ? ORDER BY
 rowid LIMIT n``, a B-tree seek, never ``OFFSET``), each chunk's JSON lines
 joined by SQLite's ``group_concat``: one Python object per chunk instead of one
 per row. A chunk aims at 1 MiB and shrinks when it would pass SQLite's string
-limit (big BLOBs), and is read one ahead in a thread (``_read_ahead``) while
-the caller writes the last. Views, ``WITHOUT ROWID`` and virtual tables stream
-from one cursor with ``fetchmany``. Both run inside the caller's
-``snapshot()``, so every chunk sees the same database state.
+limit (big BLOBs). Chunks are read in threads while the caller writes
+(``executor.sources.parallel``; the sqlite3 module releases the GIL while a
+statement runs): inside a snapshot, by ``read_connections`` connections that
+share its state (``snapshot``), each reading every n-th rowid range of a big
+table, the chunks put back in rowid order. Views, ``WITHOUT ROWID`` and
+virtual tables stream from one cursor with ``fetchmany``. Every read runs
+inside the caller's ``snapshot()``, so every chunk sees the same database state.
 """
 
 from __future__ import annotations
