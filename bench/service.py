@@ -49,6 +49,10 @@ class Service:
     workers: int = 2
     token: str = "bench-token-0123456789abcdef"
     port: int = field(default_factory=free_port)
+    state: str | None = None  # --db: a postgresql:// URL; default: state.db in workdir
+    storage_url: str | None = None  # --storage: an object store URL; default: the storage directory
+    extra: list[str] = field(default_factory=list)  # more options (--storage-endpoint, --lease-seconds…)
+    env: dict[str, str] = field(default_factory=dict)  # more environment (an object store's credentials)
     process: subprocess.Popen[bytes] | None = None
     client: httpx.Client = field(init=False)
 
@@ -67,7 +71,7 @@ class Service:
     def start(self, timeout: float = 60) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / "service.log", "ab")  # noqa: SIM115 — the child keeps it
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         for name in list(env):  # the bench's options, not a stray environment, configure it
             if name.startswith("EXTRACTS_"):
                 del env[name]
@@ -78,15 +82,16 @@ class Service:
                 "--source",
                 str(self.source),
                 "--db",
-                str(self.workdir / "state.db"),
+                self.state or str(self.workdir / "state.db"),
                 "--storage",
-                str(self.storage),
+                self.storage_url or str(self.storage),
                 "--port",
                 str(self.port),
                 "--token",
                 self.token,
                 "--workers",
                 str(self.workers),
+                *self.extra,
             ],
             cwd=self.workdir,
             stdout=log,

@@ -39,6 +39,9 @@ from extracts.storage import Storage
 log = logging.getLogger("extracts.pool")
 
 DRAIN_TIMEOUT_S = 20.0  # past the state file's busy timeout: one locked write is waited out
+# Workers run at a lower CPU priority than the service's event loop: on a busy host
+# an export gives way to the API (status p99) and to the application beside it.
+WORKER_NICENESS = 10
 
 
 def manager_initializer(service_pid: int) -> None:
@@ -65,6 +68,8 @@ def worker_initializer(service_pid: int | None = None, queue: Any = None, cancel
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if queue is not None:
         from executor.entry import keep_channel
+
+        os.nice(max(0, WORKER_NICENESS - os.nice(0)))  # the Manager is not a worker: it keeps its niceness
 
         keep_channel(queue, cancelled)
     if service_pid is not None:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from conftest import Service
+from helpers import InProcessService
 
 
 def column(type_: str, required: bool = False, default=None, primary_key: bool = False) -> dict:
     return {"type": type_, "required": required, "default": default, "primary_key": primary_key}
 
 
-def test_list_schemas(service: Service) -> None:
-    r = service.client.get("/api/describe")
+def test_list_schemas(app_service: InProcessService) -> None:
+    r = app_service.client.get("/api/describe")
     assert r.json() == {
         "success": True,
         "data": [
@@ -22,8 +22,8 @@ def test_list_schemas(service: Service) -> None:
     }
 
 
-def test_composite_key_foreign_key_and_quoted_names(service: Service) -> None:
-    r = service.client.get("/api/describe/order items")
+def test_composite_key_foreign_key_and_quoted_names(app_service: InProcessService) -> None:
+    r = app_service.client.get("/api/describe/order items")
     assert r.json() == {
         "success": True,
         "data": {
@@ -50,13 +50,13 @@ def test_composite_key_foreign_key_and_quoted_names(service: Service) -> None:
     }
 
 
-def test_index_blob_and_default(service: Service) -> None:
-    users = service.client.get("/api/describe/users").json()["data"]
+def test_index_blob_and_default(app_service: InProcessService) -> None:
+    users = app_service.client.get("/api/describe/users").json()["data"]
     assert users["columns"]["avatar"] == column("BLOB")
     assert users["columns"]["created_at"] == column("TEXT", default="CURRENT_TIMESTAMP")
     assert users["columns"]["email"] == column("TEXT", required=True)
     assert users["primary_key"] == ["id"]
-    orders = service.client.get("/api/describe/orders").json()["data"]
+    orders = app_service.client.get("/api/describe/orders").json()["data"]
     assert orders["indexes"] == [{"name": "orders_user", "unique": False, "columns": ["user_id"]}]
     assert orders["foreign_keys"] == [
         {
@@ -69,10 +69,10 @@ def test_index_blob_and_default(service: Service) -> None:
     assert orders["columns"]["total"] == column("REAL", True, "0")
 
 
-def test_views_and_internal_tables(service: Service) -> None:
-    view = service.client.get("/api/describe/adults").json()["data"]
+def test_views_and_internal_tables(app_service: InProcessService) -> None:
+    view = app_service.client.get("/api/describe/adults").json()["data"]
     assert view["type"] == "view" and list(view["columns"]) == ["id", "name"]
     for name in ("sqlite_master", "sqlite_sequence", "sqlite_schema", "nope", "users; DROP TABLE users"):
-        r = service.client.get(f"/api/describe/{name}")
+        r = app_service.client.get(f"/api/describe/{name}")
         assert r.status_code == 404, name
         assert r.json()["error_code"] == "RECORD_NOT_FOUND" and name in r.json()["error"]

@@ -1,16 +1,19 @@
-"""Extract configurations, the Data API conventions and auth, against a real server."""
+"""Extract configurations and the Data API conventions, against the app served in this process.
+
+Authentication of every route is checked in tests/test_security.py.
+"""
 
 from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import TOKEN, Service
+from helpers import InProcessService
 
 VALID = {"name": "Daily backup"}
 
 
-def test_create_applies_defaults_and_returns_201(service: Service) -> None:
-    r = service.client.post("/api/data/extracts", json={"name": "  Full export  "})
+def test_create_applies_defaults_and_returns_201(app_service: InProcessService) -> None:
+    r = app_service.client.post("/api/data/extracts", json={"name": "  Full export  "})
     assert r.status_code == 201
     body = r.json()
     assert body["success"] is True
@@ -42,7 +45,10 @@ def test_create_applies_defaults_and_returns_201(service: Service) -> None:
         "next_run_at": None,
     }
     assert {k: data[k] for k in expected} == expected
-    assert service.client.get(f"/api/data/extracts/{data['id']}").json() == {"success": True, "data": data}
+    assert app_service.client.get(f"/api/data/extracts/{data['id']}").json() == {
+        "success": True,
+        "data": data,
+    }
 
 
 @pytest.mark.parametrize(
@@ -88,29 +94,31 @@ def test_create_applies_defaults_and_returns_201(service: Service) -> None:
         ("schedule_enabled", "true", False),
     ],
 )
-def test_each_field_rule_rejects_bad_and_accepts_good(service: Service, field: str, bad, good) -> None:
-    r = service.client.post("/api/data/extracts", json=VALID | {field: bad})
+def test_each_field_rule_rejects_bad_and_accepts_good(
+    app_service: InProcessService, field: str, bad, good
+) -> None:
+    r = app_service.client.post("/api/data/extracts", json=VALID | {field: bad})
     assert r.status_code == 400, r.text
     body = r.json()
     assert body["success"] is False and body["error_code"] == "VALIDATION_ERROR"
     assert [d["field"] for d in body["details"]] == [field]
     assert field in body["details"][0]["message"]
-    r = service.client.post("/api/data/extracts", json=VALID | {field: good})
+    r = app_service.client.post("/api/data/extracts", json=VALID | {field: good})
     assert r.status_code == 201, r.text
     expected = good.strip() if isinstance(good, str) and field == "schedule" else good
     assert r.json()["data"][field] == expected
 
 
-def test_unknown_schemas_are_listed(service: Service) -> None:
-    r = service.client.post("/api/data/extracts", json=VALID | {"schemas": ["users", "ghost", "x y"]})
+def test_unknown_schemas_are_listed(app_service: InProcessService) -> None:
+    r = app_service.client.post("/api/data/extracts", json=VALID | {"schemas": ["users", "ghost", "x y"]})
     assert r.status_code == 400
     assert r.json()["details"] == [
         {"field": "schemas", "message": "schemas not found in the source: ghost, x y"}
     ]
 
 
-def test_every_bad_field_is_named_at_once(service: Service) -> None:
-    r = service.client.post(
+def test_every_bad_field_is_named_at_once(app_service: InProcessService) -> None:
+    r = app_service.client.post(
         "/api/data/extracts", json={"format": "csv", "retention_days": 0, "bogus": 1, "id": "extract_mine"}
     )
     assert r.status_code == 400
@@ -118,11 +126,11 @@ def test_every_bad_field_is_named_at_once(service: Service) -> None:
     assert sorted(fields) == ["bogus", "format", "id", "name", "retention_days"]
 
 
-def test_schedule_enabled_requires_schedule(service: Service) -> None:
-    r = service.client.post("/api/data/extracts", json=VALID | {"schedule_enabled": True})
+def test_schedule_enabled_requires_schedule(app_service: InProcessService) -> None:
+    r = app_service.client.post("/api/data/extracts", json=VALID | {"schedule_enabled": True})
     assert r.status_code == 400
     assert [d["field"] for d in r.json()["details"]] == ["schedule"]
-    r = service.client.post(
+    r = app_service.client.post(
         "/api/data/extracts", json=VALID | {"schedule_enabled": True, "schedule": "0 3 * * *"}
     )
     assert r.status_code == 201
@@ -130,9 +138,9 @@ def test_schedule_enabled_requires_schedule(service: Service) -> None:
     assert data["next_run_at"].endswith("T03:00:00.000Z")
     # Disabling the schedule on an existing extract clears next_run_at; removing the cron
     # expression while still enabled is refused, naming schedule.
-    r = service.client.put(f"/api/data/extracts/{data['id']}", json={"schedule": None})
+    r = app_service.client.put(f"/api/data/extracts/{data['id']}", json={"schedule": None})
     assert r.status_code == 400 and r.json()["details"][0]["field"] == "schedule"
-    r = service.client.put(f"/api/data/extracts/{data['id']}", json={"schedule_enabled": False})
+    r = app_service.client.put(f"/api/data/extracts/{data['id']}", json={"schedule_enabled": False})
     assert r.json()["data"]["next_run_at"] is None
 
 
@@ -151,8 +159,8 @@ def test_schedule_enabled_requires_schedule(service: Service) -> None:
         ([], "filter"),
     ],
 )
-def test_filter_shape_and_columns_are_checked(service: Service, filter_, field) -> None:
-    r = service.client.post("/api/data/extracts", json=VALID | {"filter": filter_})
+def test_filter_shape_and_columns_are_checked(app_service: InProcessService, filter_, field) -> None:
+    r = app_service.client.post("/api/data/extracts", json=VALID | {"filter": filter_})
     if field is None:
         assert r.status_code == 201, r.text
         assert r.json()["data"]["filter"] == filter_
@@ -161,17 +169,17 @@ def test_filter_shape_and_columns_are_checked(service: Service, filter_, field) 
         assert [d["field"] for d in r.json()["details"] if d["field"].startswith(field)], r.text
 
 
-def test_filter_on_schema_not_exported_is_refused(service: Service) -> None:
-    r = service.client.post(
+def test_filter_on_schema_not_exported_is_refused(app_service: InProcessService) -> None:
+    r = app_service.client.post(
         "/api/data/extracts", json=VALID | {"schemas": ["orders"], "filter": {"users": {"where": {"age": 3}}}}
     )
     assert r.status_code == 400
     assert r.json()["details"][0]["field"] == "filter.users"
 
 
-def test_put_changes_only_the_fields_sent(service: Service) -> None:
-    created = service.create_extract(name="Partial", description="before", retention_days=3)
-    r = service.client.put(f"/api/data/extracts/{created['id']}", json={"description": "after"})
+def test_put_changes_only_the_fields_sent(app_service: InProcessService) -> None:
+    created = app_service.create_extract(name="Partial", description="before", retention_days=3)
+    r = app_service.client.put(f"/api/data/extracts/{created['id']}", json={"description": "after"})
     assert r.status_code == 200
     updated = r.json()["data"]
     assert updated["description"] == "after"
@@ -182,22 +190,22 @@ def test_put_changes_only_the_fields_sent(service: Service) -> None:
     }
 
 
-def test_put_ignores_read_only_fields_and_rejects_unknown(service: Service) -> None:
-    created = service.create_extract(name="Round trip")
+def test_put_ignores_read_only_fields_and_rejects_unknown(app_service: InProcessService) -> None:
+    created = app_service.create_extract(name="Round trip")
     echoed = created | {"name": "Round trip 2", "total_runs": 99, "id": "extract_other"}
-    r = service.client.put(f"/api/data/extracts/{created['id']}", json=echoed)
+    r = app_service.client.put(f"/api/data/extracts/{created['id']}", json=echoed)
     assert r.status_code == 200, r.text
     assert r.json()["data"]["id"] == created["id"] and r.json()["data"]["total_runs"] == 0
     assert r.json()["data"]["name"] == "Round trip 2"
-    r = service.client.put(f"/api/data/extracts/{created['id']}", json={"colour": "red"})
+    r = app_service.client.put(f"/api/data/extracts/{created['id']}", json={"colour": "red"})
     assert r.status_code == 400 and r.json()["details"][0]["field"] == "colour"
-    r = service.client.put(f"/api/data/extracts/{created['id']}", json={"enabled": "no"})
+    r = app_service.client.put(f"/api/data/extracts/{created['id']}", json={"enabled": "no"})
     assert r.status_code == 400
 
 
-def test_soft_delete(service: Service) -> None:
-    created = service.create_extract(name="To delete")
-    r = service.client.delete(f"/api/data/extracts/{created['id']}")
+def test_soft_delete(app_service: InProcessService) -> None:
+    created = app_service.create_extract(name="To delete")
+    r = app_service.client.delete(f"/api/data/extracts/{created['id']}")
     assert r.status_code == 200
     assert r.json()["data"]["deleted_at"] is not None and r.json()["data"]["id"] == created["id"]
     for method, path in [
@@ -206,43 +214,43 @@ def test_soft_delete(service: Service) -> None:
         ("DELETE", f"/api/data/extracts/{created['id']}"),
         ("POST", f"/api/extracts/{created['id']}/run"),
     ]:
-        r = service.client.request(method, path, json={"name": "x"})
+        r = app_service.client.request(method, path, json={"name": "x"})
         assert r.status_code == 404, (method, r.text)
         assert r.json()["error_code"] == "RECORD_NOT_FOUND"
-    ids = [e["id"] for e in service.client.get("/api/data/extracts?filter[limit]=1000").json()["data"]]
+    ids = [e["id"] for e in app_service.client.get("/api/data/extracts?filter[limit]=1000").json()["data"]]
     assert created["id"] not in ids
 
 
-def test_list_filter_order_limit_offset(service: Service) -> None:
+def test_list_filter_order_limit_offset(app_service: InProcessService) -> None:
     made = [
-        service.create_extract(
+        app_service.create_extract(
             name=f"List {i}", format="yaml", description="list test", retention_days=100 + i
         )
         for i in range(5)
     ]
     mine = {"filter[where][description]": "list test"}
-    r = service.client.get("/api/data/extracts", params=mine | {"filter[where][enabled]": "true"})
+    r = app_service.client.get("/api/data/extracts", params=mine | {"filter[where][enabled]": "true"})
     assert [row["name"] for row in r.json()["data"]] == [m["name"] for m in reversed(made)]
-    r = service.client.get(
+    r = app_service.client.get(
         "/api/data/extracts",
         params=mine | {"filter[order]": "retention_days asc", "filter[limit]": "2", "filter[offset]": "1"},
     )
     assert [row["retention_days"] for row in r.json()["data"]] == [101, 102]
-    r = service.client.get(
+    r = app_service.client.get(
         "/api/data/extracts", params=mine | {"filter[order]": "name desc", "filter[limit]": "1"}
     )
     assert [row["name"] for row in r.json()["data"]] == ["List 4"]
-    r = service.client.get("/api/data/extracts", params={"filter[where][schemas]": "null"})
+    r = app_service.client.get("/api/data/extracts", params={"filter[where][schemas]": "null"})
     assert r.status_code == 400
-    r = service.client.get(
+    r = app_service.client.get(
         "/api/data/extracts",
         params={"filter[where][description]": "null", "filter[where][retention_days]": "104"},
     )
     assert r.json()["data"] == []
-    r = service.client.get("/api/data/extracts", params=mine | {"filter[where][enabled]": "false"})
+    r = app_service.client.get("/api/data/extracts", params=mine | {"filter[where][enabled]": "false"})
     assert r.json()["data"] == []
-    service.client.put(f"/api/data/extracts/{made[0]['id']}", json={"description": None})
-    r = service.client.get(
+    app_service.client.put(f"/api/data/extracts/{made[0]['id']}", json={"description": None})
+    r = app_service.client.get(
         "/api/data/extracts",
         params={"filter[where][description]": "null", "filter[where][retention_days]": "100"},
     )
@@ -263,88 +271,27 @@ def test_list_filter_order_limit_offset(service: Service) -> None:
         ({"filter[where]": "x"}, "filter[where]"),
     ],
 )
-def test_bad_list_filters_are_400(service: Service, params, field) -> None:
+def test_bad_list_filters_are_400(app_service: InProcessService, params, field) -> None:
     for model in ("extracts", "extract_runs", "extract_artifacts"):
-        r = service.client.get(f"/api/data/{model}", params=params)
+        r = app_service.client.get(f"/api/data/{model}", params=params)
         assert r.status_code == 400, r.text
         assert r.json()["error_code"] == "VALIDATION_ERROR"
         assert r.json()["details"][0]["field"] == field
 
 
-def test_runs_and_artifacts_lists_are_read_only(service: Service) -> None:
+def test_runs_and_artifacts_lists_are_read_only(app_service: InProcessService) -> None:
     for model in ("extract_runs", "extract_artifacts"):
-        assert service.client.get(f"/api/data/{model}?filter[where][id]=none").json() == {
+        assert app_service.client.get(f"/api/data/{model}?filter[where][id]=none").json() == {
             "success": True,
             "data": [],
         }
-        r = service.client.post(f"/api/data/{model}", json={})
+        r = app_service.client.post(f"/api/data/{model}", json={})
         assert r.status_code == 405 and r.json()["error_code"] == "METHOD_NOT_ALLOWED"
         assert "GET" in r.headers["allow"]
-        r = service.client.get(f"/api/data/{model}/missing")
+        r = app_service.client.get(f"/api/data/{model}/missing")
         assert r.status_code == 404 and r.json()["error_code"] == "RECORD_NOT_FOUND"
-    r = service.client.put("/api/data/extract_artifacts/x", json={})
+    r = app_service.client.put("/api/data/extract_artifacts/x", json={})
     assert r.status_code == 405
-
-
-@pytest.mark.parametrize(
-    "headers",
-    [
-        {},
-        {"Authorization": "Bearer wrong"},
-        {"Authorization": f"Basic {TOKEN}"},
-        {"Authorization": "Bearer"},
-        {"Authorization": f"Bearer {TOKEN}x"},
-        {"Authorization": TOKEN},
-    ],
-)
-def test_every_api_route_requires_the_token(service: Service, headers) -> None:
-    paths = [
-        ("GET", "/api/data/extracts"),
-        ("POST", "/api/data/extracts"),
-        ("GET", "/api/data/extracts/x"),
-        ("PUT", "/api/data/extracts/x"),
-        ("DELETE", "/api/data/extracts/x"),
-        ("GET", "/api/data/extract_runs"),
-        ("GET", "/api/data/extract_runs/x"),
-        ("DELETE", "/api/data/extract_runs/x"),
-        ("GET", "/api/data/extract_artifacts"),
-        ("GET", "/api/data/extract_artifacts/x"),
-        ("POST", "/api/extracts/x/run"),
-        ("POST", "/api/extracts/x/cancel"),
-        ("GET", "/api/extracts/runs/x/download"),
-        ("GET", "/api/extracts/artifacts/x/download"),
-        ("GET", "/api/describe"),
-        ("GET", "/api/describe/users"),
-        ("GET", "/api/nowhere"),
-    ]
-    with httpx.Client(base_url=service.base_url, headers=headers) as anonymous:
-        for method, path in paths:
-            r = anonymous.request(method, path)
-            assert r.status_code == 401, (method, path)
-            assert r.headers["www-authenticate"].startswith("Bearer")
-            assert r.json()["error_code"] == "UNAUTHORIZED" and r.json()["success"] is False
-            assert TOKEN not in r.text
-
-
-def test_health_and_openapi_need_no_token(service: Service) -> None:
-    assert httpx.get(f"{service.base_url}/health").json() == {"status": "ok"}
-    doc = httpx.get(f"{service.base_url}/openapi.json").json()
-    assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) >= {
-        "/api/data/extracts",
-        "/api/data/extracts/{id}",
-        "/api/extracts/{id}/run",
-        "/api/extracts/{id}/cancel",
-        "/api/extracts/runs/{id}/download",
-        "/api/describe/{schema}",
-        "/api/extracts/artifacts/{id}/download",
-        "/health",
-    }
-    create = doc["paths"]["/api/data/extracts"]["post"]
-    schema = create["requestBody"]["content"]["application/json"]["schema"]
-    assert schema["required"] == ["name"]
-    assert schema["properties"]["retention_days"] == {"type": "integer", "minimum": 1, "maximum": 365}
-    assert {"201", "400", "401", "413", "415"} <= set(create["responses"])
 
 
 @pytest.mark.parametrize(
@@ -365,31 +312,33 @@ def test_health_and_openapi_need_no_token(service: Service) -> None:
         (b"\xff\xfe{", {"Content-Type": "application/json"}, 400, "BAD_REQUEST"),
     ],
 )
-def test_malformed_bodies_get_the_envelope(service: Service, content, headers, status, code) -> None:
-    r = service.client.post("/api/data/extracts", content=content, headers=headers)
+def test_malformed_bodies_get_the_envelope(
+    app_service: InProcessService, content, headers, status, code
+) -> None:
+    r = app_service.client.post("/api/data/extracts", content=content, headers=headers)
     assert r.status_code == status, r.text
     assert r.json()["success"] is False and r.json()["error_code"] == code
 
 
-def test_chunked_body_over_the_limit_is_413(service: Service) -> None:
+def test_chunked_body_over_the_limit_is_413(app_service: InProcessService) -> None:
     def body():
         yield b'{"name": "'
         for _ in range(70):
             yield b"y" * 16384
         yield b'"}'
 
-    r = service.client.post(
+    r = app_service.client.post(
         "/api/data/extracts", content=body(), headers={"Content-Type": "application/json"}
     )
     assert r.status_code == 413
 
 
-def test_unknown_routes_and_methods(service: Service) -> None:
-    r = service.client.get("/api/nowhere")
+def test_unknown_routes_and_methods(app_service: InProcessService) -> None:
+    r = app_service.client.get("/api/nowhere")
     assert r.status_code == 404 and r.json()["error_code"] == "RECORD_NOT_FOUND"
-    r = service.client.patch("/api/data/extracts/x", json={})
+    r = app_service.client.patch("/api/data/extracts/x", json={})
     assert r.status_code == 405 and r.json()["error_code"] == "METHOD_NOT_ALLOWED"
-    r = httpx.get(f"{service.base_url}/nowhere")
+    r = httpx.get(f"{app_service.base_url}/nowhere")
     assert r.status_code == 404 and r.json()["success"] is False
 
 
@@ -409,18 +358,20 @@ def test_unknown_routes_and_methods(service: Service) -> None:
         ({"filter": {"users": {"where": {"age\u0000": 1}}}}, "filter.users.where.age\u0000"),
     ],
 )
-def test_nul_in_any_text_of_the_configuration_is_a_400(service: Service, body: dict, field: str) -> None:
-    created = service.create_extract(name="NUL target")
+def test_nul_in_any_text_of_the_configuration_is_a_400(
+    app_service: InProcessService, body: dict, field: str
+) -> None:
+    created = app_service.create_extract(name="NUL target")
     for method, path, sent in [
         ("POST", "/api/data/extracts", VALID | body),
         ("PUT", f"/api/data/extracts/{created['id']}", body),
     ]:
-        r = service.client.request(method, path, json=sent)
+        r = app_service.client.request(method, path, json=sent)
         assert r.status_code == 400, (method, r.text)
         assert r.json()["error_code"] == "VALIDATION_ERROR"
         assert [d["field"] for d in r.json()["details"]] == [field], r.text
     # A NUL in a filter VALUE is source data, bound as a parameter: accepted.
-    r = service.client.post(
+    r = app_service.client.post(
         "/api/data/extracts", json=VALID | {"filter": {"users": {"where": {"name": "a\u0000b"}}}}
     )
     assert r.status_code == 201, r.text
@@ -437,9 +388,9 @@ def test_nul_in_any_text_of_the_configuration_is_a_400(service: Service, body: d
     ],
 )
 def test_name_length_counts_the_name_as_sent_and_the_stored_name_is_trimmed(
-    service: Service, name: str, stored: str
+    app_service: InProcessService, name: str, stored: str
 ) -> None:
-    r = service.client.post("/api/data/extracts", json={"name": name})
+    r = app_service.client.post("/api/data/extracts", json={"name": name})
     assert r.status_code == 201, r.text
     assert r.json()["data"]["name"] == stored
 
@@ -457,95 +408,10 @@ def test_name_length_counts_the_name_as_sent_and_the_stored_name_is_trimmed(
     ],
     ids=["249-spaces-x", "201-x", "201-emoji", "ideographic-space", "nbsp-etc", "separators", "nel"],
 )
-def test_name_over_the_limit_or_only_whitespace_is_a_400(service: Service, name: str) -> None:
-    r = service.client.post("/api/data/extracts", json={"name": name})
+def test_name_over_the_limit_or_only_whitespace_is_a_400(app_service: InProcessService, name: str) -> None:
+    r = app_service.client.post("/api/data/extracts", json={"name": name})
     assert r.status_code == 400, r.text
     assert [d["field"] for d in r.json()["details"]] == ["name"]
-
-
-def test_text_rules_of_the_document_are_validation_rules() -> None:
-    """The OpenAPI schema of each text field accepts exactly what validation accepts.
-
-    jsonschema_rs is the validator schemathesis judges with (ECMA-like regular
-    expressions, where \\s and $ differ from Python's re).
-    """
-    import sys
-
-    import jsonschema_rs
-
-    from extracts.config import EXTRACT_FIELDS, FieldError
-    from extracts.cron import SCHEDULE_MAX
-
-    whitespace = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()]
-    texts = [
-        "",
-        "x",
-        " x ",
-        "\u0000",
-        "x\u0000",
-        "\u0000\n",
-        "x\n",
-        "\n",
-        "\ufeff",
-        "\u200b",
-        "\u180e",
-        "a" * 200,
-        "a" * 201,
-        " " * 200,
-        " " * 199 + "x",
-        "😀" * 200,
-        "😀" * 201,
-        "x" + "\n" * 3,
-        *whitespace,
-        *(w + "x" + w for w in whitespace),
-        "".join(whitespace),
-    ]
-    schedules = [
-        "0 3 * * *",
-        " 0 3 * * * ",
-        "0 3 * * *\n",
-        "0\t3 * * *",
-        "0 3 * * MON-fri",
-        "0 0 1 jan,Jul *",
-        "*/5 * * * *",
-        "00 03 * * 7",
-        "0 0 L * *",
-        "0 0 ? * *",
-        "0 0 * * 1#2",
-        "@daily",
-        "* * * * * *",
-        "60 * * * *",
-        "0 24 * * *",
-        "0 0 0 * *",
-        "0 0 * 13 *",
-        "0 0 * * 8",
-        "*/0 * * * *",
-        "0\u00a03 * * *",
-        "0\u20033 * * *",
-        "0 3 * * *\u0000",
-        ",".join(str(m) for m in range(60)) + " * * * *",
-        "0 " + "1," * 95 + "11 * * *",  # 200 characters
-        "0 " + "1," * 96 + "1 * * *",  # 201
-    ]
-    fields = {f.name: f for f in EXTRACT_FIELDS}
-    for name, values in (("name", texts), ("description", texts), ("schedule", schedules)):
-        validator = jsonschema_rs.validator_for(fields[name].schema)
-        for value in values:
-            try:
-                fields[name].check(value)
-                accepted = True
-            except FieldError:
-                accepted = False
-            assert validator.is_valid(value) == accepted, (name, value, accepted)
-    assert len(schedules[-1]) == SCHEDULE_MAX + 1
-    items = jsonschema_rs.validator_for(fields["schemas"].schema)
-    for value in (["users"], ["users\u0000"], [""], ["\u0000"]):
-        try:
-            fields["schemas"].check(value)
-            accepted = True
-        except FieldError:
-            accepted = False
-        assert items.is_valid(value) == accepted, value
 
 
 def test_every_schedule_the_grammar_allows_is_one_croniter_parses() -> None:
@@ -588,14 +454,16 @@ def test_every_schedule_the_grammar_allows_is_one_croniter_parses() -> None:
         pytest.param("0 " + "1," * 96 + "1 * * *", False, id="201-characters"),
     ],
 )
-def test_schedule_grammar_and_length_bound(service: Service, schedule: str, ok: bool) -> None:
-    r = service.client.post("/api/data/extracts", json=VALID | {"schedule": schedule})
+def test_schedule_grammar_and_length_bound(app_service: InProcessService, schedule: str, ok: bool) -> None:
+    r = app_service.client.post("/api/data/extracts", json=VALID | {"schedule": schedule})
     assert (r.status_code == 201) is ok, r.text
     if not ok:
         assert [d["field"] for d in r.json()["details"]] == ["schedule"]
 
 
-def test_a_huge_schedule_is_refused_quickly_and_does_not_stall_other_requests(service: Service) -> None:
+def test_a_huge_schedule_is_refused_quickly_and_does_not_stall_other_requests(
+    app_service: InProcessService,
+) -> None:
     """500k comma-separated values used to hold the event loop ~8 s (croniter, three times)."""
     import threading
     import time
@@ -605,14 +473,14 @@ def test_a_huge_schedule_is_refused_quickly_and_does_not_stall_other_requests(se
 
     def post() -> None:
         start = time.monotonic()
-        r = service.client.post("/api/data/extracts", json=VALID | {"schedule": schedule})
+        r = app_service.client.post("/api/data/extracts", json=VALID | {"schedule": schedule})
         timings["post"] = time.monotonic() - start
         assert r.status_code == 400 and r.json()["details"][0]["field"] == "schedule"
 
     thread = threading.Thread(target=post)
     thread.start()
     health = []
-    with httpx.Client(base_url=service.base_url, timeout=30) as client:
+    with httpx.Client(base_url=app_service.base_url, timeout=30) as client:
         while not health or thread.is_alive():
             start = time.monotonic()
             assert client.get("/health").status_code == 200
@@ -622,13 +490,13 @@ def test_a_huge_schedule_is_refused_quickly_and_does_not_stall_other_requests(se
     assert max(health) < 2, health
 
 
-def test_a_filter_binds_at_most_10000_values_in_one_where(service: Service) -> None:
+def test_a_filter_binds_at_most_10000_values_in_one_where(app_service: InProcessService) -> None:
     columns = ["id", "email", "name", "age", "score"]
     full = {c: {"$in": list(range(1000)), "$nin": list(range(1000))} for c in columns}
-    r = service.client.post("/api/data/extracts", json=VALID | {"filter": {"users": {"where": full}}})
+    r = app_service.client.post("/api/data/extracts", json=VALID | {"filter": {"users": {"where": full}}})
     assert r.status_code == 201, r.text[:300]
     over = full | {"created_at": "2024"}
-    r = service.client.post("/api/data/extracts", json=VALID | {"filter": {"users": {"where": over}}})
+    r = app_service.client.post("/api/data/extracts", json=VALID | {"filter": {"users": {"where": over}}})
     assert r.status_code == 400
     assert r.json()["details"] == [
         {"field": "filter.users.where", "message": "holds 10001 values; at most 10000 in one where"}
@@ -638,69 +506,73 @@ def test_a_filter_binds_at_most_10000_values_in_one_where(service: Service) -> N
 # ---------------------------------------------------------------- typed list filters
 
 
-def ids(service: Service, model: str, **where: str) -> list[str]:
-    r = service.client.get(f"/api/data/{model}", params={f"filter[where][{k}]": v for k, v in where.items()})
+def ids(app_service: InProcessService, model: str, **where: str) -> list[str]:
+    r = app_service.client.get(
+        f"/api/data/{model}", params={f"filter[where][{k}]": v for k, v in where.items()}
+    )
     assert r.status_code == 200, r.text
     return [row["id"] for row in r.json()["data"]]
 
 
-def test_list_filters_read_each_value_by_its_field_type(service: Service) -> None:
+def test_list_filters_read_each_value_by_its_field_type(app_service: InProcessService) -> None:
     """filter[where][total_runs]=1 never matched: the value was bound as text (issue 12, item 11)."""
-    extract = service.create_extract(
+    extract = app_service.create_extract(
         name="true", description="typed", schemas=["users"], compress=False, retention_days=42
     )
-    run = service.wait_run(service.run(extract["id"]))
+    run = app_service.wait_run(app_service.run(extract["id"]))
     assert run["status"] == "completed", run
-    other = service.create_extract(name="false", description="typed", compress=True)
+    other = app_service.create_extract(name="false", description="typed", compress=True)
     # integers, computed (the view's count(*)) and stored
-    assert ids(service, "extracts", description="typed", total_runs="1") == [extract["id"]]
-    assert ids(service, "extracts", description="typed", successful_runs="01") == [extract["id"]]
-    assert ids(service, "extracts", description="typed", total_runs="0") == [other["id"]]
-    assert ids(service, "extracts", description="typed", retention_days="42") == [extract["id"]]
-    assert ids(service, "extracts", description="typed", total_runs="-1") == []
-    assert ids(service, "extracts", description="typed", total_runs="9" * 30) == []  # past 64 bits
-    assert ids(service, "extracts", description="typed", total_runs="-" + "9" * 30) == []
-    assert ids(service, "extracts", description="typed", total_runs="0" * 5000 + "1") == [extract["id"]]
+    assert ids(app_service, "extracts", description="typed", total_runs="1") == [extract["id"]]
+    assert ids(app_service, "extracts", description="typed", successful_runs="01") == [extract["id"]]
+    assert ids(app_service, "extracts", description="typed", total_runs="0") == [other["id"]]
+    assert ids(app_service, "extracts", description="typed", retention_days="42") == [extract["id"]]
+    assert ids(app_service, "extracts", description="typed", total_runs="-1") == []
+    assert ids(app_service, "extracts", description="typed", total_runs="9" * 30) == []  # past 64 bits
+    assert ids(app_service, "extracts", description="typed", total_runs="-" + "9" * 30) == []
+    assert ids(app_service, "extracts", description="typed", total_runs="0" * 5000 + "1") == [extract["id"]]
     # booleans: true/false on boolean fields only; text stays text
-    assert ids(service, "extracts", description="typed", compress="false") == [extract["id"]]
-    assert ids(service, "extracts", description="typed", compress="true") == [other["id"]]
-    assert ids(service, "extracts", description="typed", name="true") == [extract["id"]]
-    assert ids(service, "extracts", description="typed", name="false") == [other["id"]]
+    assert ids(app_service, "extracts", description="typed", compress="false") == [extract["id"]]
+    assert ids(app_service, "extracts", description="typed", compress="true") == [other["id"]]
+    assert ids(app_service, "extracts", description="typed", name="true") == [extract["id"]]
+    assert ids(app_service, "extracts", description="typed", name="false") == [other["id"]]
     # null, on every type
-    assert ids(service, "extracts", description="typed", next_run_at="null", name="true") == [extract["id"]]
-    assert ids(service, "extracts", description="typed", last_run_id="null") == [other["id"]]
+    assert ids(app_service, "extracts", description="typed", next_run_at="null", name="true") == [
+        extract["id"]
+    ]
+    assert ids(app_service, "extracts", description="typed", last_run_id="null") == [other["id"]]
     # timestamps: as stored, milliseconds optional
     created = extract["created_at"]
-    assert ids(service, "extracts", created_at=created) == [extract["id"]]
+    assert ids(app_service, "extracts", created_at=created) == [extract["id"]]
     if created.endswith(".000Z"):
-        assert ids(service, "extracts", created_at=created[:-5] + "Z") == [extract["id"]]
+        assert ids(app_service, "extracts", created_at=created[:-5] + "Z") == [extract["id"]]
     # runs: integers, a number, text, a timestamp
-    assert ids(service, "extract_runs", extract_id=extract["id"], progress="100") == [run["id"]]
-    assert ids(service, "extract_runs", id=run["id"], records_exported=str(run["records_exported"])) == [
+    assert ids(app_service, "extract_runs", extract_id=extract["id"], progress="100") == [run["id"]]
+    assert ids(app_service, "extract_runs", id=run["id"], records_exported=str(run["records_exported"])) == [
         run["id"]
     ]
-    assert ids(service, "extract_runs", id=run["id"], duration_seconds=repr(run["duration_seconds"])) == [
+    assert ids(app_service, "extract_runs", id=run["id"], duration_seconds=repr(run["duration_seconds"])) == [
         run["id"]
     ]
-    assert ids(service, "extract_runs", id=run["id"], duration_seconds="-1.5e3") == []
-    assert ids(service, "extract_runs", id=run["id"], started_at=run["started_at"], status="completed") == [
-        run["id"]
-    ]
-    assert ids(service, "extract_runs", id=run["id"], error="null") == [run["id"]]
+    assert ids(app_service, "extract_runs", id=run["id"], duration_seconds="-1.5e3") == []
+    assert ids(
+        app_service, "extract_runs", id=run["id"], started_at=run["started_at"], status="completed"
+    ) == [run["id"]]
+    assert ids(app_service, "extract_runs", id=run["id"], error="null") == [run["id"]]
     # artifacts: a boolean, integers, null
-    artifacts = service.client.get(
+    artifacts = app_service.client.get(
         "/api/data/extract_artifacts", params={"filter[where][run_id]": run["id"]}
     ).json()["data"]
     data = next(a for a in artifacts if a["artifact_type"] == "data-users")
     primary = {a["id"] for a in artifacts if a["is_primary"]}
     assert primary and len(primary) < len(artifacts)
-    assert set(ids(service, "extract_artifacts", run_id=run["id"], is_primary="true")) == primary
+    assert set(ids(app_service, "extract_artifacts", run_id=run["id"], is_primary="true")) == primary
     assert (
-        set(ids(service, "extract_artifacts", run_id=run["id"], is_primary="false"))
+        set(ids(app_service, "extract_artifacts", run_id=run["id"], is_primary="false"))
         == {a["id"] for a in artifacts} - primary
     )
     assert ids(
-        service,
+        app_service,
         "extract_artifacts",
         run_id=run["id"],
         size_bytes=str(data["size_bytes"]),
@@ -733,10 +605,10 @@ def test_list_filters_read_each_value_by_its_field_type(service: Service) -> Non
     ],
 )
 def test_a_list_filter_value_not_of_the_field_type_is_a_400(
-    service: Service, model: str, field: str, value: str
+    app_service: InProcessService, model: str, field: str, value: str
 ) -> None:
     key = f"filter[where][{field}]"
-    r = service.client.get(f"/api/data/{model}", params={key: value})
+    r = app_service.client.get(f"/api/data/{model}", params={key: value})
     assert r.status_code == 400, r.text
     assert r.json()["error_code"] == "VALIDATION_ERROR"
     assert [d["field"] for d in r.json()["details"]] == [key]
@@ -751,70 +623,23 @@ def test_a_list_filter_value_not_of_the_field_type_is_a_400(
         ("filter[where][id]", ["a", "b"]),
     ],
 )
-def test_a_list_parameter_given_twice_is_a_400(service: Service, key: str, values: list[str]) -> None:
+def test_a_list_parameter_given_twice_is_a_400(
+    app_service: InProcessService, key: str, values: list[str]
+) -> None:
     for model in ("extracts", "extract_runs", "extract_artifacts"):
-        r = service.client.get(f"/api/data/{model}", params=[(key, v) for v in values])
+        r = app_service.client.get(f"/api/data/{model}", params=[(key, v) for v in values])
         assert r.status_code == 400, r.text
         message = f"{key} is given more than once; give it once"
         assert r.json()["details"] == [{"field": key, "message": message}]
 
 
-def test_download_compression_given_twice_is_a_400(service: Service) -> None:
-    extract = service.create_extract(name="Twice", schemas=["users"])
-    run = service.wait_run(service.run(extract["id"]))
+def test_download_compression_given_twice_is_a_400(app_service: InProcessService) -> None:
+    extract = app_service.create_extract(name="Twice", schemas=["users"])
+    run = app_service.wait_run(app_service.run(extract["id"]))
     url = f"/api/extracts/runs/{run['id']}/download"
-    r = service.client.get(url, params=[("compression", "stored"), ("compression", "deflate")])
+    r = app_service.client.get(url, params=[("compression", "stored"), ("compression", "deflate")])
     assert r.status_code == 400 and r.json()["details"][0]["field"] == "compression"
-    assert service.client.get(url, params={"compression": "deflate"}).status_code == 200
-
-
-def test_list_filter_values_are_described_as_validated() -> None:
-    """Each filter[where] parameter's schema in the document accepts exactly what the list accepts."""
-    import jsonschema_rs
-
-    from extracts.http import ValidationFailed
-    from extracts.records import MODELS, list_query, where_schema
-    from extracts.state import FieldType
-
-    samples = [
-        "",
-        "null",
-        "NULL",
-        "true",
-        "false",
-        "0",
-        "-0",
-        "1",
-        "007",
-        "-12",
-        "1.5",
-        "-1.5e-3",
-        "1e400",
-        "9" * 30,
-        "²",
-        " 1",
-        "1\n",
-        "abc",
-        "a\u0000",
-        "2026-01-02T03:04:05Z",
-        "2026-01-02T03:04:05.123Z",
-        "2026-01-02T03:04:05.1Z",
-        "2026-01-02 03:04:05Z",
-        "2026-01-02T03:04:05.123Z\n",
-        "null\n",
-    ]
-    for model in MODELS.values():
-        for field, field_type in model.fields.items():
-            if field_type is FieldType.JSON:
-                continue
-            validator = jsonschema_rs.validator_for(where_schema(field_type))
-            for value in samples:
-                try:
-                    list_query(model, [(f"filter[where][{field}]", value)])
-                    accepted = True
-                except ValidationFailed:
-                    accepted = False
-                assert validator.is_valid(value) == accepted, (field, field_type, value, accepted)
+    assert app_service.client.get(url, params={"compression": "deflate"}).status_code == 200
 
 
 @pytest.mark.parametrize(

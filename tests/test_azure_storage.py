@@ -23,7 +23,7 @@ from pathlib import Path
 import obstore
 import pytest
 from azure.storage.blob import BlobServiceClient
-from conftest import Service, free_port, make_shop_db, start_service
+from helpers import Service, free_port, make_shop_db, start_service
 from obstore.store import AzureStore
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("sqlite3") is None, reason="the benchmark compares with the sqlite3 CLI")
 def test_bench_smoke_runs_and_prints_its_tables(tmp_path: Path) -> None:
     done = subprocess.run(

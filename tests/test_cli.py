@@ -317,6 +317,7 @@ def test_export_options_follow_the_extract_fields():
 # ---------------------------------------------------------------- the progress bar, Ctrl-C
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal_appears_advances_and_finishes(big_db: Path, tmp_path: Path):
     code, output, _ = in_pty(["export", str(big_db), "-o", "big.zip"], tmp_path)
     assert code == 0, output[-2000:]
@@ -330,6 +331,7 @@ def test_progress_bar_on_a_terminal_appears_advances_and_finishes(big_db: Path, 
     assert verify_path(tmp_path / "big.zip", io.StringIO())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [["-o", "out.zip"], ["-d", "out"]])
 def test_ctrl_c_mid_table_stops_within_two_seconds_leaving_nothing(big_db: Path, tmp_path: Path, target):
     code, output, stopped_in = in_pty(
@@ -569,6 +571,7 @@ def test_serve_and_no_command_are_the_service():
     assert export_help.returncode == 0 and "--split-max-records N" in export_help.stdout
 
 
+@pytest.mark.slow
 def test_bench_cli_smoke(tmp_path: Path):
     """``bench/cli.py --smoke`` runs end to end (the figures: bench/cli.py on 1M rows)."""
     done = subprocess.run(

@@ -15,23 +15,17 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from executor_fixtures import Channel, build_big_table, make_job, make_source, manager_fixture, run_sql
+from helpers import Channel, build_big_table, make_job, make_source, run_sql
 
 from executor import run_extract
 from executor.worker import Export, Monitor
 from executor.writers import ArtifactFile, RunPlace
 from extracts.storage import LowDiskSpace
 from extracts.storage.local import LocalStorage
-
-
-@pytest.fixture(scope="module")
-def manager() -> Iterator[Any]:
-    yield from manager_fixture()
 
 
 def leftovers(run_dir: Path) -> list[str]:

@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from executor_fixtures import (
+from helpers import (
     Channel,
     assert_same_rows,
     make_job,
     make_source,
-    manager_fixture,
     quote,
     source_rows,
 )
@@ -33,11 +32,6 @@ def source_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def source(source_db: Path) -> Iterator[Source]:
     with open_source(str(source_db)) as opened:
         yield opened
-
-
-@pytest.fixture(scope="module")
-def manager() -> Iterator[Any]:
-    yield from manager_fixture()
 
 
 # ---------------------------------------------------------------- check_where

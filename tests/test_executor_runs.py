@@ -9,19 +9,17 @@ import multiprocessing
 import os
 import sqlite3
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from executor_fixtures import (
+from helpers import (
     VALUES,
     Channel,
     assert_same_rows,
     make_job,
     make_source,
-    manager_fixture,
     parse_records,
     read_file,
     source_rows,
@@ -45,11 +43,6 @@ ROWS = {
 }
 TOTAL = sum(ROWS.values())
 CONTENT_TYPES = {"jsonl": "application/x-ndjson", "json": "application/json", "yaml": "application/yaml"}
-
-
-@pytest.fixture(scope="module")
-def manager() -> Iterator[Any]:
-    yield from manager_fixture()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from executor_fixtures import VALUES, assert_same_rows, build_big_table, make_source, run_sql, source_rows
+from helpers import VALUES, assert_same_rows, build_big_table, make_source, run_sql, source_rows
 
 from executor import SourceError, UnknownSchema, open_source, safe_file_name
 from executor.naming import download_base_name

@@ -1,9 +1,8 @@
-"""Every format × compress × split combination through the real service, read back."""
+"""Every format × compress × split combination through the app (served in this process), read back."""
 
 from __future__ import annotations
 
 import base64
-import gzip
 import io
 import json
 import sqlite3
@@ -11,20 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import Service
-
-
-def parse(name: str, data: bytes) -> list[dict]:
-    if name.endswith(".gz"):
-        data, name = gzip.decompress(data), name[:-3]
-    if name.endswith(".jsonl"):
-        return [json.loads(line) for line in data.splitlines()]
-    if name.endswith(".json"):
-        return json.loads(data)
-    if name.endswith(".yaml"):
-        return yaml.safe_load(data)
-    raise AssertionError(name)
+from helpers import InProcessService, parse_file
 
 
 def source_rows(db: Path, table: str, where: str = "", args: tuple = ()) -> list[dict]:
@@ -39,7 +25,7 @@ def source_rows(db: Path, table: str, where: str = "", args: tuple = ()) -> list
     return rows
 
 
-def artifacts_of(service: Service, run_id: str) -> list[dict]:
+def artifacts_of(service: InProcessService, run_id: str) -> list[dict]:
     return service.client.get(
         "/api/data/extract_artifacts", params={"filter[where][run_id]": run_id, "filter[limit]": "1000"}
     ).json()["data"]
@@ -48,8 +34,10 @@ def artifacts_of(service: Service, run_id: str) -> list[dict]:
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("compress", [False, True])
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "yaml"])
-def test_file_formats(service: Service, shop_db: Path, fmt: str, compress: bool, split: bool) -> None:
-    extract = service.create_extract(
+def test_file_formats(
+    app_service: InProcessService, shop_db: Path, fmt: str, compress: bool, split: bool
+) -> None:
+    extract = app_service.create_extract(
         name=f"{fmt} {compress} {split}",
         format=fmt,
         compress=compress,
@@ -57,15 +45,15 @@ def test_file_formats(service: Service, shop_db: Path, fmt: str, compress: bool,
         split_max_records=7,
         schemas=["users", "orders", "order items"],
     )
-    run = service.wait_run(service.run(extract["id"]))
+    run = app_service.wait_run(app_service.run(extract["id"]))
     assert run["status"] == "completed", run
-    data = [a for a in artifacts_of(service, run["id"]) if a["artifact_type"].startswith("data-")]
+    data = [a for a in artifacts_of(app_service, run["id"]) if a["artifact_type"].startswith("data-")]
     for table in ("users", "orders", "order items"):
         parts = sorted((a for a in data if a["schema_name"] == table), key=lambda a: a["part"] or 0)
         rows = []
         for part in parts:
             assert part["artifact_name"].endswith(f".{fmt}.gz" if compress else f".{fmt}")
-            content = parse(part["artifact_name"], Path(part["storage_path"]).read_bytes())
+            content = parse_file(part["artifact_name"], Path(part["storage_path"]).read_bytes())
             assert len(content) == part["records"]
             rows += content
         assert rows == source_rows(shop_db, table), (table, fmt)
@@ -77,13 +65,13 @@ def test_file_formats(service: Service, shop_db: Path, fmt: str, compress: bool,
 
 
 @pytest.mark.parametrize("compress", [True, False])
-def test_archive_format(service: Service, shop_db: Path, compress: bool) -> None:
-    extract = service.create_extract(
+def test_archive_format(app_service: InProcessService, shop_db: Path, compress: bool) -> None:
+    extract = app_service.create_extract(
         name="Tar ball!", format="archive", compress=compress, schemas=["users", "order items"]
     )
-    run = service.wait_run(service.run(extract["id"]))
+    run = app_service.wait_run(app_service.run(extract["id"]))
     assert run["status"] == "completed", run
-    artifacts = {a["artifact_type"]: a for a in artifacts_of(service, run["id"])}
+    artifacts = {a["artifact_type"]: a for a in artifacts_of(app_service, run["id"])}
     assert set(artifacts) == {"archive", "manifest"}
     tarball = artifacts["archive"]
     suffix = ".tar.gz" if compress else ".tar"
@@ -103,8 +91,8 @@ def test_archive_format(service: Service, shop_db: Path, compress: bool) -> None
     assert outer["artifacts"][0]["checksum"] == tarball["checksum"]
 
 
-def test_filters_select_rows_and_set_records_total(service: Service, shop_db: Path) -> None:
-    extract = service.create_extract(
+def test_filters_select_rows_and_set_records_total(app_service: InProcessService, shop_db: Path) -> None:
+    extract = app_service.create_extract(
         name="Filtered",
         compress=False,
         schemas=["orders", "users"],
@@ -113,27 +101,29 @@ def test_filters_select_rows_and_set_records_total(service: Service, shop_db: Pa
             "users": {"where": {"name": {"$like": "%a%"}}},
         },
     )
-    run = service.wait_run(service.run(extract["id"]))
+    run = app_service.wait_run(app_service.run(extract["id"]))
     assert run["status"] == "completed", run
     orders = source_rows(shop_db, "orders", "WHERE total >= ? AND note IS NOT NULL", (20,))
     users = source_rows(shop_db, "users", "WHERE name LIKE ?", ("%a%",))
     assert run["progress_detail"]["records_total"] == len(orders) + len(users)
     assert run["records_exported"] == len(orders) + len(users)
-    by_schema = {a["schema_name"]: a for a in artifacts_of(service, run["id"]) if a["schema_name"]}
-    assert parse("x.jsonl", Path(by_schema["orders"]["storage_path"]).read_bytes()) == orders
-    assert parse("x.jsonl", Path(by_schema["users"]["storage_path"]).read_bytes()) == users
+    by_schema = {a["schema_name"]: a for a in artifacts_of(app_service, run["id"]) if a["schema_name"]}
+    assert parse_file("x.jsonl", Path(by_schema["orders"]["storage_path"]).read_bytes()) == orders
+    assert parse_file("x.jsonl", Path(by_schema["users"]["storage_path"]).read_bytes()) == users
 
 
-def test_describe_only_and_snapshot_of_options(service: Service) -> None:
-    extract = service.create_extract(name="Describe only", include=["describe"], schemas=["orders"])
-    run = service.wait_run(service.run(extract["id"]))
+def test_describe_only_and_snapshot_of_options(app_service: InProcessService) -> None:
+    extract = app_service.create_extract(name="Describe only", include=["describe"], schemas=["orders"])
+    run = app_service.wait_run(app_service.run(extract["id"]))
     assert (run["status"], run["records_exported"], run["schemas_exported"]) == ("completed", 0, 0)
     assert run["progress_detail"]["records_total"] == 0
-    assert sorted(a["artifact_name"] for a in artifacts_of(service, run["id"])) == [
+    assert sorted(a["artifact_name"] for a in artifacts_of(app_service, run["id"])) == [
         "describe.yaml",
         "manifest.json",
     ]
-    service.client.put(f"/api/data/extracts/{extract['id']}", json={"include": ["data"], "format": "yaml"})
-    old = service.client.get(f"/api/data/extract_runs/{run['id']}").json()["data"]
+    app_service.client.put(
+        f"/api/data/extracts/{extract['id']}", json={"include": ["data"], "format": "yaml"}
+    )
+    old = app_service.client.get(f"/api/data/extract_runs/{run['id']}").json()["data"]
     assert old["config_snapshot"]["include"] == ["describe"]
     assert old["config_snapshot"]["format"] == "jsonl"

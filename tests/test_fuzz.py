@@ -12,14 +12,13 @@ regression test each.
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TOKEN, Service, make_shop_db, start_service
+from helpers import TOKEN, InProcessService, make_hostile_source, start_in_process
 
 EXAMPLES = int(os.environ.get("EXTRACTS_FUZZ_EXAMPLES", "8"))
 SEED = int(os.environ.get("EXTRACTS_FUZZ_SEED", "20261128"))
@@ -66,27 +65,18 @@ phases.coverage.enabled = false
 """
 
 
-def make_fuzz_source(path: Path) -> Path:
-    """The shop, plus names that must never reach a file path or SQL as code."""
-    make_shop_db(path)
-    con = sqlite3.connect(path)
-    con.execute('CREATE TABLE "../../etc/passwd" (id INTEGER PRIMARY KEY, "x\'; DROP TABLE users; --" TEXT)')
-    con.execute("INSERT INTO \"../../etc/passwd\" VALUES (1, 'root:x:0:0')")
-    con.commit()
-    con.close()
-    return path
-
-
 @pytest.fixture(scope="module")
-def fuzz_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def fuzz_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessService]:
+    """The shop, plus names that must never reach a file path or SQL as code; served in this process."""
     tmp = tmp_path_factory.mktemp("fuzz")
-    svc = start_service(tmp, str(make_fuzz_source(tmp / "shop.db")))
+    svc = start_in_process(tmp, str(make_hostile_source(tmp / "shop.db")))
     yield svc
     svc.stop()
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(
-    fuzz_service: Service, tmp_path: Path
+    fuzz_service: InProcessService, tmp_path: Path
 ) -> None:
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
@@ -139,7 +129,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(
         {"filter[limit]": "1" * 5000},
     ],
 )
-def test_list_paging_out_of_range_is_a_400(fuzz_service: Service, query: dict[str, str]) -> None:
+def test_list_paging_out_of_range_is_a_400(fuzz_service: InProcessService, query: dict[str, str]) -> None:
     for model in ("extracts", "extract_runs", "extract_artifacts"):
         r = fuzz_service.client.get(f"/api/data/{model}", params=query)
         assert r.status_code == 400, r.text
@@ -156,7 +146,7 @@ def test_list_paging_out_of_range_is_a_400(fuzz_service: Service, query: dict[st
     ],
     ids=["largest", "5000-leading-zeros"],
 )
-def test_list_paging_at_the_limits_works(fuzz_service: Service, query: dict[str, str]) -> None:
+def test_list_paging_at_the_limits_works(fuzz_service: InProcessService, query: dict[str, str]) -> None:
     for model in ("extracts", "extract_runs", "extract_artifacts"):
         r = fuzz_service.client.get(f"/api/data/{model}", params=query)
         assert r.status_code == 200, r.text
@@ -169,14 +159,14 @@ def test_list_paging_at_the_limits_works(fuzz_service: Service, query: dict[str,
         {"name": "Never", "schedule": "0 0 30 2 *"},
     ],
 )
-def test_a_schedule_that_never_comes_due_is_a_400(fuzz_service: Service, body: dict) -> None:
+def test_a_schedule_that_never_comes_due_is_a_400(fuzz_service: InProcessService, body: dict) -> None:
     r = fuzz_service.client.post("/api/data/extracts", json=body)
     assert r.status_code == 400, r.text
     message = f"schedule '{body['schedule']}' never comes due: no date matches it"
     assert r.json()["details"] == [{"field": "schedule", "message": message}]
 
 
-def test_artifact_range_errors_are_json_envelopes(fuzz_service: Service) -> None:
+def test_artifact_range_errors_are_json_envelopes(fuzz_service: InProcessService) -> None:
     extract = fuzz_service.create_extract(name="Ranges", schemas=["users"], compress=False)
     run = fuzz_service.wait_run(fuzz_service.run(extract["id"]))
     artifact = fuzz_service.client.get(

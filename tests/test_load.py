@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, TOKEN, Service, make_shop_db, start_service
+from helpers import ROOT, TOKEN, Service, make_shop_db, start_service
 
 SECONDS = float(os.environ.get("EXTRACTS_LOAD_SECONDS", "8"))
 REPORT = os.environ.get("EXTRACTS_LOAD_REPORT") == "1"
@@ -197,6 +197,7 @@ def load_service(tmp_path_factory: pytest.TempPathFactory):
     svc.stop()
 
 
+@pytest.mark.slow
 def test_load_mixed_reads_and_run_bursts(load_service: Service) -> None:
     svc = load_service
     extract_ids = [

@@ -25,8 +25,18 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from conftest import ROOT, Service, make_big_db, start_service, worker_writing
-from test_formats import parse
+from helpers import (
+    ROOT,
+    Api,
+    InProcessService,
+    Service,
+    make_big_db,
+    start_in_process,
+    start_service,
+    unique_name,
+    worker_writing,
+)
+from helpers import parse_file as parse
 
 from executor.naming import safe_file_name
 
@@ -226,13 +236,15 @@ def reserved_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reserved_service(tmp_path_factory: pytest.TempPathFactory, reserved_db: Path) -> Iterator[Service]:
-    svc = start_service(tmp_path_factory.mktemp("service"), str(reserved_db))
+def reserved_service(
+    tmp_path_factory: pytest.TempPathFactory, reserved_db: Path
+) -> Iterator[InProcessService]:
+    svc = start_in_process(tmp_path_factory.mktemp("service"), str(reserved_db))
     yield svc
     svc.stop()
 
 
-def artifacts_of(service: Service, run_id: str) -> list[dict]:
+def artifacts_of(service: Api, run_id: str) -> list[dict]:
     return service.client.get(
         "/api/data/extract_artifacts", params={"filter[where][run_id]": run_id, "filter[limit]": "1000"}
     ).json()["data"]
@@ -258,7 +270,7 @@ def rows_by_schema(files: dict[str, bytes], manifest: dict) -> dict[str, list[di
     return rows
 
 
-def check_run(service: Service, run: dict, schemas: dict[str, int]) -> dict[str, bytes]:
+def check_run(service: Api, run: dict, schemas: dict[str, int]) -> dict[str, bytes]:
     """Every row of ``schemas`` (name → row count) in files of distinct names, each recorded once."""
     assert run["status"] == "completed", run
     artifacts = artifacts_of(service, run["id"])
@@ -301,7 +313,7 @@ def check_run(service: Service, run: dict, schemas: dict[str, int]) -> dict[str,
     ids=lambda c: "-".join(str(v) for v in c.values()),
 )
 def test_tables_named_like_the_runs_own_files_keep_every_row(
-    reserved_service: Service, reserved_db: Path, config: dict
+    reserved_service: InProcessService, reserved_db: Path, config: dict
 ) -> None:
     """A table named manifest or describe overwrote manifest.json or describe.yaml: its rows were
     gone, the manifest listed a file whose size no longer matched, and the run said completed."""
@@ -313,7 +325,7 @@ def test_tables_named_like_the_runs_own_files_keep_every_row(
     assert all(name.startswith(("%6Danifest.", "%64escribe.", "users.")) for name in data), data
 
 
-def test_the_zip_of_a_run_holds_every_file_once(reserved_service: Service) -> None:
+def test_the_zip_of_a_run_holds_every_file_once(reserved_service: InProcessService) -> None:
     extract = reserved_service.create_extract(
         name="Zipped", schemas=list(ROWS), format="yaml", compress=False
     )
@@ -334,7 +346,7 @@ CASED = {"users": 2, "Users": 3, "USERS": 4}
 @pytest.fixture(scope="module")
 def cased_pg() -> Iterator[str]:
     """A PostgreSQL database holding users, "Users" and "USERS": its source URL."""
-    name = f"extracts_names_{os.getpid()}_{secrets.token_hex(3)}"
+    name = unique_name("extracts_names")
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from conftest import Service
+from helpers import InProcessService
 
 from extracts.http import RangeNotSatisfiable
 from extracts.ranges import parse_range
@@ -132,11 +132,11 @@ def test_an_empty_body_has_no_range() -> None:
 
 
 @pytest.fixture(scope="module")
-def downloads(service: Service) -> dict[str, tuple[str, bytes, str]]:
+def downloads(app_service: InProcessService) -> dict[str, tuple[str, bytes, str]]:
     """Each route's URL, its whole body and its ETag."""
-    extract = service.create_extract(name="Ranges", schemas=["users", "orders"], compress=False)
-    run = service.wait_run(service.run(extract["id"]))
-    artifact = service.client.get(
+    extract = app_service.create_extract(name="Ranges", schemas=["users", "orders"], compress=False)
+    run = app_service.wait_run(app_service.run(extract["id"]))
+    artifact = app_service.client.get(
         "/api/data/extract_artifacts",
         params={"filter[where][run_id]": run["id"], "filter[where][artifact_type]": "data-orders"},
     ).json()["data"][0]
@@ -146,7 +146,7 @@ def downloads(service: Service) -> dict[str, tuple[str, bytes, str]]:
     }
     out = {}
     for route, url in urls.items():
-        whole = service.client.get(url)
+        whole = app_service.client.get(url)
         assert whole.status_code == 200 and len(whole.content) > 1000
         out[route] = (url, whole.content, whole.headers["etag"])
     return out
@@ -154,11 +154,11 @@ def downloads(service: Service) -> dict[str, tuple[str, bytes, str]]:
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("route", ["zip", "file"])
-def test_range_requests(service: Service, downloads: dict, route: str, name: str) -> None:
+def test_range_requests(app_service: InProcessService, downloads: dict, route: str, name: str) -> None:
     url, whole, etag = downloads[route]
     size = len(whole)
     headers = [(h, v.encode("latin-1")) for h, v in CASES[name].headers(size, etag)]
-    r = service.client.get(url, headers=headers)
+    r = app_service.client.get(url, headers=headers)
     expected = CASES[name].expect(size)
     if expected == "416":
         assert r.status_code == 416
@@ -184,32 +184,32 @@ def test_range_requests(service: Service, downloads: dict, route: str, name: str
     ["no Range", "closed range", "starts past the end", "zero-length suffix", "If-Range matching", "5-1"],
 )
 @pytest.mark.parametrize("route", ["zip", "file"])
-def test_head_has_no_ranges(service: Service, downloads: dict, route: str, name: str) -> None:
+def test_head_has_no_ranges(app_service: InProcessService, downloads: dict, route: str, name: str) -> None:
     """RFC 9110 section 14.2: only GET has ranges; HEAD answers the whole body's headers."""
     url, whole, etag = downloads[route]
-    head = service.client.head(url, headers=CASES[name].headers(len(whole), etag))
+    head = app_service.client.head(url, headers=CASES[name].headers(len(whole), etag))
     assert head.status_code == 200 and head.content == b""
     assert int(head.headers["content-length"]) == len(whole) and "content-range" not in head.headers
     assert head.headers["etag"] == etag and head.headers["accept-ranges"] == "bytes"
 
 
-def test_the_deflated_zip_ignores_range(service: Service, downloads: dict) -> None:
+def test_the_deflated_zip_ignores_range(app_service: InProcessService, downloads: dict) -> None:
     url, _, _ = downloads["zip"]
-    whole = service.client.get(url, params={"compression": "deflate"})
+    whole = app_service.client.get(url, params={"compression": "deflate"})
     for header in ("bytes=1-3", "bytes=99999999-", "bytes=-0"):
-        r = service.client.get(url, params={"compression": "deflate"}, headers={"Range": header})
+        r = app_service.client.get(url, params={"compression": "deflate"}, headers={"Range": header})
         assert r.status_code == 200 and r.content == whole.content
         assert "content-range" not in r.headers and "content-length" not in r.headers
-    head = service.client.head(url, params={"compression": "deflate"})
+    head = app_service.client.head(url, params={"compression": "deflate"})
     assert head.status_code == 200 and "content-length" not in head.headers
 
 
-def test_a_download_counts_once_when_it_starts_at_byte_0(service: Service) -> None:
-    extract = service.create_extract(name="Counted", schemas=["users"], compress=False)
-    run = service.wait_run(service.run(extract["id"]))
+def test_a_download_counts_once_when_it_starts_at_byte_0(app_service: InProcessService) -> None:
+    extract = app_service.create_extract(name="Counted", schemas=["users"], compress=False)
+    run = app_service.wait_run(app_service.run(extract["id"]))
 
     def counts() -> list[int]:
-        artifacts = service.client.get(
+        artifacts = app_service.client.get(
             "/api/data/extract_artifacts", params={"filter[where][run_id]": run["id"]}
         ).json()["data"]
         return [a["download_count"] for a in artifacts]
@@ -228,7 +228,7 @@ def test_a_download_counts_once_when_it_starts_at_byte_0(service: Service) -> No
     ]
     expected = 0
     for params, headers, is_counted in requests:
-        service.client.get(zip_url, params=params, headers=headers)
-        service.client.head(zip_url, params=params, headers=headers)  # never counted
+        app_service.client.get(zip_url, params=params, headers=headers)
+        app_service.client.head(zip_url, params=params, headers=headers)  # never counted
         expected += is_counted
         assert counts() == [expected] * n, (params, headers)

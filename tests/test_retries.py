@@ -2,7 +2,9 @@
 ones are not; the chain is rows, so it survives restarts and crashes.
 
 The backoff is checked in-process on a real state file with an injected clock (no sleeping);
-each transient cause and each race against a real service and real worker processes.
+each transient cause and each race against a real service and real worker processes. The
+permanent causes (a dropped schema, the free-space reserve, read-only storage) are checked
+where they fail the run, in tests/test_faults.py.
 """
 
 from __future__ import annotations
@@ -18,15 +20,21 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import Service, make_big_db, make_shop_db, start_service, worker_writing
+from helpers import (
+    PG_ADMIN,
+    TERMINAL,
+    Service,
+    make_big_db,
+    make_shop_db,
+    start_service,
+    unique_name,
+    worker_writing,
+)
 
 from executor.messages import RunStatus, failure, result
 from extracts import state
 from extracts.runs import INTERRUPTED, Runs
 from extracts.storage.local import LocalStorage
-
-ENDED = ("completed", "failed", "cancelled")
-
 
 # ---------------------------------------------------------------- the policy, in-process
 
@@ -181,7 +189,7 @@ def wait_chain(svc: Service, extract_id: str, timeout: float = 90) -> list[dict]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         runs = runs_of(svc, extract_id)
-        if runs and all(r["status"] in ENDED for r in runs) and runs[-1]["retry_run_id"] is None:
+        if runs and all(r["status"] in TERMINAL for r in runs) and runs[-1]["retry_run_id"] is None:
             return runs
         time.sleep(0.1)
     raise AssertionError(f"the chain did not end: {[(r['status'], r['error']) for r in runs]}")
@@ -211,10 +219,11 @@ def test_a_killed_worker_is_retried_and_the_retry_completes(tmp_path: Path, big_
         svc.stop()
 
 
+@pytest.mark.slow
 def test_a_lost_source_connection_is_retried(tmp_path: Path) -> None:
     """pg_terminate_backend on the run's connection, mid-table: the retry reads it all."""
-    name = f"extracts_retry_{os.getpid()}"
-    admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True)
+    name = unique_name("extracts_retry")
+    admin = psycopg.connect(PG_ADMIN, autocommit=True)
     admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
     admin.execute(f'CREATE DATABASE "{name}"')
     try:
@@ -247,6 +256,7 @@ def test_a_lost_source_connection_is_retried(tmp_path: Path) -> None:
         admin.close()
 
 
+@pytest.mark.slow
 def test_the_service_killed_mid_run_retries_the_interrupted_run_exactly_once(
     tmp_path: Path, big_db: Path
 ) -> None:
@@ -297,32 +307,7 @@ def test_a_run_request_while_a_retry_waits_starts_it_and_cancel_ends_the_chain(t
         svc.stop()
 
 
-@pytest.mark.parametrize("cause", ["dropped schema", "free space"])
-def test_permanent_failures_are_not_retried(tmp_path: Path, cause: str) -> None:
-    db = make_shop_db(tmp_path / "shop.db")
-    extra = ("--min-free-mb", str(1 << 40)) if cause == "free space" else ()
-    svc = start_service(tmp_path, str(db), *extra)
-    try:
-        extract = svc.create_extract(name="Permanent", schemas=["users", "orders"], retry_delay_seconds=1)
-        if cause == "dropped schema":
-            con = sqlite3.connect(db)
-            con.execute("DROP TABLE orders")
-            con.commit()
-            con.close()
-        if cause == "read-only storage":
-            svc.storage.mkdir(parents=True, exist_ok=True)
-            svc.storage.chmod(0o500)
-        svc.run(extract["id"])
-        time.sleep(2.5)  # past the retry delay: a retry would exist by now
-        runs = wait_chain(svc, extract["id"])
-        assert len(runs) == 1 and runs[0]["status"] == "failed", runs
-        assert runs[0]["error_detail"]["retryable"] is False and "(attempt" not in runs[0]["error"]
-    finally:
-        if cause == "read-only storage":
-            svc.storage.chmod(0o700)
-        svc.stop()
-
-
+@pytest.mark.slow
 def test_a_service_killed_around_failures_loses_and_doubles_no_retry(tmp_path: Path) -> None:
     """SIGKILL at seeded random moments while runs fail and retry: each failure with attempts left
     has exactly one retry, every retry its failure, no chain runs past max_attempts."""

@@ -1,14 +1,16 @@
-"""Runs end to end: a real server, real worker processes, real files read back."""
+"""Runs end to end: the app, real worker processes, real files read back.
+
+The contract runs against the app served in this process; the big source (progress within
+a table, a cancel mid-table) has a service of its own. Crashes, kills, signals and the
+storage or source going away are in tests/test_faults*.py.
+"""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
 import json
-import os
 import re
-import shutil
-import signal
 import sqlite3
 import threading
 import time
@@ -17,10 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import Service, make_big_db, make_shop_db, start_service, worker_writing
+from helpers import Api, InProcessService, Service, make_big_db, start_service
 
 
-def artifacts_of(service: Service, run_id: str) -> list[dict]:
+def artifacts_of(service: Api, run_id: str) -> list[dict]:
     r = service.client.get(
         "/api/data/extract_artifacts",
         params={"filter[where][run_id]": run_id, "filter[order]": "created_at asc", "filter[limit]": "1000"},
@@ -43,22 +45,22 @@ def source_rows(db: Path, table: str) -> list[dict]:
     return rows
 
 
-def test_run_completes_with_checksummed_files(service: Service, shop_db: Path) -> None:
-    extract = service.create_extract(name="Shop", schemas=["users", "orders", "order items"])
-    r = service.client.post(f"/api/extracts/{extract['id']}/run")
+def test_run_completes_with_checksummed_files(app_service: InProcessService, shop_db: Path) -> None:
+    extract = app_service.create_extract(name="Shop", schemas=["users", "orders", "order items"])
+    r = app_service.client.post(f"/api/extracts/{extract['id']}/run")
     assert r.status_code == 202
     data = r.json()["data"]
     assert data["message"] == "Extract queued for execution"
     assert data["status_url"] == f"/api/data/extract_runs/{data['run_id']}"
     assert r.headers["location"] == data["status_url"]
-    run = service.wait_run(data["run_id"])
+    run = app_service.wait_run(data["run_id"])
     assert run["status"] == "completed", run
     assert run["progress"] == 100 and run["progress_detail"]["phase"] == "completed"
     assert run["records_exported"] == 4 + 50 + 20 and run["schemas_exported"] == 3
     assert run["triggered_by"] == "manual" and run["error"] is None
     assert run["duration_seconds"] >= 0 and run["completed_at"] >= run["started_at"] >= run["created_at"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", run["created_at"]), run["created_at"]
-    artifacts = artifacts_of(service, run["id"])
+    artifacts = artifacts_of(app_service, run["id"])
     names = [a["artifact_name"] for a in artifacts]
     assert sorted(names) == sorted(
         ["describe.yaml", "users.jsonl.gz", "orders.jsonl.gz", "order%20items.jsonl.gz", "manifest.json"]
@@ -67,7 +69,7 @@ def test_run_completes_with_checksummed_files(service: Service, shop_db: Path) -
     assert run["total_size_bytes"] == sum(a["size_bytes"] for a in artifacts)
     for a in artifacts:
         path = Path(a["storage_path"])
-        assert path.parent == service.storage / run["id"]
+        assert path.parent == app_service.storage / run["id"]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == a["checksum"]
         assert path.stat().st_size == a["size_bytes"]
         assert a["expires_at"] > a["created_at"] and a["download_count"] == 0
@@ -88,19 +90,19 @@ def test_run_completes_with_checksummed_files(service: Service, shop_db: Path) -
     assert {m["name"]: m["checksum"] for m in manifest["artifacts"]} == {
         a["artifact_name"]: a["checksum"] for a in artifacts if a["artifact_type"] != "manifest"
     }
-    extract = service.client.get(f"/api/data/extracts/{extract['id']}").json()["data"]
+    extract = app_service.client.get(f"/api/data/extracts/{extract['id']}").json()["data"]
     assert (extract["last_run_id"], extract["last_run_status"]) == (run["id"], "completed")
     assert (extract["total_runs"], extract["successful_runs"], extract["failed_runs"]) == (1, 1, 0)
     assert run["config_snapshot"]["schemas"] == ["users", "orders", "order items"]
 
 
-def test_simultaneous_run_requests_create_exactly_one_run(service: Service) -> None:
-    extract = service.create_extract(name="Race", schemas=["users"])
+def test_simultaneous_run_requests_create_exactly_one_run(app_service: InProcessService) -> None:
+    extract = app_service.create_extract(name="Race", schemas=["users"])
     barrier = threading.Barrier(20)
     statuses: list[int] = []
 
     def fire() -> None:
-        with httpx.Client(base_url=service.base_url, headers=service.client.headers) as c:
+        with httpx.Client(base_url=app_service.base_url, headers=app_service.client.headers) as c:
             barrier.wait()
             statuses.append(c.post(f"/api/extracts/{extract['id']}/run").status_code)
 
@@ -110,21 +112,21 @@ def test_simultaneous_run_requests_create_exactly_one_run(service: Service) -> N
     for t in threads:
         t.join()
     assert sorted(statuses) == [202] + [409] * 19
-    runs = service.client.get(
+    runs = app_service.client.get(
         "/api/data/extract_runs", params={"filter[where][extract_id]": extract["id"]}
     ).json()["data"]
     assert len(runs) == 1
-    service.wait_run(runs[0]["id"])
+    app_service.wait_run(runs[0]["id"])
 
 
-def test_disabled_extract_and_cancel_without_run(service: Service) -> None:
-    extract = service.create_extract(name="Off", enabled=False)
-    r = service.client.post(f"/api/extracts/{extract['id']}/run")
+def test_disabled_extract_and_cancel_without_run(app_service: InProcessService) -> None:
+    extract = app_service.create_extract(name="Off", enabled=False)
+    r = app_service.client.post(f"/api/extracts/{extract['id']}/run")
     assert r.status_code == 409 and "disabled" in r.json()["error"]
-    r = service.client.post(f"/api/extracts/{extract['id']}/cancel")
+    r = app_service.client.post(f"/api/extracts/{extract['id']}/cancel")
     assert r.status_code == 404 and r.json()["error_code"] == "RECORD_NOT_FOUND"
-    assert service.client.post("/api/extracts/extract_nope/run").status_code == 404
-    assert service.client.post("/api/extracts/extract_nope/cancel").status_code == 404
+    assert app_service.client.post("/api/extracts/extract_nope/run").status_code == 404
+    assert app_service.client.post("/api/extracts/extract_nope/cancel").status_code == 404
 
 
 @pytest.fixture(scope="module")
@@ -208,131 +210,3 @@ def test_cancel_stops_the_worker_within_two_seconds(big_service: Service) -> Non
     assert extract["cancelled_runs"] == 1
     # A new run can start at once.
     assert big_service.client.post(f"/api/extracts/{extract['id']}/run").status_code == 202
-
-
-@pytest.mark.slow
-@pytest.mark.faults
-def test_killed_worker_fails_its_run_and_the_next_run_works(big_service: Service) -> None:
-    extract = big_service.create_extract(name="Kill worker", schemas=["big"], compress=False)
-    run_id = big_service.run(extract["id"])
-    os.kill(worker_writing(big_service.storage, run_id), signal.SIGKILL)
-    run = big_service.wait_run(run_id, timeout=20)
-    assert run["status"] == "failed"
-    assert "worker process" in run["error"] and "SIGKILL" in run["error"], run["error"]
-    assert big_service.client.get("/health").status_code == 200
-    small = big_service.create_extract(name="After kill", schemas=["small"])
-    assert big_service.wait_run(big_service.run(small["id"]))["status"] == "completed"
-    extract = big_service.client.get(f"/api/data/extracts/{extract['id']}").json()["data"]
-    assert extract["failed_runs"] == 1
-
-
-def test_schema_dropped_after_saving_fails_the_run_clearly(tmp_path: Path) -> None:
-    db = make_shop_db(tmp_path / "shop.db")
-    svc = start_service(tmp_path, str(db))
-    try:
-        extract = svc.create_extract(name="Dropped", schemas=["users", "orders"])
-        con = sqlite3.connect(db)
-        con.execute("DROP TABLE orders")
-        con.commit()
-        con.close()
-        run = svc.wait_run(svc.run(extract["id"]))
-        assert run["status"] == "failed"
-        assert "orders" in run["error"] and "\n" not in run["error"]
-        assert run["error_detail"]["type"] and "Traceback" in run["error_detail"]["traceback"]
-        kept = [a["artifact_name"] for a in artifacts_of(svc, run["id"])]
-        assert "describe.yaml" not in kept or all(Path(svc.storage, run["id"], k).exists() for k in kept)
-        assert svc.client.get(f"/api/data/extracts/{extract['id']}").json()["data"]["failed_runs"] == 1
-        fixed = svc.create_extract(name="Fixed", schemas=["users"])
-        assert svc.wait_run(svc.run(fixed["id"]))["status"] == "completed"
-    finally:
-        svc.stop()
-
-
-def test_free_space_reserve_fails_the_run_and_keeps_serving(tmp_path: Path) -> None:
-    db = make_shop_db(tmp_path / "shop.db")
-    free_mb = shutil.disk_usage(tmp_path).free >> 20
-    svc = start_service(tmp_path, str(db), "--min-free-mb", str(free_mb + 1024))
-    try:
-        assert "reserve" in svc.output()
-        run = svc.wait_run(svc.run(svc.create_extract(name="Full disk")["id"]))
-        assert run["status"] == "failed"
-        assert "free" in run["error"] and "--min-free-mb" in run["error"]
-        assert svc.client.get("/health").status_code == 200
-    finally:
-        svc.stop()
-
-
-def test_storage_and_source_going_away_fail_runs_then_recover(tmp_path: Path) -> None:
-    db = make_shop_db(tmp_path / "shop.db")
-    svc = start_service(tmp_path, str(db))
-    try:
-        extract = svc.create_extract(name="Faults", schemas=["users"])
-        moved = tmp_path / "storage-away"
-        svc.storage.rename(moved)
-        svc.storage.write_text("not a directory")
-        run = svc.wait_run(svc.run(extract["id"]))
-        assert run["status"] == "failed" and str(svc.storage) in run["error"], run["error"]
-        svc.storage.unlink()
-        moved.rename(svc.storage)
-        db.rename(tmp_path / "shop-away.db")
-        r = svc.client.get("/api/describe")
-        assert r.status_code == 503 and r.json()["error_code"] == "SERVICE_UNAVAILABLE"
-        assert "source" in r.json()["error"]
-        r = svc.client.post("/api/data/extracts", json={"name": "x", "schemas": ["users"]})
-        assert r.status_code == 503
-        run = svc.wait_run(svc.run(extract["id"]))
-        assert run["status"] == "failed" and "source" in run["error"].lower(), run["error"]
-        (tmp_path / "shop-away.db").rename(db)
-        assert svc.wait_run(svc.run(extract["id"]))["status"] == "completed"
-    finally:
-        svc.stop()
-
-
-@pytest.mark.slow
-@pytest.mark.faults
-def test_kill_9_of_the_service_fails_running_and_executes_queued(tmp_path: Path) -> None:
-    db = make_big_db(tmp_path / "big.db", 1_500_000)
-    svc = start_service(tmp_path, str(db), "--workers", "1")
-    running = svc.create_extract(name="Interrupted", schemas=["big"], compress=False, max_attempts=1)
-    waiting = svc.create_extract(name="Waiting", schemas=["small"])
-    running_run = svc.run(running["id"])
-    worker_writing(svc.storage, running_run)
-    waiting_run = svc.run(waiting["id"])
-    assert svc.client.get(f"/api/data/extract_runs/{waiting_run}").json()["data"]["status"] == "queued"
-    svc.stop(signal.SIGKILL)
-    svc = start_service(tmp_path, str(db), db=svc.db, storage=svc.storage)
-    try:
-        run = svc.client.get(f"/api/data/extract_runs/{running_run}").json()["data"]
-        assert run["status"] == "failed"
-        assert run["error"] == "interrupted: the service stopped while this run was running (attempt 1 of 1)"
-        assert svc.wait_run(waiting_run)["status"] == "completed"
-        con = sqlite3.connect(svc.db)
-        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        con.close()
-    finally:
-        svc.stop()
-
-
-@pytest.mark.slow
-@pytest.mark.faults
-def test_sigterm_requeues_active_runs_and_they_run_at_next_start(tmp_path: Path) -> None:
-    db = make_big_db(tmp_path / "big.db", 1_500_000)
-    svc = start_service(tmp_path, str(db), "--workers", "1")
-    extract = svc.create_extract(name="Requeued", schemas=["big"], compress=False)
-    run_id = svc.run(extract["id"])
-    worker_writing(svc.storage, run_id)
-    # uvicorn re-raises the signal once its graceful shutdown is complete.
-    assert svc.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
-    assert "1 active run(s) put back in the queue" in svc.output()
-    con = sqlite3.connect(svc.db)
-    assert con.execute("SELECT status, progress FROM extract_runs WHERE id = ?", (run_id,)).fetchone() == (
-        "queued",
-        0,
-    )
-    con.close()
-    svc = start_service(tmp_path, str(db), db=svc.db, storage=svc.storage)
-    try:
-        run = svc.wait_run(run_id, timeout=120)
-        assert run["status"] == "completed" and run["records_exported"] == 1_500_000
-    finally:
-        svc.stop()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from conftest import make_shop_db, start_service
+import pytest
+from helpers import InProcessService, make_shop_db, start_in_process, start_service
 
 from extracts import state
 from extracts.runs import Runs
@@ -118,20 +120,26 @@ def test_a_stored_schedule_croniter_refuses_does_not_stop_the_scheduler(tmp_path
     asyncio.run(scenario())
 
 
-def test_next_run_at_follows_schedule_changes(tmp_path: Path) -> None:
-    svc = start_service(tmp_path, str(make_shop_db(tmp_path / "shop.db")))
-    try:
-        extract = svc.create_extract(name="Sched", schedule="*/5 * * * *", schedule_enabled=True)
-        minute = int(extract["next_run_at"][14:16])
-        assert minute % 5 == 0 and extract["next_run_at"].endswith(":00.000Z")
-        r = svc.client.put(f"/api/data/extracts/{extract['id']}", json={"schedule": "30 4 * * *"})
-        assert r.json()["data"]["next_run_at"].endswith("T04:30:00.000Z")
-        r = svc.client.put(f"/api/data/extracts/{extract['id']}", json={"enabled": False})
-        assert r.json()["data"]["next_run_at"] is None
-        r = svc.client.put(f"/api/data/extracts/{extract['id']}", json={"enabled": True})
-        assert r.json()["data"]["next_run_at"].endswith("T04:30:00.000Z")
-    finally:
-        svc.stop()
+@pytest.fixture(scope="module")
+def sweeping(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessService]:
+    """The app in this process, its retention sweep every second."""
+    tmp = tmp_path_factory.mktemp("sweeping")
+    svc = start_in_process(tmp, str(make_shop_db(tmp / "shop.db")), "--cleanup-interval", "1")
+    yield svc
+    svc.stop()
+
+
+def test_next_run_at_follows_schedule_changes(sweeping: InProcessService) -> None:
+    svc = sweeping
+    extract = svc.create_extract(name="Sched", schedule="*/5 * * * *", schedule_enabled=True)
+    minute = int(extract["next_run_at"][14:16])
+    assert minute % 5 == 0 and extract["next_run_at"].endswith(":00.000Z")
+    r = svc.client.put(f"/api/data/extracts/{extract['id']}", json={"schedule": "30 4 * * *"})
+    assert r.json()["data"]["next_run_at"].endswith("T04:30:00.000Z")
+    r = svc.client.put(f"/api/data/extracts/{extract['id']}", json={"enabled": False})
+    assert r.json()["data"]["next_run_at"] is None
+    r = svc.client.put(f"/api/data/extracts/{extract['id']}", json={"enabled": True})
+    assert r.json()["data"]["next_run_at"].endswith("T04:30:00.000Z")
 
 
 def test_a_missed_schedule_runs_once_at_start_on_a_live_server(tmp_path: Path) -> None:
@@ -163,41 +171,37 @@ def test_a_missed_schedule_runs_once_at_start_on_a_live_server(tmp_path: Path) -
         svc.stop()
 
 
-def test_expired_artifacts_are_gone_at_once_and_swept(tmp_path: Path) -> None:
-    db = make_shop_db(tmp_path / "shop.db")
-    svc = start_service(tmp_path, str(db), "--cleanup-interval", "1")
-    try:
-        extract = svc.create_extract(name="Short-lived", schemas=["users"], retention_days=1)
-        run = svc.wait_run(svc.run(extract["id"]))
-        artifacts = svc.client.get(
+def test_expired_artifacts_are_gone_at_once_and_swept(sweeping: InProcessService) -> None:
+    svc = sweeping
+    extract = svc.create_extract(name="Short-lived", schemas=["users"], retention_days=1)
+    run = svc.wait_run(svc.run(extract["id"]))
+    artifacts = svc.client.get(
+        "/api/data/extract_artifacts", params={"filter[where][run_id]": run["id"]}
+    ).json()["data"]
+    created = datetime.fromisoformat(artifacts[0]["created_at"].replace("Z", "+00:00"))
+    expires = datetime.fromisoformat(artifacts[0]["expires_at"].replace("Z", "+00:00"))
+    assert round((expires - created).total_seconds()) == 86400
+    keep = svc.wait_run(svc.run(svc.create_extract(name="Kept", schemas=["users"])["id"]))
+    con = sqlite3.connect(svc.db)
+    con.execute(
+        "UPDATE extract_artifacts SET expires_at = '2000-01-01T00:00:00.000Z' WHERE run_id = ?",
+        (run["id"],),
+    )
+    con.commit()
+    con.close()
+    r = svc.client.get(f"/api/extracts/artifacts/{artifacts[0]['id']}/download")
+    assert r.status_code == 410 and r.json()["error_code"] == "GONE"
+    assert svc.client.get(f"/api/extracts/runs/{run['id']}/download").status_code == 410
+    deadline = time.monotonic() + 10
+    swept: list = []
+    while time.monotonic() < deadline:  # the sweep removes the files, then marks the rows
+        swept = svc.client.get(
             "/api/data/extract_artifacts", params={"filter[where][run_id]": run["id"]}
         ).json()["data"]
-        created = datetime.fromisoformat(artifacts[0]["created_at"].replace("Z", "+00:00"))
-        expires = datetime.fromisoformat(artifacts[0]["expires_at"].replace("Z", "+00:00"))
-        assert round((expires - created).total_seconds()) == 86400
-        keep = svc.wait_run(svc.run(svc.create_extract(name="Kept", schemas=["users"])["id"]))
-        con = sqlite3.connect(svc.db)
-        con.execute(
-            "UPDATE extract_artifacts SET expires_at = '2000-01-01T00:00:00.000Z' WHERE run_id = ?",
-            (run["id"],),
-        )
-        con.commit()
-        con.close()
-        r = svc.client.get(f"/api/extracts/artifacts/{artifacts[0]['id']}/download")
-        assert r.status_code == 410 and r.json()["error_code"] == "GONE"
-        assert svc.client.get(f"/api/extracts/runs/{run['id']}/download").status_code == 410
-        deadline = time.monotonic() + 10
-        swept: list = []
-        while time.monotonic() < deadline:  # the sweep removes the files, then marks the rows
-            swept = svc.client.get(
-                "/api/data/extract_artifacts", params={"filter[where][run_id]": run["id"]}
-            ).json()["data"]
-            if swept and all(a["deleted_at"] for a in swept):
-                break
-            time.sleep(0.1)
-        assert swept and all(a["deleted_at"] for a in swept)
-        assert not (svc.storage / run["id"]).exists()
-        assert (svc.storage / keep["id"]).is_dir()
-        assert svc.client.get(f"/api/extracts/runs/{keep['id']}/download").status_code == 200
-    finally:
-        svc.stop()
+        if swept and all(a["deleted_at"] for a in swept):
+            break
+        time.sleep(0.1)
+    assert swept and all(a["deleted_at"] for a in swept)
+    assert not (svc.storage / run["id"]).exists()
+    assert (svc.storage / keep["id"]).is_dir()
+    assert svc.client.get(f"/api/extracts/runs/{keep['id']}/download").status_code == 200

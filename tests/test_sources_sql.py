@@ -12,7 +12,6 @@ import base64
 import gc
 import gzip
 import multiprocessing
-import os
 import random
 import re
 import secrets
@@ -32,6 +31,7 @@ import psycopg
 import pymysql
 import pytest
 import yaml
+from helpers import unique_name
 
 from executor.naming import safe_file_name
 from executor.sources import Source, SourceError, UnknownSchema, open_source
@@ -43,7 +43,7 @@ START_HINT = {
     "postgresql": "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
     "mysql": "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd",
 }
-NAME = f"extracts_test_{os.getpid()}_{secrets.token_hex(3)}"
+NAME = unique_name("extracts_test")
 
 
 def server_down(dialect: str, exc: Exception) -> None:
@@ -988,7 +988,8 @@ def cut_off(db: PG | My, tag: str) -> None:
         # The source's connection: the only other one in the module's database (between two
         # chunk queries it runs no statement to be found by).
         [(victim,)] = db.rows(
-            "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s AND ID <> CONNECTION_ID()", (NAME,)
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s AND ID <> CONNECTION_ID()",
+            (NAME,),  # this module's database: other test processes may read a table of that name
         )
         db.run(f"KILL {int(victim)}")
 
@@ -1018,7 +1019,12 @@ def test_stopping_a_read_early_leaves_no_trouble(db: PG | My) -> None:
             next(batches)
             batches.close()  # a cancelled run
             assert source.count(db.name("early"), None) == 300_000  # the snapshot goes on
-        assert time.monotonic() - started < 2
+        took = time.monotonic() - started
+        if took >= 2:  # a loaded machine: not draining means well under what reading it all takes
+            started = time.monotonic()
+            with source.snapshot():
+                assert sum(map(len, source.json_batches(db.name("early"), None, 100))) == 300_000
+            assert took < (time.monotonic() - started) / 2, took
         assert source.count(db.name("early"), None) == 300_000
     gc.collect()  # a driver object left half-read would complain now, inside this test
 

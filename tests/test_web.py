@@ -162,6 +162,7 @@ def test_the_page_is_public_and_served_with_a_strict_policy(service: Any) -> Non
 # ---------------------------------------------------------------- the token
 
 
+@pytest.mark.slow
 def test_a_wrong_token_gives_a_clear_message(tab: Tab) -> None:
     page = tab.page
     connect(page, "not-the-token")
@@ -175,6 +176,7 @@ def test_a_wrong_token_gives_a_clear_message(tab: Tab) -> None:
     expect(page.locator("#token")).to_be_visible()
 
 
+@pytest.mark.slow
 def test_the_token_is_kept_for_the_tab_only(tab: Tab, browser: Browser, service: Any) -> None:
     connect(tab.page)
     tab.page.reload()
@@ -192,6 +194,7 @@ def test_the_token_is_kept_for_the_tab_only(tab: Tab, browser: Browser, service:
 # ---------------------------------------------------------------- extracts, runs, downloads
 
 
+@pytest.mark.slow
 def test_schemas_are_listed_with_their_row_counts(tab: Tab) -> None:
     connect(tab.page)
     rows = tab.page.locator("table.schemas tbody tr")
@@ -206,6 +209,7 @@ def test_schemas_are_listed_with_their_row_counts(tab: Tab) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_create_run_and_download_through_the_page(tab: Tab, service: Any, tmp_path: Path) -> None:
     page = tab.page
     connect(page)
@@ -273,6 +277,7 @@ def test_create_run_and_download_through_the_page(tab: Tab, service: Any, tmp_pa
     assert tab.api_calls("GET", "/api/extracts/runs/") and tab.api_calls("GET", "/api/extracts/artifacts/")
 
 
+@pytest.mark.slow
 def test_progress_is_live_and_a_run_can_be_cancelled(tab: Tab, service: Any) -> None:
     page = tab.page
     extract = service.create_extract(name="Big one", schemas=["big"])
@@ -317,6 +322,7 @@ def test_progress_is_live_and_a_run_can_be_cancelled(tab: Tab, service: Any) -> 
     assert [r["status"] for r in runs] == ["cancelled", "completed"]
 
 
+@pytest.mark.slow
 def test_a_failed_runs_error_is_shown(tab: Tab, service: Any, shop_db: Path) -> None:
     with sqlite3.connect(shop_db) as con:
         con.execute("CREATE TABLE doomed (id INTEGER PRIMARY KEY)")
@@ -342,6 +348,7 @@ def test_a_failed_runs_error_is_shown(tab: Tab, service: Any, shop_db: Path) -> 
     expect(item.locator(".badge")).to_have_text("failed")
 
 
+@pytest.mark.slow
 def test_validation_messages_appear_beside_their_fields(tab: Tab, service: Any) -> None:
     extract = service.create_extract(name="Edit me", schemas=["users"])
     page = tab.page
@@ -392,6 +399,7 @@ def test_validation_messages_appear_beside_their_fields(tab: Tab, service: Any) 
     expect(page.locator("[data-fact='next run']")).not_to_have_text("—")
 
 
+@pytest.mark.slow
 def test_delete_takes_two_clicks_and_names_are_shown_as_text(tab: Tab, service: Any) -> None:
     name = "<img src=x onerror=alert(1)> & co"
     extract = service.create_extract(name=name, schemas=["users"])
@@ -410,6 +418,7 @@ def test_delete_takes_two_clicks_and_names_are_shown_as_text(tab: Tab, service: 
     expect(page.locator("#extracts strong", has_text=name)).to_have_count(0)
 
 
+@pytest.mark.slow
 def test_an_api_refusal_is_shown(tab: Tab, service: Any) -> None:
     extract = service.create_extract(name="Switched off", schemas=["users"], enabled=False)
     page = tab.page
@@ -419,6 +428,7 @@ def test_an_api_refusal_is_shown(tab: Tab, service: Any) -> None:
     expect(page.locator("#banner")).to_contain_text(f"Extract {extract['id']} is disabled")
 
 
+@pytest.mark.slow
 def test_a_phone_width_window_has_no_horizontal_overflow(browser: Browser, service: Any) -> None:
     extract = service.create_extract(
         name="A rather long extract name that has to wrap on a phone", schemas=["users", "order items"]

@@ -10,7 +10,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import TOKEN, Service
+from helpers import TOKEN, InProcessService
 
 GIB = 1 << 30
 BIG_SIZE = 4 * GIB + 4096
@@ -36,14 +36,14 @@ def sparse_file(path: Path) -> int:
 
 
 @pytest.mark.slow
-def test_zip64_run_downloads_and_resumes(service: Service, tmp_path: Path) -> None:
-    extract = service.create_extract(name="Huge", schemas=["users"], compress=False)
-    run = service.wait_run(service.run(extract["id"]))
-    big = service.storage / run["id"] / "huge.jsonl"
+def test_zip64_run_downloads_and_resumes(app_service: InProcessService, tmp_path: Path) -> None:
+    extract = app_service.create_extract(name="Huge", schemas=["users"], compress=False)
+    run = app_service.wait_run(app_service.run(extract["id"]))
+    big = app_service.storage / run["id"] / "huge.jsonl"
     crc = sparse_file(big)
     # Register the big file as one more artifact of the completed run (the service is the
     # only writer in production; the test stands in for a worker that wrote 4 GiB).
-    con = sqlite3.connect(service.db)
+    con = sqlite3.connect(app_service.db)
     con.execute(
         "INSERT INTO extract_artifacts (id, run_id, extract_id, artifact_type, artifact_name, "
         "schema_name, storage_path, format, content_type, size_bytes, records, checksum, crc32, "
@@ -57,7 +57,7 @@ def test_zip64_run_downloads_and_resumes(service: Service, tmp_path: Path) -> No
     con.close()
 
     url = f"/api/extracts/runs/{run['id']}/download"
-    length = int(service.client.head(url).headers["content-length"])
+    length = int(app_service.client.head(url).headers["content-length"])
     assert length > BIG_SIZE
     # The whole stream, at C speed: every byte announced arrives.
     curl = subprocess.run(
@@ -70,7 +70,7 @@ def test_zip64_run_downloads_and_resumes(service: Service, tmp_path: Path) -> No
             "%{size_download}",
             "-H",
             f"Authorization: Bearer {TOKEN}",
-            service.base_url + url,
+            app_service.base_url + url,
         ],
         capture_output=True,
         text=True,
@@ -79,20 +79,20 @@ def test_zip64_run_downloads_and_resumes(service: Service, tmp_path: Path) -> No
     assert curl.returncode == 0 and int(curl.stdout) == length
     # zipfile reads the archive through Range requests: the end records, the central
     # directory past 4 GiB and the members after the big one are all where they must be.
-    with zipfile.ZipFile(HttpRangeFile(service, url, length)) as archive:
+    with zipfile.ZipFile(HttpRangeFile(app_service, url, length)) as archive:
         infos = {i.filename: i for i in archive.infolist()}
         assert infos["huge.jsonl"].file_size == BIG_SIZE
         assert archive.start_dir > 4 * GIB  # the central directory starts past 4 GiB
         for name in ("users.jsonl", "manifest.json", "describe.yaml"):
-            assert archive.read(name) == (service.storage / run["id"] / name).read_bytes()
+            assert archive.read(name) == (app_service.storage / run["id"] / name).read_bytes()
         huge = infos["huge.jsonl"]
         data_start = huge.header_offset + 30 + len(huge.filename) + len(huge.extra)
-    tail = service.client.get(url, headers={"Range": "bytes=-120"}).content
+    tail = app_service.client.get(url, headers={"Range": "bytes=-120"}).content
     assert b"PK\x06\x06" in tail and b"PK\x06\x07" in tail  # ZIP64 end record and locator
-    tail = service.client.get(url, headers={"Range": "bytes=-120"}).content
+    tail = app_service.client.get(url, headers={"Range": "bytes=-120"}).content
     assert b"PK\x06\x06" in tail and b"PK\x06\x07" in tail  # ZIP64 end record and locator
     for offset, data in MARKS.items():
-        r = service.client.get(
+        r = app_service.client.get(
             url, headers={"Range": f"bytes={data_start + offset}-{data_start + offset + len(data) - 1}"}
         )
         assert r.status_code == 206 and r.content == data
@@ -102,7 +102,7 @@ def test_zip64_run_downloads_and_resumes(service: Service, tmp_path: Path) -> No
 class HttpRangeFile(io.RawIOBase):
     """A read-only, seekable view of a download, each read one Range request."""
 
-    def __init__(self, service: Service, url: str, length: int) -> None:
+    def __init__(self, service: InProcessService, url: str, length: int) -> None:
         self.service, self.url, self.length, self.position = service, url, length, 0
 
     def seekable(self) -> bool:

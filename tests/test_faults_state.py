@@ -1,0 +1,223 @@
+"""A state file locked by another process (SPEC: Snapshot, safety and faults): requests wait out
+the busy timeout and then get a 503, runs and the dispatcher carry on, no message is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from helpers import (
+    TOKEN,
+    Api,
+    assert_files_match,
+    make_big_db,
+    make_shop_db,
+    start_in_process,
+    state_locked,
+    worker_writing,
+)
+
+pytestmark = pytest.mark.faults
+
+
+# ---------------------------------------------------------------- a locked state file
+
+
+def mixed_requests(svc: Api, extract_id: str, **also: Callable) -> list[tuple[str, int, dict]]:
+    """One of each kind of request (and ``also``'s), from threads at once; (what, status, body) each."""
+    calls = also | {
+        "create": lambda c: c.post("/api/data/extracts", json={"name": "During the lock"}),
+        "update": lambda c: c.put(f"/api/data/extracts/{extract_id}", json={"description": "x"}),
+        "list": lambda c: c.get("/api/data/extracts"),
+        "get": lambda c: c.get(f"/api/data/extracts/{extract_id}"),
+        "runs": lambda c: c.get("/api/data/extract_runs"),
+        "describe": lambda c: c.get("/api/describe"),
+    }
+    results: list[tuple[str, int, dict]] = []
+
+    def call(what: str) -> None:
+        with httpx.Client(
+            base_url=svc.base_url, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as client:
+            r = calls[what](client)
+            results.append((what, r.status_code, r.json()))
+
+    threads = [threading.Thread(target=call, args=(what,)) for what in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_state_file_locked_for_seconds_requests_wait_and_succeed(tmp_path: Path) -> None:
+    svc = start_in_process(tmp_path, str(make_shop_db(tmp_path / "shop.db")))
+    try:
+        extract = svc.create_extract(name="Locked", schemas=["users"])
+        with state_locked(svc.db, 3):
+            started = time.monotonic()
+            results = mixed_requests(svc, extract["id"])
+            r = svc.client.post(f"/api/extracts/{extract['id']}/run")
+            run_id = r.json()["data"]["run_id"] if r.status_code == 202 else None
+            assert time.monotonic() - started > 2  # the writes did wait for the lock
+        for what, status, body in results:
+            assert status < 300, (what, status, body)
+        assert run_id is not None, r.text
+        assert svc.wait_run(run_id)["status"] == "completed"
+        assert "database is locked" not in svc.output()
+    finally:
+        svc.stop()
+
+
+@pytest.mark.slow
+def test_state_file_locked_past_the_busy_timeout_is_a_503_and_nothing_is_stuck(tmp_path: Path) -> None:
+    source = make_big_db(tmp_path / "source.db", 300_000)
+    svc = start_in_process(tmp_path, str(source))
+    try:
+        extract = svc.create_extract(name="Locked long", schemas=["big"], compress=False)
+        small = svc.create_extract(name="Queued during the lock", schemas=["small"])
+        run_id = svc.run(extract["id"])
+        worker_writing(svc.storage, run_id)
+        with state_locked(svc.db, 30):  # the run finishes while the lock is held
+            results = mixed_requests(
+                svc, extract["id"], run=lambda c: c.post(f"/api/extracts/{small['id']}/run")
+            )
+        for what, status, body in results:
+            assert status < 300 or (status == 503 and body["error_code"] == "SERVICE_UNAVAILABLE"), (
+                what,
+                status,
+                body,
+            )
+        assert any(status == 503 for _, status, _ in results), results  # the writes gave up
+        ran = next(body for what, _, body in results if what == "run")
+        run = svc.wait_run(run_id, timeout=30)
+        assert run["status"] == "completed" and run["records_exported"] == 300_000, run
+        assert_files_match(svc, run_id)
+        assert run["artifacts_created"] == 3
+        # The dispatcher survived: new runs still start and finish.
+        queued = ran["data"]["run_id"] if ran["success"] else svc.run(small["id"])
+        assert svc.wait_run(queued)["status"] == "completed"
+        assert svc.wait_run(svc.run(extract["id"]))["status"] == "completed"
+        assert "INTERNAL_ERROR" not in str(results)
+    finally:
+        svc.stop()
+
+
+# ---------------------------------------------------------------- a locked state file, in-process
+
+
+class LockedTwice:
+    """A real state database whose first two statements find the file locked."""
+
+    def __init__(self, db: Any) -> None:
+        self.db, self.failures = db, 2
+        self.statements: list[str] = []
+
+    async def _locked_twice(self, sql: str) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database is locked")
+        self.statements.append(sql)
+
+    async def execute(self, sql: str, values: dict | None = None) -> Any:
+        await self._locked_twice(sql)
+        return await self.db.execute(sql, values)
+
+    async def fetch_one(self, sql: str, values: dict | None = None) -> Any:
+        await self._locked_twice(sql)
+        return await self.db.fetch_one(sql, values)
+
+    def __getattr__(self, name: str) -> Any:  # fetch_all, fetch_val, transaction: as they are
+        return getattr(self.db, name)
+
+
+def state_with_running_run(tmp_path: Path) -> Path:
+    from extracts import state
+
+    path = tmp_path / "state.db"
+    state.prepare_state_file(path)
+    con = sqlite3.connect(path)
+    con.execute("INSERT INTO extracts (id, name, created_at, updated_at) VALUES ('extract_x', 'X', 't', 't')")
+    con.execute(
+        "INSERT INTO extract_runs (id, extract_id, extract_name, status, progress_detail, config_snapshot, "
+        "created_at, updated_at, started_at) VALUES ('run_x', 'extract_x', 'X', 'running', '{}', '{}', "
+        "'2026-01-01T00:00:00.000Z', 't', '2026-01-01T00:00:00.000Z')"
+    )
+    con.commit()
+    con.close()
+    return path
+
+
+def test_a_run_message_that_meets_a_locked_state_file_is_applied_later(tmp_path: Path) -> None:
+    """Past the busy timeout the message was dropped: a lost result left its run 'running' forever."""
+
+    from executor.messages import RunStatus, result
+    from extracts import state
+    from extracts.pool import WorkerPool
+    from extracts.runs import Runs
+    from extracts.storage.local import LocalStorage
+
+    path = state_with_running_run(tmp_path)
+
+    async def scenario() -> WorkerPool:
+        db = state.open_database(path)
+        await db.connect()
+        try:
+            storage = LocalStorage(tmp_path)
+            pool = WorkerPool(Runs(LockedTwice(db), storage, "source.db", 0), storage, 1)
+            pool.retry_delay = 0.01
+            pool._inflight["run_x"] = 1
+            pool._jobs["run_x"] = {"run_id": "run_x", "lease": None}  # type: ignore[typeddict-item]
+            await pool._apply(pool._on_result, "result", "run_x", result(RunStatus.COMPLETED))
+            return pool
+        finally:
+            await db.disconnect()
+
+    pool = asyncio.run(scenario())
+    assert pool.runs.db.failures == 0 and "run_x" not in pool._inflight
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT status, progress FROM extract_runs").fetchall() == [("completed", 100)]
+    con.close()
+
+
+def test_the_dispatcher_survives_a_locked_state_file(tmp_path: Path) -> None:
+    """It used to die on the first locked claim: no run was ever started again."""
+
+    from extracts import state
+    from extracts.pool import WorkerPool
+    from extracts.runs import Runs
+    from extracts.storage.local import LocalStorage
+
+    path = state_with_running_run(tmp_path)
+
+    async def scenario() -> tuple[LockedTwice, bool]:
+        real = state.open_database(path)
+        await real.connect()
+        db = LockedTwice(real)
+        storage = LocalStorage(tmp_path)
+        pool = WorkerPool(Runs(db, storage, "source.db", 0), storage, 1)
+        pool.retry_delay = 0.01
+        task = asyncio.create_task(pool._dispatch())
+        pool.runs.queued.set()
+        for _ in range(200):
+            if db.statements:
+                break
+            await asyncio.sleep(0.01)
+        alive = not task.done()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await real.disconnect()
+        return db, alive
+
+    db, alive = asyncio.run(scenario())
+    assert alive and len(db.statements) == 1 and "status = 'running'" in db.statements[0]
