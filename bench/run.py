@@ -14,7 +14,9 @@ that load on the machine hits them alike), then prints two tables:
 3. peak memory (VmHWM) of the worker and the server, at N rows and ``--big-rows``;
 4. ZIP download throughput against the plain file download of the same server;
 5. API latency of 8 polling clients while two exports run;
-6. start latency, POST run → ``running``, with a worker free.
+6. start latency, POST run → ``running``, with a worker free;
+7. each source dialect (SQLite, PostgreSQL, MySQL) against its own fastest
+   command-line export and DuckDB, where installed (``bench/sources.py``).
 
 Every exported file is checked against the source (``verify.py``). See
 ``bench/README.md`` for what each figure means and how to read it.
@@ -43,6 +45,7 @@ from typing import Any
 import datagen
 import httpx
 import orjson
+import sources
 import verify
 from service import ROOT, BenchError, MemoryWindow, Service
 
@@ -166,6 +169,8 @@ class Options:
     verify_big: str
     check_baselines: str
     profile: bool
+    sources: list[str]
+    sources_only: bool
 
 
 class Bench:
@@ -836,8 +841,21 @@ class Bench:
 
     # ------------------------------------------------------------ all of it
 
+    def sources_part(self) -> None:
+        """Part 7 (``bench/sources.py``): each dialect against its own tools."""
+        o = self.o
+        if o.sources:
+            part = sources.Part(
+                self.results, self.results.check, self.source, o.workdir, o.rows, o.big_rows,
+                o.repeats, o.workers, o.sources,
+            )  # fmt: skip
+            sources.run(part)
+
     def run(self) -> Results:
         self.setup()
+        if self.o.sources_only:
+            self.sources_part()
+            return self.results
         try:
             self.start_service("main")
             self.warm_up()
@@ -846,7 +864,10 @@ class Bench:
             self.api_latency()
             self.memory()
             self.downloads()
+            self.stop_service()
+            self.sources_part()
             if self.o.profile:
+                self.start_service("profile")
                 self.profile()
         finally:
             self.stop_service()
@@ -914,11 +935,11 @@ def render(results: Results, info: dict[str, str], argv: list[str], elapsed: flo
         f"Code: {info['code']}  ",
         f"Command: `python bench/run.py {' '.join(argv)}` — {elapsed / 60:.1f} minutes",
         "",
-        "### Exports (parts 1, 2, and 3's big table): wall time from POST run to `completed`",
+        "### Exports (parts 1, 2, 3's big table and 7): wall time from POST run to `completed`",
         "",
         export_table(results),
         "",
-        "### Memory, downloads, latency (parts 3–6)",
+        "### Memory, downloads, latency, sources (parts 3–7)",
         "",
         check_table(results),
     ]
@@ -984,6 +1005,13 @@ def parse_args(argv: list[str]) -> Options:
         action="store_true",
         help="also profile one jsonl export with py-spy and print where the time goes",
     )
+    parser.add_argument(
+        "--sources",
+        default="sqlite,postgresql,mysql",
+        help="part 7: the dialects to measure against their own tools ('none': skip; a server "
+        "that does not answer is skipped)",
+    )
+    parser.add_argument("--sources-only", action="store_true", help="run part 7 only")
     parser.add_argument("--markdown", type=Path, help="also write the results as Markdown to this file")
     parser.add_argument(
         "--smoke",
@@ -1000,6 +1028,10 @@ def parse_args(argv: list[str]) -> Options:
     if args.rows < 2 or args.repeats < 1:
         parser.error("--rows must be at least 2 and --repeats at least 1")
     args.workdir = args.workdir.absolute()
+    args.sources = [] if args.sources == "none" else [d.strip() for d in args.sources.split(",") if d.strip()]
+    unknown = set(args.sources) - {"sqlite", "postgresql", "mysql"}
+    if unknown:
+        parser.error(f"--sources: unknown dialect(s) {', '.join(sorted(unknown))}")
     return args
 
 

@@ -11,8 +11,10 @@ Reading. The session is read-only (``SET SESSION TRANSACTION … READ ONLY``,
 isolation REPEATABLE READ, time zone UTC) and every read of a run happens inside
 one ``START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY`` (``snapshot()``).
 That snapshot covers InnoDB tables; MyISAM/Aria tables have no snapshots and are
-read as they are at that moment. Rows stream through an unbuffered ``SSCursor``
-with ``fetchmany``: no OFFSET, never a whole table in memory.
+read as they are at that moment. Each row's JSON is built by the server, a
+primary-key range at a time (``executor.sources.myread``); tables without an
+integer primary key, and tables with a type built row by row, stream through an
+unbuffered ``SSCursor`` with ``fetchmany``: no OFFSET, never a whole table in memory.
 
 Stopping a read early (cancel, disk full, an error while writing). MySQL's
 protocol has no way to abandon a streaming result: the client must read it to
@@ -70,21 +72,23 @@ NULL                            null
 
 from __future__ import annotations
 
-import binascii
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pymysql
-import pymysql.converters
 import pymysql.cursors
-from pymysql.constants import ER, FIELD_TYPE
+from pymysql.constants import ER
 
 from executor.credentials import ambiguous_password
+from executor.filters import compile_where
+from executor.sources import myread
 from executor.sources.base import SourceError, foreign_keys
-from executor.sources.float32 import shortest_float32
+from executor.sources.myconv import CONVERSIONS, RAW_CONVERSIONS, with_float32
+from executor.sources.parallel import in_order
 from executor.sources.rowjson import RowEncoder, one_line
 from executor.sources.server import Listed, ServerSource
 
@@ -92,6 +96,7 @@ SESSION_SETTINGS = (
     "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
     "SET time_zone = '+00:00'",  # TIMESTAMP values in UTC
     "SET net_write_timeout = 600",  # a slow disk on our side must not abort a streaming read
+    "SET SESSION group_concat_max_len = 4294967295",  # a chunk's JSON (executor.sources.myread)
 )
 
 URL_OPTIONS = {
@@ -114,73 +119,6 @@ NUMERIC_TYPES = {
 CONNECTION_LOST = {2006, 2013, 2055, 1927, 4031}
 
 
-# ---------------------------------------------------------------- converters
-# PyMySQL hands each converter the value's text (str), or bytes for binary
-# columns; each returns the JSON-ready value of the type-fidelity table.
-
-
-def _is_calendar_date(text: str) -> bool:
-    return text[5:7] != "00" and text[8:10] != "00"
-
-
-def _datetime(text: str) -> str:
-    return text.replace(" ", "T", 1) if _is_calendar_date(text) else text
-
-
-def _timestamp(text: str) -> str:
-    return text.replace(" ", "T", 1) + "Z" if _is_calendar_date(text) else text
-
-
-def _bit(raw: bytes) -> int:
-    return int.from_bytes(raw, "big")
-
-
-def _binary_or_text(value: str | bytes) -> str:
-    # Text columns arrive decoded; binary ones (charset 'binary') as bytes.
-    if value.__class__ is str:
-        return value  # type: ignore[return-value]
-    return binascii.b2a_base64(value, newline=False).decode("ascii")  # type: ignore[arg-type]
-
-
-CONVERSIONS: dict[Any, Any] = dict(pymysql.converters.conversions)
-CONVERSIONS.update(
-    {
-        FIELD_TYPE.DECIMAL: None,  # the exact digits, as text
-        FIELD_TYPE.NEWDECIMAL: None,
-        FIELD_TYPE.DATE: None,  # already ISO 8601 (or a zero date, kept as printed)
-        FIELD_TYPE.TIME: None,
-        FIELD_TYPE.DATETIME: _datetime,
-        FIELD_TYPE.TIMESTAMP: _timestamp,
-        FIELD_TYPE.BIT: _bit,
-        FIELD_TYPE.JSON: None,  # JSON text, copied by RowEncoder
-        **dict.fromkeys(
-            (
-                FIELD_TYPE.STRING,
-                FIELD_TYPE.VAR_STRING,
-                FIELD_TYPE.VARCHAR,
-                FIELD_TYPE.TINY_BLOB,
-                FIELD_TYPE.MEDIUM_BLOB,
-                FIELD_TYPE.LONG_BLOB,
-                FIELD_TYPE.BLOB,
-                FIELD_TYPE.GEOMETRY,
-            ),
-            _binary_or_text,
-        ),
-    }
-)
-
-
-def _with_float32(row: Sequence[Any], positions: Sequence[int]) -> list[Any]:
-    # FLOAT columns arrive as exact doubles (MySQLSource._select_list casts them: the text
-    # protocol prints 6 significant digits, 16777216 → 16777200); each value then becomes the
-    # shortest decimal that reads back as the same float32.
-    values = list(row)
-    for position in positions:
-        if values[position] is not None:
-            values[position] = shortest_float32(values[position])
-    return values
-
-
 # ---------------------------------------------------------------- the source
 
 
@@ -197,6 +135,8 @@ class MySQLSource(ServerSource):
     """A read-only MySQL / MariaDB connection (see the module docstring for the rules)."""
 
     dialect = "mysql"
+    #: Each row's JSON built by the server (``executor.sources.myread``); False: row by row.
+    server_json = True
     _errors = (pymysql.err.MySQLError,)
     _columns_sql = (
         "SELECT COLUMN_NAME FROM information_schema.COLUMNS"
@@ -519,23 +459,107 @@ class MySQLSource(ServerSource):
                 with suppress(pymysql.err.MySQLError):
                     self._fetch("COMMIT")
 
+    def json_lines(
+        self, name: str, where: dict[str, Any] | None, batch_size: int
+    ) -> Iterator[tuple[bytes, int]]:
+        """Chunks of JSON lines built by the server (``executor.sources.myread``) where it can."""
+        listed = self._resolve(name)
+        clause, params = compile_where(where, self._quote, "%s")
+        with self._translate(f"read '{name}'", name):
+            row_sql, key = self._server_row(listed.key) if self.server_json else (None, None)
+            if row_sql is None:
+                for batch in self._rows(listed, clause, params, batch_size):
+                    yield b"\n".join(batch), len(batch)
+            elif key is None:  # no integer primary key: one row at a time, still built by the server
+                query = f"SELECT CAST({row_sql} AS BINARY) FROM {listed.sql}{clause}"
+                for rows in self._stream_rows(query, params, batch_size, raw=True):
+                    yield myread.finish(b"\n".join([row[0] for row in rows])), len(rows)
+            else:
+                reader = partial(self._key_ranges, listed, row_sql, key, clause, params)
+                yield from in_order([reader], "mysql-read")
+
+    def json_batches(self, name: str, where: dict[str, Any] | None, batch_size: int) -> Iterator[list[bytes]]:
+        for chunk, _ in self.json_lines(name, where, batch_size):
+            lines = chunk.split(b"\n")
+            for start in range(0, len(lines), batch_size):
+                yield lines[start : start + batch_size]
+
+    def _server_row(self, name: str) -> tuple[str | None, str | None]:
+        """The SQL of a row's JSON (its ``%`` doubled) and the integer primary key, quoted; or Nones."""
+        return myread.server_row(self._fetch, name, self._json_columns(name), _ident, self._conn.escape)
+
+    def _key_ranges(
+        self, listed: Listed, row_sql: str, key: str, clause: str, params: list[Any], feed: Any
+    ) -> None:
+        """Reader of ``in_order``: the table's chunks by primary-key ranges (``myread.chunks``)."""
+        low, high = self._fetch(f"SELECT MIN({key}), MAX({key}) FROM {listed.sql}")[0]
+        if low is None:
+            return
+        limit = min(self._fetch("SELECT @@max_allowed_packet, @@group_concat_max_len")[0])
+        # The first range's width: as if the table's JSON took what its data takes on disk.
+        width = max(1, (high - low + 1) * myread.CHUNK_BYTES // max(listed.size or 0, 1))
+        where = f"{clause} AND {key} BETWEEN %s AND %s" if clause else f" WHERE {key} BETWEEN %s AND %s"
+        query = (
+            # GROUP_CONCAT cuts each value at the length its expression declares, which a
+            # number's text can pass (MariaDB prints 1.7763568394002505e-15 with 33 characters):
+            # an empty string declared 16M characters long makes room.
+            f"SELECT COUNT(*), CAST(GROUP_CONCAT(CONCAT({row_sql}, CAST('' AS CHAR(16777216)))"
+            " SEPARATOR '\\n') AS BINARY)"
+            f" FROM {listed.sql} FORCE INDEX (PRIMARY){where}"
+        )
+
+        def fetch(first: int, last: int) -> tuple[int, bytes | None]:
+            with self._raw_results():
+                return self._fetch(query, (*params, first, last))[0]
+
+        def single(value: int) -> Iterator[tuple[bytes, int]]:  # a row too big for GROUP_CONCAT
+            one = f"{clause} AND {key} = %s" if clause else f" WHERE {key} = %s"
+            for batch in self._rows(listed, one, [*params, value], 1):
+                yield b"\n".join(batch), len(batch)
+
+        for chunk in myread.chunks(fetch, single, myread.Ranges(key, low, high, width), limit):
+            feed.put(chunk)
+        feed.end_unit()
+
+    @contextmanager
+    def _raw_results(self) -> Iterator[None]:
+        """Binary results as bytes, as the server sent them (a chunk is never base64'd)."""
+        self._conn.decoders = RAW_CONVERSIONS
+        try:
+            yield
+        finally:
+            self._conn.decoders = CONVERSIONS
+
     def _rows(self, listed: Listed, clause: str, params: list[Any], batch_size: int) -> Iterator[list[bytes]]:
         json_columns = self._json_columns(listed.key)
         columns, float32_columns = self._select_list(listed.key)
+        query = f"SELECT {columns} FROM {listed.sql}{clause}"
+        encoder, float32_positions = None, []
+        for rows in self._stream_rows(query, params, batch_size):
+            if encoder is None:
+                names = [column[0] for column in self._stream_description]
+                encoder = RowEncoder(names, [i for i, column in enumerate(names) if column in json_columns])
+                float32_positions = [i for i, column in enumerate(names) if column in float32_columns]
+            if float32_positions:  # the only per-value work in Python: FLOAT columns
+                rows = [with_float32(row, float32_positions) for row in rows]
+            yield encoder.encode(rows)
+
+    def _stream_rows(
+        self, query: str, params: list[Any], batch_size: int, raw: bool = False
+    ) -> Iterator[list[tuple[Any, ...]]]:
+        """The rows of one statement through an unbuffered cursor, ``batch_size`` at a time."""
         cursor = self._conn.cursor(pymysql.cursors.SSCursor)
         self._stream = cursor
+        self._conn.decoders = RAW_CONVERSIONS if raw else CONVERSIONS
         try:
-            cursor.execute(f"SELECT {columns} FROM {listed.sql}{clause}", params)
-            names = [column[0] for column in cursor.description or ()]
-            encoder = RowEncoder(names, [i for i, column in enumerate(names) if column in json_columns])
-            float32_positions = [i for i, column in enumerate(names) if column in float32_columns]
+            cursor.execute(query, params)
+            self._stream_description = cursor.description or ()
             while rows := cursor.fetchmany(batch_size):
-                if float32_positions:  # the only per-value work in Python: FLOAT columns
-                    rows = [_with_float32(row, float32_positions) for row in rows]
-                yield encoder.encode(rows)
+                yield rows
             self._stream = None
             cursor.close()
         finally:
+            self._conn.decoders = CONVERSIONS
             if self._stream is cursor:  # stopped early, or failed
                 self._stop_stream(cursor)
 

@@ -9,8 +9,11 @@ than the redaction does (``executor.credentials``) is refused, never connected t
 Reading. The session is read-only (``default_transaction_read_only``) and every
 read of a run happens inside one ``REPEATABLE READ, READ ONLY, DEFERRABLE``
 transaction (``snapshot()``; DEFERRABLE only matters at SERIALIZABLE and is
-harmless here). Rows are streamed through a named server-side cursor with
-``fetchmany``: no OFFSET, never a whole table in memory.
+harmless here). Each row's JSON is built by the server and a table is read in
+chunks of heap block ranges, a big one by several connections sharing the
+snapshot (``executor.sources.pgread``); tables with array columns stream through
+a named server-side cursor with ``fetchmany``. No OFFSET, never a whole table
+in memory.
 
 Schemas. Tables, partitioned tables and views of every namespace except
 ``pg_*`` and ``information_schema``, named ``table`` in ``public`` and
@@ -82,7 +85,10 @@ from psycopg.types.array import register_array
 from psycopg.types.string import TextLoader
 
 from executor.credentials import ambiguous_password
+from executor.filters import compile_where
+from executor.sources import pgread
 from executor.sources.base import SourceError
+from executor.sources.parallel import in_order
 from executor.sources.rowjson import RowEncoder, compact_json, one_line
 from executor.sources.server import Listed, ServerSource
 
@@ -94,7 +100,8 @@ SET DateStyle = 'ISO, YMD';
 SET IntervalStyle = 'iso_8601';
 SET bytea_output = 'hex';
 SET extra_float_digits = 1;
-SET client_encoding = 'UTF8'
+SET client_encoding = 'UTF8';
+SET standard_conforming_strings = on
 """
 
 JSON_OIDS = frozenset({114, 199, 3802, 3807})  # json, json[], jsonb, jsonb[]
@@ -112,6 +119,9 @@ WITH RECURSIVE used(oid) AS (
 SELECT t.oid, t.typtype = 'd', t.typbasetype, t.typelem, t.typcategory = 'A', t.typdelim
   FROM used JOIN pg_type t ON t.oid = used.oid
 """
+
+# A table gets one more reading connection per this many heap blocks (8 MiB), up to read_connections.
+PARALLEL_MIN_BLOCKS = 1024
 
 ON_ACTION = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
 
@@ -259,6 +269,10 @@ class PostgresSource(ServerSource):
     """A read-only PostgreSQL connection (see the module docstring for the rules)."""
 
     dialect = "postgresql"
+    #: Connections reading one big table at once (its snapshot's and helpers sharing it).
+    read_connections = 4
+    #: Each row's JSON built by the server (``executor.sources.pgread``); False: row by row.
+    server_json = True
     _label = "PostgreSQL"
     _errors = (psycopg.Error,)
     _columns_sql = (
@@ -290,6 +304,7 @@ class PostgresSource(ServerSource):
         self._array_oids: set[int] = set()
         self._json_oids = set(JSON_OIDS)  # and the user arrays of JSON registered on this connection
         self._cursor_ids = itertools.count(1)
+        self._helpers = pgread.Helpers(self._open_helper)
 
     def _open(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(self._location, autocommit=True, **self._extra)
@@ -309,6 +324,11 @@ class PostgresSource(ServerSource):
         self._json_oids = set(JSON_OIDS)
         return conn
 
+    def _open_helper(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(self._location, autocommit=True, **self._extra)
+        conn.execute(SESSION_SETTINGS)
+        return conn
+
     def _connect_reason(self, exc: BaseException) -> str:
         # 'connection to server at "h", port 5432 failed: FATAL:  <the reason>'
         return _lower_first(one_line(self._reason(exc).rsplit(" failed: ", 1)[-1]))
@@ -321,9 +341,13 @@ class PostgresSource(ServerSource):
         # with "canceling statement due to user request" and the worker stops.
         with suppress(psycopg.Error):
             self._conn.cancel_safe(timeout=5)
+        self._helpers.cancel()
 
     def _gone(self) -> bool:
         return self._conn.broken or self._conn.closed
+
+    def _lost(self, exc: BaseException) -> bool:
+        return self._gone() or self._helpers.broken()
 
     def _missing_table(self, exc: BaseException) -> bool:
         return isinstance(exc, psycopg.errors.UndefinedTable)
@@ -436,8 +460,52 @@ class PostgresSource(ServerSource):
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         # BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY DEFERRABLE (set in _open).
-        with self._translate("hold the read transaction"), self._conn.transaction():
-            yield
+        try:
+            with self._translate("hold the read transaction"), self._conn.transaction():
+                yield
+        finally:
+            self._helpers.close()
+
+    def json_lines(
+        self, name: str, where: dict[str, Any] | None, batch_size: int
+    ) -> Iterator[tuple[bytes, int]]:
+        """Chunks of JSON lines built by the server (``executor.sources.pgread``) where it can."""
+        listed = self._resolve(name)
+        clause, params = compile_where(where, self._quote, "%s")
+        with self._translate(f"read '{name}'", name):
+            with self._reading():
+                read = pgread.plan(self._conn, listed.sql, listed.key, listed.kind)
+                if read.row_sql is not None and self.server_json:
+                    yield from self._server_lines(listed, read, clause, params, batch_size)
+                    return
+            for batch in self._rows(listed, clause, params, batch_size):  # arrays: row by row
+                yield b"\n".join(batch), len(batch)
+
+    def json_batches(self, name: str, where: dict[str, Any] | None, batch_size: int) -> Iterator[list[bytes]]:
+        for chunk, _ in self.json_lines(name, where, batch_size):
+            lines = chunk.split(b"\n")
+            for start in range(0, len(lines), batch_size):
+                yield lines[start : start + batch_size]
+
+    def _server_lines(
+        self, listed: Listed, read: pgread.Plan, clause: str, params: list[Any], batch_size: int
+    ) -> Iterator[tuple[bytes, int]]:
+        assert read.row_sql is not None
+        if read.blocks is None:  # no heap of its own: the rows of a query
+            query = f"SELECT {read.row_sql.replace('%', '%%')} FROM {listed.sql} t{clause}"
+            name = f"extracts_{next(self._cursor_ids)}"
+            yield from pgread.cursor_chunks(self._conn, name, query, params, batch_size)
+            return
+        wanted = max(1, min(self.read_connections, read.blocks // PARALLEL_MIN_BLOCKS))
+        connections = [self._conn, *self._helpers.get(self._conn, wanted - 1)] if wanted > 1 else [self._conn]
+        condition, n = clause.removeprefix(" WHERE "), len(connections)
+        yield from in_order(
+            [
+                pgread.reader(conn, listed.sql, read.row_sql, condition, params, read.blocks, read.step, i, n)
+                for i, conn in enumerate(connections)
+            ],
+            "postgresql-read",
+        )
 
     def _rows(self, listed: Listed, clause: str, params: list[Any], batch_size: int) -> Iterator[list[bytes]]:
         self._register_arrays(listed.key)
@@ -459,8 +527,11 @@ class PostgresSource(ServerSource):
         if self._in_snapshot:
             yield
         else:
-            with self._conn.transaction():
-                yield
+            try:
+                with self._conn.transaction():
+                    yield
+            finally:
+                self._helpers.close()
 
     def _register_arrays(self, oid: int) -> None:
         """Teach psycopg the arrays of a table's user-defined types (enum[], composite[], domain[], …).

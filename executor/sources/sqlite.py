@@ -30,10 +30,13 @@ A rowid table is read in chunks along its rowid (``WHERE rowid > ? ORDER BY
 rowid LIMIT n``, a B-tree seek, never ``OFFSET``), each chunk's JSON lines
 joined by SQLite's ``group_concat``: one Python object per chunk instead of one
 per row. A chunk aims at 1 MiB and shrinks when it would pass SQLite's string
-limit (big BLOBs), and is read one ahead in a thread (``_read_ahead``) while
-the caller writes the last. Views, ``WITHOUT ROWID`` and virtual tables stream
-from one cursor with ``fetchmany``. Both run inside the caller's
-``snapshot()``, so every chunk sees the same database state.
+limit (big BLOBs). Chunks are read in threads while the caller writes
+(``executor.sources.parallel``; the sqlite3 module releases the GIL while a
+statement runs): inside a snapshot, by ``read_connections`` connections that
+share its state (``snapshot``), each reading every n-th rowid range of a big
+table, the chunks put back in rowid order. Views, ``WITHOUT ROWID`` and
+virtual tables stream from one cursor with ``fetchmany``. Every read runs
+inside the caller's ``snapshot()``, so every chunk sees the same database state.
 """
 
 from __future__ import annotations
@@ -41,11 +44,9 @@ from __future__ import annotations
 import binascii
 import codecs
 import math
-import queue
 import sqlite3
-import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +55,15 @@ from typing import Any
 from executor.credentials import redact
 from executor.filters import compile_where
 from executor.sources.base import Source, SourceError, SourceUnavailable, UnknownSchema, foreign_keys
+from executor.sources.parallel import Feed, in_order
+from executor.sources.sqlitejson import AFFINITY_KINDS, STRICT_KINDS, affinity, row_json_sql
 
-# SQLite's default SQLITE_MAX_FUNCTION_ARG is 127: at most 63 key/value pairs per
-# json_object() call, so wide tables are encoded as several objects glued together.
-_PAIRS_PER_CALL = 60
 # A chunk of JSON lines aims at this many bytes (flat memory, few Python objects).
 _CHUNK_BYTES = 1 << 20
 _FIRST_CHUNK_ROWS = 64
+# A table with more JSON than this is read by every connection of the snapshot at once.
+PARALLEL_MIN_BYTES = 8 << 20
+_MAX_RANGES = 1 << 16  # a sparse rowid space gets wider ranges, not more
 _UTF8_PIECE = 1 << 16
 
 
@@ -84,7 +87,7 @@ def _signed_zero(value: float) -> str:
     return "-0.0" if math.copysign(1.0, value) < 0 else "0.0"
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, timeout: float = 5.0) -> sqlite3.Connection:
     # Shown redacted: a libpq 'host=h password=x' string given as the source lands here.
     shown = redact(str(path))
     if not path.exists():
@@ -93,8 +96,8 @@ def _connect(path: Path) -> sqlite3.Connection:
         raise SourceError(f"Source database {shown} is a directory, not an SQLite file")
     uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro"
     try:
-        # check_same_thread=False: a table's chunks are read in a thread (_read_ahead).
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        # check_same_thread=False: a table's chunks are read in threads (executor.sources.parallel).
+        conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
         raise SourceError(f"Cannot open the source database {shown}: {exc}") from exc
     try:
@@ -128,10 +131,14 @@ class SQLiteSource(Source):
 
     dialect = "sqlite"
     json_is_yaml_safe = True  # json_object's numbers and strings, and _real_sql's forms
+    #: Connections reading one big table at once inside a snapshot (see ``snapshot``).
+    read_connections = 2
 
     def __init__(self, location: str) -> None:
         self.path = sqlite_path(location)
         self._conn = _connect(self.path)
+        self._helpers: list[sqlite3.Connection] = []  # in a snapshot: more connections seeing it
+        self._counted: dict[tuple[str, str], int] = {}  # count() in this snapshot, for json_lines
         # -0.0 keeps its sign through pow(x, -1) = -Inf; without math functions, a
         # Python function does it (called for zero REALs only).
         self._zero_sql = (
@@ -141,10 +148,12 @@ class SQLiteSource(Source):
         )
 
     def close(self) -> None:
+        self._close_helpers()
         self._conn.close()
 
     def interrupt(self) -> None:
-        self._conn.interrupt()
+        for conn in [self._conn, *self._helpers]:
+            conn.interrupt()
 
     def location(self) -> dict[str, Any]:
         return {"dialect": self.dialect, "path": redact(str(self.path)), "version": sqlite3.sqlite_version}
@@ -287,15 +296,56 @@ class SQLiteSource(Source):
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:
+        """One read transaction; with ``read_connections`` > 1, that many, all on one state.
+
+        Several connections are one snapshot when no commit happened while they
+        started their read transactions: ``PRAGMA data_version`` on a separate
+        connection, read before the first starts and after the last, changes
+        exactly when another connection committed in between. When it changed, they
+        start again (three tries), then the run reads with one connection.
+        """
         with self._reading("start a read transaction"):
-            self._conn.execute("BEGIN")
-            # A deferred transaction takes its snapshot at the first read: read now.
-            self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            self._helpers = self._begin_all()
+        self._counted = {}
         try:
             yield
         finally:
+            self._close_helpers()
+            self._counted = {}
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
+
+    def _begin_all(self) -> list[sqlite3.Connection]:
+        """Start the main read transaction, and helpers' on the same state (``snapshot``)."""
+        for _attempt in range(3 if self.read_connections > 1 else 0):
+            probe = _connect(self.path, timeout=0)
+            try:
+                before = probe.execute("PRAGMA data_version").fetchone()[0]
+                _begin(self._conn)
+                helpers: list[sqlite3.Connection] = []
+                try:
+                    for _ in range(self.read_connections - 1):
+                        # No wait: a writer queued behind our read lock (rollback journal) would
+                        # make a new reader wait for it, and it waits for us.
+                        helpers.append(_begin(_connect(self.path, timeout=0)))
+                except (sqlite3.Error, SourceError):
+                    for helper in helpers:
+                        helper.close()
+                    return []
+                if probe.execute("PRAGMA data_version").fetchone()[0] == before:
+                    return helpers
+                for helper in helpers:
+                    helper.close()
+                self._conn.execute("ROLLBACK")
+            finally:
+                probe.close()
+        _begin(self._conn)
+        return []
+
+    def _close_helpers(self) -> None:
+        for helper in self._helpers:
+            helper.close()
+        self._helpers = []
 
     def _row_count(self, name: str, where: dict[str, Any] | None) -> int:
         clause, params = compile_where(where, quote, "?")
@@ -304,7 +354,10 @@ class SQLiteSource(Source):
 
     def count(self, name: str, where: dict[str, Any] | None) -> int:
         self._relation(name)
-        return self._row_count(name, where)
+        counted = self._row_count(name, where)
+        if self._conn.in_transaction:  # the worker counts each table before it reads it
+            self._counted[(name, repr(where))] = counted
+        return counted
 
     def json_batches(self, name: str, where: dict[str, Any] | None, batch_size: int) -> Iterator[list[bytes]]:
         for chunk, _ in self.json_lines(name, where, batch_size):
@@ -318,15 +371,72 @@ class SQLiteSource(Source):
         columns = [row[0] for row in rows]
         rowid = self._rowid_name(relation, columns)
         kinds = self._value_kinds(relation, rows, has_rowid=rowid is not None)
-        row_json = _row_json_sql([quote(c) for c in columns], kinds, self._zero_sql)
+        query = _ChunkQuery(
+            quote(name),
+            rowid or "",
+            row_json_sql([quote(c) for c in columns], kinds, self._zero_sql),
+            columns,
+        )
         clause, params = compile_where(where, quote, "?")
         with self._reading(f"read '{name}'"):
             if rowid is None:
-                yield from self._cursor_batches(name, row_json, columns, clause, params, batch_size)
-            else:
-                chunks = self._rowid_chunks(name, row_json, columns, clause, params, rowid, batch_size)
-                for text, count in _read_ahead(chunks):
-                    yield _valid_utf8(text), count
+                yield from self._cursor_batches(name, query.row_json, columns, clause, params, batch_size)
+                return
+            for text, count in in_order(
+                self._readers(query, clause, params, batch_size, (name, repr(where))), "sqlite-read-ahead"
+            ):
+                yield _valid_utf8(text), count
+
+    def _readers(
+        self, query: _ChunkQuery, clause: str, params: list[Any], batch_size: int, counted: tuple[str, str]
+    ) -> list[Callable[[Feed[tuple[bytes, int]]], None]]:
+        """The readers of a rowid table (``executor.sources.parallel``).
+
+        One reads the whole table on the snapshot's connection. A big table in a
+        snapshot with helpers is cut into rowid ranges of about ``_CHUNK_BYTES`` of
+        JSON each (the first chunk tells the bytes a row takes; ``count()`` the rows),
+        and connection ``i`` of ``n`` reads ranges ``i, i + n, …``.
+        """
+        main = self._conn
+        first, after = [], None
+        if self._helpers and counted in self._counted:
+            for text, count, last in query.chunks(main, clause, params, None, None, batch_size):
+                first, after = [(text, count)], last
+                break
+        high = main.execute(f"SELECT max({query.rowid}) FROM {query.table}").fetchone()[0] if first else None
+        rows = self._counted.get(counted, 0) - (first[0][1] if first else 0)
+        row_bytes = len(first[0][0]) / first[0][1] if first else 0
+        if after is None or high is None or after >= high or rows * row_bytes < PARALLEL_MIN_BYTES:
+
+            def whole(feed: Feed[tuple[bytes, int]]) -> None:
+                for chunk in first:
+                    feed.put(chunk)
+                for text, count, _last in query.chunks(main, clause, params, after, None, batch_size):
+                    feed.put((text, count))
+
+            return [whole]
+        per_range = max(1, min(batch_size, int(_CHUNK_BYTES / row_bytes)))  # rows
+        width = max(1, (high - after) * per_range // max(rows, 1), (high - after) // _MAX_RANGES)
+        bounds = [*range(after, high, width), high]  # unit u ≥ 1: rowids in (bounds[u - 1], bounds[u]]
+        connections = [main, *self._helpers]
+        n = len(connections)
+
+        def reader(index: int) -> Callable[[Feed[tuple[bytes, int]]], None]:
+            def read(feed: Feed[tuple[bytes, int]]) -> None:
+                if index == 0:  # unit 0: the first chunk
+                    feed.put(first[0])
+                    feed.end_unit()
+                for unit in range(index or n, len(bounds), n):
+                    lower, upper = bounds[unit - 1], bounds[unit]
+                    for text, count, _last in query.chunks(
+                        connections[index], clause, params, lower, upper, batch_size, per_range
+                    ):
+                        feed.put((text, count))
+                    feed.end_unit()
+
+            return read
+
+        return [reader(i) for i in range(n)]
 
     def _rowid_name(self, relation: _Relation, columns: list[str]) -> str | None:
         """The name that reaches the rowid of an ordinary table, or None (no rowid)."""
@@ -368,49 +478,10 @@ class SQLiteSource(Source):
             if column == alias:
                 kinds.append("raw")
             elif relation.strict:
-                kinds.append(_STRICT_KINDS.get(declared.upper(), "any"))
+                kinds.append(STRICT_KINDS.get(declared.upper(), "any"))
             else:
-                kinds.append(_AFFINITY_KINDS.get(_affinity(declared), "any"))
+                kinds.append(AFFINITY_KINDS.get(affinity(declared), "any"))
         return kinds
-
-    def _rowid_chunks(
-        self,
-        name: str,
-        row_json: str,
-        columns: list[str],
-        clause: str,
-        params: list[Any],
-        rowid: str,
-        batch_size: int,
-    ) -> Iterator[tuple[bytes, int]]:
-        def chunk_sql(after: str) -> str:
-            return (
-                f"SELECT CAST(group_concat(j, char(10)) AS BLOB), max(r), count(*) FROM "
-                f"(SELECT {rowid} AS r, {row_json} AS j FROM {quote(name)} NOT INDEXED"
-                f"{after} ORDER BY {rowid} LIMIT ?)"
-            )
-
-        # NOT INDEXED: the scan always follows the rowid, whatever index a filter could use.
-        first = chunk_sql(clause)
-        following = chunk_sql(f"{clause} AND {rowid} > ?" if clause else f" WHERE {rowid} > ?")
-        after: list[int] = []  # the last rowid read, once there is one
-        limit = cap = min(batch_size, _FIRST_CHUNK_ROWS)
-        while True:
-            try:
-                text, last, count = self._conn.execute(
-                    following if after else first, [*columns, *params, *after, limit]
-                ).fetchone()
-            except sqlite3.DataError:  # the chunk passed SQLite's string limit (big BLOBs): fewer rows
-                if limit == 1:
-                    raise
-                limit = cap = max(1, limit // 4)
-                continue
-            if not count:
-                return
-            yield text, count
-            after = [last]
-            cap = max(cap, min(batch_size, cap * 2))
-            limit = min(cap, _next_limit(len(text), count, batch_size))
 
     def _cursor_batches(
         self, name: str, row_json: str, columns: list[str], clause: str, params: list[Any], batch_size: int
@@ -428,144 +499,72 @@ class SQLiteSource(Source):
             cursor.close()
 
 
-# ---------------------------------------------------------------- JSON built in SQL
-
-# What each kind of column can hold: "raw" (integers, text and NULL, which json_object
-# encodes exactly), "text" (text or blobs), "blob", "real", or "any" storage class.
-_STRICT_KINDS = {"INT": "raw", "INTEGER": "raw", "TEXT": "raw", "BLOB": "blob", "REAL": "real"}
-# Without STRICT, a column can hold any storage class, but its affinity makes one
-# the likely one, worth testing first: "mostly-integer", "mostly-real".
-_AFFINITY_KINDS = {"TEXT": "text", "INTEGER": "mostly-integer", "REAL": "mostly-real"}
+def _begin(conn: sqlite3.Connection) -> sqlite3.Connection:
+    conn.execute("BEGIN")
+    # A deferred transaction takes its snapshot at the first read: read now.
+    conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    return conn
 
 
-def _affinity(declared: str) -> str:
-    """SQLite's column affinity for a declared type (its documented rules, in order)."""
-    upper = declared.upper()
-    if "INT" in upper:
-        return "INTEGER"
-    if "CHAR" in upper or "CLOB" in upper or "TEXT" in upper:
-        return "TEXT"
-    if "BLOB" in upper or not upper:
-        return "BLOB"
-    if "REAL" in upper or "FLOA" in upper or "DOUB" in upper:
-        return "REAL"
-    return "NUMERIC"
+@dataclass(frozen=True)
+class _ChunkQuery:
+    """A rowid table's rows as chunks of JSON lines, each joined by SQLite's ``group_concat``."""
 
+    table: str  # quoted
+    rowid: str  # the name that reaches the rowid
+    row_json: str  # the SQL of a row's JSON (its keys bound as parameters)
+    columns: list[str]
 
-def _real_sql(c: str, zero_sql: str) -> str:
-    """A REAL as JSON that parses back to the same double (see the module docstring).
-
-    A value with at most 6 decimals under 1e9 in size (prices, rates,
-    coordinates) is written short: ``m / 1e6 = c`` with ``m`` the integer
-    ``round(c * 1e6)`` is an IEEE division of two exact doubles, so it holds
-    exactly when the decimal ``m`` * 10^-6 reads back as ``c``, and that decimal
-    (15 digits at most) is what ``%!.15g`` prints. That is how ``json_object``
-    prints a REAL, so the value goes in as it is: ``json()``, which marks text
-    as JSON, costs more than the formatting. Every other finite value gets 18
-    significant digits; the infinities become strings, which ``json_object``
-    quotes.
-    """
-    return (
-        f"CASE WHEN {c} = 0 THEN json({zero_sql.format(c=c)}) "
-        f"WHEN {c} > -1e9 AND {c} < 1e9 AND round({c} * 1e6) / 1e6 = {c} THEN {c} "
-        f"WHEN {c} < 9e999 AND {c} > -9e999 THEN json(printf('%!.18g', {c})) "
-        f"WHEN {c} > 0 THEN 'Infinity' ELSE '-Infinity' END"
-    )
-
-
-def _value_sql(c: str, kind: str, zero_sql: str) -> str:
-    """The JSON value of column ``c``, checked only for the storage classes ``kind`` allows.
-
-    Text and blobs are told apart from numbers by comparison (numbers < text <
-    blob, ``+`` dropping affinity), which costs less than ``typeof``; where a
-    number is likely, one ``typeof`` tests for it first.
-    """
-    blob = f"_extracts_base64({c})"
-    if kind == "raw":
-        return c
-    if kind == "blob":
-        return blob
-    if kind == "real":
-        return f"CASE WHEN {c} IS NULL THEN NULL ELSE {_real_sql(c, zero_sql)} END"
-    if kind == "text":
-        return f"CASE WHEN +{c} >= x'' THEN {blob} ELSE {c} END"
-    if kind == "mostly-integer":
-        return (
-            f"CASE typeof({c}) WHEN 'integer' THEN {c} WHEN 'real' THEN {_real_sql(c, zero_sql)} "
-            f"WHEN 'blob' THEN {blob} ELSE {c} END"
+    def _sql(self, clause: str, after: bool, upto: bool) -> str:
+        # NOT INDEXED: the scan always follows the rowid, whatever index a filter could use.
+        bounds = ([f"{self.rowid} > ?"] if after else []) + ([f"{self.rowid} <= ?"] if upto else [])
+        where = clause + "".join(
+            (" AND " if clause or i else " WHERE ") + bound for i, bound in enumerate(bounds)
         )
-    if kind == "mostly-real":
         return (
-            f"CASE typeof({c}) WHEN 'real' THEN {_real_sql(c, zero_sql)} WHEN 'blob' THEN {blob} ELSE {c} END"
+            f"SELECT CAST(group_concat(j, char(10)) AS BLOB), max(r), count(*) FROM "
+            f"(SELECT {self.rowid} AS r, {self.row_json} AS j FROM {self.table} NOT INDEXED"
+            f"{where} ORDER BY {self.rowid} LIMIT ?)"
         )
-    return (
-        f"CASE WHEN +{c} >= '' THEN (CASE WHEN +{c} >= x'' THEN {blob} ELSE {c} END) "
-        f"WHEN typeof({c}) = 'real' THEN {_real_sql(c, zero_sql)} ELSE {c} END"
-    )
 
+    def chunks(
+        self,
+        conn: sqlite3.Connection,
+        clause: str,
+        params: list[Any],
+        after: int | None,
+        upto: int | None,
+        batch_size: int,
+        first_rows: int = _FIRST_CHUNK_ROWS,
+    ) -> Iterator[tuple[bytes, int, int]]:
+        """``(JSON lines, rows, last rowid)`` of the rows after ``after`` up to ``upto`` (None: no bound).
 
-def _row_json_sql(columns: list[str], kinds: list[str], zero_sql: str) -> str:
-    """SQL for one row as a JSON object; one ``?`` per column (its key), in order."""
-    pairs = [f"?, {_value_sql(c, kind, zero_sql)}" for c, kind in zip(columns, kinds, strict=True)]
-    calls = [
-        "json_object(" + ", ".join(pairs[i : i + _PAIRS_PER_CALL]) + ")"
-        for i in range(0, len(pairs), _PAIRS_PER_CALL)
-    ]
-    if len(calls) == 1:
-        return calls[0]
-    # '{"a":1}' + '{"b":2}' -> '{"a":1,"b":2}': no value ends with '}' nor starts a call.
-    inner = [
-        f"rtrim({calls[0]}, '}}')",
-        *(f"trim({c}, '{{}}')" for c in calls[1:-1]),
-        f"ltrim({calls[-1]}, '{{')",
-    ]
-    return " || ',' || ".join(inner)
-
-
-def _read_ahead(chunks: Iterator[tuple[bytes, int]]) -> Iterator[tuple[bytes, int]]:
-    """``chunks``, read one chunk ahead in a thread.
-
-    SQLite builds the next chunk without the GIL while the caller checks and
-    writes this one: the two overlap on two cores (about 15% of an export).
-    The thread is stopped and joined before this generator ends, however it
-    ends, so the connection is the caller's alone again.
-    """
-    ready: queue.Queue[tuple[tuple[bytes, int] | None, BaseException | None]] = queue.Queue(1)
-    stop = threading.Event()
-
-    def hand_over(item: tuple[bytes, int] | None, error: BaseException | None = None) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put((item, error), timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def read() -> None:
-        try:
-            for chunk in chunks:
-                if not hand_over(chunk):
-                    return
-            hand_over(None)
-        except BaseException as exc:  # re-raised by the caller's thread
-            hand_over(None, exc)
-        finally:
-            chunks.close()
-
-    reader = threading.Thread(target=read, name="sqlite-read-ahead", daemon=True)
-    reader.start()
-    try:
+        A chunk aims at ``_CHUNK_BYTES`` (at most ``batch_size`` rows), starting from
+        ``first_rows``, and shrinks when it would pass SQLite's string limit (big BLOBs).
+        """
+        bound = [] if upto is None else [upto]
+        first = self._sql(clause, after is not None, upto is not None)
+        following = self._sql(clause, True, upto is not None)
+        last: list[int] = [] if after is None else [after]
+        limit = cap = min(batch_size, first_rows)
         while True:
-            chunk, error = ready.get()
-            if error is not None:
-                raise error
-            if chunk is None:
+            try:
+                text, end, count = conn.execute(
+                    following if last else first, [*self.columns, *params, *last, *bound, limit]
+                ).fetchone()
+            except sqlite3.DataError:  # the chunk passed SQLite's string limit: fewer rows
+                if limit == 1:
+                    raise
+                limit = cap = max(1, limit // 4)
+                continue
+            if not count:
                 return
-            yield chunk
-    finally:
-        stop.set()
-        reader.join()
+            yield text, count, end
+            if count < limit:
+                return  # the range (or the table) has no more rows
+            last = [end]
+            cap = max(cap, min(batch_size, cap * 2))
+            limit = min(cap, _next_limit(len(text), count, batch_size))
 
 
 def _valid_utf8(chunk: bytes) -> bytes:

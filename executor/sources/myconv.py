@@ -1,0 +1,85 @@
+"""PyMySQL converters: each column's text (or bytes) as the JSON-ready value of the MySQL source.
+
+The row-by-row path of ``executor.sources.mysql``: PyMySQL hands each converter
+the value's text (str), or bytes for binary columns; each returns the value of
+the type-fidelity table there.
+"""
+
+from __future__ import annotations
+
+import binascii
+from collections.abc import Sequence
+from typing import Any
+
+import pymysql.converters
+from pymysql.constants import FIELD_TYPE
+
+from executor.sources.float32 import shortest_float32
+
+
+def _is_calendar_date(text: str) -> bool:
+    return text[5:7] != "00" and text[8:10] != "00"
+
+
+def _datetime(text: str) -> str:
+    return text.replace(" ", "T", 1) if _is_calendar_date(text) else text
+
+
+def _timestamp(text: str) -> str:
+    return text.replace(" ", "T", 1) + "Z" if _is_calendar_date(text) else text
+
+
+def _bit(raw: bytes) -> int:
+    return int.from_bytes(raw, "big")
+
+
+def _binary_or_text(value: str | bytes) -> str:
+    # Text columns arrive decoded; binary ones (charset 'binary') as bytes.
+    if value.__class__ is str:
+        return value  # type: ignore[return-value]
+    return binascii.b2a_base64(value, newline=False).decode("ascii")  # type: ignore[arg-type]
+
+
+_BINARY_OR_TEXT = (
+    FIELD_TYPE.STRING,
+    FIELD_TYPE.VAR_STRING,
+    FIELD_TYPE.VARCHAR,
+    FIELD_TYPE.TINY_BLOB,
+    FIELD_TYPE.MEDIUM_BLOB,
+    FIELD_TYPE.LONG_BLOB,
+    FIELD_TYPE.BLOB,
+    FIELD_TYPE.GEOMETRY,
+)
+CONVERSIONS: dict[Any, Any] = dict(pymysql.converters.conversions)
+CONVERSIONS.update(
+    {
+        FIELD_TYPE.DECIMAL: None,  # the exact digits, as text
+        FIELD_TYPE.NEWDECIMAL: None,
+        FIELD_TYPE.DATE: None,  # already ISO 8601 (or a zero date, kept as printed)
+        FIELD_TYPE.TIME: None,
+        FIELD_TYPE.DATETIME: _datetime,
+        FIELD_TYPE.TIMESTAMP: _timestamp,
+        FIELD_TYPE.BIT: _bit,
+        FIELD_TYPE.JSON: None,  # JSON text, copied by RowEncoder
+        **dict.fromkeys(_BINARY_OR_TEXT, _binary_or_text),
+    }
+)
+
+
+def with_float32(row: Sequence[Any], positions: Sequence[int]) -> list[Any]:
+    # FLOAT columns arrive as exact doubles (MySQLSource._select_list casts them: the text
+    # protocol prints 6 significant digits, 16777216 → 16777200); each value then becomes the
+    # shortest decimal that reads back as the same float32.
+    values = list(row)
+    for position in positions:
+        if values[position] is not None:
+            values[position] = shortest_float32(values[position])
+    return values
+
+
+# Chunks of JSON built by the server (executor.sources.myread) come as bytes, unconverted.
+RAW_CONVERSIONS: dict[Any, Any] = {
+    field_type: None if field_type in _BINARY_OR_TEXT else converter
+    for field_type, converter in CONVERSIONS.items()
+    if isinstance(field_type, int)
+}
