@@ -130,7 +130,7 @@ REMOVALS: dict[str, Callable[[Service, dict], None]] = {"delete": delete_run, "s
 
 
 @pytest.mark.parametrize("removal", list(REMOVALS))
-@pytest.mark.parametrize("compression", ["stored", "deflate"])
+@pytest.mark.parametrize("compression", ["stored", pytest.param("deflate", marks=pytest.mark.slow)])
 def test_a_zip_download_completes_when_its_run_is_removed(
     held_service: Service, tmp_path: Path, compression: str, removal: str
 ) -> None:

@@ -194,6 +194,7 @@ def wait_exporting(svc: Api, run_id: str, schema: str) -> None:
     raise AssertionError(f"run {run_id} never exported {schema}")
 
 
+@pytest.mark.slow
 def test_sigterm_requeues_active_runs_and_they_run_at_next_start(tmp_path: Path, big_db: Path) -> None:
     svc = start_service(tmp_path, str(big_db), "--workers", "1")
     extract = svc.create_extract(name="Requeued", schemas=["big"], compress=False)

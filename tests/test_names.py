@@ -31,6 +31,7 @@ from helpers import (
     InProcessService,
     Service,
     make_big_db,
+    make_shop_db,
     start_in_process,
     start_service,
     unique_name,
@@ -608,7 +609,7 @@ def test_a_version_1_state_file_keeps_artifacts_that_differ_only_in_case(tmp_pat
         add_artifact(con, "run_1", "USERS~3.JSONL.GZ")
     con.close()
 
-    svc = start_service(tmp_path, None, db=path, storage=storage)
+    svc = start_service(tmp_path, str(make_shop_db(tmp_path / "shop.db")), db=path, storage=storage)
     try:
         r = svc.client.get("/api/extracts/runs/run_1/download")
         assert r.status_code == 200, r.text
