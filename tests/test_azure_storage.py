@@ -32,6 +32,9 @@ KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr
 CONTAINER = "extracts-test"
 CREDENTIALS = {"AZURE_STORAGE_ACCOUNT_NAME": ACCOUNT, "AZURE_STORAGE_ACCOUNT_KEY": KEY}
 
+# Azurite (Node.js) takes many seconds to start: the module runs in the full suite, not the quick one.
+pytestmark = pytest.mark.slow
+
 
 def azurite_command() -> str | None:
     for candidate in (
