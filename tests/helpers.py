@@ -470,7 +470,8 @@ def assert_files_match(service: Api, run_id: str) -> None:
         data = Path(a["storage_path"]).read_bytes()
         assert (len(data), hashlib.sha256(data).hexdigest()) == (a["size_bytes"], a["checksum"]), a
     if run_dir.exists():
-        assert sorted(p.name for p in run_dir.iterdir()) == sorted(a["artifact_name"] for a in artifacts)
+        on_disk = sorted(p.name for p in run_dir.iterdir())
+        assert on_disk == sorted(a["artifact_name"] for a in artifacts), (on_disk, artifacts)
 
 
 def no_temporary_files(storage: Path) -> list[str]:
