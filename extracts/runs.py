@@ -135,6 +135,12 @@ class Runs:
             interrupted = failure(INTERRUPTED, "Interrupted", retryable=True)
             await self.finish(row["id"], interrupted, row["lease_token"])
             await asyncio.to_thread(self.storage.remove_partial, row["id"])  # its half-written files
+            # A file finished just before the crash whose artifact message was still in the queue.
+            recorded = await self.db.fetch_all(
+                "SELECT artifact_name FROM extract_artifacts WHERE run_id = :id", {"id": row["id"]}
+            )
+            names = {r["artifact_name"] for r in recorded}
+            await asyncio.to_thread(self.storage.remove_unrecorded, row["id"], names)
         # A cancelled run whose worker never reported back (its instance died): nothing holds it.
         await self.db.execute(
             f"UPDATE extract_runs SET lease_token = NULL, lease_expires_at = NULL WHERE status <> {RUNNING} "

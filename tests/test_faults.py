@@ -124,6 +124,8 @@ def test_service_kill_9_five_times_loses_nothing(tmp_path: Path, big_db: Path) -
         for round_ in range(5):
             interrupted = svc.run(big["id"])
             worker_writing(svc.storage, interrupted)
+            # A file finished just before the crash whose artifact message died in the queue.
+            (svc.storage / interrupted / "finished-unrecorded.jsonl").write_bytes(b"{}\n")
             queued = [svc.run(s["id"]) for s in smalls]
             assert {
                 svc.client.get(f"/api/data/extract_runs/{r}").json()["data"]["status"] for r in queued

@@ -143,6 +143,10 @@ class Storage(ABC):
         """What a run cut short was writing (never a committed file)."""
 
     @abstractmethod
+    def remove_unrecorded(self, run_id: str, recorded: set[str]) -> None:
+        """Files a dead service's worker finished but whose artifact message died with it."""
+
+    @abstractmethod
     def remove_empty_runs(self, active: set[str]) -> None:
         """Empty run directories, except those of ``active`` runs."""
 

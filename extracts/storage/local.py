@@ -114,6 +114,13 @@ class LocalStorage(Storage):
             for temp in self.run_dir(run_id).glob(".*.tmp"):
                 temp.unlink(missing_ok=True)
 
+    def remove_unrecorded(self, run_id: str, recorded: set[str]) -> None:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.run_dir(run_id)):
+                if not entry.name.startswith(".") and entry.name not in recorded:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+
     def remove_empty_runs(self, active: set[str]) -> None:
         with contextlib.suppress(OSError):
             for entry in os.scandir(self.root):

@@ -139,6 +139,12 @@ class ObjectStorage(Storage):
         for key in self._keys(f"{run_id}/{SCRATCH}/"):
             self._delete(key)
 
+    def remove_unrecorded(self, run_id: str, recorded: set[str]) -> None:
+        for key in self._keys(f"{run_id}/"):
+            name = key[len(run_id) + 1 :]
+            if "/" not in name and name not in recorded:
+                self._delete(key)
+
     def remove_empty_runs(self, active: set[str]) -> None:
         """Objects leave no empty directory behind; deletions a download held back are retried."""
         with self._lock:
