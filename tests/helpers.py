@@ -471,7 +471,7 @@ def assert_files_match(service: Api, run_id: str) -> None:
         assert (len(data), hashlib.sha256(data).hexdigest()) == (a["size_bytes"], a["checksum"]), a
     if run_dir.exists():
         on_disk = sorted(p.name for p in run_dir.iterdir())
-        assert on_disk == sorted(a["artifact_name"] for a in artifacts), (on_disk, artifacts)
+        assert on_disk == sorted(a["artifact_name"] for a in artifacts), (run_id, on_disk, artifacts)
 
 
 def no_temporary_files(storage: Path) -> list[str]:
