@@ -106,15 +106,22 @@ def make_shop_db(path: Path) -> Path:
     return path
 
 
+def add_big_table(path: Path, rows: int) -> Path:
+    """Adds a ``big`` table of ``rows`` rows (~80 bytes of JSON each): a run takes a while over it."""
+    with contextlib.closing(sqlite3.connect(path)) as con, con:
+        con.execute("CREATE TABLE big (id INTEGER PRIMARY KEY, name TEXT, amount REAL, at TEXT)")
+        con.execute(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT ?) "
+            "INSERT INTO big SELECT x, 'name ' || x, x * 0.25, '2024-01-01T00:00:00Z' FROM c",
+            (rows,),
+        )
+    return path
+
+
 def make_big_db(path: Path, rows: int) -> Path:
     """A ``big`` table of ``rows`` rows (~80 bytes of JSON each) and a one-row ``small``."""
+    add_big_table(path, rows)
     con = sqlite3.connect(path)
-    con.execute("CREATE TABLE big (id INTEGER PRIMARY KEY, name TEXT, amount REAL, at TEXT)")
-    con.execute(
-        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT ?) "
-        "INSERT INTO big SELECT x, 'name ' || x, x * 0.25, '2024-01-01T00:00:00Z' FROM c",
-        (rows,),
-    )
     con.execute("CREATE TABLE small (id INTEGER PRIMARY KEY, v TEXT)")
     con.execute("INSERT INTO small VALUES (1, 'one')")
     con.commit()

@@ -14,10 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import TOKEN, add_big_table
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-TOKEN = "test-token-0123456789"  # the conftest service's
 BIG_ROWS = 1_000_000
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -25,14 +25,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 @pytest.fixture(scope="module")
 def shop_db(shop_db: Path) -> Path:
     """The shop (conftest's, for this module only) plus a table a run takes seconds over."""
-    with sqlite3.connect(shop_db) as con:
-        con.execute("CREATE TABLE big (id INTEGER PRIMARY KEY, name TEXT, amount REAL, at TEXT)")
-        con.execute(
-            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT ?) "
-            "INSERT INTO big SELECT x, 'name ' || x, x * 0.25, '2024-01-01T00:00:00Z' FROM c",
-            (BIG_ROWS,),
-        )
-    return shop_db
+    return add_big_table(shop_db, BIG_ROWS)
 
 
 def scrape(service: Any) -> Samples:

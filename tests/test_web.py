@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from helpers import add_big_table
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
@@ -35,14 +36,7 @@ PHONE = {"width": 360, "height": 740}
 @pytest.fixture(scope="module")
 def shop_db(shop_db: Path) -> Path:
     """The shop (conftest's, for this module only) plus a table a run takes seconds over."""
-    with sqlite3.connect(shop_db) as con:
-        con.execute("CREATE TABLE big (id INTEGER PRIMARY KEY, name TEXT, amount REAL, at TEXT)")
-        con.execute(
-            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT ?) "
-            "INSERT INTO big SELECT x, 'name ' || x, x * 0.25, '2024-01-01T00:00:00Z' FROM c",
-            (BIG_ROWS,),
-        )
-    return shop_db
+    return add_big_table(shop_db, BIG_ROWS)
 
 
 @pytest.fixture(scope="module")
