@@ -508,7 +508,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--nice-workers",
         type=int,
         default=0,
-        help="an experiment: part c renices every instance's workers to this (0: as started)",
+        help="part c renices every instance's workers to this (0: as started, which is 10)",
     )
     parser.add_argument("--parts", default="abc", help="which parts to run, e.g. 'b' for failover only")
     parser.add_argument(
