@@ -5,7 +5,8 @@
     options ─► Job ─► thread: executor.worker.run_extract(job, local queue, cancel flags)
                               writes <work dir>/<run_id>/ through LocalStorage, as a service run
     queue ─► progress view; artifact messages kept (with the time each came, as the service does)
-    completed ─► ZIP written by zipstream.StoredZip (the service's download) ─► renamed into place
+    completed ─► ZIP: the biggest file grown into it in place (zipstream.stored_around), or
+                 written afresh by zipstream.StoredZip (the service's download) ─► renamed into place
               or the run directory renamed into place (``-d``)
 
 The work directory is a hidden temporary directory beside the target, so the
@@ -23,11 +24,13 @@ data file and describe.yaml is byte for byte the same.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -42,9 +45,10 @@ from executor.naming import download_base_name
 from extracts.progress import View
 from extracts.storage import HeldFiles
 from extracts.storage.local import LocalStorage
-from extracts.zipstream import StoredZip, ZipEntry
+from extracts.zipstream import StoredZip, ZipEntry, stored_around
 
 _CHUNK = 1 << 20
+_FALLOC_FL_INSERT_RANGE = 0x20  # linux/falloc.h
 STOP_WITHIN_S = 1.5  # after Ctrl-C: the worker's own cancel path takes ~0.2-0.5 s
 
 
@@ -181,14 +185,17 @@ class Export:
             )
             for item, at in self.artifacts
         ]
-        files = storage.hold([(entry.path, entry.size) for entry in entries])
-        try:
-            write_zip(entries, files, partial, stop.is_set)
-        finally:
-            files.close()
+        archive = zip_in_place(entries)
+        if archive is None:
+            files = storage.hold([(entry.path, entry.size) for entry in entries])
+            try:
+                write_zip(entries, files, partial, stop.is_set)
+            finally:
+                files.close()
+            archive = partial
         if stop.is_set():
             raise Interrupted
-        os.replace(partial, target)
+        os.replace(archive, target)
 
 
 def write_zip(entries: list[ZipEntry], files: HeldFiles, path: Path, stopped: Callable[[], bool]) -> None:
@@ -199,6 +206,68 @@ def write_zip(entries: list[ZipEntry], files: HeldFiles, path: Path, stopped: Ca
             if stopped():
                 return
             out.write(chunk)
+
+
+def zip_in_place(entries: list[ZipEntry]) -> Path | None:
+    """The run's biggest file turned into its ZIP (``zipstream.stored_around``); None: not here.
+
+    The file system inserts a block in front of the file's data
+    (``FALLOC_FL_INSERT_RANGE``: ext4 and XFS on Linux), the entry's local header
+    fills it, and the other files and the central directory are appended: the
+    big file is never copied. Where the file system cannot insert, the caller
+    writes the archive afresh (``write_zip``).
+    """
+    if not entries:
+        return None
+    first = max(range(len(entries)), key=lambda index: entries[index].size)
+    path = Path(entries[first].path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        block = os.fstat(fd).st_blksize
+        parts = stored_around(entries, first, block)
+        if parts is None or os.fstat(fd).st_size != entries[first].size or not _insert_block(fd, block):
+            return None
+        header, others, tail = parts
+        os.pwrite(fd, header, 0)  # into the inserted block: never a short write
+        os.lseek(fd, 0, os.SEEK_END)
+        for index, local_header in others:
+            _write_all(fd, local_header)
+            _append_file(fd, entries[index])
+        _write_all(fd, tail)
+    finally:
+        os.close(fd)
+    return path
+
+
+def _insert_block(fd: int, size: int) -> bool:
+    """Insert ``size`` bytes (a multiple of the file system's block) in front of the file's data."""
+    if not sys.platform.startswith("linux"):
+        return False
+    fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fallocate(fd, _FALLOC_FL_INSERT_RANGE, 0, size) == 0
+
+
+def _append_file(fd: int, entry: ZipEntry) -> None:
+    """Append the entry's file: copied by the kernel where it can, else through a buffer."""
+    with open(entry.path, "rb", buffering=0) as source:  # unbuffered: both ways move one offset
+        copied = 0
+        while copied < entry.size:
+            try:
+                step = os.copy_file_range(source.fileno(), fd, entry.size - copied)
+            except OSError:
+                data = source.read(min(_CHUNK, entry.size - copied)) or b""
+                step = len(data)
+                _write_all(fd, data)
+            if step == 0:
+                raise ExportFailed(f"{entry.path} shrank while the ZIP was written")
+            copied += step
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class _Signals:

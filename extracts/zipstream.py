@@ -40,7 +40,7 @@ from typing import Protocol
 
 from extracts.storage import FileChangedError
 
-__all__ = ["StoredZip", "ZipEntry", "write_deflated"]
+__all__ = ["StoredZip", "ZipEntry", "stored_around", "write_deflated"]
 
 _U16 = 0xFFFF
 _U32 = 0xFFFF_FFFF
@@ -60,6 +60,10 @@ _END = struct.Struct("<4s4H2LH")  # 4.3.16
 # are only known at the end: go ZIP64 early, as zipfile itself does.
 _DEFLATE_ZIP64_FROM = 1 << 31
 _READ_SIZE = 1 << 20
+# The extra field that pads a local header (``stored_around``): the ID Android's
+# zipalign gives its alignment padding; readers skip extra fields they do not know.
+_PADDING_ID = 0xD935
+_EXTRA_HEADER = struct.Struct("<HH")
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,46 @@ class StoredZip:
             yield from _fill(buf, tail, chunk_size)
         if buf:
             yield bytes(buf)
+
+
+def stored_around(
+    entries: Sequence[ZipEntry], first: int, header_size: int
+) -> tuple[bytes, list[tuple[int, bytes]], bytes] | None:
+    """A STORED archive of ``entries`` that begins with entry ``first``'s data file itself.
+
+    For ``extracts-app export -o``: room for ``header_size`` bytes is made in
+    front of that file (a file system can insert whole blocks), so the biggest
+    file becomes the archive without being copied. Returns that entry's local
+    header, padded to exactly ``header_size`` bytes by an extra field; the local
+    headers of the other entries, in the order they follow the first's data
+    (``(index, header)``); and the tail: the central directory, in the order of
+    ``entries`` (what a listing shows), and the end records. None when the
+    header cannot take that size.
+    """
+    entries = tuple(entries)
+    _check_entries(entries)
+    headers: dict[int, bytes] = {}
+    infos = []
+    for index, entry in enumerate(entries):
+        info = _zipinfo(entry)
+        info.CRC = entry.crc32
+        info.file_size = info.compress_size = entry.size
+        infos.append(info)
+        headers[index] = info.FileHeader(zip64=entry.size >= _U32)
+    padding = header_size - len(headers[first]) - _EXTRA_HEADER.size
+    if not 0 <= padding <= _U16 - 20:  # 20: the ZIP64 extra that may share the field
+        return None
+    infos[first].extra = _EXTRA_HEADER.pack(_PADDING_ID, padding) + bytes(padding)
+    headers[first] = infos[first].FileHeader(zip64=entries[first].size >= _U32)
+    offsets = {first: 0}
+    offset = header_size + entries[first].size
+    others = [index for index in range(len(entries)) if index != first]
+    for index in others:
+        offsets[index] = offset
+        offset += len(headers[index]) + entries[index].size
+    directory = b"".join(_central_record(info, offsets[index]) for index, info in enumerate(infos))
+    tail = directory + _end_records(len(entries), offset, len(directory))
+    return headers[first], [(index, headers[index]) for index in others], tail
 
 
 class _Sink(Protocol):

@@ -17,6 +17,7 @@ import re
 import select
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import tarfile
@@ -446,7 +447,9 @@ def test_verify_catches_flipped_truncated_missing_and_wrong_sizes(exported: dict
     info = archive.getinfo("orders.jsonl")
     flipped_zip = tmp_path / "flipped.zip"
     flipped_zip.write_bytes(source.read_bytes())
-    _flip(flipped_zip, info.header_offset + 30 + len(info.filename) + 5)
+    local = flipped_zip.read_bytes()[info.header_offset : info.header_offset + 30]
+    name_length, extra_length = struct.unpack("<HH", local[26:30])  # the extra may pad the header
+    _flip(flipped_zip, info.header_offset + 30 + name_length + extra_length + 5)
     check(flipped_zip, "FAILED  orders.jsonl: cannot be read whole: Bad CRC-32")
     cut = tmp_path / "cut.zip"
     cut.write_bytes(source.read_bytes()[:-100])
