@@ -1,7 +1,7 @@
 """Several instances over one PostgreSQL state and one S3 store (issue 16's figures).
 
     python bench/instances.py                     # about 10 minutes on 2 cores
-    python bench/instances.py --smoke             # small, about 2 minutes
+    python bench/instances.py --smoke             # small, about a minute
 
 Real processes on one machine: PostgreSQL (``--postgres``, a database made
 for each cluster and dropped after it), moto's S3 server on 127.0.0.1, and the
@@ -523,9 +523,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.rows, args.runs = min(args.rows, 300_000), min(args.runs, 12)
+        args.rows, args.runs = min(args.rows, 120_000), min(args.runs, 12)
         args.repeats, args.trials = 1, min(args.trials, 2)
-        args.instances, args.latency_seconds = "1,2", min(args.latency_seconds, 4)
+        args.instances, args.latency_seconds = "1,2", min(args.latency_seconds, 2)
         args.lease_seconds = min(args.lease_seconds, 2)
     try:
         args.instances = sorted({int(k) for k in args.instances.split(",")})

@@ -245,8 +245,11 @@ class WorkerPool:
         when the earliest waiting retry may start.
         """
         while not self._stopping:
+            # The timeout first: cancelled while it is read, no queued.wait() coroutine is left
+            # never awaited (a RuntimeWarning at garbage collection).
+            timeout = await self._until_next_start()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.runs.queued.wait(), await self._until_next_start())
+                await asyncio.wait_for(self.runs.queued.wait(), timeout)
             self.runs.queued.clear()
             try:
                 while len(self._inflight) < self.workers and not self._stopping:

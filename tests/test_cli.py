@@ -27,6 +27,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from helpers import make_big_db
 
 from extracts import commands, config
 from extracts.progress import Quiet
@@ -81,23 +82,6 @@ def cli(
     return subprocess.run(
         [*APP, *args], capture_output=True, cwd=cwd, env=env or ENV, timeout=timeout, text=True
     )
-
-
-def make_big_db(path: Path, rows: int) -> Path:
-    """A ``big`` table of ``rows`` rows and a one-row ``small`` (``big`` is exported first)."""
-    con = sqlite3.connect(path)
-    con.execute("CREATE TABLE small (id INTEGER PRIMARY KEY, v TEXT)")
-    con.execute("INSERT INTO small VALUES (1, 'one')")
-    con.execute("CREATE TABLE big (id INTEGER PRIMARY KEY, name TEXT, amount REAL, at TEXT)")
-    con.execute(
-        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT ?) "
-        "INSERT INTO big SELECT x, 'name ' || x || ' ' || hex(randomblob(8)), x * 0.25, "
-        "'2024-01-01T00:00:00Z' FROM c",
-        (rows,),
-    )
-    con.commit()
-    con.close()
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from helpers import (
 
 pytestmark = pytest.mark.faults
 
-BIG_ROWS = 500_000  # a run of these lasts long enough to be caught writing
+BIG_ROWS = 200_000  # a run of these (about half a second) lasts long enough to be caught writing
 KILLED = "the worker process running this extract died (killed by SIGKILL)"
 INNOCENT = "stopped because another run's worker process died"
 INTERRUPTED = "interrupted: the service stopped while this run was running"

@@ -79,8 +79,9 @@ def remount(path: Path, mode: str) -> None:
 def test_the_free_space_reserve_fails_runs_cleanly_and_they_are_not_retried(tmp_path: Path) -> None:
     """Under --min-free-mb a run fails before writing; a permanent cause (SPEC: Retries)."""
     db = make_shop_db(tmp_path / "shop.db")
-    free_mb = shutil.disk_usage(tmp_path).free >> 20
-    svc = start_service(tmp_path, str(db), "--min-free-mb", str(free_mb + 1024))
+    # Above the volume's whole size: other tests (and other processes) free space meanwhile.
+    size_mb = shutil.disk_usage(tmp_path).total >> 20
+    svc = start_service(tmp_path, str(db), "--min-free-mb", str(size_mb + 1024))
     try:
         assert "reserve" in svc.output()  # the start-up warning
         extract = svc.create_extract(name="Full disk", retry_delay_seconds=1)

@@ -106,10 +106,10 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory, moto: Moto) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("cluster")
     source = make_shop_db(tmp / "shop.db")
-    con = sqlite3.connect(source)  # and a table that takes a worker a few seconds
+    con = sqlite3.connect(source)  # and a table that takes a worker a second or two
     con.execute("CREATE TABLE big (id INTEGER PRIMARY KEY, pad TEXT)")
     con.execute(
-        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 1500000) "
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 400000) "
         "INSERT INTO big SELECT x, 'padding padding padding ' || x FROM c"
     )
     con.commit()
@@ -284,7 +284,7 @@ def _instance_id(svc: Service) -> str:
 @pytest.mark.slow
 def test_a_frozen_instance_is_fenced_off(tmp_path: Path, moto: Moto) -> None:
     """SIGSTOP past the lease, then SIGCONT: its late progress, status and files change nothing."""
-    group = Cluster(tmp_path, moto, make_big_db(tmp_path / "big.db", 600_000), unique_name("extracts_fence"))
+    group = Cluster(tmp_path, moto, make_big_db(tmp_path / "big.db", 300_000), unique_name("extracts_fence"))
     try:
         a, b, c = group.start()
         extract = a.create_extract(
