@@ -210,9 +210,11 @@ def default_name(source: str) -> str:
 
 
 def _export(sub: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from executor.sources.sqlitemem import turn_off_memory_statistics
     from extracts.export import Export, ExportFailed, Interrupted
     from extracts.progress import make_view
 
+    turn_off_memory_statistics()  # first: no SQLite connection may be open (its docstring)
     config = export_config(args, sub.error)
     directory = Path(args.directory) if args.directory else None
     zip_path = Path(args.output) if args.output else None

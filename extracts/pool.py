@@ -68,8 +68,10 @@ def worker_initializer(service_pid: int | None = None, queue: Any = None, cancel
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if queue is not None:
         from executor.entry import keep_channel
+        from executor.sources.sqlitemem import turn_off_memory_statistics
 
         os.nice(max(0, WORKER_NICENESS - os.nice(0)))  # the Manager is not a worker: it keeps its niceness
+        turn_off_memory_statistics()  # before the worker's first SQLite connection (its docstring)
 
         keep_channel(queue, cancelled)
     if service_pid is not None:
