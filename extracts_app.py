@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     """``extracts-app [serve] [options]``: the service; ``export``, ``verify``, ``run``: the commands."""
     argv = sys.argv[1:] if argv is None else argv
     if is_command(argv):
-        raise SystemExit(run_command(argv))
+        raise SystemExit(run_command(argv, own_process=True))
     if argv[:1] == ["serve"]:
         argv = argv[1:]
     import uvicorn

@@ -16,7 +16,7 @@ from extracts.commands import is_command, run_command
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if is_command(argv):
-        raise SystemExit(run_command(argv))
+        raise SystemExit(run_command(argv, own_process=True))
     import extracts_app
 
     extracts_app.main(argv)

@@ -40,13 +40,23 @@ def is_command(argv: list[str]) -> bool:
     return bool(argv) and argv[0] in COMMANDS
 
 
-def run_command(argv: list[str]) -> int:
-    """Run ``export``, ``verify`` or ``run`` with its options; returns the exit status."""
+def run_command(argv: list[str], own_process: bool = False) -> int:
+    """Run ``export``, ``verify`` or ``run`` with its options; returns the exit status.
+
+    ``own_process``: this process holds no SQLite connection and will open none
+    but the export's (the console script), so an export may first turn SQLite's
+    allocation statistics off (``executor.sources.sqlitemem``), which is only
+    safe with no connection open anywhere in the process.
+    """
     parser, subs = _parser()
     args = parser.parse_args(argv)
     command, sub = args.command, subs[args.command]
     try:
         if command == "export":
+            if own_process:
+                from executor.sources.sqlitemem import turn_off_memory_statistics
+
+                turn_off_memory_statistics()
             return _export(sub, args)
         if command == "verify":
             from extracts.verify import verify_path
@@ -210,11 +220,9 @@ def default_name(source: str) -> str:
 
 
 def _export(sub: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from executor.sources.sqlitemem import turn_off_memory_statistics
     from extracts.export import Export, ExportFailed, Interrupted
     from extracts.progress import make_view
 
-    turn_off_memory_statistics()  # first: no SQLite connection may be open (its docstring)
     config = export_config(args, sub.error)
     directory = Path(args.directory) if args.directory else None
     zip_path = Path(args.output) if args.output else None

@@ -12,8 +12,10 @@ Python's sqlite3 module cannot set it. The C library can, through
 ``sqlite3_config``, but only between ``sqlite3_shutdown`` and
 ``sqlite3_initialize`` with no connection open in the process. So this runs
 once, first thing, in processes that own every SQLite connection they make:
-a pool worker and ``extracts-app export``. It never runs in the service
-process, which holds its state connections. Nothing else changes: the
+a pool worker, and ``extracts-app export`` run as a command of its own
+(``run_command(..., own_process=True)``). It never runs in the service process,
+which holds its state connections, nor where a program calls the export in its
+own process (the tests do). Nothing else changes: the
 statistics only feed ``sqlite3_memory_used`` and the soft heap limit, and no
 one here reads either.
 """
