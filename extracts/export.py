@@ -223,9 +223,9 @@ def zip_in_place(entries: list[ZipEntry]) -> Path | None:
     path = Path(entries[first].path)
     fd = os.open(path, os.O_RDWR)
     try:
-        block = os.fstat(fd).st_blksize
-        parts = stored_around(entries, first, block)
-        if parts is None or os.fstat(fd).st_size != entries[first].size or not _insert_block(fd, block):
+        stat = os.fstat(fd)
+        parts = stored_around(entries, first, stat.st_blksize)
+        if parts is None or stat.st_size != entries[first].size or not _insert_block(fd, stat.st_blksize):
             return None
         header, others, tail = parts
         os.pwrite(fd, header, 0)  # into the inserted block: never a short write

@@ -95,12 +95,8 @@ class StoredZip:
         digest = hashlib.sha256()
         offset = 0
         for entry in self._entries:
-            info = _zipinfo(entry)
-            info.CRC = entry.crc32
-            info.file_size = info.compress_size = entry.size
-            # The sizes are known, so the local header carries them and no data
-            # descriptor follows; ZIP64 there requires both sizes (APPNOTE 4.5.3).
-            header = info.FileHeader(zip64=entry.size >= _U32)
+            info = _stored_info(entry)
+            header = _local_header(info)
             self._offsets.append(offset)
             self._headers.append(header)
             central.append(_central_record(info, offset))
@@ -178,19 +174,13 @@ def stored_around(
     """
     entries = tuple(entries)
     _check_entries(entries)
-    headers: dict[int, bytes] = {}
-    infos = []
-    for index, entry in enumerate(entries):
-        info = _zipinfo(entry)
-        info.CRC = entry.crc32
-        info.file_size = info.compress_size = entry.size
-        infos.append(info)
-        headers[index] = info.FileHeader(zip64=entry.size >= _U32)
+    infos = [_stored_info(entry) for entry in entries]
+    headers = [_local_header(info) for info in infos]
     padding = header_size - len(headers[first]) - _EXTRA_HEADER.size
     if not 0 <= padding <= _U16 - 20:  # 20: the ZIP64 extra that may share the field
         return None
     infos[first].extra = _EXTRA_HEADER.pack(_PADDING_ID, padding) + bytes(padding)
-    headers[first] = infos[first].FileHeader(zip64=entries[first].size >= _U32)
+    headers[first] = _local_header(infos[first])
     offsets = {first: 0}
     offset = header_size + entries[first].size
     others = [index for index in range(len(entries)) if index != first]
@@ -307,6 +297,20 @@ def _zipinfo(entry: ZipEntry) -> zipfile.ZipInfo:
     info.create_system = _UNIX  # ZipInfo picks the running OS; pin it for determinism
     info.external_attr = _EXTERNAL_ATTR
     return info
+
+
+def _stored_info(entry: ZipEntry) -> zipfile.ZipInfo:
+    """The entry as a STORED member whose CRC and sizes are known before its data."""
+    info = _zipinfo(entry)
+    info.CRC = entry.crc32
+    info.file_size = info.compress_size = entry.size
+    return info
+
+
+def _local_header(info: zipfile.ZipInfo) -> bytes:
+    # The sizes are known, so the local header carries them and no data
+    # descriptor follows; ZIP64 there requires both sizes (APPNOTE 4.5.3).
+    return info.FileHeader(zip64=info.file_size >= _U32)
 
 
 def _central_record(info: zipfile.ZipInfo, offset: int) -> bytes:
