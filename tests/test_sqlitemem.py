@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import sqlite3
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
-from helpers import ROOT
+from helpers import ROOT, make_shop_db
 
 PROGRAM = textwrap.dedent(
     """
@@ -39,3 +42,25 @@ def test_a_process_turns_the_statistics_off_and_sqlite_works_on() -> None:
     assert counted > 0  # on by default: the statistics counted the first connection's memory
     assert after == 0  # off: nothing counted any more
     assert length == len("[" + ",".join(map(str, range(1000))) + "]")
+
+
+def test_an_export_run_in_a_programs_own_process_leaves_the_statistics_on(tmp_path: Path) -> None:
+    """Only the console script may switch them: here this process holds other connections."""
+    from extracts import commands
+
+    library = ctypes.CDLL("libsqlite3.so.0")
+    library.sqlite3_memory_used.restype = ctypes.c_int64
+    held = sqlite3.connect(make_shop_db(tmp_path / "shop.db"))  # a connection the program keeps open
+    try:
+        held.execute("SELECT count(*) FROM users").fetchone()
+        assert (
+            commands.run_command(["export", str(tmp_path / "shop.db"), "-d", str(tmp_path / "out"), "-q"])
+            == 0
+        )
+        before = library.sqlite3_memory_used()
+        assert held.execute("SELECT count(*) FROM users").fetchone() == (4,)
+        held.execute("CREATE TEMP TABLE grown AS SELECT randomblob(1000000) AS b")
+        # Still counted: SQLite was never shut down under the open connection.
+        assert library.sqlite3_memory_used() > before
+    finally:
+        held.close()
