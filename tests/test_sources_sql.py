@@ -1057,6 +1057,11 @@ def test_stopping_a_read_early_when_mysql_refuses_a_second_connection(my: My) ->
                     SourceError, match="closed when a read stopped early; the snapshot is lost"
                 ):
                     source.count("early_alone", None)
+            # The server lets the closed connection go a moment later: only then may the user connect.
+            deadline = time.monotonic() + 10
+            while my.rows("SELECT 1 FROM information_schema.PROCESSLIST WHERE USER = %s", (user,)):
+                assert time.monotonic() < deadline, "the server kept the closed connection"
+                time.sleep(0.05)
             assert source.count("early_alone", None) == 50_000  # on a new connection
         gc.collect()  # PyMySQL's half-read result, were it still waiting for rows, would raise now
     finally:
