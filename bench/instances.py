@@ -1,7 +1,7 @@
 """Several instances over one PostgreSQL state and one S3 store (issue 16's figures).
 
     python bench/instances.py                     # about 10 minutes on 2 cores
-    python bench/instances.py --smoke             # small, about a minute
+    python bench/instances.py --smoke             # small, about 20 s: keeps this script working
 
 Real processes on one machine: PostgreSQL (``--postgres``, a database made
 for each cluster and dropped after it), moto's S3 server on 127.0.0.1, and the
@@ -69,6 +69,7 @@ class Cluster:
         self.bench, self.name, self.workers = bench, name, workers
         self.state = StateDatabase(bench.a.postgres, f"extracts_bench_{name}_{os.getpid()}")
         self.instances: list[Service] = []
+        self.spares: list[Service] = []  # launched ahead, not yet waited for (``--smoke``)
         self.started = 0
 
     def start(self, count: int) -> Cluster:
@@ -78,9 +79,31 @@ class Cluster:
         return self
 
     def add(self) -> Service:
+        return self.grow(len(self.instances) + 1).instances[-1]
+
+    def launch(self, count: int) -> Cluster:
+        """Spares launched until ``count`` instances run or are launched: ``grow`` waits for them."""
+        missing = count - len(self.instances) - len(self.spares)
+        self.spares += [self.instance().launch() for _ in range(missing)]
+        return self
+
+    def grow(self, count: int) -> Cluster:
+        """Instances added until there are ``count``: the spares first, all launched, then waited for."""
+        adding = count - len(self.instances)
+        if adding < 0:
+            raise BenchError(f"{self.name}: {len(self.instances)} instances, cannot shrink to {count}")
+        self.launch(count)
+        new, self.spares = self.spares[:adding], self.spares[adding:]
+        self.instances += new
+        for svc in new:
+            svc.ready()
+        return self
+
+    def instance(self) -> Service:
+        """The next instance, not started."""
         b = self.bench
         self.started += 1
-        svc = Service(
+        return Service(
             b.source,
             b.work / f"{self.name}-{self.started}",
             workers=self.workers,
@@ -89,19 +112,16 @@ class Cluster:
             extra=[*b.moto.options(), "--lease-seconds", str(b.a.lease_seconds)],
             env=CREDENTIALS,
         )
-        svc.start()
-        self.instances.append(svc)
-        return svc
 
     @property
     def first(self) -> Service:
         return self.instances[0]
 
     def stop(self) -> None:
-        for svc in self.instances:
+        for svc in self.instances + self.spares:
             svc.stop()
             shutil.rmtree(svc.workdir, ignore_errors=True)
-        self.instances = []
+        self.instances, self.spares = [], []
         with contextlib.suppress(BenchError):
             self.state.drop()
 
@@ -128,15 +148,38 @@ class InstancesBench:
         self.source = Path()
         self.moto = Moto(self.work / "moto")
         self.small_filter = {"filter": {"accounts": {"where": {"id": {"$lte": args.small_rows}}}}}
+        # --smoke: the clusters, by name, launched ahead and kept. One cluster of one-worker instances
+        # grows from part to part instead of a fresh cluster for each: a service takes seconds to start,
+        # and the smoke run's figures are not read.
+        self.kept: dict[str, Cluster] = {}
+
+    def cluster(self, name: str, workers: int, count: int, launch: bool = False) -> Cluster:
+        """``count`` instances of ``workers`` workers: a fresh cluster, or with ``--smoke`` a kept one
+        (all one-worker instances share one); ``launch``: only launch them, ``cluster()`` waits later."""
+        if not self.a.smoke:
+            return Cluster(self, name, workers).start(count)
+        name = "shared" if workers == 1 else name
+        if name not in self.kept:
+            self.kept[name] = Cluster(self, name, workers).start(0)
+        cluster = self.kept[name]
+        return cluster.launch(count) if launch else cluster.grow(count)
+
+    def release(self, cluster: Cluster) -> None:
+        """Stop a cluster, unless it is the kept one-worker cluster (``--smoke``): the next part grows it."""
+        if self.kept.get("shared") is not cluster:
+            cluster.stop()
+            self.kept = {name: kept for name, kept in self.kept.items() if kept is not cluster}
 
     def setup(self) -> None:
         a = self.a
+        shutil.rmtree(self.work, ignore_errors=True)
+        if a.smoke:  # moto starts while the source is generated
+            self.moto.launch()
         say(f"source: {a.rows:,} rows")
         self.source, seconds = datagen.ensure_source(a.workdir, a.rows, 0, a.seed)
         if seconds:
             say(f"generated {self.source} in {seconds:.1f} s")
         datagen.warm_cache(self.source)
-        shutil.rmtree(self.work, ignore_errors=True)
         self.moto.start()
         say(f"moto_server at {self.moto.endpoint} (pid {self.moto.pid})")
 
@@ -154,7 +197,7 @@ class InstancesBench:
         import psycopg
 
         a = self.a
-        cluster = Cluster(self, label, workers).start(instances)
+        cluster = self.cluster(label, workers, instances)
         try:
             cluster.warm_up()
             extracts = [
@@ -195,7 +238,7 @@ class InstancesBench:
                 raise BenchError(f"{label}: a run exported {wrong[0]} rows")
             return elapsed, Counter(instance for instance, _ in rows), used
         finally:
-            cluster.stop()
+            self.release(cluster)
 
     def throughput(self) -> None:
         a, f = self.a, self.figures
@@ -203,10 +246,16 @@ class InstancesBench:
         spread: dict[tuple[int, int], list[str]] = {}
         used: dict[tuple[int, int], list[dict[str, float]]] = {}
         configs = [(k, 1) for k in a.instances] + [(1, k) for k in a.instances if k > 1]
+        if a.smoke:  # the clusters of several workers start with the first one-worker cluster
+            for instances, workers in [c for c in configs if c[1] > 1] + configs[:1]:
+                self.cluster(f"{instances}x{workers}", workers, instances, launch=True)
         for rep in range(a.repeats):
             order = configs if rep % 2 == 0 else configs[::-1]
-            for instances, workers in order:
+            for number, (instances, workers) in enumerate(order):
                 label = f"{instances}x{workers}"
+                done_with_one_worker = rep + 1 == a.repeats and all(w > 1 for _, w in order[number:])
+                if a.smoke and done_with_one_worker and set(a.parts) & set("bc"):
+                    self.cluster("failover", 1, 3, launch=True)  # part b's third instance starts meanwhile
                 say(
                     f"a. repeat {rep + 1} of {a.repeats}: {a.runs} small runs, "
                     f"{instances} instance(s) × {workers} worker(s)"
@@ -262,7 +311,7 @@ class InstancesBench:
     def failover(self) -> None:
         a, f = self.a, self.figures
         say(f"b. failover: {a.trials} trials, 3 instances, --lease-seconds {a.lease_seconds}")
-        cluster = Cluster(self, "failover", 1).start(3)
+        cluster = self.cluster("failover", 1, 3)
         to_failed, to_running, to_started = [], [], []
         try:
             extract = cluster.first.create_extract(
@@ -282,6 +331,8 @@ class InstancesBench:
                 os.kill(pid, signal.SIGKILL)
                 killed, killed_wall = time.perf_counter(), time.time()
                 victim.process.wait()  # type: ignore[union-attr]
+                if a.smoke:  # the replacement starts while the lease runs out, not after the trial
+                    cluster.spares.append(cluster.instance().launch())
                 survivor = next(s for s in cluster.instances if s is not victim)
                 failed_at = running_at = None
                 retry_id = None
@@ -322,9 +373,9 @@ class InstancesBench:
                 for r in (run_id, retry_id):
                     with contextlib.suppress(BenchError):
                         survivor.delete_run(r)  # type: ignore[arg-type]
-                cluster.add()  # three instances again for the next trial
+                cluster.add()  # three instances again for the next trial (and part c, with --smoke)
         finally:
-            cluster.stop()
+            self.release(cluster)
         lease = a.lease_seconds
         for label, values in (
             ("kill → run seen failed as interrupted", to_failed),
@@ -350,7 +401,7 @@ class InstancesBench:
     def latency(self) -> None:
         a, f = self.a, self.figures
         say(f"c. status latency: 3 instances, {a.clients} clients, idle then two exports running")
-        cluster = Cluster(self, "latency", 1).start(3)
+        cluster = self.cluster("latency", 1, 3)
         try:
             cluster.warm_up()
             if a.nice_workers:  # an experiment: the workers (and the forkserver they come from) yield the CPU
@@ -367,7 +418,7 @@ class InstancesBench:
             idle = asyncio.run(self._latency(cluster, [], idle_run, a.latency_seconds / 4))
             busy = asyncio.run(self._latency(cluster, extracts, idle_run, a.latency_seconds))
         finally:
-            cluster.stop()
+            self.release(cluster)
         for label, (latencies, errors, finished, spread), seconds in (
             ("workers idle", idle, a.latency_seconds / 4),
             ("two exports running", busy, a.latency_seconds),
@@ -483,6 +534,8 @@ class InstancesBench:
             for part in self.a.parts:
                 {"a": self.throughput, "b": self.failover, "c": self.latency}[part]()
         finally:
+            for cluster in self.kept.values():
+                cluster.stop()
             self.moto.stop()
             shutil.rmtree(self.work, ignore_errors=True)
         return self.figures

@@ -69,6 +69,11 @@ class Service:
         return {"Authorization": f"Bearer {self.token}"}
 
     def start(self, timeout: float = 60) -> None:
+        self.launch()
+        self.ready(timeout)
+
+    def launch(self) -> Service:
+        """Start the process without waiting for it: ``ready`` waits (several services start at once)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / "service.log", "ab")  # noqa: SIM115 — the child keeps it
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
@@ -100,6 +105,11 @@ class Service:
         )
         log.close()
         self.client = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=60)
+        return self
+
+    def ready(self, timeout: float = 60) -> None:
+        """Wait until the launched service answers ``/health``."""
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

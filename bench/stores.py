@@ -63,14 +63,10 @@ class Moto:
         return self.process.pid
 
     def start(self, timeout: float = 60) -> Moto:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        with open(self.workdir / "moto.log", "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-            )
+        """Launch it (unless ``launch`` did), wait for it to answer, make the bucket."""
+        if self.process is None:
+            self.launch()
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -86,6 +82,18 @@ class Moto:
             self.stop()
             raise BenchError(f"moto_server did not answer within {timeout} s")
         urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/{BUCKET}", method="PUT")).close()
+        return self
+
+    def launch(self) -> Moto:
+        """Start the process without waiting for it (``start`` waits)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.workdir / "moto.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+            )
         return self
 
     def url(self, prefix: str) -> str:
@@ -180,12 +188,12 @@ class Figures:
         memory = "?"
         with contextlib.suppress(OSError), open("/proc/meminfo") as f:
             memory = next(f"{int(x.split()[1]) / 1024**2:.1f} GiB" for x in f if x.startswith("MemTotal:"))
-        import moto
+        from importlib.metadata import version
 
         lines = [
             f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}  ",
             f"Machine: {os.cpu_count()} CPUs, {memory} RAM, {platform.system()} {platform.release()}; "
-            f"Python {platform.python_version()}, moto {moto.__version__}  ",
+            f"Python {platform.python_version()}, moto {version('moto')}  ",  # importing moto takes a second
             f"Load average at start / end: {load_start} / {load()}  ",
             f"Code: commit {head or '?'}"
             + (f", with uncommitted changes to {', '.join(changed)}" if changed else "")
