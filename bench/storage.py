@@ -2,7 +2,7 @@
 
     python bench/storage.py                         # 1M rows × 5 each way, 10M rows to S3: ~10 minutes
     python bench/storage.py --big-rows 0            # the 1M-row comparison and its downloads only
-    python bench/storage.py --smoke                 # small, about a minute
+    python bench/storage.py --smoke                 # small, about 10 s: keeps this script working
 
 Two services run side by side on the same source, each with its own SQLite
 state: one writes to a local directory, the other to ``s3://extracts-bench/…``
@@ -88,22 +88,32 @@ class StorageBench:
         datagen.warm_cache(self.source)
         self.digest("events")
         shutil.rmtree(self.work, ignore_errors=True)
+        self.local = Service(self.source, self.work / "local", workers=a.workers)
+        if a.smoke:  # it starts beside moto
+            self.local.launch()
         self.moto.start()
         say(f"moto_server at {self.moto.endpoint} (pid {self.moto.pid})")
-        self.local = Service(self.source, self.work / "local", workers=a.workers)
         self.s3 = self.s3_service("s3", {})
         # The same store with AWS_UNSIGNED_PAYLOAD=true (obstore reads it): no SHA-256 of each part
         # in the signature, which moto otherwise recomputes for every byte it receives.
         self.unsigned = (
             self.s3_service("s3-unsigned", {"AWS_UNSIGNED_PAYLOAD": "true"}) if a.unsigned else None
         )
-        for svc in (self.local, self.s3, self.unsigned):
-            if svc is None:
-                continue
-            svc.start()
-            say(f"service ({svc.storage_url or 'local disk'}) at {svc.base_url} (pid {svc.process.pid})")
-            warm = svc.create_extract("warm-up", ["accounts"], "jsonl", False)
-            svc.delete_run(svc.wait(svc.start_run(warm))["id"])  # the pool's worker starts now
+        services = [svc for svc in (self.local, self.s3, self.unsigned) if svc is not None]
+        # One service after another; with --smoke all at once (the smoke run's figures are not read).
+        for group in [services] if a.smoke else [[svc] for svc in services]:
+            for svc in group:
+                if svc.process is None:
+                    svc.launch()
+            for svc in group:
+                svc.ready()
+                say(f"service ({svc.storage_url or 'local disk'}) at {svc.base_url} (pid {svc.process.pid})")
+            warm = [
+                (svc, svc.start_run(svc.create_extract("warm-up", ["accounts"], "jsonl", False)))
+                for svc in group
+            ]
+            for svc, run in warm:
+                svc.delete_run(svc.wait(run)["id"])  # the pool's worker starts now
 
     def s3_service(self, name: str, env: dict[str, str]) -> Service:
         return Service(
@@ -450,8 +460,8 @@ class StorageBench:
     # ------------------------------------------------------------ all of it
 
     def run(self) -> Figures:
-        self.setup()
         try:
+            self.setup()
             self.exports()
             if self.a.big_rows:
                 run, data = self.big_export()
@@ -497,11 +507,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/extracts-bench"), help="data and services")
     parser.add_argument("--seed", type=int, default=42, help="seed of the generated data")
     parser.add_argument("--markdown", type=Path, help="also write the results as Markdown to this file")
-    parser.add_argument("--smoke", action="store_true", help="small and quick: 20,000 rows, 100,000 big")
+    parser.add_argument("--smoke", action="store_true", help="small and quick: 20,000 rows, 30,000 big")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.rows, args.big_rows = min(args.rows, 20_000), min(args.big_rows, 100_000)
+        args.rows, args.big_rows = min(args.rows, 20_000), min(args.big_rows, 30_000)
         args.repeats, args.download_repeats = 2, 1
     if shutil.which("curl") is None:
         parser.error("the download part needs curl")
