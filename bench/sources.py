@@ -368,6 +368,8 @@ class Part:
     repeats: int
     workers: int
     dialects: list[str]
+    reuse: bool = False  # --smoke: one service per dialect, all started at once, not one per table
+    service: Service | None = None  # with ``reuse``: run.py's running service on ``db``, for SQLite
 
 
 def run(part: Part) -> None:
@@ -385,19 +387,54 @@ def run(part: Part) -> None:
             part.results.notes.append(f"No {dialect} server answered: its part 7 rows are missing.")
     part.results.notes.append(f"Part 7 tools: {_versions()}.")
     out = part.workdir / "out-sources"
-    for dialect, source in sources.items():
-        if source is None:
-            continue
-        for table, rows, repeats in [("events", part.rows, part.repeats)] + (
-            [("events_big", part.big_rows, 1)] if part.big_rows else []
-        ):
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True)
-            _measure(part, dialect, source, table, rows, repeats, out)
+    kept: dict[str, Service] = {}  # with ``reuse``: each dialect's service, launched now, by dialect
+    warm: set[str] = set()  # the dialects whose kept service has run an export
+    if part.reuse:
+        for dialect, source in sources.items():
+            if dialect == "sqlite" and part.service is not None:
+                kept[dialect] = part.service
+                warm.add(dialect)
+            elif source is not None:
+                kept[dialect] = _service(part, dialect, source).launch()
+    try:
+        for dialect, source in sources.items():
+            if source is None:
+                continue
+            for table, rows, repeats in [("events", part.rows, part.repeats)] + (
+                [("events_big", part.big_rows, 1)] if part.big_rows else []
+            ):
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir(parents=True)
+                _measure(part, dialect, source, table, rows, repeats, out, kept.get(dialect), dialect in warm)
+                warm.add(dialect)
+    finally:
+        for service in kept.values():
+            if service is not part.service:
+                _stop(service)
     shutil.rmtree(out, ignore_errors=True)
 
 
-def _measure(part: Part, dialect: str, source: str, table: str, rows: int, repeats: int, out: Path) -> None:
+def _service(part: Part, dialect: str, source: str) -> Service:
+    return Service(source, part.workdir / f"service-{dialect}", workers=part.workers)  # type: ignore[arg-type]
+
+
+def _stop(service: Service) -> None:
+    service.stop()
+    shutil.rmtree(service.workdir, ignore_errors=True)
+
+
+def _measure(
+    part: Part,
+    dialect: str,
+    source: str,
+    table: str,
+    rows: int,
+    repeats: int,
+    out: Path,
+    kept: Service | None = None,
+    warm: bool = False,
+) -> None:
+    """One table of one dialect, on a service of its own, or on ``kept`` (``warm``: it has exported)."""
     found, notes = contenders(dialect, source, table, out)
     part.results.notes.extend(notes)
     if not found:
@@ -415,13 +452,17 @@ def _measure(part: Part, dialect: str, source: str, table: str, rows: int, repea
         for contender in found[1:]
     ]
     want = expected(part.db, table, dialect)
-    service = Service(source, part.workdir / f"service-{dialect}", workers=part.workers)  # type: ignore[arg-type]
-    service.start()
+    service = kept or _service(part, dialect, source)
+    if kept is None:
+        service.start()
+    else:
+        service.ready()
     try:
         extract = service.create_extract(f"bench {dialect} {table}", [table], "jsonl", False)
-        warm = service.start_run(extract)  # the pool's worker starts, the server's cache warms
-        service.wait(warm)
-        service.delete_run(warm)
+        if not warm:
+            first = service.start_run(extract)  # the pool's worker starts, the server's cache warms
+            service.wait(first)
+            service.delete_run(first)
         peak = 0
         for repeat in range(repeats):
             _say(f"part 7: {dialect} {table}, repeat {repeat + 1} of {repeats}")
@@ -452,8 +493,8 @@ def _measure(part: Part, dialect: str, source: str, table: str, rows: int, repea
             peak < 150 * MIB,
         )
     finally:
-        service.stop()
-        shutil.rmtree(service.workdir, ignore_errors=True)
+        if kept is None:
+            _stop(service)
 
 
 _CHECKED: set[str] = set()
