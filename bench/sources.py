@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import re
 import shlex
 import shutil
 import sqlite3
@@ -47,7 +48,6 @@ from service import MemoryWindow, Service
 
 PG_DSN = "postgresql://postgres@127.0.0.1:5432"
 MY_DSN = "mysql://root@127.0.0.1:3306"
-DATABASE = "extracts_bench"
 TARGETS = {"sqlite": 0.7, "postgresql": 0.5, "mysql": 1.0}
 COLUMNS = ["id", "account_id", "amount", "ratio", "title", "note", "created_at", "updated_at", "active"]
 MIB = 1 << 20
@@ -127,6 +127,11 @@ def _tag(db: Path, table: str) -> str:
     return f"{db.name}:{table}"
 
 
+def _database(db: Path) -> str:
+    """The server database of one data file: a smoke run never reloads a full run's tables."""
+    return "extracts_bench_" + re.sub(r"[^a-z0-9]+", "_", db.stem.lower()).strip("_")
+
+
 # datagen's events_big: block k of events with shifted ids, account ids and amounts.
 _BIG_SELECT = (
     "SELECT id + {k} * {n}, (account_id + {k} * 7919) % 100000 + 1, amount + {k}, ratio, title, note,"
@@ -153,10 +158,11 @@ def prepare_postgres(db: Path, tables: list[str]) -> str | None:
         admin = psycopg.connect(f"{PG_DSN}/postgres", autocommit=True, connect_timeout=5)
     except psycopg.Error:
         return None
+    database = _database(db)
     with admin:
-        if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone():
-            admin.execute(f"CREATE DATABASE {DATABASE}")
-    url = f"{PG_DSN}/{DATABASE}"
+        if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone():
+            admin.execute(f"CREATE DATABASE {database}")
+    url = f"{PG_DSN}/{database}"
     with psycopg.connect(url, autocommit=True) as conn:
         for table in tables:
             tag = conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", (table,)).fetchone()[0]
@@ -195,15 +201,16 @@ def prepare_mysql(db: Path, tables: list[str]) -> str | None:
         )
     except pymysql.err.MySQLError:
         return None
+    database = _database(db)
     with conn, conn.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE IF NOT EXISTS {DATABASE} CHARACTER SET utf8mb4")
-        cursor.execute(f"USE {DATABASE}")
+        cursor.execute(f"CREATE DATABASE IF NOT EXISTS {database} CHARACTER SET utf8mb4")
+        cursor.execute(f"USE {database}")
         cursor.execute("SET time_zone = '+00:00'")
         for table in tables:
             cursor.execute(
                 "SELECT TABLE_COMMENT FROM information_schema.TABLES"
                 " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
-                (DATABASE, table),
+                (database, table),
             )
             found = cursor.fetchone()
             if found and found[0] == _tag(db, table):
@@ -236,7 +243,7 @@ def prepare_mysql(db: Path, tables: list[str]) -> str | None:
             cursor.execute(f"ALTER TABLE {table} COMMENT = %s", (_tag(db, table),))
             cursor.execute(f"ANALYZE TABLE {table}")
             cursor.fetchall()
-    return f"{MY_DSN}/{DATABASE}"
+    return f"{MY_DSN}/{database}"
 
 
 # ---------------------------------------------------------------- the contenders
@@ -272,6 +279,7 @@ class Contender:
 def contenders(dialect: str, source: str, table: str, out: Path) -> tuple[list[Contender], list[str]]:
     """The reference first, then the others; and notes on the ones left out."""
     notes = []
+    database = source.rsplit("/", 1)[-1]  # a server's: prepare_postgres's or prepare_mysql's URL
     if dialect == "sqlite":
         q = shlex.quote(source)
         found = [
@@ -300,7 +308,7 @@ def contenders(dialect: str, source: str, table: str, out: Path) -> tuple[list[C
         extension = _duckdb_extension("postgres_scanner")
         if extension:
             attach = (
-                f"ATTACH 'dbname={DATABASE} host=127.0.0.1 user=postgres' AS pg (TYPE postgres, READ_ONLY)"
+                f"ATTACH 'dbname={database} host=127.0.0.1 user=postgres' AS pg (TYPE postgres, READ_ONLY)"
             )
             copy_out = f"COPY (SELECT * FROM pg.public.{table}) TO '{out / 'duckdb.json'}' (FORMAT json)"
             found.append(
@@ -318,7 +326,7 @@ def contenders(dialect: str, source: str, table: str, out: Path) -> tuple[list[C
         query = f"SELECT JSON_OBJECT({pairs}) FROM {table}"
         command = (
             f"mysql -h127.0.0.1 -uroot --default-character-set=utf8mb4 --quick -N -B "
-            f"-e {shlex.quote(query)} {DATABASE}"
+            f"-e {shlex.quote(query)} {database}"
         )
         found = [Contender("`mysql --quick` `JSON_OBJECT`", command, out / "mysql.json")]
     found.insert(1, Contender("extracts service", None))
