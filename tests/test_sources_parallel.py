@@ -27,7 +27,8 @@ import psycopg
 import pymysql
 import pytest
 
-from executor.sources import Source, open_source
+from executor.sources import Source, myread, mysnap, open_source
+from executor.sources.mysql import MySQLSource
 from executor.sources.postgres import PostgresSource
 from executor.sources.sqlite import SQLiteSource
 
@@ -308,6 +309,137 @@ def test_mysql_a_range_too_big_for_one_packet_is_read_in_halves(my: pymysql.Conn
     assert len(by_row.split(b"\n")) == 199
 
 
+@pytest.fixture
+def my_parallel(my: pymysql.Connection, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A 60,000-row table read in parallel: the size thresholds lowered to its scale."""
+    monkeypatch.setattr(mysnap, "PARALLEL_MIN_BYTES", 256 << 10)
+    monkeypatch.setattr(myread, "UNIT_BYTES", 32 << 10)
+    my_run(my, "DROP TABLE IF EXISTS mbig")
+    my_run(my, "CREATE TABLE mbig (id BIGINT PRIMARY KEY, h VARCHAR(40), x DOUBLE, t TEXT) ENGINE=InnoDB")
+    my_run(
+        my,
+        "INSERT INTO mbig SELECT seq * 3, MD5(seq), seq / 7, IF(seq % 5 = 0, NULL, REPEAT('é', seq % 90))"
+        " FROM seq_1_to_60000",
+    )
+    my_run(my, "ANALYZE TABLE mbig")  # DATA_LENGTH, which decides on helpers, is a statistic
+    return "mbig"
+
+
+def my_source(url: str = f"mysql://root@127.0.0.1:3306/{NAME}", *, connections: int = 2) -> MySQLSource:
+    source = open_source(url)
+    assert isinstance(source, MySQLSource)
+    source.read_connections = connections
+    return source
+
+
+def my_parallel_export(source: MySQLSource, name: str, where: dict | None = None) -> tuple[bytes, int]:
+    """The export, and the most reading threads seen at once."""
+    with source.snapshot():
+        chunks, readers = [], 0
+        for chunk, _ in source.json_lines(name, where, 10_000):
+            chunks.append(chunk)
+            readers = max(readers, threads("mysql-read"))
+    return b"\n".join(chunks), readers
+
+
+def test_mariadb_parallel_parts_in_order_are_the_single_stream(my_parallel: str) -> None:
+    by_row = my_export(my_parallel, False)
+    with my_source(connections=1) as source:
+        single, alone = my_parallel_export(source, my_parallel)
+    with my_source(connections=2) as source:
+        parallel, together = my_parallel_export(source, my_parallel)
+        where = {"id": {"$gte": 1000, "$lt": 90_000}, "h": {"$like": "a%"}}
+        filtered, _ = my_parallel_export(source, my_parallel, where)
+    assert (alone, together) == (1, 2)
+    assert parallel == single == by_row
+    assert len(single.split(b"\n")) == 60_000
+    assert filtered == my_export(my_parallel, False, where)
+
+
+def test_mariadb_parallel_read_never_sees_a_commit_made_after_the_snapshot(
+    my: pymysql.Connection, my_parallel: str
+) -> None:
+    with my_source() as source, source.snapshot():
+        before = source.count(my_parallel, None)
+        my_run(my, f"UPDATE {my_parallel} SET h = 'changed' WHERE id % 2 = 0")
+        my_run(my, f"DELETE FROM {my_parallel} WHERE id > 170000")
+        my_run(my, f"INSERT INTO {my_parallel} (id, h) SELECT seq * 3 + 1, 'new' FROM seq_1_to_5000")
+        lines = b"\n".join(chunk for chunk, _ in source.json_lines(my_parallel, None, 10_000)).split(b"\n")
+    rows = [orjson.loads(line) for line in lines]
+    assert len(rows) == before == 60_000
+    assert not any(row["h"] in ("changed", "new") for row in rows)
+    assert [row["id"] for row in rows] == [3 * i for i in range(1, 60_001)]
+
+
+MY_WRITER = """
+import sys, pymysql
+conn = pymysql.connect(host="127.0.0.1", user="root", database=sys.argv[1], autocommit=True)
+cursor = conn.cursor()
+print("writing", flush=True)
+for v in range(1, 10**9):  # one commit: every hundredth row, all over the table, takes the next v
+    cursor.execute("UPDATE msent SET v = %s WHERE MOD(id, 100) = 0", (v,))
+"""
+
+
+@pytest.mark.slow  # ten snapshots of nine connections each: about five seconds
+def test_mariadb_connections_started_while_others_commit_share_one_state(
+    my: pymysql.Connection, my_parallel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BACKUP STAGE BLOCK_COMMIT holds the commits while the helpers start: no commit falls between.
+
+    Without it, a helper often starts after a commit its main connection did not
+    see, and the rows they read disagree.
+    """
+    my_run(my, "CREATE TABLE msent (id INT PRIMARY KEY, v INT NOT NULL, pad CHAR(200)) ENGINE=InnoDB")
+    my_run(my, "INSERT INTO msent SELECT seq, 0, 'x' FROM seq_1_to_5000")  # 1.5 MiB: 8 readers of units
+    my_run(my, "ANALYZE TABLE msent")
+    monkeypatch.setattr(mysnap, "PARALLEL_MIN_BYTES", 64 << 10)
+    with subprocess.Popen([sys.executable, "-c", MY_WRITER, NAME], stdout=subprocess.PIPE) as writer:
+        try:
+            assert writer.stdout is not None and writer.stdout.readline() == b"writing\n"
+            seen = []
+            for _ in range(10):
+                # Eight connections: the helpers' transactions start one after another, over about
+                # a millisecond, in which the writer (hundreds of commits a second) often commits.
+                with my_source(connections=8) as source:
+                    text, readers = my_parallel_export(source, "msent")
+                rows = [orjson.loads(line) for line in text.split(b"\n")]
+                values = {row["v"] for row in rows if row["id"] % 100 == 0}
+                assert (readers, len(rows), len(values)) == (8, 5000, 1)  # one state, read by eight
+                seen += values
+        finally:
+            writer.kill()
+    assert len(set(seen)) > 5  # the writer did commit all along
+
+
+def test_mariadb_without_the_reload_privilege_reads_with_one_connection(
+    my: pymysql.Connection, my_parallel: str
+) -> None:
+    user = f"extracts_ro_{secrets.token_hex(3)}"
+    my_run(my, f"CREATE USER '{user}'@'%'")
+    my_run(my, f"GRANT SELECT ON `{NAME}`.* TO '{user}'@'%'")
+    try:
+        with my_source(f"mysql://{user}@127.0.0.1:3306/{NAME}") as source:
+            text, readers = my_parallel_export(source, my_parallel)
+    finally:
+        my_run(my, f"DROP USER '{user}'@'%'")
+    assert readers == 1
+    assert text == my_export(my_parallel, False)
+
+
+def test_mariadb_a_parallel_read_stopped_early_leaves_the_snapshot_usable(my_parallel: str) -> None:
+    with my_source() as source, source.snapshot():
+        lines = source.json_lines(my_parallel, None, 10_000)
+        next(lines)
+        assert threads("mysql-read") == 2
+        started = time.monotonic()
+        lines.close()
+        assert time.monotonic() - started < 2
+        assert threads("mysql-read") == 0
+        assert source.count(my_parallel, None) == 60_000
+        assert len(b"".join(chunk for chunk, _ in source.json_lines(my_parallel, None, 10_000))) > 0
+
+
 # ---------------------------------------------------------------- SQLite
 
 
@@ -373,8 +505,6 @@ def test_sqlite_parallel_read_never_sees_a_commit_made_after_the_snapshot(tmp_pa
 WRITER = """
 import sqlite3, sys
 conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
-# WAL: readers never hold the writer back, so commits keep landing while snapshots start.
-conn.execute("PRAGMA journal_mode = WAL")
 conn.execute("PRAGMA synchronous = OFF")
 print("writing", flush=True)
 i = 10**9

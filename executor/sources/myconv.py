@@ -8,13 +8,15 @@ the type-fidelity table there.
 from __future__ import annotations
 
 import binascii
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import pymysql.converters
 from pymysql.constants import FIELD_TYPE
 
 from executor.sources.float32 import shortest_float32
+from executor.sources.rowjson import RowEncoder
 
 
 def _is_calendar_date(text: str) -> bool:
@@ -83,3 +85,32 @@ RAW_CONVERSIONS: dict[Any, Any] = {
     for field_type, converter in CONVERSIONS.items()
     if isinstance(field_type, int)
 }
+
+
+class RowLines:
+    """Rows of the row-by-row path as JSON lines: one encoder per description (a stream's first)."""
+
+    def __init__(self, json_columns: set[str], float32_columns: set[str]) -> None:
+        self._json_columns, self._float32_columns = json_columns, float32_columns
+        self._encoder: RowEncoder | None = None
+        self._float32_positions: list[int] = []
+
+    def __call__(self, rows: Any, description: Any) -> list[bytes]:
+        if self._encoder is None:
+            names = [column[0] for column in description]
+            json_positions = [i for i, name in enumerate(names) if name in self._json_columns]
+            self._encoder = RowEncoder(names, json_positions)
+            self._float32_positions = [i for i, name in enumerate(names) if name in self._float32_columns]
+        if self._float32_positions:  # the only per-value work in Python: FLOAT columns
+            rows = [with_float32(row, self._float32_positions) for row in rows]
+        return self._encoder.encode(rows)
+
+
+@contextmanager
+def raw_results(conn: pymysql.Connection) -> Iterator[None]:
+    """Binary results as bytes, as the server sent them (a chunk is never base64'd)."""
+    conn.decoders = RAW_CONVERSIONS
+    try:
+        yield
+    finally:
+        conn.decoders = CONVERSIONS

@@ -48,6 +48,7 @@ from executor.sources.float32 import shortest_float32
 from executor.sources.rowjson import compact_json
 
 CHUNK_BYTES = 1 << 20
+UNIT_BYTES = 1 << 20  # of the table on disk (about two chunks of JSON): a unit of a parallel read
 INTEGER_TYPES = {"tinyint", "smallint", "mediumint", "int", "integer", "bigint"}
 TEXT_TYPES = {"char", "varchar", "tinytext", "text", "mediumtext", "longtext", "enum", "set"}
 BINARY_TYPES = {"binary", "varbinary", "tinyblob", "blob", "mediumblob", "longblob"}
@@ -248,12 +249,48 @@ def chunks(
             yield from one(a, middle)
             yield from one(middle + 1, b)
 
-    start, width = ranges.low, ranges.width
+    start = ranges.low
     while start <= ranges.high:
-        end = min(ranges.high, start + width - 1)
+        end = min(ranges.high, start + ranges.width - 1)
         size = 0
         for text, count in one(start, end):
             size += len(text)
             yield text, count
-        width = ranges.next_width(end - start + 1, size)
+        ranges.width = ranges.next_width(end - start + 1, size)
         start = end + 1
+
+
+def unit_width(low: int, high: int, size: int, readers: int) -> int:
+    """The key width of one unit of a parallel read: about ``UNIT_BYTES`` of the table each.
+
+    One reader reads the whole key range as one unit (the single stream). Several
+    read units ``i, i + n, …`` (``executor.sources.parallel``): fixed key ranges,
+    so that every reader knows its own without asking the others.
+    """
+    span = high - low + 1
+    if readers <= 1:
+        return span
+    return max(1, span * UNIT_BYTES // max(size, 1))
+
+
+def reader(
+    fetch: Callable[[int, int], tuple[int, bytes | None]],
+    single: Callable[[int], Iterator[tuple[bytes, int]]],
+    ranges: Ranges,
+    unit: int,
+    limit: int,
+    index: int,
+    readers: int,
+) -> Callable[[Any], None]:
+    """Reader ``index`` of ``readers`` for ``in_order``: its units' chunks, each unit in key order."""
+
+    def read(feed: Any) -> None:
+        width = ranges.width
+        for first in range(ranges.low + index * unit, ranges.high + 1, readers * unit):
+            part = Ranges(ranges.key, first, min(ranges.high, first + unit - 1), width)
+            for chunk in chunks(fetch, single, part, limit):
+                feed.put(chunk)
+            width = part.width
+            feed.end_unit()
+
+    return read

@@ -12,9 +12,10 @@ isolation REPEATABLE READ, time zone UTC) and every read of a run happens inside
 one ``START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY`` (``snapshot()``).
 That snapshot covers InnoDB tables; MyISAM/Aria tables have no snapshots and are
 read as they are at that moment. Each row's JSON is built by the server, a
-primary-key range at a time (``executor.sources.myread``); tables without an
-integer primary key, and tables with a type built row by row, stream through an
-unbuffered ``SSCursor`` with ``fetchmany``: no OFFSET, never a whole table in memory.
+primary-key range at a time (``executor.sources.myread``; on MariaDB by two connections
+in the one snapshot, ``executor.sources.mysnap``); tables without an integer primary key,
+and tables with a type built row by row, stream through an unbuffered ``SSCursor``
+with ``fetchmany``: no OFFSET, never a whole table in memory.
 
 Stopping a read early (cancel, disk full, an error while writing). MySQL's
 protocol has no way to abandon a streaming result: the client must read it to
@@ -75,7 +76,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -85,11 +85,11 @@ from pymysql.constants import ER
 
 from executor.credentials import ambiguous_password
 from executor.filters import compile_where
-from executor.sources import myread
+from executor.sources import myread, mysnap
 from executor.sources.base import SourceError, foreign_keys
-from executor.sources.myconv import CONVERSIONS, RAW_CONVERSIONS, with_float32
+from executor.sources.myconv import CONVERSIONS, RAW_CONVERSIONS, RowLines, raw_results
 from executor.sources.parallel import in_order
-from executor.sources.rowjson import RowEncoder, one_line
+from executor.sources.rowjson import one_line
 from executor.sources.server import Listed, ServerSource
 
 SESSION_SETTINGS = (
@@ -143,10 +143,12 @@ class MySQLSource(ServerSource):
         " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION"
     )
     _quote = staticmethod(_quote)
+    read_connections = 2  #: reading one big table at once, on MariaDB (``executor.sources.mysnap``)
 
     def __init__(self, location: str) -> None:
         super().__init__(location)
         self._mariadb = "mariadb" in self._conn.get_server_info().lower()
+        self._helpers = mysnap.Helpers(self._open_helper)
         if self._mariadb:
             self._label = "MariaDB"
 
@@ -197,11 +199,15 @@ class MySQLSource(ServerSource):
         self._closed_by_stopped_read = False
 
     def _open(self) -> pymysql.Connection:
+        conn = self._open_helper()
+        self._closed_by_stopped_read = False
+        return conn
+
+    def _open_helper(self) -> pymysql.Connection:
         conn = pymysql.connect(**self._connect_args)
         with conn.cursor() as cursor:
             for statement in SESSION_SETTINGS:
                 cursor.execute(statement)
-        self._closed_by_stopped_read = False
         return conn
 
     def _connect_reason(self, exc: BaseException) -> str:
@@ -217,11 +223,11 @@ class MySQLSource(ServerSource):
             self._conn.close()
 
     def interrupt(self) -> None:
-        # The running statement fails with "Query execution was interrupted" and the worker stops.
-        self._kill_query()
+        # The running statements fail with "Query execution was interrupted" and the worker stops.
+        self._kill_query(*self._helpers.thread_ids())
 
-    def _kill_query(self) -> bool:
-        """KILL QUERY this connection's statement, from a second, short-lived connection.
+    def _kill_query(self, *helpers: int) -> bool:
+        """KILL QUERY this connection's statement (and helpers'), from a second, short-lived connection.
 
         Thread-safe (this connection may be busy reading). Killing an idle connection's
         query does nothing: its next statement runs. False when it could not be sent.
@@ -232,7 +238,8 @@ class MySQLSource(ServerSource):
             return False
         try:
             with killer.cursor() as cursor:
-                cursor.execute("KILL QUERY %s", (self._conn.thread_id(),))
+                for thread_id in (self._conn.thread_id(), *helpers):
+                    cursor.execute("KILL QUERY %s", (thread_id,))
         except pymysql.err.MySQLError:
             return False
         finally:
@@ -446,11 +453,13 @@ class MySQLSource(ServerSource):
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
+        wanted = self.read_connections - 1 if self._mariadb and self.server_json else 0
         with self._translate("start a read transaction"):
-            self._fetch("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+            self._helpers.begin(self._conn, wanted)
         try:
             yield
         finally:
+            self._helpers.close()
             if self._stream is not None:  # a read left suspended, its generator not closed
                 self._stop_stream(self._stream)
             if self._conn.open:
@@ -466,7 +475,8 @@ class MySQLSource(ServerSource):
         listed = self._resolve(name)
         clause, params = compile_where(where, self._quote, "%s")
         with self._translate(f"read '{name}'", name):
-            row_sql, key = self._server_row(listed.key) if self.server_json else (None, None)
+            json_columns = self._json_columns(listed.key)
+            row_sql, key = self._server_row(listed.key, json_columns) if self.server_json else (None, None)
             if row_sql is None:
                 for batch in self._rows(listed, clause, params, batch_size):
                     yield b"\n".join(batch), len(batch)
@@ -475,8 +485,8 @@ class MySQLSource(ServerSource):
                 for rows in self._stream_rows(query, params, batch_size, raw=True):
                     yield myread.finish(b"\n".join([row[0] for row in rows])), len(rows)
             else:
-                reader = partial(self._key_ranges, listed, row_sql, key, clause, params)
-                yield from in_order([reader], "mysql-read")
+                readers = self._key_readers(listed, row_sql, key, clause, params, json_columns)
+                yield from in_order(readers, "mysql-read") if readers else ()
 
     def json_batches(self, name: str, where: dict[str, Any] | None, batch_size: int) -> Iterator[list[bytes]]:
         for chunk, _ in self.json_lines(name, where, batch_size):
@@ -484,20 +494,23 @@ class MySQLSource(ServerSource):
             for start in range(0, len(lines), batch_size):
                 yield lines[start : start + batch_size]
 
-    def _server_row(self, name: str) -> tuple[str | None, str | None]:
+    def _server_row(self, name: str, json_columns: set[str]) -> tuple[str | None, str | None]:
         """The SQL of a row's JSON (its ``%`` doubled) and the integer primary key, quoted; or Nones."""
-        return myread.server_row(self._fetch, name, self._json_columns(name), _ident, self._conn.escape)
+        return myread.server_row(self._fetch, name, json_columns, _ident, self._conn.escape)
 
-    def _key_ranges(
-        self, listed: Listed, row_sql: str, key: str, clause: str, params: list[Any], feed: Any
-    ) -> None:
-        """Reader of ``in_order``: the table's chunks by primary-key ranges (``myread.chunks``)."""
+    def _key_readers(
+        self, listed: Listed, row_sql: str, key: str, clause: str, params: list[Any], json_columns: set[str]
+    ) -> list[Any]:
+        """Readers of ``in_order``: the table's chunks by primary-key ranges (``myread.reader``)."""
         low, high = self._fetch(f"SELECT MIN({key}), MAX({key}) FROM {listed.sql}")[0]
         if low is None:
-            return
+            return []
         limit = min(self._fetch("SELECT @@max_allowed_packet, @@group_concat_max_len")[0])
+        size = max(listed.size or 0, 1)
         # The first range's width: as if the table's JSON took what its data takes on disk.
-        width = max(1, (high - low + 1) * myread.CHUNK_BYTES // max(listed.size or 0, 1))
+        width = max(1, (high - low + 1) * myread.CHUNK_BYTES // size)
+        connections = [self._conn, *self._helpers.connections][: 1 + size // mysnap.PARALLEL_MIN_BYTES]
+        unit = myread.unit_width(low, high, size, len(connections))
         where = f"{clause} AND {key} BETWEEN %s AND %s" if clause else f" WHERE {key} BETWEEN %s AND %s"
         query = (
             # GROUP_CONCAT cuts each value at the length its expression declares, which a
@@ -507,42 +520,35 @@ class MySQLSource(ServerSource):
             " SEPARATOR '\\n') AS BINARY)"
             f" FROM {listed.sql} FORCE INDEX (PRIMARY){where}"
         )
+        columns, float32_columns = self._select_list(listed.key)
+        single_row = f"SELECT {columns} FROM {listed.sql}{clause} {'AND' if clause else 'WHERE'} {key} = %s"
+        encode = RowLines(json_columns, float32_columns)
+        readers = []
+        for index, conn in enumerate(connections):
 
-        def fetch(first: int, last: int) -> tuple[int, bytes | None]:
-            with self._raw_results():
-                return self._fetch(query, (*params, first, last))[0]
+            def fetch(first: int, last: int, conn: pymysql.Connection = conn) -> tuple[int, bytes | None]:
+                with conn.cursor() as cursor, raw_results(conn):
+                    cursor.execute(query, (*params, first, last))
+                    return cursor.fetchone()
 
-        def single(value: int) -> Iterator[tuple[bytes, int]]:  # a row too big for GROUP_CONCAT
-            one = f"{clause} AND {key} = %s" if clause else f" WHERE {key} = %s"
-            for batch in self._rows(listed, one, [*params, value], 1):
-                yield b"\n".join(batch), len(batch)
+            def single(value: int, conn: pymysql.Connection = conn) -> Iterator[tuple[bytes, int]]:
+                # A row too big for GROUP_CONCAT: read as the row-by-row path reads it.
+                with conn.cursor() as cursor:
+                    cursor.execute(single_row, (*params, value))
+                    lines = encode(cursor.fetchall(), cursor.description or ())
+                if lines:
+                    yield b"\n".join(lines), len(lines)
 
-        for chunk in myread.chunks(fetch, single, myread.Ranges(key, low, high, width), limit):
-            feed.put(chunk)
-        feed.end_unit()
-
-    @contextmanager
-    def _raw_results(self) -> Iterator[None]:
-        """Binary results as bytes, as the server sent them (a chunk is never base64'd)."""
-        self._conn.decoders = RAW_CONVERSIONS
-        try:
-            yield
-        finally:
-            self._conn.decoders = CONVERSIONS
+            ranges = myread.Ranges(key, low, high, width)
+            readers.append(myread.reader(fetch, single, ranges, unit, limit, index, len(connections)))
+        return readers
 
     def _rows(self, listed: Listed, clause: str, params: list[Any], batch_size: int) -> Iterator[list[bytes]]:
-        json_columns = self._json_columns(listed.key)
         columns, float32_columns = self._select_list(listed.key)
+        encode = RowLines(self._json_columns(listed.key), float32_columns)
         query = f"SELECT {columns} FROM {listed.sql}{clause}"
-        encoder, float32_positions = None, []
         for rows in self._stream_rows(query, params, batch_size):
-            if encoder is None:
-                names = [column[0] for column in self._stream_description]
-                encoder = RowEncoder(names, [i for i, column in enumerate(names) if column in json_columns])
-                float32_positions = [i for i, column in enumerate(names) if column in float32_columns]
-            if float32_positions:  # the only per-value work in Python: FLOAT columns
-                rows = [with_float32(row, float32_positions) for row in rows]
-            yield encoder.encode(rows)
+            yield encode(rows, self._stream_description)
 
     def _stream_rows(
         self, query: str, params: list[Any], batch_size: int, raw: bool = False
