@@ -142,6 +142,7 @@ def service_token(service) -> str:
 # ---------------------------------------------------------------- export against the service
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_export_writes_the_service_files_and_manifest(service, shop_db: Path, tmp_path: Path, case: str):
     fields, options = CASES[case]
@@ -227,6 +228,7 @@ def test_the_zip_is_the_service_download_for_the_same_files(service, tmp_path: P
     assert (tmp_path / "same.zip").read_bytes() == served
 
 
+@pytest.mark.slow
 def test_export_default_name_and_plain_lines_when_piped(shop_db: Path, tmp_path: Path):
     done = cli("export", str(shop_db), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -240,6 +242,7 @@ def test_export_default_name_and_plain_lines_when_piped(shop_db: Path, tmp_path:
     assert [p.name for p in tmp_path.iterdir()] == [made.name]  # no work directory left
 
 
+@pytest.mark.slow
 def test_export_names_a_bad_option(shop_db: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
@@ -358,6 +361,7 @@ def exported(shop_db: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     return made
 
 
+@pytest.mark.slow
 def test_verify_passes_on_every_format(exported: dict[str, Path]):
     for name, path in exported.items():
         out = io.StringIO()
@@ -388,6 +392,7 @@ def _flip(path: Path, at: int) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_verify_catches_flipped_truncated_missing_and_wrong_sizes(exported: dict[str, Path], tmp_path: Path):
     def check(path: Path, expected: str) -> None:
         out = io.StringIO()
@@ -464,6 +469,7 @@ def test_verify_reads_in_a_stream(exported: dict[str, Path], tmp_path: Path):
 # ---------------------------------------------------------------- run against a live service
 
 
+@pytest.mark.slow
 def test_run_wait_download_against_the_service(service, tmp_path: Path):
     extract = service.create_extract(
         name="cli run", schemas=["users", "orders"], split_files=True, split_max_records=20
@@ -510,6 +516,7 @@ def test_run_wait_download_against_the_service(service, tmp_path: Path):
     assert verify_path(other, io.StringIO())
 
 
+@pytest.mark.slow
 def test_run_fails_clearly(service, tmp_path: Path):
     token = service_token(service)
     base = ["--url", service.base_url, "--token", token]
@@ -543,6 +550,7 @@ def test_run_fails_clearly(service, tmp_path: Path):
     )
 
 
+@pytest.mark.slow
 def test_serve_and_no_command_are_the_service():
     for argv in (["--help"], ["serve", "--help"]):
         done = subprocess.run([*APP, *argv], capture_output=True, text=True, env=ENV, timeout=30)

@@ -174,6 +174,7 @@ def test_a_file_download_completes_when_its_run_is_removed(held_service: Service
     assert_nothing_held(svc)
 
 
+@pytest.mark.slow
 def test_descriptors_are_released_when_the_client_goes_away(held_service: Service) -> None:
     svc = held_service
     run, artifacts = completed_run(svc, split_files=True, split_max_records=1)

@@ -205,6 +205,7 @@ def wait_for(channel: Channel, predicate: Any, timeout: float = 30) -> dict[str,
     raise AssertionError("the run never got there")
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_cancel_stops_within_two_seconds_in_the_middle_of_a_table(tmp_path: Path, manager: Any) -> None:
     db = make_source(tmp_path / "source.db")
@@ -256,6 +257,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_the_export_is_one_snapshot_while_another_process_writes(tmp_path: Path, manager: Any) -> None:
     db = run_sql(

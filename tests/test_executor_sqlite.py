@@ -163,6 +163,7 @@ def test_a_reference_to_the_parent_key_names_its_columns(tmp_path: Path) -> None
 # ---------------------------------------------------------------- values
 
 
+@pytest.mark.slow
 def test_random_doubles_come_back_bit_for_bit(tmp_path: Path) -> None:
     rng = random.Random(20261128)
     doubles = [struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0] for _ in range(30_000)]

@@ -277,6 +277,7 @@ def test_resume_at_every_landmark(tmp_path: Path) -> None:
                 assert full[:cut] + resumed == full, f"{where} ({cut})"
 
 
+@pytest.mark.slow
 def test_any_slice_equals_the_same_slice_of_the_whole(tmp_path: Path) -> None:
     entries, _ = sample(tmp_path)
     archive = StoredZip(entries)
@@ -455,6 +456,7 @@ def test_streaming_memory_stays_flat(tmp_path: Path) -> None:
 # -- ZIP64 -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_zip64_for_more_than_65535_entries(tmp_path: Path) -> None:
     count = 65_536
     shared = entry(tmp_path, "x", b"abc")  # one small file behind every entry keeps this fast

@@ -62,6 +62,7 @@ def mixed_requests(svc: Api, extract_id: str, **also: Callable) -> list[tuple[st
     return results
 
 
+@pytest.mark.slow
 def test_state_file_locked_for_seconds_requests_wait_and_succeed(tmp_path: Path) -> None:
     svc = start_in_process(tmp_path, str(make_shop_db(tmp_path / "shop.db")))
     try:

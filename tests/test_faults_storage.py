@@ -76,6 +76,7 @@ def remount(path: Path, mode: str) -> None:
 # ---------------------------------------------------------------- storage faults
 
 
+@pytest.mark.slow
 def test_the_free_space_reserve_fails_runs_cleanly_and_they_are_not_retried(tmp_path: Path) -> None:
     """Under --min-free-mb a run fails before writing; a permanent cause (SPEC: Retries)."""
     db = make_shop_db(tmp_path / "shop.db")
@@ -94,6 +95,7 @@ def test_the_free_space_reserve_fails_runs_cleanly_and_they_are_not_retried(tmp_
         svc.stop()
 
 
+@pytest.mark.slow
 def test_a_full_volume_fails_the_run_cleanly_and_the_next_run_works(tmp_path: Path) -> None:
     source = make_big_db(tmp_path / "source.db", 400_000)  # ~35 MB of JSON lines: twice the volume
     with tmpfs(tmp_path / "volume", 16) as volume:
@@ -118,6 +120,7 @@ def test_a_full_volume_fails_the_run_cleanly_and_the_next_run_works(tmp_path: Pa
             svc.stop()
 
 
+@pytest.mark.slow
 def test_a_full_volume_without_mount_rights_fails_the_run_cleanly(tmp_path: Path) -> None:
     """The same fault where no tmpfs can be mounted: a file-size limit on the service's processes."""
     source = make_big_db(tmp_path / "source.db", 200_000)
@@ -182,6 +185,7 @@ def test_storage_turning_read_only_fails_runs_and_downloads_keep_working(tmp_pat
 # ---------------------------------------------------------------- source faults
 
 
+@pytest.mark.slow
 def test_a_schema_dropped_after_saving_fails_the_run_clearly_and_it_is_not_retried(tmp_path: Path) -> None:
     db = make_shop_db(tmp_path / "shop.db")
     svc = start_in_process(tmp_path, str(db))

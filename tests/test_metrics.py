@@ -155,6 +155,7 @@ def test_active_queued_cancelled_and_failed_runs(service: Any, shop_db: Path) ->
     assert len(series(after, "extracts_runs_total")) == 3 * 4
 
 
+@pytest.mark.slow
 def test_labels_are_route_templates_never_raw_paths(service: Any) -> None:
     document = service.client.get("/openapi.json").json()
     templates = {*document["paths"], "unmatched"}

@@ -150,6 +150,7 @@ def test_no_two_stems_meet_ignoring_case() -> None:
     check_names(base + long_names + cased)
 
 
+@pytest.mark.slow
 def test_generated_names_never_meet_ignoring_case() -> None:
     """Every name of up to three characters over letters in both cases and the characters the rules
     treat specially, and random longer ones, alone and after padding that makes them long."""
@@ -368,6 +369,7 @@ def cased_service(tmp_path_factory: pytest.TempPathFactory, cased_pg: str) -> It
     svc.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["jsonl", "archive"])
 def test_tables_that_differ_only_in_case_get_distinct_files(cased_service: Service, fmt: str) -> None:
     """users, Users and USERS were users.jsonl.gz, Users.jsonl.gz and USERS.jsonl.gz: one file
@@ -447,6 +449,7 @@ def test_the_schema_refuses_two_artifact_names_equal_ignoring_case(tmp_path: Pat
     assert con.execute("SELECT count(*) FROM extract_artifacts").fetchone() == (2,)
 
 
+@pytest.mark.slow
 def test_a_second_artifact_of_one_name_fails_the_run(tmp_path: Path) -> None:
     """INSERT OR REPLACE dropped the first artifact row, or (names differing in case) kept both,
     and the run ended completed either way."""
@@ -543,6 +546,7 @@ def test_an_artifact_message_applied_twice_is_recorded_once(tmp_path: Path) -> N
     assert con.execute("SELECT status, error FROM extract_runs").fetchone() == ("running", None)
 
 
+@pytest.mark.slow
 def test_a_version_1_state_file_keeps_artifacts_that_differ_only_in_case(tmp_path: Path) -> None:
     """Version 1 recorded users.jsonl.gz and Users.jsonl.gz of one run (PostgreSQL, MySQL): the
     migration keeps both, under names the new unique index accepts, and the ZIP serves both."""

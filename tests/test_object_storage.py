@@ -66,6 +66,7 @@ def object_bytes(moto: Moto, prefix: str, storage_path: str) -> bytes:
     return bytes(obstore.get(moto.store(prefix), key).bytes())
 
 
+@pytest.mark.slow
 def test_runs_write_objects_that_download_as_files_and_as_a_resumable_zip(s3: Service, moto: Moto) -> None:
     for fmt in ("jsonl", "archive"):
         extract = s3.create_extract(name=f"S3 {fmt}", format=fmt, split_files=True, split_max_records=20)
@@ -98,6 +99,7 @@ def test_runs_write_objects_that_download_as_files_and_as_a_resumable_zip(s3: Se
     assert not [k for k in keys if "/.scratch/" in k]  # an archive's staged members are gone
 
 
+@pytest.mark.slow
 def test_a_redirect_hands_out_a_presigned_url(s3: Service, moto: Moto, tmp_path: Path) -> None:
     extract = s3.create_extract(name="Signed", schemas=["users"])
     run = s3.wait_run(s3.run(extract["id"]))
@@ -183,6 +185,7 @@ def test_a_cancelled_upload_is_aborted_and_a_stopped_store_fails_the_run_naming_
             moto.process = start_moto(moto.port).process
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["unreachable", "refused", "no bucket"])
 def test_start_up_fails_fast_naming_the_store(tmp_path: Path, moto: Moto, case: str) -> None:
     # With IAM checks on from the first request, moto refuses every key: credentials refused.

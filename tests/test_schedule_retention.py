@@ -142,6 +142,7 @@ def test_next_run_at_follows_schedule_changes(sweeping: InProcessService) -> Non
     assert r.json()["data"]["next_run_at"].endswith("T04:30:00.000Z")
 
 
+@pytest.mark.slow
 def test_a_missed_schedule_runs_once_at_start_on_a_live_server(tmp_path: Path) -> None:
     db = make_shop_db(tmp_path / "shop.db")
     svc = start_service(tmp_path, str(db))
@@ -171,6 +172,7 @@ def test_a_missed_schedule_runs_once_at_start_on_a_live_server(tmp_path: Path) -
         svc.stop()
 
 
+@pytest.mark.slow
 def test_expired_artifacts_are_gone_at_once_and_swept(sweeping: InProcessService) -> None:
     svc = sweeping
     extract = svc.create_extract(name="Short-lived", schemas=["users"], retention_days=1)

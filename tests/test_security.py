@@ -175,6 +175,7 @@ def files_outside(service: InProcessService, root: Path) -> set[str]:
     }
 
 
+@pytest.mark.slow
 def test_hostile_ids_never_reach_the_file_system_or_the_sql(secure_service: InProcessService) -> None:
     svc = secure_service
     root = svc.storage.parent

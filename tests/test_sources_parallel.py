@@ -178,6 +178,7 @@ def pg_big(pg: psycopg.Connection[Any]) -> str:
     return f"{NAME}.big"
 
 
+@pytest.mark.slow
 def test_postgres_parallel_parts_in_order_are_the_single_stream(pg_big: str) -> None:
     with pg_source(server_json=False) as source:
         by_row = export(source, pg_big)
@@ -193,6 +194,7 @@ def test_postgres_parallel_parts_in_order_are_the_single_stream(pg_big: str) -> 
     assert len(single.split(b"\n")) == 400_000
 
 
+@pytest.mark.slow
 def test_postgres_parallel_read_never_sees_a_commit_made_after_the_snapshot(
     pg: psycopg.Connection[Any], pg_big: str
 ) -> None:
@@ -276,6 +278,7 @@ def my_every_row(rng: random.Random, i: int) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_mysql_server_json_is_byte_for_byte_the_row_by_row_json(my: pymysql.Connection) -> None:
     my_run(my, "SET SESSION sql_mode = ''")  # zero dates, as old applications write them
     my_run(my, MY_TYPES)
@@ -295,6 +298,7 @@ def test_mysql_server_json_is_byte_for_byte_the_row_by_row_json(my: pymysql.Conn
     assert my_export("every_heap", True) == my_export("every_heap", False)
 
 
+@pytest.mark.slow
 def test_mysql_a_range_too_big_for_one_packet_is_read_in_halves(my: pymysql.Connection) -> None:
     """GROUP_CONCAT cuts at max_allowed_packet with a mere warning: such a range is read again."""
     with my.cursor() as cursor:
@@ -342,6 +346,7 @@ def my_parallel_export(source: MySQLSource, name: str, where: dict | None = None
     return b"\n".join(chunks), readers
 
 
+@pytest.mark.slow
 def test_mariadb_parallel_parts_in_order_are_the_single_stream(my_parallel: str) -> None:
     by_row = my_export(my_parallel, False)
     with my_source(connections=1) as source:
@@ -412,6 +417,7 @@ def test_mariadb_connections_started_while_others_commit_share_one_state(
     assert len(set(seen)) > 5  # the writer did commit all along
 
 
+@pytest.mark.slow
 def test_mariadb_without_the_reload_privilege_reads_with_one_connection(
     my: pymysql.Connection, my_parallel: str
 ) -> None:
@@ -466,6 +472,7 @@ def sqlite_source(path: Path, connections: int) -> SQLiteSource:
     return source
 
 
+@pytest.mark.slow
 def test_sqlite_parallel_parts_in_order_are_the_single_stream(tmp_path: Path) -> None:
     db = make_sqlite(tmp_path / "source.db", 150_000)
     with sqlite_source(db, 1) as source:
@@ -486,6 +493,7 @@ def test_sqlite_parallel_parts_in_order_are_the_single_stream(tmp_path: Path) ->
     assert max(seen) == 3  # three connections read
 
 
+@pytest.mark.slow
 def test_sqlite_parallel_read_never_sees_a_commit_made_after_the_snapshot(tmp_path: Path) -> None:
     db = make_sqlite(tmp_path / "source.db", 150_000)
     writer = sqlite3.connect(db, isolation_level=None)

@@ -994,6 +994,7 @@ def cut_off(db: PG | My, tag: str) -> None:
         db.run(f"KILL {int(victim)}")
 
 
+@pytest.mark.slow
 def test_the_source_going_away_mid_read_is_a_source_error(db: PG | My) -> None:
     _fill_big(db, "gone", 300_000)
     tag = f"extracts-gone-{secrets.token_hex(3)}"
@@ -1009,6 +1010,7 @@ def test_the_source_going_away_mid_read_is_a_source_error(db: PG | My) -> None:
     gc.collect()  # the driver's objects of the lost read must not complain later
 
 
+@pytest.mark.slow
 def test_stopping_a_read_early_leaves_no_trouble(db: PG | My) -> None:
     # More rows than the socket buffers hold: MySQL is still sending when the read stops.
     _fill_big(db, "early", 300_000)
@@ -1036,6 +1038,7 @@ def test_stopping_a_read_early_leaves_no_trouble(db: PG | My) -> None:
     gc.collect()  # a driver object left half-read would complain now, inside this test
 
 
+@pytest.mark.slow
 def test_stopping_a_read_early_when_mysql_refuses_a_second_connection(my: My) -> None:
     """No connection left for KILL QUERY: the read's own connection is closed, and its snapshot lost."""
     _fill_big(my, "early_alone", 50_000)
@@ -1144,6 +1147,7 @@ def make_job(shop: PG | My, run_dir: str, **config: Any) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 def test_run_extract_exports_a_server_database(shop: PG | My, tmp_path: Any, manager: Any) -> None:
     names = [shop.name(table) for table in ("users", "orders", "order items", "adults")]
     adults_filter = {"age": {"$gte": 18}}
@@ -1200,6 +1204,7 @@ def test_run_extract_fails_cleanly_when_a_schema_was_dropped(
     assert result["error_detail"]["type"] == "UnknownSchema"
 
 
+@pytest.mark.slow
 def test_run_extract_cancelled_mid_table_stops_within_two_seconds(
     db: PG | My, tmp_path: Any, manager: Any
 ) -> None:

@@ -69,6 +69,7 @@ def wait_healthy(port: int) -> None:
     raise AssertionError(f"nothing healthy on port {port}")
 
 
+@pytest.mark.slow
 def test_no_options_serves_the_demo_database(tmp_path: Path) -> None:
     port = free_port()
     process = launch(
