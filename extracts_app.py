@@ -124,7 +124,9 @@ def create_app(settings: Settings) -> Starlette:
     catalog = Catalog(settings.source)
     runs = Runs(db, storage, settings.source, settings.min_free_mb << 20, dialect=dialect)
     runs.lease = timedelta(seconds=settings.lease_seconds)
-    pool = WorkerPool(runs, storage, settings.workers, poll=POLL_S if settings.shared else None)
+    poll = POLL_S if settings.shared else None
+    # Imported once by the pool's forkserver, for every worker (by name: "__main__" is not preloaded).
+    pool = WorkerPool(runs, storage, settings.workers, poll=poll, preload=["extracts_app"])
     instance = Instance(db, runs, pool, settings.shared)
     documents = DocumentCache.of(operations(), catalog)
     st = Service(settings, db, storage, catalog, runs, pool, documents, instance, state.utcnow)

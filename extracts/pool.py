@@ -18,14 +18,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import importlib.machinery
+import importlib.util
 import logging
 import multiprocessing
 import os
 import select
 import signal
+import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.managers import SyncManager
 from multiprocessing.process import BaseProcess
@@ -95,6 +98,36 @@ def _exit_with(service_pid: int) -> None:
     os._exit(1)
 
 
+def forkserver_preload(modules: Iterable[str]) -> list[str]:
+    """What the forkserver imports once: the Manager and every worker are forked from it ready.
+
+    Without it each of them imported the whole service on its own (0.4-0.8 s of CPU per
+    worker, at start-up and again after every worker death): the forkserver never preloaded
+    ``__main__``, its default (CPython gh-126631, fixed in 3.14 and late 3.13 releases), so
+    each child re-ran the main script. Python 3.11 also starts the forkserver without this
+    process's ``sys.path`` (gh-117378): a package it would find in another place than this
+    process did (a checkout run by path, not the installed one) is left to the children.
+    """
+    return ["__main__", *(name for name in modules if _found_alike(name.partition(".")[0]))]
+
+
+def _found_alike(package: str) -> bool:
+    """Whether a new interpreter started here imports ``package`` from the file this process does."""
+    here = importlib.util.find_spec(package)
+    # A new interpreter's sys.path: its working directory, then what every interpreter gets.
+    path = [os.getcwd(), *sys.path[1:]]
+    for finder in sys.meta_path:
+        if finder is importlib.machinery.PathFinder:
+            there = finder.find_spec(package, path)
+        elif hasattr(finder, "find_spec"):
+            there = finder.find_spec(package, None)
+        else:
+            continue
+        if there is not None:
+            return here is not None and here.origin == there.origin
+    return False
+
+
 def signal_name(exitcode: int | None) -> str:
     if exitcode is None or exitcode >= 0:
         return f"exit code {exitcode}"
@@ -106,9 +139,19 @@ def signal_name(exitcode: int | None) -> str:
 class WorkerPool:
     """Runs claimed runs on ``workers`` processes and applies what the workers report."""
 
-    def __init__(self, runs: Runs, storage: Storage, workers: int, poll: float | None = None) -> None:
+    def __init__(
+        self,
+        runs: Runs,
+        storage: Storage,
+        workers: int,
+        poll: float | None = None,
+        preload: Iterable[str] = (),
+    ) -> None:
         self.runs, self.storage, self.workers = runs, storage, workers
         self.poll = poll  # with a shared state: look for runs other instances queued this often
+        # What the children run (this module's initializers, the job) and what the main
+        # script imports (``preload``): see forkserver_preload.
+        self._preload = [*preload, __name__, "executor.entry", "executor.sources.sqlitemem"]
         self.retry_delay = 1.0  # seconds before writing again to a locked state file
         self._context = multiprocessing.get_context("forkserver")
         self._manager: SyncManager | None = None
@@ -142,6 +185,8 @@ class WorkerPool:
         self.runs.queued.set()
 
     def _start_processes(self) -> None:
+        # Read when the forkserver starts, with this process's first pool.
+        self._context.set_forkserver_preload(forkserver_preload(self._preload))
         self._manager = SyncManager(ctx=self._context)
         self._manager.start(initializer=manager_initializer, initargs=(os.getpid(),))
         self._others = {process.pid for process in multiprocessing.active_children()}

@@ -486,10 +486,10 @@ def no_temporary_files(storage: Path) -> list[str]:
 
 
 class Prober:
-    """Hits /health and a list every 20 ms from a thread; records anything but a 200."""
+    """Hits /health and a list every ``every`` seconds from a thread; records anything but a 200."""
 
-    def __init__(self, service: Api) -> None:
-        self.service = service
+    def __init__(self, service: Api, every: float = 0.02) -> None:
+        self.service, self.every = service, every
         self.problems: list[str] = []
         self.requests = 0
         self.slowest = 0.0
@@ -508,7 +508,7 @@ class Prober:
         with httpx.Client(
             base_url=self.service.base_url, timeout=10, headers={"Authorization": f"Bearer {TOKEN}"}
         ) as client:
-            while not self._stop.wait(0.02):
+            while not self._stop.wait(self.every):
                 for url in ("/health", "/api/data/extract_runs?filter[limit]=5"):
                     started = time.monotonic()
                     try:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import signal
 import sqlite3
+import sys
 import time
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def test_worker_sigkilled_ten_times_with_other_runs_in_flight(tmp_path: Path, bi
         bystander = svc.create_extract(name="Bystander", schemas=["big"], compress=False, max_attempts=1)
         waiting = svc.create_extract(name="Waiting", schemas=["small"])
         endings: list[float] = []  # seconds from the kill until all three runs ended
-        with Prober(svc) as prober:
+        # Every 10 ms: the ten rounds take a few seconds, and the bound below wants 100 answers.
+        with Prober(svc, every=0.01) as prober:
             for round_ in range(10):
                 runs = {
                     "victim": svc.run(victim["id"]),
@@ -284,7 +286,9 @@ def test_sigterm_at_any_moment_of_a_run_loses_nothing(tmp_path: Path) -> None:
     import random
 
     chance = random.Random(20261130)
-    source = make_big_db(tmp_path / "source.db", 150_000)
+    # Runs that last about as long as the moments below spread over (up to 0.8 s), as when a new
+    # worker spent half a second importing the service; it now starts in milliseconds.
+    source = make_big_db(tmp_path / "source.db", 300_000)
     db, storage = tmp_path / "state" / "extracts.db", tmp_path / "storage"
     runs: list[str] = []
     for round_ in range(6):
@@ -309,13 +313,31 @@ def test_sigterm_at_any_moment_of_a_run_loses_nothing(tmp_path: Path) -> None:
             assert run["status"] in ("completed", "cancelled"), run
             names = files_match_rows(db, storage, run_id)
             if run["status"] == "completed":
-                assert len(names) == 4 and run["records_exported"] == 150_001, (run, names)
+                assert len(names) == 4 and run["records_exported"] == 300_001, (run, names)
     finally:
         svc.stop()
     assert no_temporary_files(storage) == []
 
 
 # ---------------------------------------------------------------- the pool's channel
+
+
+def test_the_forkserver_preloads_what_a_new_interpreter_finds_where_this_process_did(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool's forkserver imports the service once, for every worker (each used to import it
+    again); a package found only in the main script's directory, which a new interpreter does
+    not search, is left to the workers (another checkout's copy could be found instead)."""
+    from extracts.pool import forkserver_preload
+
+    script_dir, later = tmp_path / "script", tmp_path / "later"
+    for folder, package in ((script_dir, "beside_the_script"), (later, "on_the_path")):
+        (folder / package).mkdir(parents=True)
+        (folder / package / "__init__.py").write_text("")
+    monkeypatch.setattr(sys, "path", [str(script_dir), *sys.path[1:], str(later)])
+    monkeypatch.chdir(tmp_path)
+    modules = ["beside_the_script.sub", "on_the_path", "extracts_app", "executor.entry", "not_installed"]
+    assert forkserver_preload(modules) == ["__main__", "on_the_path", "extracts_app", "executor.entry"]
 
 
 def test_workers_get_the_progress_queue_once_not_with_every_job(tmp_path: Path) -> None:
