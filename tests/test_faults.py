@@ -189,6 +189,18 @@ def files_match_rows(db: Path, storage: Path, run_id: str) -> list[str]:
     return sorted(name for name, _, _ in rows)
 
 
+def process_state(pid: int) -> str:
+    """The one-letter state of process ``pid`` (R, S, T for stopped, Z…)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def signal_pending(pid: int, sig: int) -> bool:
+    """Whether ``sig`` was sent to process ``pid`` and waits, undelivered (the process is stopped)."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    masks = [int(line.split()[1], 16) for line in lines if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(mask & (1 << (sig - 1)) for mask in masks)
+
+
 def wait_exporting(svc: Api, run_id: str, schema: str) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -206,6 +218,13 @@ def test_sigterm_requeues_active_runs_and_they_run_at_next_start(tmp_path: Path,
     run_id = svc.run(extract["id"])
     worker = worker_writing(svc.storage, run_id)
     assert os.getpriority(os.PRIO_PROCESS, worker) >= 10  # exports give way to the API on a busy host
+    # Held still until the stop tells it to end: the run cannot finish during the stop (it did, now
+    # and then, on an idle machine: a 200,000-row export lasts about as long as the stop's first steps).
+    os.kill(worker, signal.SIGSTOP)
+    wait_for(lambda: process_state(worker) == "T", what="the worker stopped")
+    svc.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: signal_pending(worker, signal.SIGTERM), what="the stop ending the worker")
+    os.kill(worker, signal.SIGCONT)
     # uvicorn re-raises the signal once its graceful shutdown is complete.
     assert svc.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
     assert "1 active run(s) put back in the queue" in svc.output()
