@@ -34,7 +34,6 @@ from helpers import (
     Service,
     descendants,
     free_port,
-    make_big_db,
     make_shop_db,
     start_service,
     unique_name,
@@ -68,10 +67,10 @@ class Cluster:
         self.instances: list[Service] = []
 
     def start(self, count: int = 3) -> list[Service]:
-        """The first alone (it makes the state's tables), then the others together."""
-        self.instances.append(self.start_one(0))
-        with concurrent.futures.ThreadPoolExecutor(count - 1) as starting:
-            self.instances += starting.map(self.start_one, range(1, count))
+        """All at once, over a state without tables: each instance's start-up makes them if they
+        are missing, one instance at a time (``state.prepare_postgres``)."""
+        with concurrent.futures.ThreadPoolExecutor(count) as starting:
+            self.instances += starting.map(self.start_one, range(count))
         return self.instances
 
     def start_one(self, i: int) -> Service:
@@ -106,12 +105,14 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory, moto: Moto) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("cluster")
     source = make_shop_db(tmp / "shop.db")
-    con = sqlite3.connect(source)  # and a table that takes a worker a second or two
+    con = sqlite3.connect(source)  # and a table that takes a worker a second or two, and a tiny one
     con.execute("CREATE TABLE big (id INTEGER PRIMARY KEY, pad TEXT)")
     con.execute(
         "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 400000) "
         "INSERT INTO big SELECT x, 'padding padding padding ' || x FROM c"
     )
+    con.execute("CREATE TABLE small (id INTEGER PRIMARY KEY, v TEXT)")
+    con.execute("INSERT INTO small VALUES (1, 'one')")
     con.commit()
     con.close()
     group = Cluster(tmp, moto, source, unique_name("extracts_cluster"))
@@ -245,36 +246,6 @@ def test_metrics_count_runs_per_instance_and_the_same_from_each(cluster: Cluster
     assert ended[0][cancelled] >= 1
 
 
-@pytest.mark.slow
-def test_a_killed_instance_loses_its_run_within_the_lease_and_the_retry_completes(
-    tmp_path: Path, moto: Moto
-) -> None:
-    group = Cluster(tmp_path, moto, make_big_db(tmp_path / "big.db", 300_000), unique_name("extracts_kill"))
-    try:
-        a, b, c = group.start()
-        extract = a.create_extract(name="Orphaned", schemas=["big"], compress=False, retry_delay_seconds=1)
-        run_id = a.run(extract["id"])
-        deadline = time.monotonic() + 30
-        while (run := a.client.get(f"/api/data/extract_runs/{run_id}").json()["data"])["instance_id"] is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        victim = next(s for s in group.instances if _instance_id(s) == run["instance_id"])
-        victim.process.send_signal(signal.SIGKILL)
-        victim.process.wait()
-        killed = time.monotonic()
-        survivor = next(s for s in group.instances if s is not victim)
-        failed = survivor.wait_run(run_id, timeout=LEASE_S + 30)
-        assert failed["status"] == "failed" and failed["error"].startswith("interrupted"), failed
-        assert time.monotonic() - killed <= LEASE_S + 5 + 1  # + the poll of wait_run
-        retry = survivor.wait_run(failed["retry_run_id"], timeout=120)
-        assert retry["status"] == "completed" and retry["instance_id"] != run["instance_id"]
-        body = survivor.client.get(f"/api/extracts/runs/{retry['id']}/download").content
-        with zipfile.ZipFile(io.BytesIO(body)) as archive:
-            assert archive.testzip() is None
-    finally:
-        group.stop()
-
-
 def _instance_id(svc: Service) -> str:
     """The id of the instance behind ``svc`` (its pid is in the instance list)."""
     listed = svc.client.get("/api/instances").json()["data"]
@@ -282,24 +253,24 @@ def _instance_id(svc: Service) -> str:
 
 
 @pytest.mark.slow
-def test_a_frozen_instance_is_fenced_off(tmp_path: Path, moto: Moto) -> None:
+def test_a_frozen_instance_is_fenced_off(cluster: Cluster) -> None:
     """SIGSTOP past the lease, then SIGCONT: its late progress, status and files change nothing."""
-    group = Cluster(tmp_path, moto, make_big_db(tmp_path / "big.db", 300_000), unique_name("extracts_fence"))
+    a = cluster.instances[0]
+    by_id = {_instance_id(s): s for s in cluster.instances}  # looked up before: the freeze comes fast
+    extract = a.create_extract(name="Frozen", schemas=["small", "big"], compress=False, retry_delay_seconds=1)
+    run_id = a.run(extract["id"])
+    deadline = time.monotonic() + 30
+    # The first progress past 30 comes late in the export (one message each 0.2 s): a few tenths of
+    # a second before the run ends, uploads included.
+    while (run := a.client.get(f"/api/data/extract_runs/{run_id}").json()["data"])["progress"] < 30:
+        assert time.monotonic() < deadline, run
+        time.sleep(0.01)
+    victim = by_id[run["instance_id"]]
+    family = [victim.process.pid, *descendants(victim.process.pid)]  # its workers freeze with it
+    for pid in family:
+        os.kill(pid, signal.SIGSTOP)
     try:
-        a, b, c = group.start()
-        extract = a.create_extract(
-            name="Frozen", schemas=["small", "big"], compress=False, retry_delay_seconds=1
-        )
-        run_id = a.run(extract["id"])
-        deadline = time.monotonic() + 30
-        while (run := a.client.get(f"/api/data/extract_runs/{run_id}").json()["data"])["progress"] < 30:
-            assert time.monotonic() < deadline, run
-            time.sleep(0.02)
-        victim = next(s for s in group.instances if _instance_id(s) == run["instance_id"])
-        family = [victim.process.pid, *descendants(victim.process.pid)]  # its workers freeze with it
-        for pid in family:
-            os.kill(pid, signal.SIGSTOP)
-        survivor = next(s for s in group.instances if s is not victim)
+        survivor = next(s for s in cluster.instances if s is not victim)
         failed = survivor.wait_run(run_id, timeout=LEASE_S + 30)
         assert failed["status"] == "failed"
         frozen = survivor.client.get(f"/api/data/extract_runs/{run_id}").json()["data"]
@@ -310,33 +281,54 @@ def test_a_frozen_instance_is_fenced_off(tmp_path: Path, moto: Moto) -> None:
         assert retry["status"] == "completed"
         victim_id = run["instance_id"]
         resumed = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    finally:  # the cluster's next test finds every instance answering
         for pid in family:
             os.kill(pid, signal.SIGCONT)
 
-        def done_with_it() -> bool:  # the old worker finished or died, and its messages were applied
-            listed = survivor.client.get("/api/instances").json()["data"]
-            mine = [i for i in listed if i["id"] == victim_id and i["heartbeat_at"] > resumed]
-            return bool(mine) and mine[0]["active_runs"] == 0
+    def done_with_it() -> bool:  # the old worker finished or died, and its messages were applied
+        listed = survivor.client.get("/api/instances").json()["data"]
+        mine = [i for i in listed if i["id"] == victim_id and i["heartbeat_at"] > resumed]
+        return bool(mine) and mine[0]["active_runs"] == 0
 
-        wait_for(done_with_it, timeout=60, every=0.2, what="the resumed instance letting go of the run")
-        after = survivor.client.get(f"/api/data/extract_runs/{run_id}").json()["data"]
-        for field in ("status", "progress", "progress_detail", "error", "records_exported", "retry_run_id"):
-            assert after[field] == frozen[field], field
-        assert (
-            survivor.client.get(
-                "/api/data/extract_artifacts", params={"filter[where][run_id]": run_id}
-            ).json()["data"]
-            == artifacts_before
-        )
-        body = survivor.client.get(f"/api/extracts/runs/{retry['id']}/download").content
-        with zipfile.ZipFile(io.BytesIO(body)) as archive:
-            names = archive.namelist()
-            assert archive.testzip() is None
-        assert sorted(names) == ["big.jsonl", "describe.yaml", "manifest.json", "small.jsonl"]
-        manifest = archive_manifest(body)
-        assert manifest["run_id"] == retry["id"]
-    finally:
-        group.stop()
+    wait_for(done_with_it, timeout=60, every=0.2, what="the resumed instance letting go of the run")
+    after = survivor.client.get(f"/api/data/extract_runs/{run_id}").json()["data"]
+    for field in ("status", "progress", "progress_detail", "error", "records_exported", "retry_run_id"):
+        assert after[field] == frozen[field], field
+    artifacts = survivor.client.get("/api/data/extract_artifacts", params={"filter[where][run_id]": run_id})
+    assert artifacts.json()["data"] == artifacts_before
+    body = survivor.client.get(f"/api/extracts/runs/{retry['id']}/download").content
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        names = archive.namelist()
+        assert archive.testzip() is None
+    assert sorted(names) == ["big.jsonl", "describe.yaml", "manifest.json", "small.jsonl"]
+    manifest = archive_manifest(body)
+    assert manifest["run_id"] == retry["id"]
+
+
+@pytest.mark.slow
+def test_a_killed_instance_loses_its_run_within_the_lease_and_the_retry_completes(cluster: Cluster) -> None:
+    """The cluster's last test: it leaves two instances."""
+    a = cluster.instances[0]
+    by_id = {_instance_id(s): s for s in cluster.instances}  # looked up before: the kill comes fast
+    extract = a.create_extract(name="Orphaned", schemas=["big"], compress=False, retry_delay_seconds=1)
+    run_id = a.run(extract["id"])
+    deadline = time.monotonic() + 30
+    while (run := a.client.get(f"/api/data/extract_runs/{run_id}").json()["data"])["instance_id"] is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    victim = by_id[run["instance_id"]]
+    victim.process.send_signal(signal.SIGKILL)
+    victim.process.wait()
+    killed = time.monotonic()
+    survivor = next(s for s in cluster.instances if s is not victim)
+    failed = survivor.wait_run(run_id, timeout=LEASE_S + 30)
+    assert failed["status"] == "failed" and failed["error"].startswith("interrupted"), failed
+    assert time.monotonic() - killed <= LEASE_S + 5 + 1  # + the poll of wait_run
+    retry = survivor.wait_run(failed["retry_run_id"], timeout=120)
+    assert retry["status"] == "completed" and retry["instance_id"] != run["instance_id"]
+    body = survivor.client.get(f"/api/extracts/runs/{retry['id']}/download").content
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        assert archive.testzip() is None
 
 
 def archive_manifest(body: bytes) -> dict:
