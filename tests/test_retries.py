@@ -195,9 +195,12 @@ def wait_chain(svc: Service, extract_id: str, timeout: float = 90) -> list[dict]
     raise AssertionError(f"the chain did not end: {[(r['status'], r['error']) for r in runs]}")
 
 
+BIG_ROWS = 150_000  # a quarter of a second of writing (gzip'd): time enough to kill its worker or service
+
+
 @pytest.fixture(scope="module")
 def big_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_big_db(tmp_path_factory.mktemp("retries") / "big.db", 300_000)
+    return make_big_db(tmp_path_factory.mktemp("retries") / "big.db", BIG_ROWS)
 
 
 def test_a_killed_worker_is_retried_and_the_retry_completes(tmp_path: Path, big_db: Path) -> None:
@@ -213,7 +216,7 @@ def test_a_killed_worker_is_retried_and_the_retry_completes(tmp_path: Path, big_
         ]
         assert runs[0]["error_detail"]["retryable"] is True and runs[0]["error"].endswith("(attempt 1 of 3)")
         assert runs[1]["retry_of"] == first and runs[0]["retry_run_id"] == runs[1]["id"]
-        assert runs[1]["records_exported"] == 300_000
+        assert runs[1]["records_exported"] == BIG_ROWS
         assert svc.client.get(f"/api/extracts/runs/{runs[1]['id']}/download").status_code == 200
     finally:
         svc.stop()
