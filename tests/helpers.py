@@ -236,7 +236,7 @@ class Api:
                 return run
             if time.monotonic() > deadline:
                 raise AssertionError(f"run {run_id} still {run['status']} after {timeout}s")
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     def create_extract(self, **fields: Any) -> dict:
         body = {"name": "Test export"} | fields
@@ -305,7 +305,7 @@ def wait_healthy(service: Service, timeout: float = 30) -> None:
             if httpx.get(f"{service.base_url}/health", timeout=1).status_code == 200:
                 return
         except httpx.TransportError:
-            time.sleep(0.05)
+            time.sleep(0.02)
     service.process.kill()
     raise AssertionError(f"service did not start:\n{service.output()}")
 

@@ -138,7 +138,7 @@ def test_service_kill_9_five_times_loses_nothing(tmp_path: Path, big_db: Path) -
             # Its workers, manager and forkserver die with it (they used to live on, writing).
             deadline = time.monotonic() + 10
             while any(alive(pid) for pid in family) and time.monotonic() < deadline:
-                time.sleep(0.05)
+                time.sleep(0.02)
             assert [pid for pid in family if alive(pid)] == [], f"round {round_}: orphans left"
             svc = start_service(tmp_path, str(big_db), "--workers", "1", db=svc.db, storage=svc.storage)
             run = svc.client.get(f"/api/data/extract_runs/{interrupted}").json()["data"]

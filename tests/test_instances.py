@@ -315,7 +315,7 @@ def test_a_killed_instance_loses_its_run_within_the_lease_and_the_retry_complete
     deadline = time.monotonic() + 30
     while (run := a.client.get(f"/api/data/extract_runs/{run_id}").json()["data"])["instance_id"] is None:
         assert time.monotonic() < deadline
-        time.sleep(0.05)
+        time.sleep(0.01)
     victim = by_id[run["instance_id"]]
     victim.process.send_signal(signal.SIGKILL)
     victim.process.wait()

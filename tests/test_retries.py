@@ -191,7 +191,7 @@ def wait_chain(svc: Service, extract_id: str, timeout: float = 90) -> list[dict]
         runs = runs_of(svc, extract_id)
         if runs and all(r["status"] in TERMINAL for r in runs) and runs[-1]["retry_run_id"] is None:
             return runs
-        time.sleep(0.1)
+        time.sleep(0.02)
     raise AssertionError(f"the chain did not end: {[(r['status'], r['error']) for r in runs]}")
 
 
