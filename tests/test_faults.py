@@ -241,6 +241,7 @@ def test_sigterm_requeues_active_runs_and_they_run_at_next_start(tmp_path: Path,
         svc.stop()
 
 
+@pytest.mark.slow
 def test_sigterm_right_after_a_cancel_keeps_the_cancelled_runs_files(tmp_path: Path, big_db: Path) -> None:
     """The stop used to requeue every run still held in memory: files and artifact rows deleted
     before its status check, so a cancelled run ended with nothing."""
@@ -255,6 +256,7 @@ def test_sigterm_right_after_a_cancel_keeps_the_cancelled_runs_files(tmp_path: P
     assert "put back in the queue" not in svc.output()
 
 
+@pytest.mark.slow
 def test_sigterm_while_a_finished_run_waits_on_a_locked_state_file_loses_nothing(
     tmp_path: Path, big_db: Path
 ) -> None:

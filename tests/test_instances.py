@@ -393,6 +393,7 @@ def test_one_scheduled_run_per_due_time_and_the_scheduler_survives_its_leader(tm
         drop_state_database(name)
 
 
+@pytest.mark.slow
 def test_a_second_instance_on_the_same_sqlite_state_or_local_storage_refuses_to_start(tmp_path: Path) -> None:
     source = make_shop_db(tmp_path / "shop.db")
     (tmp_path / "one").mkdir()

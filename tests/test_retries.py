@@ -203,6 +203,7 @@ def big_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_big_db(tmp_path_factory.mktemp("retries") / "big.db", BIG_ROWS)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_retried_and_the_retry_completes(tmp_path: Path, big_db: Path) -> None:
     svc = start_service(tmp_path, str(big_db), "--workers", "1")
     try:
@@ -278,6 +279,7 @@ def test_the_service_killed_mid_run_retries_the_interrupted_run_exactly_once(
     assert runs[0]["error"] == f"{INTERRUPTED} (attempt 1 of 3)"
 
 
+@pytest.mark.slow
 def test_a_run_request_while_a_retry_waits_starts_it_and_cancel_ends_the_chain(tmp_path: Path) -> None:
     db = make_shop_db(tmp_path / "shop.db")
     svc = start_service(tmp_path, str(db))
