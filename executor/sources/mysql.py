@@ -475,7 +475,7 @@ class MySQLSource(ServerSource):
         listed = self._resolve(name)
         clause, params = compile_where(where, self._quote, "%s")
         with self._translate(f"read '{name}'", name):
-            json_columns = self._json_columns(listed.key)
+            json_columns = self._json_columns(listed.key) if self.server_json else set()
             row_sql, key = self._server_row(listed.key, json_columns) if self.server_json else (None, None)
             if row_sql is None:
                 for batch in self._rows(listed, clause, params, batch_size):
@@ -523,7 +523,7 @@ class MySQLSource(ServerSource):
         columns, float32_columns = self._select_list(listed.key)
         single_row = f"SELECT {columns} FROM {listed.sql}{clause} {'AND' if clause else 'WHERE'} {key} = %s"
         encode = RowLines(json_columns, float32_columns)
-        readers = []
+        ranges, readers = myread.Ranges(key, low, high, width), []
         for index, conn in enumerate(connections):
 
             def fetch(first: int, last: int, conn: pymysql.Connection = conn) -> tuple[int, bytes | None]:
@@ -539,7 +539,6 @@ class MySQLSource(ServerSource):
                 if lines:
                     yield b"\n".join(lines), len(lines)
 
-            ranges = myread.Ranges(key, low, high, width)
             readers.append(myread.reader(fetch, single, ranges, unit, limit, index, len(connections)))
         return readers
 
