@@ -229,8 +229,8 @@ class WorkerPool:
         await asyncio.to_thread(self._kill_pool)
         await self._drain()
         requeued = await self.runs.requeue()
-        for run_id in in_flight:  # cancelled, failed or completed meanwhile: only their temp files go
-            await asyncio.to_thread(self.storage.remove_partial, run_id)
+        for run_id in in_flight:  # cancelled, failed or completed meanwhile: what was not recorded goes
+            await self.runs.remove_leftovers(run_id)
         if requeued:
             log.info(
                 "%d active run(s) put back in the queue: they run again at the next start", len(requeued)
@@ -468,8 +468,8 @@ class WorkerPool:
                     "stopped because another run's worker process died and the pool was "
                     "restarted: run it again"
                 )
-            # The dead workers' half-written files; what they finished stays (SPEC: faults).
-            await asyncio.to_thread(self.storage.remove_partial, run_id)
+            # The dead workers' half-written and unrecorded files; what they recorded stays (SPEC: faults).
+            await self.runs.remove_leftovers(run_id)
             exit_codes = {str(k): v for k, v in exitcodes.items()}
             result = failure(
                 error, "BrokenProcessPool", retryable=True, worker_pid=pid, exit_codes=exit_codes

@@ -134,13 +134,7 @@ class Runs:
         for row in rows:
             interrupted = failure(INTERRUPTED, "Interrupted", retryable=True)
             await self.finish(row["id"], interrupted, row["lease_token"])
-            await asyncio.to_thread(self.storage.remove_partial, row["id"])  # its half-written files
-            # A file finished just before the crash whose artifact message was still in the queue.
-            recorded = await self.db.fetch_all(
-                "SELECT artifact_name FROM extract_artifacts WHERE run_id = :id", {"id": row["id"]}
-            )
-            names = {r["artifact_name"] for r in recorded}
-            await asyncio.to_thread(self.storage.remove_unrecorded, row["id"], names)
+            await self.remove_leftovers(row["id"])
         # A cancelled run whose worker never reported back (its instance died): nothing holds it.
         await self.db.execute(
             f"UPDATE extract_runs SET lease_token = NULL, lease_expires_at = NULL WHERE status <> {RUNNING} "
@@ -148,6 +142,16 @@ class Runs:
             {"now": iso(self.clock())},
         )
         return [row["id"] for row in rows]
+
+    async def remove_leftovers(self, run_id: str) -> None:
+        """What a run's dead worker left: its half-written files, and files it finished whose
+        artifact message died with it (a file is the run's only once its row is recorded)."""
+        await asyncio.to_thread(self.storage.remove_partial, run_id)
+        recorded = await self.db.fetch_all(
+            "SELECT artifact_name FROM extract_artifacts WHERE run_id = :id", {"id": run_id}
+        )
+        names = {r["artifact_name"] for r in recorded}
+        await asyncio.to_thread(self.storage.remove_unrecorded, run_id, names)
 
     async def held(self, run_id: str) -> bool:
         """Whether a worker (of any instance) may still write to the run: its lease is live."""
