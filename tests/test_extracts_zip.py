@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import sparse_scratch
 
 from extracts.storage import FileChangedError
 from extracts.storage import local as storage
@@ -527,33 +528,33 @@ BigArchive = tuple[StoredZip, HeldFiles, Path]
 @pytest.fixture(scope="module")
 def big_archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigArchive]:
     """A sparse 4 GiB + 4 KiB file and a small one after it, streamed to a sparse archive."""
-    tmp = tmp_path_factory.mktemp("zip64")
-    big = tmp / "big.bin"
-    with open(big, "wb") as f:
-        f.truncate(BIG_SIZE)
-        for offset, data in BIG_MARKS.items():
-            f.seek(offset)
-            f.write(data)
-    small = tmp / "small.txt"
-    small.write_bytes(SMALL)
-    entries = [
-        ZipEntry("big.bin", str(big), BIG_SIZE, crc32_of_sparse(BIG_SIZE, BIG_MARKS), WHEN),
-        ZipEntry("small.txt", str(small), len(SMALL), zlib.crc32(SMALL), WHEN),
-    ]
-    archive = StoredZip(entries)
-    files = hold(entries)
-    out = tmp / "big.zip"
-    chunk_size = 8 << 20
-    zeros = bytes(chunk_size)
-    with open(out, "wb") as f:
-        for chunk in archive.iter_bytes(files, chunk_size=chunk_size):
-            if len(chunk) == chunk_size and chunk == zeros:
-                f.seek(chunk_size, os.SEEK_CUR)  # leave a hole: the archive stays sparse too
-            else:
-                f.write(chunk)
-        f.truncate()
-    yield archive, files, out
-    files.close()
+    with sparse_scratch(tmp_path_factory.mktemp("zip64")) as tmp:
+        big = tmp / "big.bin"
+        with open(big, "wb") as f:
+            f.truncate(BIG_SIZE)
+            for offset, data in BIG_MARKS.items():
+                f.seek(offset)
+                f.write(data)
+        small = tmp / "small.txt"
+        small.write_bytes(SMALL)
+        entries = [
+            ZipEntry("big.bin", str(big), BIG_SIZE, crc32_of_sparse(BIG_SIZE, BIG_MARKS), WHEN),
+            ZipEntry("small.txt", str(small), len(SMALL), zlib.crc32(SMALL), WHEN),
+        ]
+        archive = StoredZip(entries)
+        files = hold(entries)
+        out = tmp / "big.zip"
+        chunk_size = 8 << 20
+        zeros = bytes(chunk_size)
+        with open(out, "wb") as f:
+            for chunk in archive.iter_bytes(files, chunk_size=chunk_size):
+                if len(chunk) == chunk_size and chunk == zeros:
+                    f.seek(chunk_size, os.SEEK_CUR)  # leave a hole: the archive stays sparse too
+                else:
+                    f.write(chunk)
+            f.truncate()
+        yield archive, files, out
+        files.close()
 
 
 @pytest.mark.slow

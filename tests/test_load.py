@@ -2,7 +2,7 @@
 
 Passes with zero 5xx, no "database is locked" reaching a client, and never more
 than one active run per extract (sampled from the state file 20 times a second). The default is a short run
-(8 s) for CI; ``EXTRACTS_LOAD_SECONDS=30`` gives the full one, and
+(4 s) for CI; ``EXTRACTS_LOAD_SECONDS=30`` gives the full one, and
 ``EXTRACTS_LOAD_REPORT=1`` writes its figures to ``bench/LOAD.md``.
 """
 
@@ -22,7 +22,7 @@ import httpx
 import pytest
 from helpers import ROOT, TOKEN, Service, make_shop_db, start_service
 
-SECONDS = float(os.environ.get("EXTRACTS_LOAD_SECONDS", "8"))
+SECONDS = float(os.environ.get("EXTRACTS_LOAD_SECONDS", "4"))
 REPORT = os.environ.get("EXTRACTS_LOAD_REPORT") == "1"
 CLIENTS = 200
 EXTRACTS = 10

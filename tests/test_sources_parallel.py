@@ -28,6 +28,7 @@ import pymysql
 import pytest
 
 from executor.sources import Source, myread, mysnap, open_source
+from executor.sources import sqlite as sqlite_module
 from executor.sources.mysql import MySQLSource
 from executor.sources.postgres import PostgresSource
 from executor.sources.sqlite import SQLiteSource
@@ -465,6 +466,14 @@ def make_sqlite(path: Path, rows: int) -> Path:
     return path
 
 
+@pytest.fixture
+def sqlite_rows(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Rows for a table read in parallel: the size thresholds lowered to its scale."""
+    monkeypatch.setattr(sqlite_module, "PARALLEL_MIN_BYTES", 256 << 10)
+    monkeypatch.setattr(sqlite_module, "_CHUNK_BYTES", 32 << 10)
+    return 30_000
+
+
 def sqlite_source(path: Path, connections: int) -> SQLiteSource:
     source = open_source(str(path))
     assert isinstance(source, SQLiteSource)
@@ -472,9 +481,8 @@ def sqlite_source(path: Path, connections: int) -> SQLiteSource:
     return source
 
 
-@pytest.mark.slow
-def test_sqlite_parallel_parts_in_order_are_the_single_stream(tmp_path: Path) -> None:
-    db = make_sqlite(tmp_path / "source.db", 150_000)
+def test_sqlite_parallel_parts_in_order_are_the_single_stream(tmp_path: Path, sqlite_rows: int) -> None:
+    db = make_sqlite(tmp_path / "source.db", sqlite_rows)
     with sqlite_source(db, 1) as source:
         single = export(source, "big")
         filtered_single = export(source, "big", {"x": {"$ne": None}})
@@ -489,13 +497,14 @@ def test_sqlite_parallel_parts_in_order_are_the_single_stream(tmp_path: Path) ->
     with sqlite_source(db, 3) as source:
         assert export(source, "big", {"x": {"$ne": None}}) == filtered_single
     assert parallel == single
-    assert len(single.split(b"\n")) == 150_000
+    assert len(single.split(b"\n")) == sqlite_rows
     assert max(seen) == 3  # three connections read
 
 
-@pytest.mark.slow
-def test_sqlite_parallel_read_never_sees_a_commit_made_after_the_snapshot(tmp_path: Path) -> None:
-    db = make_sqlite(tmp_path / "source.db", 150_000)
+def test_sqlite_parallel_read_never_sees_a_commit_made_after_the_snapshot(
+    tmp_path: Path, sqlite_rows: int
+) -> None:
+    db = make_sqlite(tmp_path / "source.db", sqlite_rows)
     writer = sqlite3.connect(db, isolation_level=None)
     with sqlite_source(db, 3) as source, source.snapshot():
         total = source.count("big", None)
@@ -506,7 +515,7 @@ def test_sqlite_parallel_read_never_sees_a_commit_made_after_the_snapshot(tmp_pa
         lines = b"\n".join(chunk for chunk, _ in source.json_lines("big", None, 10_000)).split(b"\n")
     writer.close()
     rows = [orjson.loads(line) for line in lines]
-    assert len(rows) == total == 150_000
+    assert len(rows) == total == sqlite_rows
     assert not any(row["label"] in ("changed", "new") for row in rows)
 
 
@@ -525,10 +534,12 @@ while True:
 """
 
 
-@pytest.mark.slow  # about a quarter of the snapshots fall back: a few seconds, sometimes fifteen
-def test_sqlite_commits_while_a_snapshot_starts_make_it_read_with_one_connection(tmp_path: Path) -> None:
+@pytest.mark.slow  # a writer process; most tries fall back at once, a starved writer takes longer
+def test_sqlite_commits_while_a_snapshot_starts_make_it_read_with_one_connection(
+    tmp_path: Path, sqlite_rows: int
+) -> None:
     """PRAGMA data_version moves at every commit: the connections would not share one state."""
-    db = make_sqlite(tmp_path / "source.db", 150_000)
+    db = make_sqlite(tmp_path / "source.db", sqlite_rows)
     # Another process commits as fast as it can: each commit adds a row to big and counts it.
     with subprocess.Popen([sys.executable, "-c", WRITER, str(db)], stdout=subprocess.PIPE) as writer:
         try:

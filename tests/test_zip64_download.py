@@ -7,10 +7,11 @@ import sqlite3
 import subprocess
 import zipfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import TOKEN, InProcessService
+from helpers import TOKEN, InProcessService, sparse_scratch, start_in_process
 
 GIB = 1 << 30
 BIG_SIZE = 4 * GIB + 4096
@@ -33,6 +34,16 @@ def sparse_file(path: Path) -> int:
         crc = zlib.crc32(data, crc)
         pos += len(data)
     return crc
+
+
+@pytest.fixture(scope="module")
+def app_service(tmp_path_factory: pytest.TempPathFactory, shop_db: Path) -> Iterator[InProcessService]:
+    """The app serving ``shop_db``, its storage where a 4 GiB sparse file reads fast."""
+    tmp = tmp_path_factory.mktemp("app")
+    with sparse_scratch(tmp) as scratch:
+        svc = start_in_process(tmp, str(shop_db), storage=scratch / "storage")
+        yield svc
+        svc.stop()
 
 
 @pytest.mark.slow
