@@ -22,6 +22,8 @@ import pytest
 from helpers import Channel, build_big_table, make_job, make_source, run_sql
 
 from executor import run_extract
+from executor.sources import SourceUnavailable, open_source
+from executor.sources import sqlite as sqlite_source
 from executor.worker import Export, Monitor
 from executor.writers import ArtifactFile, RunPlace
 from extracts.storage import LowDiskSpace
@@ -139,6 +141,23 @@ def test_a_source_file_removed_fails_the_run(tmp_path: Path, manager: Any) -> No
         "SourceUnavailable",
     )
     assert not db.exists()
+
+
+def test_a_source_file_moved_away_while_it_opens_is_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file gone between the existence check and SQLite's open was a permanent error (no retry)."""
+    db = make_source(tmp_path / "source.db")
+    connect = sqlite3.connect
+
+    def moved_first(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if db.exists():  # the moment between the check and the open
+            db.rename(tmp_path / "away.db")
+        return connect(*args, **kwargs)
+
+    monkeypatch.setattr(sqlite_source.sqlite3, "connect", moved_first)
+    with pytest.raises(SourceUnavailable, match="does not exist"):
+        open_source(str(db))
 
 
 @pytest.mark.faults

@@ -99,16 +99,23 @@ def _connect(path: Path, timeout: float = 5.0) -> sqlite3.Connection:
         # check_same_thread=False: a table's chunks are read in threads (executor.sources.parallel).
         conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
-        raise SourceError(f"Cannot open the source database {shown}: {exc}") from exc
+        raise _open_error(path, shown, exc) from exc
     try:
         conn.execute("PRAGMA query_only = 1")
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # "file is not a database"
     except sqlite3.Error as exc:
         conn.close()
-        raise SourceError(f"Cannot open the source database {shown}: {exc}") from exc
+        raise _open_error(path, shown, exc) from exc
     conn.create_function("_extracts_base64", 1, _base64, deterministic=True)
     conn.create_function("_extracts_signed_zero", 1, _signed_zero, deterministic=True)
     return conn
+
+
+def _open_error(path: Path, shown: str, exc: sqlite3.Error) -> SourceError:
+    """Why the file could not be opened: gone since it was checked (moved away: transient), or not usable."""
+    if not path.exists():
+        return SourceUnavailable(f"Source database {shown} does not exist")
+    return SourceError(f"Cannot open the source database {shown}: {exc}")
 
 
 def _has_math_functions(conn: sqlite3.Connection) -> bool:
