@@ -138,14 +138,16 @@ def watch(client: Client, run_id: str, view: View) -> dict[str, Any]:
     artifacts = "/api/data/extract_artifacts?" + urlencode(
         {"filter[where][run_id]": run_id, "filter[order]": "created_at asc", "filter[limit]": "1000"}
     )
-    schema = None
+    where = None
     while True:
         run = client.call("GET", path)
         detail = run["progress_detail"]
         ended = run["status"] in _ENDED
-        if ended or detail["current_schema"] != schema:  # a schema ended: its line needs its files
+        # A schema ends when the run moves to another schema or to another phase (the manifest,
+        # with the last schema still named): its line needs its files, all recorded by then.
+        if ended or (detail["current_schema"], detail["phase"]) != where:
             view.artifacts(client.call("GET", artifacts))
-            schema = detail["current_schema"]
+            where = (detail["current_schema"], detail["phase"])
         if ended:
             detail = {**detail, "phase": run["status"]}
             if run["status"] == RunStatus.COMPLETED:
