@@ -155,7 +155,8 @@ def test_progress_moves_within_a_big_table_and_never_goes_down(big_service: Serv
     assert run["status"] == "completed", run
     progress = [p for p, _ in samples]
     assert progress == sorted(progress), progress
-    assert len({p for p in progress if 25 < p < 100}) > 5, progress
+    # Several values within the table (progress is sent every 0.2 s; the run takes a second or two).
+    assert len({p for p in progress if 25 < p < 100}) >= 3, progress
     assert run["records_exported"] == BIG_ROWS
     assert run["progress_detail"]["records_total"] == BIG_ROWS
     phases = [d["phase"] for _, d in samples]
