@@ -321,11 +321,11 @@ class InstancesBench:
                 target = cluster.instances[trial % len(cluster.instances)]
                 run_id = target.start_run(extract)
                 deadline = time.monotonic() + 60
-                while (run := target.run_record(run_id))["status"] != "running":
+                # Killed once it exports its data: a fixed wait let the smoke run's table finish first.
+                while (run := target.run_record(run_id))["progress_detail"]["phase"] != "exporting_data":
                     if run["status"] in TERMINAL or time.monotonic() > deadline:
-                        raise BenchError(f"failover run {run_id} did not start: {run['status']}")
+                        raise BenchError(f"failover run {run_id} did not start exporting: {run['status']}")
                     time.sleep(0.02)
-                time.sleep(0.5)  # exporting
                 pid = cluster.pid_of(run["instance_id"])
                 victim = next(s for s in cluster.instances if s.process and s.process.pid == pid)
                 os.kill(pid, signal.SIGKILL)
