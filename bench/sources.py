@@ -477,10 +477,8 @@ def _measure(
             for contender, line in zip(found, lines, strict=True):
                 if contender.command is None:
                     window = MemoryWindow(service.process.pid, sample_every=0.25).open()  # type: ignore[union-attr]
-                    started = time.perf_counter()
-                    run = service.start_run(extract)
-                    record = service.wait(run)
-                    line.times.append(time.perf_counter() - started)
+                    seconds, run, record = service.timed_run(extract)
+                    line.times.append(seconds)
                     window.close()
                     peak = max(peak, window.worker_peak)
                     _check_service(service, run, record, want, line)
