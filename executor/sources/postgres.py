@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import binascii
 import itertools
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -269,8 +270,10 @@ class PostgresSource(ServerSource):
     """A read-only PostgreSQL connection (see the module docstring for the rules)."""
 
     dialect = "postgresql"
-    #: Connections reading one big table at once (its snapshot's and helpers sharing it).
-    read_connections = 4
+    #: Connections reading one big table at once (its snapshot's and helpers sharing it): one
+    #: per core of this machine, which parses and writes what they read, up to four. On two
+    #: cores, four took 4 % longer than two (bench/RESULTS.md, 2026-12-01).
+    read_connections = min(4, os.cpu_count() or 1)
     #: Each row's JSON built by the server (``executor.sources.pgread``); False: row by row.
     server_json = True
     _label = "PostgreSQL"
