@@ -934,7 +934,8 @@ def render(results: Results, info: dict[str, str], argv: list[str], elapsed: flo
         f"Code: {info['code']}  ",
         f"Command: `python bench/run.py {' '.join(argv)}` — {elapsed / 60:.1f} minutes",
         "",
-        "### Exports (parts 1, 2, 3's big table and 7): wall time from POST run to the run's recorded `completed_at`",
+        "### Exports (parts 1, 2, 3's big table and 7): "
+        "wall time from POST run to the run's recorded `completed_at`",
         "",
         export_table(results),
         "",

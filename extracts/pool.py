@@ -229,7 +229,9 @@ class WorkerPool:
         await asyncio.to_thread(self._kill_pool)
         await self._drain()
         requeued = await self.runs.requeue()
-        for run_id in in_flight:  # cancelled, failed or completed meanwhile: what was not recorded goes
+        # Cancelled, failed or completed meanwhile: what was not recorded goes. Not a requeued
+        # run's files: another instance may have claimed it already.
+        for run_id in set(in_flight) - set(requeued):
             await self.runs.remove_leftovers(run_id)
         if requeued:
             log.info(
@@ -468,13 +470,17 @@ class WorkerPool:
                     "stopped because another run's worker process died and the pool was "
                     "restarted: run it again"
                 )
-            # The dead workers' half-written and unrecorded files; what they recorded stays (SPEC: faults).
-            await self.runs.remove_leftovers(run_id)
             exit_codes = {str(k): v for k, v in exitcodes.items()}
             result = failure(
                 error, "BrokenProcessPool", retryable=True, worker_pid=pid, exit_codes=exit_codes
             )
             await self._on_result(run_id, result)
+            # Then the dead workers' half-written and unrecorded files; what they recorded stays
+            # (SPEC: faults). A store failing now leaves them, logged: the ending comes first.
+            try:
+                await self.runs.remove_leftovers(run_id)
+            except Exception:  # noqa: BLE001 — the other runs' endings must still be applied
+                log.exception("could not remove the leftover files of %s", run_id)
         self.runs.queued.set()
 
     def _forget(self, run_id: str) -> None:

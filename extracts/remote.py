@@ -40,6 +40,7 @@ from extracts.settings import SETTINGS
 POLL_S = 0.25
 RETRIES = 3  # a download whose connection drops resumes where it stopped
 _CHUNK = 1 << 20
+_PAGE = 1000  # artifacts a request lists
 _ENDED = {status.value for status in ENDED_STATUSES}
 
 
@@ -132,12 +133,25 @@ def find_extract(client: Client, wanted: str) -> dict[str, Any]:
     return named[0]
 
 
+def run_artifacts(client: Client, run_id: str) -> list[dict[str, Any]]:
+    """Every artifact of the run, a page at a time (split files can make thousands)."""
+    found: list[dict[str, Any]] = []
+    while True:
+        query = {
+            "filter[where][run_id]": run_id,
+            "filter[order]": "created_at asc",
+            "filter[limit]": str(_PAGE),
+            "filter[offset]": str(len(found)),
+        }
+        page = client.call("GET", "/api/data/extract_artifacts?" + urlencode(query))
+        found += page
+        if len(page) < _PAGE:
+            return found
+
+
 def watch(client: Client, run_id: str, view: View) -> dict[str, Any]:
     """Poll the run until it ends, feeding ``view``; returns the ended run."""
     path = f"/api/data/extract_runs/{run_id}"
-    artifacts = "/api/data/extract_artifacts?" + urlencode(
-        {"filter[where][run_id]": run_id, "filter[order]": "created_at asc", "filter[limit]": "1000"}
-    )
     where = None
     while True:
         run = client.call("GET", path)
@@ -146,7 +160,7 @@ def watch(client: Client, run_id: str, view: View) -> dict[str, Any]:
         # A schema ends when the run moves to another schema or to another phase (the manifest,
         # with the last schema still named): its line needs its files, all recorded by then.
         if ended or (detail["current_schema"], detail["phase"]) != where:
-            view.artifacts(client.call("GET", artifacts))
+            view.artifacts(run_artifacts(client, run_id))
             where = (detail["current_schema"], detail["phase"])
         if ended:
             detail = {**detail, "phase": run["status"]}

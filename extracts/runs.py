@@ -133,8 +133,9 @@ class Runs:
         )
         for row in rows:
             interrupted = failure(INTERRUPTED, "Interrupted", retryable=True)
-            await self.finish(row["id"], interrupted, row["lease_token"])
-            await self.remove_leftovers(row["id"])
+            # Fenced off (requeued and claimed again meanwhile): its files are another worker's.
+            if await self.finish(row["id"], interrupted, row["lease_token"]):
+                await self.remove_leftovers(row["id"])
         # A cancelled run whose worker never reported back (its instance died): nothing holds it.
         await self.db.execute(
             f"UPDATE extract_runs SET lease_token = NULL, lease_expires_at = NULL WHERE status <> {RUNNING} "
@@ -347,8 +348,9 @@ class Runs:
             )
         )
 
-    async def finish(self, run_id: str, result: Result, lease: str | None) -> None:
+    async def finish(self, run_id: str, result: Result, lease: str | None) -> bool:
         """End a running run as its result says; a run cancelled (or failed) meanwhile stays so.
+        Returns whether this call ended it.
 
         One transaction: the counts, the ending and, for a transient failure with
         attempts left, the retry (SPEC: Retries). Fenced: nothing changes unless the
@@ -372,7 +374,7 @@ class Runs:
                 values | held,
             )
             if counted is None or counted["status"] != RunStatus.RUNNING:  # fenced off, or ended
-                return
+                return False
             run = await self.db.fetch_one(
                 "SELECT r.attempt, r.extract_id, r.extract_name, r.config_snapshot, e.max_attempts, "
                 "e.retry_delay_seconds, e.enabled = 1 AND e.deleted_at IS NULL AS runnable "
@@ -406,6 +408,7 @@ class Runs:
                 )
         if retrying:
             self.queued.set()
+        return True
 
     async def _queue_retry(self, failed_id: str, run: dict[str, Any]) -> str:
         """Insert the retry of a failed run (inside ``finish``'s transaction); returns its id."""

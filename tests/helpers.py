@@ -167,7 +167,8 @@ def sparse_scratch(fallback: Path) -> Iterator[Path]:
     no memory there. Elsewhere ``fallback``.
     """
     shm = Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+    # Room for what a run writes beside them, and the service's free-space reserve (100 MB).
+    if not (shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 1 << 30):
         yield fallback
         return
     directory = Path(tempfile.mkdtemp(prefix="extracts-test-", dir=shm))

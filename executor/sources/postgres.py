@@ -273,7 +273,7 @@ class PostgresSource(ServerSource):
     #: Connections reading one big table at once (its snapshot's and helpers sharing it): one
     #: per core of this machine, which parses and writes what they read, up to four. On two
     #: cores, four took 4 % longer than two (bench/RESULTS.md, 2026-12-01).
-    read_connections = min(4, os.cpu_count() or 1)
+    read_connections = min(4, len(os.sched_getaffinity(0)))  # the cores this process may use
     #: Each row's JSON built by the server (``executor.sources.pgread``); False: row by row.
     server_json = True
     _label = "PostgreSQL"

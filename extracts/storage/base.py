@@ -144,7 +144,7 @@ class Storage(ABC):
 
     @abstractmethod
     def remove_unrecorded(self, run_id: str, recorded: set[str]) -> None:
-        """Files a dead service's worker finished but whose artifact message died with it."""
+        """Files a dead worker finished but whose artifact message died with it."""
 
     @abstractmethod
     def remove_empty_runs(self, active: set[str]) -> None:
