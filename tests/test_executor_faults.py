@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import gc
 import json
 import multiprocessing
@@ -14,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -158,6 +160,45 @@ def test_a_source_file_moved_away_while_it_opens_is_unavailable(
     monkeypatch.setattr(sqlite_source.sqlite3, "connect", moved_first)
     with pytest.raises(SourceUnavailable, match="does not exist"):
         open_source(str(db))
+
+
+def test_a_snapshot_waits_out_a_writers_commit_on_a_rollback_journal_source(tmp_path: Path) -> None:
+    """The connection that checks the snapshot's connections share one state did not wait: a
+    writer's commit under way (an exclusive lock) failed the run for good ('database is locked')."""
+    db = tmp_path / "source.db"
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        con.executescript("PRAGMA journal_mode = DELETE; CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+    source = open_source(str(db))
+    writer = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(0.5, lambda: writer.execute("COMMIT"))
+    release.start()
+    try:
+        with source, source.snapshot():
+            assert source.count("t", None) == 1
+    finally:
+        release.join()
+        writer.close()
+
+
+def test_a_source_locked_past_the_wait_is_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer holding the source past the busy timeout: worth another attempt, not a permanent error."""
+    db = tmp_path / "source.db"
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        con.executescript("PRAGMA journal_mode = DELETE; CREATE TABLE t (x);")
+    writer = sqlite3.connect(db, isolation_level=None)
+    writer.execute("BEGIN EXCLUSIVE")
+    try:
+        connect = sqlite3.connect
+        monkeypatch.setattr(
+            sqlite_source.sqlite3, "connect", lambda *a, **k: connect(*a, **{**k, "timeout": 0})
+        )
+        with pytest.raises(SourceUnavailable, match="database is locked"):
+            open_source(str(db))
+    finally:
+        writer.close()
 
 
 @pytest.mark.faults

@@ -42,7 +42,6 @@ inside the caller's ``snapshot()``, so every chunk sees the same database state.
 from __future__ import annotations
 
 import binascii
-import codecs
 import math
 import sqlite3
 import urllib.parse
@@ -56,7 +55,7 @@ from executor.credentials import redact
 from executor.filters import compile_where
 from executor.sources.base import Source, SourceError, SourceUnavailable, UnknownSchema, foreign_keys
 from executor.sources.parallel import Feed, in_order
-from executor.sources.sqlitejson import AFFINITY_KINDS, STRICT_KINDS, affinity, row_json_sql
+from executor.sources.sqlitejson import AFFINITY_KINDS, STRICT_KINDS, affinity, row_json_sql, valid_utf8
 
 # A chunk of JSON lines aims at this many bytes (flat memory, few Python objects).
 _CHUNK_BYTES = 1 << 20
@@ -64,7 +63,6 @@ _FIRST_CHUNK_ROWS = 64
 # A table with more JSON than this is read by every connection of the snapshot at once.
 PARALLEL_MIN_BYTES = 8 << 20
 _MAX_RANGES = 1 << 16  # a sparse rowid space gets wider ranges, not more
-_UTF8_PIECE = 1 << 16
 
 
 def sqlite_path(location: str) -> Path:
@@ -112,10 +110,15 @@ def _connect(path: Path, timeout: float = 5.0) -> sqlite3.Connection:
 
 
 def _open_error(path: Path, shown: str, exc: sqlite3.Error) -> SourceError:
-    """Why the file could not be opened: gone since it was checked (moved away: transient), or not usable."""
+    """Gone since it was checked, or locked by a writer past the wait: transient. Else not usable."""
     if not path.exists():
         return SourceUnavailable(f"Source database {shown} does not exist")
-    return SourceError(f"Cannot open the source database {shown}: {exc}")
+    kind = SourceUnavailable if _busy(exc) else SourceError
+    return kind(f"Cannot open the source database {shown}: {exc}")
+
+
+def _busy(exc: sqlite3.Error) -> bool:  # another connection's lock refused us: it will pass
+    return getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
 
 
 def _has_math_functions(conn: sqlite3.Connection) -> bool:
@@ -172,7 +175,8 @@ class SQLiteSource(Source):
         try:
             yield
         except sqlite3.Error as exc:
-            raise SourceError(f"Cannot {action} in {redact(str(self.path))}: {exc}") from exc
+            kind = SourceUnavailable if _busy(exc) else SourceError
+            raise kind(f"Cannot {action} in {redact(str(self.path))}: {exc}") from exc
 
     def _relations(self) -> dict[str, _Relation]:
         with self._reading("list the tables"):
@@ -325,7 +329,7 @@ class SQLiteSource(Source):
     def _begin_all(self) -> list[sqlite3.Connection]:
         """Start the main read transaction, and helpers' on the same state (``snapshot``)."""
         for _attempt in range(3 if self.read_connections > 1 else 0):
-            probe = _connect(self.path, timeout=0)
+            probe = _connect(self.path)  # waits out a writer's commit, as the run's own connection does
             try:
                 before = probe.execute("PRAGMA data_version").fetchone()[0]
                 _begin(self._conn)
@@ -392,7 +396,7 @@ class SQLiteSource(Source):
             for text, count in in_order(
                 self._readers(query, clause, params, batch_size, (name, repr(where))), "sqlite-read-ahead"
             ):
-                yield _valid_utf8(text), count
+                yield valid_utf8(text), count
 
     def _readers(
         self, query: _ChunkQuery, clause: str, params: list[Any], batch_size: int, counted: tuple[str, str]
@@ -499,7 +503,7 @@ class SQLiteSource(Source):
         try:
             limit = min(batch_size, _FIRST_CHUNK_ROWS)
             while rows := cursor.fetchmany(limit):
-                chunk = _valid_utf8(b"\n".join([row[0] for row in rows]))
+                chunk = valid_utf8(b"\n".join([row[0] for row in rows]))
                 yield chunk, len(rows)
                 limit = _next_limit(len(chunk), len(rows), batch_size)
         finally:
@@ -572,24 +576,6 @@ class _ChunkQuery:
             last = [end]
             cap = max(cap, min(batch_size, cap * 2))
             limit = min(cap, _next_limit(len(text), count, batch_size))
-
-
-def _valid_utf8(chunk: bytes) -> bytes:
-    """``chunk``, with bytes that are not UTF-8 as U+FFFD (SQLite stores TEXT unchecked)."""
-    if chunk.isascii():  # the common case, checked a word at a time
-        return chunk
-    # Decoded 64 KiB at a time: each piece's text is small and stays in the CPU's
-    # cache, three times faster than one string of the whole chunk (up to 4 bytes
-    # a character), and no megabyte-sized string fragments the heap run after run.
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    view = memoryview(chunk)
-    try:
-        for start in range(0, len(view), _UTF8_PIECE):
-            decoder.decode(view[start : start + _UTF8_PIECE])
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return chunk.decode("utf-8", "replace").encode("utf-8")
-    return chunk
 
 
 def _next_limit(size: int, count: int, batch_size: int) -> int:
