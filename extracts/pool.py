@@ -447,6 +447,14 @@ class WorkerPool:
         job = self._jobs.get(run_id)
         if job is not None:
             await self.runs.finish(run_id, result, job["lease"])
+            # The worker writes nothing more. A file it finished that has no row (a second file
+            # of one name, files written after another instance took the run over) goes, unless
+            # some worker holds the run again (requeued and claimed by another instance).
+            if not await self.runs.held(run_id):
+                try:
+                    await self.runs.remove_leftovers(run_id)
+                except Exception:  # noqa: BLE001 — the run's ending stands; the files stay, logged
+                    log.exception("could not remove the unrecorded files of %s", run_id)
         self._forget(run_id)  # last: a retry after a locked write must still find the run
         self.runs.queued.set()
 
@@ -474,13 +482,9 @@ class WorkerPool:
             result = failure(
                 error, "BrokenProcessPool", retryable=True, worker_pid=pid, exit_codes=exit_codes
             )
+            # Ending it also removes the dead worker's half-written and unrecorded files; what
+            # it recorded stays (SPEC: faults).
             await self._on_result(run_id, result)
-            # Then the dead workers' half-written and unrecorded files; what they recorded stays
-            # (SPEC: faults). A store failing now leaves them, logged: the ending comes first.
-            try:
-                await self.runs.remove_leftovers(run_id)
-            except Exception:  # noqa: BLE001 — the other runs' endings must still be applied
-                log.exception("could not remove the leftover files of %s", run_id)
         self.runs.queued.set()
 
     def _forget(self, run_id: str) -> None:

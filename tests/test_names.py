@@ -35,6 +35,7 @@ from helpers import (
     start_in_process,
     start_service,
     unique_name,
+    wait_for,
     worker_writing,
 )
 from helpers import parse_file as parse
@@ -479,6 +480,10 @@ def test_a_second_artifact_of_one_name_fails_the_run(tmp_path: Path) -> None:
             <= set(names)
             <= {"SMALL.jsonl", "big.jsonl", "describe.yaml", "manifest.json"}
         )
+        # The second small.jsonl, on disk but never recorded, goes once the worker has stopped;
+        # the files that were recorded stay (SMALL.jsonl's row was forced in, with no file).
+        recorded = sorted(set(names) - {"SMALL.jsonl"})
+        wait_for(lambda: sorted(os.listdir(svc.storage / run_id)) == recorded, what="only recorded files")
         # The next run is not disturbed.
         assert svc.wait_run(svc.run(extract["id"]))["status"] == "completed"
     finally:
