@@ -432,9 +432,11 @@ async function extractView(v, id, runId) {
         api("GET", `data/extract_runs?${query({ "filter[where][extract_id]": id, "filter[limit]": 20 })}`)]);
       const chosen = runId || (runs[0] && runs[0].id);
       run = runs.find((r) => r.id === chosen) || (chosen ? await api("GET", `data/extract_runs/${encodeURIComponent(chosen)}`) : null);
-      if (run && !ACTIVE.has(run.status) && artifactsOf !== run.id + run.status) {
+      // Again when the count changes: a cancelled run's worker may record a file after the status.
+      const seen = `${run && run.id} ${run && run.status} ${run && run.artifacts_created}`;
+      if (run && !ACTIVE.has(run.status) && artifactsOf !== seen) {
         artifacts = await api("GET", `data/extract_artifacts?${query({ "filter[where][run_id]": run.id, "filter[order]": "created_at asc", "filter[limit]": 1000 })}`);
-        artifactsOf = run.id + run.status;
+        artifactsOf = seen;
       }
       if (!v.alive) return;
       document.title = `${extract.name} · Extracts`;
