@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -207,3 +208,17 @@ def test_expired_artifacts_are_gone_at_once_and_swept(sweeping: InProcessService
     assert not (svc.storage / run["id"]).exists()
     assert (svc.storage / keep["id"]).is_dir()
     assert svc.client.get(f"/api/extracts/runs/{keep['id']}/download").status_code == 200
+
+
+def test_the_sweep_leaves_a_run_directory_made_in_the_last_minute(tmp_path: Path) -> None:
+    """A run claimed after the sweep read the active runs lost its new, empty directory, and
+    its first file failed."""
+    storage = LocalStorage(tmp_path)
+    fresh, old, busy = (tmp_path / name for name in ("run_fresh", "run_old", "run_busy"))
+    for directory in (fresh, old, busy):
+        directory.mkdir()
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    os.utime(busy, (an_hour_ago, an_hour_ago))
+    storage.remove_empty_runs(active={"run_busy"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_busy", "run_fresh"]

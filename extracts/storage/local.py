@@ -16,6 +16,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -122,11 +123,15 @@ class LocalStorage(Storage):
                         os.unlink(entry.path)
 
     def remove_empty_runs(self, active: set[str]) -> None:
+        # Not one made in the last minute: a run claimed after ``active`` was read may have just
+        # made its directory, and would find it gone when it writes its first file.
+        settled = time.time() - 60
         with contextlib.suppress(OSError):
             for entry in os.scandir(self.root):
                 if entry.is_dir() and entry.name.startswith("run_") and entry.name not in active:
                     with contextlib.suppress(OSError):
-                        os.rmdir(entry.path)
+                        if entry.stat().st_mtime < settled:
+                            os.rmdir(entry.path)
 
 
 # ---------------------------------------------------------------- writing a local file
