@@ -139,10 +139,7 @@ class StorageBench:
         assert svc.process is not None
         window = MemoryWindow(svc.process.pid).open()
         moto_cpu = cpu_seconds(self.moto.pid)
-        started = time.perf_counter()
-        run = svc.start_run(extract)
-        svc.wait(run)
-        elapsed = time.perf_counter() - started
+        elapsed, run, _ = svc.timed_run(extract)
         window.close()
         return run, elapsed, window, cpu_seconds(self.moto.pid) - moto_cpu
 

@@ -34,7 +34,7 @@ from multiprocessing.managers import SyncManager
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from executor.messages import Artifact, Broken, Job, Message, Progress, Result, Started, failure
+from executor.messages import Artifact, Broken, Job, Message, Progress, Result, RunStatus, Started, failure
 from extracts.runs import Runs
 from extracts.state import new_id
 from extracts.storage import Storage
@@ -225,13 +225,12 @@ class WorkerPool:
             # (or still 'queued'); the loop ends at its next turn.
             self.runs.queued.set()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
-        in_flight = list(self._inflight)
         await asyncio.to_thread(self._kill_pool)
         await self._drain()
         requeued = await self.runs.requeue()
-        # Cancelled, failed or completed meanwhile: what was not recorded goes. Not a requeued
-        # run's files: another instance may have claimed it already.
-        for run_id in set(in_flight) - set(requeued):
+        # Runs whose result never came (cancelled meanwhile, their worker killed): what was not
+        # recorded goes. Not a requeued run's files: another instance may have claimed it already.
+        for run_id in set(self._inflight) - set(requeued):
             await self.runs.remove_leftovers(run_id)
         if requeued:
             log.info(
@@ -446,11 +445,12 @@ class WorkerPool:
     async def _on_result(self, run_id: str, result: Result) -> None:
         job = self._jobs.get(run_id)
         if job is not None:
-            await self.runs.finish(run_id, result, job["lease"])
-            # The worker writes nothing more. A file it finished that has no row (a second file
-            # of one name, files written after another instance took the run over) goes, unless
-            # some worker holds the run again (requeued and claimed by another instance).
-            if not await self.runs.held(run_id):
+            ended = await self.runs.finish(run_id, result, job["lease"])
+            # The worker writes nothing more. A run it completed has every file recorded; else a
+            # file with no row (its worker died, a second file of one name, files written after
+            # another instance took the run over) goes, unless a worker holds the run again.
+            completed = ended and result["status"] == RunStatus.COMPLETED
+            if not completed and not await self.runs.held(run_id):
                 try:
                     await self.runs.remove_leftovers(run_id)
                 except Exception:  # noqa: BLE001 — the run's ending stands; the files stay, logged

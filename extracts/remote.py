@@ -152,16 +152,14 @@ def run_artifacts(client: Client, run_id: str) -> list[dict[str, Any]]:
 def watch(client: Client, run_id: str, view: View) -> dict[str, Any]:
     """Poll the run until it ends, feeding ``view``; returns the ended run."""
     path = f"/api/data/extract_runs/{run_id}"
-    where = None
+    schema = None
     while True:
         run = client.call("GET", path)
         detail = run["progress_detail"]
         ended = run["status"] in _ENDED
-        # A schema ends when the run moves to another schema or to another phase (the manifest,
-        # with the last schema still named): its line needs its files, all recorded by then.
-        if ended or (detail["current_schema"], detail["phase"]) != where:
+        if ended or detail["current_schema"] != schema:  # a schema ended: its line needs its files
             view.artifacts(run_artifacts(client, run_id))
-            where = (detail["current_schema"], detail["phase"])
+            schema = detail["current_schema"]
         if ended:
             detail = {**detail, "phase": run["status"]}
             if run["status"] == RunStatus.COMPLETED:
