@@ -10,49 +10,25 @@ The data flow, left to right::
 This module is the entry point: the route table, ``create_app`` and ``main``.
 The server side lives in the ``extracts`` package (one module per concern, see
 its docstring); what runs in the worker processes in ``executor``.
+
+Its top imports nothing of the server side: each process the pool's forkserver
+forks (the workers, the Manager) runs the main script again, as
+``__mp_main__``, and needs none of it (a service start costs one import of the
+server side, not two).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import sys
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Mount, Route, Router
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.routing import Route
 
-from executor.credentials import BlankingFormatter
-from executor.sources import SourceError
-from extracts import downloads, handlers, metrics, page, state
-from extracts.catalog import Catalog, DocumentCache
-from extracts.commands import is_command, run_command
-from extracts.dialects import dialect_of
-from extracts.handlers import Service, get_handler, list_handler
-from extracts.http import (
-    ApiError,
-    BearerAuth,
-    CatchAll,
-    MethodNotAllowed,
-    api_error_handler,
-    http_exception_handler,
-    source_error_handler,
-)
-from extracts.instances import Instance
-from extracts.metrics import Metrics, RequestMetrics
-from extracts.pool import WorkerPool
-from extracts.runs import Runs
-from extracts.schedule import Scheduler, Sweeper
-from extracts.settings import Settings, parse_settings
-from extracts.startup import StartupError, banner, prepare
-from extracts.storage import open_storage
+    from extracts.settings import Settings
 
 POLL_S = 1.0  # with a shared state, how often an instance looks for runs another one queued
 HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
@@ -60,9 +36,13 @@ HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRA
 
 def route(path: str, **methods: Callable[[Request], Any]) -> Route:
     """One route per path, dispatching on the method, so a 405 lists every allowed method."""
+    from starlette.routing import Route
+
+    from extracts.http import MethodNotAllowed
+
     allowed = ", ".join(sorted({*methods, *(["HEAD"] if "GET" in methods else [])}))
 
-    async def endpoint(request: Request) -> Response:
+    async def endpoint(request: Request) -> Any:
         method = "GET" if request.method == "HEAD" else request.method
         handler = methods.get(method)
         if handler is None:
@@ -76,64 +56,98 @@ def route(path: str, **methods: Callable[[Request], Any]) -> Route:
     return Route(path, endpoint, methods=HTTP_METHODS)
 
 
-API_ROUTES = [
-    route("/data/extracts", GET=list_handler("extracts"), POST=handlers.create_extract),
-    route(
-        "/data/extracts/{id}",
-        GET=get_handler("extracts"),
-        PUT=handlers.update_extract,
-        DELETE=handlers.delete_extract,
-    ),
-    route("/data/extract_runs", GET=list_handler("extract_runs")),
-    route("/data/extract_runs/{id}", GET=get_handler("extract_runs"), DELETE=handlers.delete_run),
-    route("/data/extract_artifacts", GET=list_handler("extract_artifacts")),
-    route("/data/extract_artifacts/{id}", GET=get_handler("extract_artifacts")),
-    route("/extracts/{id}/run", POST=handlers.start_run),
-    route("/extracts/{id}/cancel", POST=handlers.cancel_run),
-    route("/extracts/runs/{id}/download", GET=downloads.download_run),
-    route("/extracts/artifacts/{id}/download", GET=downloads.download_artifact),
-    route("/instances", GET=handlers.list_instances),
-    route("/describe", GET=handlers.describe_list),
-    route("/describe/{schema:path}", GET=handlers.describe_one),
-]
-# Served without the /api bearer check: the page (public, it holds no data), its files, liveness,
-# the API's description, and the metrics (which check the token themselves).
-PUBLIC_ROUTES = [
-    route("/", GET=page.index),
-    route("/assets/{name}", GET=page.asset),
-    route("/health", GET=handlers.health),
-    route("/openapi.json", GET=handlers.openapi),
-    route("/metrics", GET=metrics.metrics),
-]
+def routes() -> tuple[list[Route], list[Route]]:
+    """(the public routes, the API's under ``/api``): the route table."""
+    from extracts import downloads, handlers, metrics, page
+    from extracts.handlers import get_handler, list_handler
+
+    api = [
+        route("/data/extracts", GET=list_handler("extracts"), POST=handlers.create_extract),
+        route(
+            "/data/extracts/{id}",
+            GET=get_handler("extracts"),
+            PUT=handlers.update_extract,
+            DELETE=handlers.delete_extract,
+        ),
+        route("/data/extract_runs", GET=list_handler("extract_runs")),
+        route("/data/extract_runs/{id}", GET=get_handler("extract_runs"), DELETE=handlers.delete_run),
+        route("/data/extract_artifacts", GET=list_handler("extract_artifacts")),
+        route("/data/extract_artifacts/{id}", GET=get_handler("extract_artifacts")),
+        route("/extracts/{id}/run", POST=handlers.start_run),
+        route("/extracts/{id}/cancel", POST=handlers.cancel_run),
+        route("/extracts/runs/{id}/download", GET=downloads.download_run),
+        route("/extracts/artifacts/{id}/download", GET=downloads.download_artifact),
+        route("/instances", GET=handlers.list_instances),
+        route("/describe", GET=handlers.describe_list),
+        route("/describe/{schema:path}", GET=handlers.describe_one),
+    ]
+    # Served without the /api bearer check: the page (public, it holds no data), its files, liveness,
+    # the API's description, and the metrics (which check the token themselves).
+    public = [
+        route("/", GET=page.index),
+        route("/assets/{name}", GET=page.asset),
+        route("/health", GET=handlers.health),
+        route("/openapi.json", GET=handlers.openapi),
+        route("/metrics", GET=metrics.metrics),
+    ]
+    return public, api
 
 
-def operations() -> list[tuple[str, str, str]]:
-    """Every (path, method, handler name) of the route table: what the OpenAPI document describes."""
+def operations(tables: list[tuple[str, Route]]) -> list[tuple[str, str, str]]:
+    """Every (path, method, handler name) of the (prefix, route) table: what OpenAPI describes."""
     return [
         (prefix + item.path, method, handler.__name__)
-        for prefix, routes in (("", PUBLIC_ROUTES), ("/api", API_ROUTES))
-        for item in routes
-        for method, handler in item.endpoint.methods.items()
+        for prefix, item in tables
+        for method, handler in item.endpoint.methods.items()  # type: ignore[attr-defined]
     ]
 
 
 def create_app(settings: Settings) -> Starlette:
     """The ASGI app; ``prepare(settings)`` must have run (the CLI does it)."""
+    import asyncio
+    import contextlib
+    from datetime import timedelta
+
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.routing import Mount, Router
+
+    from executor.sources import SourceError
+    from extracts import state
+    from extracts.catalog import Catalog, DocumentCache
+    from extracts.dialects import dialect_of
+    from extracts.handlers import Service
+    from extracts.http import (
+        ApiError,
+        BearerAuth,
+        CatchAll,
+        api_error_handler,
+        http_exception_handler,
+        source_error_handler,
+    )
+    from extracts.instances import Instance
+    from extracts.metrics import Metrics, RequestMetrics
+    from extracts.pool import WorkerPool
+    from extracts.runs import Runs
+    from extracts.schedule import Scheduler, Sweeper
+    from extracts.storage import open_storage
+
+    public, api = routes()
+    tables = [("", item) for item in public] + [("/api", item) for item in api]
     db, dialect = state.open_database(settings.db), dialect_of(str(settings.db))
     storage = open_storage(settings.storage, settings.storage_endpoint)
     catalog = Catalog(settings.source)
     runs = Runs(db, storage, settings.source, settings.min_free_mb << 20, dialect=dialect)
     runs.lease = timedelta(seconds=settings.lease_seconds)
     poll = POLL_S if settings.shared else None
-    # Imported once by the pool's forkserver, for every worker (by name: "__main__" is not preloaded).
-    pool = WorkerPool(runs, storage, settings.workers, poll=poll, preload=["extracts_app"])
+    pool = WorkerPool(runs, storage, settings.workers, poll=poll)
     instance = Instance(db, runs, pool, settings.shared)
-    documents = DocumentCache.of(operations(), catalog)
+    documents = DocumentCache.of(operations(tables), catalog)
     st = Service(settings, db, storage, catalog, runs, pool, documents, instance, state.utcnow)
     runs.clock = lambda: st.clock()  # one clock for runs, retries and schedules (tests move it)
     scheduler = Scheduler(db, runs, lambda: st.clock(), instance.leads)
     sweeper = Sweeper(db, storage, settings.cleanup_interval, pool.active, lambda: st.clock(), instance.leads)
-    tables = [("", item) for item in PUBLIC_ROUTES] + [("/api", item) for item in API_ROUTES]
     measured = Metrics(db, instance, settings.token, tables)
 
     @contextlib.asynccontextmanager
@@ -159,7 +173,7 @@ def create_app(settings: Settings) -> Starlette:
         SourceError: source_error_handler,
     }
     app = Starlette(
-        routes=[*PUBLIC_ROUTES, Mount("/api", app=BearerAuth(Router(routes=API_ROUTES), settings.token))],
+        routes=[*public, Mount("/api", app=BearerAuth(Router(routes=api), settings.token))],
         # Outermost first: every response is counted, the 500s CatchAll makes included.
         middleware=[Middleware(RequestMetrics, metrics=measured), Middleware(CatchAll, busy=dialect.busy)],
         exception_handlers=exception_handlers,
@@ -176,13 +190,20 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def main(argv: list[str] | None = None) -> None:
     """``extracts-app [serve] [options]``: the service; ``export``, ``verify``, ``run``: the commands."""
+    import logging
+
+    import uvicorn
+
+    from executor.credentials import BlankingFormatter
+    from extracts.commands import is_command, run_command
+    from extracts.settings import parse_settings
+    from extracts.startup import StartupError, banner, prepare
+
     argv = sys.argv[1:] if argv is None else argv
     if is_command(argv):
         raise SystemExit(run_command(argv, own_process=True))
     if argv[:1] == ["serve"]:
         argv = argv[1:]
-    import uvicorn
-
     settings = parse_settings(argv)
     handler = logging.StreamHandler()  # every log line, uvicorn's too, without the source's secrets
     handler.setFormatter(BlankingFormatter(LOG_FORMAT, settings.source))

@@ -1,4 +1,6 @@
-"""The function the service's process pool runs: announces its pid, runs the extract, reports.
+"""What the service's pool children run: their initializers, and the job (``run_in_worker``).
+
+The job announces its pid, runs the extract, and reports.
 
 The pid lets the service tell which run a dead worker held (SPEC: a worker that
 dies fails the runs it held; the others get the pool's message). The run's
@@ -18,11 +20,68 @@ CPython closed that connection under the running job, which then failed with
 from __future__ import annotations
 
 import os
+import select
+import signal
+import threading
+import time
 from typing import Any
 
+from executor.sources.sqlitemem import turn_off_memory_statistics
 from executor.worker import run_extract
 
 _channel: tuple[Any, Any] | None = None  # (queue, cancelled) for every job of this process
+
+# Workers run at a lower CPU priority than the service's event loop: on a busy host
+# an export gives way to the API (status p99) and to the application beside it.
+WORKER_NICENESS = 10
+
+
+def manager_initializer(service_pid: int) -> None:
+    """The Manager process outlives a signal sent to the service's whole process group.
+
+    It holds the messages workers already put; the service drains them when it
+    stops (``WorkerPool.stop``) and shuts the Manager down itself. It still dies
+    with the service after a ``kill -9``.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    worker_initializer(service_pid)
+
+
+def worker_initializer(service_pid: int | None = None, queue: Any = None, cancelled: Any = None) -> None:
+    """Workers leave SIGINT to the service, which stops them itself (runs go back to queued).
+
+    Pool workers receive the progress queue and cancel flags here, once
+    (``executor.entry.keep_channel`` says why not with every job).
+
+    They also die with the service: after a ``kill -9`` of it, a worker would
+    otherwise finish its export into a run that the next start marks failed, and
+    the manager (which holds the forkserver open) would idle forever.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if queue is not None:
+        os.nice(max(0, WORKER_NICENESS - os.nice(0)))  # the Manager is not a worker: it keeps its niceness
+        turn_off_memory_statistics()  # before the worker's first SQLite connection (its docstring)
+
+        keep_channel(queue, cancelled)
+    if service_pid is not None:
+        threading.Thread(
+            target=_exit_with, args=(service_pid,), daemon=True, name="extracts-exit-with-service"
+        ).start()
+
+
+def _exit_with(service_pid: int) -> None:
+    try:
+        pidfd = os.pidfd_open(service_pid)
+    except (AttributeError, OSError):  # not Linux 5.3+: poll
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(service_pid, 0)
+            except ProcessLookupError:
+                break
+    else:
+        select.select([pidfd], [], [])  # readable once the service has exited
+    os._exit(1)
 
 
 def keep_channel(queue: Any, cancelled: Any) -> None:

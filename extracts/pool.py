@@ -23,17 +23,16 @@ import importlib.util
 import logging
 import multiprocessing
 import os
-import select
 import signal
 import sys
 import threading
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.managers import SyncManager
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from executor.entry import manager_initializer, worker_initializer
 from executor.messages import Artifact, Broken, Job, Message, Progress, Result, RunStatus, Started, failure
 from extracts.runs import Runs
 from extracts.state import new_id
@@ -42,60 +41,6 @@ from extracts.storage import Storage
 log = logging.getLogger("extracts.pool")
 
 DRAIN_TIMEOUT_S = 20.0  # past the state file's busy timeout: one locked write is waited out
-# Workers run at a lower CPU priority than the service's event loop: on a busy host
-# an export gives way to the API (status p99) and to the application beside it.
-WORKER_NICENESS = 10
-
-
-def manager_initializer(service_pid: int) -> None:
-    """The Manager process outlives a signal sent to the service's whole process group.
-
-    It holds the messages workers already put; the service drains them when it
-    stops (``WorkerPool.stop``) and shuts the Manager down itself. It still dies
-    with the service after a ``kill -9``.
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    worker_initializer(service_pid)
-
-
-def worker_initializer(service_pid: int | None = None, queue: Any = None, cancelled: Any = None) -> None:
-    """Workers leave SIGINT to the service, which stops them itself (runs go back to queued).
-
-    Pool workers receive the progress queue and cancel flags here, once
-    (``executor.entry.keep_channel`` says why not with every job).
-
-    They also die with the service: after a ``kill -9`` of it, a worker would
-    otherwise finish its export into a run that the next start marks failed, and
-    the manager (which holds the forkserver open) would idle forever.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if queue is not None:
-        from executor.entry import keep_channel
-        from executor.sources.sqlitemem import turn_off_memory_statistics
-
-        os.nice(max(0, WORKER_NICENESS - os.nice(0)))  # the Manager is not a worker: it keeps its niceness
-        turn_off_memory_statistics()  # before the worker's first SQLite connection (its docstring)
-
-        keep_channel(queue, cancelled)
-    if service_pid is not None:
-        threading.Thread(
-            target=_exit_with, args=(service_pid,), daemon=True, name="extracts-exit-with-service"
-        ).start()
-
-
-def _exit_with(service_pid: int) -> None:
-    try:
-        pidfd = os.pidfd_open(service_pid)
-    except (AttributeError, OSError):  # not Linux 5.3+: poll
-        while True:
-            time.sleep(0.5)
-            try:
-                os.kill(service_pid, 0)
-            except ProcessLookupError:
-                break
-    else:
-        select.select([pidfd], [], [])  # readable once the service has exited
-    os._exit(1)
 
 
 def forkserver_preload(modules: Iterable[str]) -> list[str]:
@@ -149,9 +94,9 @@ class WorkerPool:
     ) -> None:
         self.runs, self.storage, self.workers = runs, storage, workers
         self.poll = poll  # with a shared state: look for runs other instances queued this often
-        # What the children run (this module's initializers, the job) and what the main
-        # script imports (``preload``): see forkserver_preload.
-        self._preload = [*preload, __name__, "executor.entry", "executor.sources.sqlitemem"]
+        # What the children run (executor.entry: their initializers and the job) and what else
+        # they should find imported (``preload``): see forkserver_preload.
+        self._preload = [*preload, "executor.entry", "executor.sources.sqlitemem"]
         self.retry_delay = 1.0  # seconds before writing again to a locked state file
         self._context = multiprocessing.get_context("forkserver")
         self._manager: SyncManager | None = None

@@ -372,8 +372,7 @@ def test_workers_get_the_progress_queue_once_not_with_every_job(tmp_path: Path) 
     import multiprocessing
     from multiprocessing.managers import SyncManager
 
-    from executor.entry import run_in_worker
-    from extracts.pool import worker_initializer
+    from executor.entry import run_in_worker, worker_initializer
 
     context = multiprocessing.get_context("forkserver")
     manager = SyncManager(ctx=context)
