@@ -168,6 +168,34 @@ def test_postgres_server_json_is_byte_for_byte_the_row_by_row_json(pg: psycopg.C
     assert b'"f8":1e+16' in by_row and b'"f8":1000000000000000.0' in by_row and b'"d":"-' in by_row
 
 
+def test_postgres_keys_joined_into_their_neighbours_keep_every_byte(pg: psycopg.Connection[Any]) -> None:
+    """A key joins the CASE beside it (``pgjson._joined``): odd names (quotes, backslashes, ``%s``,
+    control characters) beside marked floats and JSON, NULLs, BC and infinite times."""
+    pg.execute(
+        'CREATE TABLE joined (id int PRIMARY KEY, "a\\b\'%s" float8, "q""\x01" boolean, j json,'
+        ' "z\\" timestamptz, d date, ts timestamp, "\x7f%" real NOT NULL, t text, "\n" bigint)'
+    )
+    rng = random.Random(7)
+    bc, odd = ["0044-03-15 12:00:00+00 BC", "0001-01-01 00:00:00+00 BC"], ["12345-06-07 08:09:10.5+00"]
+    stamps = [*bc, *odd, "infinity", "-infinity", None, "2024-02-29 23:59:59.999999+05:30", "0001-01-01Z"]
+    rows = [
+        (i, rng.choice([1e20, -0.0, 0.0, 5.0, 1.5, 1e-5, float("nan"), float("-inf"), None]),
+         rng.choice([True, False, None]), rng.choice(['{"k" : [1, "\\u0001"]}', None]),
+         stamp := rng.choice(stamps), stamp, stamp, rng.choice([1e7, 0.5, -0.0, 3.0]),
+         rng.choice([random_text(rng), "\x01f1\x01", None]), rng.choice([None, -(2**63)]))
+        for i in range(400)
+    ]  # fmt: skip
+    with pg.cursor() as cursor:
+        values = "%s, %s, %s, %s, %s, %s::timestamptz::date, %s::timestamptz::timestamp, %s, %s, %s"
+        cursor.executemany(f"INSERT INTO joined VALUES ({values})", rows)
+    with pg_source(server_json=False) as source:
+        by_row = export(source, f"{NAME}.joined")
+    with pg_source() as source:
+        assert export(source, f"{NAME}.joined") == by_row
+    for shown in (b'"-0043-03-15T12:00:00Z"', b'"12345-06-07T08:09:10.5Z"', b'"-infinity"', b":1e+20,"):
+        assert shown in by_row
+
+
 @pytest.fixture(scope="module")
 def pg_big(pg: psycopg.Connection[Any]) -> str:
     """About 40 MiB of heap: read by four connections (one more per 8 MiB)."""

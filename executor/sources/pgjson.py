@@ -5,7 +5,8 @@ object, the text the psycopg loaders and ``RowEncoder`` would have produced
 (the type-fidelity table of ``executor.sources.postgres``), so that the server
 does the formatting and Python only moves bytes. It is built from concatenated
 pieces (the cheapest way PostgreSQL 15 has: ``row_to_json``, ``format`` and
-``concat`` all cost more), each value in its cheapest exact form:
+``concat`` all cost more), as few as can be: a key joins the literal of the
+CASE beside it (``_joined``). Each value in its cheapest exact form:
 
 * integers, ``oid``: their text; ``boolean``: ``true`` / ``false``;
 * ``real`` / ``double precision``: orjson's form of the shortest exact
@@ -16,7 +17,7 @@ pieces (the cheapest way PostgreSQL 15 has: ``row_to_json``, ``format`` and
 * text types: ``to_json``, whose escaping is orjson's (the same short
   escapes, ``\\u00XX`` in lower case, nothing else escaped);
 * dates and times: their ISO text with a ``T``; BC years made astronomical;
-  ``timestamptz`` through ``AT TIME ZONE 'UTC'`` and a ``Z``;
+  ``timestamptz`` in UTC (``AT TIME ZONE INTERVAL '0'``) and a ``Z``;
 * ``bytea``: base64 without line breaks; ``numeric``, ``uuid``, ``time``,
   ``interval``: their text as a string;
 * ``json`` / ``jsonb``: their text, compacted in Python (``rowjson.compact_json``);
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -59,9 +61,73 @@ class Column:
     is_array: bool  # an array (or int2vector / oidvector): not built in SQL
 
 
+# A row's SQL is built as pieces: a literal's text (``str``), an expression (``_Sql``) or a CASE
+# (``_Case``). Each ``||`` costs PostgreSQL a call, a copy and an allocation, so ``_joined`` moves
+# a literal into a neighbouring CASE, where it joins the literal its branches start or end with
+# (a key into ``'null'``, a closing ``"`` into the ``Z`` of a timestamp) instead of costing one.
+@dataclass(frozen=True)
+class _Sql:
+    text: str
+
+
+@dataclass(frozen=True)
+class _Case:
+    whens: tuple[tuple[str, tuple[Any, ...]], ...]  # (condition, pieces)
+    otherwise: tuple[Any, ...]
+
+
+def _case(whens: list[tuple[str, tuple[Any, ...]]], otherwise: tuple[Any, ...]) -> _Case:
+    """A CASE; one whose ELSE is a single CASE takes that CASE's branches (no nesting)."""
+    if len(otherwise) == 1 and isinstance(otherwise[0], _Case):
+        return _Case(tuple(whens) + otherwise[0].whens, otherwise[0].otherwise)
+    return _Case(tuple(whens), otherwise)
+
+
+def _around(case: _Case, before: str, after: str) -> _Case:
+    """The CASE with ``before`` and ``after`` joined to every branch (both sides of ``||`` alike)."""
+    return _Case(
+        tuple((test, _joined((before, *pieces, after))) for test, pieces in case.whens),
+        _joined((before, *case.otherwise, after)),
+    )
+
+
+def _joined(pieces: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The same text in fewer ``||``: adjacent literals merged, the others moved into a CASE beside them."""
+    out: list[Any] = []
+    for piece in pieces:
+        if piece == "":
+            continue
+        if isinstance(piece, str) and out and isinstance(out[-1], str):
+            out[-1] += piece
+        elif isinstance(piece, str) and out and isinstance(out[-1], _Case):
+            out[-1] = _around(out[-1], "", piece)
+        elif isinstance(piece, _Case) and out and isinstance(out[-1], str):
+            out[-1] = _around(piece, out[-1], "")
+        else:
+            out.append(piece)
+    return tuple(out)
+
+
 def _literal(text: str) -> str:
     """A SQL string literal (standard_conforming_strings is on in the session)."""
+    if any(char < " " for char in text):
+        escaped = text.replace("\\", "\\\\").replace("'", "''")
+        return "E'" + "".join(f"\\x{ord(char):02x}" if char < " " else char for char in escaped) + "'"
     return "'" + text.replace("'", "''") + "'"
+
+
+def _sql(pieces: tuple[Any, ...]) -> str:
+    """The pieces' SQL: ``||`` nested as a balanced tree, each byte copied about log2(n) times, not n/2."""
+    if len(pieces) > 1:
+        middle = len(pieces) // 2
+        return f"({_sql(pieces[:middle])} || {_sql(pieces[middle:])})"
+    piece = pieces[0]
+    if isinstance(piece, str):
+        return _literal(piece)
+    if isinstance(piece, _Sql):
+        return f"({piece.text})"
+    whens = " ".join(f"WHEN {test} THEN {_sql(branch)}" for test, branch in piece.whens)
+    return f"CASE {whens} ELSE {_sql(piece.otherwise)} END"
 
 
 def _bc(text: str) -> str:
@@ -73,12 +139,12 @@ def _bc(text: str) -> str:
     )
 
 
-def _marked(tag: str, text: str) -> str:
+def _marked(tag: str, text: str) -> tuple[Any, ...]:
     """A value Python finishes (``finish``): its PostgreSQL text between two \\x01, after a tag."""
-    return f"E'\\x01{tag}' || {text} || E'\\x01'"
+    return ("\x01" + tag, _Sql(text), "\x01")
 
 
-def _float(c: str, fixed_below: str) -> str:
+def _float(c: str, fixed_below: str) -> tuple[Any, ...]:
     """A float's JSON number (module docstring); ``fixed_below``: where PostgreSQL's text turns to
     exponents (1e15 for double precision, 1e6 for real; 1e-4 below, for both).
 
@@ -87,62 +153,70 @@ def _float(c: str, fixed_below: str) -> str:
     round-half-even would accept): those values, rare in data, are finished in Python
     exactly as the row-by-row path does (``float(text)``, then orjson).
     """
-    return (
-        f"CASE WHEN {c} >= 1e-4::float8 AND {c} < {fixed_below}::float8"
+    text = _Sql(f"{c}::text")
+    common = (
+        f"{c} >= 1e-4::float8 AND {c} < {fixed_below}::float8"
         f" OR {c} <= -1e-4::float8 AND {c} > -{fixed_below}::float8"
-        f" THEN CASE WHEN {c} = trunc({c}) THEN {c}::text || '.0' ELSE {c}::text END"
-        f" WHEN {c} = 0 THEN CASE WHEN {c}::text = '-0' THEN '-0.0' ELSE '0.0' END"
-        f" ELSE {_marked('f', f'{c}::text')} END"
+    )
+    return (
+        _case(
+            [
+                (common, (_case([(f"{c} = trunc({c})", (text, ".0"))], (text,)),)),
+                (f"{c} = 0", (_case([(f"{c}::text = '-0'", ("-0.0",))], ("0.0",)),)),
+            ],
+            _marked("f", f"{c}::text"),
+        ),
     )
 
 
-def _value(column: Column, c: str) -> tuple[str, bool] | None:
-    """(SQL of the value's JSON text, whether it goes between quotes); None: not built in SQL.
+def _quoted(sql: str) -> tuple[Any, ...]:
+    return ('"', _Sql(sql), '"')
 
-    A quoted value's SQL gives the string's content only (no character of it needs an
-    escape), so that the quotes can join the key's literal.
+
+def _value(column: Column, c: str) -> tuple[Any, ...] | None:
+    """The pieces of the value's JSON text (``_joined``); None: not built in SQL.
+
+    A quoted value's SQL gives the string's content only (no character of it needs an escape).
     """
     oid = column.type_oid
     if column.is_array:
         return None
     if oid in (INT2, INT4, INT8, OID):
-        return f"{c}::text", False
+        return (_Sql(f"{c}::text"),)
     if oid == BOOL:
-        return f"CASE WHEN {c} THEN 'true' ELSE 'false' END", False
+        return (_case([(c, ("true",))], ("false",)),)
     if oid == FLOAT8:
-        return _float(c, "1e15"), False
+        return _float(c, "1e15")
     if oid == FLOAT4:
-        return _float(c, "1e6"), False
+        return _float(c, "1e6")
     if oid in _TEXT_TYPES:
-        return f"to_json({c})::text", False
+        return (_Sql(f"to_json({c})::text"),)
     if oid in _QUOTED_TEXT:
-        return f"{c}::text", True
+        return _quoted(f"{c}::text")
     if oid == BYTEA:
-        return f"replace(encode({c}, 'base64'), E'\\n', '')", True
+        return _quoted(f"replace(encode({c}, 'base64'), E'\\n', '')")
     if oid in (JSON, JSONB):
-        return _marked("j", f"{c}::text"), False
+        return _marked("j", f"{c}::text")
     if oid == DATE:
-        bc = _bc(f"{c}::text")
-        return f"CASE WHEN {c} >= '0001-01-01' OR {c} = '-infinity' THEN {c}::text ELSE {bc} END", True
+        common = f"{c} >= '0001-01-01' OR {c} = '-infinity'"
+        return ('"', _case([(common, (_Sql(f"{c}::text"),))], (_Sql(_bc(f"{c}::text")),)), '"')
     if oid == TIMESTAMP:
-        return (
-            f"replace(CASE WHEN {c} >= '0001-01-01' OR {c} = '-infinity' THEN {c}::text"
-            f" ELSE {_bc(f'{c}::text')} END, ' ', 'T')",
-            True,
-        )
+        common = f"{c} >= '0001-01-01' OR {c} = '-infinity'"
+        bc = f"replace({_bc(f'{c}::text')}, ' ', 'T')"
+        return ('"', _case([(common, (_Sql(f"replace({c}::text, ' ', 'T')"),))], (_Sql(bc),)), '"')
     if oid == TIMESTAMPTZ:
-        return (
-            f"CASE WHEN {c} >= '0001-01-01 00:00:00+00' AND {c} < 'infinity'"
-            f" THEN replace(({c} AT TIME ZONE 'UTC')::text, ' ', 'T') || 'Z'"
-            f" WHEN {c} = 'infinity' OR {c} = '-infinity' THEN {c}::text"
-            f" ELSE replace(replace({_bc(f'{c}::text')}, ' ', 'T'), '+00', 'Z') END",
-            True,
-        )
+        # AT TIME ZONE INTERVAL '0' is AT TIME ZONE 'UTC' without parsing a zone's name per row.
+        common = f"{c} >= '0001-01-01 00:00:00+00' AND {c} < 'infinity'"
+        utc = _Sql(f"replace(({c} AT TIME ZONE INTERVAL '0')::text, ' ', 'T')")
+        infinite = f"{c} = 'infinity' OR {c} = '-infinity'"
+        bc = f"replace(replace({_bc(f'{c}::text')}, ' ', 'T'), '+00', 'Z')"
+        return ('"', _case([(common, (utc, "Z")), (infinite, (_Sql(f"{c}::text"),))], (_Sql(bc),)), '"')
     if oid == TIMETZ:
-        return f"regexp_replace({c}::text, '([+-][0-9][0-9])$', '\\1:00')", True
+        return _quoted(f"regexp_replace({c}::text, '([+-][0-9][0-9])$', '\\1:00')")
     if column.kind == "p":
         return None  # a pseudo-type (a view's "unknown" literal…): let psycopg say what it is
-    return f"to_json(format('%s', {c}))::text", False  # the output function's text, even where a cast differs
+    # The output function's text, even where a cast differs.
+    return (_Sql(f"to_json(format('%s', {c}))::text"),)
 
 
 def row_json_sql(columns: list[Column], alias: str) -> str | None:
@@ -151,7 +225,7 @@ def row_json_sql(columns: list[Column], alias: str) -> str | None:
     The text has no ``%`` of its own doubled: pass it as a statement without parameters,
     or double them.
     """
-    pieces: list[tuple[bool, str]] = []  # (is a literal, text)
+    pieces: list[Any] = []
     for position, column in enumerate(columns):
         c = f'{alias}."{column.name.replace(chr(34), chr(34) * 2)}"'
         if column.cast:
@@ -159,33 +233,15 @@ def row_json_sql(columns: list[Column], alias: str) -> str | None:
         value = _value(column, c)
         if value is None:
             return None
-        sql, quoted = value
-        key = ("{" if position == 0 else ",") + orjson.dumps(column.name).decode() + ":"
-        if not column.nullable:
-            pieces += [(True, key + ('"' if quoted else "")), (False, sql)]
-            if quoted:
-                pieces.append((True, '"'))
-            continue
-        if quoted:
-            sql = f"'\"' || {sql} || '\"'"
-        # A composite's value, not its fields: (NULL, NULL) is a row (the parser makes this IS
-        # NOT DISTINCT FROM NULL a scalar test).
-        test = f"{c} IS NOT DISTINCT FROM NULL" if column.kind == "c" else f"{c} IS NULL"
-        pieces += [(True, key), (False, f"CASE WHEN {test} THEN 'null' ELSE {sql} END")]
-    pieces.append((True, "}" if columns else "{}"))
-    merged: list[str] = []
-    literal = ""
-    for is_literal, text in pieces:
-        if is_literal:
-            literal += text
-            continue
-        if literal:
-            merged.append(_literal(literal))
-            literal = ""
-        merged.append(f"({text})")
-    if literal:
-        merged.append(_literal(literal))
-    return " || ".join(merged)
+        pieces.append(("{" if position == 0 else ",") + orjson.dumps(column.name).decode() + ":")
+        if column.nullable:
+            # A composite's value, not its fields: (NULL, NULL) is a row (the parser makes this IS
+            # NOT DISTINCT FROM NULL a scalar test).
+            test = f"{c} IS NOT DISTINCT FROM NULL" if column.kind == "c" else f"{c} IS NULL"
+            value = (_case([(test, ("null",))], _joined(value)),)
+        pieces += value
+    pieces.append("}" if columns else "{}")
+    return _sql(_joined(tuple(pieces)))
 
 
 def _finish_one(match: re.Match[bytes]) -> bytes:
