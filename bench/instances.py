@@ -47,7 +47,7 @@ from pathlib import Path
 
 import datagen
 import httpx
-from service import TERMINAL, BenchError, Service, descendants
+from service import TERMINAL, TLS, BenchError, Service, descendants
 from stores import CREDENTIALS, Figures, Moto, StateDatabase, cpu_seconds, load, say
 
 OVERHEAD_TARGET = 0.10
@@ -455,7 +455,7 @@ class InstancesBench:
         """(latencies, errors, exports completed, instances that ran them) over ``seconds``."""
         a = self.a
         clients = [
-            httpx.AsyncClient(base_url=svc.base_url, headers=svc.headers, timeout=30)
+            httpx.AsyncClient(base_url=svc.base_url, headers=svc.headers, timeout=30, verify=TLS)
             for svc in cluster.instances
         ]
         current: dict[str, str] = {}

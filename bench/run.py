@@ -47,7 +47,7 @@ import httpx
 import orjson
 import sources
 import verify
-from service import ROOT, BenchError, MemoryWindow, Service
+from service import ROOT, TLS, BenchError, MemoryWindow, Service
 
 MIB = 1 << 20
 EXPORT_RATIO_TARGET = 2.0
@@ -760,7 +760,7 @@ class Bench:
         o = self.o
         limits = httpx.Limits(max_connections=o.clients + 4)
         async with httpx.AsyncClient(
-            base_url=self.svc.base_url, headers=self.svc.headers, timeout=30, limits=limits
+            base_url=self.svc.base_url, headers=self.svc.headers, timeout=30, limits=limits, verify=TLS
         ) as client:
             current: dict[str, str] = {}
             finished = 0

@@ -5,9 +5,8 @@ Authentication of every route is checked in tests/test_security.py.
 
 from __future__ import annotations
 
-import httpx
 import pytest
-from helpers import InProcessService
+from helpers import InProcessService, http_client, http_get
 
 VALID = {"name": "Daily backup"}
 
@@ -338,7 +337,7 @@ def test_unknown_routes_and_methods(app_service: InProcessService) -> None:
     assert r.status_code == 404 and r.json()["error_code"] == "RECORD_NOT_FOUND"
     r = app_service.client.patch("/api/data/extracts/x", json={})
     assert r.status_code == 405 and r.json()["error_code"] == "METHOD_NOT_ALLOWED"
-    r = httpx.get(f"{app_service.base_url}/nowhere")
+    r = http_get(f"{app_service.base_url}/nowhere")
     assert r.status_code == 404 and r.json()["success"] is False
 
 
@@ -480,7 +479,7 @@ def test_a_huge_schedule_is_refused_quickly_and_does_not_stall_other_requests(
     thread = threading.Thread(target=post)
     thread.start()
     health = []
-    with httpx.Client(base_url=app_service.base_url, timeout=30) as client:
+    with http_client(base_url=app_service.base_url, timeout=30) as client:
         while not health or thread.is_alive():
             start = time.monotonic()
             assert client.get("/health").status_code == 200

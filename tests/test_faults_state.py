@@ -13,12 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from helpers import (
     TOKEN,
     Api,
     assert_files_match,
+    http_client,
     make_big_db,
     make_shop_db,
     start_in_process,
@@ -48,7 +48,7 @@ def mixed_requests(svc: Api, extract_id: str, **also: Callable) -> list[tuple[st
     results: list[tuple[str, int, dict]] = []
 
     def call(what: str) -> None:
-        with httpx.Client(
+        with http_client(
             base_url=svc.base_url, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}
         ) as client:
             r = calls[what](client)

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 import psycopg
 import pytest
 from helpers import (
@@ -34,6 +33,7 @@ from helpers import (
     Service,
     descendants,
     free_port,
+    http_client,
     make_shop_db,
     start_service,
     unique_name,
@@ -158,7 +158,7 @@ def test_simultaneous_run_requests_over_three_instances_create_one_run(cluster: 
     statuses: list[int] = []
 
     def ask(svc: Service) -> None:
-        with httpx.Client(base_url=svc.base_url, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        with http_client(base_url=svc.base_url, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
             statuses.append(client.post(f"/api/extracts/{extract['id']}/run").status_code)
 
     def all_running() -> bool:

@@ -163,6 +163,31 @@ def test_tests_take_helpers_from_helpers_not_from_conftest() -> None:
     assert offenders == []
 
 
+HTTPX_CALLS = {"get", "post", "put", "patch", "delete", "head", "options", "request", "stream"}
+HTTPX_CALLS |= {"Client", "AsyncClient"}
+
+
+def test_tests_and_benchmarks_share_one_tls_context() -> None:
+    """Every httpx client the tests and benchmarks make is given the shared TLS context.
+
+    httpx builds a context for each new client, loading the CA bundle (about 50 ms of
+    CPU): the suite made thousands (a health poll every 20 ms), a fifth of its CPU.
+    """
+    offenders = []
+    for path in sorted([*(ROOT / "tests").glob("*.py"), *(ROOT / "bench").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "httpx"
+                and node.func.attr in HTTPX_CALLS
+                and not any(keyword.arg == "verify" for keyword in node.keywords)
+            ):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
+
+
 def main() -> None:
     graph = import_graph()
     width = max(map(len, graph))

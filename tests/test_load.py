@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import ROOT, TOKEN, Service, make_shop_db, start_service
+from helpers import ROOT, TLS, TOKEN, Service, make_shop_db, start_service
 
 SECONDS = float(os.environ.get("EXTRACTS_LOAD_SECONDS", "4"))
 REPORT = os.environ.get("EXTRACTS_LOAD_REPORT") == "1"
@@ -75,7 +75,11 @@ async def drive(svc: Service, extract_ids: list[str], seconds: float) -> dict:
     # ReadError would be the client's, not the service's. Any transport error here is real.
     limits = httpx.Limits(max_connections=CLIENTS + BURST, max_keepalive_connections=0)
     async with httpx.AsyncClient(
-        base_url=svc.base_url, timeout=60, limits=limits, headers={"Authorization": f"Bearer {TOKEN}"}
+        verify=TLS,
+        base_url=svc.base_url,
+        timeout=60,
+        limits=limits,
+        headers={"Authorization": f"Bearer {TOKEN}"},
     ) as client:
 
         async def request(kind: str, method: str, url: str, **kwargs) -> httpx.Response | None:

@@ -12,9 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from helpers import TOKEN, add_big_table
+from helpers import TOKEN, add_big_table, http_client, http_get
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -48,7 +47,7 @@ def series(samples: Samples, name: str) -> list[dict[str, str]]:
 
 def test_metrics_need_the_token(service: Any) -> None:
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
-        r = httpx.get(f"{service.base_url}/metrics", headers=headers)
+        r = http_get(f"{service.base_url}/metrics", headers=headers)
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer"), headers
         assert r.json()["error_code"] == "UNAUTHORIZED"
         assert "extracts_" not in r.text
@@ -162,7 +161,7 @@ def test_labels_are_route_templates_never_raw_paths(service: Any) -> None:
 
     def burst() -> list[str]:
         ids = [uuid.uuid4().hex for _ in range(25)]
-        with httpx.Client(base_url=service.base_url, timeout=30) as anonymous:
+        with http_client(base_url=service.base_url, timeout=30) as anonymous:
             for i in ids:
                 service.client.get(f"/api/data/extracts/extract_{i}")
                 service.client.post(f"/api/extracts/extract_{i}/run")

@@ -17,7 +17,6 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import obstore
 import pytest
 from helpers import (
@@ -26,6 +25,7 @@ from helpers import (
     Moto,
     Service,
     free_port,
+    http_get,
     make_big_db,
     make_shop_db,
     start_in_process,
@@ -106,7 +106,7 @@ def test_a_redirect_hands_out_a_presigned_url(s3: Service, moto: Moto, tmp_path:
     data = next(a for a in artifacts(s3, run["id"]) if a["artifact_type"] == "data-users")
     r = s3.client.get(f"/api/extracts/artifacts/{data['id']}/download", params={"redirect": "true"})
     assert r.status_code == 307
-    signed = httpx.get(r.headers["location"])  # no token, no AWS credentials: the URL is signed
+    signed = http_get(r.headers["location"])  # no token, no AWS credentials: the URL is signed
     assert signed.status_code == 200 and hashlib.sha256(signed.content).hexdigest() == data["checksum"]
     r = s3.client.get(f"/api/extracts/artifacts/{data['id']}/download", params={"redirect": "maybe"})
     assert r.status_code == 400 and r.json()["details"][0]["field"] == "redirect"

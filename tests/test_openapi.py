@@ -11,9 +11,8 @@ import sqlite3
 import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
-from helpers import EVIL_COLUMN, EVIL_TABLE, TOKEN, InProcessService, start_in_process
+from helpers import EVIL_COLUMN, EVIL_TABLE, TOKEN, InProcessService, http_get, start_in_process
 
 # Names found nowhere in the service's own vocabulary, so that a search of the document is exact.
 SECRET_TABLES = {
@@ -47,9 +46,9 @@ def test_openapi_without_a_valid_token_names_nothing_of_the_source(secret_servic
     """SPEC: without a token /openapi.json names no table or column; a wrong token is no 401."""
     url = f"{secret_service.base_url}/openapi.json"
     anonymous = [
-        httpx.get(url),
-        httpx.get(url, headers={"Authorization": "Bearer wrong"}),
-        httpx.get(url, headers=[("Authorization", f"Bearer {TOKEN}")] * 2),
+        http_get(url),
+        http_get(url, headers={"Authorization": "Bearer wrong"}),
+        http_get(url, headers=[("Authorization", f"Bearer {TOKEN}")] * 2),
     ]
     for r in anonymous:
         assert r.status_code == 200 and r.headers["vary"] == "Authorization"
@@ -81,7 +80,7 @@ def test_openapi_catalog_is_cached_and_refreshed_when_validation_sees_it_changed
     con.close()
     try:
         # Served from the cache: the source is not read again, the new table not seen.
-        anonymous = {httpx.get(f"{secret_service.base_url}/openapi.json").content for _ in range(10)}
+        anonymous = {http_get(f"{secret_service.base_url}/openapi.json").content for _ in range(10)}
         assert len(anonymous) == 1 and b"added_later_p5s" not in anonymous.pop()
         assert all(documented() == before for _ in range(10))
         # Validation reads the source, notices a catalog the document does not have: dropped.
@@ -140,7 +139,7 @@ def test_openapi_document_cache_reads_the_catalog_once_per_burst_and_expiry() ->
 
 def test_openapi_describes_every_route_and_the_extract_fields(secret_service: InProcessService) -> None:
     """Without a token too (tests/test_security.py checks what it leaves out)."""
-    doc = httpx.get(f"{secret_service.base_url}/openapi.json").json()
+    doc = http_get(f"{secret_service.base_url}/openapi.json").json()
     assert doc["openapi"].startswith("3.")
     assert set(doc["paths"]) >= {
         "/api/data/extracts",

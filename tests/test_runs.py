@@ -16,10 +16,9 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
-from helpers import Api, InProcessService, Service, make_big_db, start_service
+from helpers import Api, InProcessService, Service, http_client, make_big_db, start_service
 
 # A run over these takes seconds: progress (sent every 0.2 s) is seen moving many times.
 BIG_ROWS = 1_000_000
@@ -105,7 +104,7 @@ def test_simultaneous_run_requests_create_exactly_one_run(app_service: InProcess
     statuses: list[int] = []
 
     def fire() -> None:
-        with httpx.Client(base_url=app_service.base_url, headers=app_service.client.headers) as c:
+        with http_client(base_url=app_service.base_url, headers=app_service.client.headers) as c:
             barrier.wait()
             statuses.append(c.post(f"/api/extracts/{extract['id']}/run").status_code)
 

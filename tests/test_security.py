@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 import psycopg
 import pymysql
 import pytest
@@ -22,6 +21,8 @@ from helpers import (
     EVIL_TABLE,
     TOKEN,
     InProcessService,
+    http_client,
+    http_get,
     make_hostile_source,
     start_in_process,
     start_service,
@@ -59,7 +60,7 @@ def secure_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProce
 
 def api_operations(service: InProcessService) -> list[tuple[str, str]]:
     """(method, path) of every /api operation in the OpenAPI document, ids filled in."""
-    document = httpx.get(f"{service.base_url}/openapi.json").json()
+    document = http_get(f"{service.base_url}/openapi.json").json()
     return [
         (method.upper(), path.replace("{id}", "extract_0000").replace("{schema}", "users"))
         for path, methods in document["paths"].items()
@@ -98,7 +99,7 @@ def test_every_api_route_refuses_a_missing_malformed_or_wrong_token(
         ("PATCH", "/api/data/extracts"),
     ]
     assert len(operations) > 15
-    with httpx.Client(base_url=secure_service.base_url, timeout=10) as client:
+    with http_client(base_url=secure_service.base_url, timeout=10) as client:
         for method, path in operations:
             r = client.request(method, path, headers=headers, json={"name": "x"})
             assert r.status_code == 401, (method, path, r.status_code, r.text)
@@ -120,7 +121,7 @@ def test_a_request_with_two_authorization_headers_is_refused(
     secure_service: InProcessService, values: list[str]
 ) -> None:
     headers = [("Authorization", v) for v in values]
-    with httpx.Client(base_url=secure_service.base_url, timeout=10) as client:
+    with http_client(base_url=secure_service.base_url, timeout=10) as client:
         for method, path in api_operations(secure_service):
             r = client.request(method, path, headers=headers)
             assert r.status_code == 401, (method, path, r.status_code, r.text)
@@ -146,9 +147,9 @@ def test_a_json_body_with_two_content_types_is_refused(secure_service: InProcess
 
 
 def test_health_and_openapi_need_no_token_and_reveal_nothing(secure_service: InProcessService) -> None:
-    assert httpx.get(f"{secure_service.base_url}/health").json() == {"status": "ok"}
+    assert http_get(f"{secure_service.base_url}/health").json() == {"status": "ok"}
     for path in ("/health", "/openapi.json"):
-        r = httpx.get(secure_service.base_url + path)
+        r = http_get(secure_service.base_url + path)
         assert r.status_code == 200 and TOKEN not in r.text
 
 
@@ -299,7 +300,7 @@ def test_the_token_never_appears_in_logs_or_responses(tmp_path: Path) -> None:
             svc = start_service(tmp_path / how, str(source), token=False, env={"EXTRACTS_TOKEN": secret})
         try:
             seen = []
-            with httpx.Client(
+            with http_client(
                 base_url=svc.base_url, headers={"Authorization": f"Bearer {secret}"}, timeout=30
             ) as client:
                 extract = client.post("/api/data/extracts", json={"name": "Leak?"}).json()["data"]
@@ -319,7 +320,7 @@ def test_the_token_never_appears_in_logs_or_responses(tmp_path: Path) -> None:
                 r = client.get(f"/api/extracts/runs/{run_id}/download")
                 seen += [r.content.decode("latin-1"), str(r.headers)]
                 for header in (f"Bearer {secret}x", f"Basic {secret}"):
-                    r = httpx.get(f"{svc.base_url}/api/describe", headers={"Authorization": header})
+                    r = http_get(f"{svc.base_url}/api/describe", headers={"Authorization": header})
                     seen += [r.text, str(r.headers)]
         finally:
             svc.stop()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import app_command, free_port, script_command
+from helpers import app_command, free_port, http_get, script_command
 
 from extracts.settings import parse_settings
 
@@ -62,7 +62,7 @@ def wait_healthy(port: int) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if http_get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return
         except httpx.TransportError:
             time.sleep(0.1)
@@ -85,7 +85,7 @@ def test_no_options_serves_the_demo_database(tmp_path: Path) -> None:
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
         assert (tmp_path / "demo.db").is_file() and (tmp_path / "extracts.db").is_file()
         headers = {"Authorization": f"Bearer {token}"}
-        schemas = httpx.get(f"{base}/api/describe", headers=headers).json()["data"]
+        schemas = http_get(f"{base}/api/describe", headers=headers).json()["data"]
         assert {s["name"] for s in schemas} == {"users", "products", "orders", "order_items", "active_users"}
         assert {s["name"]: s["row_count"] for s in schemas}["users"] == 200
     finally:

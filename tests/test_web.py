@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
-from helpers import add_big_table
+from helpers import add_big_table, http_get
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
@@ -118,7 +117,7 @@ def sha256(data: bytes) -> str:
 
 
 def test_the_page_is_public_and_served_with_a_strict_policy(service: Any) -> None:
-    r = httpx.get(f"{service.base_url}/")  # no token
+    r = http_get(f"{service.base_url}/")  # no token
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     directives = [d.split() for d in r.headers["content-security-policy"].split("; ")]
     policy = {d[0]: d[1:] for d in directives}
@@ -135,7 +134,7 @@ def test_the_page_is_public_and_served_with_a_strict_policy(service: Any) -> Non
     assets = re.findall(r"(?:src|href)=\"(assets/[^\"]+)\"", html)
     assert sorted(set(assets)) == ["assets/app.css", "assets/app.js", "assets/icon.svg"]
     for asset in assets:
-        a = httpx.get(f"{service.base_url}/{asset}")
+        a = http_get(f"{service.base_url}/{asset}")
         assert (
             a.status_code == 200
             and a.headers["content-security-policy"] == r.headers["content-security-policy"]
@@ -143,13 +142,13 @@ def test_the_page_is_public_and_served_with_a_strict_policy(service: Any) -> Non
         remote = re.sub(rb'xmlns="http://www.w3.org/2000/svg"', b"", a.content)  # a name, not a fetch
         assert not re.search(rb"https?://", remote), asset
         etag = a.headers["etag"]
-        again = httpx.get(f"{service.base_url}/{asset}", headers={"If-None-Match": etag})
+        again = http_get(f"{service.base_url}/{asset}", headers={"If-None-Match": etag})
         assert again.status_code == 304 and again.content == b""
-    script = httpx.get(f"{service.base_url}/assets/app.js").text
+    script = http_get(f"{service.base_url}/assets/app.js").text
     assert "innerHTML" not in script and "eval(" not in script  # text is always set as text
-    r = httpx.get(f"{service.base_url}/assets/../extracts.db")
+    r = http_get(f"{service.base_url}/assets/../extracts.db")
     assert r.status_code == 404
-    r = httpx.get(f"{service.base_url}/assets/nope.js")
+    r = http_get(f"{service.base_url}/assets/nope.js")
     assert r.status_code == 404 and r.json()["error_code"] == "RECORD_NOT_FOUND"
 
 
