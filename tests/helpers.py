@@ -293,7 +293,7 @@ def http_client(**options: Any) -> httpx.Client:
 
 
 def http_get(url: str, **options: Any) -> httpx.Response:
-    """One GET on a client of its own, as ``httpx.get``, on the shared TLS context."""
+    """One GET on a client of its own, as ``httpx.get`` (but a 30 s timeout unless given), on ``TLS``."""
     with http_client(timeout=options.pop("timeout", 30)) as client:
         return client.get(url, **options)
 
