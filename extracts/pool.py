@@ -41,17 +41,19 @@ from extracts.storage import Storage
 log = logging.getLogger("extracts.pool")
 
 DRAIN_TIMEOUT_S = 20.0  # past the state file's busy timeout: one locked write is waited out
+CHILD_MODULES = ["executor.entry"]  # what the pool's children run: their initializers and the job
 
 
 def forkserver_preload(modules: Iterable[str]) -> list[str]:
     """What the forkserver imports once: the Manager and every worker are forked from it ready.
 
-    Without it each of them imported the whole service on its own (0.4-0.8 s of CPU per
-    worker, at start-up and again after every worker death): the forkserver never preloaded
-    ``__main__``, its default (CPython gh-126631, fixed in 3.14 and late 3.13 releases), so
-    each child re-ran the main script. Python 3.11 also starts the forkserver without this
-    process's ``sys.path`` (gh-117378): a package it would find in another place than this
-    process did (a checkout run by path, not the installed one) is left to the children.
+    Without it each of them imported what it runs on its own, at start-up and again after
+    every worker death. The forkserver never preloads ``__main__`` (CPython gh-126631, fixed
+    in 3.14 and late 3.13 releases): each child runs the main script again, which is why
+    ``extracts_app.py`` imports nothing heavy at its top. Python 3.11 also starts the
+    forkserver without this process's ``sys.path`` (gh-117378): a package it would find in
+    another place than this process did (a checkout run by path, not the installed one) is
+    left to the children.
     """
     return ["__main__", *(name for name in modules if _found_alike(name.partition(".")[0]))]
 
@@ -90,13 +92,9 @@ class WorkerPool:
         storage: Storage,
         workers: int,
         poll: float | None = None,
-        preload: Iterable[str] = (),
     ) -> None:
         self.runs, self.storage, self.workers = runs, storage, workers
         self.poll = poll  # with a shared state: look for runs other instances queued this often
-        # What the children run (executor.entry: their initializers and the job) and what else
-        # they should find imported (``preload``): see forkserver_preload.
-        self._preload = [*preload, "executor.entry", "executor.sources.sqlitemem"]
         self.retry_delay = 1.0  # seconds before writing again to a locked state file
         self._context = multiprocessing.get_context("forkserver")
         self._manager: SyncManager | None = None
@@ -131,7 +129,7 @@ class WorkerPool:
 
     def _start_processes(self) -> None:
         # Read when the forkserver starts, with this process's first pool.
-        self._context.set_forkserver_preload(forkserver_preload(self._preload))
+        self._context.set_forkserver_preload(forkserver_preload(CHILD_MODULES))
         self._manager = SyncManager(ctx=self._context)
         self._manager.start(initializer=manager_initializer, initargs=(os.getpid(),))
         self._others = {process.pid for process in multiprocessing.active_children()}

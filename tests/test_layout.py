@@ -126,7 +126,7 @@ def test_the_pool_children_import_no_server_module() -> None:
     """
     probe = (
         "import runpy, sys\n"
-        "import executor.entry, executor.sources.sqlitemem\n"
+        "import executor.entry\n"
         f"runpy.run_path({str(ROOT / 'extracts_app.py')!r}, run_name='__mp_main__')\n"
         "server = ('extracts.', 'starlette', 'databases', 'uvicorn')\n"
         "found = [m for m in sys.modules if m.startswith(server) and not m.startswith('extracts.storage')]\n"
