@@ -15,6 +15,7 @@ import multiprocessing
 import random
 import re
 import secrets
+import ssl
 import struct
 import threading
 import time
@@ -32,9 +33,11 @@ import pymysql
 import pytest
 import yaml
 from helpers import unique_name
+from pymysql.constants import CLIENT
 
 from executor.naming import safe_file_name
 from executor.sources import Source, SourceError, UnknownSchema, open_source
+from executor.sources.myconnect import Connector, tls_as_offered
 from executor.worker import run_extract
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -664,6 +667,26 @@ def test_postgres_describe(pg_shop: PG) -> None:
         },
         "primary_key": [], "foreign_keys": [], "indexes": [], "row_count": None,
     }  # fmt: skip
+
+
+def test_mysql_tls_is_settled_by_the_first_connection(my: My) -> None:
+    """PREFERRED mode's choice, found once: the later connections build no SSL context (myconnect)."""
+    connector = Connector({"host": "127.0.0.1", "user": "root", "password": ""})
+    assert "ssl_disabled" not in connector.args
+    connector.connect().close()
+    assert connector.args["ssl_disabled"] is True  # this server offers none: PREFERRED would use none
+    connector.session().close()
+    # A server that offers TLS: one context, which checks nothing, as PREFERRED mode's.
+    offered = tls_as_offered(CLIENT.SSL)["ssl"]
+    assert tls_as_offered(CLIENT.SSL)["ssl"] is offered
+    assert (offered.verify_mode, offered.check_hostname) == (ssl.CERT_NONE, False)
+    # A TLS option given: the user's choice is kept, and with it TLS is required.
+    with pytest.raises(SourceError, match="^Cannot connect to MySQL .*: SSL is required but the server"):
+        open_source(my.url + "?ssl_verify_cert=true")
+    required = Connector({"host": "127.0.0.1", "user": "root", "password": "", "ssl_verify_cert": True})
+    with pytest.raises(pymysql.err.OperationalError):
+        required.connect()
+    assert "ssl_disabled" not in required.args and "ssl" not in required.args
 
 
 def test_mysql_describe(my_shop: My) -> None:

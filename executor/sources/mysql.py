@@ -87,28 +87,11 @@ from executor.credentials import ambiguous_password
 from executor.filters import compile_where
 from executor.sources import myread, mysnap
 from executor.sources.base import SourceError, foreign_keys
+from executor.sources.myconnect import URL_OPTIONS, Connector
 from executor.sources.myconv import CONVERSIONS, RAW_CONVERSIONS, RowLines, raw_results
 from executor.sources.parallel import in_order
-from executor.sources.rowjson import one_line
+from executor.sources.rowjson import lower_first, one_line
 from executor.sources.server import Listed, ServerSource
-
-SESSION_SETTINGS = (
-    "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
-    "SET time_zone = '+00:00'",  # TIMESTAMP values in UTC
-    "SET net_write_timeout = 600",  # a slow disk on our side must not abort a streaming read
-    "SET SESSION group_concat_max_len = 4294967295",  # a chunk's JSON (executor.sources.myread)
-)
-
-URL_OPTIONS = {
-    "unix_socket": str,
-    "connect_timeout": int,
-    "ssl_ca": str,
-    "ssl_cert": str,
-    "ssl_key": str,
-    "ssl_verify_cert": lambda value: value.lower() in ("1", "true", "yes"),
-    "ssl_verify_identity": lambda value: value.lower() in ("1", "true", "yes"),
-    "ssl_disabled": lambda value: value.lower() in ("1", "true", "yes"),
-}
 
 NUMERIC_TYPES = {
     "tinyint", "smallint", "mediumint", "int", "integer", "bigint", "decimal", "numeric",
@@ -148,7 +131,7 @@ class MySQLSource(ServerSource):
     def __init__(self, location: str) -> None:
         super().__init__(location)
         self._mariadb = "mariadb" in self._conn.get_server_info().lower()
-        self._helpers = mysnap.Helpers(self._open_helper)
+        self._helpers = mysnap.Helpers(self._connector.session)
         if self._mariadb:
             self._label = "MariaDB"
 
@@ -184,30 +167,25 @@ class MySQLSource(ServerSource):
                 options[key] = URL_OPTIONS[key](value)
             except ValueError:
                 raise SourceError(f"Invalid value for '{key}' in the {self._label} URL") from None
-        self._connect_args: dict[str, Any] = {
-            "host": self._host,
-            "port": self._port,
-            "user": unquote(url.username) if url.username else None,
-            "password": unquote(url.password or ""),
-            "database": self._database,
-            "charset": "utf8mb4",
-            "autocommit": True,  # outside snapshot() every statement sees fresh data
-            "conv": CONVERSIONS,
-            **options,
-        }
+        self._connector = Connector(
+            {
+                "host": self._host,
+                "port": self._port,
+                "user": unquote(url.username) if url.username else None,
+                "password": unquote(url.password or ""),
+                "database": self._database,
+                "charset": "utf8mb4",
+                "autocommit": True,  # outside snapshot() every statement sees fresh data
+                "conv": CONVERSIONS,
+                **options,
+            }
+        )
         self._stream: pymysql.cursors.SSCursor | None = None  # a read in progress
         self._closed_by_stopped_read = False
 
     def _open(self) -> pymysql.Connection:
-        conn = self._open_helper()
+        conn = self._connector.session()
         self._closed_by_stopped_read = False
-        return conn
-
-    def _open_helper(self) -> pymysql.Connection:
-        conn = pymysql.connect(**self._connect_args)
-        with conn.cursor() as cursor:
-            for statement in SESSION_SETTINGS:
-                cursor.execute(statement)
         return conn
 
     def _connect_reason(self, exc: BaseException) -> str:
@@ -216,7 +194,7 @@ class MySQLSource(ServerSource):
         found = re.search(r"\[Errno -?\d+\] ([^)]*)\)", message)
         if found:
             message = found.group(1)
-        return one_line(message[:1].lower() + message[1:], *self._secrets)
+        return one_line(lower_first(message), *self._secrets)
 
     def _disconnect(self) -> None:
         if self._conn.open:
@@ -233,7 +211,7 @@ class MySQLSource(ServerSource):
         query does nothing: its next statement runs. False when it could not be sent.
         """
         try:
-            killer = pymysql.connect(**{**self._connect_args, "connect_timeout": 5})
+            killer = self._connector.connect(connect_timeout=5)
         except (pymysql.err.MySQLError, OSError):
             return False
         try:

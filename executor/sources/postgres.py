@@ -90,7 +90,7 @@ from executor.filters import compile_where
 from executor.sources import pgread
 from executor.sources.base import SourceError
 from executor.sources.parallel import in_order
-from executor.sources.rowjson import RowEncoder, compact_json, one_line
+from executor.sources.rowjson import RowEncoder, compact_json, lower_first, one_line
 from executor.sources.server import Listed, ServerSource
 
 # Session settings the loaders below rely on.
@@ -334,7 +334,7 @@ class PostgresSource(ServerSource):
 
     def _connect_reason(self, exc: BaseException) -> str:
         # 'connection to server at "h", port 5432 failed: FATAL:  <the reason>'
-        return _lower_first(one_line(self._reason(exc).rsplit(" failed: ", 1)[-1]))
+        return lower_first(one_line(self._reason(exc).rsplit(" failed: ", 1)[-1]))
 
     def _disconnect(self) -> None:
         self._conn.close()
@@ -585,7 +585,3 @@ def _libpq_userinfo(location: str) -> str | None:
     rest = location.partition("://")[2]
     end = re.search("[@/]", rest)
     return rest[: end.start()] if end and end[0] == "@" else None
-
-
-def _lower_first(text: str) -> str:
-    return text[:1].lower() + text[1:] if text[1:2].islower() else text

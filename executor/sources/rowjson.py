@@ -93,3 +93,8 @@ def one_line(exc: BaseException | str, *secrets: str | None) -> str:
         if line.startswith(prefix):
             line = line[len(prefix) :].strip()
     return blank(line, sorted(filter(None, secrets), key=len, reverse=True))
+
+
+def lower_first(text: str) -> str:
+    """A driver's sentence, to follow "Cannot connect …: ": an acronym (SSL, FATAL) keeps its case."""
+    return text[:1].lower() + text[1:] if text[1:2].islower() else text
