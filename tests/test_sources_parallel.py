@@ -390,6 +390,33 @@ def test_mariadb_parallel_parts_in_order_are_the_single_stream(my_parallel: str)
     assert filtered == my_export(my_parallel, False, where)
 
 
+@pytest.mark.slow
+def test_mariadb_a_table_just_loaded_is_read_in_parallel_ranges(
+    my: pymysql.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """InnoDB's DATA_LENGTH lags behind a bulk load (here for good: STATS_AUTO_RECALC=0); TABLE_ROWS
+    does not. Read as 16 KiB, the table went to one connection, its first range the whole table."""
+    monkeypatch.setattr(mysnap, "PARALLEL_MIN_BYTES", 256 << 10)
+    monkeypatch.setattr(myread, "UNIT_BYTES", 32 << 10)
+    my_run(my, "CREATE TABLE mfresh (id BIGINT PRIMARY KEY, h VARCHAR(40)) ENGINE=InnoDB STATS_AUTO_RECALC=0")
+    my_run(my, "INSERT INTO mfresh SELECT seq, MD5(seq) FROM seq_1_to_60000")
+    with my.cursor() as cursor:
+        cursor.execute(
+            "SELECT DATA_LENGTH, TABLE_ROWS FROM information_schema.TABLES"
+            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'mfresh'"
+        )
+        assert cursor.fetchone() == (16384, 60000)  # the statistics of the empty table
+    with my_source(connections=2) as source, source.snapshot():
+        chunks, readers = [], 0
+        for chunk, _ in source.json_lines("mfresh", None, 10_000):
+            chunks.append(chunk)
+            readers = max(readers, threads("mysql-read"))
+    assert readers == 2
+    assert max(map(len, chunks)) < 1 << 20  # not the whole table (3.4 MB) in one statement
+    parallel = b"\n".join(chunks)
+    assert parallel == my_export("mfresh", False)
+
+
 def test_mariadb_parallel_read_never_sees_a_commit_made_after_the_snapshot(
     my: pymysql.Connection, my_parallel: str
 ) -> None:

@@ -1004,17 +1004,19 @@ def _fill_big(db: PG | My, table: str, rows: int) -> None:
 
 
 def cut_off(db: PG | My, tag: str) -> None:
-    """Kill, from the server's side, the connection reading the table ``gone``."""
+    """Kill, from the server's side, the connections reading the table ``gone``."""
     if isinstance(db, PG):
         db.run("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (tag,))
     else:
-        # The source's connection: the only other one in the module's database (between two
-        # chunk queries it runs no statement to be found by).
-        [(victim,)] = db.rows(
+        # The source's connections: the only others in the module's database (between two
+        # chunk queries they run no statement to be found by).
+        victims = db.rows(
             "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s AND ID <> CONNECTION_ID()",
             (NAME,),  # this module's database: other test processes may read a table of that name
         )
-        db.run(f"KILL {int(victim)}")
+        assert victims
+        for (victim,) in victims:
+            db.run(f"KILL {int(victim)}")
 
 
 @pytest.mark.slow

@@ -29,6 +29,12 @@ import pymysql
 
 # A table smaller than this is read by one connection (executor.sources.myread splits no further).
 PARALLEL_MIN_BYTES = 16 << 20
+# A table's size in information_schema.TABLES. InnoDB's DATA_LENGTH is a statistic, refreshed by
+# ANALYZE TABLE or once a tenth of the rows changed (never with STATS_AUTO_RECALC=0), while
+# TABLE_ROWS follows every insert: a table just loaded shows 16 KiB for millions of rows. Taken
+# as at least 64 bytes a row, such a table is read in parallel and in ranges of about 1 MiB,
+# not by one connection whose first range was the whole table, read again in halves.
+TABLE_SIZE_SQL = "CAST(GREATEST(DATA_LENGTH, COALESCE(TABLE_ROWS, 0) * 64) AS UNSIGNED)"
 
 _START = "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY"
 _LOCK = ("SET SESSION lock_wait_timeout = 1", "BACKUP STAGE START", "BACKUP STAGE BLOCK_COMMIT")
@@ -52,7 +58,7 @@ class Helpers:
     def _worth_it(self, main: pymysql.Connection) -> bool:
         with main.cursor() as cursor:
             cursor.execute(
-                "SELECT MAX(DATA_LENGTH) FROM information_schema.TABLES"
+                f"SELECT MAX({TABLE_SIZE_SQL}) FROM information_schema.TABLES"
                 " WHERE TABLE_SCHEMA = DATABASE() AND ENGINE = 'InnoDB'"
             )
             (biggest,) = cursor.fetchone() or (None,)

@@ -31,8 +31,10 @@ Schemas. Base tables (and MariaDB system-versioned tables: their current rows)
 and views of the URL's database; sequences are not listed.
 
 Row counts (``executor.sources.server``): a table's size is its
-``DATA_LENGTH``, the estimate ``information_schema.TABLES.TABLE_ROWS``; a table
-the session cannot count gets the estimate.
+``DATA_LENGTH``, at least 64 bytes a row of ``TABLE_ROWS`` (``mysnap.TABLE_SIZE_SQL``:
+InnoDB's statistics lag behind a bulk load), the estimate
+``information_schema.TABLES.TABLE_ROWS``; a table the session cannot count gets
+the estimate.
 
 Type fidelity (MySQL/MariaDB → JSON value):
 
@@ -249,8 +251,8 @@ class MySQLSource(ServerSource):
 
     def _tables(self, name: str | None = None) -> list[Listed]:
         """The database's base tables (and system-versioned ones) and views."""
-        query = """
-            SELECT t.TABLE_NAME, t.TABLE_TYPE, t.DATA_LENGTH, t.TABLE_ROWS,
+        query = f"""
+            SELECT t.TABLE_NAME, t.TABLE_TYPE, {mysnap.TABLE_SIZE_SQL}, t.TABLE_ROWS,
                    (SELECT COUNT(*) FROM information_schema.COLUMNS c
                      WHERE c.TABLE_SCHEMA = t.TABLE_SCHEMA AND c.TABLE_NAME = t.TABLE_NAME)
               FROM information_schema.TABLES t
