@@ -398,7 +398,11 @@ def test_mariadb_a_table_just_loaded_is_read_in_parallel_ranges(
     does not. Read as 16 KiB, the table went to one connection, its first range the whole table."""
     monkeypatch.setattr(mysnap, "PARALLEL_MIN_BYTES", 256 << 10)
     monkeypatch.setattr(myread, "UNIT_BYTES", 32 << 10)
-    my_run(my, "CREATE TABLE mfresh (id BIGINT PRIMARY KEY, h VARCHAR(40)) ENGINE=InnoDB STATS_AUTO_RECALC=0")
+    my_run(
+        my,
+        "CREATE TABLE mfresh (id BIGINT PRIMARY KEY, h VARCHAR(40)) ENGINE=InnoDB"
+        " STATS_PERSISTENT=1 STATS_AUTO_RECALC=0",
+    )
     my_run(my, "INSERT INTO mfresh SELECT seq, MD5(seq) FROM seq_1_to_60000")
     with my.cursor() as cursor:
         cursor.execute(

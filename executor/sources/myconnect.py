@@ -14,6 +14,7 @@ fails the run as unavailable, and the next one settles it again.
 
 from __future__ import annotations
 
+import re
 import ssl
 from typing import Any
 
@@ -26,6 +27,18 @@ SESSION_SETTINGS = (
     "SET net_write_timeout = 600",  # a slow disk on our side must not abort a streaming read
     "SET SESSION group_concat_max_len = 4294967295",  # a chunk's JSON (executor.sources.myread)
 )
+
+
+# MySQL 8 caches information_schema.TABLES' statistics for a day (TABLE_ROWS, DATA_LENGTH): a
+# table's size (``mysnap.TABLE_SIZE_SQL``) must be today's. MariaDB has no such cache or variable.
+_MYSQL8_SETTINGS = ("SET SESSION information_schema_stats_expiry = 0",)
+
+
+def session_settings(server_info: str) -> tuple[str, ...]:
+    """The statements a reading session starts with, for the server that says ``server_info``."""
+    major = re.match(r"\d+", server_info)
+    mysql8 = "mariadb" not in server_info.lower() and major is not None and int(major[0]) >= 8
+    return SESSION_SETTINGS + (_MYSQL8_SETTINGS if mysql8 else ())
 
 
 def _flag(value: str) -> bool:
@@ -79,9 +92,9 @@ class Connector:
         return conn
 
     def session(self) -> pymysql.Connection:
-        """A connection for reading: read-only, REPEATABLE READ, UTC (``SESSION_SETTINGS``)."""
+        """A connection for reading: read-only, REPEATABLE READ, UTC (``session_settings``)."""
         conn = self.connect()
         with conn.cursor() as cursor:
-            for statement in SESSION_SETTINGS:
+            for statement in session_settings(conn.get_server_info()):
                 cursor.execute(statement)
         return conn
