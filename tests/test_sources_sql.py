@@ -703,18 +703,22 @@ def test_mysql_tls_is_settled_by_the_first_connection(my: My, monkeypatch: pytes
     assert required.args == {"host": "127.0.0.1", "user": "root", "password": "", "ssl_verify_cert": True}
 
 
-def test_mysql_sessions_read_todays_table_statistics() -> None:
+def test_mysql_sessions_read_todays_table_statistics(my: My, monkeypatch: pytest.MonkeyPatch) -> None:
     """MySQL 8 caches information_schema's statistics for a day; MariaDB has neither cache nor setting."""
     cached = "SET SESSION information_schema_stats_expiry = 0"
     assert cached in session_settings("8.0.36-0ubuntu0.22.04.1")
     assert cached in session_settings("9.1.0")
-    for older_or_mariadb in (
-        "5.7.44-log",
-        "10.11.19-MariaDB-0+deb12u1",
-        "5.5.5-10.6.12-MariaDB",
-        "11.4.2-MariaDB",
-    ):
-        assert session_settings(older_or_mariadb) == SESSION_SETTINGS
+    for other in ("5.7.44-log", "10.11.19-MariaDB-0+deb12u1", "5.5.5-10.6.12-MariaDB", "11.4.2-MariaDB"):
+        assert session_settings(other) == SESSION_SETTINGS
+    # A server that calls itself MySQL 8 but has no such setting (TiDB says "8.0.11-TiDB-v7.5.0"):
+    # the statement is left out, the session is read-only all the same.
+    monkeypatch.setattr(pymysql.connections.Connection, "get_server_info", lambda self: "8.0.11-TiDB-v7.5.0")
+    connector = Connector({"host": "127.0.0.1", "user": "root", "password": ""})
+    conn = connector.session()
+    with conn.cursor() as cursor:
+        cursor.execute("SELECT @@session.tx_read_only, @@session.time_zone")
+        assert cursor.fetchone() == (1, "+00:00")
+    conn.close()
 
 
 def test_mysql_describe(my_shop: My) -> None:

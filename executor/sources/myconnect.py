@@ -19,7 +19,7 @@ import ssl
 from typing import Any
 
 import pymysql
-from pymysql.constants import CLIENT
+from pymysql.constants import CLIENT, ER
 
 SESSION_SETTINGS = (
     "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
@@ -30,7 +30,8 @@ SESSION_SETTINGS = (
 
 
 # MySQL 8 caches information_schema.TABLES' statistics for a day (TABLE_ROWS, DATA_LENGTH): a
-# table's size (``mysnap.TABLE_SIZE_SQL``) must be today's. MariaDB has no such cache or variable.
+# table's size (``mysnap.TABLE_SIZE_SQL``) must be today's. MariaDB has no such cache or variable,
+# nor may a server that only calls itself MySQL 8 (TiDB, Vitess): there, it is left out.
 _MYSQL8_SETTINGS = ("SET SESSION information_schema_stats_expiry = 0",)
 
 
@@ -96,5 +97,9 @@ class Connector:
         conn = self.connect()
         with conn.cursor() as cursor:
             for statement in session_settings(conn.get_server_info()):
-                cursor.execute(statement)
+                try:
+                    cursor.execute(statement)
+                except pymysql.err.OperationalError as exc:
+                    if statement not in _MYSQL8_SETTINGS or exc.args[0] != ER.UNKNOWN_SYSTEM_VARIABLE:
+                        raise
         return conn
