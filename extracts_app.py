@@ -190,18 +190,20 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def main(argv: list[str] | None = None) -> None:
     """``extracts-app [serve] [options]``: the service; ``export``, ``verify``, ``run``: the commands."""
+    from extracts.commands import is_command, run_command
+
+    argv = sys.argv[1:] if argv is None else argv
+    if is_command(argv):  # before the service's imports: a command starts in a tenth of a second
+        raise SystemExit(run_command(argv, own_process=True))
+
     import logging
 
     import uvicorn
 
     from executor.credentials import BlankingFormatter
-    from extracts.commands import is_command, run_command
     from extracts.settings import parse_settings
     from extracts.startup import StartupError, banner, prepare
 
-    argv = sys.argv[1:] if argv is None else argv
-    if is_command(argv):
-        raise SystemExit(run_command(argv, own_process=True))
     if argv[:1] == ["serve"]:
         argv = argv[1:]
     settings = parse_settings(argv)
