@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import ssl
+from contextlib import suppress
 from typing import Any
 
 import pymysql
@@ -95,11 +96,16 @@ class Connector:
     def session(self) -> pymysql.Connection:
         """A connection for reading: read-only, REPEATABLE READ, UTC (``session_settings``)."""
         conn = self.connect()
-        with conn.cursor() as cursor:
-            for statement in session_settings(conn.get_server_info()):
-                try:
-                    cursor.execute(statement)
-                except pymysql.err.OperationalError as exc:
-                    if statement not in _MYSQL8_SETTINGS or exc.args[0] != ER.UNKNOWN_SYSTEM_VARIABLE:
-                        raise
+        try:
+            with conn.cursor() as cursor:
+                for statement in session_settings(conn.get_server_info()):
+                    try:
+                        cursor.execute(statement)
+                    except pymysql.err.OperationalError as exc:
+                        if statement not in _MYSQL8_SETTINGS or exc.args[0] != ER.UNKNOWN_SYSTEM_VARIABLE:
+                            raise
+        except BaseException:
+            with suppress(pymysql.err.Error, OSError):  # the original error is the one to see
+                conn.close()
+            raise
         return conn
