@@ -2,9 +2,9 @@
 
 ``run_command(argv)`` parses one of them and returns its exit status: 0 done,
 1 failed (one line on stderr says why), 2 a bad option (argparse's usage
-line, naming it), 130 stopped by Ctrl-C. ``extracts_app.main`` and the
-console script (``extracts.cli``) send these words here; anything else starts
-the service.
+line, naming it), 130 stopped by Ctrl-C. ``extracts_app.main`` (the console
+script's too) sends these words here before it imports the service; anything
+else starts the service.
 
 Nothing here imports the service (Starlette, databases, SQLAlchemy): an
 export starts in a tenth of a second. So the options are checked here, with
