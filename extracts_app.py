@@ -135,7 +135,8 @@ def create_app(settings: Settings) -> Starlette:
 
     public, api = routes()
     tables = [("", item) for item in public] + [("/api", item) for item in api]
-    db, dialect = state.open_database(settings.db), dialect_of(str(settings.db))
+    db = state.open_database(settings.db, state.heartbeat_seconds(settings.lease_seconds))
+    dialect = dialect_of(str(settings.db))
     storage = open_storage(settings.storage, settings.storage_endpoint)
     catalog = Catalog(settings.source)
     runs = Runs(db, storage, settings.source, settings.min_free_mb << 20, dialect=dialect)

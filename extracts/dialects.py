@@ -87,13 +87,18 @@ class PostgresDialect(Dialect):
         return isinstance(exc, asyncpg.UniqueViolationError)
 
     def busy(self, exc: BaseException) -> bool:
+        """Also a session PostgreSQL ended (``state.postgres_session_settings``): asyncpg says
+        so at the next statement, or at the commit, as an InterfaceError of a closed connection."""
         import asyncpg
 
+        if isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc):
+            return True
         return isinstance(
             exc,
             asyncpg.SerializationError
             | asyncpg.DeadlockDetectedError
             | asyncpg.LockNotAvailableError
+            | asyncpg.IdleInTransactionSessionTimeoutError
             | asyncpg.CannotConnectNowError
             | asyncpg.ConnectionDoesNotExistError
             | OSError,

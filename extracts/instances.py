@@ -25,7 +25,7 @@ from databases import Database
 from extracts.pool import WorkerPool
 from extracts.runs import Runs
 from extracts.schedule import every
-from extracts.state import iso
+from extracts.state import heartbeat_seconds, iso
 
 log = logging.getLogger("extracts.instances")
 
@@ -45,8 +45,7 @@ class Instance:
 
     @property
     def heartbeat_s(self) -> float:
-        """A third of the lease: two heartbeats may be lost before a lease lapses."""
-        return max(min(self.runs.lease.total_seconds() / 3, 5.0), 0.2)
+        return heartbeat_seconds(self.runs.lease.total_seconds())
 
     async def start(self) -> None:
         now = iso(self.clock())

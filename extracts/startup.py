@@ -47,7 +47,7 @@ def prepare(settings: Settings) -> None:
                 "give --token [EXTRACTS_TOKEN]: instances sharing --db postgresql://… share one token"
             )
         try:
-            state.prepare_postgres(settings.db)
+            state.prepare_postgres(settings.db, state.heartbeat_seconds(settings.lease_seconds))
         except Exception as exc:  # noqa: BLE001 — psycopg's errors, a newer schema: one line either way
             reason = blank(" ".join(str(exc).split()), source_secrets(settings.db))
             raise StartupError(f"cannot prepare the state database {redact(settings.db)}: {reason}") from None

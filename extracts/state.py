@@ -130,25 +130,51 @@ def postgres_schema(sql: str) -> str:
     return sql.replace("r.rowid DESC", "r.id DESC")
 
 
-def prepare_postgres(url: str) -> None:
+def heartbeat_seconds(lease_seconds: float) -> float:
+    """How often an instance renews its runs' leases: a third of the lease, so that two
+    heartbeats may be lost before a lease lapses (0.2 to 5 s)."""
+    return max(min(lease_seconds / 3, 5.0), 0.2)
+
+
+def postgres_session_settings(stall_seconds: float) -> dict[str, str]:
+    """What every PostgreSQL state session sets: how long it may hold its locks silent, and wait.
+
+    An instance frozen (SIGSTOP, a paused VM, its network gone) inside a
+    transaction would keep its row locks for as long as it is frozen, and every
+    other instance's heartbeat would wait on them: the whole cluster would look
+    dead, its runs stuck. PostgreSQL ends a session that sits idle in a
+    transaction longer than ``stall_seconds`` (its transaction rolls back, its
+    locks go), and a statement waits at most as long for a lock; both errors are
+    retried as a busy state is (``PostgresDialect.busy``). Our transactions last
+    milliseconds; the heartbeat interval is the bound.
+    """
+    ms = str(max(int(stall_seconds * 1000), 1))
+    return {"idle_in_transaction_session_timeout": ms, "lock_timeout": ms}
+
+
+def prepare_postgres(url: str, stall_seconds: float = 5.0) -> None:
     """Create the tables in PostgreSQL at start-up (several instances may start at once)."""
     import psycopg
 
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as con, con.transaction():
-        con.execute("SELECT pg_advisory_xact_lock(20261130)")  # one instance at a time
-        con.execute("CREATE TABLE IF NOT EXISTS extracts_schema (version INTEGER NOT NULL)")
-        version = con.execute("SELECT max(version) FROM extracts_schema").fetchone()[0]
-        if version is not None and version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"the state has schema version {version}, newer than this service's {SCHEMA_VERSION}"
-            )
-        text = "\n".join(line for line in schema_sql().splitlines() if not line.lstrip().startswith("--"))
-        for statement in postgres_schema(text).split(";"):
-            if statement.strip():
-                con.execute(statement)
-        if version != SCHEMA_VERSION:
-            con.execute("DELETE FROM extracts_schema")
-            con.execute("INSERT INTO extracts_schema VALUES (%s)", (SCHEMA_VERSION,))
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as con:
+        # Only the idle limit: the others wait for the advisory lock as long as its holder works.
+        idle = postgres_session_settings(stall_seconds)["idle_in_transaction_session_timeout"]
+        con.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (idle,))
+        with con.transaction():
+            con.execute("SELECT pg_advisory_xact_lock(20261130)")  # one instance at a time
+            con.execute("CREATE TABLE IF NOT EXISTS extracts_schema (version INTEGER NOT NULL)")
+            version = con.execute("SELECT max(version) FROM extracts_schema").fetchone()[0]
+            if version is not None and version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the state has schema version {version}, newer than this service's {SCHEMA_VERSION}"
+                )
+            text = "\n".join(line for line in schema_sql().splitlines() if not line.lstrip().startswith("--"))
+            for statement in postgres_schema(text).split(";"):
+                if statement.strip():
+                    con.execute(statement)
+            if version != SCHEMA_VERSION:
+                con.execute("DELETE FROM extracts_schema")
+                con.execute("INSERT INTO extracts_schema VALUES (%s)", (SCHEMA_VERSION,))
 
 
 def prepare_state_file(path: Path) -> None:
@@ -302,12 +328,19 @@ class StateDatabase(Database):
     SUPPORTED_BACKENDS = {**Database.SUPPORTED_BACKENDS, "sqlite": "extracts.state:StateBackend"}
 
 
-def open_database(location: Path | str) -> Database:
+def open_database(location: Path | str, stall_seconds: float = 5.0) -> Database:
     """The state database, not connected yet (``connect()``, then ``disconnect()``).
 
-    ``location``: a SQLite file, or a ``postgresql://`` URL.
+    ``location``: a SQLite file, or a ``postgresql://`` URL, whose sessions hold
+    their locks silent, or wait for one, ``stall_seconds`` at most
+    (``postgres_session_settings``).
     """
     text = str(location)
     if dialect_of(text) is POSTGRES:
-        return Database(text.replace("postgres://", "postgresql://", 1), min_size=2, max_size=10)
+        return Database(
+            text.replace("postgres://", "postgresql://", 1),
+            min_size=2,
+            max_size=10,
+            server_settings=postgres_session_settings(stall_seconds),
+        )
     return StateDatabase(f"sqlite:///{location}", factory=StateConnection, timeout=BUSY_TIMEOUT_S)

@@ -260,15 +260,16 @@ def test_a_frozen_instance_is_fenced_off(cluster: Cluster) -> None:
     extract = a.create_extract(name="Frozen", schemas=["small", "big"], compress=False, retry_delay_seconds=1)
     run_id = a.run(extract["id"])
     deadline = time.monotonic() + 30
-    # The first progress past 30 comes late in the export (one message each 0.2 s): a few tenths of
-    # a second before the run ends, uploads included.
-    while (run := a.client.get(f"/api/data/extract_runs/{run_id}").json()["data"])["progress"] < 30:
+    # Frozen once describe.yaml is written (25, sent at once): the big table's rows are still to
+    # come. The first progress past 30 came after the run's end on a fast machine.
+    while (run := a.client.get(f"/api/data/extract_runs/{run_id}").json()["data"])["progress"] < 25:
         assert time.monotonic() < deadline, run
         time.sleep(0.01)
     victim = by_id[run["instance_id"]]
     family = [victim.process.pid, *descendants(victim.process.pid)]  # its workers freeze with it
     for pid in family:
         os.kill(pid, signal.SIGSTOP)
+    assert run["status"] == "running" and run["progress"] < 99, run
     try:
         survivor = next(s for s in cluster.instances if s is not victim)
         failed = survivor.wait_run(run_id, timeout=LEASE_S + 30)
@@ -336,6 +337,78 @@ def archive_manifest(body: bytes) -> dict:
 
     with zipfile.ZipFile(io.BytesIO(body)) as archive:
         return json.loads(archive.read("manifest.json"))
+
+
+def test_an_instance_frozen_inside_a_transaction_holds_up_no_other(tmp_path: Path) -> None:
+    """An instance frozen while its transaction holds a run's row lock: PostgreSQL ends its
+    session within the stall bound, so another instance reaps the run at once instead of
+    waiting (its heartbeat with it) for as long as the freeze lasts; the frozen one's write
+    fails as a busy state, retried."""
+    from extracts import state
+    from extracts.dialects import POSTGRES
+    from extracts.runs import Runs
+    from extracts.state import TriggeredBy
+    from extracts.storage.local import LocalStorage
+
+    stall, freeze = 0.5, 4.0
+    name = unique_name("extracts_frozen")
+    url = make_state_database(name)
+    state.prepare_postgres(url, stall)
+    clock = [datetime.now(UTC)]
+
+    async def scenario() -> tuple[list[str], float, BaseException | None, dict]:
+        frozen_db, other_db = state.open_database(url, stall), state.open_database(url, stall)
+        await frozen_db.connect()
+        await other_db.connect()
+        storage = LocalStorage(tmp_path)
+        frozen = Runs(frozen_db, storage, "source.db", 0, lambda: clock[0], dialect=POSTGRES)
+        other = Runs(other_db, storage, "source.db", 0, lambda: clock[0], dialect=POSTGRES)
+        await frozen_db.execute(
+            "INSERT INTO extracts (id, name, created_at, updated_at) VALUES ('extract_f', 'F', 't', 't')"
+        )
+        extract = dict((await frozen_db.fetch_one("SELECT * FROM extracts WHERE id = 'extract_f'"))._mapping)
+        run_id = await frozen.queue(extract, TriggeredBy.MANUAL)
+        assert (await frozen.claim())["run_id"] == run_id
+        by_id = {"id": run_id}
+        locked, late = asyncio.Event(), None
+
+        async def freeze_in_a_transaction() -> None:
+            nonlocal late
+            try:
+                async with frozen_db.transaction():
+                    await frozen_db.execute("UPDATE extract_runs SET progress = 50 WHERE id = :id", by_id)
+                    locked.set()
+                    await asyncio.sleep(freeze)  # to PostgreSQL, as a SIGSTOP'd process: silent
+            except Exception as exc:  # noqa: BLE001 — what the frozen instance sees on waking
+                late = exc
+
+        frozen_task = asyncio.create_task(freeze_in_a_transaction())
+        await locked.wait()
+        clock[0] += timedelta(minutes=5)  # the lease lapsed
+        started = time.monotonic()
+        while True:
+            try:
+                reaped = await asyncio.wait_for(other.reap(), freeze * 2)
+                break
+            except TimeoutError:  # not busy: it waited for the whole freeze and more
+                raise
+            except Exception as exc:  # noqa: BLE001 — a lock not granted within the bound: next beat
+                assert POSTGRES.busy(exc), exc
+        waited = time.monotonic() - started
+        await frozen_task
+        assert await frozen_db.fetch_val("SELECT 1") == 1  # a retry finds a new session
+        run = dict((await other_db.fetch_one("SELECT * FROM extract_runs WHERE id = :id", by_id))._mapping)
+        await frozen_db.disconnect()
+        await other_db.disconnect()
+        return reaped, waited, late, run
+
+    try:
+        reaped, waited, late, run = asyncio.run(scenario())
+    finally:
+        drop_state_database(name)
+    assert reaped == [run["id"]] and waited < freeze - 1, waited
+    assert run["status"] == "failed" and run["progress"] == 0, run  # the frozen write rolled back
+    assert late is not None and POSTGRES.busy(late), repr(late)
 
 
 def test_one_scheduled_run_per_due_time_and_the_scheduler_survives_its_leader(tmp_path: Path) -> None:

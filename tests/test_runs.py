@@ -144,18 +144,23 @@ def big_service(tmp_path_factory: pytest.TempPathFactory):
 def test_progress_moves_within_a_big_table_and_never_goes_down(big_service: Service) -> None:
     extract = big_service.create_extract(name="Big", schemas=["big"], compress=False)
     run_id = big_service.run(extract["id"])
-    samples = []
+    samples, seen_at = [], []
     while True:
         run = big_service.client.get(f"/api/data/extract_runs/{run_id}").json()["data"]
         samples.append((run["progress"], run["progress_detail"]))
+        seen_at.append(time.monotonic())
         if run["status"] in ("completed", "failed", "cancelled"):
             break
         time.sleep(0.02)
     assert run["status"] == "completed", run
     progress = [p for p, _ in samples]
     assert progress == sorted(progress), progress
-    # Several values within the table (progress is sent every 0.2 s; the run takes a second or two).
-    assert len({p for p in progress if 25 < p < 100}) >= 3, progress
+    # Values within the table: progress is sent every 0.2 s while rows are written, so as many as
+    # the table's time allows (a second or two on a slow machine, half a second on a fast one),
+    # give or take the first and the last, and three at most.
+    data_seen = next(t for t, (p, _) in zip(seen_at, samples, strict=True) if p >= 25)
+    expected = min(3, int((seen_at[-1] - data_seen) / 0.2) - 1)
+    assert len({p for p in progress if 25 < p < 100}) >= max(expected, 1), (progress, expected)
     assert run["records_exported"] == BIG_ROWS
     assert run["progress_detail"]["records_total"] == BIG_ROWS
     phases = [d["phase"] for _, d in samples]
