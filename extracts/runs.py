@@ -56,6 +56,7 @@ from extracts.dialects import SQLITE, Dialect
 from extracts.state import (
     TriggeredBy,
     dumps,
+    in_transaction,
     iso,
     new_id,
     now_iso,
@@ -362,7 +363,8 @@ class Runs:
         values = {"records": result["records_exported"], "schemas": result["schemas_exported"], "id": run_id}
         fence = " AND lease_token IS NULL" if lease is None else " AND lease_token = :lease"
         held = {} if lease is None else {"lease": lease}
-        async with self.db.transaction():
+
+        async def end() -> bool | None:  # None: fenced off, or ended already; else retrying
             # A write first: the transaction holds the write lock before it reads anything. The
             # lease is let go here: no worker holds the run any more (a cancelled one included).
             counted = await self.db.fetch_one(
@@ -374,7 +376,7 @@ class Runs:
                 values | held,
             )
             if counted is None or counted["status"] != RunStatus.RUNNING:  # fenced off, or ended
-                return False
+                return None
             run = await self.db.fetch_one(
                 "SELECT r.attempt, r.extract_id, r.extract_name, r.config_snapshot, e.max_attempts, "
                 "e.retry_delay_seconds, e.enabled = 1 AND e.deleted_at IS NULL AS runnable "
@@ -406,7 +408,12 @@ class Runs:
                     "UPDATE extract_runs SET retry_run_id = :retry WHERE id = :id",
                     {"retry": retry, "id": run_id},
                 )
-        if retrying:
+            return retrying
+
+        ended = await in_transaction(self.db, end)
+        if ended is None:
+            return False
+        if ended:
             self.queued.set()
         return True
 
@@ -466,7 +473,8 @@ class Runs:
             "started_at = NULL, updated_at = :now, instance_id = NULL, lease_token = NULL, "
             f"lease_expires_at = NULL WHERE status = {RUNNING} AND instance_id = :me"
         )
-        async with self.db.transaction():
+
+        async def take_back() -> list[str]:
             if run_ids is None:
                 rows = await self.db.fetch_all(requeue + " RETURNING id", values)
             else:
@@ -483,6 +491,9 @@ class Runs:
             won = [row["id"] for row in rows]
             for run_id in won:
                 await self.db.execute("DELETE FROM extract_artifacts WHERE run_id = :id", {"id": run_id})
+            return won
+
+        won = await in_transaction(self.db, take_back)
         for run_id in won:
             await asyncio.to_thread(self.storage.delete_run, run_id)
         if won:

@@ -11,15 +11,17 @@ the state; worker processes never open it.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import sqlite3
 import string
 import sys
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import orjson
@@ -32,6 +34,8 @@ from extracts.dialects import POSTGRES, dialect_of
 
 SCHEMA_VERSION = 4
 BUSY_TIMEOUT_S = 15.0
+
+T = TypeVar("T")
 
 
 class TriggeredBy(str, Enum):
@@ -144,9 +148,10 @@ def postgres_session_settings(stall_seconds: float) -> dict[str, str]:
     other instance's heartbeat would wait on them: the whole cluster would look
     dead, its runs stuck. PostgreSQL ends a session that sits idle in a
     transaction longer than ``stall_seconds`` (its transaction rolls back, its
-    locks go), and a statement waits at most as long for a lock; both errors are
-    retried as a busy state is (``PostgresDialect.busy``). Our transactions last
-    milliseconds; the heartbeat interval is the bound.
+    locks go), and no lock is waited for longer; both errors are retried as a
+    busy state is (``PostgresDialect.busy``, ``in_transaction``). Our
+    transactions take milliseconds unless the process stalls: the heartbeat
+    interval is the bound.
     """
     ms = str(max(int(stall_seconds * 1000), 1))
     return {"idle_in_transaction_session_timeout": ms, "lock_timeout": ms}
@@ -326,6 +331,24 @@ class StateDatabase(Database):
     """A ``databases.Database`` whose SQLite URLs are served by ``StateBackend``."""
 
     SUPPORTED_BACKENDS = {**Database.SUPPORTED_BACKENDS, "sqlite": "extracts.state:StateBackend"}
+
+
+async def in_transaction(db: Database, work: Callable[[], Awaitable[T]]) -> T:
+    """``work()`` in one transaction of ``db``, in an asyncio task of its own.
+
+    ``databases`` gives each task one connection, and when a transaction's COMMIT
+    or ROLLBACK fails (a session PostgreSQL ended: ``postgres_session_settings``)
+    it never lets that connection go: every later statement of the task would
+    fail on it, and the task is the pool's message consumer or an instance's
+    heartbeat. In a task of its own the dead connection ends with the task, and a
+    retry gets a live one.
+    """
+
+    async def transaction() -> T:
+        async with db.transaction():
+            return await work()
+
+    return await asyncio.create_task(transaction())
 
 
 def open_database(location: Path | str, stall_seconds: float = 5.0) -> Database:

@@ -396,7 +396,7 @@ def test_an_instance_frozen_inside_a_transaction_holds_up_no_other(tmp_path: Pat
                 assert POSTGRES.busy(exc), exc
         waited = time.monotonic() - started
         await frozen_task
-        assert await frozen_db.fetch_val("SELECT 1") == 1  # a retry finds a new session
+        assert await frozen_db.fetch_val("SELECT 1") == 1  # the pool hands out a live session
         run = dict((await other_db.fetch_one("SELECT * FROM extract_runs WHERE id = :id", by_id))._mapping)
         await frozen_db.disconnect()
         await other_db.disconnect()
@@ -409,6 +409,78 @@ def test_an_instance_frozen_inside_a_transaction_holds_up_no_other(tmp_path: Pat
     assert reaped == [run["id"]] and waited < freeze - 1, waited
     assert run["status"] == "failed" and run["progress"] == 0, run  # the frozen write rolled back
     assert late is not None and POSTGRES.busy(late), repr(late)
+
+
+def test_a_task_whose_transaction_lost_its_session_goes_on(tmp_path: Path) -> None:
+    """The pool's consumer is one task applying message after message: when PostgreSQL ends the
+    session of a run's ending mid-transaction (as it ends a frozen instance's), the error is a
+    busy state, and the same task's next try ends the run (``state.in_transaction``)."""
+    from extracts import state
+    from extracts.dialects import POSTGRES
+    from extracts.runs import Runs
+    from extracts.state import TriggeredBy
+    from extracts.storage.local import LocalStorage
+
+    name = unique_name("extracts_lost")
+    url = make_state_database(name)
+    state.prepare_postgres(url)
+    result = {"status": "completed", "records_exported": 1, "schemas_exported": 1}
+    result |= {"error": None, "error_detail": None}
+
+    async def scenario() -> tuple[BaseException | None, bool, str]:
+        db = state.open_database(url, stall_seconds=30)
+        await db.connect()
+        runs = Runs(db, LocalStorage(tmp_path), "source.db", 0, dialect=POSTGRES)
+        await db.execute(
+            "INSERT INTO extracts (id, name, created_at, updated_at) VALUES ('extract_l', 'L', 't', 't')"
+        )
+        extract = dict((await db.fetch_one("SELECT * FROM extracts WHERE id = 'extract_l'"))._mapping)
+        run_id = await runs.queue(extract, TriggeredBy.MANUAL)
+        lease = (await runs.claim())["lease"]
+        locked, tried, released = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def consumer() -> tuple[BaseException | None, bool]:  # one task, as the pool's
+            await locked.wait()
+            try:
+                await runs.finish(run_id, result, lease)  # waits for the row; its session ends
+            except Exception as exc:  # noqa: BLE001 — what _apply sees
+                lost = exc
+            else:
+                lost = None
+            tried.set()
+            await released.wait()
+            return lost, await runs.finish(run_id, result, lease)  # _apply's next try
+
+        applying = asyncio.create_task(consumer())
+        with psycopg.connect(url, autocommit=True) as other:
+            other.execute("BEGIN")
+            other.execute("SELECT 1 FROM extract_runs WHERE id = %s FOR UPDATE", (run_id,))
+            locked.set()
+
+            def waiting() -> int | None:
+                row = other.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'",
+                    (name,),
+                ).fetchone()
+                return row and row[0]
+
+            while not (pid := await asyncio.to_thread(waiting)):
+                await asyncio.sleep(0.02)
+            other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            await tried.wait()
+            other.execute("ROLLBACK")
+        released.set()
+        lost, ended = await applying
+        status = await db.fetch_val("SELECT status FROM extract_runs WHERE id = :id", {"id": run_id})
+        await db.disconnect()
+        return lost, ended, status
+
+    try:
+        lost, ended, status = asyncio.run(scenario())
+    finally:
+        drop_state_database(name)
+    assert isinstance(lost, BaseException) and POSTGRES.busy(lost), repr(lost)
+    assert ended and status == "completed"
 
 
 def test_one_scheduled_run_per_due_time_and_the_scheduler_survives_its_leader(tmp_path: Path) -> None:
