@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import secrets
+import signal
 import sqlite3
 import struct
 import subprocess
@@ -504,6 +505,52 @@ def test_mariadb_a_parallel_read_stopped_early_leaves_the_snapshot_usable(my_par
         assert threads("mysql-read") == 0
         assert source.count(my_parallel, None) == 60_000
         assert len(b"".join(chunk for chunk, _ in source.json_lines(my_parallel, None, 10_000))) > 0
+
+
+# A process that blocks the server's commits as the snapshot's start does, then, given "freeze",
+# stops itself before it ends the stage (SIGSTOP: a worker frozen, or its machine paused).
+FROZEN_WHILE_COMMITS_WAIT = """
+import os, signal, sys
+import pymysql
+from executor.sources.mysnap import CommitsBlocked
+stage = CommitsBlocked(pymysql.connect(host="127.0.0.1", user="root", password="", database=sys.argv[1]))
+stage.begin()
+print("blocked", flush=True)
+if sys.argv[2] == "freeze":
+    os.kill(os.getpid(), signal.SIGSTOP)
+print("held" if stage.end() else "lost", flush=True)
+"""
+
+
+def test_mariadb_a_worker_frozen_while_commits_wait_holds_them_two_seconds_at_most(
+    my: pymysql.Connection,
+) -> None:
+    """The server drops the frozen locker's connection (``wait_timeout``), which ends the stage;
+    the locker then knows the stage did not last, and its helpers are not used."""
+    my_run(my, "CREATE TABLE frozen_commits (id INT PRIMARY KEY, v INT) ENGINE=InnoDB")
+    my_run(my, "INSERT INTO frozen_commits VALUES (1, 0)")
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-c", FROZEN_WHILE_COMMITS_WAIT, NAME]
+    assert subprocess.run([*command, "go"], cwd=root, capture_output=True, text=True).stdout.split() == [
+        "blocked",
+        "held",
+    ]
+    child = subprocess.Popen([*command, "freeze"], cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "blocked"
+        while Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][0] != "T":
+            time.sleep(0.01)
+        app = pymysql.connect(host="127.0.0.1", user="root", password="", database=NAME, read_timeout=10)
+        started = time.monotonic()
+        with app.cursor() as cursor:  # the source application's write, and its commit
+            cursor.execute("UPDATE frozen_commits SET v = v + 1 WHERE id = 1")
+        app.commit()
+        waited = time.monotonic() - started
+        app.close()
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    assert waited < 4, waited
+    assert child.communicate(timeout=30)[0].strip() == "lost"
 
 
 # ---------------------------------------------------------------- SQLite

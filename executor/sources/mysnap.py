@@ -37,7 +37,15 @@ PARALLEL_MIN_BYTES = 16 << 20
 TABLE_SIZE_SQL = "CAST(GREATEST(DATA_LENGTH, COALESCE(TABLE_ROWS, 0) * 64) AS UNSIGNED)"
 
 _START = "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY"
-_LOCK = ("SET SESSION lock_wait_timeout = 1", "BACKUP STAGE START", "BACKUP STAGE BLOCK_COMMIT")
+# wait_timeout: a worker frozen (or cut off) while it holds BLOCK_COMMIT would make every commit
+# on the server wait for as long as it is frozen; the server closes the silent locker's
+# connection after 2 s instead, which ends the stage.
+_LOCK = (
+    "SET SESSION lock_wait_timeout = 1",
+    "SET SESSION wait_timeout = 2",
+    "BACKUP STAGE START",
+    "BACKUP STAGE BLOCK_COMMIT",
+)
 
 
 class Helpers:
@@ -74,9 +82,9 @@ class Helpers:
             _close(opened)
             return []
         locker, helpers = opened[0], opened[1:]
+        stage = CommitsBlocked(locker)
         try:
-            for statement in _LOCK:
-                _run(locker, statement)
+            stage.begin()
         except pymysql.err.MySQLError:  # no RELOAD privilege, another backup, not MariaDB
             _close(opened)
             return []
@@ -87,9 +95,10 @@ class Helpers:
             _close(helpers)
             raise
         finally:
-            with suppress(pymysql.err.MySQLError):
-                _run(locker, "BACKUP STAGE END")
-            _close([locker])
+            held = stage.end()
+        if not held:  # commits may have passed between the starts: the helpers' states may differ
+            _close(helpers)
+            return []
         return helpers
 
     def thread_ids(self) -> list[int]:
@@ -99,6 +108,29 @@ class Helpers:
         """The main transaction ends: so do the helpers' (they only ever read)."""
         _close(self.connections)
         self.connections = []
+
+
+class CommitsBlocked:
+    """``BACKUP STAGE BLOCK_COMMIT``, held by a connection of its own from ``begin`` to ``end``."""
+
+    def __init__(self, locker: pymysql.Connection) -> None:
+        self.locker = locker
+
+    def begin(self) -> None:
+        for statement in _LOCK:
+            _run(self.locker, statement)
+
+    def end(self) -> bool:
+        """End the stage and close the locker. Whether the stage lasted until now: False when
+        the server closed the locker's connection meanwhile (``wait_timeout``: this process
+        stalled in between), and commits may have passed."""
+        try:
+            _run(self.locker, "BACKUP STAGE END")
+        except (pymysql.err.MySQLError, OSError):
+            return False
+        finally:
+            _close([self.locker])
+        return True
 
 
 def _run(conn: pymysql.Connection, statement: str) -> None:
