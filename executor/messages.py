@@ -8,6 +8,7 @@
             ──("artifact", run_id, Artifact)──►           as soon as each file is in place
             ──("result",   run_id, Result)──►             last
     service ──("broken",   None,   Broken)──►   itself    a dead worker broke the pool
+            ──("lost",     None,   None)──►     itself    the Manager (this queue) died
             ──("drained",  None,   None)──►     itself    the stop's marker: all before it applied
 
 Everything is plain data (dicts, strings, numbers), so it crosses process
@@ -185,5 +186,5 @@ class Broken(TypedDict):
     exitcodes: dict[int, int | None]
 
 
-Kind = Literal["started", "progress", "artifact", "result", "broken", "drained"]
+Kind = Literal["started", "progress", "artifact", "result", "broken", "lost", "drained"]
 Message = tuple[Kind, str | None, Any]

@@ -118,11 +118,7 @@ class WorkerPool:
 
     async def start(self) -> None:
         await asyncio.to_thread(self._start_processes)
-        loop = asyncio.get_running_loop()
-        self._reader = threading.Thread(
-            target=self._read_queue, args=(loop,), daemon=True, name="extracts-progress-reader"
-        )
-        self._reader.start()
+        self._start_reader(asyncio.get_running_loop())
         self._consumer = asyncio.create_task(self._consume())
         self._dispatcher = asyncio.create_task(self._dispatch())
         self.runs.queued.set()
@@ -130,12 +126,22 @@ class WorkerPool:
     def _start_processes(self) -> None:
         # Read when the forkserver starts, with this process's first pool.
         self._context.set_forkserver_preload(forkserver_preload(CHILD_MODULES))
+        self._start_channel()
+        self._new_pool()
+
+    def _start_channel(self) -> None:
+        """The Manager process, and the message queue and cancel flags it serves."""
         self._manager = SyncManager(ctx=self._context)
         self._manager.start(initializer=manager_initializer, initargs=(os.getpid(),))
-        self._others = {process.pid for process in multiprocessing.active_children()}
+        self._others |= {process.pid for process in multiprocessing.active_children()}
         self._queue = self._manager.Queue()
         self._cancelled = self._manager.dict()
-        self._new_pool()
+
+    def _start_reader(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._reader = threading.Thread(
+            target=self._read_queue, args=(loop,), daemon=True, name="extracts-progress-reader"
+        )
+        self._reader.start()
 
     def _new_pool(self) -> None:
         self._generation += 1
@@ -195,16 +201,8 @@ class WorkerPool:
         await asyncio.gather(self._consumer, return_exceptions=True)
 
     def _kill_pool(self) -> None:
-        if self._pool is None:
-            return
-        processes = list(self._processes.get(self._generation, {}).values())
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            with contextlib.suppress(Exception):
-                process.terminate()
-        for process in processes:
-            with contextlib.suppress(Exception):
-                process.join(5)
+        if self._pool is not None:
+            _terminate(self._pool, list(self._processes.get(self._generation, {}).values()))
 
     def _stop_manager(self) -> None:
         if self._queue is not None:
@@ -225,7 +223,10 @@ class WorkerPool:
     async def cancel(self, run_id: str) -> None:
         """Tell the run's worker, if it has one, to stop (it polls every 0.2 s)."""
         if run_id in self._inflight:
-            await asyncio.to_thread(self._cancelled.__setitem__, run_id, True)
+            try:
+                await asyncio.to_thread(self._cancelled.__setitem__, run_id, True)
+            except (EOFError, OSError):  # the Manager died: its workers are being stopped anyway
+                log.warning("could not tell the worker of %s to stop: the Manager is gone", run_id)
 
     # ------------------------------------------------------------ dispatch
 
@@ -323,10 +324,13 @@ class WorkerPool:
     # ------------------------------------------------------------ the consumer: applies messages in order
 
     def _read_queue(self, loop: asyncio.AbstractEventLoop) -> None:
+        queue = self._queue
         while True:
             try:
-                message = self._queue.get()
-            except (EOFError, OSError, BrokenPipeError):
+                message = queue.get()
+            except (EOFError, OSError):  # the Manager died: unless the service stops, say so
+                if not self._stopping:
+                    loop.call_soon_threadsafe(self._messages.put_nowait, ("lost", None, None))
                 return
             if message[0] == "stop":
                 return
@@ -339,6 +343,7 @@ class WorkerPool:
             "artifact": self._on_artifact,
             "result": self._on_result,
             "broken": self._on_broken,
+            "lost": self._on_lost,
         }
         while True:
             kind, run_id, payload = await self._messages.get()
@@ -430,6 +435,31 @@ class WorkerPool:
             await self._on_result(run_id, result)
         self.runs.queued.set()
 
+    async def _on_lost(self, run_id: None, lost: None) -> None:
+        """The Manager process died (killed): its queue and cancel flags went with it, and no
+        worker can report any more. A new Manager and a new pool take over; the old workers
+        are stopped, and the runs they held fail, retryable (what they wrote without a record
+        goes), or go back to the queue when their worker had not started."""
+        log.error("the workers' message queue (the Manager process) died; restarting the workers")
+        old_pool, old_processes = self._pool, list(self._processes.get(self._generation, {}).values())
+        await asyncio.to_thread(self._start_channel)
+        self._new_pool()  # no await since the claim of the last run submitted to the old pool
+        held = list(self._inflight)
+        self._start_reader(asyncio.get_running_loop())
+        if old_pool is not None:
+            await asyncio.to_thread(_terminate, old_pool, old_processes)
+        for run_id in held:
+            if run_id not in self._pids:
+                await self.runs.requeue([run_id])
+                self._forget(run_id)
+                continue
+            error = (
+                "stopped because the service's channel to its worker processes died (its Manager "
+                "process was killed); the workers were restarted: run it again"
+            )
+            await self._on_result(run_id, failure(error, "ManagerLost", retryable=True))
+        self.runs.queued.set()
+
     def _forget(self, run_id: str) -> None:
         self._inflight.pop(run_id, None)
         self._pids.pop(run_id, None)
@@ -441,3 +471,14 @@ class WorkerPool:
     def active(self) -> set[str]:
         """The runs workers hold now (the retention sweep leaves their directories alone)."""
         return set(self._inflight)
+
+
+def _terminate(pool: concurrent.futures.ProcessPoolExecutor, processes: list[BaseProcess]) -> None:
+    """Stop a pool and its worker processes (SIGTERM; each waited for 5 s at most)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.terminate()
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.join(5)

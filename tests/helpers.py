@@ -238,6 +238,26 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def manager_pid(service_pid: int) -> int:
+    """The pid of a service's Manager process (the workers' message queue).
+
+    The pool's processes are forked by the service's forkserver; the Manager
+    keeps the service's niceness, where workers lower theirs (executor.entry).
+    """
+
+    def stat(pid: int) -> list[str]:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+    below = descendants(service_pid)
+    forkserver = next(
+        pid
+        for pid in below
+        if int(stat(pid)[1]) == service_pid and b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    )
+    niceness = stat(service_pid)[16]
+    return next(pid for pid in below if int(stat(pid)[1]) == forkserver and stat(pid)[16] == niceness)
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

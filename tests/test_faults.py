@@ -27,6 +27,7 @@ from helpers import (
     descendants,
     make_big_db,
     make_shop_db,
+    manager_pid,
     no_temporary_files,
     start_in_process,
     start_service,
@@ -106,6 +107,31 @@ def test_worker_sigkilled_ten_times_with_other_runs_in_flight(tmp_path: Path, bi
         assert (victim_counts["failed_runs"], victim_counts["total_runs"]) == (10, 10)
         # After all that, the pool works.
         assert svc.wait_run(svc.run(waiting["id"]))["status"] == "completed"
+    finally:
+        svc.stop()
+
+
+@pytest.mark.slow
+def test_the_managers_death_fails_its_runs_and_the_service_goes_on(tmp_path: Path, big_db: Path) -> None:
+    """The Manager process (the workers' message queue) SIGKILLed while a worker writes: the run
+    fails within seconds, retryable, its unrecorded files removed; a new Manager and pool take
+    over, and the next run works."""
+    svc = start_service(tmp_path, str(big_db))
+    try:
+        extract = svc.create_extract(name="Orphaned", schemas=["big"], compress=False, max_attempts=1)
+        run_id = svc.run(extract["id"])
+        worker_writing(svc.storage, run_id)
+        os.kill(manager_pid(svc.process.pid), signal.SIGKILL)
+        killed = time.monotonic()
+        failed = svc.wait_run(run_id, timeout=30)
+        assert time.monotonic() - killed < 15
+        assert failed["status"] == "failed" and "its Manager process was killed" in failed["error"], failed
+        assert failed["error_detail"]["retryable"] is True
+        assert_files_match(svc, run_id)
+        assert no_temporary_files(svc.storage) == []
+        again = svc.wait_run(svc.run(extract["id"]))
+        assert again["status"] == "completed" and again["records_exported"] == BIG_ROWS
+        assert_files_match(svc, again["id"])
     finally:
         svc.stop()
 
