@@ -9,8 +9,10 @@
 The consumer is the only writer of a run's rows while it runs. A worker that
 dies breaks the stdlib pool: the pool is replaced, and the runs it held fail
 with a message that tells the culprit (killed) from the innocent (stopped by
-the pool). A graceful stop applies every message the workers already sent
-before requeueing what is still running.
+the pool). A worker silent for a lease (frozen, hung) is killed to that end
+(``_watch``); a dead Manager is replaced with the pool (``_on_lost``). A
+graceful stop applies every message the workers already sent before
+requeueing what is still running.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.managers import SyncManager
@@ -40,6 +43,8 @@ from extracts.storage import Storage
 
 log = logging.getLogger("extracts.pool")
 
+WATCH_EVERY_S = 1.0  # how often the watchdog looks for silent workers
+SILENCE_FLOOR_S = 5.0  # a worker speaks at least once a second (executor.worker._HEARTBEAT)
 DRAIN_TIMEOUT_S = 20.0  # past the state file's busy timeout: one locked write is waited out
 CHILD_MODULES = ["executor.entry"]  # what the pool's children run: their initializers and the job
 
@@ -107,6 +112,9 @@ class WorkerPool:
         self._inflight: dict[str, int] = {}  # run id -> pool generation
         self._pids: dict[str, int] = {}  # run id -> worker pid ("started" message)
         self._jobs: dict[str, Job] = {}
+        self._heard: dict[str, float] = {}  # run id -> when its worker's last message arrived
+        self._silenced: dict[str, float] = {}  # run id -> seconds of silence it was killed after
+        self._watchdog: asyncio.Task[None] | None = None
         self._stopping = False
         self._consumer: asyncio.Task[None] | None = None
         self._dispatcher: asyncio.Task[None] | None = None
@@ -121,6 +129,7 @@ class WorkerPool:
         self._start_reader(asyncio.get_running_loop())
         self._consumer = asyncio.create_task(self._consume())
         self._dispatcher = asyncio.create_task(self._dispatch())
+        self._watchdog = asyncio.create_task(self._watch())
         self.runs.queued.set()
 
     def _start_processes(self) -> None:
@@ -169,6 +178,9 @@ class WorkerPool:
         change won before its files go (SPEC: Snapshot, safety and faults).
         """
         self._stopping = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
         if self._dispatcher is not None:
             # Not cancelled: a claim in progress completes, so its run is in _inflight
             # (or still 'queued'); the loop ends at its next turn.
@@ -268,6 +280,7 @@ class WorkerPool:
         run_id = job["run_id"]
         log.info("run %s claimed by %s", run_id, self.runs.instance_id)
         self._jobs[run_id] = job
+        self._heard[run_id] = time.monotonic()
         self._inflight[run_id] = self._generation
         loop = asyncio.get_running_loop()
         from executor.entry import run_in_worker
@@ -334,6 +347,8 @@ class WorkerPool:
                 return
             if message[0] == "stop":
                 return
+            if message[1] is not None:  # when it arrived, however long the consumer takes to apply it
+                self._heard[message[1]] = time.monotonic()
             loop.call_soon_threadsafe(self._messages.put_nowait, message)
 
     async def _consume(self) -> None:
@@ -416,7 +431,13 @@ class WorkerPool:
                 self._forget(run_id)
                 continue
             code = exitcodes.get(pid)
-            if code is not None and code != -signal.SIGTERM:
+            if run_id in self._silenced:
+                error = (
+                    f"the worker process running this extract stopped answering for "
+                    f"{self._silenced[run_id]:.0f} s (frozen or hung) and was killed; the pool was "
+                    "restarted: run it again"
+                )
+            elif code is not None and code != -signal.SIGTERM:
                 error = (
                     f"the worker process running this extract died ({signal_name(code)}), "
                     "possibly out of memory; the pool was restarted: run it again"
@@ -460,10 +481,37 @@ class WorkerPool:
             await self._on_result(run_id, failure(error, "ManagerLost", retryable=True))
         self.runs.queued.set()
 
+    async def _watch(self) -> None:
+        """Kill a worker not heard from for a lease (at least ``SILENCE_FLOOR_S``): frozen
+        (SIGSTOP) or hung with the GIL held. Its instance would renew the run's lease for as
+        long, and the run would stay 'running'; killed, it breaks the pool, and ``_on_broken``
+        fails its run (and the pool's others), retryable, as for any dead worker."""
+        last = time.monotonic()
+        while not self._stopping:
+            await asyncio.sleep(WATCH_EVERY_S)
+            now = time.monotonic()
+            if now - last > 3 * WATCH_EVERY_S:  # this process itself was stopped: nothing to judge by
+                self._heard.update(dict.fromkeys(self._heard, now))
+            last = now
+            limit = max(self.runs.lease.total_seconds(), SILENCE_FLOOR_S)
+            for run_id, generation in list(self._inflight.items()):
+                pid, silent = self._pids.get(run_id), now - self._heard.get(run_id, now)
+                if generation != self._generation or pid is None or run_id in self._silenced:
+                    continue
+                if silent > limit:
+                    self._silenced[run_id] = silent
+                    log.error(
+                        "run %s: its worker (pid %d) said nothing for %.0f s; killed", run_id, pid, silent
+                    )
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+
     def _forget(self, run_id: str) -> None:
         self._inflight.pop(run_id, None)
         self._pids.pop(run_id, None)
         self._jobs.pop(run_id, None)
+        self._heard.pop(run_id, None)
+        self._silenced.pop(run_id, None)
         if self._cancelled is not None:
             with contextlib.suppress(Exception):
                 self._cancelled.pop(run_id, None)

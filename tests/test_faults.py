@@ -9,6 +9,7 @@ locked state file in test_faults_state.py; run them all alone with ``pytest -m f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -108,6 +109,42 @@ def test_worker_sigkilled_ten_times_with_other_runs_in_flight(tmp_path: Path, bi
         # After all that, the pool works.
         assert svc.wait_run(svc.run(waiting["id"]))["status"] == "completed"
     finally:
+        svc.stop()
+
+
+@pytest.mark.slow
+def test_a_worker_silent_for_a_lease_is_killed_and_its_run_fails(tmp_path: Path, big_db: Path) -> None:
+    """A worker frozen (SIGSTOP) for less than a lease finishes its run; one frozen for longer is
+    killed, and its run fails with why, instead of staying 'running' while its instance renews
+    the lease."""
+    svc = start_service(tmp_path, str(big_db), "--lease-seconds", "5")
+    frozen: list[int] = []
+    try:
+        extract = svc.create_extract(name="Frozen worker", schemas=["big"], compress=False, max_attempts=1)
+        paused = svc.run(extract["id"])
+        frozen.append(worker_writing(svc.storage, paused))
+        os.kill(frozen[-1], signal.SIGSTOP)
+        time.sleep(2)
+        os.kill(frozen[-1], signal.SIGCONT)
+        assert svc.wait_run(paused)["status"] == "completed"
+
+        run_id = svc.run(extract["id"])
+        frozen.append(worker_writing(svc.storage, run_id))
+        os.kill(frozen[-1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        failed = svc.wait_run(run_id, timeout=30)
+        waited = time.monotonic() - stopped
+        assert failed["status"] == "failed" and "stopped answering for" in failed["error"], failed
+        assert failed["error_detail"]["retryable"] is True
+        assert 5 <= waited < 12, waited
+        assert not alive(frozen[-1])
+        assert_files_match(svc, run_id)
+        assert no_temporary_files(svc.storage) == []
+        assert svc.wait_run(svc.run(extract["id"]))["status"] == "completed"
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         svc.stop()
 
 
