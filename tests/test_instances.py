@@ -339,6 +339,7 @@ def archive_manifest(body: bytes) -> dict:
         return json.loads(archive.read("manifest.json"))
 
 
+@pytest.mark.slow
 def test_an_instance_frozen_inside_a_transaction_holds_up_no_other(tmp_path: Path) -> None:
     """An instance frozen while its transaction holds a run's row lock: PostgreSQL ends its
     session within the stall bound, so another instance reaps the run at once instead of

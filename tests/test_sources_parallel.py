@@ -522,6 +522,7 @@ print("held" if stage.end() else "lost", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_mariadb_a_worker_frozen_while_commits_wait_holds_them_two_seconds_at_most(
     my: pymysql.Connection,
 ) -> None:
