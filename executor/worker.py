@@ -39,7 +39,7 @@ from extracts.storage import StorageError, open_storage, storage_error
 
 BATCH_ROWS = 10_000
 _SEND_EVERY = 0.2  # seconds between progress messages (a Manager queue put is an RPC)
-_HEARTBEAT = 0.8  # at least one message a second while the run works (polled every 0.05 s)
+_HEARTBEAT = 0.8  # at least one message a second while the run works (its own thread)
 # A cancel is seen within this (a Manager dict get is an RPC of ~0.1 ms): the server sources
 # read a million rows a second, so a cancel must not wait for the end of a table.
 _POLL_CANCEL = 0.05
@@ -73,15 +73,20 @@ class Monitor:
         self._stop = threading.Event()
         self.cancel_requested = threading.Event()
         self.on_cancel: Callable[[], None] | None = None
-        self._thread = threading.Thread(target=self._watch, name=f"monitor {run_id}", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._watch, name=f"monitor {run_id}", daemon=True),
+            threading.Thread(target=self._beat, name=f"heartbeat {run_id}", daemon=True),
+        ]
 
     def __enter__(self) -> Monitor:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
 
     def phase(self, phase: Phase, *, described: bool = False, **fields: Any) -> None:
         """Enter ``phase`` and say so at once; ``described``: describe.yaml is written (25)."""
@@ -136,15 +141,27 @@ class Monitor:
 
     def _watch(self) -> None:
         while not self._stop.wait(_POLL_CANCEL):
-            try:
-                if not self.cancel_requested.is_set() and self._cancelled.get(self.run_id):
+            if not self.cancel_requested.is_set():
+                try:
+                    asked = self._cancelled.get(self.run_id)
+                except Exception:  # noqa: BLE001 — the service went away; the run finishes alone
+                    return
+                if asked:
                     self.cancel_requested.set()
-                if self.cancel_requested.is_set() and self.on_cancel is not None:
+            if self.cancel_requested.is_set() and self.on_cancel is not None:
+                with contextlib.suppress(Exception):  # e.g. a helper connection closed meanwhile
                     self.on_cancel()  # again each time: a call between two statements is lost
-                if time.monotonic() - self._last_sent >= _HEARTBEAT:
+
+    def _beat(self) -> None:
+        """At least one message a second, whatever the run's threads are doing (stopping a
+        source's statement can take seconds): the service kills a worker it has not heard
+        from for a lease (``extracts.pool``)."""
+        while not self._stop.wait(_POLL_CANCEL):
+            if time.monotonic() - self._last_sent >= _HEARTBEAT:
+                try:
                     self._send()
-            except Exception:  # noqa: BLE001 — the service went away; the run finishes alone
-                return
+                except Exception:  # noqa: BLE001 — the service went away; the run finishes alone
+                    return
 
 
 # ---------------------------------------------------------------- the export
@@ -340,27 +357,27 @@ def run_extract(job: Job, queue: Any, cancelled: Any) -> Result:
     monitor = Monitor(job["run_id"], queue, cancelled)
     export = Export(job, monitor)
     status, error, error_detail = RunStatus.COMPLETED, None, None
-    try:
-        with monitor:
+    with monitor:  # its heartbeat goes on through the clean-up (an object store's can take seconds)
+        try:
             export.run()
-    except Exception as exc:  # noqa: BLE001 — every run error becomes a failed result
-        with contextlib.suppress(Exception):  # best effort: the service sweeps what is left
-            export.remove_partial()
-        if monitor.cancel_requested.is_set():
-            status = RunStatus.CANCELLED
-        else:
-            # Only strings leave this block: a kept exception would hold the run's frames
-            # (and the service's queue proxy) in a reference cycle.
-            # Blanked again here: a run record must never carry the source's secrets, whatever
-            # raised (the sources blank their own messages; a traceback holds every chained one).
-            hidden = source_secrets(job["source"])
-            status, error = RunStatus.FAILED, blank(error_message(exc, job), hidden)
-            error_detail = {
-                "type": type(exc).__name__,
-                "message": blank(str(exc), hidden),
-                "traceback": blank(traceback.format_exc(), hidden),
-                "retryable": is_transient(exc),
-            }
+        except Exception as exc:  # noqa: BLE001 — every run error becomes a failed result
+            with contextlib.suppress(Exception):  # best effort: the service sweeps what is left
+                export.remove_partial()
+            if monitor.cancel_requested.is_set():
+                status = RunStatus.CANCELLED
+            else:
+                # Only strings leave this block: a kept exception would hold the run's frames
+                # (and the service's queue proxy) in a reference cycle.
+                # Blanked again here: a run record must never carry the source's secrets, whatever
+                # raised (the sources blank their own messages; a traceback holds every chained one).
+                hidden = source_secrets(job["source"])
+                status, error = RunStatus.FAILED, blank(error_message(exc, job), hidden)
+                error_detail = {
+                    "type": type(exc).__name__,
+                    "message": blank(str(exc), hidden),
+                    "traceback": blank(traceback.format_exc(), hidden),
+                    "retryable": is_transient(exc),
+                }
     return result(
         status,
         error,

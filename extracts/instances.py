@@ -80,7 +80,7 @@ class Instance:
             "UPDATE extracts_instances SET heartbeat_at = :now, active_runs = :active WHERE id = :me",
             {"now": now, "active": len(self.pool.active()), "me": self.id},
         )
-        await self.runs.renew()
+        await self.runs.renew(self.pool.active())
         for run_id in await self.runs.reap():
             log.warning("run %s lost its instance (lease expired): failed as interrupted", run_id)
 

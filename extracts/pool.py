@@ -115,6 +115,7 @@ class WorkerPool:
         self._heard: dict[str, float] = {}  # run id -> when its worker's last message arrived
         self._silenced: dict[str, float] = {}  # run id -> seconds of silence it was killed after
         self._watchdog: asyncio.Task[None] | None = None
+        self._orphans: list[str] | None = None  # the runs of a dead Manager's workers, still to end
         self._stopping = False
         self._consumer: asyncio.Task[None] | None = None
         self._dispatcher: asyncio.Task[None] | None = None
@@ -140,9 +141,10 @@ class WorkerPool:
 
     def _start_channel(self) -> None:
         """The Manager process, and the message queue and cancel flags it serves."""
+        before = {process.pid for process in multiprocessing.active_children()}
         self._manager = SyncManager(ctx=self._context)
         self._manager.start(initializer=manager_initializer, initargs=(os.getpid(),))
-        self._others |= {process.pid for process in multiprocessing.active_children()}
+        self._others |= {process.pid for process in multiprocessing.active_children()} - before
         self._queue = self._manager.Queue()
         self._cancelled = self._manager.dict()
 
@@ -315,7 +317,7 @@ class WorkerPool:
         error = " ".join(f"the worker could not run this extract: {exc}".split())
         result = failure(error, type(exc).__name__, retryable=False, message=str(exc))
         # Behind everything the worker put on the queue.
-        asyncio.create_task(asyncio.to_thread(self._queue.put, ("result", run_id, result)))
+        asyncio.create_task(self._post(("result", run_id, result)))
 
     async def _replace_pool(self, generation: int) -> None:
         """A worker died: build a new pool, then fail (or requeue) the runs the old one held."""
@@ -332,7 +334,15 @@ class WorkerPool:
         del self._processes[generation]
         log.warning("worker pool broken (exit codes %s); replaced", exitcodes)
         broken: Broken = {"generation": generation, "exitcodes": exitcodes}
-        await asyncio.to_thread(self._queue.put, ("broken", None, broken))
+        await self._post(("broken", None, broken))
+
+    async def _post(self, message: Message) -> None:
+        """Put a message of the service's own behind the workers' (the Manager's death is
+        handled apart: ``_on_lost`` ends every run its workers held)."""
+        try:
+            await asyncio.to_thread(self._queue.put, message)
+        except (EOFError, OSError):
+            log.warning("could not queue a %s message: the Manager is gone", message[0])
 
     # ------------------------------------------------------------ the consumer: applies messages in order
 
@@ -347,8 +357,13 @@ class WorkerPool:
                 return
             if message[0] == "stop":
                 return
-            if message[1] is not None:  # when it arrived, however long the consumer takes to apply it
-                self._heard[message[1]] = time.monotonic()
+            kind, run_id = message[0], message[1]
+            # When it arrived, however long the consumer takes to apply it; after its result, a
+            # run's worker is no longer judged (it may be idle, or at another run already).
+            if kind == "result":
+                self._heard.pop(run_id, None)  # type: ignore[arg-type]
+            elif run_id in self._inflight:
+                self._heard[run_id] = time.monotonic()
             loop.call_soon_threadsafe(self._messages.put_nowait, message)
 
     async def _consume(self) -> None:
@@ -460,25 +475,41 @@ class WorkerPool:
         """The Manager process died (killed): its queue and cancel flags went with it, and no
         worker can report any more. A new Manager and a new pool take over; the old workers
         are stopped, and the runs they held fail, retryable (what they wrote without a record
-        goes), or go back to the queue when their worker had not started."""
-        log.error("the workers' message queue (the Manager process) died; restarting the workers")
-        old_pool, old_processes = self._pool, list(self._processes.get(self._generation, {}).values())
-        await asyncio.to_thread(self._start_channel)
-        self._new_pool()  # no await since the claim of the last run submitted to the old pool
-        held = list(self._inflight)
-        self._start_reader(asyncio.get_running_loop())
-        if old_pool is not None:
-            await asyncio.to_thread(_terminate, old_pool, old_processes)
-        for run_id in held:
+        goes), or go back to the queue when their worker had not started.
+
+        Applied again after a busy state (``_apply``), it restarts nothing twice: the runs
+        still to end are kept in ``_orphans`` until each has ended.
+        """
+        if self._orphans is None:
+            log.error("the workers' message queue (the Manager process) died; restarting the workers")
+            generation = self._generation
+            old_pool, old_processes = self._pool, list(self._processes.get(generation, {}).values())
+            while True:  # without a channel no run can work: keep trying
+                try:
+                    await asyncio.to_thread(self._start_channel)
+                    break
+                except Exception:  # noqa: BLE001 — e.g. no memory for a new process just now
+                    log.exception("could not start a new Manager; trying again in a second")
+                    await asyncio.sleep(1.0)
+            self._new_pool()  # no await since the claim of the last run submitted to the old pool
+            self._orphans = list(self._inflight)
+            self._start_reader(asyncio.get_running_loop())
+            if old_pool is not None:
+                await asyncio.to_thread(_terminate, old_pool, old_processes)
+            self._processes.pop(generation, None)
+        error = (
+            "stopped because the service's channel to its worker processes died (its Manager "
+            "process was killed); the workers were restarted: run it again"
+        )
+        while self._orphans:
+            run_id = self._orphans[0]
             if run_id not in self._pids:
                 await self.runs.requeue([run_id])
                 self._forget(run_id)
-                continue
-            error = (
-                "stopped because the service's channel to its worker processes died (its Manager "
-                "process was killed); the workers were restarted: run it again"
-            )
-            await self._on_result(run_id, failure(error, "ManagerLost", retryable=True))
+            else:
+                await self._on_result(run_id, failure(error, "ManagerLost", retryable=True))
+            self._orphans.pop(0)
+        self._orphans = None
         self.runs.queued.set()
 
     async def _watch(self) -> None:
@@ -494,16 +525,21 @@ class WorkerPool:
                 self._heard.update(dict.fromkeys(self._heard, now))
             last = now
             limit = max(self.runs.lease.total_seconds(), SILENCE_FLOOR_S)
+            self._note_workers()
+            workers = self._processes.get(self._generation, {})
             for run_id, generation in list(self._inflight.items()):
-                pid, silent = self._pids.get(run_id), now - self._heard.get(run_id, now)
-                if generation != self._generation or pid is None or run_id in self._silenced:
+                pid, heard = self._pids.get(run_id), self._heard.get(run_id)
+                if generation != self._generation or pid not in workers or heard is None:
                     continue
-                if silent > limit:
-                    self._silenced[run_id] = silent
+                if run_id not in self._silenced and now - heard > limit:
+                    self._silenced[run_id] = now - heard
                     log.error(
-                        "run %s: its worker (pid %d) said nothing for %.0f s; killed", run_id, pid, silent
+                        "run %s: its worker (pid %s) said nothing for %.0f s; killed",
+                        run_id,
+                        pid,
+                        now - heard,
                     )
-                    with contextlib.suppress(ProcessLookupError):
+                    with contextlib.suppress(OSError):
                         os.kill(pid, signal.SIGKILL)
 
     def _forget(self, run_id: str) -> None:

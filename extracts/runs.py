@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -165,12 +165,21 @@ class Runs:
             )
         )
 
-    async def renew(self) -> None:
-        """Extend the leases of the runs this instance holds (its heartbeat)."""
+    async def renew(self, held: Collection[str]) -> None:
+        """Extend the leases of the runs this instance's workers hold (its heartbeat).
+
+        Only those: a run 'running' here that no worker holds any more (a message that
+        could not be applied, its worker gone) lets its lease lapse, and the reaper fails
+        it as interrupted and retries it, rather than it staying 'running' for good.
+        """
+        if not held:
+            return
+        ids = {f"r{i}": run_id for i, run_id in enumerate(sorted(held))}
         await self.db.execute(
             "UPDATE extract_runs SET lease_expires_at = :until WHERE instance_id = :me "
-            f"AND status = {RUNNING} AND lease_token IS NOT NULL",
-            {"until": iso(self.clock() + self.lease), "me": self.instance_id},
+            f"AND status = {RUNNING} AND lease_token IS NOT NULL "
+            f"AND id IN ({', '.join(':' + name for name in ids)})",
+            {"until": iso(self.clock() + self.lease), "me": self.instance_id, **ids},
         )
 
     async def cancelled_here(self) -> list[str]:

@@ -113,6 +113,33 @@ def test_worker_sigkilled_ten_times_with_other_runs_in_flight(tmp_path: Path, bi
 
 
 @pytest.mark.slow
+def test_a_running_run_no_worker_holds_loses_its_lease_and_is_retried(tmp_path: Path, shop_db: Path) -> None:
+    """A run left 'running' by its instance with no worker holding it (a message that could not
+    be applied): the heartbeat renews only the runs its workers hold, so the lease lapses and
+    the reaper fails it as interrupted, and its retry completes."""
+    svc = start_service(tmp_path, str(shop_db), "--lease-seconds", "2")
+    try:
+        extract = svc.create_extract(name="Forgotten", schemas=["users"], retry_delay_seconds=1)
+        done = svc.wait_run(svc.run(extract["id"]))
+        me = svc.client.get("/api/instances").json()["data"][0]["id"]
+        now = "strftime('%Y-%m-%dT%H:%M:%fZ')"
+        with sqlite3.connect(svc.db) as con:  # as a claim whose job never reached the pool
+            con.execute(
+                "INSERT INTO extract_runs (id, extract_id, extract_name, status, progress, progress_detail, "
+                "config_snapshot, created_at, updated_at, started_at, instance_id, lease_token, "
+                f"lease_expires_at) SELECT 'run_forgotten00000', extract_id, extract_name, 'running', 0, "
+                f"progress_detail, config_snapshot, {now}, {now}, {now}, ?, 'token', "
+                "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+2 seconds') FROM extract_runs WHERE id = ?",
+                (me, done["id"]),
+            )
+        failed = svc.wait_run("run_forgotten00000", timeout=20)
+        assert failed["status"] == "failed" and failed["error"].startswith(INTERRUPTED), failed
+        assert svc.wait_run(failed["retry_run_id"], timeout=30)["status"] == "completed"
+    finally:
+        svc.stop()
+
+
+@pytest.mark.slow
 def test_a_worker_silent_for_a_lease_is_killed_and_its_run_fails(tmp_path: Path, big_db: Path) -> None:
     """A worker frozen (SIGSTOP) for less than a lease finishes its run; one frozen for longer is
     killed, and its run fails with why, instead of staying 'running' while its instance renews
