@@ -398,6 +398,11 @@ class WorkerPool:
             except Exception as exc:  # noqa: BLE001 — one bad message must not stop every run
                 if not self.runs.dialect.busy(exc):
                     log.exception("could not apply %s message for %s", kind, run_id)
+                    if kind == "result" and run_id is not None:
+                        # Its worker is done: let go of the run. Its lease is no longer renewed,
+                        # and the reaper fails it as interrupted (and retries it) once it lapses.
+                        self._forget(run_id)
+                        self.runs.queued.set()
                     return
                 log.warning("state busy (%s); applying the %s message for %s again", exc, kind, run_id)
                 await asyncio.sleep(self.retry_delay)
@@ -503,11 +508,17 @@ class WorkerPool:
         )
         while self._orphans:
             run_id = self._orphans[0]
-            if run_id not in self._pids:
-                await self.runs.requeue([run_id])
+            try:
+                if run_id not in self._pids:
+                    await self.runs.requeue([run_id])
+                    self._forget(run_id)
+                else:
+                    await self._on_result(run_id, failure(error, "ManagerLost", retryable=True))
+            except Exception as exc:
+                if self.runs.dialect.busy(exc):
+                    raise  # applied again from this run on
+                log.exception("could not end %s; its lease lapses and the reaper ends it", run_id)
                 self._forget(run_id)
-            else:
-                await self._on_result(run_id, failure(error, "ManagerLost", retryable=True))
             self._orphans.pop(0)
         self._orphans = None
         self.runs.queued.set()

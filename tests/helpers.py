@@ -241,8 +241,8 @@ def descendants(pid: int) -> set[int]:
 def manager_pid(service_pid: int) -> int:
     """The pid of a service's Manager process (the workers' message queue).
 
-    The pool's processes are forked by the service's forkserver; the Manager
-    keeps the service's niceness, where workers lower theirs (executor.entry).
+    The pool's processes are forked by the service's forkserver; the Manager is
+    the first of them (started with the service, workers as runs come).
     """
 
     def stat(pid: int) -> list[str]:
@@ -254,8 +254,8 @@ def manager_pid(service_pid: int) -> int:
         for pid in below
         if int(stat(pid)[1]) == service_pid and b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
     )
-    niceness = stat(service_pid)[16]
-    return next(pid for pid in below if int(stat(pid)[1]) == forkserver and stat(pid)[16] == niceness)
+    forked = [pid for pid in below if int(stat(pid)[1]) == forkserver]
+    return min(forked, key=lambda pid: int(stat(pid)[19]))  # starttime
 
 
 def alive(pid: int) -> bool:

@@ -163,7 +163,7 @@ def test_a_worker_silent_for_a_lease_is_killed_and_its_run_fails(tmp_path: Path,
         waited = time.monotonic() - stopped
         assert failed["status"] == "failed" and "stopped answering for" in failed["error"], failed
         assert failed["error_detail"]["retryable"] is True
-        assert 5 <= waited < 12, waited
+        assert 4 <= waited < 12, waited  # silence counts from its last message, up to 1 s before
         assert not alive(frozen[-1])
         assert_files_match(svc, run_id)
         assert no_temporary_files(svc.storage) == []

@@ -22,6 +22,7 @@ from helpers import (
     make_big_db,
     make_shop_db,
     start_in_process,
+    start_service,
     state_locked,
     wait_for,
     worker_writing,
@@ -231,3 +232,31 @@ def test_the_dispatcher_survives_a_locked_state_file(tmp_path: Path) -> None:
 
     db, alive = asyncio.run(scenario())
     assert alive and len(db.statements) == 1 and "status = 'running'" in db.statements[0]
+
+
+# ---------------------------------------------------------------- a run's ending that cannot be applied
+
+
+@pytest.mark.slow
+def test_a_run_whose_ending_the_state_refuses_is_let_go_and_reaped(tmp_path: Path) -> None:
+    """The state refuses a run's ending with an error that is not a busy one (here a trigger):
+    the pool lets go of the run, its lease lapses, and the reaper fails it as interrupted; the
+    worker slot is free again (one worker) and the next run completes."""
+    svc = start_service(
+        tmp_path, str(make_shop_db(tmp_path / "shop.db")), "--lease-seconds", "2", "--workers", "1"
+    )
+    try:
+        extract = svc.create_extract(name="Refused", schemas=["users"], max_attempts=1)
+        with contextlib.closing(sqlite3.connect(svc.db)) as con, con:
+            con.execute(
+                "CREATE TRIGGER refuse_completion BEFORE UPDATE OF status ON extract_runs "
+                "WHEN NEW.status = 'completed' BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
+            )
+        failed = svc.wait_run(svc.run(extract["id"]), timeout=30)
+        assert failed["status"] == "failed" and failed["error"].startswith("interrupted"), failed
+        assert "refused by a test trigger" in svc.output()
+        with contextlib.closing(sqlite3.connect(svc.db)) as con, con:
+            con.execute("DROP TRIGGER refuse_completion")
+        assert svc.wait_run(svc.run(extract["id"]), timeout=30)["status"] == "completed"
+    finally:
+        svc.stop()
