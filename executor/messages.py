@@ -7,7 +7,8 @@
             ──("progress", run_id, Progress)──►           throttled, at least once a second
             ──("artifact", run_id, Artifact)──►           as soon as each file is in place
             ──("result",   run_id, Result)──►             last
-    service ──("broken",   None,   Broken)──►   itself    a dead worker broke the pool
+    service ──("escaped",  run_id, Escaped)──►  itself    an exception the job let escape
+            ──("broken",   None,   Broken)──►   itself    a dead worker broke the pool
             ──("lost",     None,   None)──►     itself    the Manager (this queue) died
             ──("drained",  None,   None)──►     itself    the stop's marker: all before it applied
 
@@ -181,10 +182,17 @@ def failure(
     )
 
 
+class Escaped(TypedDict):
+    """A run's failure the service made of an exception its worker's job let escape."""
+
+    lease: str  # the attempt it belongs to
+    result: Result
+
+
 class Broken(TypedDict):
     generation: int
     exitcodes: dict[int, int | None]
 
 
-Kind = Literal["started", "progress", "artifact", "result", "broken", "lost", "drained"]
+Kind = Literal["started", "progress", "artifact", "result", "escaped", "broken", "lost", "drained"]
 Message = tuple[Kind, str | None, Any]

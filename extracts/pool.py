@@ -36,7 +36,18 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from executor.entry import manager_initializer, worker_initializer
-from executor.messages import Artifact, Broken, Job, Message, Progress, Result, RunStatus, Started, failure
+from executor.messages import (
+    Artifact,
+    Broken,
+    Escaped,
+    Job,
+    Message,
+    Progress,
+    Result,
+    RunStatus,
+    Started,
+    failure,
+)
 from extracts.runs import Runs
 from extracts.state import new_id
 from extracts.storage import Storage
@@ -299,13 +310,15 @@ class WorkerPool:
 
         def done(f: concurrent.futures.Future[None]) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
-                loop.call_soon_threadsafe(self._future_done, run_id, f)
+                loop.call_soon_threadsafe(self._future_done, run_id, job["lease"], f)
 
         future.add_done_callback(done)
         return True
 
-    def _future_done(self, run_id: str, future: concurrent.futures.Future[None]) -> None:
-        """The worker put its result on the queue itself; only an escaped exception is handled here."""
+    def _future_done(self, run_id: str, lease: str, future: concurrent.futures.Future[None]) -> None:
+        """The worker put its result on the queue itself; only an escaped exception is handled here:
+        behind the worker's messages, applied only if the run is still that attempt (its lease),
+        not one claimed again meanwhile (after a dead Manager put it back in the queue)."""
         if self._stopping or future.cancelled() or future.exception() is None:
             return
         exc = future.exception()
@@ -317,7 +330,7 @@ class WorkerPool:
         error = " ".join(f"the worker could not run this extract: {exc}".split())
         result = failure(error, type(exc).__name__, retryable=False, message=str(exc))
         # Behind everything the worker put on the queue.
-        asyncio.create_task(self._post(("result", run_id, result)))
+        asyncio.create_task(self._post(("escaped", run_id, {"lease": lease, "result": result})))
 
     async def _replace_pool(self, generation: int) -> None:
         """A worker died: build a new pool, then fail (or requeue) the runs the old one held."""
@@ -337,8 +350,7 @@ class WorkerPool:
         await self._post(("broken", None, broken))
 
     async def _post(self, message: Message) -> None:
-        """Put a message of the service's own behind the workers' (the Manager's death is
-        handled apart: ``_on_lost`` ends every run its workers held)."""
+        """Put a message of the service's own behind the workers' (a dead Manager: ``_on_lost``)."""
         try:
             await asyncio.to_thread(self._queue.put, message)
         except (EOFError, OSError):
@@ -360,7 +372,7 @@ class WorkerPool:
             kind, run_id = message[0], message[1]
             # When it arrived, however long the consumer takes to apply it; after its result, a
             # run's worker is no longer judged (it may be idle, or at another run already).
-            if kind == "result":
+            if kind in ("result", "escaped"):
                 self._heard.pop(run_id, None)  # type: ignore[arg-type]
             elif run_id in self._inflight:
                 self._heard[run_id] = time.monotonic()
@@ -374,6 +386,7 @@ class WorkerPool:
             "result": self._on_result,
             "broken": self._on_broken,
             "lost": self._on_lost,
+            "escaped": self._on_escaped,
         }
         while True:
             kind, run_id, payload = await self._messages.get()
@@ -440,6 +453,11 @@ class WorkerPool:
                     log.exception("could not remove the unrecorded files of %s", run_id)
         self._forget(run_id)  # last: a retry after a locked write must still find the run
         self.runs.queued.set()
+
+    async def _on_escaped(self, run_id: str, escaped: Escaped) -> None:
+        job = self._jobs.get(run_id)
+        if job is not None and job["lease"] == escaped["lease"]:
+            await self._on_result(run_id, escaped["result"])
 
     async def _on_broken(self, run_id: None, broken: Broken) -> None:
         exitcodes = broken["exitcodes"]

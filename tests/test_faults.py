@@ -112,6 +112,30 @@ def test_worker_sigkilled_ten_times_with_other_runs_in_flight(tmp_path: Path, bi
         svc.stop()
 
 
+def test_a_job_its_worker_cannot_even_start_fails_with_why(tmp_path: Path, shop_db: Path) -> None:
+    """An exception that escapes the worker's job (here a run whose stored configuration is not an
+    object) fails that run with its message, behind the worker's own messages; the pool goes on."""
+    svc = start_service(tmp_path, str(shop_db), "--workers", "1")
+    try:
+        broken = svc.create_extract(name="Unreadable", schemas=["users"])
+        other = svc.create_extract(name="Fine", schemas=["users"])
+        with contextlib.closing(sqlite3.connect(svc.db)) as con, con:
+            long_ago = "'2000-01-01T00:00:00.000Z'"
+            con.execute(
+                "INSERT INTO extract_runs (id, extract_id, extract_name, status, progress, progress_detail, "
+                "config_snapshot, created_at, updated_at) SELECT 'run_unreadable0000', id, name, 'queued', "
+                f"0, '{{}}', '[]', {long_ago}, {long_ago} FROM extracts WHERE id = ?",
+                (broken["id"],),
+            )
+        fine = svc.run(other["id"])  # wakes the dispatcher, which takes the older run first
+        failed = svc.wait_run("run_unreadable0000")
+        assert failed["status"] == "failed", failed
+        assert failed["error"].startswith("the worker could not run this extract:"), failed["error"]
+        assert svc.wait_run(fine)["status"] == "completed"
+    finally:
+        svc.stop()
+
+
 @pytest.mark.slow
 def test_a_running_run_no_worker_holds_loses_its_lease_and_is_retried(tmp_path: Path, shop_db: Path) -> None:
     """A run left 'running' by its instance with no worker holding it (a message that could not
