@@ -1,4 +1,4 @@
-"""What the service's pool children run: their initializers, and the job (``run_in_worker``).
+"""What the service's pool children run: what the forkserver preloads, their initializers, the job.
 
 The job announces its pid, runs the extract, and reports.
 
@@ -19,11 +19,15 @@ CPython closed that connection under the running job, which then failed with
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import os
 import select
 import signal
+import sys
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from executor.sources.sqlitemem import turn_off_memory_statistics
@@ -34,6 +38,37 @@ _channel: tuple[Any, Any] | None = None  # (queue, cancelled) for every job of t
 # Workers run at a lower CPU priority than the service's event loop: on a busy host
 # an export gives way to the API (status p99) and to the application beside it.
 WORKER_NICENESS = 10
+
+
+def forkserver_preload(modules: Iterable[str]) -> list[str]:
+    """What the forkserver imports once: the Manager and every worker are forked from it ready.
+
+    Without it each of them imported what it runs on its own, at start-up and again after
+    every worker death. The forkserver never preloads ``__main__`` (CPython gh-126631, fixed
+    in 3.14 and late 3.13 releases): each child runs the main script again, which is why
+    ``extracts_app.py`` imports nothing heavy at its top. Python 3.11 also starts the
+    forkserver without this process's ``sys.path`` (gh-117378): a package it would find in
+    another place than this process did (a checkout run by path, not the installed one) is
+    left to the children.
+    """
+    return ["__main__", *(name for name in modules if _found_alike(name.partition(".")[0]))]
+
+
+def _found_alike(package: str) -> bool:
+    """Whether a new interpreter started here imports ``package`` from the file this process does."""
+    here = importlib.util.find_spec(package)
+    # A new interpreter's sys.path: its working directory, then what every interpreter gets.
+    path = [os.getcwd(), *sys.path[1:]]
+    for finder in sys.meta_path:
+        if finder is importlib.machinery.PathFinder:
+            there = finder.find_spec(package, path)
+        elif hasattr(finder, "find_spec"):
+            there = finder.find_spec(package, None)
+        else:
+            continue
+        if there is not None:
+            return here is not None and here.origin == there.origin
+    return False
 
 
 def manager_initializer(service_pid: int) -> None:

@@ -20,22 +20,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import importlib.machinery
-import importlib.util
 import logging
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.managers import SyncManager
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from executor.entry import manager_initializer, worker_initializer
+from executor.entry import forkserver_preload, manager_initializer, worker_initializer
 from executor.messages import (
     Artifact,
     Broken,
@@ -58,37 +55,6 @@ WATCH_EVERY_S = 1.0  # how often the watchdog looks for silent workers
 SILENCE_FLOOR_S = 5.0  # a worker speaks at least once a second (executor.worker._HEARTBEAT)
 DRAIN_TIMEOUT_S = 20.0  # past the state file's busy timeout: one locked write is waited out
 CHILD_MODULES = ["executor.entry"]  # what the pool's children run: their initializers and the job
-
-
-def forkserver_preload(modules: Iterable[str]) -> list[str]:
-    """What the forkserver imports once: the Manager and every worker are forked from it ready.
-
-    Without it each of them imported what it runs on its own, at start-up and again after
-    every worker death. The forkserver never preloads ``__main__`` (CPython gh-126631, fixed
-    in 3.14 and late 3.13 releases): each child runs the main script again, which is why
-    ``extracts_app.py`` imports nothing heavy at its top. Python 3.11 also starts the
-    forkserver without this process's ``sys.path`` (gh-117378): a package it would find in
-    another place than this process did (a checkout run by path, not the installed one) is
-    left to the children.
-    """
-    return ["__main__", *(name for name in modules if _found_alike(name.partition(".")[0]))]
-
-
-def _found_alike(package: str) -> bool:
-    """Whether a new interpreter started here imports ``package`` from the file this process does."""
-    here = importlib.util.find_spec(package)
-    # A new interpreter's sys.path: its working directory, then what every interpreter gets.
-    path = [os.getcwd(), *sys.path[1:]]
-    for finder in sys.meta_path:
-        if finder is importlib.machinery.PathFinder:
-            there = finder.find_spec(package, path)
-        elif hasattr(finder, "find_spec"):
-            there = finder.find_spec(package, None)
-        else:
-            continue
-        if there is not None:
-            return here is not None and here.origin == there.origin
-    return False
 
 
 def signal_name(exitcode: int | None) -> str:
@@ -411,11 +377,8 @@ class WorkerPool:
             except Exception as exc:  # noqa: BLE001 — one bad message must not stop every run
                 if not self.runs.dialect.busy(exc):
                     log.exception("could not apply %s message for %s", kind, run_id)
-                    if kind == "result" and run_id is not None:
-                        # Its worker is done: let go of the run. Its lease is no longer renewed,
-                        # and the reaper fails it as interrupted (and retries it) once it lapses.
-                        self._forget(run_id)
-                        self.runs.queued.set()
+                    if kind in ("result", "escaped") and run_id is not None:
+                        self._let_go(run_id)  # its worker is done
                     return
                 log.warning("state busy (%s); applying the %s message for %s again", exc, kind, run_id)
                 await asyncio.sleep(self.retry_delay)
@@ -491,7 +454,13 @@ class WorkerPool:
             )
             # Ending it also removes the dead worker's half-written and unrecorded files; what
             # it recorded stays (SPEC: faults).
-            await self._on_result(run_id, result)
+            try:
+                await self._on_result(run_id, result)
+            except Exception as exc:
+                if self.runs.dialect.busy(exc):
+                    raise  # applied again: the runs already ended are no longer held
+                log.exception("could not end %s", run_id)
+                self._let_go(run_id)
         self.runs.queued.set()
 
     async def _on_lost(self, run_id: None, lost: None) -> None:
@@ -535,8 +504,8 @@ class WorkerPool:
             except Exception as exc:
                 if self.runs.dialect.busy(exc):
                     raise  # applied again from this run on
-                log.exception("could not end %s; its lease lapses and the reaper ends it", run_id)
-                self._forget(run_id)
+                log.exception("could not end %s", run_id)
+                self._let_go(run_id)
             self._orphans.pop(0)
         self._orphans = None
         self.runs.queued.set()
@@ -570,6 +539,14 @@ class WorkerPool:
                     )
                     with contextlib.suppress(OSError):
                         os.kill(pid, signal.SIGKILL)
+
+    def _let_go(self, run_id: str) -> None:
+        """A run whose worker is done but whose ending the state refused (not busy): held no
+        more, its lease is no longer renewed, and the reaper fails it as interrupted (and
+        retries it) once it lapses, rather than it staying 'running' with a slot held."""
+        log.error("run %s let go: the reaper ends it once its lease lapses", run_id)
+        self._forget(run_id)
+        self.runs.queued.set()
 
     def _forget(self, run_id: str) -> None:
         self._inflight.pop(run_id, None)

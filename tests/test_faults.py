@@ -466,7 +466,7 @@ def test_the_forkserver_preloads_what_a_new_interpreter_finds_where_this_process
     """The pool's forkserver imports the service once, for every worker (each used to import it
     again); a package found only in the main script's directory, which a new interpreter does
     not search, is left to the workers (another checkout's copy could be found instead)."""
-    from extracts.pool import forkserver_preload
+    from executor.entry import forkserver_preload
 
     script_dir, later = tmp_path / "script", tmp_path / "later"
     for folder, package in ((script_dir, "beside_the_script"), (later, "on_the_path")):
