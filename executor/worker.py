@@ -361,6 +361,7 @@ def run_extract(job: Job, queue: Any, cancelled: Any) -> Result:
         try:
             export.run()
         except Exception as exc:  # noqa: BLE001 — every run error becomes a failed result
+            monitor.on_cancel = None  # the source reads no more: nothing left to interrupt
             with contextlib.suppress(Exception):  # best effort: the service sweeps what is left
                 export.remove_partial()
             if monitor.cancel_requested.is_set():
