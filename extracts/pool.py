@@ -377,8 +377,6 @@ class WorkerPool:
             except Exception as exc:  # noqa: BLE001 — one bad message must not stop every run
                 if not self.runs.dialect.busy(exc):
                     log.exception("could not apply %s message for %s", kind, run_id)
-                    if kind in ("result", "escaped") and run_id is not None:
-                        self._let_go(run_id)  # its worker is done
                     return
                 log.warning("state busy (%s); applying the %s message for %s again", exc, kind, run_id)
                 await asyncio.sleep(self.retry_delay)
@@ -404,12 +402,20 @@ class WorkerPool:
     async def _on_result(self, run_id: str, result: Result) -> None:
         job = self._jobs.get(run_id)
         if job is not None:
-            ended = await self.runs.finish(run_id, result, job["lease"])
-            # The worker writes nothing more. A run it completed has every file recorded; else a
-            # file with no row (its worker died, a second file of one name, files written after
-            # another instance took the run over) goes, unless a worker holds the run again.
-            completed = ended and result["status"] == RunStatus.COMPLETED
-            if not completed and not await self.runs.held(run_id):
+            try:
+                ended = await self.runs.finish(run_id, result, job["lease"])
+                # The worker writes nothing more. A run it completed has every file recorded; else
+                # a file with no row (its worker died, a second file of one name, files written
+                # after another instance took the run over) goes, unless a worker holds it again.
+                completed = ended and result["status"] == RunStatus.COMPLETED
+                leftovers = not completed and not await self.runs.held(run_id)
+            except Exception as exc:
+                if self.runs.dialect.busy(exc):
+                    raise  # applied again (_apply)
+                log.exception("could not end %s", run_id)
+                self._let_go(run_id)
+                return
+            if leftovers:
                 try:
                     await self.runs.remove_leftovers(run_id)
                 except Exception:  # noqa: BLE001 — the run's ending stands; the files stay, logged
@@ -427,11 +433,7 @@ class WorkerPool:
         held = [r for r, g in self._inflight.items() if g == broken["generation"]]
         for run_id in held:
             pid = self._pids.get(run_id)
-            if pid is None:
-                await self.runs.requeue([run_id])
-                self._forget(run_id)
-                continue
-            code = exitcodes.get(pid)
+            code = exitcodes.get(pid) if pid is not None else None
             if run_id in self._silenced:
                 error = (
                     f"the worker process running this extract stopped answering for "
@@ -453,14 +455,9 @@ class WorkerPool:
                 error, "BrokenProcessPool", retryable=True, worker_pid=pid, exit_codes=exit_codes
             )
             # Ending it also removes the dead worker's half-written and unrecorded files; what
-            # it recorded stays (SPEC: faults).
-            try:
-                await self._on_result(run_id, result)
-            except Exception as exc:
-                if self.runs.dialect.busy(exc):
-                    raise  # applied again: the runs already ended are no longer held
-                log.exception("could not end %s", run_id)
-                self._let_go(run_id)
+            # it recorded stays (SPEC: faults). Applied again after a busy state, the runs
+            # already ended are no longer held.
+            await self._end_orphan(run_id, result)
         self.runs.queued.set()
 
     async def _on_lost(self, run_id: None, lost: None) -> None:
@@ -493,22 +490,27 @@ class WorkerPool:
             "stopped because the service's channel to its worker processes died (its Manager "
             "process was killed); the workers were restarted: run it again"
         )
-        while self._orphans:
-            run_id = self._orphans[0]
-            try:
-                if run_id not in self._pids:
-                    await self.runs.requeue([run_id])
-                    self._forget(run_id)
-                else:
-                    await self._on_result(run_id, failure(error, "ManagerLost", retryable=True))
-            except Exception as exc:
-                if self.runs.dialect.busy(exc):
-                    raise  # applied again from this run on
-                log.exception("could not end %s", run_id)
-                self._let_go(run_id)
+        while self._orphans:  # applied again after a busy state: from the run it stopped at
+            await self._end_orphan(self._orphans[0], failure(error, "ManagerLost", retryable=True))
             self._orphans.pop(0)
         self._orphans = None
         self.runs.queued.set()
+
+    async def _end_orphan(self, run_id: str, result: Result) -> None:
+        """End a run whose worker can report no more: as ``result``, or back in the queue when
+        its worker never started (a state refusing that too: ``_let_go``)."""
+        if run_id in self._pids:
+            await self._on_result(run_id, result)
+            return
+        try:
+            await self.runs.requeue([run_id])
+        except Exception as exc:
+            if self.runs.dialect.busy(exc):
+                raise
+            log.exception("could not put %s back in the queue", run_id)
+            self._let_go(run_id)
+            return
+        self._forget(run_id)
 
     async def _watch(self) -> None:
         """Kill a worker not heard from for a lease (at least ``SILENCE_FLOOR_S``): frozen
@@ -541,9 +543,9 @@ class WorkerPool:
                         os.kill(pid, signal.SIGKILL)
 
     def _let_go(self, run_id: str) -> None:
-        """A run whose worker is done but whose ending the state refused (not busy): held no
-        more, its lease is no longer renewed, and the reaper fails it as interrupted (and
-        retries it) once it lapses, rather than it staying 'running' with a slot held."""
+        """A run no worker holds, whose ending the state refused (not busy): held no more, its
+        lease is no longer renewed, and the reaper fails it as interrupted (and retries it)
+        once it lapses, rather than it staying 'running' with a slot held."""
         log.error("run %s let go: the reaper ends it once its lease lapses", run_id)
         self._forget(run_id)
         self.runs.queued.set()

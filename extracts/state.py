@@ -34,6 +34,7 @@ from extracts.dialects import POSTGRES, dialect_of
 
 SCHEMA_VERSION = 4
 BUSY_TIMEOUT_S = 15.0
+DEFAULT_STALL_S = 5.0  # the heartbeat interval of the default 30 s lease (heartbeat_seconds)
 
 T = TypeVar("T")
 
@@ -157,7 +158,7 @@ def postgres_session_settings(stall_seconds: float) -> dict[str, str]:
     return {"idle_in_transaction_session_timeout": ms, "lock_timeout": ms}
 
 
-def prepare_postgres(url: str, stall_seconds: float = 5.0) -> None:
+def prepare_postgres(url: str, stall_seconds: float = DEFAULT_STALL_S) -> None:
     """Create the tables in PostgreSQL at start-up (several instances may start at once)."""
     import psycopg
 
@@ -351,7 +352,7 @@ async def in_transaction(db: Database, work: Callable[[], Awaitable[T]]) -> T:
     return await asyncio.create_task(transaction())
 
 
-def open_database(location: Path | str, stall_seconds: float = 5.0) -> Database:
+def open_database(location: Path | str, stall_seconds: float = DEFAULT_STALL_S) -> Database:
     """The state database, not connected yet (``connect()``, then ``disconnect()``).
 
     ``location``: a SQLite file, or a ``postgresql://`` URL, whose sessions hold
