@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from typing import Any, Protocol
 
-import orjson
 import yaml
 
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
@@ -76,7 +75,15 @@ _YAML_UNSAFE_AFTER_LEAD = {
 }
 # JSON that YAML 1.1 reads otherwise: a number with an exponent but no dot or no
 # sign (a string to YAML 1.1), an escaped UTF-16 surrogate (two lone halves).
-_YAML_MISREAD = re.compile(rb"[:,\[]-?[0-9]+(?:[eE]|\.[0-9]+[eE][0-9])|\\u[dD][89abAB]")
+_YAML_MISREAD = re.compile(rb"[:,\[]-?[0-9]+(?:[eE]|\.[0-9]+[eE][0-9])|\\u[dD][89a-fA-F]")
+# A JSON string (consumed whole, so nothing inside one is taken for a number), or a
+# number with an exponent: its integer part, its fraction, its exponent's sign and digits.
+_JSON_STRING_OR_EXPONENT = re.compile(rb'("[^"\\]*(?:\\.[^"\\]*)*")|(-?[0-9]+)(\.[0-9]+)?[eE]([-+]?)([0-9]+)')
+# Inside a string: an escaped surrogate pair, a lone escaped surrogate, or another escape
+# (matched so that an escaped backslash is never taken for the start of one).
+_SURROGATE_ESCAPE = re.compile(
+    rb"\\u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})|(\\u[dD][89a-fA-F][0-9a-fA-F]{2})|\\."
+)
 
 
 def _has_yaml_unsafe(chunk: bytes) -> bool:
@@ -94,15 +101,34 @@ def _yaml_escape(match: re.Match[bytes]) -> bytes:
     return b"\\u%04x" % ord(match.group().decode())
 
 
+def _yaml_surrogate(match: re.Match[bytes]) -> bytes:
+    high, low, lone = match.groups()
+    if high is not None:  # one character: YAML's \U escape, which every YAML reader takes
+        return b"\\U%08x" % (0x10000 + ((int(high, 16) - 0xD800) << 10) + (int(low, 16) - 0xDC00))
+    return b"\\ufffd" if lone is not None else match.group()  # YAML holds no lone surrogate
+
+
+def _yaml_token(match: re.Match[bytes]) -> bytes:
+    """A JSON string or number as YAML 1.1 reads the same value (``_JSON_STRING_OR_EXPONENT``)."""
+    string, integer, fraction, sign, exponent = match.groups()
+    if string is not None:
+        return _SURROGATE_ESCAPE.sub(_yaml_surrogate, string) if b"\\u" in string else string
+    # YAML 1.1's float needs a dot and a signed exponent: 1e5 -> 1.0e+5, the same decimal.
+    letter = match.group()[len(integer) + len(fraction or b"")]
+    return b"%s%s%c%s%s" % (integer, fraction or b".0", letter, sign or b"+", exponent)
+
+
 class YamlSequence:
     """``yaml``: one sequence of mappings, a record per line; ``[]`` when empty.
 
     A JSON object is a YAML flow mapping, so each record is its JSON line after
     ``- ``, with the few characters YAML reads differently escaped: about as
     fast as ``jsonl``, and ``yaml.safe_load`` gives back the same values. Unless
-    the source vouches for its JSON (``Source.json_is_yaml_safe``), a chunk with
-    JSON that YAML 1.1 would misread goes through PyYAML instead, still one
-    flow mapping per line.
+    the source vouches for its JSON (``Source.json_is_yaml_safe``), what YAML 1.1
+    would misread in a chunk is rewritten in place, never parsed (every digit of
+    a number stays): a number with an exponent gets a dot and a signed exponent
+    (``1e5`` -> ``1.0e+5``), an escaped surrogate pair becomes one ``\\U``
+    escape, a lone surrogate, which YAML cannot hold, U+FFFD.
     """
 
     extension, content_type = "yaml", "application/yaml"
@@ -115,8 +141,7 @@ class YamlSequence:
 
     def body(self, chunk: bytes, first: bool) -> tuple[bytes, ...]:
         if not self.json_is_yaml_safe and _YAML_MISREAD.search(chunk):
-            records = orjson.loads(b"[" + chunk.replace(b"\n", b",") + b"]")
-            return tuple(b"- " + dump_yaml(record, flow=True) for record in records)
+            chunk = _JSON_STRING_OR_EXPONENT.sub(_yaml_token, chunk)
         if _has_yaml_unsafe(chunk):  # mostly not
             chunk = _YAML_UNSAFE.sub(_yaml_escape, chunk)
         return b"- ", chunk.replace(b"\n", b"\n- "), b"\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import sqlite3
@@ -197,7 +198,10 @@ def test_values_keep_their_exact_type(tmp_path: Path, manager: Any, source: Path
     [
         b'{"a":1,"b":"x\xc2\x85y\x7f\xe2\x80\xa8\xef\xbb\xbf"}\n{"a":-2.5,"b":null,"c":[1,{"d":true}]}',
         b'{"a":1e-06,"b":"z"}\n{"a":1.5e16}\n{"a":-2E+300}',  # number forms YAML 1.1 reads as strings
-        b'{"s":"\\ud83d\\ude00 \\u00e9"}',  # escaped UTF-16 surrogates
+        b'{"s":"\\ud83d\\ude00 \\u00e9 \\\\ud83d"}',  # escaped UTF-16 surrogates, and a lookalike
+        # Every digit kept: numbers are rewritten where they stand, never parsed (a json column's).
+        b'{"j":[123456789012345678901234567890,1.0000000000000000000001,1e400],"f":1e-310}\n'
+        b'{"s":"a:1e5 \\"1e5 \\u00e9","n":2}',
     ],
 )
 def test_yaml_reads_back_what_the_json_says(chunk: bytes) -> None:
@@ -206,6 +210,17 @@ def test_yaml_reads_back_what_the_json_says(chunk: bytes) -> None:
     libyaml = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     assert yaml.load(yaml_text, Loader=libyaml) == yaml.safe_load(yaml_text)
     assert yaml_text.count(b"\n- ") == chunk.count(b"\n")  # one record per line
+
+
+def test_yaml_keeps_a_json_numbers_digits_and_holds_a_lone_surrogate_as_u_fffd() -> None:
+    chunk = b'{"j":[123456789012345678901234567890,1e400],"s":"\\ud800 \\udc00 \\ud83d\\ude00"}'
+    yaml_text = b"".join(encoder("yaml").body(chunk, first=True))
+    assert b"123456789012345678901234567890" in yaml_text
+    libyaml = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    for loader in (yaml.SafeLoader, libyaml):
+        assert yaml.load(yaml_text, Loader=loader) == [
+            {"j": [123456789012345678901234567890, math.inf], "s": "\ufffd \ufffd \U0001f600"}
+        ]
 
 
 @pytest.mark.parametrize(
