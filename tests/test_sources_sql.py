@@ -12,6 +12,7 @@ import base64
 import contextlib
 import gc
 import gzip
+import json
 import multiprocessing
 import random
 import re
@@ -156,12 +157,28 @@ def db(request: pytest.FixtureRequest) -> PG | My:
 
 
 def export(source: Source, name: str, where: dict | None = None, batch_size: int = 7) -> list[bytes]:
-    """Every row of a schema as the JSON lines the worker would write."""
+    """Every row of a schema as the JSON lines the worker would write, each one checked to be JSON."""
     lines = []
     for batch in source.json_batches(name, where, batch_size):
         assert 0 < len(batch) <= batch_size
         lines.extend(batch)
+    for line in lines:
+        assert strict_json(line), line
     return lines
+
+
+def _refuse(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def strict_json(text: bytes) -> bool:
+    """Whether ``text`` is JSON (RFC 8259). orjson is stricter (1e400, lone surrogate escapes);
+    ``json`` accepts NaN and Infinity unless told not to, and big integers up to its digit limit."""
+    try:
+        json.loads(text.decode(), parse_constant=_refuse, parse_int=str, parse_float=str)
+    except ValueError:
+        return False
+    return True
 
 
 def rss_bytes() -> int:
@@ -529,6 +546,43 @@ def test_mysql_display_widths_and_two_digit_years_do_not_change_values(my: My) -
         "y2": 2024,
     }
     assert [row["d"] for row in rows] == [row["f53"] for row in rows] == doubles
+
+
+def export_both_ways(source: Source, name: str) -> list[bytes]:
+    """The rows as the server builds them and as the row-by-row path does: the same bytes."""
+    lines = export(source, name)
+    source.server_json = False  # type: ignore[attr-defined]
+    try:
+        assert export(source, name) == lines
+    finally:
+        source.server_json = True  # type: ignore[attr-defined]
+    return lines
+
+
+def test_mysql_zerofill_pads_no_number(my: My) -> None:
+    """ZEROFILL is a display attribute, as a display width: the server's text ``00042`` is no JSON."""
+    my.run(
+        "CREATE TABLE zf (id INT(4) ZEROFILL PRIMARY KEY, ti TINYINT ZEROFILL, si SMALLINT ZEROFILL,"
+        " mi MEDIUMINT ZEROFILL, i INT(5) ZEROFILL, bi BIGINT UNSIGNED ZEROFILL, f FLOAT ZEROFILL,"
+        " fmd FLOAT(7,2) ZEROFILL, d DOUBLE ZEROFILL, dmd DOUBLE(10,2) ZEROFILL)"
+    )
+    my.run(
+        "INSERT INTO zf VALUES (1, 1, 2, 3, 42, 7, 1.25, 3.5, 1.5, 2.25),"
+        " (2, 0, 0, 0, 0, 0, 0, 0, 0, 0), (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),"
+        " (4, 255, 65535, 16777215, 4294967295, 18446744073709551615, 3.4e38, 99999.99, 1e300,"
+        "  12345678.9)"
+    )
+    my.run("CREATE TABLE zf_heap SELECT * FROM zf")  # no primary key
+    expected = [
+        b'{"id":1,"ti":1,"si":2,"mi":3,"i":42,"bi":7,"f":1.25,"fmd":3.5,"d":1.5,"dmd":2.25}',
+        b'{"id":2,"ti":0,"si":0,"mi":0,"i":0,"bi":0,"f":0.0,"fmd":0.0,"d":0.0,"dmd":0.0}',
+        b'{"id":3,"ti":null,"si":null,"mi":null,"i":null,"bi":null,"f":null,"fmd":null,"d":null,"dmd":null}',
+        b'{"id":4,"ti":255,"si":65535,"mi":16777215,"i":4294967295,"bi":18446744073709551615,'
+        b'"f":3.4e+38,"fmd":99999.99,"d":1e+300,"dmd":12345678.9}',
+    ]
+    with open_source(my.url) as source:
+        assert sorted(export_both_ways(source, "zf")) == expected
+        assert sorted(export_both_ways(source, "zf_heap")) == expected
 
 
 # ---------------------------------------------------------------- describe

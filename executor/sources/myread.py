@@ -91,14 +91,16 @@ def _value(column: Column, c: str) -> tuple[str, bool] | None:
     binary = column.charset in (None, "binary")
     if column.is_json:
         return f"CONCAT({_marked('h', f'HEX(CONVERT({c} USING utf8mb4))')})", False
+    # ZEROFILL pads a number's text with zeros (00042): only + 0 or a CAST gives the bare number.
+    zerofill = column.column_type.lower().endswith("zerofill")
     if kind in INTEGER_TYPES:
-        return f"CONCAT({c})", False
+        return (f"CONCAT({c} + 0)" if zerofill else f"CONCAT({c})"), False
     if kind in ("decimal", "numeric", "date", "time"):
         return f"CONCAT({c})", True
     if kind == "float":
         return f"CONCAT({_marked('g', f'CAST({c} AS DOUBLE)')})", False
     if kind in ("double", "real"):
-        return _double(f"CAST({c} AS DOUBLE)" if column.scale is not None else c), False
+        return _double(f"CAST({c} AS DOUBLE)" if column.scale is not None or zerofill else c), False
     if kind == "bit":
         return f"CONCAT({c} + 0)", False
     if kind == "year":

@@ -41,7 +41,9 @@ Type fidelity (MySQL/MariaDB → JSON value):
 =============================== ==============================================
 MySQL / MariaDB                 JSON
 =============================== ==============================================
-TINYINT … BIGINT (UNSIGNED)     number (64-bit, unsigned included, exact)
+TINYINT … BIGINT (UNSIGNED)     number (64-bit, unsigned included, exact);
+                                ZEROFILL, like a display width, changes no
+                                value: 42, never 00042
 TINYINT(1) / BOOLEAN            number 0 / 1 (it is TINYINT: -128…127 fit;
                                 describe shows ``tinyint(1)``)
 BIT(n)                          number, the bits as an unsigned integer
@@ -49,8 +51,9 @@ BIT(n)                          number, the bits as an unsigned integer
 FLOAT, DOUBLE                   number, the shortest form that reads back as
                                 the stored value (a FLOAT: as a float32, the
                                 digits PostgreSQL gives a ``real``); the
-                                display width of FLOAT(M,D) / DOUBLE(M,D) is
-                                ignored. MySQL cannot store NaN or Infinity
+                                display width of FLOAT(M,D) / DOUBLE(M,D) and
+                                ZEROFILL are ignored. MySQL cannot store NaN
+                                or Infinity
 DECIMAL / NUMERIC               string with the exact digits (``"12.50"``)
 YEAR                            number (YEAR(2) too: 2024, not 24)
 CHAR, VARCHAR, TEXT             string, exact (utf8mb4)
