@@ -560,25 +560,33 @@ def export_both_ways(source: Source, name: str) -> list[bytes]:
 
 
 def test_mysql_zerofill_pads_no_number(my: My) -> None:
-    """ZEROFILL is a display attribute, as a display width: the server's text ``00042`` is no JSON."""
+    """ZEROFILL is a display attribute, as a display width: the server's text ``00042`` is no JSON,
+    and a DECIMAL's ``"0000001.500"`` holds digits its value does not have."""
     my.run(
         "CREATE TABLE zf (id INT(4) ZEROFILL PRIMARY KEY, ti TINYINT ZEROFILL, si SMALLINT ZEROFILL,"
         " mi MEDIUMINT ZEROFILL, i INT(5) ZEROFILL, bi BIGINT UNSIGNED ZEROFILL, f FLOAT ZEROFILL,"
-        " fmd FLOAT(7,2) ZEROFILL, d DOUBLE ZEROFILL, dmd DOUBLE(10,2) ZEROFILL)"
+        " fmd FLOAT(7,2) ZEROFILL, d DOUBLE ZEROFILL, dmd DOUBLE(10,2) ZEROFILL,"
+        " de DECIMAL(10,3) ZEROFILL, dw DECIMAL(65,30) ZEROFILL, df DECIMAL(5,5) ZEROFILL)"
     )
     my.run(
-        "INSERT INTO zf VALUES (1, 1, 2, 3, 42, 7, 1.25, 3.5, 1.5, 2.25),"
-        " (2, 0, 0, 0, 0, 0, 0, 0, 0, 0), (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),"
+        "INSERT INTO zf VALUES (1, 1, 2, 3, 42, 7, 1.25, 3.5, 1.5, 2.25, 1.5, 1.5, 0.5),"
+        " (2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),"
+        " (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),"
         " (4, 255, 65535, 16777215, 4294967295, 18446744073709551615, 3.4e38, 99999.99, 1e300,"
-        "  12345678.9)"
+        "  12345678.9, 9999999.999, 12345678901234567890123456789012345.123456789012345678901234567891,"
+        "  0.99999)"
     )
     my.run("CREATE TABLE zf_heap SELECT * FROM zf")  # no primary key
     expected = [
-        b'{"id":1,"ti":1,"si":2,"mi":3,"i":42,"bi":7,"f":1.25,"fmd":3.5,"d":1.5,"dmd":2.25}',
-        b'{"id":2,"ti":0,"si":0,"mi":0,"i":0,"bi":0,"f":0.0,"fmd":0.0,"d":0.0,"dmd":0.0}',
-        b'{"id":3,"ti":null,"si":null,"mi":null,"i":null,"bi":null,"f":null,"fmd":null,"d":null,"dmd":null}',
+        b'{"id":1,"ti":1,"si":2,"mi":3,"i":42,"bi":7,"f":1.25,"fmd":3.5,"d":1.5,"dmd":2.25,"de":"1.500",'
+        b'"dw":"1.500000000000000000000000000000","df":"0.50000"}',
+        b'{"id":2,"ti":0,"si":0,"mi":0,"i":0,"bi":0,"f":0.0,"fmd":0.0,"d":0.0,"dmd":0.0,"de":"0.000",'
+        b'"dw":"0.000000000000000000000000000000","df":"0.00000"}',
+        b'{"id":3,"ti":null,"si":null,"mi":null,"i":null,"bi":null,"f":null,"fmd":null,"d":null,"dmd":null,'
+        b'"de":null,"dw":null,"df":null}',
         b'{"id":4,"ti":255,"si":65535,"mi":16777215,"i":4294967295,"bi":18446744073709551615,'
-        b'"f":3.4e+38,"fmd":99999.99,"d":1e+300,"dmd":12345678.9}',
+        b'"f":3.4e+38,"fmd":99999.99,"d":1e+300,"dmd":12345678.9,"de":"9999999.999",'
+        b'"dw":"12345678901234567890123456789012345.123456789012345678901234567891","df":"0.99999"}',
     ]
     with open_source(my.url) as source:
         assert sorted(export_both_ways(source, "zf")) == expected

@@ -95,7 +95,9 @@ def _value(column: Column, c: str) -> tuple[str, bool] | None:
     zerofill = column.column_type.lower().endswith("zerofill")
     if kind in INTEGER_TYPES:
         return (f"CONCAT({c} + 0)" if zerofill else f"CONCAT({c})"), False
-    if kind in ("decimal", "numeric", "date", "time"):
+    if kind in ("decimal", "numeric"):
+        return (f"CONCAT({c} + 0)" if zerofill else f"CONCAT({c})"), True
+    if kind in ("date", "time"):
         return f"CONCAT({c})", True
     if kind == "float":
         return f"CONCAT({_marked('g', f'CAST({c} AS DOUBLE)')})", False

@@ -54,7 +54,8 @@ FLOAT, DOUBLE                   number, the shortest form that reads back as
                                 display width of FLOAT(M,D) / DOUBLE(M,D) and
                                 ZEROFILL are ignored. MySQL cannot store NaN
                                 or Infinity
-DECIMAL / NUMERIC               string with the exact digits (``"12.50"``)
+DECIMAL / NUMERIC               string with the exact digits (``"12.50"``;
+                                ZEROFILL pads none: ``"1.500"``)
 YEAR                            number (YEAR(2) too: 2024, not 24)
 CHAR, VARCHAR, TEXT             string, exact (utf8mb4)
 ENUM                            string
@@ -329,8 +330,9 @@ class MySQLSource(ServerSource):
         """``*``, or the same columns with those whose text is not their value cast; and the FLOATs.
 
         A FLOAT prints 6 significant digits, a FLOAT(M,D) or DOUBLE(M,D) D decimals, whatever
-        is stored; MariaDB's YEAR(2) prints 2024 as 24. FLOAT values then arrive as doubles
-        holding the float32 exactly (see shortest_float32).
+        is stored; MariaDB's YEAR(2) prints 2024 as 24; a DECIMAL ZEROFILL pads its digits with
+        zeros (integers and doubles are parsed, padding and all). FLOAT values then arrive as
+        doubles holding the float32 exactly (see shortest_float32).
         """
         parts, cast, float32_columns = [], False, set()
         for column, data_type, column_type, scale, extra, table in self._fetch(
@@ -348,6 +350,8 @@ class MySQLSource(ServerSource):
                 quoted, cast = f"CAST({quoted} AS DOUBLE) AS {quoted}", True
             elif column_type.lower() == "year(2)":
                 quoted, cast = f"YEAR({quoted}) AS {quoted}", True
+            elif data_type in ("decimal", "numeric") and column_type.lower().endswith("zerofill"):
+                quoted, cast = f"{quoted} + 0 AS {quoted}", True
             parts.append(quoted)
         # '*' otherwise: a view the server cannot open lists no columns here, and SELECT *
         # then fails with the server's own reason.
