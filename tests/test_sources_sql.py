@@ -544,6 +544,7 @@ def test_mysql_display_widths_and_two_digit_years_do_not_change_values(my: My) -
         "d": doubles[0],
         "f53": doubles[0],
         "y2": 2024,
+        "hidden": 7,
     }
     assert [row["d"] for row in rows] == [row["f53"] for row in rows] == doubles
 
@@ -591,6 +592,33 @@ def test_mysql_zerofill_pads_no_number(my: My) -> None:
     with open_source(my.url) as source:
         assert sorted(export_both_ways(source, "zf")) == expected
         assert sorted(export_both_ways(source, "zf_heap")) == expected
+
+
+def test_mysql_invisible_columns_are_exported_as_describe_lists_them(my: My) -> None:
+    """SELECT * leaves INVISIBLE columns out; an export has every column describe.yaml lists."""
+    my.run("CREATE TABLE inv (id INT PRIMARY KEY, a INT, h INT INVISIBLE, t TEXT INVISIBLE, b INT)")
+    my.run("INSERT INTO inv (id, a, h, t, b) VALUES (1, 2, 3, 'x', 4), (2, 5, NULL, NULL, 6)")
+    my.run("CREATE TABLE inv_heap (a INT, h INT INVISIBLE, d DOUBLE(10,2) INVISIBLE)")  # no key
+    my.run("INSERT INTO inv_heap (a, h, d) VALUES (1, 2, 0.125)")
+    my.run(
+        "CREATE TABLE inv_versioned (id INT PRIMARY KEY, a INT,"
+        " rs TIMESTAMP(6) GENERATED ALWAYS AS ROW START INVISIBLE,"
+        " re TIMESTAMP(6) GENERATED ALWAYS AS ROW END INVISIBLE,"
+        " PERIOD FOR SYSTEM_TIME (rs, re)) WITH SYSTEM VERSIONING"
+    )
+    my.run("INSERT INTO inv_versioned (id, a) VALUES (1, 2)")
+    with open_source(my.url) as source:
+        described = source.describe(["inv", "inv_heap", "inv_versioned"])
+        assert list(described["inv"]["columns"]) == ["id", "a", "h", "t", "b"]
+        assert sorted(export_both_ways(source, "inv")) == [
+            b'{"id":1,"a":2,"h":3,"t":"x","b":4}',
+            b'{"id":2,"a":5,"h":null,"t":null,"b":6}',
+        ]
+        assert export(source, "inv", {"h": {"$gt": 0}}) == [b'{"id":1,"a":2,"h":3,"t":"x","b":4}']
+        assert export_both_ways(source, "inv_heap") == [b'{"a":1,"h":2,"d":0.12}']
+        [row] = map(orjson.loads, export_both_ways(source, "inv_versioned"))
+        assert list(row) == list(described["inv_versioned"]["columns"]) == ["id", "a", "rs", "re"]
+        assert row["re"].startswith("2038-01-19T03:14:07.999999")  # a current row's end: the maximum
 
 
 # ---------------------------------------------------------------- describe

@@ -167,14 +167,13 @@ def server_row(
     None); ``(None, None)``: the row-by-row path (a type not built here, a view that cannot be opened)."""
     columns = [
         Column(column, data_type, column_type, scale, nullable == "YES", charset, column in json_columns)
-        for column, data_type, column_type, scale, nullable, charset, extra, table in fetch(
+        for column, data_type, column_type, scale, nullable, charset, table in fetch(
             "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, NUMERIC_SCALE, IS_NULLABLE, CHARACTER_SET_NAME,"
-            " EXTRA, TABLE_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()"
+            " TABLE_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()"
             " AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
             (name,),
         )
-        # Another letter case's table; a column SELECT * leaves out (as MySQLSource._select_list).
-        if table == name and "INVISIBLE" not in (extra or "").upper()
+        if table == name  # not another letter case's table
     ]
     row_sql = row_json_sql(columns, ident, literal) if columns else None
     if row_sql is None:

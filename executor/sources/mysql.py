@@ -28,7 +28,8 @@ connection is closed instead: the rest of that snapshot is lost ("closed when a
 read stopped early"), and the next call outside a snapshot connects again.
 
 Schemas. Base tables (and MariaDB system-versioned tables: their current rows)
-and views of the URL's database; sequences are not listed.
+and views of the URL's database; sequences are not listed. A row has every
+column ``describe`` lists, INVISIBLE ones included (``SELECT *`` leaves them out).
 
 Row counts (``executor.sources.server``): a table's size is its
 ``DATA_LENGTH``, at least 64 bytes a row of ``TABLE_ROWS`` (``mysnap.TABLE_SIZE_SQL``:
@@ -327,7 +328,8 @@ class MySQLSource(ServerSource):
         return columns
 
     def _select_list(self, name: str) -> tuple[str, set[str]]:
-        """``*``, or the same columns with those whose text is not their value cast; and the FLOATs.
+        """``*``, or every column (INVISIBLE ones too, which ``*`` leaves out), those whose text is
+        not their value cast; and the FLOATs.
 
         A FLOAT prints 6 significant digits, a FLOAT(M,D) or DOUBLE(M,D) D decimals, whatever
         is stored; MariaDB's YEAR(2) prints 2024 as 24; a DECIMAL ZEROFILL pads its digits with
@@ -341,9 +343,11 @@ class MySQLSource(ServerSource):
             " ORDER BY ORDINAL_POSITION",
             (name,),
         ):
-            if table != name or "INVISIBLE" in (extra or "").upper():
-                continue  # another letter case's table; a column SELECT * leaves out
+            if table != name:
+                continue  # another letter case's table
             quoted = _quote(column)
+            if "INVISIBLE" in (extra or "").upper():
+                cast = True  # SELECT * leaves it out (MariaDB 10.3, MySQL 8.0.23); describe lists it
             if data_type == "float" or (data_type == "double" and scale is not None):
                 if data_type == "float":
                     float32_columns.add(column)
