@@ -621,6 +621,64 @@ def test_mysql_invisible_columns_are_exported_as_describe_lists_them(my: My) -> 
         assert row["re"].startswith("2038-01-19T03:14:07.999999")  # a current row's end: the maximum
 
 
+# (text in the column, its JSON in the export): MariaDB's json_valid accepts the first ones.
+MARIADB_JSON = [
+    ("[1.]", b'"[1.]"'),
+    ('"\\x"', b'"\\"\\\\x\\""'),
+    ("[1e+]", b'"[1e+]"'),
+    ('"\\U00e9"', b'"\\"\\\\U00e9\\""'),
+    ("[1.5e]", b'"[1.5e]"'),
+    ('["\\\'"]', b'"[\\"\\\\\'\\"]"'),
+    ("[-]", b'"[-]"'),
+    ("[1e400]", b"[1e400]"),  # JSON, though no double holds it
+    ('"\\u001F"', b'"\\u001F"'),  # escapes as written, on both paths
+    (' {"a" : [1, 2.5],\n "b": "x y"} ', b'{"a":[1,2.5],"b":"x y"}'),
+    ("[1" + "0" * 4400 + "]", b"[1" + b"0" * 4400 + b"]"),  # beyond int()'s 4,300 digits
+    ("null", b"null"),
+    (None, b"null"),
+]
+# Let in only with check_constraint_checks = 0 (as a bulk load may).
+UNCHECKED_JSON = [
+    ('"\\ud800"', b'"\\ud800"'),  # a lone surrogate escape is JSON's grammar: kept
+    ('"a\tb"', b'"\\"a\\tb\\""'),
+    ("not json", b'"not json"'),
+]
+
+
+def _leading_id(line: bytes) -> int:
+    return int(line[len(b'{"id":') : line.index(b",")])
+
+
+def test_mariadb_json_that_is_no_json_is_exported_as_its_text(my: My) -> None:
+    """MariaDB's JSON is LONGTEXT CHECK (json_valid(j)), and json_valid is lenient: a value that
+    is not JSON (RFC 8259) becomes a JSON string holding its text, on every read path."""
+    values = MARIADB_JSON + UNCHECKED_JSON
+    my.run("CREATE TABLE lenient (id INT PRIMARY KEY, j JSON)")
+    my.run("CREATE TABLE lenient_heap (id INT, j JSON)")  # no key: one row at a time
+    with my.connect() as conn, conn.cursor() as cursor:
+        for table in ("lenient", "lenient_heap"):
+            for i, (text, _) in enumerate(MARIADB_JSON):
+                cursor.execute(f"INSERT INTO {table} VALUES (%s, %s)", (i, text))
+        cursor.execute("SELECT COUNT(*) FROM lenient WHERE NOT json_valid(j)")
+        assert cursor.fetchone() == (0,)
+        with pytest.raises(pymysql.err.OperationalError, match="CONSTRAINT"):
+            cursor.execute("INSERT INTO lenient VALUES (99, 'not json')")
+        cursor.execute("SET SESSION check_constraint_checks = 0")
+        for table in ("lenient", "lenient_heap"):
+            for i, (text, _) in enumerate(UNCHECKED_JSON, len(MARIADB_JSON)):
+                cursor.execute(f"INSERT INTO {table} VALUES (%s, %s)", (i, text))
+    my.run("CREATE VIEW lenient_view AS SELECT id, j FROM lenient")
+    expected = [b'{"id":%d,"j":%s}' % (i, out) for i, (_, out) in enumerate(values)]
+    with open_source(my.url) as source:
+        described = source.describe(["lenient", "lenient_view"])
+        assert [described[name]["columns"]["j"]["type"] for name in described] == ["json", "longtext"]
+        for table in ("lenient", "lenient_heap"):
+            assert sorted(export_both_ways(source, table), key=_leading_id) == expected
+        # Through a view the column is LONGTEXT without its CHECK: every value is its text.
+        view = sorted(export_both_ways(source, "lenient_view"), key=_leading_id)
+    assert [orjson.loads(line)["j"] for line in view] == [text for text, _ in values]
+
+
 # ---------------------------------------------------------------- describe
 
 PG_SHOP = '''

@@ -16,7 +16,7 @@ import pymysql.converters
 from pymysql.constants import FIELD_TYPE
 
 from executor.sources.float32 import shortest_float32
-from executor.sources.rowjson import RowEncoder
+from executor.sources.rowjson import RowEncoder, lenient_json
 
 
 def _is_calendar_date(text: str) -> bool:
@@ -62,7 +62,7 @@ CONVERSIONS.update(
         FIELD_TYPE.DATETIME: _datetime,
         FIELD_TYPE.TIMESTAMP: _timestamp,
         FIELD_TYPE.BIT: _bit,
-        FIELD_TYPE.JSON: None,  # JSON text, copied by RowEncoder
+        FIELD_TYPE.JSON: None,  # JSON text, copied by RowEncoder (lenient_json)
         **dict.fromkeys(_BINARY_OR_TEXT, _binary_or_text),
     }
 )
@@ -99,7 +99,7 @@ class RowLines:
         if self._encoder is None:
             names = [column[0] for column in description]
             json_positions = [i for i, name in enumerate(names) if name in self._json_columns]
-            self._encoder = RowEncoder(names, json_positions)
+            self._encoder = RowEncoder(names, json_positions, lenient_json)
             self._float32_positions = [i for i, name in enumerate(names) if name in self._float32_columns]
         if self._float32_positions:  # the only per-value work in Python: FLOAT columns
             rows = [with_float32(row, self._float32_positions) for row in rows]

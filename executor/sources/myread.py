@@ -23,11 +23,12 @@ type-fidelity table of ``executor.sources.mysql``); the few the server
 cannot write that way are finished in Python (``finish``):
 
 * strings: ``JSON_QUOTE``, whose escapes are orjson's except for the upper
-  case hex of ``\\u001F``-style escapes, put in lower case here;
+  case hex of ``\\u001F``-style escapes, put in lower case here (before the
+  JSON values are put in: theirs are copied as they are);
 * ``DOUBLE``: the server's shortest text in the common range, ``.0`` on whole
   numbers; elsewhere the formats differ, and the text goes to Python;
 * ``FLOAT``: its exact double goes to Python (``shortest_float32``);
-* JSON columns: their text, in hex, goes to Python (``compact_json``);
+* JSON columns: their text, in hex, goes to Python (``lenient_json``);
 * binary strings: ``TO_BASE64`` without its line breaks; ``BIT``: a number;
   dates and times: their text (``T`` and ``Z`` on calendar dates).
 
@@ -45,7 +46,7 @@ from typing import Any
 import orjson
 
 from executor.sources.float32 import shortest_float32
-from executor.sources.rowjson import compact_json
+from executor.sources.rowjson import lenient_json
 
 CHUNK_BYTES = 1 << 20
 UNIT_BYTES = 1 << 20  # of the table on disk (about two chunks of JSON): a unit of a parallel read
@@ -192,7 +193,7 @@ def server_row(
 def _finish_one(match: re.Match[bytes]) -> bytes:
     tag, text = match.group(1), match.group(2)
     if tag == b"h":
-        return compact_json(binascii.a2b_hex(text))
+        return lenient_json(binascii.a2b_hex(text))
     number = float(text)
     return orjson.dumps(shortest_float32(number) if tag == b"g" else number)
 
@@ -202,11 +203,15 @@ def _lower_escape(match: re.Match[bytes]) -> bytes:
 
 
 def finish(chunk: bytes) -> bytes:
-    """The chunk with every marked value in its final form and JSON_QUOTE's escapes as orjson's."""
-    if b"\x01" in chunk:
-        chunk = _MARKED.sub(_finish_one, chunk)
+    """The chunk with JSON_QUOTE's escapes as orjson's and every marked value in its final form.
+
+    Escapes first: a JSON column's text is still hex then, and keeps its own escapes, as the
+    row-by-row path keeps them (``"\\u001F"``).
+    """
     if b"\\u00" in chunk:
         chunk = _UPPER_ESCAPE.sub(_lower_escape, chunk)
+    if b"\x01" in chunk:
+        chunk = _MARKED.sub(_finish_one, chunk)
     return chunk
 
 

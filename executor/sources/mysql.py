@@ -64,7 +64,12 @@ SET                             string, members comma-separated (``"a,c"``)
 BINARY, VARBINARY, BLOB         string, base64 (BINARY(n) keeps its 0x00 padding)
 GEOMETRY types                  string, base64 of MySQL's internal value
 JSON (MySQL's type, MariaDB's   the JSON value itself, nested; its text is copied
-LONGTEXT CHECK json_valid)      as is (made one line); describe shows ``json``
+LONGTEXT CHECK json_valid)      as is (made one line); describe shows ``json``.
+                                Text that is no JSON (RFC 8259) though MariaDB's
+                                json_valid accepts it (``[1.]``, ``"\\x"``): a JSON
+                                string holding the text (``rowjson.lenient_json``).
+                                Through a view: LONGTEXT, a string. A JSON
+                                ``null`` and SQL NULL are both null
 DATE                            ``"2024-01-02"``
 DATETIME                        ``"2024-01-02T03:04:05.123456"`` (no offset)
 TIMESTAMP                       ``"2024-01-02T03:04:05.123456Z"`` (UTC: MySQL

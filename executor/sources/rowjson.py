@@ -8,14 +8,15 @@ JSON columns are the exception: their text is copied into the output as it is
 (made one line), so that numbers keep every digit and keys keep their order.
 A JSON value is carried as ``bytes`` (already JSON) or ``str`` (JSON text to
 compact); nothing else in a row is ever ``bytes``, because binary columns
-arrive as base64 strings.
+arrive as base64 strings. MariaDB's JSON columns may hold text that is not JSON
+(``lenient_json``).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -24,7 +25,6 @@ from executor.credentials import blank
 
 # A JSON string token, or a run of the whitespace JSON allows between tokens.
 _TOKEN_OR_SPACE = re.compile(rb'("(?:[^"\\]|\\.)*")|[ \t\n\r]+')
-_CONTROL = re.compile(rb"[\x00-\x1f]")
 
 
 def _keep_strings(match: re.Match[bytes]) -> bytes:
@@ -34,32 +34,67 @@ def _keep_strings(match: re.Match[bytes]) -> bytes:
 def compact_json(text: str | bytes) -> bytes:
     """Valid JSON text without the whitespace between tokens: one line, same values."""
     raw = text.encode() if isinstance(text, str) else bytes(text)
-    compact = _TOKEN_OR_SPACE.sub(_keep_strings, raw)
-    if _CONTROL.search(compact):
-        # Only lenient JSON has raw control characters inside strings; re-encode it
-        # (numbers beyond a double's precision are rounded on this rare path).
-        return orjson.dumps(json.loads(raw, strict=False))
-    return compact
+    return _TOKEN_OR_SPACE.sub(_keep_strings, raw)
 
 
-def _encode_json_value(value: Any) -> bytes:
+def _refuse(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _is_json(raw: bytes) -> bool:
+    """Whether ``raw`` is JSON text (RFC 8259), whatever Python could make of its values."""
+    try:
+        orjson.loads(raw)  # strict, and fast: nearly every value ends here
+        return True
+    except orjson.JSONDecodeError:
+        pass
+    # orjson also refuses JSON it cannot hold: 1e400, a lone surrogate escape ("\ud800"),
+    # nesting beyond 1024. The json module's grammar is RFC 8259's once NaN and Infinity are
+    # refused; numbers stay text (a 5,000-digit integer passes int()'s limit).
+    try:
+        json.loads(raw.decode(), parse_constant=_refuse, parse_int=str, parse_float=str)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def lenient_json(text: str | bytes) -> bytes:
+    """A MariaDB JSON column's value: compact JSON when its text is JSON, else that text as a string.
+
+    MariaDB's ``json_valid`` lets in text that is no JSON (``[1.]``, ``"\\x"``, ``[1e+]``), and
+    ``check_constraint_checks = 0`` anything at all; as a JSON string such text is kept whole.
+    """
+    raw = text.encode() if isinstance(text, str) else bytes(text)
+    if _is_json(raw):
+        return compact_json(raw)
+    return orjson.dumps(text if isinstance(text, str) else raw.decode(errors="replace"))
+
+
+def _encode_json_value(value: Any, text: Callable[[str | bytes], bytes]) -> bytes:
     if value is None:
         return b"null"
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):
-        return compact_json(value)
+        return text(value)
     if isinstance(value, list):  # an array of JSON values
-        return b"[" + b",".join(map(_encode_json_value, value)) + b"]"
+        return b"[" + b",".join([_encode_json_value(item, text) for item in value]) + b"]"
     return orjson.dumps(value)
 
 
 class RowEncoder:
     """Encodes the rows of one result set as JSON objects, keys in column order."""
 
-    def __init__(self, names: Sequence[str], json_columns: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        names: Sequence[str],
+        json_columns: Sequence[int] = (),
+        json_text: Callable[[str | bytes], bytes] = compact_json,
+    ) -> None:
+        """``json_text`` writes a JSON column's text (``lenient_json`` where it may be no JSON)."""
         self.names = tuple(names)
         self.json_columns = frozenset(json_columns)
+        self._json_text = json_text
         # Each key pre-encoded once: b'"name":'
         self._keys = [orjson.dumps(name) + b":" for name in self.names]
 
@@ -75,7 +110,7 @@ class RowEncoder:
         parts = []
         for index, (key, value) in enumerate(zip(self._keys, row, strict=True)):
             if index in self.json_columns:
-                parts.append(key + _encode_json_value(value))
+                parts.append(key + _encode_json_value(value, self._json_text))
             else:
                 parts.append(key + orjson.dumps(value))
         return b"{" + b",".join(parts) + b"}"
