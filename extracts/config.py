@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 
-from extracts.cron import CRON, SCHEDULE_MAX, next_due
+from extracts.cron import CRON, SCHEDULE_MAX, backwards_ranges, next_due
 from extracts.http import ValidationFailed
 from extracts.state import FieldType, dumps, utcnow
 
@@ -139,6 +139,9 @@ def _schedule(v: Any) -> str | None:
         raise FieldError(
             "must be a 5-field cron expression (minute hour day month weekday), e.g. '0 3 * * *'"
         )
+    backwards = backwards_ranges(v)
+    if backwards:
+        raise FieldError("; ".join(backwards))
     return v.strip()
 
 

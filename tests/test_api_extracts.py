@@ -83,6 +83,10 @@ def test_create_applies_defaults_and_returns_201(app_service: InProcessService) 
         ("schedule", "* * * * * *", "*/5 * * * *"),
         ("schedule", "61 * * * *", None),
         ("schedule", "@daily", "0 0 * * 1-5"),
+        ("schedule", "30-10 * * * *", "10-30 * * * *"),
+        ("schedule", "0 0 * * sat-sun", "0 0 * * sat,sun"),
+        ("schedule", "0 0 * dec-jan/2 *", "0 0 * jan-dec/2 *"),
+        ("schedule", "0 0 * * 7-0", "0 0 * * 0-7"),
         ("retention_days", 0, 1),
         ("retention_days", 366, 365),
         ("retention_days", "7", 7),
@@ -436,6 +440,75 @@ def test_every_schedule_the_grammar_allows_is_one_croniter_parses() -> None:
                 assert re.fullmatch(CRON, expression), expression
                 with contextlib.suppress(CroniterBadDateError):  # parsed, but never due
                     croniter(expression, now).get_next(datetime)
+
+
+@pytest.mark.parametrize(
+    "schedule,due",
+    [
+        # A range of one value is that value (croniter 7 alone reads it as the whole field).
+        ("0 0 1-1 * *", ["2027-01-01T00:00", "2027-02-01T00:00"]),
+        ("5-5 3 * * *", ["2026-12-02T03:05", "2026-12-03T03:05"]),
+        ("0 0 * * 7-7", ["2026-12-06T00:00", "2026-12-13T00:00"]),
+        ("0 0 * * sun-sun", ["2026-12-06T00:00", "2026-12-13T00:00"]),
+        ("0 0 * * 0-0", ["2026-12-06T00:00", "2026-12-13T00:00"]),
+        ("0 0 * jan-JAN *", ["2027-01-01T00:00", "2027-01-02T00:00"]),
+        ("0-0 * * * *", ["2026-12-01T17:00", "2026-12-01T18:00"]),
+        ("59-59 23 31-31 12-12 *", ["2026-12-31T23:59", "2027-12-31T23:59"]),
+        ("1-1/2 * * * *", ["2026-12-01T17:01", "2026-12-01T18:01"]),
+        ("0 0 * * 7-7/2", ["2026-12-06T00:00", "2026-12-13T00:00"]),
+        ("0 0 1-1,15 * *", ["2026-12-15T00:00", "2027-01-01T00:00"]),
+        ("0 0 * * 3-3,5", ["2026-12-02T00:00", "2026-12-04T00:00", "2026-12-09T00:00"]),
+        # A start with a step runs to the field's end; 7 is Sunday alone.
+        ("0 0 * * 7/2", ["2026-12-06T00:00", "2026-12-13T00:00"]),
+        ("0 0 * * 1/2", ["2026-12-02T00:00", "2026-12-04T00:00", "2026-12-07T00:00"]),
+        ("10/20 * * * *", ["2026-12-01T16:50", "2026-12-01T17:10"]),
+        # Ranges that already worked still do.
+        ("0 0 * * 3-7/2", ["2026-12-02T00:00", "2026-12-04T00:00", "2026-12-06T00:00"]),
+        ("0 0 * * 6-7", ["2026-12-05T00:00", "2026-12-06T00:00", "2026-12-12T00:00"]),
+        ("0 0 1 * 1", ["2026-12-07T00:00", "2026-12-14T00:00"]),  # day-of-month or day-of-week
+        ("*/20 1-2 * * *", ["2026-12-02T01:00", "2026-12-02T01:20"]),
+    ],
+)
+def test_ranges_and_steps_are_read_as_classic_cron_reads_them(schedule: str, due: list[str]) -> None:
+    from datetime import UTC, datetime
+
+    from extracts.cron import next_due
+
+    at = datetime(2026, 12, 1, 16, 49, 30, tzinfo=UTC)
+    found = []
+    for _ in due:
+        found.append(next_due(schedule, at))
+        at = datetime.fromisoformat(found[-1])
+    assert found == [f"{d}:00.000Z" for d in due]
+
+
+def test_a_range_of_one_value_gives_next_run_at_of_that_value(app_service: InProcessService) -> None:
+    from extracts.cron import next_due
+    from extracts.state import utcnow
+
+    r = app_service.client.post(
+        "/api/data/extracts", json=VALID | {"schedule": "0 0 1-1 1-1 *", "schedule_enabled": True}
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["data"]["next_run_at"] == next_due("0 0 1 1 *", utcnow())
+
+
+def test_a_backwards_range_is_named_in_the_message(app_service: InProcessService) -> None:
+    r = app_service.client.post(
+        "/api/data/extracts", json=VALID | {"schedule": "30-10 * * * mon-fri,sat-sun"}
+    )
+    assert r.status_code == 400
+    assert r.json()["details"] == [
+        {
+            "field": "schedule",
+            "message": "schedule range '30-10' in the minute field runs backwards: cron ranges go from "
+            "low to high (0-59); split it into two ranges or a list; range 'sat-sun' in the day-of-week "
+            "field runs backwards: cron ranges go from low to high (0-7); split it into two ranges or a list",
+        }
+    ]
+    created = app_service.create_extract(name="Backwards later")
+    r = app_service.client.put(f"/api/data/extracts/{created['id']}", json={"schedule": "0 0 * dec-jan *"})
+    assert r.status_code == 400 and [d["field"] for d in r.json()["details"]] == ["schedule"]
 
 
 @pytest.mark.parametrize(
