@@ -15,7 +15,11 @@ database's own ``LIKE`` (case-insensitive for ASCII in SQLite and MySQL,
 case-sensitive in PostgreSQL).
 
 A list takes at most ``MAX_LIST`` values, and one ``where`` at most
-``MAX_OPERANDS`` values in all.
+``MAX_OPERANDS`` values in all. Every value must be one the source can bind, or
+it would pass validation and then fail every run: integers within signed 64 bits,
+whatever the source (SQLite's INTEGER; Python's sqlite3 raises OverflowError past
+it), and, where the source's text cannot hold NUL (PostgreSQL: ``Source.
+text_holds_nul``), strings without one.
 
 Column names are quoted by the caller's dialect; every value is bound as a
 parameter, never spliced into the SQL.
@@ -34,6 +38,9 @@ MAX_LIST = 1000
 # query under SQLite's 32,766 parameters (PostgreSQL's limit is 65,535).
 MAX_OPERANDS = 10_000
 
+# What every source binds (module docstring).
+INTEGER_MIN, INTEGER_MAX = -(2**63), 2**63 - 1
+
 _SCALAR_HELP = "a string, a number or a boolean"
 
 
@@ -41,14 +48,28 @@ def _is_scalar(value: object) -> bool:
     return isinstance(value, str | int | float | bool)
 
 
-def _operand_problem(op: str, value: object) -> str | None:
+def _unbindable(value: object, text_holds_nul: bool) -> str | None:
+    """Why the source cannot bind the scalar ``value``, or None."""
+    if isinstance(value, int) and not isinstance(value, bool) and not INTEGER_MIN <= value <= INTEGER_MAX:
+        # Only short numbers are shown: str() of a huge int is slow, past 4,300 digits an error.
+        shown = str(value) if value.bit_length() <= 128 else f"an integer of {value.bit_length()} bits"
+        return (
+            f"{shown} is outside the signed 64-bit integers every source can bind "
+            f"({INTEGER_MIN} to {INTEGER_MAX})"
+        )
+    if not text_holds_nul and isinstance(value, str) and "\x00" in value:
+        return "a string with NUL (\\u0000) is not a value this source can bind: its text cannot hold NUL"
+    return None
+
+
+def _operand_problem(op: str, value: object, text_holds_nul: bool) -> str | None:
     """Why ``value`` cannot follow ``op``, or None."""
-    if op in ("$eq", "$ne"):
-        if value is None or _is_scalar(value):
-            return None
-        return f"{op} needs {_SCALAR_HELP} or null"
+    if op in ("$eq", "$ne") and value is None:
+        return None
     if op in COMPARISONS:
-        return None if _is_scalar(value) else f"{op} needs {_SCALAR_HELP}"
+        if not _is_scalar(value):
+            return f"{op} needs {_SCALAR_HELP}" + (" or null" if op in ("$eq", "$ne") else "")
+        return None if (problem := _unbindable(value, text_holds_nul)) is None else f"{op}: {problem}"
     if op in LISTS:
         if not isinstance(value, list) or not value:
             return f"{op} needs a non-empty array of scalars"
@@ -56,16 +77,24 @@ def _operand_problem(op: str, value: object) -> str | None:
             return f"{op} takes at most {MAX_LIST} values"
         if not all(_is_scalar(item) for item in value):
             return f"{op} needs an array of {_SCALAR_HELP} values (match NULL with $null)"
+        for index, item in enumerate(value):
+            if (problem := _unbindable(item, text_holds_nul)) is not None:
+                return f"{op} item {index}: {problem}"
         return None
     if op == "$like":
-        return None if isinstance(value, str) else "$like needs a string pattern"
+        if not isinstance(value, str):
+            return "$like needs a string pattern"
+        return None if (problem := _unbindable(value, text_holds_nul)) is None else f"$like: {problem}"
     return None if isinstance(value, bool) else "$null needs true or false"
 
 
-def _condition_problems(condition: object) -> list[tuple[str, str]]:
+def _condition_problems(condition: object, text_holds_nul: bool) -> list[tuple[str, str]]:
     """Problems of one column's condition, as (path below the column, message)."""
-    if condition is None or _is_scalar(condition):
+    if condition is None:
         return []
+    if _is_scalar(condition):
+        problem = _unbindable(condition, text_holds_nul)
+        return [] if problem is None else [("", problem)]
     if isinstance(condition, list):
         return [("", 'use {"$in": [...]} to match one of several values')]
     if not isinstance(condition, dict):
@@ -76,16 +105,18 @@ def _condition_problems(condition: object) -> list[tuple[str, str]]:
     for op, value in condition.items():
         if op not in OPERATORS:
             problems.append((f".{op}", f"unknown operator '{op}'; use one of " + ", ".join(OPERATORS)))
-        elif (message := _operand_problem(op, value)) is not None:
+        elif (message := _operand_problem(op, value, text_holds_nul)) is not None:
             problems.append((f".{op}", message))
     return problems
 
 
-def check_where(where: object, columns: list[str], *, field: str = "where") -> list[tuple[str, str]]:
+def check_where(
+    where: object, columns: list[str], *, field: str = "where", text_holds_nul: bool = True
+) -> list[tuple[str, str]]:
     """Every problem of a filter's ``where`` as (field path, message); empty when valid.
 
     Paths start with ``field``: pass ``field=f"filter.{schema}.where"`` to get
-    ``filter.users.where.age.$in``.
+    ``filter.users.where.age.$in``. ``text_holds_nul``: the source's (``Source.text_holds_nul``).
     """
     if where is None:
         return []
@@ -99,7 +130,9 @@ def check_where(where: object, columns: list[str], *, field: str = "where") -> l
             shown = ", ".join(columns[:20]) + (", …" if len(columns) > 20 else "")
             problems.append((path, f"unknown column '{column}'; the columns are: {shown}"))
             continue
-        problems += [(path + below, message) for below, message in _condition_problems(condition)]
+        problems += [
+            (path + below, message) for below, message in _condition_problems(condition, text_holds_nul)
+        ]
     operands = sum(_operand_count(condition) for condition in where.values())
     if operands > MAX_OPERANDS:
         problems.append((field, f"holds {operands} values; at most {MAX_OPERANDS} in one where"))

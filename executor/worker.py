@@ -242,7 +242,12 @@ class Export:
         filters = self.config.get("filter") or {}
         wheres = {name: (filters.get(name) or {}).get("where") for name in names}
         for name, where in wheres.items():
-            problems = check_where(where, source.columns(name), field=f"filter.{name}.where")
+            problems = check_where(
+                where,
+                source.columns(name),
+                field=f"filter.{name}.where",
+                text_holds_nul=source.text_holds_nul,
+            )
             if problems:
                 field, message = problems[0]
                 raise RunError(

@@ -92,7 +92,12 @@ class Catalog:
                     )
                 else:
                     columns[schema] = source.columns(schema)
-                    problems = check_where(spec["where"], columns[schema], field=f"{field}.where")
+                    problems = check_where(
+                        spec["where"],
+                        columns[schema],
+                        field=f"{field}.where",
+                        text_holds_nul=source.text_holds_nul,
+                    )
                     details += [{"field": path, "message": message} for path, message in problems]
         return details, (known, columns)
 

@@ -205,7 +205,9 @@ def check_against_source(source: str, config: RunConfig, fail: Any) -> None:
                 fail(f"--filter: schema '{schema}' does not exist in the source")
             if config["schemas"] is not None and schema not in config["schemas"]:
                 fail(f"--filter: schema '{schema}' is not among --schemas")
-            problems = check_where(spec["where"], src.columns(schema), field=f"{schema}.where")
+            problems = check_where(
+                spec["where"], src.columns(schema), field=f"{schema}.where", text_holds_nul=src.text_holds_nul
+            )
             if problems:
                 path, message = problems[0]
                 fail(f"--filter: {path}: {message}")

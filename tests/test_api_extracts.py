@@ -172,6 +172,34 @@ def test_filter_shape_and_columns_are_checked(app_service: InProcessService, fil
         assert [d["field"] for d in r.json()["details"] if d["field"].startswith(field)], r.text
 
 
+@pytest.mark.parametrize(
+    "where,field",
+    [
+        ({"id": {"$gt": 18446744073709551615}}, "filter.users.where.id.$gt"),
+        ({"id": 9223372036854775808}, "filter.users.where.id"),
+        ({"id": {"$in": [1, 9223372036854775808]}}, "filter.users.where.id.$in"),
+        ({"id": {"$nin": [-9223372036854775808, 18446744073709551615]}}, "filter.users.where.id.$nin"),
+        ({"id": {"$gte": -9223372036854775808, "$lte": 9223372036854775807}}, None),
+    ],
+)
+def test_filter_integers_a_source_cannot_bind_are_refused(
+    app_service: InProcessService, where: dict, field: str | None
+) -> None:
+    """Past signed 64 bits they were stored, and every run then failed (SQLite: OverflowError).
+
+    A string with NUL is refused where the source is PostgreSQL: tests/test_sources_sql.py.
+    """
+    r = app_service.client.post(
+        "/api/data/extracts", json={"name": "f10", "filter": {"users": {"where": where}}}
+    )
+    if field is None:
+        assert r.status_code == 201, r.text
+        return
+    assert r.status_code == 400, r.text
+    assert r.json()["error_code"] == "VALIDATION_ERROR"
+    assert [d["field"] for d in r.json()["details"]] == [field]
+
+
 def test_filter_on_schema_not_exported_is_refused(app_service: InProcessService) -> None:
     r = app_service.client.post(
         "/api/data/extracts", json=VALID | {"schemas": ["orders"], "filter": {"users": {"where": {"age": 3}}}}

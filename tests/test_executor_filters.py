@@ -100,6 +100,44 @@ def test_a_where_that_is_not_an_object_is_one_problem() -> None:
     ]
 
 
+OUTSIDE = (
+    "is outside the signed 64-bit integers every source can bind "
+    "(-9223372036854775808 to 9223372036854775807)"
+)
+WITH_NUL = "a string with NUL (\\u0000) is not a value this source can bind: its text cannot hold NUL"
+
+
+def test_only_values_the_source_can_bind_pass() -> None:
+    """SQLite binds no integer past 64 signed bits, PostgreSQL no string with NUL: both failed every run."""
+    where = {
+        "id": {"$gt": 2**64 - 1, "$lte": 2**63 - 1},
+        "age": 2**63,
+        "score": {"$in": [1, -(2**63) - 1], "$ne": -(2**63)},
+        "name": "Ana\x00",
+        "email": {"$like": "%\x00", "$nin": ["a", "b\x00"]},
+        "created_at": {"$eq": 10**400},
+        "avatar": {"$gte": 1e308, "$eq": True},
+    }
+    outside = [
+        ("filter.users.where.id.$gt", f"$gt: 18446744073709551615 {OUTSIDE}"),
+        ("filter.users.where.age", f"9223372036854775808 {OUTSIDE}"),
+        ("filter.users.where.score.$in", f"$in item 1: -9223372036854775809 {OUTSIDE}"),
+        ("filter.users.where.created_at.$eq", f"$eq: an integer of 1329 bits {OUTSIDE}"),
+    ]
+    # Integers: the range every source binds, whatever the source.
+    assert check_where(where, USER_COLUMNS, field="filter.users.where") == outside
+    # NUL: refused only where the source's text cannot hold it (PostgreSQL).
+    assert check_where(where, USER_COLUMNS, field="filter.users.where", text_holds_nul=False) == [
+        ("filter.users.where.id.$gt", f"$gt: 18446744073709551615 {OUTSIDE}"),
+        ("filter.users.where.age", f"9223372036854775808 {OUTSIDE}"),
+        ("filter.users.where.score.$in", f"$in item 1: -9223372036854775809 {OUTSIDE}"),
+        ("filter.users.where.name", WITH_NUL),
+        ("filter.users.where.email.$like", f"$like: {WITH_NUL}"),
+        ("filter.users.where.email.$nin", f"$nin item 1: {WITH_NUL}"),
+        ("filter.users.where.created_at.$eq", f"$eq: an integer of 1329 bits {OUTSIDE}"),
+    ]
+
+
 def test_compile_binds_every_value_and_quotes_every_column() -> None:
     where = {
         "age": {"$gte": 18, "$lt": 65},
@@ -145,6 +183,9 @@ CASES = [
     ("order items", {'sku "quoted"': "SKU-3-2"}, '"sku ""quoted""" = \'SKU-3-2\''),
     ("keyed", {"n": {"$gte": 2}}, '"n" >= 2'),  # WITHOUT ROWID: the cursor path
     ("adults", {"name": {"$like": "a%"}}, "\"name\" LIKE 'a%'"),  # a view: the cursor path
+    # The ends of the integers every source binds.
+    ("users", {"id": {"$gte": 2**62, "$lte": 2**63 - 1}}, '"id" >= 4611686018427387904'),
+    ("users", {"id": {"$gt": -(2**63), "$nin": [2**63 - 1, 1]}}, '"id" <> 1'),
 ]
 
 
@@ -199,3 +240,15 @@ def test_a_run_exports_and_counts_the_filtered_rows(tmp_path: Path, manager: Any
     assert result["records_total"] == result["records_exported"] == len(want) + 4
     orders = (Path(job["run_dir"]) / "orders.jsonl").read_bytes().split(b"\n")[:-1]
     assert_same_rows([json.loads(line) for line in orders], want)
+
+
+def test_a_stored_filter_past_64_bits_fails_its_run_with_a_sentence(
+    tmp_path: Path, manager: Any, source_db: Path
+) -> None:
+    """Saved before validation refused it: the run used to end in sqlite3's OverflowError."""
+    job = make_job(tmp_path, source_db, schemas=["users"], filter={"users": {"where": {"id": 2**63}}})
+    result = Channel(manager).run(job)
+    assert result["status"] == "failed"
+    assert result["error"].startswith(
+        f"The filter filter.users.where.id no longer fits the source (9223372036854775808 {OUTSIDE})"
+    )

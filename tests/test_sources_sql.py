@@ -34,7 +34,7 @@ import psycopg
 import pymysql
 import pytest
 import yaml
-from helpers import unique_name
+from helpers import start_in_process, unique_name
 from pymysql.constants import CLIENT, ER
 
 from executor.naming import safe_file_name
@@ -976,6 +976,8 @@ def test_postgres_names_namespaces_partitions_and_materialized_views(pg: PG) -> 
         ({"id": {"$in": [1, 3, 99]}}, [1, 3]),
         ({"name": {"$null": True}}, [3]),
         ({"age": {"$lt": 50}, "email": {"$ne": "ana@example.com"}}, [2]),
+        # The ends of the integers validation lets through bind here too.
+        ({"id": {"$gt": -(2**63), "$nin": [2**63 - 1, 2]}}, [1, 3]),
     ],
 )
 def test_filters_count_and_export_the_same_rows(shop: PG | My, where: dict | None, ids: list[int]) -> None:
@@ -984,6 +986,33 @@ def test_filters_count_and_export_the_same_rows(shop: PG | My, where: dict | Non
         rows = [orjson.loads(line) for line in export(source, shop.name("users"), where)]
     assert count == len(ids)
     assert sorted(row["id"] for row in rows) == ids
+
+
+def test_a_filter_value_with_nul_is_refused_where_postgresql_cannot_bind_it(
+    pg_shop: PG, tmp_path: Path
+) -> None:
+    """psycopg cannot send NUL in text: such an extract was stored, and every run of it failed."""
+    users = pg_shop.name("users")
+    svc = start_in_process(tmp_path, pg_shop.url)
+    try:
+        nul = "a string with NUL (\\u0000) is not a value this source can bind: its text cannot hold NUL"
+        for where, field, message in [
+            ({"name": "Ana\x00"}, "name", nul),
+            ({"name": {"$like": "%\x00%"}}, "name.$like", f"$like: {nul}"),
+            ({"email": {"$nin": ["x", "\x00"]}}, "email.$nin", f"$nin item 1: {nul}"),
+        ]:
+            r = svc.client.post(
+                "/api/data/extracts", json={"name": "NUL", "filter": {users: {"where": where}}}
+            )
+            assert r.status_code == 400, r.text
+            assert r.json()["details"] == [{"field": f"filter.{users}.where.{field}", "message": message}]
+        extract = svc.create_extract(
+            name="No NUL", schemas=[users], filter={users: {"where": {"name": {"$in": ["Ana", "Bo"]}}}}
+        )
+        run = svc.wait_run(svc.run(extract["id"]))
+        assert (run["status"], run["records_exported"]) == ("completed", 2), run
+    finally:
+        svc.stop()
 
 
 def test_awkward_identifiers_are_quoted(shop: PG | My) -> None:

@@ -40,6 +40,9 @@ class Source(ABC):
     #: a signed exponent, no escaped UTF-16 surrogates): the yaml writer then skips
     #: checking for what YAML would read otherwise.
     json_is_yaml_safe: bool = False
+    #: False when the source's strings cannot hold NUL (PostgreSQL): a filter value with one
+    #: cannot be bound, so validation refuses it (``executor.filters``).
+    text_holds_nul: bool = True
 
     @abstractmethod
     def close(self) -> None:

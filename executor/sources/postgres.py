@@ -276,6 +276,7 @@ class PostgresSource(ServerSource):
     read_connections = min(4, len(os.sched_getaffinity(0)))  # the cores this process may use
     #: Each row's JSON built by the server (``executor.sources.pgread``); False: row by row.
     server_json = True
+    text_holds_nul = False  # psycopg: "PostgreSQL text fields cannot contain NUL (0x00) bytes"
     _label = "PostgreSQL"
     _errors = (psycopg.Error,)
     _columns_sql = (
