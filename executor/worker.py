@@ -233,7 +233,7 @@ class Export:
     def _schema_names(self, source: Source) -> list[str]:
         names = self.config.get("schemas")
         if not names:  # every user table; views only when named
-            return [s["name"] for s in source.schemas() if s["type"] == "table"]
+            return source.tables()
         for name in names:
             source.columns(name)  # raises UnknownSchema
         return list(names)

@@ -76,6 +76,8 @@ class Catalog:
         columns: dict[str, list[str]] = {}
         with open_source(self.location) as source:
             known = set(source.names())
+            # SPEC: schemas null is every user table, views only when named.
+            tables = set(source.tables()) if schemas is None and filters else known
             if schemas is not None:
                 unknown = [name for name in schemas if name not in known]
                 if unknown:
@@ -90,6 +92,12 @@ class Catalog:
                     details.append(
                         {"field": field, "message": f"schema '{schema}' is not among the extract's schemas"}
                     )
+                elif schema not in tables:
+                    message = (
+                        f"schema '{schema}' is a view, and with schemas null only tables are exported: "
+                        "name it in schemas to export and filter it"
+                    )
+                    details.append({"field": field, "message": message})
                 else:
                     columns[schema] = source.columns(schema)
                     problems = check_where(

@@ -205,6 +205,8 @@ def check_against_source(source: str, config: RunConfig, fail: Any) -> None:
                 fail(f"--filter: schema '{schema}' does not exist in the source")
             if config["schemas"] is not None and schema not in config["schemas"]:
                 fail(f"--filter: schema '{schema}' is not among --schemas")
+            if config["schemas"] is None and schema not in src.tables():
+                fail(f"--filter: schema '{schema}' is a view, exported only when named: add it to --schemas")
             problems = check_where(
                 spec["where"], src.columns(schema), field=f"{schema}.where", text_holds_nul=src.text_holds_nul
             )

@@ -208,6 +208,28 @@ def test_filter_on_schema_not_exported_is_refused(app_service: InProcessService)
     assert r.json()["details"][0]["field"] == "filter.users"
 
 
+def test_filter_on_a_view_needs_the_view_named_in_schemas(app_service: InProcessService) -> None:
+    """schemas null exports every table, views only when named (SPEC): the filter was ignored."""
+    view_filter = {"adults": {"where": {"id": 1}}}
+    refused = [
+        {
+            "field": "filter.adults",
+            "message": "schema 'adults' is a view, and with schemas null only tables are exported: "
+            "name it in schemas to export and filter it",
+        }
+    ]
+    r = app_service.client.post("/api/data/extracts", json=VALID | {"filter": view_filter})
+    assert r.status_code == 400 and r.json()["details"] == refused, r.text
+    named = app_service.create_extract(name="View named", schemas=["adults", "users"], filter=view_filter)
+    # Dropping schemas would drop the view, and its filter with it.
+    r = app_service.client.put(f"/api/data/extracts/{named['id']}", json={"schemas": None})
+    assert r.status_code == 400 and r.json()["details"] == refused, r.text
+    r = app_service.client.put(f"/api/data/extracts/{named['id']}", json={"schemas": None, "filter": None})
+    assert r.status_code == 200 and r.json()["data"]["schemas"] is None, r.text
+    # A table's filter with schemas null is fine.
+    app_service.create_extract(name="Table filter", filter={"users": {"where": {"id": 1}}})
+
+
 def test_put_changes_only_the_fields_sent(app_service: InProcessService) -> None:
     created = app_service.create_extract(name="Partial", description="before", retention_days=3)
     r = app_service.client.put(f"/api/data/extracts/{created['id']}", json={"description": "after"})

@@ -254,6 +254,8 @@ def test_export_names_a_bad_option(shop_db: Path, tmp_path: Path, capsys: pytest
             "--filter: users.where.agez: unknown column 'agez'",
         ),
         (["--filter", '{"orders": {"where": {}}}', "--schemas", "users"], "'orders' is not among --schemas"),
+        (["--filter", '{"adults": {"where": {"id": 1}}}'], "'adults' is a view, exported only when named"),
+        (["--filter", '{"users": {"where": {"id": 9223372036854775808}}}'], "users.where.id: 922337"),
         (["--split-max-records", "0"], "--split-max-records: must be between 1 and"),
         (["--include", "data,everything"], "--include:"),
         (["--format", "csv"], "--format: invalid choice: 'csv'"),

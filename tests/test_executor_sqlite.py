@@ -111,7 +111,7 @@ def test_an_unreadable_view_or_virtual_table_is_left_out_of_the_list(tmp_path: P
         " 'vx', 0, 'CREATE VIRTUAL TABLE vx USING no_such_module (a)');",
     )
     with open_source(str(db)) as source:
-        assert [s["name"] for s in source.schemas()] == source.names() == ["kept"]
+        assert [s["name"] for s in source.schemas()] == source.names() == source.tables() == ["kept"]
         with pytest.raises(SourceError, match="no such module: no_such_module"):
             source.columns("vx")
 
@@ -129,6 +129,7 @@ def test_schemas_lists_tables_and_views_with_counts(tmp_path: Path) -> None:
             {"name": "users", "type": "table", "columns": 7, "row_count": 4},
             {"name": "values", "type": "table", "columns": 3, "row_count": len(VALUES)},
         ]
+        assert source.tables() == [s["name"] for s in source.schemas() if s["name"] != "adults"]
         assert source.describe(["adults"])["adults"] == {
             "type": "view",
             "columns": {

@@ -34,7 +34,7 @@ import psycopg
 import pymysql
 import pytest
 import yaml
-from helpers import start_in_process, unique_name
+from helpers import start_service, unique_name
 from pymysql.constants import CLIENT, ER
 
 from executor.naming import safe_file_name
@@ -926,6 +926,8 @@ def test_schemas_lists_tables_and_views_by_their_names(shop: PG | My) -> None:
         assert all(not name.startswith(("pg_", "information_schema")) for name in listed)
         names = [s["name"] for s in source.schemas()]
         assert source.names() == names
+        assert source.tables() == [s["name"] for s in source.schemas() if s["type"] == "table"]
+        assert shop.name("adults") not in source.tables()
     assert names == sorted(names)
     assert listed[shop.name("users")] == {
         "name": shop.name("users"), "type": "table", "columns": 5, "row_count": 3,
@@ -993,7 +995,7 @@ def test_a_filter_value_with_nul_is_refused_where_postgresql_cannot_bind_it(
 ) -> None:
     """psycopg cannot send NUL in text: such an extract was stored, and every run of it failed."""
     users = pg_shop.name("users")
-    svc = start_in_process(tmp_path, pg_shop.url)
+    svc = start_service(tmp_path, pg_shop.url)  # its own process: the module's manager stays up
     try:
         nul = "a string with NUL (\\u0000) is not a value this source can bind: its text cannot hold NUL"
         for where, field, message in [

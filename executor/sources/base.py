@@ -78,6 +78,10 @@ class Source(ABC):
         """The names ``schemas()`` lists, without counting any rows: cheap on a big source."""
 
     @abstractmethod
+    def tables(self) -> list[str]:
+        """The names ``names()`` lists that are tables, not views: what a null ``schemas`` exports."""
+
+    @abstractmethod
     def columns(self, name: str) -> list[str]:
         """Column names of ``name`` in column order; raises UnknownSchema."""
 

@@ -229,6 +229,11 @@ class ServerSource(Source):
         with self._translate("list the schemas"):
             return [listed.name for listed in self._listing()]
 
+    def tables(self) -> list[str]:
+        self._reconnect_if_lost()
+        with self._translate("list the schemas"):
+            return [listed.name for listed in self._listing() if listed.kind == "table"]
+
     def columns(self, name: str) -> list[str]:
         listed = self._resolve(name)
         with self._translate(f"read the columns of '{name}'", name):

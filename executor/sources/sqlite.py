@@ -238,6 +238,10 @@ class SQLiteSource(Source):
             names.append(name)
         return names
 
+    def tables(self) -> list[str]:
+        views = {name for name, relation in self._relations().items() if relation.kind == "view"}
+        return [name for name in self.names() if name not in views]
+
     def columns(self, name: str) -> list[str]:
         self._relation(name)
         return [row[0] for row in self._column_rows(name)]
