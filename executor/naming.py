@@ -82,10 +82,12 @@ def safe_file_name(schema: str) -> str:
 def download_base_name(extract_name: str, created_at: str, run_id: str) -> str:
     """``<Name>-<YYYY-MM-DD>-<run_id[:8]>``: the ZIP and archive name rule (SPEC: Downloads).
 
-    Runs of characters outside ``[A-Za-z0-9_-]`` become ``-`` (dashes at either
-    end dropped; ``extract`` when nothing is left); the date is the run's
-    creation date (``created_at`` is ISO 8601 UTC). The service names its ZIP
-    downloads with this same function.
+    Each run of characters outside ``[A-Za-z0-9_-]`` becomes one ``-``, at either
+    end too, as the SPEC words it: ``Sales report!`` is ``Sales-report-``, so its
+    file is ``Sales-report--2026-…``. A name is never empty, so neither is this part.
+    The date is the run's creation date (``created_at`` is ISO 8601 UTC). The
+    service's ZIP downloads, an ``archive`` run's tarball and ``export``'s ZIP are
+    all named by this one function.
     """
-    name = _NOT_DOWNLOAD_SAFE.sub("-", extract_name).strip("-") or "extract"
+    name = _NOT_DOWNLOAD_SAFE.sub("-", extract_name)
     return f"{name}-{created_at[:10]}-{run_id[:8]}"

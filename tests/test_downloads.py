@@ -43,7 +43,7 @@ def test_zip_holds_every_artifact_byte_for_byte(
     assert r.headers["etag"].startswith('"') and r.headers["accept-ranges"] == "bytes"
     day = run["created_at"][:10]
     assert (
-        r.headers["content-disposition"] == f'attachment; filename="Down-load-ZIP-{day}-{run["id"][:8]}.zip"'
+        r.headers["content-disposition"] == f'attachment; filename="Down-load-ZIP--{day}-{run["id"][:8]}.zip"'
     )
     archive = zipfile.ZipFile(io.BytesIO(r.content))
     assert archive.testzip() is None

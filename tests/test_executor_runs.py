@@ -318,7 +318,7 @@ def test_archive_is_one_tarball_with_an_inner_manifest(
     assert result["status"] == "completed" and result["records_exported"] == TOTAL
     run_dir = Path(job["run_dir"])
     tarball, manifest_artifact = channel.artifacts()
-    name = "Daily-Backup-all-2026-11-28-run_0123" + (".tar.gz" if compress else ".tar")
+    name = "Daily-Backup-all--2026-11-28-run_0123" + (".tar.gz" if compress else ".tar")  # "!" is a "-" too
     assert tarball == tarball | {
         "artifact_type": "archive",
         "artifact_name": name,

@@ -423,8 +423,15 @@ def test_download_names() -> None:
         download_base_name("Daily Backup", "2026-11-28T17:00:00.000Z", "run_abcdefgh")
         == "Daily-Backup-2026-11-28-run_abcd"
     )
+    # SPEC: runs outside [A-Za-z0-9_-] become "-", at either end too (no trimming, no fallback).
     assert (
         download_base_name("  ¡Ünïcode!  export ", "2025-01-19T00:00:00Z", "run_xyz789")
-        == "n-code-export-2025-01-19-run_xyz7"
+        == "-n-code-export--2025-01-19-run_xyz7"
     )
-    assert download_base_name("***", "2025-01-19T00:00:00Z", "run_1") == "extract-2025-01-19-run_1"
+    assert download_base_name("***", "2025-01-19T00:00:00Z", "run_1") == "--2025-01-19-run_1"
+    assert download_base_name("-x-", "2026-12-01T00:00:00Z", "run_1234abcd") == "-x--2026-12-01-run_1234"
+    assert (
+        download_base_name("Sales report!", "2026-12-01T00:00:00Z", "run_1234abcd")
+        == "Sales-report--2026-12-01-run_1234"
+    )
+    assert download_base_name("a_b-c", "2026-12-01T00:00:00Z", "run_1") == "a_b-c-2026-12-01-run_1"

@@ -271,7 +271,7 @@ def test_a_schema_named_like_a_path_exports_to_a_safe_file_name(secure_service: 
             assert hashlib.sha256(path.read_bytes()).hexdigest() == a["checksum"]
         names = {a["artifact_name"] for a in artifacts}
         if fmt == "archive":
-            assert any(n.startswith("etc-cron-d-evil-") and n.endswith(".tar.gz") for n in names), names
+            assert any(n.startswith("-etc-cron-d-evil-") and n.endswith(".tar.gz") for n in names), names
         else:
             assert f"{SAFE_STEM}.{fmt}.gz" in names, names
             manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -281,7 +281,7 @@ def test_a_schema_named_like_a_path_exports_to_a_safe_file_name(secure_service: 
         r = svc.client.get(f"/api/extracts/runs/{run['id']}/download")
         assert r.status_code == 200
         disposition = r.headers["content-disposition"]
-        assert disposition.startswith('attachment; filename="etc-cron-d-evil-') and "/" not in disposition
+        assert disposition.startswith('attachment; filename="-etc-cron-d-evil-') and "/" not in disposition
         with zipfile.ZipFile(io.BytesIO(r.content)) as archive:
             assert archive.testzip() is None
             assert sorted(archive.namelist()) == sorted(names)
