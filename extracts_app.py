@@ -31,12 +31,27 @@ if TYPE_CHECKING:
     from extracts.settings import Settings
 
 POLL_S = 1.0  # with a shared state, how often an instance looks for runs another one queued
-HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
+
+
+class Endpoint:
+    """The handlers of one path by method (read by ``operations``), and the ASGI app serving them."""
+
+    def __init__(self, methods: dict[str, Callable[[Request], Any]], app: Callable[..., Any]) -> None:
+        self.methods, self.app = methods, app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
 
 
 def route(path: str, **methods: Callable[[Request], Any]) -> Route:
-    """One route per path, dispatching on the method, so a 405 lists every allowed method."""
-    from starlette.routing import Route
+    """One route per path, dispatching on the method, so a 405 lists the path's own methods.
+
+    Starlette's Route gets an ASGI app (an object, not a function) and no ``methods``,
+    so it passes every method on, and this endpoint answers every 405 itself. Given a
+    function and a list of methods, Route answered a method outside that list (``FOO``)
+    with its own 405, whose Allow header named the whole list, not this path's methods.
+    """
+    from starlette.routing import Route, request_response
 
     from extracts.http import MethodNotAllowed
 
@@ -52,8 +67,7 @@ def route(path: str, **methods: Callable[[Request], Any]) -> Route:
             )
         return await handler(request)
 
-    endpoint.methods = methods  # type: ignore[attr-defined]  # read by operations()
-    return Route(path, endpoint, methods=HTTP_METHODS)
+    return Route(path, Endpoint(methods, request_response(endpoint)))
 
 
 def routes() -> tuple[list[Route], list[Route]]:

@@ -395,6 +395,31 @@ def test_unknown_routes_and_methods(app_service: InProcessService) -> None:
     assert r.status_code == 404 and r.json()["success"] is False
 
 
+@pytest.mark.parametrize(
+    "path,allowed",
+    [
+        ("/api/describe", "GET, HEAD"),
+        ("/api/data/extracts", "GET, HEAD, POST"),
+        ("/api/data/extracts/extract_x", "DELETE, GET, HEAD, PUT"),
+        ("/api/extracts/extract_x/run", "POST"),
+        ("/health", "GET, HEAD"),
+    ],
+)
+@pytest.mark.parametrize("method", ["FOO", "PROPFIND", "TRACE", "OPTIONS", "PATCH"])
+def test_every_405_lists_only_the_routes_own_methods(
+    app_service: InProcessService, path: str, allowed: str, method: str
+) -> None:
+    """An unknown method (FOO) got Starlette's 405, whose Allow listed every method of HTTP."""
+    r = app_service.client.request(method, path)
+    assert r.status_code == 405, r.text
+    assert r.headers["allow"] == allowed
+    assert r.json() == {
+        "success": False,
+        "error": f"{method} is not allowed on {path}; allowed: {allowed}",
+        "error_code": "METHOD_NOT_ALLOWED",
+    }
+
+
 # ---------------------------------------------------------------- text: Python's, SQLite's, the document's
 
 
