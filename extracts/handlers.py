@@ -166,14 +166,15 @@ async def start_run(request: Request) -> Response:
             f"Extract {extract['id']} is disabled; enable it with PUT "
             f'/api/data/extracts/{extract["id"]} and {{"enabled": true}}'
         )
-    run_id, message = await st.runs.queue(extract, TriggeredBy.MANUAL), "Extract queued for execution"
+    run_id = await st.runs.queue(extract, TriggeredBy.MANUAL)
     if run_id is None:
         active = await st.runs.active_run(extract["id"])
         if active is None:  # deleted or disabled meanwhile: say which
             return await start_run(request)
         if active["not_before"] is not None and await st.runs.start_now(active["id"]):
-            # SPEC: a run request while a retry waits starts that retry at once.
-            run_id, message = active["id"], "The waiting retry starts at once"
+            # SPEC (Retries): a run request while a retry waits starts that retry at once, and
+            # answers as any run request does (Running): the body names that run.
+            run_id = active["id"]
     if run_id is None:
         raise Conflict(
             f"Extract {extract['id']} already has an active run ({active['id']} is "
@@ -182,7 +183,7 @@ async def start_run(request: Request) -> Response:
         )
     status_url = f"/api/data/extract_runs/{run_id}"
     return ok(
-        {"run_id": run_id, "message": message, "status_url": status_url},
+        {"run_id": run_id, "message": "Extract queued for execution", "status_url": status_url},
         202,
         headers={"Location": status_url},
     )

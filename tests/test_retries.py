@@ -295,7 +295,16 @@ def test_a_run_request_while_a_retry_waits_starts_it_and_cancel_ends_the_chain(t
         assert retry["not_before"] > runs[0]["completed_at"]
         (tmp_path / "away.db").rename(db)
         r = svc.client.post(f"/api/extracts/{extract['id']}/run")  # starts the waiting retry, no new run
-        assert r.status_code == 202 and r.json()["data"]["run_id"] == retry["id"], r.text
+        status_url = f"/api/data/extract_runs/{retry['id']}"
+        assert r.status_code == 202 and r.headers["location"] == status_url, r.text
+        assert r.json() == {  # SPEC (Running): the body of every 202, this one too
+            "success": True,
+            "data": {
+                "run_id": retry["id"],
+                "message": "Extract queued for execution",
+                "status_url": status_url,
+            },
+        }
         assert svc.wait_run(retry["id"])["status"] == "completed"
         assert [r["id"] for r in runs_of(svc, extract["id"])] == [first, retry["id"]]
         # Cancel during a wait ends the chain.
