@@ -240,6 +240,12 @@ class Export:
 
     def _wheres(self, source: Source, names: list[str]) -> dict[str, dict[str, Any] | None]:
         filters = self.config.get("filter") or {}
+        unexported = sorted(set(filters) - set(names))
+        if unexported:  # schemas null, and the table was dropped or became a view since the save
+            raise RunError(
+                f"The filter filter.{unexported[0]} names a schema this run does not export (no such "
+                "table; a view is exported only when schemas names it); update the extract's filter"
+            )
         wheres = {name: (filters.get(name) or {}).get("where") for name in names}
         for name, where in wheres.items():
             problems = check_where(
