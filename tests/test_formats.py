@@ -75,7 +75,7 @@ def test_archive_format(app_service: InProcessService, shop_db: Path, compress: 
     assert set(artifacts) == {"archive", "manifest"}
     tarball = artifacts["archive"]
     suffix = ".tar.gz" if compress else ".tar"
-    assert tarball["artifact_name"] == f"Tar-ball-{run['created_at'][:10]}-{run['id'][:8]}{suffix}"
+    assert tarball["artifact_name"] == f"Tar-ball--{run['created_at'][:10]}-{run['id'][:8]}{suffix}"
     assert tarball["content_type"] == ("application/gzip" if compress else "application/x-tar")
     assert tarball["is_primary"] is True
     with tarfile.open(tarball["storage_path"]) as tar:
