@@ -399,6 +399,51 @@ def test_postgres_arrays_of_domains_load_as_their_base_type(pg: PG) -> None:
     }
 
 
+def export_both_paths(pg: PG, table: str) -> list[bytes]:
+    """The table's JSON lines, the same bytes whether the server builds them or Python does."""
+    exported = []
+    for server_json in (True, False):
+        with open_source(pg.url) as source:
+            source.server_json = server_json  # type: ignore[attr-defined]
+            exported.append(export(source, pg.name(table)))
+    assert exported[0] == exported[1]
+    return exported[0]
+
+
+PG_NOT_ARRAYS = """
+CREATE DOMAIN {s}.keys AS int2vector;
+CREATE DOMAIN {s}.spot2 AS point;
+CREATE TABLE {s}.not_arrays (
+    id integer PRIMARY KEY, i2v int2vector, oidv oidvector, k {s}.keys, nm name, pt point,
+    sp {s}.spot2, ls lseg, bx box, ln line, i2va int2vector[], oidva oidvector[], ka {s}.keys[],
+    nma name[], pta point[], spa {s}.spot2[], lsa lseg[], bxa box[], lna line[]
+);
+INSERT INTO {s}.not_arrays VALUES (
+    1, '1 2 3', '4 5', '', 'n', '(1,2)', '(3,4)', '[(1,2),(3,4)]', '((1,1),(0,0))', '{1,2,3}',
+    '{"1 2",3}', '{"4 5"}', '{"6 7"}', '{a,"b c"}', '{"(1,2)"}', '{"(3,4)"}', '{"[(1,2),(3,4)]"}',
+    '{(1,1),(0,0);(2,2),(1,1)}', '{"{1,2,3}"}'
+);
+INSERT INTO {s}.not_arrays (id) VALUES (2);
+"""
+
+
+def test_postgres_types_with_an_element_type_that_are_not_arrays(pg: PG) -> None:
+    """int2vector and oidvector (array category, their own text), point, box, name… (an element
+    type, a fixed length): scalars, their text; their arrays, arrays of that text."""
+    pg.run(PG_NOT_ARRAYS)
+    lines = export_both_paths(pg, "not_arrays")
+    assert [orjson.loads(line) for line in lines] == [
+        {
+            "id": 1, "i2v": "1 2 3", "oidv": "4 5", "k": "", "nm": "n", "pt": "(1,2)", "sp": "(3,4)",
+            "ls": "[(1,2),(3,4)]", "bx": "(1,1),(0,0)", "ln": "{1,2,3}", "i2va": ["1 2", "3"],
+            "oidva": ["4 5"], "ka": ["6 7"], "nma": ["a", "b c"], "pta": ["(1,2)"], "spa": ["(3,4)"],
+            "lsa": ["[(1,2),(3,4)]"], "bxa": ["(1,1),(0,0)", "(2,2),(1,1)"], "lna": ["{1,2,3}"],
+        },
+        {"id": 2, **dict.fromkeys(["i2v", "oidv", "k", "nm", "pt", "sp", "ls", "bx", "ln", "i2va",
+                                   "oidva", "ka", "nma", "pta", "spa", "lsa", "bxa", "lna"])},
+    ]  # fmt: skip
+
+
 # ---------------------------------------------------------------- MySQL type fidelity
 
 MY_EVERY_TYPE = """

@@ -24,7 +24,8 @@ CASE beside it (``_joined``). Each value in its cheapest exact form:
 * any other scalar type (enums, ranges, ``inet``, ``money``, composites…): its
   output function's text as a string.
 
-Arrays (and the ``int2vector`` kind) are left to the row-by-row path: ``None``.
+Arrays are left to the row-by-row path: ``None``. (``int2vector``, ``oidvector``, ``point``…
+have an element type but are no arrays: their text, as any other scalar.)
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Column:
     cast: str | None  # ``::<base type>`` when the column is a domain, else None
     nullable: bool
     kind: str  # pg_type.typtype of the base type: b (base), c (composite), e, r, m, p…
-    is_array: bool  # an array (or int2vector / oidvector): not built in SQL
+    is_array: bool  # an array (its text is array_out's): not built in SQL
 
 
 # A row's SQL is built as pieces: a literal's text (``str``), an expression (``_Sql``) or a CASE

@@ -96,7 +96,7 @@ def plan(conn: psycopg.Connection[Any], listed_sql: str, oid: int, kind: str) ->
     types = {
         type_oid: (typtype, is_array, shown)
         for type_oid, typtype, is_array, shown in conn.execute(
-            "SELECT oid, typtype::text, typcategory = 'A', format_type(oid, NULL) FROM pg_type"
+            "SELECT oid, typtype::text, typoutput = 'array_out'::regproc, format_type(oid, NULL) FROM pg_type"
             " WHERE oid = ANY(%s)",
             (oids,),
         )

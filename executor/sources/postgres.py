@@ -58,8 +58,8 @@ interval                        ISO 8601 duration (``"P1Y2M3DT4H5M6.5S"``;
 arrays (any dimension)          arrays, nested, each element as above (an
                                 array of a domain: as the domain's base type)
 anything else (inet, money,     string, PostgreSQL's text form
-ranges, geometry, composite,
-bit, xml, tsvector, …)
+ranges, geometry, composite,    (int2vector and oidvector too: ``"1 2 3"``;
+bit, xml, tsvector, …)          they are not arrays, whatever their category)
 NULL                            null
 =============================== ==============================================
 
@@ -108,16 +108,18 @@ SET standard_conforming_strings = on
 JSON_OIDS = frozenset({114, 199, 3802, 3807})  # json, json[], jsonb, jsonb[]
 
 # Every type a table's columns are made of: the column types, then (repeatedly) a domain's
-# base type and an array's element type.
+# base type and an array's element type. An array is a type whose text is array_out's
+# ("{1,2}"): int2vector and oidvector have an element type and the array category but their
+# own text ("1 2 3"), and point, box, name… an element type too; those are scalars here.
 _USED_TYPES_SQL = """
 WITH RECURSIVE used(oid) AS (
     SELECT atttypid FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped
     UNION
     SELECT CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.typelem END
       FROM used JOIN pg_type t ON t.oid = used.oid
-     WHERE t.typtype = 'd' OR (t.typcategory = 'A' AND t.typelem <> 0)
+     WHERE t.typtype = 'd' OR t.typoutput = 'array_out'::regproc
 )
-SELECT t.oid, t.typtype = 'd', t.typbasetype, t.typelem, t.typcategory = 'A', t.typdelim
+SELECT t.oid, t.typtype = 'd', t.typbasetype, t.typelem, t.typoutput = 'array_out'::regproc, t.typdelim
   FROM used JOIN pg_type t ON t.oid = used.oid
 """
 
@@ -557,7 +559,7 @@ class PostgresSource(ServerSource):
             type_oid = base(type_oid)
             if type_oid in JSON_OIDS:
                 return True
-            return type_oid in types and types[type_oid][2] != 0 and holds_json(types[type_oid][2])
+            return type_oid in types and types[type_oid][3] and holds_json(types[type_oid][2])
 
         known = {info.array_oid for info in builtin_types} | self._array_oids
         for array_oid, (is_domain, _base, element_oid, is_array, delimiter) in types.items():
