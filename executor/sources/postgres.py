@@ -56,7 +56,10 @@ BC dates and timestamps         astronomical ISO 8601 years: 1 BC is
 interval                        ISO 8601 duration (``"P1Y2M3DT4H5M6.5S"``;
                                 each part signed: ``"P-1Y-2M3DT-4H"``)
 arrays (any dimension)          arrays, nested, each element as above (an
-                                array of a domain: as the domain's base type)
+                                array of a domain: as the domain's base type);
+                                one with a lower bound other than 1: its
+                                text, ``"[0:1]={1,2}"`` (as a list, it would be
+                                ``'{1,2}'``; the session's text: UTC, ISO)
 anything else (inet, money,     string, PostgreSQL's text form
 ranges, geometry, composite,    (int2vector and oidvector too: ``"1 2 3"``;
 bit, xml, tsvector, …)          they are not arrays, whatever their category)
@@ -76,11 +79,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
+import orjson
 import psycopg
 import psycopg.errors
 from psycopg.adapt import Buffer, Loader
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.postgres import types as builtin_types
+from psycopg.pq import Format
 from psycopg.types import TypeInfo
 from psycopg.types.array import register_array
 from psycopg.types.string import TextLoader
@@ -189,6 +194,28 @@ class _ByteaLoader(Loader):
 class _JsonLoader(Loader):
     def load(self, data: Buffer) -> bytes:
         return compact_json(data)
+
+
+class _BoundsLoader(Loader):
+    """An array as a list (psycopg's loader, ``array``) when every lower bound is 1, the common
+    case; otherwise PostgreSQL's text of it ("[0:1]={1,2}"), as a list would drop the bounds.
+
+    PostgreSQL prints the bounds ("[lower:upper]=" for each dimension) exactly when one of them
+    is not 1. ``as_json``: the array holds JSON, and RowEncoder copies bytes: give a JSON string.
+    """
+
+    array: type[Loader]
+    as_json: bool
+
+    def __init__(self, oid: int, context: Any = None) -> None:
+        super().__init__(oid, context)
+        self._load = self.array(oid, context).load
+
+    def load(self, data: Buffer) -> Any:
+        if data[0] != 91:  # '[': a byte compared, the cheapest test (the common case pays it alone)
+            return self._load(data)
+        text = str(data, "utf-8")
+        return orjson.dumps(text) if self.as_json else text
 
 
 _LOADERS: dict[str, type[Loader]] = {
@@ -308,6 +335,7 @@ class PostgresSource(ServerSource):
         if "application_name" not in params:
             self._extra["application_name"] = "extracts"
         self._array_oids: set[int] = set()
+        self._bounded_oids: set[int] = set()  # arrays whose loader keeps bounds (_BoundsLoader)
         self._json_oids = set(JSON_OIDS)  # and the user arrays of JSON registered on this connection
         self._cursor_ids = itertools.count(1)
         self._helpers = pgread.Helpers(self._open_helper)
@@ -327,6 +355,7 @@ class PostgresSource(ServerSource):
         conn.deferrable = True
         _configure_loaders(conn)
         self._array_oids.clear()
+        self._bounded_oids.clear()
         self._json_oids = set(JSON_OIDS)
         return conn
 
@@ -546,7 +575,8 @@ class PostgresSource(ServerSource):
         column by its base type, but an array of a domain by the array's own type, whose
         element is the domain, which has no loader. Domains over domains, domains over
         arrays and arrays of those resolve the same way. Arrays whose elements are JSON
-        are remembered, so that RowEncoder copies their text.
+        are remembered, so that RowEncoder copies their text. Every array's loader, built-in
+        or not, then keeps lower bounds other than 1 (``_BoundsLoader``).
         """
         types = {row[0]: row[1:] for row in self._fetch(_USED_TYPES_SQL, (oid,))}
 
@@ -572,6 +602,15 @@ class PostgresSource(ServerSource):
             self._array_oids.add(array_oid)
             if holds_json(element_oid):
                 self._json_oids.add(array_oid)
+        for array_oid, (is_domain, _base, element_oid, is_array, _delimiter) in types.items():
+            if is_domain or not is_array or element_oid == 0 or array_oid in self._bounded_oids:
+                continue
+            array = self._conn.adapters.get_loader(array_oid, Format.TEXT)
+            if array is not None:
+                as_json = array_oid in self._json_oids
+                loader = type("BoundsLoader", (_BoundsLoader,), {"array": array, "as_json": as_json})
+                self._conn.adapters.register_loader(array_oid, loader)
+                self._bounded_oids.add(array_oid)
 
 
 def _numeric_typmod(typmod: int) -> tuple[int | None, int | None]:
