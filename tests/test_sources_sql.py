@@ -487,6 +487,72 @@ def test_postgres_arrays_whose_lower_bounds_are_not_all_1_are_their_text(pg: PG)
     assert [(row["ia"], row["d"]) for row in map(orjson.loads, lines[1:])] == texts
 
 
+PG_SQL_ASCII = b"""
+CREATE TYPE mood AS ENUM ('caf\xe9');
+CREATE TABLE t (
+    id int PRIMARY KEY, v text, vc varchar(10), c char(5), j json, jb jsonb, ta text[], m mood,
+    "k\xc3\xa9" text, bounded text[]
+);
+INSERT INTO t VALUES
+    (1, 'caf\xe9', 'caf\xe9', 'x\xff', '{"caf\xe9": "\xe9t\xc3\xa9",
+ "n": 1.50}', '{"caf\xe9": 1}',
+     '{"a\xe9",b}', 'caf\xe9', '\xc3\xa9t\xc3\xa9', '[0:0]={"\xe9"}'),
+    (2, '\xc3\xa9t\xc3\xa9 \xc3', NULL, NULL, NULL, NULL, NULL, NULL, 'x', '{}');
+CREATE DOMAIN "st\xe9" AS timestamptz;
+CREATE TABLE "n\xe9" ("c\xe8" int, "d\xe9" "st\xe9");
+INSERT INTO "n\xe9" VALUES (7, '2024-01-02 03:04:05+00');
+CREATE VIEW "v\xe9" AS SELECT * FROM t;
+"""
+
+
+def test_postgres_sql_ascii_bytes_that_are_not_utf8_are_u_fffd(pg: PG) -> None:
+    """A SQL_ASCII database stores text unchecked: its bytes that are not UTF-8 (values, names,
+    JSON, enum labels, array elements) export as U+FFFD, as SQLite's do, on both paths."""
+    database = f"{NAME}_ascii"
+    pg.run(f"CREATE DATABASE \"{database}\" ENCODING 'SQL_ASCII' TEMPLATE template0 LOCALE 'C'")
+    try:
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{database}", autocommit=True) as conn:
+            conn.execute(PG_SQL_ASCII)  # bytes: the session sends them as they are
+        url = f"postgresql://postgres@127.0.0.1:5432/{database}"
+        exported = {}
+        for server_json in (True, False):
+            with open_source(url) as source:
+                source.server_json = server_json  # type: ignore[attr-defined]
+                assert source.names() == ["n\ufffd", "t", "v\ufffd"]
+                exported[server_json] = {name: export(source, name) for name in source.names()}
+                assert source.count("t", {"k\u00e9": "\u00e9t\u00e9", "v": "caf\ufffd"}) == 0
+                assert (
+                    source.count("t", {"k\u00e9": "\u00e9t\u00e9"}) == 1
+                )  # a filter's names and values: UTF-8
+                described = source.describe(["n\ufffd", "t"])
+        assert exported[True] == exported[False]
+        rows = [orjson.loads(line) for line in exported[True]["t"]]
+        assert rows == [
+            {
+                "id": 1, "v": "caf\ufffd", "vc": "caf\ufffd", "c": "x\ufffd   ",
+                "j": {"caf\ufffd": "\ufffdt\u00e9", "n": 1.5}, "jb": {"caf\ufffd": 1},
+                "ta": ["a\ufffd", "b"], "m": "caf\ufffd", "k\u00e9": "\u00e9t\u00e9",
+                "bounded": "[0:0]={\ufffd}",
+            },
+            {
+                "id": 2, "v": "\u00e9t\u00e9 \ufffd", "vc": None, "c": None, "j": None, "jb": None,
+                "ta": None, "m": None, "k\u00e9": "x", "bounded": [],
+            },
+        ]  # fmt: skip
+        assert b'"n":1.50}' in exported[True]["t"][0]  # JSON still copied, digits and all
+        assert exported[True]["v\ufffd"] == exported[True]["t"]
+        assert [orjson.loads(line) for line in exported[True]["n\ufffd"]] == [
+            {"c\ufffd": 7, "d\ufffd": "2024-01-02T03:04:05Z"}
+        ]
+        assert {name: column["type"] for name, column in described["n\ufffd"]["columns"].items()} == {
+            "c\ufffd": "integer",
+            "d\ufffd": '"st\ufffd"',
+        }
+        assert list(described["t"]["columns"])[-2:] == ["k\u00e9", "bounded"]
+    finally:
+        pg.run(f'DROP DATABASE "{database}" WITH (FORCE)')
+
+
 # ---------------------------------------------------------------- MySQL type fidelity
 
 MY_EVERY_TYPE = """

@@ -24,6 +24,13 @@ table. Materialized views are listed as views (exported only when named;
 an unpopulated one fails the run with PostgreSQL's message). Foreign tables
 are not listed: their rows live in another server, outside the snapshot.
 
+Encoding. Text comes as UTF-8. A ``SQL_ASCII`` database stores text unchecked and
+PostgreSQL will not send bytes that are not UTF-8 to a UTF8 client: its session
+reads as LATIN1 (every byte as it is), and its values and names are exported and
+listed with those bytes as U+FFFD, as SQLite's (names differing only there look
+alike; the first listed is the one a name means). A filter's columns and values
+are sent as UTF-8.
+
 Row counts (``executor.sources.server``): a table's size is its size on disk,
 the estimate PostgreSQL's planner's (``pg_class.reltuples``, null when the
 table was never analyzed); an unpopulated materialized view has none.
@@ -82,20 +89,20 @@ from typing import Any
 import orjson
 import psycopg
 import psycopg.errors
-from psycopg.adapt import Buffer, Loader
+from psycopg.adapt import AdaptersMap, Buffer, Loader
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.postgres import types as builtin_types
 from psycopg.pq import Format
 from psycopg.types import TypeInfo
 from psycopg.types.array import register_array
-from psycopg.types.string import TextLoader
+from psycopg.types.string import StrDumperUnknown, TextLoader
 
 from executor.credentials import ambiguous_password
 from executor.filters import compile_where
 from executor.sources import pgread
 from executor.sources.base import SourceError
 from executor.sources.parallel import in_order
-from executor.sources.rowjson import RowEncoder, compact_json, lower_first, one_line
+from executor.sources.rowjson import RowEncoder, compact_json, lower_first, one_line, valid_utf8
 from executor.sources.server import Listed, ServerSource
 
 # Session settings the loaders below rely on.
@@ -106,9 +113,12 @@ SET DateStyle = 'ISO, YMD';
 SET IntervalStyle = 'iso_8601';
 SET bytea_output = 'hex';
 SET extra_float_digits = 1;
-SET client_encoding = 'UTF8';
 SET standard_conforming_strings = on
 """
+# A SQL_ASCII database stores text unchecked, and PostgreSQL refuses to send a byte that is
+# not UTF-8 to a UTF8 client. As LATIN1 every byte comes as it is, one character each, and a
+# name read so goes back into SQL the same (``_shown`` gives it as UTF-8).
+CLIENT_ENCODING = {False: "SET client_encoding = 'UTF8'", True: "SET client_encoding = 'LATIN1'"}
 
 JSON_OIDS = frozenset({114, 199, 3802, 3807})  # json, json[], jsonb, jsonb[]
 
@@ -196,6 +206,18 @@ class _JsonLoader(Loader):
         return compact_json(data)
 
 
+class _UncheckedTextLoader(Loader):
+    """Text of a SQL_ASCII database: UTF-8, bytes that are not as U+FFFD."""
+
+    def load(self, data: Buffer) -> str:
+        return str(data, "utf-8", "replace")
+
+
+class _UncheckedJsonLoader(Loader):
+    def load(self, data: Buffer) -> bytes:
+        return compact_json(valid_utf8(bytes(data)))
+
+
 class _BoundsLoader(Loader):
     """An array as a list (psycopg's loader, ``array``) when every lower bound is 1, the common
     case; otherwise PostgreSQL's text of it ("[0:1]={1,2}"), as a list would drop the bounds.
@@ -214,7 +236,7 @@ class _BoundsLoader(Loader):
     def load(self, data: Buffer) -> Any:
         if data[0] != 91:  # '[': a byte compared, the cheapest test (the common case pays it alone)
             return self._load(data)
-        text = str(data, "utf-8")
+        text = str(data, "utf-8", "replace")  # "replace": a SQL_ASCII database's text
         return orjson.dumps(text) if self.as_json else text
 
 
@@ -231,6 +253,7 @@ _LOADERS: dict[str, type[Loader]] = {
 }
 # psycopg's own loaders already give JSON-ready values for these.
 _KEEP = {"int2", "int4", "int8", "oid", "bool", "text", "varchar", "bpchar", "name", '"char"'}
+_NUMBERS = {"int2", "int4", "int8", "oid", "bool"}
 
 
 def _configure_loaders(conn: psycopg.Connection[Any]) -> None:
@@ -241,6 +264,40 @@ def _configure_loaders(conn: psycopg.Connection[Any]) -> None:
             # numeric, uuid, interval (ISO 8601 in this session), time, inet, ranges, …:
             # the exact text PostgreSQL prints.
             conn.adapters.register_loader(info.oid, TextLoader)
+
+
+def _read_unchecked(adapters: AdaptersMap) -> None:
+    """The loaders of a SQL_ASCII database's values (a cursor's): text as UTF-8, U+FFFD for
+    bytes that are not. The connection's keep reading names as they are, for SQL."""
+    for info in builtin_types:
+        if info.name in ("json", "jsonb"):
+            adapters.register_loader(info.oid, _UncheckedJsonLoader)
+        elif info.name not in _LOADERS and info.name not in _NUMBERS:
+            adapters.register_loader(info.oid, _UncheckedTextLoader)
+    adapters.register_loader(0, _UncheckedTextLoader)  # psycopg's for every other type (enums…)
+
+
+def _shown(raw: str) -> str:
+    """A SQL_ASCII database's text read as LATIN1 (``CLIENT_ENCODING``) as UTF-8, U+FFFD for bytes
+    that are not."""
+    return raw.encode("latin-1").decode("utf-8", "replace")
+
+
+def _raw(given: str) -> str:
+    """A name or value given in UTF-8 as a SQL_ASCII session (LATIN1) sends those bytes."""
+    return given.encode("utf-8").decode("latin-1")
+
+
+def _quote_given(identifier: str) -> str:
+    """``_quote`` of a name given in UTF-8 (a filter's column) for a SQL_ASCII session."""
+    return _quote(_raw(identifier))
+
+
+class _UncheckedStrDumper(StrDumperUnknown):
+    """A str parameter of a SQL_ASCII session: its UTF-8 bytes, not LATIN1's."""
+
+    def dump(self, obj: str) -> Buffer | None:
+        return super().dump(_raw(obj))
 
 
 # ---------------------------------------------------------------- the source
@@ -275,17 +332,17 @@ SELECT CASE WHEN n.nspname = 'public' THEN c.relname ELSE n.nspname || '.' || c.
 """
 
 
-def _listed(row: tuple[Any, ...]) -> Listed:
+def _listed(row: tuple[Any, ...], unchecked: bool = False) -> Listed:
     """A row of _RELATIONS_SQL as a listing.
 
     An exact count only for a table the session may read; the planner's estimate only
     once the table was analyzed (reltuples ≥ 0); neither for a view or an unpopulated
-    materialized view.
+    materialized view. ``unchecked``: names of a SQL_ASCII database, shown as UTF-8.
     """
     name, oid, namespace, relname, relkind, columns, size, estimate, populated, readable = row
     counted = relkind != "v" and populated
     return Listed(
-        name=name,
+        name=_shown(name) if unchecked else name,
         kind="table" if relkind in "rp" else "view",
         sql=f"{_quote(namespace)}.{_quote(relname)}",
         columns=columns,
@@ -334,6 +391,7 @@ class PostgresSource(ServerSource):
             self._extra["connect_timeout"] = 10  # a dead host fails start-up in seconds, not minutes
         if "application_name" not in params:
             self._extra["application_name"] = "extracts"
+        self._unchecked = False  # a SQL_ASCII database: text read as LATIN1 (CLIENT_ENCODING)
         self._array_oids: set[int] = set()
         self._bounded_oids: set[int] = set()  # arrays whose loader keeps bounds (_BoundsLoader)
         self._json_oids = set(JSON_OIDS)  # and the user arrays of JSON registered on this connection
@@ -343,7 +401,7 @@ class PostgresSource(ServerSource):
     def _open(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(self._location, autocommit=True, **self._extra)
         try:
-            conn.execute(SESSION_SETTINGS)
+            self._unchecked = _start_session(conn)
         except psycopg.Error as exc:
             conn.close()
             raise SourceError(f"Cannot configure the PostgreSQL session: {self._reason(exc)}") from None
@@ -354,6 +412,9 @@ class PostgresSource(ServerSource):
         conn.read_only = True
         conn.deferrable = True
         _configure_loaders(conn)
+        if self._unchecked:
+            conn.adapters.register_dumper(str, _UncheckedStrDumper)
+        self._quote = _quote_given if self._unchecked else _quote  # a filter's columns, as given
         self._array_oids.clear()
         self._bounded_oids.clear()
         self._json_oids = set(JSON_OIDS)
@@ -361,7 +422,7 @@ class PostgresSource(ServerSource):
 
     def _open_helper(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(self._location, autocommit=True, **self._extra)
-        conn.execute(SESSION_SETTINGS)
+        _start_session(conn)
         return conn
 
     def _connect_reason(self, exc: BaseException) -> str:
@@ -390,11 +451,24 @@ class PostgresSource(ServerSource):
     def _fetch(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
         return self._conn.execute(query, params).fetchall()
 
+    def _catalog(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        """``_fetch`` for what is shown, not sent back: a SQL_ASCII database's names as UTF-8."""
+        rows = self._fetch(query, params)
+        if not self._unchecked:
+            return rows
+        return [tuple(_shown_value(value) for value in row) for row in rows]
+
     def _listing(self) -> list[Listed]:
-        return [_listed(row) for row in sorted(self._fetch(_RELATIONS_SQL))]
+        return [_listed(row, self._unchecked) for row in sorted(self._fetch(_RELATIONS_SQL))]
+
+    def _column_names(self, listed: Listed) -> list[str]:
+        return [row[0] for row in self._catalog(self._columns_sql, (listed.key,))]
 
     def _lookup(self, name: str) -> Listed | None:
         # The public table wins when a name could mean two relations (module docstring).
+        if self._unchecked:  # a name shown with U+FFFD has no SQL: compared here
+            rows = sorted(self._fetch(_RELATIONS_SQL), key=lambda row: (row[2] != "public", row))
+            return next((_listed(row, True) for row in rows if _shown(row[0]) == name), None)
         rows = self._fetch(
             _RELATIONS_SQL
             + " AND ((n.nspname = 'public' AND c.relname = %s)"
@@ -406,7 +480,7 @@ class PostgresSource(ServerSource):
 
     def _structure(self, listed: Listed) -> dict[str, Any]:
         oid = listed.key
-        constraints = self._fetch(
+        constraints = self._catalog(
             """
             SELECT con.contype,
                    ARRAY(SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(num, i)
@@ -441,7 +515,7 @@ class PostgresSource(ServerSource):
                     }
                 )
         columns = {}
-        for name, type_, notnull, default, identity, generated, type_oid, typmod in self._fetch(
+        for name, type_, notnull, default, identity, generated, type_oid, typmod in self._catalog(
             """
             SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
                    pg_get_expr(d.adbin, d.adrelid), a.attidentity, a.attgenerated,
@@ -468,7 +542,7 @@ class PostgresSource(ServerSource):
             columns[name] = column
         indexes = [
             {"name": index_name, "columns": index_columns, "unique": unique}
-            for index_name, index_columns, unique in self._fetch(
+            for index_name, index_columns, unique in self._catalog(
                 """
                 SELECT i.relname,
                        ARRAY(SELECT CASE WHEN x.indkey[k - 1] = 0
@@ -525,6 +599,16 @@ class PostgresSource(ServerSource):
     def _server_lines(
         self, listed: Listed, read: pgread.Plan, clause: str, params: list[Any], batch_size: int
     ) -> Iterator[tuple[bytes, int]]:
+        chunks = self._server_chunks(listed, read, clause, params, batch_size)
+        if not self._unchecked:
+            yield from chunks
+            return
+        for chunk, count in chunks:  # a SQL_ASCII database's bytes, as they are stored
+            yield valid_utf8(chunk), count
+
+    def _server_chunks(
+        self, listed: Listed, read: pgread.Plan, clause: str, params: list[Any], batch_size: int
+    ) -> Iterator[tuple[bytes, int]]:
         assert read.row_sql is not None
         if read.blocks is None:  # no heap of its own: the rows of a query
             query = f"SELECT {read.row_sql.replace('%', '%%')} FROM {listed.sql} t{clause}"
@@ -546,11 +630,13 @@ class PostgresSource(ServerSource):
         self._register_arrays(listed.key)
         with self._reading():
             cursor = self._conn.cursor(name=f"extracts_{next(self._cursor_ids)}")
+            if self._unchecked:
+                _read_unchecked(cursor.adapters)
             with cursor:
                 cursor.execute(f"SELECT * FROM {listed.sql}{clause}", params)
                 description = cursor.description or []
                 encoder = RowEncoder(
-                    [column.name for column in description],
+                    [_shown(column.name) if self._unchecked else column.name for column in description],
                     [i for i, column in enumerate(description) if column.type_code in self._json_oids],
                 )
                 while rows := cursor.fetchmany(batch_size):
@@ -611,6 +697,22 @@ class PostgresSource(ServerSource):
                 loader = type("BoundsLoader", (_BoundsLoader,), {"array": array, "as_json": as_json})
                 self._conn.adapters.register_loader(array_oid, loader)
                 self._bounded_oids.add(array_oid)
+
+
+def _start_session(conn: psycopg.Connection[Any]) -> bool:
+    """The session settings; True: the database is SQL_ASCII, its text read unchecked as LATIN1."""
+    unchecked = conn.info.parameter_status("server_encoding") == "SQL_ASCII"
+    conn.execute(f"{SESSION_SETTINGS};\n{CLIENT_ENCODING[unchecked]}")
+    return unchecked
+
+
+def _shown_value(value: Any) -> Any:
+    """A catalog value, its strings (in lists too) ``_shown``."""
+    if isinstance(value, str):
+        return _shown(value)
+    if isinstance(value, list):
+        return [_shown_value(item) for item in value]
+    return value
 
 
 def _numeric_typmod(typmod: int) -> tuple[int | None, int | None]:

@@ -55,7 +55,8 @@ from executor.credentials import redact
 from executor.filters import compile_where
 from executor.sources.base import Source, SourceError, SourceUnavailable, UnknownSchema, foreign_keys
 from executor.sources.parallel import Feed, in_order
-from executor.sources.sqlitejson import AFFINITY_KINDS, STRICT_KINDS, affinity, row_json_sql, valid_utf8
+from executor.sources.rowjson import valid_utf8
+from executor.sources.sqlitejson import AFFINITY_KINDS, STRICT_KINDS, affinity, row_json_sql
 
 # A chunk of JSON lines aims at this many bytes (flat memory, few Python objects).
 _CHUNK_BYTES = 1 << 20

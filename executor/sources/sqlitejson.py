@@ -7,12 +7,9 @@ column can hold (``STRICT_KINDS``, ``AFFINITY_KINDS``).
 
 from __future__ import annotations
 
-import codecs
-
 # SQLite's default SQLITE_MAX_FUNCTION_ARG is 127: at most 63 key/value pairs per
 # json_object() call, so wide tables are encoded as several objects glued together.
 _PAIRS_PER_CALL = 60
-_UTF8_PIECE = 1 << 16  # bytes of JSON text checked at a time (valid_utf8)
 
 # What each kind of column can hold: "raw" (integers, text and NULL, which json_object
 # encodes exactly), "text" (text or blobs), "blob", "real", or "any" storage class.
@@ -104,21 +101,3 @@ def row_json_sql(columns: list[str], kinds: list[str], zero_sql: str) -> str:
         f"ltrim({calls[-1]}, '{{')",
     ]
     return " || ',' || ".join(inner)
-
-
-def valid_utf8(chunk: bytes) -> bytes:
-    """``chunk``, with bytes that are not UTF-8 as U+FFFD (SQLite stores TEXT unchecked)."""
-    if chunk.isascii():  # the common case, checked a word at a time
-        return chunk
-    # Decoded 64 KiB at a time: each piece's text is small and stays in the CPU's
-    # cache, three times faster than one string of the whole chunk (up to 4 bytes
-    # a character), and no megabyte-sized string fragments the heap run after run.
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    view = memoryview(chunk)
-    try:
-        for start in range(0, len(view), _UTF8_PIECE):
-            decoder.decode(view[start : start + _UTF8_PIECE])
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return chunk.decode("utf-8", "replace").encode("utf-8")
-    return chunk
