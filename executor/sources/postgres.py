@@ -51,7 +51,8 @@ bytea                           string, base64
 uuid                            string (``"a0eebc99-…"``)
 json, jsonb                     the JSON value itself, nested; its text is
                                 copied as is (made one line), so numbers keep
-                                every digit and json keeps key order
+                                every digit and json keeps key order; a JSON
+                                null is null, as SQL NULL is
 date                            ``"2024-01-02"``
 timestamp                       ``"2024-01-02T03:04:05.123456"`` (no offset)
 timestamp with time zone        ``"2024-01-02T03:04:05.123456Z"`` (UTC)
@@ -67,9 +68,11 @@ arrays (any dimension)          arrays, nested, each element as above (an
                                 one with a lower bound other than 1: its
                                 text, ``"[0:1]={1,2}"`` (as a list, it would be
                                 ``'{1,2}'``; the session's text: UTC, ISO)
-anything else (inet, money,     string, PostgreSQL's text form
-ranges, geometry, composite,    (int2vector and oidvector too: ``"1 2 3"``;
-bit, xml, tsvector, …)          they are not arrays, whatever their category)
+anything else (inet, money,     string, PostgreSQL's text form: the output
+ranges, geometry, composite,    function's, what psql shows (inet '10.0.0.1'
+bit, xml, tsvector, …)          is "10.0.0.1"; ::text adds "/32"); int2vector
+                                and oidvector too (``"1 2 3"``): they are not
+                                arrays, whatever their category
 NULL                            null
 =============================== ==============================================
 
