@@ -132,7 +132,7 @@ def _sql(pieces: tuple[Any, ...]) -> str:
 
 
 def _bc(text: str) -> str:
-    """'0044-03-15 …  BC' → '-0043-03-15 …' (1 BC is year 0000), as ``postgres._astronomical``."""
+    """'0044-03-15 …  BC' → '-0043-03-15 …' (1 BC is year 0000), as ``pgload._astronomical``."""
     year = f"split_part({text}, '-', 1)"
     return (
         f"(CASE WHEN {year} = '0001' THEN '0000' ELSE '-' || lpad(({year}::int - 1)::text, 4, '0') END"

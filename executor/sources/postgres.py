@@ -81,7 +81,6 @@ Fractional seconds carry the digits PostgreSQL prints (trailing zeros dropped).
 
 from __future__ import annotations
 
-import binascii
 import itertools
 import os
 import re
@@ -89,39 +88,31 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-import orjson
 import psycopg
 import psycopg.errors
-from psycopg.adapt import AdaptersMap, Buffer, Loader
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.postgres import types as builtin_types
 from psycopg.pq import Format
 from psycopg.types import TypeInfo
 from psycopg.types.array import register_array
-from psycopg.types.string import StrDumperUnknown, TextLoader
 
 from executor.credentials import ambiguous_password
 from executor.filters import compile_where
 from executor.sources import pgread
 from executor.sources.base import SourceError
 from executor.sources.parallel import in_order
-from executor.sources.rowjson import RowEncoder, compact_json, lower_first, one_line, valid_utf8
+from executor.sources.pgload import (
+    BoundsLoader,
+    UncheckedStrDumper,
+    as_session_text,
+    configure_loaders,
+    read_unchecked,
+    shown,
+    shown_value,
+    start_session,
+)
+from executor.sources.rowjson import RowEncoder, lower_first, one_line, valid_utf8
 from executor.sources.server import Listed, ServerSource
-
-# Session settings the loaders below rely on.
-SESSION_SETTINGS = """
-SET default_transaction_read_only = on;
-SET TimeZone = 'UTC';
-SET DateStyle = 'ISO, YMD';
-SET IntervalStyle = 'iso_8601';
-SET bytea_output = 'hex';
-SET extra_float_digits = 1;
-SET standard_conforming_strings = on
-"""
-# A SQL_ASCII database stores text unchecked, and PostgreSQL refuses to send a byte that is
-# not UTF-8 to a UTF8 client. As LATIN1 every byte comes as it is, one character each, and a
-# name read so goes back into SQL the same (``_shown`` gives it as UTF-8).
-CLIENT_ENCODING = {False: "SET client_encoding = 'UTF8'", True: "SET client_encoding = 'LATIN1'"}
 
 JSON_OIDS = frozenset({114, 199, 3802, 3807})  # json, json[], jsonb, jsonb[]
 
@@ -147,168 +138,17 @@ PARALLEL_MIN_BLOCKS = 1024
 ON_ACTION = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
 
 
-# ---------------------------------------------------------------- loaders
-# Each turns PostgreSQL's text output (in the session settings above) into the
-# JSON-ready value of the type-fidelity table; psycopg's array loaders apply
-# them to array elements too.
-
-
-def _astronomical(text: str) -> str:
-    """'0044-03-15 …  BC' → '-0043-03-15 …' (ISO 8601 has a year 0000 = 1 BC)."""
-    year, rest = text[:-3].split("-", 1)
-    astronomical = 1 - int(year)
-    return (f"-{-astronomical:04d}" if astronomical else "0000") + "-" + rest
-
-
-class _DateLoader(Loader):
-    def load(self, data: Buffer) -> str:
-        text = str(data, "utf-8")
-        return _astronomical(text) if text.endswith("BC") else text
-
-
-class _TimestampLoader(Loader):
-    def load(self, data: Buffer) -> str:
-        text = str(data, "utf-8")
-        if text.endswith("BC"):
-            text = _astronomical(text)
-        return text.replace(" ", "T", 1)
-
-
-class _TimestampTzLoader(Loader):
-    def load(self, data: Buffer) -> str:
-        text = str(data, "utf-8")
-        if text.endswith("+00"):  # the offset, always, in a UTC session
-            return text[:-3].replace(" ", "T", 1) + "Z"
-        if text.endswith("BC"):
-            return self.load(_astronomical(text).encode())
-        return text  # ±infinity
-
-
-class _TimeTzLoader(Loader):
-    def load(self, data: Buffer) -> str:
-        text = str(data, "utf-8")
-        sign = max(text.rfind("+"), text.rfind("-"))
-        return text + ":00" if len(text) - sign == 3 else text  # '+02' → '+02:00'
-
-
-class _FloatLoader(Loader):
-    def load(self, data: Buffer) -> float | str:
-        number = float(data)
-        # inf - inf and nan - nan are nan: those three stay strings, JSON has no such numbers.
-        return number if number - number == 0 else str(data, "utf-8")
-
-
-class _ByteaLoader(Loader):
-    def load(self, data: Buffer) -> str:
-        raw = binascii.a2b_hex(bytes(data)[2:])  # hex output: '\x0102…'
-        return binascii.b2a_base64(raw, newline=False).decode("ascii")
-
-
-class _JsonLoader(Loader):
-    def load(self, data: Buffer) -> bytes:
-        return compact_json(data)
-
-
-class _UncheckedTextLoader(Loader):
-    """Text of a SQL_ASCII database: UTF-8, bytes that are not as U+FFFD."""
-
-    def load(self, data: Buffer) -> str:
-        return str(data, "utf-8", "replace")
-
-
-class _UncheckedJsonLoader(Loader):
-    def load(self, data: Buffer) -> bytes:
-        return compact_json(valid_utf8(bytes(data)))
-
-
-class _BoundsLoader(Loader):
-    """An array as a list (psycopg's loader, ``array``) when every lower bound is 1, the common
-    case; otherwise PostgreSQL's text of it ("[0:1]={1,2}"), as a list would drop the bounds.
-
-    PostgreSQL prints the bounds ("[lower:upper]=" for each dimension) exactly when one of them
-    is not 1. ``as_json``: the array holds JSON, and RowEncoder copies bytes: give a JSON string.
-    """
-
-    array: type[Loader]
-    as_json: bool
-
-    def __init__(self, oid: int, context: Any = None) -> None:
-        super().__init__(oid, context)
-        self._load = self.array(oid, context).load
-
-    def load(self, data: Buffer) -> Any:
-        if data[0] != 91:  # '[': a byte compared, the cheapest test (the common case pays it alone)
-            return self._load(data)
-        text = str(data, "utf-8", "replace")  # "replace": a SQL_ASCII database's text
-        return orjson.dumps(text) if self.as_json else text
-
-
-_LOADERS: dict[str, type[Loader]] = {
-    "date": _DateLoader,
-    "timestamp": _TimestampLoader,
-    "timestamptz": _TimestampTzLoader,
-    "timetz": _TimeTzLoader,
-    "float4": _FloatLoader,
-    "float8": _FloatLoader,
-    "bytea": _ByteaLoader,
-    "json": _JsonLoader,
-    "jsonb": _JsonLoader,
-}
-# psycopg's own loaders already give JSON-ready values for these.
-_KEEP = {"int2", "int4", "int8", "oid", "bool", "text", "varchar", "bpchar", "name", '"char"'}
-_NUMBERS = {"int2", "int4", "int8", "oid", "bool"}
-
-
-def _configure_loaders(conn: psycopg.Connection[Any]) -> None:
-    for info in builtin_types:
-        if info.name in _LOADERS:
-            conn.adapters.register_loader(info.oid, _LOADERS[info.name])
-        elif info.name not in _KEEP:
-            # numeric, uuid, interval (ISO 8601 in this session), time, inet, ranges, …:
-            # the exact text PostgreSQL prints.
-            conn.adapters.register_loader(info.oid, TextLoader)
-
-
-def _read_unchecked(adapters: AdaptersMap) -> None:
-    """The loaders of a SQL_ASCII database's values (a cursor's): text as UTF-8, U+FFFD for
-    bytes that are not. The connection's keep reading names as they are, for SQL."""
-    for info in builtin_types:
-        if info.name in ("json", "jsonb"):
-            adapters.register_loader(info.oid, _UncheckedJsonLoader)
-        elif info.name not in _LOADERS and info.name not in _NUMBERS:
-            adapters.register_loader(info.oid, _UncheckedTextLoader)
-    adapters.register_loader(0, _UncheckedTextLoader)  # psycopg's for every other type (enums…)
-
-
-def _shown(raw: str) -> str:
-    """A SQL_ASCII database's text read as LATIN1 (``CLIENT_ENCODING``) as UTF-8, U+FFFD for bytes
-    that are not."""
-    return raw.encode("latin-1").decode("utf-8", "replace")
-
-
-def _raw(given: str) -> str:
-    """A name or value given in UTF-8 as a SQL_ASCII session (LATIN1) sends those bytes."""
-    return given.encode("utf-8").decode("latin-1")
-
-
-def _quote_given(identifier: str) -> str:
-    """``_quote`` of a name given in UTF-8 (a filter's column) for a SQL_ASCII session."""
-    return _quote(_raw(identifier))
-
-
-class _UncheckedStrDumper(StrDumperUnknown):
-    """A str parameter of a SQL_ASCII session: its UTF-8 bytes, not LATIN1's."""
-
-    def dump(self, obj: str) -> Buffer | None:
-        return super().dump(_raw(obj))
-
-
 # ---------------------------------------------------------------- the source
 
 
 def _quote(identifier: str) -> str:
     # Doubled '%' because every statement is sent with a parameter list.
     return '"' + identifier.replace('"', '""').replace("%", "%%") + '"'
+
+
+def _quote_given(identifier: str) -> str:
+    """``_quote`` of a name given in UTF-8 (a filter's column) for a SQL_ASCII session."""
+    return _quote(as_session_text(identifier))
 
 
 # Every relation that is a schema of the source, with what listings need.
@@ -345,7 +185,7 @@ def _listed(row: tuple[Any, ...], unchecked: bool = False) -> Listed:
     name, oid, namespace, relname, relkind, columns, size, estimate, populated, readable = row
     counted = relkind != "v" and populated
     return Listed(
-        name=_shown(name) if unchecked else name,
+        name=shown(name) if unchecked else name,
         kind="table" if relkind in "rp" else "view",
         sql=f"{_quote(namespace)}.{_quote(relname)}",
         columns=columns,
@@ -396,7 +236,7 @@ class PostgresSource(ServerSource):
             self._extra["application_name"] = "extracts"
         self._unchecked = False  # a SQL_ASCII database: text read as LATIN1 (CLIENT_ENCODING)
         self._array_oids: set[int] = set()
-        self._bounded_oids: set[int] = set()  # arrays whose loader keeps bounds (_BoundsLoader)
+        self._bounded_oids: set[int] = set()  # arrays whose loader keeps bounds (BoundsLoader)
         self._json_oids = set(JSON_OIDS)  # and the user arrays of JSON registered on this connection
         self._cursor_ids = itertools.count(1)
         self._helpers = pgread.Helpers(self._open_helper)
@@ -404,7 +244,7 @@ class PostgresSource(ServerSource):
     def _open(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(self._location, autocommit=True, **self._extra)
         try:
-            self._unchecked = _start_session(conn)
+            self._unchecked = start_session(conn)
         except psycopg.Error as exc:
             conn.close()
             raise SourceError(f"Cannot configure the PostgreSQL session: {self._reason(exc)}") from None
@@ -414,9 +254,9 @@ class PostgresSource(ServerSource):
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         conn.deferrable = True
-        _configure_loaders(conn)
+        configure_loaders(conn)
         if self._unchecked:
-            conn.adapters.register_dumper(str, _UncheckedStrDumper)
+            conn.adapters.register_dumper(str, UncheckedStrDumper)
         self._quote = _quote_given if self._unchecked else _quote  # a filter's columns, as given
         self._array_oids.clear()
         self._bounded_oids.clear()
@@ -425,7 +265,7 @@ class PostgresSource(ServerSource):
 
     def _open_helper(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(self._location, autocommit=True, **self._extra)
-        _start_session(conn)
+        start_session(conn)
         return conn
 
     def _connect_reason(self, exc: BaseException) -> str:
@@ -459,7 +299,7 @@ class PostgresSource(ServerSource):
         rows = self._fetch(query, params)
         if not self._unchecked:
             return rows
-        return [tuple(_shown_value(value) for value in row) for row in rows]
+        return [tuple(shown_value(value) for value in row) for row in rows]
 
     def _listing(self) -> list[Listed]:
         return [_listed(row, self._unchecked) for row in sorted(self._fetch(_RELATIONS_SQL))]
@@ -471,7 +311,7 @@ class PostgresSource(ServerSource):
         # The public table wins when a name could mean two relations (module docstring).
         if self._unchecked:  # a name shown with U+FFFD has no SQL: compared here
             rows = sorted(self._fetch(_RELATIONS_SQL), key=lambda row: (row[2] != "public", row))
-            return next((_listed(row, True) for row in rows if _shown(row[0]) == name), None)
+            return next((_listed(row, True) for row in rows if shown(row[0]) == name), None)
         rows = self._fetch(
             _RELATIONS_SQL
             + " AND ((n.nspname = 'public' AND c.relname = %s)"
@@ -634,12 +474,12 @@ class PostgresSource(ServerSource):
         with self._reading():
             cursor = self._conn.cursor(name=f"extracts_{next(self._cursor_ids)}")
             if self._unchecked:
-                _read_unchecked(cursor.adapters)
+                read_unchecked(cursor.adapters)
             with cursor:
                 cursor.execute(f"SELECT * FROM {listed.sql}{clause}", params)
                 description = cursor.description or []
                 encoder = RowEncoder(
-                    [_shown(column.name) if self._unchecked else column.name for column in description],
+                    [shown(column.name) if self._unchecked else column.name for column in description],
                     [i for i, column in enumerate(description) if column.type_code in self._json_oids],
                 )
                 while rows := cursor.fetchmany(batch_size):
@@ -665,7 +505,7 @@ class PostgresSource(ServerSource):
         element is the domain, which has no loader. Domains over domains, domains over
         arrays and arrays of those resolve the same way. Arrays whose elements are JSON
         are remembered, so that RowEncoder copies their text. Every array's loader, built-in
-        or not, then keeps lower bounds other than 1 (``_BoundsLoader``).
+        or not, then keeps lower bounds other than 1 (``BoundsLoader``).
         """
         types = {row[0]: row[1:] for row in self._fetch(_USED_TYPES_SQL, (oid,))}
 
@@ -697,25 +537,9 @@ class PostgresSource(ServerSource):
             array = self._conn.adapters.get_loader(array_oid, Format.TEXT)
             if array is not None:
                 as_json = array_oid in self._json_oids
-                loader = type("BoundsLoader", (_BoundsLoader,), {"array": array, "as_json": as_json})
+                loader = type("BoundsLoader", (BoundsLoader,), {"array": array, "as_json": as_json})
                 self._conn.adapters.register_loader(array_oid, loader)
                 self._bounded_oids.add(array_oid)
-
-
-def _start_session(conn: psycopg.Connection[Any]) -> bool:
-    """The session settings; True: the database is SQL_ASCII, its text read unchecked as LATIN1."""
-    unchecked = conn.info.parameter_status("server_encoding") == "SQL_ASCII"
-    conn.execute(f"{SESSION_SETTINGS};\n{CLIENT_ENCODING[unchecked]}")
-    return unchecked
-
-
-def _shown_value(value: Any) -> Any:
-    """A catalog value, its strings (in lists too) ``_shown``."""
-    if isinstance(value, str):
-        return _shown(value)
-    if isinstance(value, list):
-        return [_shown_value(item) for item in value]
-    return value
 
 
 def _numeric_typmod(typmod: int) -> tuple[int | None, int | None]:
