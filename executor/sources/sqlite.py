@@ -56,7 +56,7 @@ from executor.filters import compile_where
 from executor.sources.base import Source, SourceError, SourceUnavailable, UnknownSchema, foreign_keys
 from executor.sources.parallel import Feed, in_order
 from executor.sources.rowjson import valid_utf8
-from executor.sources.sqlitejson import AFFINITY_KINDS, STRICT_KINDS, affinity, row_json_sql
+from executor.sources.sqlitejson import AFFINITY_KINDS, affinity, ascii_upper, row_json_sql
 
 # A chunk of JSON lines aims at this many bytes (flat memory, few Python objects).
 _CHUNK_BYTES = 1 << 20
@@ -107,7 +107,43 @@ def _connect(path: Path, timeout: float = 5.0) -> sqlite3.Connection:
         raise _open_error(path, shown, exc) from exc
     conn.create_function("_extracts_base64", 1, _base64, deterministic=True)
     conn.create_function("_extracts_signed_zero", 1, _signed_zero, deterministic=True)
+    conn.text_factory = _text
     return conn
+
+
+def _text(value: bytes) -> str:
+    """A TEXT value, its bytes that are not UTF-8 kept as surrogates (``spellable``, ``shown``).
+
+    SQLite does not check TEXT: a table, column or index name may hold any bytes, and
+    the sqlite3 module's own decoding would fail the whole listing over one such name.
+    """
+    return value.decode("utf-8", "surrogateescape")
+
+
+def spellable(name: str) -> bool:
+    """Whether SQL from this process can name ``name``: the sqlite3 module sends SQL and
+    parameters as UTF-8, which a name holding bytes that are not UTF-8 has no form in."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown_all(value: Any) -> Any:
+    """``value`` (describe's mapping) with each string ``shown``."""
+    if isinstance(value, str):
+        return shown(value)
+    if isinstance(value, dict):
+        return {_shown_all(key): _shown_all(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_shown_all(item) for item in value]
+    return value
+
+
+def shown(text: str | None) -> str | None:
+    """Catalog text as it is shown (describe): bytes that are not UTF-8 as U+FFFD."""
+    return None if text is None else text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _open_error(path: Path, shown: str, exc: sqlite3.Error) -> SourceError:
@@ -134,7 +170,6 @@ def _has_math_functions(conn: sqlite3.Connection) -> bool:
 class _Relation:
     name: str
     kind: str  # "table" | "view" | "virtual"
-    strict: bool = False
 
 
 class SQLiteSource(Source):
@@ -150,6 +185,10 @@ class SQLiteSource(Source):
         self._conn = _connect(self.path)
         self._helpers: list[sqlite3.Connection] = []  # in a snapshot: more connections seeing it
         self._counted: dict[tuple[str, str], int] = {}  # count() in this snapshot, for json_lines
+        # A TEXT's bytes are its UTF-8 in a UTF-8 database (the cast costs nothing), but its
+        # UTF-16 in a UTF-16 one: there the text itself, which the sqlite3 module gets as UTF-8.
+        utf8 = self._conn.execute("PRAGMA encoding").fetchone()[0] == "UTF-8"
+        self.as_bytes = "CAST({} AS BLOB)" if utf8 else "{}"
         # -0.0 keeps its sign through pow(x, -1) = -Inf; without math functions, a
         # Python function does it (called for zero REALs only).
         self._zero_sql = (
@@ -183,17 +222,19 @@ class SQLiteSource(Source):
         with self._reading("list the tables"):
             try:
                 rows = self._conn.execute(
-                    "SELECT name, type, strict FROM pragma_table_list WHERE schema = 'main'"
+                    "SELECT name, type FROM pragma_table_list WHERE schema = 'main'"
                 ).fetchall()
             except sqlite3.OperationalError:  # SQLite before 3.37
                 rows = self._conn.execute(
-                    "SELECT name, CASE WHEN sql LIKE 'CREATE VIRTUAL%' THEN 'virtual' ELSE type END,"
-                    " 0 FROM sqlite_master WHERE type IN ('table', 'view')"
+                    "SELECT name, CASE WHEN sql LIKE 'CREATE VIRTUAL%' THEN 'virtual' ELSE type END"
+                    " FROM sqlite_master WHERE type IN ('table', 'view')"
                 ).fetchall()
         return {
-            name: _Relation(name, kind, bool(strict))
-            for name, kind, strict in rows
-            if kind in ("table", "view", "virtual") and not name.lower().startswith("sqlite_")
+            name: _Relation(name, kind)
+            for name, kind in rows
+            if kind in ("table", "view", "virtual")
+            and not name.lower().startswith("sqlite_")
+            and spellable(name)  # else left out, as unreadable (``spellable``)
         }
 
     def _relation(self, name: str) -> _Relation:
@@ -204,12 +245,18 @@ class SQLiteSource(Source):
 
     def _column_rows(self, name: str) -> list[tuple[str, str, int, str | None, int]]:
         # hidden = 1 are a virtual table's hidden columns; generated columns (2, 3) are data.
-        with self._reading(f"read the columns of '{name}'"):
-            return self._conn.execute(
+        with self._reading(f"read the columns of '{shown(name)}'"):
+            if not spellable(name):
+                raise sqlite3.OperationalError("its name is not UTF-8")
+            rows = self._conn.execute(
                 'SELECT name, type, "notnull", dflt_value, pk FROM pragma_table_xinfo(?) '
                 "WHERE hidden <> 1 ORDER BY cid",
                 (name,),
             ).fetchall()
+            unnamed = [shown(row[0]) for row in rows if not spellable(row[0])]
+            if unnamed:
+                raise sqlite3.OperationalError(f"the name of column '{unnamed[0]}' is not UTF-8")
+            return rows
 
     def schemas(self) -> list[dict[str, Any]]:
         """Every readable table and view; one that cannot be read (a view over a dropped
@@ -253,7 +300,7 @@ class SQLiteSource(Source):
     def _describe(self, relation: _Relation) -> dict[str, Any]:
         name = relation.name
         rows = self._column_rows(name)
-        return {
+        described = {
             "type": "view" if relation.kind == "view" else "table",
             "columns": {
                 column: {
@@ -269,6 +316,7 @@ class SQLiteSource(Source):
             "indexes": self._indexes(name),
             "row_count": self._row_count(name, None),
         }
+        return _shown_all(described)
 
     def _foreign_keys(self, name: str) -> list[dict[str, Any]]:
         with self._reading(f"read the foreign keys of '{name}'"):
@@ -280,7 +328,7 @@ class SQLiteSource(Source):
         keys = foreign_keys(rows)
         for key in keys.values():
             # "REFERENCES parent" without columns means the parent's primary key.
-            if None in key["references"]["columns"]:
+            if None in key["references"]["columns"] and spellable(key["references"]["table"]):
                 parent_rows = self._column_rows(key["references"]["table"])
                 key["references"]["columns"] = [
                     r[0] for r in sorted(parent_rows, key=lambda r: r[4]) if r[4] > 0
@@ -289,24 +337,17 @@ class SQLiteSource(Source):
 
     def _indexes(self, name: str) -> list[dict[str, Any]]:
         with self._reading(f"read the indexes of '{name}'"):
-            listed = self._conn.execute(
-                "SELECT name, \"unique\" FROM pragma_index_list(?) WHERE origin <> 'pk' ORDER BY name",
+            # One statement: an index's name is never sent back (it may not be UTF-8).
+            rows = self._conn.execute(
+                'SELECT il.name, il."unique", ii.name FROM pragma_index_list(?) AS il, '
+                "pragma_index_info(il.name) AS ii WHERE il.origin <> 'pk' ORDER BY il.name, ii.seqno",
                 (name,),
             ).fetchall()
-            # An expression's column name is NULL: shown as null.
-            return [
-                {
-                    "name": index,
-                    "columns": [
-                        r[0]
-                        for r in self._conn.execute(
-                            "SELECT name FROM pragma_index_info(?) ORDER BY seqno", (index,)
-                        )
-                    ],
-                    "unique": bool(unique),
-                }
-                for index, unique in listed
-            ]
+        indexes: dict[str, dict[str, Any]] = {}
+        for index, unique, column in rows:  # an expression's column name is NULL: shown as null
+            entry = indexes.setdefault(index, {"name": index, "columns": [], "unique": bool(unique)})
+            entry["columns"].append(column)
+        return list(indexes.values())
 
     # ------------------------------------------------------------ data
 
@@ -392,6 +433,7 @@ class SQLiteSource(Source):
             rowid or "",
             row_json_sql([quote(c) for c in columns], kinds, self._zero_sql),
             columns,
+            self.as_bytes,
         )
         clause, params = compile_where(where, quote, "?")
         with self._reading(f"read '{name}'"):
@@ -473,46 +515,46 @@ class SQLiteSource(Source):
     ) -> list[str]:
         """Which storage classes each column can hold: the fewer, the less each value is checked.
 
-        A view's column can hold anything. A table's column holds what its type
-        lets it: STRICT types are enforced; TEXT affinity turns numbers into text
-        on the way in (only text, blobs and NULL remain); the rowid alias
-        (``INTEGER PRIMARY KEY``) is always an integer. Other columns can hold
-        anything, their affinity only says what to test for first.
+        A view's column can hold anything. A table's column: TEXT affinity turns
+        numbers into text on the way in (only text, blobs and NULL remain); the
+        rowid alias (``INTEGER PRIMARY KEY``) is always an integer. Other columns
+        can hold anything, their affinity only says what to test for first; so can
+        a STRICT table's (``sqlitejson.AFFINITY_KINDS`` says why).
         """
         if relation.kind != "table":
             return ["any"] * len(rows)
         keys = [row for row in rows if row[4] > 0]
         alias = None
-        if has_rowid and len(keys) == 1 and keys[0][1].upper() == "INTEGER":
+        if has_rowid and len(keys) == 1 and ascii_upper(keys[0][1]) == "INTEGER":
             # "INTEGER PRIMARY KEY DESC" is not an alias: it gets a 'pk' index instead.
             pk_index = self._conn.execute(
                 "SELECT 1 FROM pragma_index_list(?) WHERE origin = 'pk'", (relation.name,)
             ).fetchone()
             alias = None if pk_index else keys[0][0]
-        kinds = []
-        for column, declared, *_ in rows:
-            if column == alias:
-                kinds.append("raw")
-            elif relation.strict:
-                kinds.append(STRICT_KINDS.get(declared.upper(), "any"))
-            else:
-                kinds.append(AFFINITY_KINDS.get(affinity(declared), "any"))
-        return kinds
+        return [
+            "raw" if column == alias else AFFINITY_KINDS.get(affinity(declared), "any")
+            for column, declared, *_ in rows
+        ]
 
     def _cursor_batches(
         self, name: str, row_json: str, columns: list[str], clause: str, params: list[Any], batch_size: int
     ) -> Iterator[tuple[bytes, int]]:
         cursor = self._conn.execute(
-            f"SELECT CAST({row_json} AS BLOB) FROM {quote(name)}{clause}", [*columns, *params]
+            f"SELECT {self.as_bytes.format(row_json)} FROM {quote(name)}{clause}", [*columns, *params]
         )
         try:
             limit = min(batch_size, _FIRST_CHUNK_ROWS)
             while rows := cursor.fetchmany(limit):
-                chunk = valid_utf8(b"\n".join([row[0] for row in rows]))
+                chunk = valid_utf8(b"\n".join([_utf8(row[0]) for row in rows]))
                 yield chunk, len(rows)
                 limit = _next_limit(len(chunk), len(rows), batch_size)
         finally:
             cursor.close()
+
+
+def _utf8(text: bytes | str) -> bytes:
+    """A chunk's bytes: as they are (a UTF-8 database's blob cast), or a UTF-16 database's text."""
+    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
 
 
 def _begin(conn: sqlite3.Connection) -> sqlite3.Connection:
@@ -530,6 +572,7 @@ class _ChunkQuery:
     rowid: str  # the name that reaches the rowid
     row_json: str  # the SQL of a row's JSON (its keys bound as parameters)
     columns: list[str]
+    as_bytes: str  # SQL that gives a text's UTF-8 bytes, "{}" the text (``SQLiteSource.as_bytes``)
 
     def _sql(self, clause: str, after: bool, upto: bool) -> str:
         # NOT INDEXED: the scan always follows the rowid, whatever index a filter could use.
@@ -538,7 +581,7 @@ class _ChunkQuery:
             (" AND " if clause or i else " WHERE ") + bound for i, bound in enumerate(bounds)
         )
         return (
-            f"SELECT CAST(group_concat(j, char(10)) AS BLOB), max(r), count(*) FROM "
+            f"SELECT {self.as_bytes.format('group_concat(j, char(10))')}, max(r), count(*) FROM "
             f"(SELECT {self.rowid} AS r, {self.row_json} AS j FROM {self.table} NOT INDEXED"
             f"{where} ORDER BY {self.rowid} LIMIT ?)"
         )
@@ -575,7 +618,7 @@ class _ChunkQuery:
                 continue
             if not count:
                 return
-            yield text, count, end
+            yield _utf8(text), count, end
             if count < limit:
                 return  # the range (or the table) has no more rows
             last = [end]

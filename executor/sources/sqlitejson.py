@@ -2,7 +2,9 @@
 
 ``row_json_sql`` gives the SQL of one row: ``json_object(?, <value>, …)``, keys
 bound as parameters, each value checked only for the storage classes its
-column can hold (``STRICT_KINDS``, ``AFFINITY_KINDS``).
+column can hold (``AFFINITY_KINDS``). Every column is read ``COLLATE BINARY``:
+the checks compare values, and a column declared with a collation this process
+does not have (an application's own) would otherwise fail the statement.
 """
 
 from __future__ import annotations
@@ -12,16 +14,24 @@ from __future__ import annotations
 _PAIRS_PER_CALL = 60
 
 # What each kind of column can hold: "raw" (integers, text and NULL, which json_object
-# encodes exactly), "text" (text or blobs), "blob", "real", or "any" storage class.
-STRICT_KINDS = {"INT": "raw", "INTEGER": "raw", "TEXT": "raw", "BLOB": "blob", "REAL": "real"}
-# Without STRICT, a column can hold any storage class, but its affinity makes one
-# the likely one, worth testing first: "mostly-integer", "mostly-real".
+# encodes exactly: the rowid alias), "text" (text or blobs), or "any" storage class, of
+# which the column's affinity makes one the likely one, worth testing first:
+# "mostly-integer", "mostly-real". A STRICT table's types are not trusted further than
+# their affinity: SQLite 3.37-3.4x let ALTER TABLE ADD COLUMN give an INT column a REAL
+# default, a REAL or BLOB column a TEXT one, a TEXT column a BLOB one, on rows already there.
 AFFINITY_KINDS = {"TEXT": "text", "INTEGER": "mostly-integer", "REAL": "mostly-real"}
+_ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def ascii_upper(text: str) -> str:
+    """``text`` with ASCII letters in upper case, as SQLite compares type names (``'ﬅ'.upper()``
+    is ``'ST'`` to Python, and nothing to SQLite)."""
+    return text.translate(_ASCII_UPPER)
 
 
 def affinity(declared: str) -> str:
     """SQLite's column affinity for a declared type (its documented rules, in order)."""
-    upper = declared.upper()
+    upper = ascii_upper(declared)
     if "INT" in upper:
         return "INTEGER"
     if "CHAR" in upper or "CLOB" in upper or "TEXT" in upper:
@@ -64,10 +74,6 @@ def _value_sql(c: str, kind: str, zero_sql: str) -> str:
     blob = f"_extracts_base64({c})"
     if kind == "raw":
         return c
-    if kind == "blob":
-        return blob
-    if kind == "real":
-        return f"CASE WHEN {c} IS NULL THEN NULL ELSE {_real_sql(c, zero_sql)} END"
     if kind == "text":
         return f"CASE WHEN +{c} >= x'' THEN {blob} ELSE {c} END"
     if kind == "mostly-integer":
@@ -86,8 +92,9 @@ def _value_sql(c: str, kind: str, zero_sql: str) -> str:
 
 
 def row_json_sql(columns: list[str], kinds: list[str], zero_sql: str) -> str:
-    """SQL for one row as a JSON object; one ``?`` per column (its key), in order."""
-    pairs = [f"?, {_value_sql(c, kind, zero_sql)}" for c, kind in zip(columns, kinds, strict=True)]
+    """SQL for one row as a JSON object; one ``?`` per column (its key, ``columns`` quoted), in order."""
+    binary = [f"({c} COLLATE BINARY)" for c in columns]
+    pairs = [f"?, {_value_sql(c, kind, zero_sql)}" for c, kind in zip(binary, kinds, strict=True)]
     calls = [
         "json_object(" + ", ".join(pairs[i : i + _PAIRS_PER_CALL]) + ")"
         for i in range(0, len(pairs), _PAIRS_PER_CALL)
