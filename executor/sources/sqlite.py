@@ -57,6 +57,7 @@ from executor.sources.base import Source, SourceError, SourceUnavailable, Unknow
 from executor.sources.parallel import Feed, in_order
 from executor.sources.rowjson import valid_utf8
 from executor.sources.sqlitejson import AFFINITY_KINDS, affinity, ascii_upper, row_json_sql
+from executor.sources.sqlitetext import read_text, shown, shown_all, spellable, utf8_bytes
 
 # A chunk of JSON lines aims at this many bytes (flat memory, few Python objects).
 _CHUNK_BYTES = 1 << 20
@@ -107,43 +108,8 @@ def _connect(path: Path, timeout: float = 5.0) -> sqlite3.Connection:
         raise _open_error(path, shown, exc) from exc
     conn.create_function("_extracts_base64", 1, _base64, deterministic=True)
     conn.create_function("_extracts_signed_zero", 1, _signed_zero, deterministic=True)
-    conn.text_factory = _text
+    conn.text_factory = read_text
     return conn
-
-
-def _text(value: bytes) -> str:
-    """A TEXT value, its bytes that are not UTF-8 kept as surrogates (``spellable``, ``shown``).
-
-    SQLite does not check TEXT: a table, column or index name may hold any bytes, and
-    the sqlite3 module's own decoding would fail the whole listing over one such name.
-    """
-    return value.decode("utf-8", "surrogateescape")
-
-
-def spellable(name: str) -> bool:
-    """Whether SQL from this process can name ``name``: the sqlite3 module sends SQL and
-    parameters as UTF-8, which a name holding bytes that are not UTF-8 has no form in."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _shown_all(value: Any) -> Any:
-    """``value`` (describe's mapping) with each string ``shown``."""
-    if isinstance(value, str):
-        return shown(value)
-    if isinstance(value, dict):
-        return {_shown_all(key): _shown_all(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_shown_all(item) for item in value]
-    return value
-
-
-def shown(text: str | None) -> str | None:
-    """Catalog text as it is shown (describe): bytes that are not UTF-8 as U+FFFD."""
-    return None if text is None else text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _open_error(path: Path, shown: str, exc: sqlite3.Error) -> SourceError:
@@ -316,7 +282,7 @@ class SQLiteSource(Source):
             "indexes": self._indexes(name),
             "row_count": self._row_count(name, None),
         }
-        return _shown_all(described)
+        return shown_all(described)
 
     def _foreign_keys(self, name: str) -> list[dict[str, Any]]:
         with self._reading(f"read the foreign keys of '{name}'"):
@@ -545,16 +511,11 @@ class SQLiteSource(Source):
         try:
             limit = min(batch_size, _FIRST_CHUNK_ROWS)
             while rows := cursor.fetchmany(limit):
-                chunk = valid_utf8(b"\n".join([_utf8(row[0]) for row in rows]))
+                chunk = valid_utf8(b"\n".join([utf8_bytes(row[0]) for row in rows]))
                 yield chunk, len(rows)
                 limit = _next_limit(len(chunk), len(rows), batch_size)
         finally:
             cursor.close()
-
-
-def _utf8(text: bytes | str) -> bytes:
-    """A chunk's bytes: as they are (a UTF-8 database's blob cast), or a UTF-16 database's text."""
-    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
 
 
 def _begin(conn: sqlite3.Connection) -> sqlite3.Connection:
@@ -618,7 +579,7 @@ class _ChunkQuery:
                 continue
             if not count:
                 return
-            yield _utf8(text), count, end
+            yield utf8_bytes(text), count, end
             if count < limit:
                 return  # the range (or the table) has no more rows
             last = [end]
