@@ -35,7 +35,7 @@ from extracts.runs import ACTIVE, Runs
 from extracts.schedule import next_run_at
 from extracts.settings import Settings
 from extracts.state import TriggeredBy, new_id, now_iso
-from extracts.storage import Storage
+from extracts.storage import Storage, StorageError
 
 
 @dataclass
@@ -150,6 +150,11 @@ async def delete_run(request: Request) -> Response:
         )
     try:
         await st.runs.delete_files(run["id"])
+    except StorageError as exc:  # the object store is down or refused: nothing was marked deleted
+        raise ServiceUnavailable(
+            f"Cannot delete the files of run {run['id']}: {exc}; retry in a moment",
+            headers={"Retry-After": "5"},
+        ) from None
     except OSError as exc:
         raise ServiceUnavailable(
             f"Cannot delete the files of run {run['id']}: {exc.strerror}; check that "

@@ -31,6 +31,7 @@ extract's ``retry_delay_seconds``, with ±20 % jitter.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import secrets
 from collections.abc import Callable, Collection
@@ -65,7 +66,9 @@ from extracts.state import (
     sql_list,
     utcnow,
 )
-from extracts.storage import Storage
+from extracts.storage import Storage, StorageError
+
+log = logging.getLogger("extracts.runs")
 
 INTERRUPTED = "interrupted: the service stopped while this run was running"
 # The statuses as SQL text, from the one enum (schema.sql's CHECK mirrors it).
@@ -147,13 +150,23 @@ class Runs:
 
     async def remove_leftovers(self, run_id: str) -> None:
         """What a run's dead worker left: its half-written files, and files it finished whose
-        artifact message died with it (a file is the run's only once its row is recorded)."""
-        await asyncio.to_thread(self.storage.remove_partial, run_id)
+        artifact message died with it (a file is the run's only once its row is recorded).
+
+        Tidying only: with the storage down or refusing, the files stay (logged) and the run's
+        ending, already recorded, stands; a state error is raised (the caller retries).
+        """
+        await self._tidy(self.storage.remove_partial, run_id)
         recorded = await self.db.fetch_all(
             "SELECT artifact_name FROM extract_artifacts WHERE run_id = :id", {"id": run_id}
         )
         names = {r["artifact_name"] for r in recorded}
-        await asyncio.to_thread(self.storage.remove_unrecorded, run_id, names)
+        await self._tidy(self.storage.remove_unrecorded, run_id, names)
+
+    async def _tidy(self, remove: Callable[..., object], run_id: str, *args: Any) -> None:
+        try:
+            await asyncio.to_thread(remove, run_id, *args)
+        except (StorageError, OSError) as exc:
+            log.warning("could not remove what run %s left in the storage (%s): the files stay", run_id, exc)
 
     async def held(self, run_id: str) -> bool:
         """Whether a worker (of any instance) may still write to the run: its lease is live."""
@@ -503,8 +516,8 @@ class Runs:
             return won
 
         won = await in_transaction(self.db, take_back)
-        for run_id in won:
-            await asyncio.to_thread(self.storage.delete_run, run_id)
+        for run_id in won:  # the next attempt writes every file again
+            await self._tidy(self.storage.delete_run, run_id)
         if won:
             self.queued.set()
         return won

@@ -162,7 +162,7 @@ def test_a_cancelled_upload_is_aborted_and_a_stopped_store_fails_the_run_naming_
         # The store dies mid-upload: the run fails with one line naming it, and its retry
         # completes once the store is back (SPEC: a failing store is transient).
         svc.client.put(f"/api/data/extracts/{extract['id']}", json={"retry_delay_seconds": 3})
-        run_id = svc.run(extract["id"])
+        cancelled, run_id = run_id, svc.run(extract["id"])
         while moto.uploads_in_progress() == 0 and time.monotonic() < deadline + 30:
             time.sleep(0.05)
         moto.stop()
@@ -171,6 +171,17 @@ def test_a_cancelled_upload_is_aborted_and_a_stopped_store_fails_the_run_naming_
         assert "\n" not in run["error"] and run["error_detail"]["retryable"] is True
         assert "big.jsonl" not in [a["artifact_name"] for a in artifacts(svc, run_id)]
         assert svc.client.get("/health").status_code == 200
+        # Deleting a run needs the store: a 503 to retry, and its files still recorded as there.
+        started = time.monotonic()
+        deleted = svc.client.delete(f"/api/data/extract_runs/{cancelled}")
+        assert deleted.status_code == 503, deleted.text
+        assert deleted.json()["error_code"] == "SERVICE_UNAVAILABLE" and deleted.headers["retry-after"] == "5"
+        assert (
+            f"Cannot delete the files of run {cancelled}: The object store s3://{BUCKET}/faults failed"
+            in (deleted.json()["error"])
+        )
+        assert all(a["deleted_at"] is None for a in artifacts(svc, cancelled))
+        print(f"DELETE with the store down answered in {time.monotonic() - started:.1f} s")
         moto.process = start_moto(moto.port).process  # an empty store, the bucket made again
         retry = svc.wait_run(
             run["retry_run_id"]
@@ -220,10 +231,33 @@ def test_start_up_fails_fast_naming_the_store(tmp_path: Path, moto: Moto, case: 
         assert process.returncode == 1, process.stdout + process.stderr
         assert process.stderr.startswith(f"extracts-app: cannot write to the object store s3://{bucket}/p: ")
         assert process.stderr.count("\n") == 1, process.stderr
+        if case == "no bucket":  # the store's own words, not only "object … not found"
+            assert "(NoSuchBucket: The specified bucket does not exist)" in process.stderr, process.stderr
         assert time.monotonic() - started < 60
     finally:
         if refusing is not None:
             refusing.stop()
+
+
+@pytest.mark.parametrize("url", ["s3://AKIAXX:SeCrEt@bucket/p", "az://key@container/p"])
+def test_a_storage_url_holding_credentials_is_refused_without_echoing_them(tmp_path: Path, url: str) -> None:
+    process = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent.parent / "extracts_app.py"),
+            "--db",
+            str(tmp_path / "s.db"),
+        ]
+        + ["--storage", url, "--port", str(free_port()), "--token", "t"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert process.returncode == 1, process.stdout + process.stderr
+    assert "a storage URL holds no credentials" in process.stderr, process.stderr
+    assert "SeCrEt" not in process.stderr and "key@" not in process.stderr and "AKIAXX" not in process.stderr
+    assert process.stderr.count("\n") == 1, process.stderr
 
 
 @pytest.mark.parametrize(

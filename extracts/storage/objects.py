@@ -17,6 +17,7 @@ half-uploaded object. A download holds the objects it sends: their deletion
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import weakref
 from collections import Counter
@@ -61,10 +62,23 @@ def _store(scheme: str, bucket: str, prefix: str, endpoint: str | None) -> Any:
     return AzureStore(bucket, config=config, **options)
 
 
+# What a store's error body says: S3's and Azure's XML, GCS's JSON.
+_BODY_CODE = re.compile(r"<Code>([^<]{1,100})</Code>")
+_BODY_MESSAGE = re.compile(r'<Message>([^<\n]{1,300})|"message"\s*:\s*"([^"\\]{1,300})')
+
+
 def _reason(exc: BaseException) -> str:
-    """The first line of an obstore error (its debug dump follows), without a response body."""
-    line = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-    return line.split(": <?xml", 1)[0].split(": {", 1)[0]
+    """The first line of an obstore error (its debug dump follows), the response body reduced to
+    the store's own code and message: "… 404 Not Found (NoSuchBucket: The specified bucket
+    does not exist)", where the first line alone blames a missing object."""
+    text = str(exc)
+    line = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    line = line.split(": <?xml", 1)[0].split(": {", 1)[0]
+    code, message = _BODY_CODE.search(text), _BODY_MESSAGE.search(text)
+    said = ": ".join(
+        part for part in (code and code.group(1), message and (message.group(1) or message.group(2))) if part
+    )
+    return f"{line} ({said.strip()})" if said and said.strip() not in line else line
 
 
 class ObjectStorage(Storage):
@@ -74,6 +88,11 @@ class ObjectStorage(Storage):
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         self.backend = OBJECT_SCHEMES[scheme]
+        if "@" in parts.netloc:  # named without what it holds: a secret would be echoed
+            raise StorageError(
+                f"--storage {scheme}://…: a storage URL holds no credentials; give them in the "
+                "environment (the README's Object storage section names the variables)"
+            )
         self.bucket = parts.netloc
         self.prefix = parts.path.strip("/")
         if not self.bucket:
