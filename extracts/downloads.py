@@ -181,7 +181,8 @@ async def redirect_requested(request: Request) -> bool:
 async def redirect(request: Request, artifact: dict[str, Any]) -> Response:
     """307 to a URL the store signed, so a large file need not pass through the service.
 
-    The file is checked first (404 naming it when it is gone); the download counts.
+    The file is checked first (404 naming it when it is gone); the download counts as one
+    sent here would (``counted``): not a HEAD, nor a resumed GET.
     """
     st = request.app.state.extracts
     files = await hold(request, [artifact])
@@ -194,7 +195,10 @@ async def redirect(request: Request, artifact: dict[str, Any]) -> Response:
             f"The storage ({st.storage.backend}) cannot sign URLs; download without redirect=true",
             [{"field": "redirect", "message": f"the {st.storage.backend} storage cannot sign URLs"}],
         )
-    await count_download(st.db, "id", artifact["id"])
+    # Counted as a download sent here would be: a GET from byte 0 (the store gets the Range).
+    requested = requested_range(request, f'"{artifact["checksum"]}"', artifact["size_bytes"], "file")
+    if counted(request, requested):
+        await count_download(st.db, "id", artifact["id"])
     return Response(status_code=307, headers={"Location": url, "Cache-Control": "no-store"})
 
 

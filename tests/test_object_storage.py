@@ -108,6 +108,12 @@ def test_a_redirect_hands_out_a_presigned_url(s3: Service, moto: Moto, tmp_path:
     assert r.status_code == 307
     signed = http_get(r.headers["location"])  # no token, no AWS credentials: the URL is signed
     assert signed.status_code == 200 and hashlib.sha256(signed.content).hexdigest() == data["checksum"]
+    # Counted as a download sent here would be: the GET from byte 0, not a HEAD nor a resume.
+    url = f"/api/extracts/artifacts/{data['id']}/download?redirect=true"
+    assert s3.client.head(url).status_code == 307
+    assert s3.client.get(url, headers={"Range": "bytes=10-"}).status_code == 307
+    again = next(a for a in artifacts(s3, run["id"]) if a["id"] == data["id"])
+    assert again["download_count"] == 1, again
     r = s3.client.get(f"/api/extracts/artifacts/{data['id']}/download", params={"redirect": "maybe"})
     assert r.status_code == 400 and r.json()["details"][0]["field"] == "redirect"
     # A local directory cannot sign: 400, saying so.
