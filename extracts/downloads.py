@@ -192,8 +192,9 @@ async def redirect(request: Request, artifact: dict[str, Any]) -> Response:
         await release(files)
     if url is None:
         raise ValidationFailed(
-            f"The storage ({st.storage.backend}) cannot sign URLs; download without redirect=true",
-            [{"field": "redirect", "message": f"the {st.storage.backend} storage cannot sign URLs"}],
+            f"The storage ({st.storage.backend}) cannot sign a URL for {artifact['artifact_name']}; "
+            "download without redirect=true",
+            [{"field": "redirect", "message": f"the {st.storage.backend} storage cannot sign a URL for it"}],
         )
     # Counted as a download sent here would be: a GET from byte 0 (the store gets the Range).
     requested = requested_range(request, f'"{artifact["checksum"]}"', artifact["size_bytes"], "file")

@@ -136,11 +136,19 @@ def test_runs_write_blobs_that_download_whole_in_ranges_and_as_a_zip_then_delete
     rest = az.client.get(url, headers={"Range": f"bytes={middle}-", "If-Range": whole.headers["etag"]})
     assert rest.status_code == 206 and whole.content[:middle] + rest.content == whole.content
 
-    first = rows[0]
-    redirect = az.client.get(f"/api/extracts/artifacts/{first['id']}/download", params={"redirect": "true"})
-    assert redirect.status_code == 307 and KEY not in redirect.headers["location"]
-    with urllib.request.urlopen(redirect.headers["location"]) as signed:
-        assert signed.read() == stored[first["artifact_name"]]
+    # A link Azure would refuse (a name escaped in the blob's key, "order%20items") is a 400.
+    answers = set()
+    for a in rows:
+        redirect = az.client.get(f"/api/extracts/artifacts/{a['id']}/download", params={"redirect": "true"})
+        if "%" in a["storage_path"]:
+            assert redirect.status_code == 400 and "cannot sign a URL for" in redirect.json()["error"]
+            answers.add(400)
+            continue
+        assert redirect.status_code == 307 and KEY not in redirect.headers["location"]
+        with urllib.request.urlopen(redirect.headers["location"]) as signed:
+            assert signed.read() == stored[a["artifact_name"]]
+        answers.add(307)
+    assert answers == {307, 400}
 
     assert az.client.delete(f"/api/data/extract_runs/{run['id']}").status_code == 200
     assert [o for batch in obstore.list(store, prefix=run["id"]) for o in batch] == []

@@ -62,6 +62,8 @@ def _store(scheme: str, bucket: str, prefix: str, endpoint: str | None) -> Any:
     return AzureStore(bucket, config=config, **options)
 
 
+# Blob names whose signed link Azure accepts (obstore 0.x signs the escaped name).
+_AZURE_SIGNABLE = re.compile(r"[A-Za-z0-9._~/+-]*")
 # What a store's error body says: S3's and Azure's XML, GCS's JSON.
 _BODY_CODE = re.compile(r"<Code>([^<]{1,100})</Code>")
 _BODY_MESSAGE = re.compile(r'<Message>([^<\n]{1,300})|"message"\s*:\s*"([^"\\]{1,300})')
@@ -172,8 +174,14 @@ class ObjectStorage(Storage):
             self._delete(key)
 
     def sign(self, storage_path: str, seconds: int) -> str | None:
+        key = self.key(storage_path)
+        if self.backend == "azure" and not _AZURE_SIGNABLE.fullmatch(f"{self.prefix}/{key}"):
+            # obstore signs an Azure blob's escaped name; Azure checks the name itself, so a
+            # link to "order%20items.jsonl" (or under a prefix with a space, an "é") is refused
+            # with 403: no link at all, a 400, is the honest answer.
+            return None
         try:
-            return obstore.sign(self._store, "GET", self.key(storage_path), timedelta(seconds=seconds))
+            return obstore.sign(self._store, "GET", key, timedelta(seconds=seconds))
         except Exception:  # noqa: BLE001 — a store without signing credentials (anonymous, emulators)
             return None
 
