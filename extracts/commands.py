@@ -15,6 +15,8 @@ choices and defaults equal) and the same source checks (``Catalog.check``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -223,6 +225,33 @@ def default_name(source: str) -> str:
     return Path(source).stem or "extract"
 
 
+SQLITE_SIDECARS = ("-wal", "-shm", "-journal")  # the files SQLite keeps beside a database
+
+
+def source_files(source: str) -> list[Path]:
+    """The files a SQLite source is made of (the database and its sidecars); none for a server."""
+    if "://" in source and not source.lower().startswith("sqlite:///"):
+        return []
+    from executor.sources.sqlite import sqlite_path
+
+    path = sqlite_path(source)
+    # SQLite names the sidecars after the database's real path; a symlink's name is checked too.
+    bases = {path, path.resolve()}
+    return [Path(str(base) + suffix) for base in bases for suffix in ("", *SQLITE_SIDECARS)]
+
+
+def is_source_file(target: Path, source: str) -> bool:
+    """Whether writing ``target`` would replace the source database or one of its files."""
+    resolved = target.resolve()
+    for path in source_files(source):
+        if resolved == path.resolve():
+            return True
+        with contextlib.suppress(OSError):  # either may not exist: then only the names compare
+            if os.path.samefile(target, path):  # a hard link
+                return True
+    return False
+
+
 def _export(sub: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from extracts.export import Export, ExportFailed, Interrupted
     from extracts.progress import make_view
@@ -233,6 +262,9 @@ def _export(sub: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for option, path in (("-d", directory), ("-o", zip_path)):
         if path is not None and not path.absolute().parent.is_dir():
             sub.error(f"{option}: the directory {path.absolute().parent} does not exist")
+    for option, path in (("-d", directory), ("-o", zip_path)):
+        if path is not None and not (option == "-o" and path.is_dir()) and is_source_file(path, args.source):
+            sub.error(f"{option}: {path} is the source database (or one of its files); choose another path")
     if directory is not None and directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         sub.error(f"-d: {directory} exists and is not an empty directory")
     hidden = source_secrets(args.source)

@@ -280,6 +280,36 @@ def test_export_names_a_bad_option(shop_db: Path, tmp_path: Path, capsys: pytest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
 
 
+def test_export_refuses_to_write_over_its_source(
+    shop_db: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """-o or -d naming the source database, through a symlink, a hard link or a sidecar: exit 2."""
+    source = tmp_path / "s.db"
+    source.write_bytes(shop_db.read_bytes())
+    (tmp_path / "link.db").symlink_to(source)
+    os.link(source, tmp_path / "hard.db")
+    before = source.read_bytes()
+    for given, options in [
+        (str(source), ["-o", str(source)]),
+        (str(source), ["-o", str(tmp_path / "link.db")]),
+        (str(source), ["-o", str(tmp_path / "hard.db")]),
+        (str(tmp_path / "link.db"), ["-o", str(source)]),
+        (f"sqlite:///{source}", ["-o", str(tmp_path / "." / "s.db")]),
+        (str(source), ["-o", str(tmp_path / "s.db-wal")]),
+        (str(source), ["-d", str(tmp_path / "s.db-journal")]),
+        (str(source), ["-d", str(source)]),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            commands.run_command(["export", given, "-q", *options])
+        stderr = capsys.readouterr().err
+        assert exited.value.code == 2, (options, stderr)
+        assert f"{options[0]}: {options[1]} is the source database" in stderr.splitlines()[-1]
+    done = cli("export", "s.db", "-q", "-o", "s.db", cwd=tmp_path)
+    assert done.returncode == 2 and "-o: s.db is the source database" in done.stderr
+    assert source.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.db", "link.db", "s.db"]
+
+
 def test_export_options_follow_the_extract_fields():
     """The command line checks options without importing the service: its copies of the rules must agree."""
     assert commands.FORMATS == config.FORMATS
