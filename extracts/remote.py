@@ -40,6 +40,7 @@ from extracts.settings import SETTINGS
 POLL_S = 0.25
 RETRIES = 3  # a download whose connection drops resumes where it stopped
 _CHUNK = 1 << 20
+_SAMPLE = 64 << 10  # bytes of a partial file compared with the ZIP's at each end before resuming
 _PAGE = 1000  # artifacts a request lists
 _ENDED = {status.value for status in ENDED_STATUSES}
 
@@ -170,12 +171,37 @@ def watch(client: Client, run_id: str, view: View) -> dict[str, Any]:
         time.sleep(POLL_S)
 
 
+def _span(client: Client, path: str, start: int, end: int) -> bytes | None:
+    """Bytes ``start`` to ``end`` (excluded) of the download; None if the service sends no part."""
+    with client.open(client.request("GET", path, {"Range": f"bytes={start}-{end - 1}"})) as response:
+        return response.read(end - start + 1) if response.status == 206 else None
+
+
+def is_partial(client: Client, path: str, target: Path, have: int, size: int) -> bool:
+    """Whether the file at ``target`` (``have`` bytes) looks like the start of the download.
+
+    Its first and last ``_SAMPLE`` bytes must be the ZIP's at the same offsets: a file that is not
+    a partial download of this ZIP (the user's own, another run's) is never appended to. What the
+    samples cannot see, ``verify`` catches once the file is whole.
+    """
+    if have > size:
+        return False
+    with open(target, "rb") as file:
+        for start in sorted({0, max(0, have - _SAMPLE)}):
+            end = min(have, start + _SAMPLE)
+            file.seek(start)
+            if file.read(end - start) != _span(client, path, start, end):
+                return False
+    return True
+
+
 def download(client: Client, run_id: str, target: Path, view: View) -> tuple[Path, bool]:
     """The run's ZIP at ``target`` (a file, or a directory to put it in), resuming a partial file.
 
     A connection lost midway is resumed from where it stopped (``RETRIES`` times). Returns the
-    file and whether it was resumed: a partial file found there is taken to be the start of this
-    ZIP, which ``verify`` then checks. A partial file is kept on failure, for the next attempt.
+    file and whether it was resumed. A file found there is resumed only when it starts and ends
+    as the ZIP's first bytes do (``is_partial``), else left alone (Failed); ``verify`` then checks
+    the whole. A partial file is kept on failure, for the next attempt.
     """
     path = f"/api/extracts/runs/{run_id}/download"
     with client.open(client.request("HEAD", path)) as head:
@@ -184,7 +210,12 @@ def download(client: Client, run_id: str, target: Path, view: View) -> tuple[Pat
     if target.is_dir():
         target = target / (name or f"{run_id}.zip")
     first = target.stat().st_size if target.is_file() else 0
-    resumed = 0 < first <= size
+    if first and not is_partial(client, path, target, first, size):
+        raise Failed(
+            f"{target} exists and is not the start of run {run_id}'s ZIP; it is left as it is: "
+            "remove it or give --download another path"
+        )
+    resumed = first > 0
     for attempt in range(RETRIES + 1):
         have = target.stat().st_size if target.is_file() else 0
         if have == size:
