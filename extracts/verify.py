@@ -25,6 +25,9 @@ import orjson
 _CHUNK = 1 << 20
 _INFLATED_MAX = 8 << 20  # decompressed bytes per step: a gzip bomb cannot fill memory
 _ARCHIVE = (".tar", ".tar.gz", ".tgz")
+# What zipfile raises for a member it cannot read: a bad local header, an encrypted member
+# (RuntimeError: no password), a compression method it does not know.
+_ZIP_ERRORS = (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError, zlib.error)
 
 
 class Unreadable(Exception):
@@ -91,7 +94,7 @@ def measure(stream: IO[bytes], name: str) -> Measured:
             size += len(chunk)
             if count is not None:
                 records += count(chunk)
-    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, tarfile.TarError) as exc:
+    except (*_ZIP_ERRORS, tarfile.TarError) as exc:
         return Measured(size, sha256.hexdigest(), None, f"cannot be read whole: {exc}")
     return Measured(size, sha256.hexdigest(), records if count is not None else None)
 
@@ -112,6 +115,9 @@ class Report:
         if got is None:
             self.line(False, "MISSING", f"{label}: listed in the manifest, not found")
             return
+        if got.error and not got.sha256:  # nothing could be read: the sizes would say nothing more
+            self.line(False, "FAILED", f"{label}: {got.error}")
+            return
         problems = []
         if got.error:
             problems.append(got.error)
@@ -131,12 +137,29 @@ class Report:
         self.line(False, "EXTRA", f"{label}: not listed in the manifest")
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# What each field of a manifest entry must hold, checked before any is used (README: verify).
+_FIELDS: dict[str, Callable[[object], bool]] = {
+    "name": lambda value: isinstance(value, str) and value != "",
+    "size": _is_count,
+    "checksum": lambda value: isinstance(value, str),
+    "records": lambda value: value is None or _is_count(value),
+}
+
+
 def _manifest(data: bytes, where: str) -> list[dict[str, Any]]:
     try:
         manifest = orjson.loads(data)
         entries = manifest["artifacts"]
-        for entry in entries:
-            _ = (entry["name"], entry["size"], entry["checksum"], entry["records"])
+        if not isinstance(entries, list):
+            raise TypeError("artifacts is not a list")
+        for index, entry in enumerate(entries):
+            for key, valid in _FIELDS.items():
+                if not valid(entry[key]):
+                    raise TypeError(f"artifacts[{index}].{key} is {entry[key]!r}")
         return entries
     except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
         raise Unreadable(f"the manifest.json of {where} is not a run manifest ({exc})") from None
@@ -218,7 +241,11 @@ def _verify(report: Report, path: Path) -> None:
         def read_file(name: str, label: str) -> Measured | None:
             if not (path / name).is_file():
                 return None
-            with open(path / name, "rb") as stream:
+            try:
+                stream = open(path / name, "rb")  # noqa: SIM115 (closed below, once open)
+            except OSError as exc:
+                return Measured(0, "", None, f"cannot be read: {exc.strerror}")
+            with stream:
                 return _read(report, stream, name, label)
 
         _check_files(report, _manifest(manifest.read_bytes(), str(path)), names, read_file, "")
@@ -228,7 +255,7 @@ def _verify(report: Report, path: Path) -> None:
     else:
         try:
             archive = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as exc:
+        except _ZIP_ERRORS as exc:
             raise Unreadable(f"not a readable ZIP, tarball or run directory ({exc}; truncated?)") from None
         with archive:
             names = set(archive.namelist())
@@ -236,13 +263,17 @@ def _verify(report: Report, path: Path) -> None:
                 raise Unreadable("the ZIP has no manifest.json")
             try:
                 entries = _manifest(archive.read("manifest.json"), str(path))
-            except zipfile.BadZipFile as exc:
+            except _ZIP_ERRORS as exc:
                 raise Unreadable(f"the ZIP's manifest.json cannot be read: {exc}") from None
 
             def read_entry(name: str, label: str) -> Measured | None:
                 if name not in names:
                     return None
-                with archive.open(name) as stream:
+                try:
+                    stream = archive.open(name)
+                except _ZIP_ERRORS as exc:
+                    return Measured(0, "", None, f"cannot be read: {exc}")
+                with stream:
                     return _read(report, stream, name, label)
 
             _check_files(report, entries, names, read_entry, "")

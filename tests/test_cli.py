@@ -486,6 +486,61 @@ def test_verify_catches_flipped_truncated_missing_and_wrong_sizes(exported: dict
     assert cli("verify", str(tmp_path / "nothing-here")).returncode == 2
 
 
+def _zip_of(path: Path, files: dict[str, bytes], manifest: dict | None = None) -> Path:
+    """A ZIP of ``files`` stored, with a manifest listing them (or ``manifest``)."""
+    listed = [
+        {"name": name, "size": len(data), "checksum": hashlib.sha256(data).hexdigest(), "records": None}
+        for name, data in files.items()
+    ]
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+        archive.writestr("manifest.json", json.dumps(manifest or {"artifacts": listed}))
+    return path
+
+
+def _patch_central(path: Path, name: str, offset: int, value: bytes) -> None:
+    """Overwrite bytes of ``name``'s central directory header (8: flags, 10: method)."""
+    data = bytearray(path.read_bytes())
+    at = data.index(b"PK\x01\x02")
+    while data[at + 46 : at + 46 + len(name)] != name.encode():
+        at = data.index(b"PK\x01\x02", at + 4)
+    data[at + offset : at + offset + len(value)] = value
+    path.write_bytes(bytes(data))
+
+
+def test_verify_says_in_one_line_what_it_cannot_read(tmp_path: Path):
+    """A manifest with fields of the wrong type, members zipfile cannot open: lines, no traceback."""
+
+    def check(path: Path, expected: str) -> None:
+        done = cli("verify", str(path))
+        assert done.returncode == 1 and done.stderr == "", done.stderr
+        assert expected in done.stdout, done.stdout
+
+    data = b'{"a": 1}\n'
+    entry = {"name": "a.jsonl", "size": len(data), "checksum": hashlib.sha256(data).hexdigest(), "records": 1}
+    for key, value in [("size", "9"), ("name", 5), ("size", True), ("records", "1"), ("checksum", None)]:
+        folder = tmp_path / f"{key}-{value}"
+        folder.mkdir()
+        (folder / "a.jsonl").write_bytes(data)
+        (folder / "manifest.json").write_text(json.dumps({"artifacts": [{**entry, key: value}]}))
+        check(folder, f"is not a run manifest (artifacts[0].{key} is {value!r})")
+    check(_zip_of(tmp_path / "listed.zip", {}, {"artifacts": {"a": 1}}), "is not a run manifest")
+
+    encrypted = _zip_of(tmp_path / "encrypted.zip", {"a.jsonl": data})
+    _patch_central(encrypted, "a.jsonl", 8, struct.pack("<H", 1))
+    check(encrypted, "FAILED  a.jsonl: cannot be read: File 'a.jsonl' is encrypted, password required")
+    method = _zip_of(tmp_path / "method.zip", {"a.jsonl": data})
+    _patch_central(method, "a.jsonl", 10, struct.pack("<H", 99))
+    check(method, "FAILED  a.jsonl: cannot be read: ")
+    local = _zip_of(tmp_path / "local.zip", {"a.jsonl": data})
+    _flip(local, 0)  # a.jsonl's local header comes first
+    check(local, "FAILED  a.jsonl: cannot be read: Bad magic number for file header")
+    manifest = _zip_of(tmp_path / "manifest.zip", {"a.jsonl": data})
+    _patch_central(manifest, "manifest.json", 10, struct.pack("<H", 99))
+    check(manifest, "the ZIP's manifest.json cannot be read: ")
+
+
 def test_verify_reads_in_a_stream(exported: dict[str, Path], tmp_path: Path):
     """A gzip'd JSON lines file counted a chunk at a time gives the records of the whole file."""
     lines = b"".join(b'{"n": %d}\n' % i for i in range(300_000))
