@@ -165,6 +165,19 @@ def _manifest(data: bytes, where: str) -> list[dict[str, Any]]:
         raise Unreadable(f"the manifest.json of {where} is not a run manifest ({exc})") from None
 
 
+_NOT_A_FILE_NAME = "not a file name of a run (it would be read from elsewhere); not read"
+
+
+def is_file_name(name: str) -> bool:
+    """Whether a manifest may name it: one file name beside the manifest, as a run writes them.
+
+    A run's names never hold a ``/`` or ``\\`` and never start with a dot
+    (``executor.naming``): a manifest naming ``/etc/hostname`` or ``../t.db`` is not
+    one, and whatever is there is not read.
+    """
+    return not name.startswith(".") and not any(char in name for char in "/\\\0")
+
+
 Measure = Callable[[str, str], Measured | None]  # (name, label) -> what was read; None: missing
 
 
@@ -174,6 +187,9 @@ def _check_files(
     """Every entry measured by ``read``; then the names the manifest does not list."""
     for entry in entries:
         label = prefix + entry["name"]
+        if not is_file_name(entry["name"]):
+            report.line(False, "FAILED", f"{label}: {_NOT_A_FILE_NAME}")
+            continue
         report.compare(entry, read(entry["name"], label), label)
     for name in sorted(names - {entry["name"] for entry in entries} - {"manifest.json"}):
         report.extra(prefix + name)
@@ -241,6 +257,9 @@ def _verify(report: Report, path: Path) -> None:
         def read_file(name: str, label: str) -> Measured | None:
             if not (path / name).is_file():
                 return None
+            real = (path / name).resolve()
+            if not real.is_relative_to(path.resolve()):  # a symlink leading out of the directory
+                return Measured(0, "", None, f"is a link to {real}, outside {path}; not read")
             try:
                 stream = open(path / name, "rb")  # noqa: SIM115 (closed below, once open)
             except OSError as exc:

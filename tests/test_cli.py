@@ -541,6 +541,34 @@ def test_verify_says_in_one_line_what_it_cannot_read(tmp_path: Path):
     check(manifest, "the ZIP's manifest.json cannot be read: ")
 
 
+def test_verify_reads_no_file_outside_what_it_checks(tmp_path: Path):
+    """Names that lead out of the directory or ZIP, with the real sizes and checksums: FAILED, not ok."""
+    outside = tmp_path / "t.db"
+    outside.write_bytes(b"the user's database")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "link.yaml").symlink_to(outside)
+    (folder / "inside.yaml").symlink_to(folder / "link.yaml")  # inside, then out
+    data = outside.read_bytes()
+    real = {"size": len(data), "checksum": hashlib.sha256(data).hexdigest(), "records": None}
+    names = [str(outside), "../t.db", "..", "link.yaml", "inside.yaml"]
+    (folder / "manifest.json").write_text(json.dumps({"artifacts": [{"name": n, **real} for n in names]}))
+    done = cli("verify", str(folder))
+    assert done.returncode == 1, done.stderr
+    refused = "not a file name of a run (it would be read from elsewhere); not read"
+    assert done.stdout.splitlines() == [
+        f"FAILED  {outside}: {refused}",
+        f"FAILED  ../t.db: {refused}",
+        f"FAILED  ..: {refused}",
+        f"FAILED  link.yaml: is a link to {outside}, outside {folder}; not read",
+        f"FAILED  inside.yaml: is a link to {outside}, outside {folder}; not read",
+        "5 of 5 files do not match the manifest",
+    ]
+    zipped = _zip_of(tmp_path / "slip.zip", {"../t.db": data})
+    done = cli("verify", str(zipped))
+    assert done.returncode == 1 and done.stdout.splitlines()[0] == f"FAILED  ../t.db: {refused}"
+
+
 def test_verify_reads_in_a_stream(exported: dict[str, Path], tmp_path: Path):
     """A gzip'd JSON lines file counted a chunk at a time gives the records of the whole file."""
     lines = b"".join(b'{"n": %d}\n' % i for i in range(300_000))
