@@ -29,7 +29,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import orjson
 
@@ -43,6 +43,7 @@ _CHUNK = 1 << 20
 _SAMPLE = 64 << 10  # bytes of a partial file compared with the ZIP's at each end before resuming
 _PAGE = 1000  # artifacts a request lists
 _ENDED = {status.value for status in ENDED_STATUSES}
+DEFAULT_URL = "http://127.0.0.1:9001"
 
 
 class Failed(Exception):
@@ -109,6 +110,8 @@ class Client:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise Failed(f"cannot reach the service at {self.url}: {reason}") from None
+        except http.client.HTTPException as exc:  # not HTTP at all (BadStatusLine, …)
+            raise Failed(f"the service at {self.url} did not answer in HTTP: {exc!r}") from None
 
     def call(self, method: str, path: str, missing_ok: bool = False) -> Any:
         """The ``data`` of a JSON answer (None for a 404 when ``missing_ok``)."""
@@ -116,22 +119,75 @@ class Client:
         if response is None:
             return None
         with response:
-            return orjson.loads(response.read())["data"]
+            body = response.read()
+        try:
+            return orjson.loads(body)["data"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            raise Failed(
+                f"{method} {path}: the answer is not the JSON an Extracts service sends; "
+                f"is {self.url} the service?"
+            ) from None
 
 
 def find_extract(client: Client, wanted: str) -> dict[str, Any]:
     """The extract whose id is ``wanted``, else the one whose name is exactly ``wanted``."""
-    found = client.call("GET", f"/api/data/extracts/{quote(wanted, safe='')}", missing_ok=True)
+    # "." and ".." are no id: in a path they would name the list (or the API) instead.
+    found = None
+    if wanted.strip("."):
+        found = client.call("GET", f"/api/data/extracts/{quote(wanted, safe='')}", missing_ok=True)
     if found is not None:
-        return found
+        return _extract(found, client)
     query = urlencode({"filter[where][name]": wanted, "filter[limit]": "2"})
     named = client.call("GET", f"/api/data/extracts?{query}")
+    if not isinstance(named, list):
+        raise Failed(f"GET /api/data/extracts: the answer is not a list; is {client.url} the service?")
+    named = [_extract(extract, client) for extract in named]
     if not named:
         raise Failed(f"no extract has the id or name {wanted!r}; GET /api/data/extracts lists them")
     if len(named) > 1:
         ids = ", ".join(extract["id"] for extract in named)
         raise Failed(f"several extracts are named {wanted!r} ({ids}…); give the id")
     return named[0]
+
+
+def _extract(found: Any, client: Client) -> dict[str, Any]:
+    """``found`` if it is an extract (an id and a name), else Failed."""
+    if not (
+        isinstance(found, dict) and isinstance(found.get("id"), str) and isinstance(found.get("name"), str)
+    ):
+        raise Failed(f"the service at {client.url} answered with something that is not an extract")
+    return found
+
+
+def check_options(
+    args: argparse.Namespace, url: str, token: str, bad_option: Callable[[str], NoReturn]
+) -> None:
+    """Refuse (exit 2) what no request can carry: an empty EXTRACT, an unusable URL or token."""
+    if not args.extract.strip():
+        bad_option("EXTRACT: must be an extract's id or name, not empty")
+    named = (
+        "--url"
+        if args.url
+        else "EXTRACTS_URL"
+        if os.environ.get("EXTRACTS_URL")
+        else ("EXTRACTS_HOST/EXTRACTS_PORT")
+    )
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError for a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        bad_option(f"{named}: {url!r} is not a usable URL ({exc})")
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        bad_option(f"{named}: {url!r} is not an http:// or https:// URL with a host, such as {DEFAULT_URL}")
+    if not all("!" <= char <= "~" for char in token):
+        given = (
+            "--token"
+            if args.token
+            else "EXTRACTS_TOKEN"
+            if os.environ.get("EXTRACTS_TOKEN")
+            else (f"the token file {_default('db')}.token")
+        )
+        bad_option(f"{given}: a token is printable ASCII without spaces; this one is not")
 
 
 def run_artifacts(client: Client, run_id: str) -> list[dict[str, Any]]:
@@ -248,11 +304,14 @@ def run_remote(args: argparse.Namespace, bad_option: Callable[[str], NoReturn]) 
             "--token: none given, no EXTRACTS_TOKEN, and no token file beside the state file "
             f"({_default('db')}.token); the service prints its token when it starts"
         )
+    check_options(args, url, token, bad_option)
     client = Client(url, token)
     view: View | None = None
     try:
         extract = find_extract(client, args.extract)
         started = client.call("POST", f"/api/extracts/{quote(extract['id'], safe='')}/run")
+        if not (isinstance(started, dict) and isinstance(started.get("run_id"), str)):
+            raise Failed(f"the service at {url} started no run: its answer has no run_id")
         run_id = started["run_id"]
         if not args.quiet:
             print(

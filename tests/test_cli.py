@@ -688,6 +688,66 @@ def test_run_fails_clearly(service, tmp_path: Path):
     )
 
 
+def test_run_refuses_what_no_request_can_carry_and_answers_it_cannot_use(tmp_path: Path):
+    """Bad options exit 2 naming the option; a server that is not the service exits 1; one line each."""
+    env = {**ENV, "EXTRACTS_DB": str(tmp_path / "none.db")}
+    for key in ("EXTRACTS_URL", "EXTRACTS_TOKEN", "EXTRACTS_HOST", "EXTRACTS_PORT"):
+        env.pop(key, None)
+    for options, extra_env, named in [
+        (["x", "--url", "foo", "--token", "t"], {}, "--url: 'foo' is not an http:// or https:// URL"),
+        (["x", "--url", "http://h:abc", "--token", "t"], {}, "--url: 'http://h:abc' is not a usable URL"),
+        (
+            ["x", "--token", "t"],
+            {"EXTRACTS_PORT": "abc"},
+            "EXTRACTS_HOST/EXTRACTS_PORT: 'http://127.0.0.1:abc'",
+        ),
+        (["x", "--token", "t"], {"EXTRACTS_URL": "ftp://h/"}, "EXTRACTS_URL: 'ftp://h/' is not an http://"),
+        (["x", "--token", "€"], {}, "--token: a token is printable ASCII without spaces"),
+        (["x", "--token", "a\nb"], {}, "--token: a token is printable ASCII without spaces"),
+        (["x"], {"EXTRACTS_TOKEN": "a b"}, "EXTRACTS_TOKEN: a token is printable ASCII"),
+        (["", "--token", "t"], {}, "EXTRACT: must be an extract's id or name, not empty"),
+    ]:
+        done = cli("run", *options, env={**env, **extra_env})
+        assert done.returncode == 2, (options, done.stderr)
+        assert (
+            done.stderr.splitlines()[-1] == f"extracts-app run: error: {named}"
+            or named in (done.stderr.splitlines()[-1])
+        ), (options, done.stderr)
+        assert "Traceback" not in done.stderr
+
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # a web server, not the service: HTML for every path
+            body = b"<html><body>hello</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET
+
+        def log_message(self, *args: object) -> None: ...
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        by_name = "?filter%5Bwhere%5D%5Bname%5D=..&filter%5Blimit%5D=2"  # "..": never asked as an id
+        for name, asked in (("x", "/x"), ("..", by_name)):
+            done = cli("run", name, "--url", url, "--token", "t", env=env)
+            assert done.returncode == 1, done.stderr
+            assert done.stderr.splitlines() == [
+                f"extracts-app: GET /api/data/extracts{asked}: the answer is not the JSON an Extracts "
+                f"service sends; is {url} the service?"
+            ]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.slow
 def test_serve_and_no_command_are_the_service():
     for argv in (["--help"], ["serve", "--help"]):
