@@ -125,8 +125,12 @@ class Bar(Lines):
         self._progress.start()
 
     def update(self, detail: dict[str, Any]) -> None:
+        from rich.markup import escape  # rich is imported for a terminal only (make_view)
+
         done, total = detail["records_exported"], detail["records_total"]
-        self._progress.update(self._task, description=_label(detail), completed=done, total=total or None)
+        # The description column renders markup: a schema named "z[/foo]" is text, not a tag.
+        description = escape(_label(detail))
+        self._progress.update(self._task, description=description, completed=done, total=total or None)
         speed = self._progress.tasks[0].speed
         self._progress.update(
             self._task,

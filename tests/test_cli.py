@@ -365,6 +365,22 @@ def test_ctrl_c_mid_table_stops_within_two_seconds_leaving_nothing(big_db: Path,
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("schema", ["z[/foo]", "y[/]", "[bold]x"])
+def test_progress_bar_shows_a_schema_name_as_it_is(schema: str):
+    """The bar's label is text: a schema name that looks like rich markup is shown, not parsed."""
+    from rich.console import Console
+
+    from executor.messages import Phase, progress_detail
+    from extracts.progress import Bar
+
+    out = io.StringIO()
+    bar = Bar(Console(file=out, force_terminal=True, width=140))
+    detail = progress_detail(Phase.EXPORTING_DATA, current_schema=schema, schemas_total=2, records_total=9)
+    bar.update(detail)
+    bar.close()  # draws the bar a last time, in this thread
+    assert f"{schema} (1/2)" in ANSI.sub(b"", out.getvalue().encode()).decode()
+
+
 def test_quiet_prints_nothing(shop_db: Path, tmp_path: Path):
     code, output, _ = in_pty(["export", str(shop_db), "-q", "-d", "out"], tmp_path)
     assert code == 0 and output == b""
