@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from extracts.settings import Settings
 
+COMMANDS = ("export", "verify", "run")  # extracts.commands.COMMANDS (a test keeps them equal)
 POLL_S = 1.0  # with a shared state, how often an instance looks for runs another one queued
 
 
@@ -199,17 +200,48 @@ def create_app(settings: Settings) -> Starlette:
     return app
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _command(argv: list[str]) -> int:
+    """Run a command (before the service's imports: it starts in a tenth of a second).
+
+    Ctrl-C or SIGTERM at any point exits 130 with one line (README: Command line). While
+    the command's modules load, a signal is only noted: raised inside an extension
+    module's initialisation (orjson's), KeyboardInterrupt crashed the interpreter. Once
+    they are loaded, both signals raise KeyboardInterrupt (the source may take long to
+    open), until the export puts its own handlers in place.
+    """
+    import signal
+
+    noted: list[int] = []
+    sigint = signal.signal(signal.SIGINT, lambda signum, _: noted.append(signum))
+    signal.signal(signal.SIGTERM, lambda signum, _: noted.append(signum))
+    try:
+        from extracts.commands import run_command
+    finally:
+        # Ignored SIGINT (a background job) stays ignored.
+        signal.signal(signal.SIGINT, sigint if sigint == signal.SIG_IGN else signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if noted:
+            raise KeyboardInterrupt
+        return run_command(argv, own_process=True)
+    except KeyboardInterrupt:
+        print("extracts-app: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
 KEEP_ALIVE_S = 65
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def main(argv: list[str] | None = None) -> None:
     """``extracts-app [serve] [options]``: the service; ``export``, ``verify``, ``run``: the commands."""
-    from extracts.commands import is_command, run_command
-
     argv = sys.argv[1:] if argv is None else argv
-    if is_command(argv):  # before the service's imports: a command starts in a tenth of a second
-        raise SystemExit(run_command(argv, own_process=True))
+    if argv[:1] and argv[0] in COMMANDS:
+        raise SystemExit(_command(argv))
 
     import logging
 

@@ -38,10 +38,6 @@ NAME_MAX = 200  # extracts.config.NAME_MAX
 DEFAULT_RETENTION_DAYS = 7  # in the run's config snapshot, as an extract's default; unused here
 
 
-def is_command(argv: list[str]) -> bool:
-    return bool(argv) and argv[0] in COMMANDS
-
-
 def run_command(argv: list[str], own_process: bool = False) -> int:
     """Run ``export``, ``verify`` or ``run`` with its options; returns the exit status.
 
@@ -50,10 +46,10 @@ def run_command(argv: list[str], own_process: bool = False) -> int:
     allocation statistics off (``executor.sources.sqlitemem``), which is only
     safe with no connection open anywhere in the process.
     """
-    parser, subs = _parser()
-    args = parser.parse_args(argv)
-    command, sub = args.command, subs[args.command]
     try:
+        parser, subs = _parser()
+        args = parser.parse_args(argv)
+        command, sub = args.command, subs[args.command]
         if command == "export":
             if own_process:
                 from executor.sources.sqlitemem import turn_off_memory_statistics
@@ -70,8 +66,8 @@ def run_command(argv: list[str], own_process: bool = False) -> int:
         from extracts.remote import run_remote
 
         return run_remote(args, sub.error)
-    except KeyboardInterrupt:
-        print("extracts-app: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # before the export's own handling (or verify's, run's)
+        print("extracts-app: interrupted; nothing was written", file=sys.stderr)
         return 130
 
 

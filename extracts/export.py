@@ -102,16 +102,16 @@ class Export:
     def run(self) -> tuple[Path, Result]:
         """Export, then put the result in place; raises ExportFailed or Interrupted."""
         target = self.target.absolute()
-        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-        try:
-            with _Signals() as stop:
+        with _Signals() as stop:  # first: a signal between making the work directory and the try
+            work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+            try:
                 result = self._export(work, stop)
                 if stop.is_set():
                     raise Interrupted
                 self._place(LocalStorage(work), work, target, stop)
-            return target, result
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        return target, result
 
     def _export(self, work: Path, stop: threading.Event) -> Result:
         from executor.worker import run_extract

@@ -313,6 +313,9 @@ def test_export_refuses_to_write_over_its_source(
 def test_export_options_follow_the_extract_fields():
     """The command line checks options without importing the service: its copies of the rules must agree."""
     assert commands.FORMATS == config.FORMATS
+    import extracts_app
+
+    assert extracts_app.COMMANDS == commands.COMMANDS
     assert config.FIELDS_BY_NAME["split_max_records"].schema["maximum"] == commands.SPLIT_MAX
     defaults = {f.name: f.default for f in config.EXTRACT_FIELDS}
     parsed = commands._parser()[0].parse_args(["export", "x.db"])
@@ -363,6 +366,41 @@ def test_ctrl_c_mid_table_stops_within_two_seconds_leaving_nothing(big_db: Path,
     assert 0 < stopped_in < 2.0
     assert b"extracts-app: interrupted; nothing was written" in output
     assert list(tmp_path.iterdir()) == []
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether the process has a handler for ``sig`` (its SigCgt mask in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M)[1], 16)
+    return bool(mask >> (sig - 1) & 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_as_the_export_starts_exits_130_leaving_nothing(big_db: Path, tmp_path: Path, sig):
+    """While its modules load (orjson's init once crashed on KeyboardInterrupt) and the source opens.
+
+    Python takes SIGINT over as it starts, the command SIGTERM about 50 ms later (before that,
+    Python is still starting: nothing there can catch a signal): each signal is sent a moment
+    after one or the other.
+    """
+    for after, delay in [(signal.SIGTERM, 0), (signal.SIGTERM, 0.02), (signal.SIGINT, 0.15)]:
+        for more in (0, 0.1, 0.2) if after == signal.SIGINT else (0,):
+            process = subprocess.Popen(
+                [*APP, "export", str(big_db), "-o", "out.zip"], cwd=tmp_path, env=ENV, stderr=subprocess.PIPE
+            )
+            deadline = time.monotonic() + 10
+            while not _catches(process.pid, after) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            time.sleep(delay + more)
+            process.send_signal(sig)
+            _, stderr = process.communicate(timeout=30)
+            assert process.returncode == 130, (after, delay + more, stderr.decode())
+            assert stderr.decode().splitlines() == ["extracts-app: interrupted; nothing was written"]
+            assert list(tmp_path.iterdir()) == [], (after, delay + more)
 
 
 @pytest.mark.parametrize("schema", ["z[/foo]", "y[/]", "[bold]x"])
