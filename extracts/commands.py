@@ -149,18 +149,22 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 # ---------------------------------------------------------------- export
 
 
-def _names(values: list[str] | None) -> list[str] | None:
-    if not values:
+def _names(values: list[str] | None, option: str, fail: Any) -> list[str] | None:
+    """The comma-separated names of an option (None when not given); an empty one is refused."""
+    if values is None:
         return None
-    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+    names = [name.strip() for value in values for name in value.split(",")]
+    if not all(names):  # "--schemas ," would be no schema, which the service refuses, not every table
+        fail(f"{option}: {','.join(values)!r} holds an empty name (two commas, or one at an end)")
+    return names
 
 
 def export_config(args: argparse.Namespace, fail: Any) -> RunConfig:
     """The run's configuration from the options; ``fail(message)`` names a bad one (exit 2)."""
-    include = _names([args.include]) or []
+    include = _names([args.include], "--include", fail) or []
     if not include or any(item not in INCLUDE for item in include) or len(set(include)) != len(include):
         fail(f"--include: {args.include!r} must be describe, data or describe,data")
-    schemas = _names(args.schemas)
+    schemas = _names(args.schemas, "--schemas", fail)
     if schemas is not None and len(set(schemas)) != len(schemas):
         fail("--schemas: a schema is named twice")
     filters = None
