@@ -50,6 +50,7 @@ def run_command(argv: list[str], own_process: bool = False) -> int:
         parser, subs = _parser()
         args = parser.parse_args(argv)
         command, sub = args.command, subs[args.command]
+        check_text(args, sub.error)
         if command == "export":
             if own_process:
                 from executor.sources.sqlitemem import turn_off_memory_statistics
@@ -144,6 +145,39 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     )
     run.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     return parser, {"export": export, "verify": verify, "run": run}
+
+
+# Options that are text (names, JSON, URLs): on POSIX, argv bytes that are not UTF-8 reach Python
+# as lone surrogates, which no manifest, JSON or HTTP request can carry. Paths (-o, -d,
+# --download) are bytes to the OS and may hold them; SOURCE is opened through a URI, so it may not.
+TEXT_OPTIONS = {
+    "export": (
+        ("source", "SOURCE"),
+        ("schemas", "--schemas"),
+        ("include", "--include"),
+        ("filter", "--filter"),
+        ("name", "--name"),
+    ),
+    "run": (("extract", "EXTRACT"), ("url", "--url"), ("token", "--token")),
+}
+
+
+def check_text(args: argparse.Namespace, fail: Any) -> None:
+    """Refuse (exit 2) a text option holding bytes that are not UTF-8, before any work."""
+    for dest, option in TEXT_OPTIONS.get(args.command, ()):
+        value = getattr(args, dest)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and not is_utf8(item):
+                fail(f"{option}: {os.fsencode(item)!r} holds bytes that are not UTF-8; give it as UTF-8 text")
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` came from UTF-8 bytes (no lone surrogates from undecodable ones)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- export

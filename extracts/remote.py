@@ -172,6 +172,8 @@ def check_options(
         if os.environ.get("EXTRACTS_URL")
         else ("EXTRACTS_HOST/EXTRACTS_PORT")
     )
+    if not url.isascii():  # a request line is ASCII: a name holding more is percent-encoded
+        bad_option(f"{named}: {url!r} is not ASCII; percent-encode the path, use the punycode of a host")
     try:
         parts = urlsplit(url)
         port = parts.port  # ValueError for a port that is not a number from 0 to 65535

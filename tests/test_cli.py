@@ -284,6 +284,45 @@ def test_export_names_a_bad_option(shop_db: Path, tmp_path: Path, capsys: pytest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
 
 
+def test_text_options_that_are_not_utf8_are_refused_up_front(shop_db: Path, tmp_path: Path):
+    """Bytes that are not UTF-8 in a name, JSON or URL: exit 2 naming the option, before any work."""
+    bad = "n\udcff"  # how Python hands over the argv bytes b"n\xff"
+    for options, named in [
+        (["--name", bad], "--name: b'n\\xff' holds bytes"),
+        (["--schemas", f"users,{bad}"], "--schemas: b'users,n\\xff' holds bytes"),
+        (["--filter", bad], "--filter: b'n\\xff' holds bytes"),
+        (["--include", bad], "--include: b'n\\xff' holds bytes"),
+    ]:
+        done = cli("export", str(shop_db), *options, "-o", "out.zip", cwd=tmp_path)
+        assert done.returncode == 2, (options, done.stderr)
+        assert done.stderr.splitlines()[-1] == f"extracts-app export: error: {named} that are not UTF-8; " + (
+            "give it as UTF-8 text"
+        ), (options, done.stderr)
+    source = tmp_path / f"{bad}.db"
+    source.write_bytes(shop_db.read_bytes())
+    done = cli("export", str(source), "-o", "out.zip", cwd=tmp_path)
+    assert done.returncode == 2 and "error: SOURCE: " in done.stderr.splitlines()[-1], done.stderr
+    source.unlink()
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a work directory
+    # -o and -d are paths: bytes there are the user's file names.
+    done = cli("export", str(shop_db), "-q", "-o", f"{bad}.zip", cwd=tmp_path)
+    assert done.returncode == 0 and verify_path(tmp_path / f"{bad}.zip", io.StringIO()), done.stderr
+
+    env = {**ENV, "EXTRACTS_DB": str(tmp_path / "none.db")}
+    for options, extra_env, named in [
+        ([bad, "--token", "t"], {}, "EXTRACT: b'n\\xff' holds bytes"),
+        (
+            ["x", "--token", "t", "--url", f"http://127.0.0.1:9/{bad}"],
+            {},
+            "--url: b'http://127.0.0.1:9/n\\xff'",
+        ),
+        (["x", "--token", "t"], {"EXTRACTS_URL": f"http://127.0.0.1:9/{bad}"}, "EXTRACTS_URL: "),
+    ]:
+        done = cli("run", *options, env={**env, **extra_env})  # port 9: a request would exit 1
+        assert done.returncode == 2, (options, done.stderr)
+        assert named in done.stderr.splitlines()[-1] and "Traceback" not in done.stderr, done.stderr
+
+
 def test_export_refuses_to_write_over_its_source(
     shop_db: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ):
