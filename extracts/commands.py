@@ -299,6 +299,9 @@ def _export(sub: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for option, path in (("-d", directory), ("-o", zip_path)):
         if path is not None and not (option == "-o" and path.is_dir()) and is_source_file(path, args.source):
             sub.error(f"{option}: {path} is the source database (or one of its files); choose another path")
+    if directory is not None and directory.is_symlink() and not directory.exists():
+        sub.error(f"-d: {directory} is a symlink to nothing; give the directory itself")
+    # An existing empty directory (or a symlink to one) is kept: the files go into it.
     if directory is not None and directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         sub.error(f"-d: {directory} exists and is not an empty directory")
     hidden = source_secrets(args.source)

@@ -7,12 +7,15 @@
     queue ─► progress view; artifact messages kept (with the time each came, as the service does)
     completed ─► ZIP: the biggest file grown into it in place (zipstream.stored_around), or
                  written afresh by zipstream.StoredZip (the service's download) ─► renamed into place
-              or the run directory renamed into place (``-d``)
+              or the run directory renamed into place (``-d``; into an existing directory,
+              its files moved in, the manifest last)
 
-The work directory is a hidden temporary directory beside the target, so the
-last step is a rename on one file system: a target either is complete or does
-not exist. Whatever ends the export early (an error, Ctrl-C, SIGTERM) removes
-the work directory; the run's cancel flag stops the worker at its next batch
+The work directory is a hidden temporary directory beside the target (inside
+it, for an existing empty ``-d`` directory), so the last step is a rename on
+one file system: a target either is complete or does not exist (or, in the
+user's directory, holds no manifest until every file it lists is there).
+Whatever ends the export early (an error, Ctrl-C, SIGTERM) removes the work
+directory; the run's cancel flag stops the worker at its next batch
 and interrupts a running statement (the service's cancel path), so Ctrl-C ends
 the command within a second.
 
@@ -24,6 +27,7 @@ data file and describe.yaml is byte for byte the same.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import queue
@@ -102,13 +106,21 @@ class Export:
     def run(self) -> tuple[Path, Result]:
         """Export, then put the result in place; raises ExportFailed or Interrupted."""
         target = self.target.absolute()
+        # Into an existing (empty) -d directory, or the directory a -d symlink leads to: the work
+        # directory goes inside it (one file system), and the files move in, never the directory
+        # itself: the user's directory keeps its inode, mode and owner.
+        into = self.directory is not None and target.is_dir()
         with _Signals() as stop:  # first: a signal between making the work directory and the try
-            work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+            work = Path(
+                tempfile.mkdtemp(
+                    prefix=f".{target.name}.", suffix=".tmp", dir=target if into else target.parent
+                )
+            )
             try:
                 result = self._export(work, stop)
                 if stop.is_set():
                     raise Interrupted
-                self._place(LocalStorage(work), work, target, stop)
+                self._place(LocalStorage(work), work, target, stop, into)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         return target, result
@@ -166,11 +178,16 @@ class Export:
         )
         return result
 
-    def _place(self, storage: LocalStorage, work: Path, target: Path, stop: threading.Event) -> None:
+    def _place(
+        self, storage: LocalStorage, work: Path, target: Path, stop: threading.Event, into: bool
+    ) -> None:
         run_dir = storage.run_dir(self.run_id)
         if self.directory is not None:
             try:
-                os.rename(run_dir, target)  # onto a missing or empty directory
+                if into:
+                    move_files(run_dir, target)
+                else:
+                    os.rename(run_dir, target)  # a new directory, whole at once
             except OSError as exc:
                 raise ExportFailed(f"Cannot move the files to {target}: {exc.strerror}") from None
             return
@@ -196,6 +213,22 @@ class Export:
         if stop.is_set():
             raise Interrupted
         os.replace(archive, target)
+
+
+def move_files(run_dir: Path, target: Path) -> None:
+    """Move the run's files into ``target``, the manifest last; on failure, take back those moved."""
+    # The manifest last: once it is there, every file it lists is too.
+    names = sorted(os.listdir(run_dir), key=lambda name: name == "manifest.json")
+    moved: list[str] = []
+    try:
+        for name in names:
+            os.rename(run_dir / name, target / name)
+            moved.append(name)
+    except OSError:
+        for name in moved:
+            with contextlib.suppress(OSError):
+                os.unlink(target / name)
+        raise
 
 
 def write_zip(entries: list[ZipEntry], files: HeldFiles, path: Path, stopped: Callable[[], bool]) -> None:

@@ -323,6 +323,39 @@ def test_text_options_that_are_not_utf8_are_refused_up_front(shop_db: Path, tmp_
         assert named in done.stderr.splitlines()[-1] and "Traceback" not in done.stderr, done.stderr
 
 
+def test_export_into_an_existing_empty_directory_keeps_it(shop_db: Path, tmp_path: Path):
+    """-d onto the user's empty directory (or a symlink to one) moves the files in; the directory stays."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)
+    before = private.stat()
+    done = cli("export", str(shop_db), "-q", "-d", str(private), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    after = private.stat()
+    assert (after.st_ino, after.st_mode, after.st_uid) == (before.st_ino, before.st_mode, before.st_uid)
+    assert verify_path(private, io.StringIO())
+    assert not [p.name for p in private.iterdir() if p.name.startswith(".")]  # no work directory left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["private"]
+
+    # Through a symlink: into the directory it leads to, which may be elsewhere; the link stays.
+    elsewhere = tmp_path / "elsewhere" / "real"
+    elsewhere.mkdir(parents=True)
+    (tmp_path / "lnk").symlink_to(elsewhere)
+    done = cli("export", str(shop_db), "-q", "-d", "lnk", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "lnk").is_symlink() and verify_path(elsewhere, io.StringIO())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "lnk", "private"]
+
+    # A symlink to nothing is refused up front.
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    done = cli("export", str(shop_db), "-q", "-d", "dangling", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "extracts-app export: error: -d: dangling is a symlink to nothing; give the directory itself"
+    )
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_export_refuses_to_write_over_its_source(
     shop_db: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ):
