@@ -293,6 +293,9 @@ def _export(sub: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     config = export_config(args, sub.error)
     directory = Path(args.directory) if args.directory else None
     zip_path = Path(args.output) if args.output else None
+    # A trailing slash means a directory (Path drops it): "-o newdir/" never writes a file "newdir".
+    if args.output and args.output.endswith(("/", os.sep)) and not Path(args.output).is_dir():
+        sub.error(f"-o {args.output}: no such directory")
     for option, path in (("-d", directory), ("-o", zip_path)):
         if path is not None and not path.absolute().parent.is_dir():
             sub.error(f"{option}: the directory {path.absolute().parent} does not exist")

@@ -266,6 +266,8 @@ def test_export_names_a_bad_option(shop_db: Path, tmp_path: Path, capsys: pytest
         (["--name", " "], "--name: must be 1 to 200 characters"),
         (["-d", str(tmp_path / "full")], "-d: "),
         (["-o", str(tmp_path / "no" / "such" / "x.zip")], "-o: the directory"),
+        (["-o", f"{tmp_path / 'newdir'}/"], f"-o {tmp_path / 'newdir'}/: no such directory"),
+        (["-o", f"{tmp_path / 'full' / 'x'}/"], f"-o {tmp_path / 'full' / 'x'}/: no such directory"),
     ]:
         with pytest.raises(SystemExit) as exited:  # in this process: argparse's exit
             commands.run_command(["export", str(shop_db), *options])
