@@ -192,6 +192,41 @@ def check_options(
         bad_option(f"{given}: a token is printable ASCII without spaces; this one is not")
 
 
+ZIP_START = b"PK\x03\x04"  # a local file header: what every ZIP, and so every partial download, begins with
+
+
+def check_download(given: str, bad_option: Callable[[str], NoReturn]) -> None:
+    """Refuse (exit 2) a --download PATH the ZIP cannot be written to, before the run starts."""
+    target = Path(given)
+    if target.is_dir():
+        folder = target
+    elif given.endswith(("/", os.sep)):  # a trailing slash means a directory (Path drops it)
+        bad_option(f"--download: {given}: no such directory")
+    else:
+        folder = target.absolute().parent
+        if not folder.is_dir():
+            bad_option(f"--download: the directory {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        bad_option(f"--download: the directory {folder} is not writable")
+    if not target.is_file():
+        return
+    try:
+        with open(target, "rb") as file:
+            start = file.read(len(ZIP_START))
+    except OSError as exc:
+        bad_option(f"--download: {given} cannot be read ({exc.strerror}): remove it or give another path")
+    if start and start != ZIP_START[: len(start)]:
+        bad_option(
+            f"--download: {given} exists and does not begin as a ZIP does, so it is no partial download; "
+            "it is left as it is: remove it or give another path"
+        )
+    if not os.access(target, os.W_OK):
+        bad_option(f"--download: {given} is not writable")
+
+
+_ARTIFACT_FIELDS = {"artifact_type", "artifact_name", "schema_name", "records"}  # what the view reads
+
+
 def run_artifacts(client: Client, run_id: str) -> list[dict[str, Any]]:
     """Every artifact of the run, a page at a time (split files can make thousands)."""
     found: list[dict[str, Any]] = []
@@ -284,10 +319,8 @@ def download(client: Client, run_id: str, target: Path, view: View) -> tuple[Pat
             with client.open(client.request("GET", path, headers)) as response:
                 partial = response.status == 206
                 resumed = resumed and partial
-                with open(target, "ab" if partial else "wb") as out:
-                    while chunk := response.read(_CHUNK):
-                        out.write(chunk)
-        except (OSError, http.client.HTTPException) as exc:
+                _save(response, target, "ab" if partial else "wb")
+        except _Dropped as exc:
             if attempt == RETRIES:
                 raise Failed(
                     f"the download of {target} stopped: {exc}; run the command again to resume"
@@ -296,6 +329,28 @@ def download(client: Client, run_id: str, target: Path, view: View) -> tuple[Pat
     how = f"resumed at byte {first:,}" if resumed else "whole"
     view.note(f"Downloaded {target} ({size:,} bytes, {how})")
     return target, resumed
+
+
+class _Dropped(Exception):
+    """The connection broke while the body was read: the download resumes."""
+
+
+def _save(response: Any, target: Path, mode: str) -> None:
+    """The response's body into ``target``; a local file error is Failed, never a dropped connection."""
+    try:
+        with open(target, mode) as out:
+            while True:
+                try:
+                    chunk = response.read(_CHUNK)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise _Dropped(exc) from None
+                if not chunk:
+                    return
+                out.write(chunk)
+    except OSError as exc:  # opening, writing or closing the local file
+        raise Failed(
+            f"cannot write {target}: {exc.strerror or exc}; the run's ZIP stays on the service"
+        ) from None
 
 
 def run_remote(args: argparse.Namespace, bad_option: Callable[[str], NoReturn]) -> int:
@@ -307,6 +362,8 @@ def run_remote(args: argparse.Namespace, bad_option: Callable[[str], NoReturn]) 
             f"({_default('db')}.token); the service prints its token when it starts"
         )
     check_options(args, url, token, bad_option)
+    if args.download is not None:
+        check_download(args.download, bad_option)
     client = Client(url, token)
     view: View | None = None
     try:

@@ -786,6 +786,53 @@ def test_a_resumed_download_that_does_not_verify_is_fetched_again_whole(
     assert partial.read_bytes() == served
 
 
+def test_run_checks_the_download_path_before_the_run(tmp_path: Path):
+    """A --download PATH the ZIP cannot go to is refused (exit 2) before the first request."""
+    env = {**ENV, "EXTRACTS_DB": str(tmp_path / "none.db")}
+    (tmp_path / "mine.txt").write_text("the user's notes")
+    (tmp_path / "empty.zip").write_bytes(b"")
+    (tmp_path / "started.zip").write_bytes(b"PK\x03\x04\x14\x00")
+    base = ["x", "--url", "http://127.0.0.1:9", "--token", "t", "--download"]  # port 9: a request exits 1
+    for given, named in [
+        ("nodir/x.zip", f"--download: the directory {tmp_path / 'nodir'} does not exist"),
+        ("nodir/", "--download: nodir/: no such directory"),
+        (
+            "mine.txt",
+            "--download: mine.txt exists and does not begin as a ZIP does, so it is no partial download; "
+            "it is left as it is: remove it or give another path",
+        ),
+    ]:
+        done = cli("run", *base, given, cwd=tmp_path, env=env)
+        assert done.returncode == 2, (given, done.stderr)
+        assert done.stderr.splitlines()[-1] == f"extracts-app run: error: {named}", done.stderr
+    for given in ("empty.zip", "started.zip", "."):  # may be resumed, or a directory to put it in
+        done = cli("run", *base, given, cwd=tmp_path, env=env)
+        assert done.returncode == 1 and "cannot reach the service" in done.stderr, (given, done.stderr)
+    assert (tmp_path / "mine.txt").read_text() == "the user's notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.zip", "mine.txt", "started.zip"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_local_write_error_is_not_a_dropped_connection(service, tmp_path: Path):
+    """A file that cannot be written fails the download at once, in one line, without resuming."""
+    service.create_extract(name="cli full", schemas=["users"])
+    done = cli(
+        "run",
+        "cli full",
+        "--url",
+        service.base_url,
+        "--token",
+        service_token(service),
+        "--download",
+        "/dev/full",
+    )
+    assert done.returncode == 1, done.stderr
+    assert "resuming" not in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "extracts-app: cannot write /dev/full: No space left on device; the run's ZIP stays on the service"
+    )
+
+
 @pytest.mark.slow
 def test_run_fails_clearly(service, tmp_path: Path):
     token = service_token(service)
