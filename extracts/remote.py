@@ -238,9 +238,53 @@ def run_artifacts(client: Client, run_id: str) -> list[dict[str, Any]]:
             "filter[offset]": str(len(found)),
         }
         page = client.call("GET", "/api/data/extract_artifacts?" + urlencode(query))
+        if not (
+            isinstance(page, list)
+            and all(isinstance(item, dict) and item.keys() >= _ARTIFACT_FIELDS for item in page)
+        ):
+            raise Failed(
+                "GET /api/data/extract_artifacts: the answer is not a list of artifacts; "
+                f"is {client.url} the service?"
+            )
         found += page
         if len(page) < _PAGE:
             return found
+
+
+_DETAIL_COUNTS = ("schemas_total", "schemas_completed", "records_exported", "records_total")
+
+
+def checked_run(run: Any, path: str, client: Client) -> dict[str, Any]:
+    """``run`` if it holds every field watching it reads, else Failed naming those it lacks."""
+    if not isinstance(run, dict):
+        raise Failed(f"GET {path}: the answer is not a run; is {client.url} the service?")
+    detail = run.get("progress_detail")
+    wrong = [
+        name
+        for name, ok in [
+            ("status", isinstance(run.get("status"), str)),
+            ("error", isinstance(run.get("error", 0), str | None)),
+            ("records_exported", isinstance(run.get("records_exported", ""), int | None)),
+            ("progress_detail", isinstance(detail, dict)),
+        ]
+        if not ok
+    ]
+    if isinstance(detail, dict):
+        wrong += [
+            f"progress_detail.{name}"
+            for name, ok in [
+                ("phase", isinstance(detail.get("phase"), str)),
+                ("current_schema", isinstance(detail.get("current_schema", 0), str | None)),
+                *((count, isinstance(detail.get(count), int)) for count in _DETAIL_COUNTS),
+            ]
+            if not ok
+        ]
+    if wrong:
+        raise Failed(
+            f"GET {path}: the run lacks {', '.join(wrong)} (or they are not what a run holds); "
+            f"is {client.url} the service?"
+        )
+    return run
 
 
 def watch(client: Client, run_id: str, view: View) -> dict[str, Any]:
@@ -248,7 +292,7 @@ def watch(client: Client, run_id: str, view: View) -> dict[str, Any]:
     path = f"/api/data/extract_runs/{run_id}"
     schema = None
     while True:
-        run = client.call("GET", path)
+        run = checked_run(client.call("GET", path), path, client)
         detail = run["progress_detail"]
         ended = run["status"] in _ENDED
         if ended or detail["current_schema"] != schema:  # a schema ended: its line needs its files
@@ -298,8 +342,20 @@ def download(client: Client, run_id: str, target: Path, view: View) -> tuple[Pat
     """
     path = f"/api/extracts/runs/{run_id}/download"
     with client.open(client.request("HEAD", path)) as head:
-        size, etag = int(head.headers["Content-Length"]), head.headers["ETag"]
+        length, etag = head.headers.get("Content-Length", ""), head.headers.get("ETag")
         name = head.headers.get("Content-Disposition", "").partition('filename="')[2].rstrip('"')
+    # Both are needed to resume: the size says where the ZIP ends, the ETag that it is the same one.
+    lacking = [
+        header
+        for header, ok in (("Content-Length", length.isascii() and length.isdigit()), ("ETag", etag))
+        if not ok
+    ]
+    if lacking:
+        raise Failed(
+            f"HEAD {path}: the answer has no {' or '.join(lacking)} (a ZIP download has both); "
+            f"is {client.url} the service?"
+        )
+    size = int(length)
     if target.is_dir():
         target = target / (name or f"{run_id}.zip")
     first = target.stat().st_size if target.is_file() else 0
@@ -373,10 +429,8 @@ def run_remote(args: argparse.Namespace, bad_option: Callable[[str], NoReturn]) 
             raise Failed(f"the service at {url} started no run: its answer has no run_id")
         run_id = started["run_id"]
         if not args.quiet:
-            print(
-                f"Run {run_id} of {extract['name']!r} ({extract['id']}): {started['message']}",
-                file=sys.stderr,
-            )
+            said = started.get("message") or "started"
+            print(f"Run {run_id} of {extract['name']!r} ({extract['id']}): {said}", file=sys.stderr)
         if not (args.wait or args.download):
             return 0
         view = make_view(args.quiet)

@@ -927,6 +927,85 @@ def test_run_refuses_what_no_request_can_carry_and_answers_it_cannot_use(tmp_pat
         server.server_close()
 
 
+def test_run_says_in_one_line_what_a_service_answer_lacks(tmp_path: Path):
+    """A run without the fields watching reads, a download without Content-Length or ETag: exit 1."""
+    import http.server
+    import threading
+
+    detail = {
+        "phase": "completed",
+        "schemas_total": 1,
+        "schemas_completed": 1,
+        "current_schema": None,
+        "records_exported": 4,
+        "records_total": 4,
+    }
+    whole = {"status": "completed", "error": None, "records_exported": 4, "progress_detail": detail}
+    answers: dict[str, object] = {}
+
+    class Answers(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            if path.endswith("/download"):  # a HEAD without Content-Length or ETag
+                self.send_response(200)
+                self.send_header("Content-Type", "application/zip")
+                self.end_headers()
+                return
+            data = {
+                "/api/data/extracts/x": {"id": "x", "name": "x"},
+                "/api/extracts/x/run": {"run_id": "run_1"},
+                "/api/data/extract_runs/run_1": answers["run"],
+                "/api/data/extract_artifacts": [],
+            }[path]
+            body = json.dumps({"data": data}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_HEAD = do_GET
+
+        def log_message(self, *args: object) -> None: ...
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    asked = "GET /api/data/extract_runs/run_1: the run lacks"
+    try:
+        for run, download, expected in [
+            (
+                {"id": "run_1"},
+                [],
+                f"{asked} status, error, records_exported, progress_detail "
+                "(or they are not what a run holds)",
+            ),
+            (
+                {**whole, "progress_detail": {"phase": "completed", "current_schema": None}},
+                [],
+                f"{asked} progress_detail.schemas_total, progress_detail.schemas_completed, "
+                "progress_detail.records_exported, progress_detail.records_total "
+                "(or they are not what a run holds)",
+            ),
+            (
+                whole,
+                ["--download", str(tmp_path / "x.zip")],
+                "HEAD /api/extracts/runs/run_1/download: the answer has no Content-Length or ETag "
+                "(a ZIP download has both)",
+            ),
+        ]:
+            answers["run"] = run
+            done = cli("run", "x", "--url", url, "--token", "t", "--wait", "-q", *download)
+            assert done.returncode == 1, done.stderr
+            assert done.stderr.splitlines() == [f"extracts-app: {expected}; is {url} the service?"], (
+                done.stderr
+            )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_serve_and_no_command_are_the_service():
     for argv in (["--help"], ["serve", "--help"]):
