@@ -337,8 +337,9 @@ def download(client: Client, run_id: str, target: Path, view: View) -> tuple[Pat
 
     A connection lost midway is resumed from where it stopped (``RETRIES`` times). Returns the
     file and whether it was resumed. A file found there is resumed only when it starts and ends
-    as the ZIP's first bytes do (``is_partial``), else left alone (Failed); ``verify`` then checks
-    the whole. A partial file is kept on failure, for the next attempt.
+    as the ZIP's bytes do (``is_partial``); another ZIP there is replaced once the new one is
+    whole beside it (``.NAME.RUN.part``, itself resumed); ``verify`` then checks the whole. A
+    partial file is kept on failure, for the next attempt.
     """
     path = f"/api/extracts/runs/{run_id}/download"
     with client.open(client.request("HEAD", path)) as head:
@@ -358,15 +359,18 @@ def download(client: Client, run_id: str, target: Path, view: View) -> tuple[Pat
     size = int(length)
     if target.is_dir():
         target = target / (name or f"{run_id}.zip")
+    into = target
     first = target.stat().st_size if target.is_file() else 0
     if first and not is_partial(client, path, target, first, size):
-        raise Failed(
-            f"{target} exists and is not the start of run {run_id}'s ZIP; it is left as it is: "
-            "remove it or give --download another path"
-        )
+        # Another ZIP (the check before the run refused any other file): last night's download,
+        # replaced as `export -o` replaces, once the new one is whole beside it.
+        into = target.with_name(f".{target.name}.{run_id}.part")
+        first = into.stat().st_size if into.is_file() else 0
+        if first and not is_partial(client, path, into, first, size):
+            first = 0
     resumed = first > 0
     for attempt in range(RETRIES + 1):
-        have = target.stat().st_size if target.is_file() else 0
+        have = (into.stat().st_size if into.is_file() else 0) if resumed or attempt else 0
         if have == size:
             break
         # If-Range: should the archive have changed, the answer is all of it (200), not a part.
@@ -375,13 +379,18 @@ def download(client: Client, run_id: str, target: Path, view: View) -> tuple[Pat
             with client.open(client.request("GET", path, headers)) as response:
                 partial = response.status == 206
                 resumed = resumed and partial
-                _save(response, target, "ab" if partial else "wb")
+                _save(response, into, "ab" if partial else "wb")
         except _Dropped as exc:
             if attempt == RETRIES:
                 raise Failed(
                     f"the download of {target} stopped: {exc}; run the command again to resume"
                 ) from None
             view.note(f"the download stopped ({exc}); resuming")
+    if into != target:
+        try:
+            os.replace(into, target)
+        except OSError as exc:
+            raise Failed(f"cannot replace {target}: {exc.strerror or exc}; the new ZIP is {into}") from None
     how = f"resumed at byte {first:,}" if resumed else "whole"
     view.note(f"Downloaded {target} ({size:,} bytes, {how})")
     return target, resumed
