@@ -311,7 +311,12 @@ def watch(client: Client, run_id: str, view: View) -> dict[str, Any]:
 def _span(client: Client, path: str, start: int, end: int) -> bytes | None:
     """Bytes ``start`` to ``end`` (excluded) of the download; None if the service sends no part."""
     with client.open(client.request("GET", path, {"Range": f"bytes={start}-{end - 1}"})) as response:
-        return response.read(end - start + 1) if response.status == 206 else None
+        if response.status != 206:
+            return None
+        try:
+            return response.read(end - start + 1)
+        except (OSError, http.client.HTTPException) as exc:
+            raise Failed(f"GET {path} (bytes {start}-{end - 1}) stopped: {exc}; run it again") from None
 
 
 def is_partial(client: Client, path: str, target: Path, have: int, size: int) -> bool:
@@ -323,13 +328,22 @@ def is_partial(client: Client, path: str, target: Path, have: int, size: int) ->
     """
     if have > size:
         return False
-    with open(target, "rb") as file:
-        for start in sorted({0, max(0, have - _SAMPLE)}):
-            end = min(have, start + _SAMPLE)
-            file.seek(start)
-            if file.read(end - start) != _span(client, path, start, end):
-                return False
-    return True
+    try:
+        with open(target, "rb") as file:
+            # From byte 1: a GET from byte 0 is counted as a download (SPEC), and byte 0 of
+            # a ZIP is always "P"; the check before the run saw it.
+            for start in sorted({min(1, have), max(1, have - _SAMPLE)}):
+                end = min(have, start + _SAMPLE)
+                if end <= start:
+                    continue
+                file.seek(start)
+                if file.read(end - start) != _span(client, path, start, end):
+                    return False
+            file.seek(0)
+            return file.read(1) == ZIP_START[:1]
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise Failed(f"{target} cannot be read ({reason}): remove it or give another path") from None
 
 
 def download(client: Client, run_id: str, target: Path, view: View) -> tuple[Path, bool]:

@@ -92,6 +92,13 @@ class Scheduler:
                 started.append(run_id)
             # None (no longer scheduled) for a schedule saved before it would have been refused.
             following = await asyncio.to_thread(next_due, extract["schedule"], now)
+            if following is None:
+                log.warning(
+                    "extract %s: its schedule %r is never due as cron reads it (a range that runs "
+                    "backwards?): it runs no more until the schedule is fixed (PUT)",
+                    extract["id"],
+                    extract["schedule"],
+                )
             await self.db.execute(
                 "UPDATE extracts SET next_run_at = :next WHERE id = :id",
                 {"next": following, "id": extract["id"]},

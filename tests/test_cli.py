@@ -737,8 +737,15 @@ def test_run_wait_download_against_the_service(service, tmp_path: Path):
     # A partial file of that ZIP resumes where it stops (Range), and the whole verifies.
     partial = tmp_path / "partial.zip"
     partial.write_bytes(served[: len(served) // 2])
+
+    def counts() -> list[int]:
+        listed = service.client.get("/api/data/extract_artifacts", params={"filter[where][run_id]": run_id})
+        return [a["download_count"] for a in listed.json()["data"]]
+
+    before = counts()
     path, resumed = download(Client(service.base_url, token), run_id, partial, Quiet())
     assert resumed and path.read_bytes() == served
+    assert counts() == before  # a resumed download was counted when it began (SPEC), not again
     assert verify_path(path, io.StringIO())
 
     # By id, with the URL and the token file from the environment; the partial file
