@@ -516,7 +516,7 @@ class Runs:
             return won
 
         won = await in_transaction(self.db, take_back)
-        for run_id in won:  # the next attempt writes every file again
+        for run_id in won:  # what stays (the storage failing) the next attempt clears (begin_run)
             await self._tidy(self.storage.delete_run, run_id)
         if won:
             self.queued.set()

@@ -91,6 +91,20 @@ def test_a_filter_on_a_table_this_run_no_longer_exports_fails_the_run(
 
 
 @pytest.mark.faults
+def test_a_run_again_under_its_id_clears_what_its_earlier_attempt_left(tmp_path: Path, manager: Any) -> None:
+    # A run put back in the queue keeps its id; its files stay when the storage failed as it
+    # went back. Its next attempt starts clean instead of failing on a name clash.
+    job = make_job(tmp_path, make_source(tmp_path / "source.db"), schemas=["users"])
+    run_dir = Path(job["run_dir"])
+    run_dir.mkdir(parents=True)
+    (run_dir / "users.jsonl").write_bytes(b"an earlier attempt's")
+    (run_dir / ".users.jsonl.tmp").write_bytes(b"half")
+    result = Channel(manager).run(job)
+    assert result["status"] == "completed", result
+    assert sorted(os.listdir(run_dir)) == ["describe.yaml", "manifest.json", "users.jsonl"]
+
+
+@pytest.mark.faults
 def test_free_space_under_the_reserve_fails_before_writing(tmp_path: Path, manager: Any) -> None:
     db = make_source(tmp_path / "source.db")
     channel = Channel(manager)

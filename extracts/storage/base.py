@@ -113,7 +113,9 @@ class Storage(ABC):
 
     @abstractmethod
     def begin_run(self, run_id: str) -> None:
-        """Make room for a run's files before its first one (a directory; raises StorageError)."""
+        """Make room for a run's files before its first one (a directory; raises StorageError),
+        clearing what an earlier attempt of the same run left: a run put back in the queue
+        keeps its id, and its files stay when the storage failed as it went back."""
 
     @abstractmethod
     def open_file(self, run_id: str, name: str) -> StoredFile: ...

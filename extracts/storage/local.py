@@ -72,6 +72,7 @@ class LocalStorage(Storage):
     def begin_run(self, run_id: str) -> None:
         run_dir = self.run_dir(run_id)
         try:
+            self.delete_run(run_id)
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(

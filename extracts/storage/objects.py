@@ -135,7 +135,8 @@ class ObjectStorage(Storage):
         return f"{self.url}/{run_id}/{name}"
 
     def begin_run(self, run_id: str) -> None:
-        """Objects need no directory."""
+        """Objects need no directory; an earlier attempt's objects go (one listing)."""
+        self.delete_run(run_id)
 
     def open_file(self, run_id: str, name: str) -> StoredFile:
         return ObjectFile(self, f"{run_id}/{name}", name)
