@@ -72,13 +72,13 @@ class LocalStorage(Storage):
     def begin_run(self, run_id: str) -> None:
         run_dir = self.run_dir(run_id)
         try:
-            self.delete_run(run_id)
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(
                 f"Cannot create the run directory {run_dir}: {exc.strerror}; "
                 "check that the storage directory (--storage) is writable"
             ) from exc
+        self.remove_unrecorded(run_id, set())  # an earlier attempt's files (a temp one is rewritten)
 
     def open_file(self, run_id: str, name: str) -> StoredFile:
         return LocalFile(self.run_dir(run_id), name)
