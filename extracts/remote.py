@@ -381,10 +381,11 @@ def download(client: Client, run_id: str, target: Path, view: View) -> tuple[Pat
         into = target.with_name(f".{target.name}.{run_id}.part")
         first = into.stat().st_size if into.is_file() else 0
         if first and not is_partial(client, path, into, first, size):
+            into.unlink()  # an earlier try's, of a ZIP since changed: fetched whole
             first = 0
     resumed = first > 0
     for attempt in range(RETRIES + 1):
-        have = (into.stat().st_size if into.is_file() else 0) if resumed or attempt else 0
+        have = into.stat().st_size if into.is_file() else 0
         if have == size:
             break
         # If-Range: should the archive have changed, the answer is all of it (200), not a part.

@@ -816,7 +816,6 @@ def test_run_checks_the_download_path_before_the_run(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.zip", "mine.txt", "started.zip"]
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_a_local_write_error_is_not_a_dropped_connection(service, tmp_path: Path):
     """A file that cannot be written fails the download at once, in one line, without resuming."""
     service.create_extract(name="cli full", schemas=["users"])

@@ -245,21 +245,22 @@ def test_start_up_fails_fast_naming_the_store(tmp_path: Path, moto: Moto, case: 
             refusing.stop()
 
 
-@pytest.mark.parametrize("url", ["s3://AKIAXX:SeCrEt@bucket/p", "az://key@container/p"])
-def test_a_storage_url_holding_credentials_is_refused_without_echoing_them(tmp_path: Path, url: str) -> None:
-    process = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).parent.parent / "extracts_app.py"),
-            "--db",
-            str(tmp_path / "s.db"),
-        ]
-        + ["--storage", url, "--port", str(free_port()), "--token", "t"],
+def start_up(tmp_path: Path, url: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The service started on storage ``url`` (nothing to reach): how it ends."""
+    return subprocess.run(
+        [sys.executable, str(Path(__file__).parent.parent / "extracts_app.py")]
+        + ["--db", str(tmp_path / "s.db"), "--storage", url, "--port", str(free_port()), "--token", "t"],
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, **(env or {})},
         cwd=tmp_path,
     )
+
+
+@pytest.mark.parametrize("url", ["s3://AKIAXX:SeCrEt@bucket/p", "az://key@container/p"])
+def test_a_storage_url_holding_credentials_is_refused_without_echoing_them(tmp_path: Path, url: str) -> None:
+    process = start_up(tmp_path, url)
     assert process.returncode == 1, process.stdout + process.stderr
     assert "a storage URL holds no credentials" in process.stderr, process.stderr
     assert "SeCrEt" not in process.stderr and "key@" not in process.stderr and "AKIAXX" not in process.stderr
@@ -279,20 +280,7 @@ def test_a_storage_url_holding_credentials_is_refused_without_echoing_them(tmp_p
 def test_credentials_the_store_cannot_use_fail_start_up_in_one_line(
     tmp_path: Path, url: str, env: dict[str, str]
 ) -> None:
-    process = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).parent.parent / "extracts_app.py"),
-            "--db",
-            str(tmp_path / "s.db"),
-        ]
-        + ["--storage", url, "--port", str(free_port()), "--token", "t"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **env},
-        cwd=tmp_path,
-    )
+    process = start_up(tmp_path, url, env)
     assert process.returncode == 1, process.stdout + process.stderr
     assert process.stderr.startswith(f"extracts-app: cannot write to the object store {url}: "), (
         process.stderr

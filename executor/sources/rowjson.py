@@ -15,6 +15,7 @@ arrive as base64 strings. MariaDB's JSON columns may hold text that is not JSON
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -45,11 +46,9 @@ def _refuse(constant: str) -> None:
 
 def _is_json(raw: bytes) -> bool:
     """Whether ``raw`` is JSON text (RFC 8259), whatever Python could make of its values."""
-    try:
+    with contextlib.suppress(orjson.JSONDecodeError):
         orjson.loads(raw)  # strict, and fast: nearly every value ends here
         return True
-    except orjson.JSONDecodeError:
-        pass
     # orjson also refuses JSON it cannot hold: 1e400, a lone surrogate escape ("\ud800"),
     # nesting beyond 1024. The json module's grammar is RFC 8259's once NaN and Infinity are
     # refused; numbers stay text (a 5,000-digit integer passes int()'s limit).
