@@ -188,13 +188,17 @@ def create_app(settings: Settings) -> Starlette:
         HTTPException: http_exception_handler,
         SourceError: source_error_handler,
     }
+    api_router = Router(routes=api, redirect_slashes=False)
     app = Starlette(
-        routes=[*public, Mount("/api", app=BearerAuth(Router(routes=api), settings.token))],
+        routes=[*public, Mount("/api", app=BearerAuth(api_router, settings.token))],
         # Outermost first: every response is counted, the 500s CatchAll makes included.
         middleware=[Middleware(RequestMetrics, metrics=measured), Middleware(CatchAll, busy=dialect.busy)],
         exception_handlers=exception_handlers,
         lifespan=lifespan,
     )
+    # "/api/data/extracts/" is no route: a 404 naming it, not a bodiless 307 (whose Location,
+    # built from the Host header, says http:// behind a TLS proxy).
+    app.router.redirect_slashes = False
     app.state.extracts = st
     app.state.metrics = measured
     return app

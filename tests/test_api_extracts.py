@@ -395,6 +395,16 @@ def test_unknown_routes_and_methods(app_service: InProcessService) -> None:
     assert r.status_code == 404 and r.json()["success"] is False
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("path", ["/api/data/extracts/", "/api/extracts/extract_x/run/", "/health/"])
+def test_a_trailing_slash_is_no_route(app_service: InProcessService, method: str, path: str) -> None:
+    """It was a 307 with no body, to a Location built from the Host header (http:// behind TLS)."""
+    r = app_service.client.request(method, path)
+    assert r.status_code == 404, r.text
+    error = f"No route {method} {path}"
+    assert r.json() == {"success": False, "error": error, "error_code": "RECORD_NOT_FOUND"}
+
+
 @pytest.mark.parametrize(
     "path,allowed",
     [
