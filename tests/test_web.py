@@ -396,6 +396,30 @@ def test_validation_messages_appear_beside_their_fields(tab: Tab, service: Any) 
 
 
 @pytest.mark.slow
+def test_64_bit_filter_values_are_shown_and_saved_exactly(tab: Tab, service: Any) -> None:
+    """Past 2^53 a JavaScript Number rounds: 9007199254740993 became ...992, silently, on any save."""
+    big = {"users": {"where": {"id": {"$in": [9007199254740993, -9223372036854775807]}}}}
+    extract = service.create_extract(name="Snowflake ids", schemas=["users"], filter=big)
+    page = tab.page
+    connect(page)
+    page.goto(f"/#/extracts/{extract['id']}")
+    expect(page.locator("[data-fact='filter']")).to_have_text(json.dumps(big, separators=(",", ":")))
+    page.get_by_role("button", name="Edit").click()
+    page.fill("#f-description", "only the description changes")
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator("[data-fact='filter']")).to_be_visible()
+    saved = service.client.get(f"/api/data/extracts/{extract['id']}").json()["data"]
+    assert (saved["description"], saved["filter"]) == ("only the description changes", big)
+    # As typed in the form, too.
+    page.get_by_role("button", name="Edit").click()
+    page.fill("#f-filter", '{"users": {"where": {"id": {"$gt": 9223372036854775806}}}}')
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator("[data-fact='filter']")).to_contain_text("9223372036854775806")
+    saved = service.client.get(f"/api/data/extracts/{extract['id']}").json()["data"]
+    assert saved["filter"] == {"users": {"where": {"id": {"$gt": 9223372036854775806}}}}
+
+
+@pytest.mark.slow
 def test_delete_takes_two_clicks_and_names_are_shown_as_text(tab: Tab, service: Any) -> None:
     name = "<img src=x onerror=alert(1)> & co"
     extract = service.create_extract(name=name, schemas=["users"])

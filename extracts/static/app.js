@@ -73,6 +73,14 @@ function seconds(s) {
 
 const badge = (status) => h("span", { class: `badge ${status || "none"}` }, status || "never run");
 
+// JSON with exact integers: a filter value past 2^53 (a 64-bit id) parsed as a Number is rounded,
+// then shown and saved back rounded. JSON.rawJSON keeps its digits, and JSON.stringify writes them
+// back as they came (browsers without it round, as before).
+function parseJson(text) {
+  return JSON.parse(text, (key, value, context) => (typeof value === "number" && !Number.isSafeInteger(value)
+    && JSON.rawJSON && context && /^-?\d+$/.test(context.source) ? JSON.rawJSON(context.source) : value));
+}
+
 function query(params) {
   return new URLSearchParams(params).toString();
 }
@@ -117,7 +125,7 @@ async function failure(response) {
 async function api(method, path, body) {
   const response = await send(method, path, body);
   if (!response.ok) throw await failure(response);
-  return (await response.json()).data;
+  return parseJson(await response.text()).data;
 }
 
 function filename(disposition) {
@@ -521,7 +529,7 @@ function readForm(form) {
   const errors = {};
   let filter = null;
   if (value("filter").trim()) {
-    try { filter = JSON.parse(value("filter")); } catch (exc) { errors.filter = `filter is not valid JSON: ${exc.message}`; }
+    try { filter = parseJson(value("filter")); } catch (exc) { errors.filter = `filter is not valid JSON: ${exc.message}`; }
   }
   const body = {
     name: value("name"), description: value("description") || null, format: value("format"),
