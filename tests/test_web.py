@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import sqlite3
+import subprocess
 import time
 import zipfile
 from collections.abc import Iterator
@@ -22,7 +23,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from helpers import add_big_table, http_get
+from helpers import (
+    Service,
+    add_big_table,
+    app_command,
+    http_get,
+    make_shop_db,
+    start_service,
+    wait_healthy,
+)
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
@@ -446,6 +455,52 @@ def test_an_api_refusal_is_shown(tab: Tab, service: Any) -> None:
     page.goto(f"/#/extracts/{extract['id']}")
     page.click("#run-button")
     expect(page.locator("#banner")).to_contain_text(f"Extract {extract['id']} is disabled")
+
+
+def start_again(svc: Service) -> Service:
+    """The same service (state, storage, port: the tab's origin) started again after it stopped."""
+    with svc.log.open("ab") as out:
+        process = subprocess.Popen([*app_command(), *svc.args], stdout=out, stderr=subprocess.STDOUT)
+    again = Service(svc.base_url, svc.db, svc.storage, svc.source, process, svc.log, svc.args)
+    wait_healthy(again)
+    return again
+
+
+@pytest.mark.slow
+def test_the_page_carries_on_when_the_service_comes_back(browser: Browser, tmp_path: Path) -> None:
+    """A restart under the page, or its source gone a moment (503), used to stop its polling for
+    good: stuck on "Cannot reach the service", schemas "Loading…"."""
+    source = make_shop_db(tmp_path / "shop.db")
+    svc = start_service(tmp_path, str(source))
+    try:
+        tab = open_tab(browser, svc.base_url)
+        page = tab.page
+        connect(page)
+        source.rename(tmp_path / "away.db")
+        page.reload()
+        expect(page.locator("#banner")).to_contain_text("The source database cannot be read")
+        (tmp_path / "away.db").rename(source)
+        expect(page.locator("table.schemas")).to_be_visible(timeout=10_000)
+        expect(page.locator("#banner")).to_be_hidden()
+        svc.stop()
+        expect(page.locator("#banner")).to_contain_text("Cannot reach the service", timeout=10_000)
+        svc = start_again(svc)
+        extract = svc.create_extract(name="Made while the page waited", schemas=["users"])
+        expect(page.locator("#extracts strong", has_text=extract["name"])).to_be_visible(timeout=10_000)
+        expect(page.locator("#banner")).to_be_hidden()
+        page.goto(f"/#/extracts/{extract['id']}")
+        expect(page.locator("#run")).to_contain_text("No run yet")
+        svc.stop()
+        expect(page.locator("#banner")).to_contain_text("Cannot reach the service", timeout=10_000)
+        svc = start_again(svc)
+        run = svc.run(extract["id"])
+        expect(page.locator("#run h2")).to_contain_text(run, timeout=10_000)
+        expect(page.locator("#run .badge")).to_have_text("completed", timeout=10_000)
+        expect(page.locator("#banner")).to_be_hidden()
+        page.context.close()
+        check_tab(tab, svc.base_url)
+    finally:
+        svc.stop()
 
 
 @pytest.mark.slow

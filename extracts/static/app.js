@@ -8,6 +8,7 @@ const TOKEN_KEY = "extracts.token";
 const ACTIVE = new Set(["pending", "queued", "running"]);
 const POLL_ACTIVE_MS = 500; // a running run's progress: twice a second
 const POLL_IDLE_MS = 5000;
+const RETRY_MS = 2000; // the service out of reach or busy: tried again this often
 const PHASES = {
   queued: "Queued",
   exporting_describe: "Writing describe.yaml",
@@ -212,6 +213,10 @@ function failed(exc) {
   showBanner(exc.message);
 }
 
+// The service out of reach (stopped, restarting) or busy for a moment (503): a polling view says so
+// and tries again, rather than stopping until the page is reloaded.
+const passing = (exc) => exc.status === 0 || exc.status === 503;
+
 // ---------------------------------------------------------------- the token
 
 function tokenView(message) {
@@ -286,11 +291,22 @@ async function homeView(v) {
         h("button", { type: "button", onclick: () => go("#/new") }, "New extract")),
       list),
     h("aside", { class: "card" }, h("h2", {}, "Source schemas"), schemas)));
-  api("GET", "describe").then((s) => schemas.replaceChildren(schemaTable(s)), failed);
+  let described = null; // the describe call; made again after a passing failure
   let shown = "";
+  let lost = false;
+  let schemasLost = false;
   while (v.alive) {
+    described ??= api("GET", "describe").then((s) => {
+      if (schemasLost) hideBanner();
+      schemas.replaceChildren(schemaTable(s));
+    }, (exc) => {
+      if (passing(exc)) [described, schemasLost] = [null, true];
+      failed(exc);
+    });
     try {
       const extracts = await api("GET", `data/extracts?${query({ "filter[limit]": 1000 })}`);
+      if (lost) hideBanner();
+      lost = false;
       const key = JSON.stringify(extracts);
       if (key !== shown && v.alive) {
         shown = key;
@@ -299,9 +315,10 @@ async function homeView(v) {
       }
     } catch (exc) {
       failed(exc);
-      return;
+      if (!passing(exc)) return;
+      lost = true;
     }
-    await sleep(POLL_IDLE_MS);
+    await sleep(lost ? RETRY_MS : POLL_IDLE_MS);
   }
 }
 
@@ -433,6 +450,7 @@ async function extractView(v, id, runId) {
     h("section", { class: "card" }, h("h2", {}, "Runs"), runList));
   let artifactsOf = null;
   let artifacts = [];
+  let lost = false;
   while (v.alive) {
     let run = null;
     try {
@@ -447,6 +465,8 @@ async function extractView(v, id, runId) {
         artifactsOf = seen;
       }
       if (!v.alive) return;
+      if (lost) hideBanner();
+      lost = false;
       document.title = `${extract.name} · Extracts`;
       title.textContent = extract.name;
       patch(about, JSON.stringify([extract.description, extract.enabled]), () => [
@@ -463,11 +483,15 @@ async function extractView(v, id, runId) {
           progressBlock(run), errorBlock(run), filesBlock(run, artifacts)]
         : h("p", { class: "muted" }, "No run yet: Run starts one."));
     } catch (exc) {
-      if (exc.status === 404 && !run) go("#/", exc.message, "error");
-      else failed(exc);
-      return;
+      if (exc.status === 404 && !run) {
+        go("#/", exc.message, "error");
+        return;
+      }
+      failed(exc);
+      if (!passing(exc)) return;
+      lost = true;
     }
-    await sleep(run && ACTIVE.has(run.status) ? POLL_ACTIVE_MS : POLL_IDLE_MS);
+    await sleep(lost ? RETRY_MS : run && ACTIVE.has(run.status) ? POLL_ACTIVE_MS : POLL_IDLE_MS);
   }
 }
 
