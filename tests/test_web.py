@@ -167,6 +167,9 @@ def test_the_page_is_public_and_served_with_a_strict_policy(service: Any) -> Non
 @pytest.mark.slow
 def test_a_wrong_token_gives_a_clear_message(tab: Tab) -> None:
     page = tab.page
+    connect(page, f"\u201c{TOKEN}\u201d")  # in typographic quotes, as pasted from a document
+    expect(page.locator("#token-error")).to_contain_text("A token is printable ASCII")
+    assert tab.api_calls("GET", "/api/") == []  # not "Cannot reach the service": it was never asked
     connect(page, "not-the-token")
     expect(page.locator("#token-error")).to_contain_text("refused this token (401 Unauthorized)")
     assert page.evaluate("sessionStorage.length") == 0

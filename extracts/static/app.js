@@ -228,6 +228,11 @@ function tokenView(message) {
     const value = input.value.trim();
     error.textContent = "";
     if (!value) { error.textContent = "Paste the token first."; return; }
+    if (/[^\x20-\x7e]/.test(value)) { // fetch cannot send it: it would say the service is out of reach
+      error.textContent = "A token is printable ASCII; this one holds other characters (typographic quotes? "
+        + "a pasted line break?). Paste it as extracts-app printed it.";
+      return;
+    }
     try {
       const response = await send("GET", "describe", undefined, { checkToken: value });
       if (response.status === 401) {
