@@ -451,6 +451,15 @@ def test_delete_takes_two_clicks_and_names_are_shown_as_text(tab: Tab, service: 
 
 
 @pytest.mark.slow
+def test_a_mangled_link_is_answered_not_a_blank_page(tab: Tab) -> None:
+    page = tab.page
+    connect(page)
+    page.goto("/#/extracts/%E0%A4%A")  # not valid percent-encoding: decodeURIComponent threw
+    expect(page.locator("#banner")).to_contain_text("Extract %E0%A4%A not found")
+    expect(page.get_by_role("heading", name="Extracts")).to_be_visible()
+
+
+@pytest.mark.slow
 def test_an_api_refusal_is_shown(tab: Tab, service: Any) -> None:
     extract = service.create_extract(name="Switched off", schemas=["users"], enabled=False)
     page = tab.page

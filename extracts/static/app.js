@@ -188,6 +188,12 @@ function signOut(message) {
   render(message);
 }
 
+// A segment of the URL's hash, decoded; one that is not valid percent-encoding (a mangled link)
+// stays as it is: decodeURIComponent would throw and leave a blank page.
+function segment(text) {
+  try { return decodeURIComponent(text); } catch { return text; }
+}
+
 function render(message) {
   view.alive = false; // stops the previous view's polling
   view = { alive: true };
@@ -199,7 +205,7 @@ function render(message) {
   else if (notice) showBanner(notice.message, notice.kind);
   else hideBanner();
   notice = null;
-  const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  const parts = location.hash.replace(/^#\/?/, "").split("/").map(segment);
   if (parts[0] === "new") return formView(view, null);
   if (parts[0] === "extracts" && parts[1]) {
     if (parts[2] === "edit") return formView(view, parts[1]);
