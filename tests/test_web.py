@@ -182,6 +182,30 @@ def test_a_wrong_token_gives_a_clear_message(tab: Tab) -> None:
 
 
 @pytest.mark.slow
+def test_the_token_is_taken_while_the_source_is_down(browser: Browser, tmp_path: Path) -> None:
+    """The token was checked with /api/describe: with the source gone (503) nobody could connect,
+    though extracts, runs and their files are all served from the state and the storage."""
+    source = make_shop_db(tmp_path / "shop.db")
+    svc = start_service(tmp_path, str(source))
+    try:
+        extract = svc.create_extract(name="Backup", schemas=["users"])
+        run = svc.wait_run(svc.run(extract["id"]))
+        source.unlink()
+        tab = open_tab(browser, svc.base_url)
+        page = tab.page
+        connect(page)
+        expect(page.locator("#banner")).to_contain_text("The source database cannot be read")
+        page.goto(f"/#/extracts/{extract['id']}/runs/{run['id']}")
+        with page.expect_download() as download:
+            page.click("#download-zip")
+        assert zipfile.ZipFile(download.value.path()).testzip() is None
+        page.context.close()
+        check_tab(tab, svc.base_url)
+    finally:
+        svc.stop()
+
+
+@pytest.mark.slow
 def test_the_token_is_kept_for_the_tab_only(tab: Tab, browser: Browser, service: Any) -> None:
     connect(tab.page)
     tab.page.reload()

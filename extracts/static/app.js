@@ -240,7 +240,8 @@ function tokenView(message) {
       return;
     }
     try {
-      const response = await send("GET", "describe", undefined, { checkToken: value });
+      // A call on the state only: with the source down (503) the extracts and their files still serve.
+      const response = await send("GET", `data/extracts?${query({ "filter[limit]": 1 })}`, undefined, { checkToken: value });
       if (response.status === 401) {
         error.textContent = "The service refused this token (401 Unauthorized). Check it and paste it "
           + "again: extracts-app prints it at start-up and keeps it in <state file>.token.";
