@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
+import pymysql
 import pytest
 from helpers import (
     PG_ADMIN,
@@ -257,6 +258,60 @@ def test_a_lost_source_connection_is_retried(tmp_path: Path) -> None:
             svc.stop()
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["postgresql", "mysql"])
+def test_a_connection_refused_for_want_of_a_privilege_is_a_permission_error(
+    tmp_path: Path, server: str
+) -> None:
+    """The database's CONNECT (PostgreSQL) or every grant on it (MariaDB) revoked between runs:
+    a permission error, not retried (SPEC: Retries), unlike a server that is unreachable."""
+    name, user = unique_name("extracts_denied"), unique_name("extracts_reader")
+    if server == "postgresql":
+        admin = psycopg.connect(PG_ADMIN, autocommit=True)
+        run_sql, url = admin.execute, f"postgresql://{user}@127.0.0.1:5432/{name}"
+        setup = [f'CREATE DATABASE "{name}"', f'CREATE ROLE "{user}" LOGIN IN ROLE pg_read_all_data']
+        revoke = f'REVOKE CONNECT ON DATABASE "{name}" FROM PUBLIC'
+        grant = f'GRANT CONNECT ON DATABASE "{name}" TO PUBLIC'
+        teardown = [f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'DROP ROLE IF EXISTS "{user}"']
+
+        def make_table() -> None:
+            with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{name}", autocommit=True) as con:
+                con.execute("CREATE TABLE t (id integer)")
+    else:
+        admin = pymysql.connect(host="127.0.0.1", user="root", password="", autocommit=True)
+        run_sql, url = admin.cursor().execute, f"mysql://{user}:pw@127.0.0.1:3306/{name}"
+        setup = [f"CREATE DATABASE `{name}`", f"CREATE USER '{user}'@'%' IDENTIFIED BY 'pw'"]
+        revoke = f"REVOKE SELECT ON `{name}`.* FROM '{user}'@'%'"
+        grant = f"GRANT SELECT ON `{name}`.* TO '{user}'@'%'"
+        teardown = [f"DROP DATABASE IF EXISTS `{name}`", f"DROP USER IF EXISTS '{user}'@'%'"]
+
+        def make_table() -> None:
+            run_sql(f"CREATE TABLE `{name}`.t (id integer)")
+
+    try:
+        for statement in setup:
+            run_sql(statement)
+        make_table()
+        run_sql(grant)
+        svc = start_service(tmp_path, url, "--workers", "1")
+        try:
+            extract = svc.create_extract(name="Denied", schemas=["t"], retry_delay_seconds=1)
+            run_sql(revoke)
+            svc.run(extract["id"])
+            runs = wait_chain(svc, extract["id"])
+            assert [r["status"] for r in runs] == ["failed"], [r["error"] for r in runs]
+            assert runs[0]["error_detail"]["retryable"] is False and runs[0]["retry_run_id"] is None
+            assert "denied" in runs[0]["error"] and "(attempt" not in runs[0]["error"]
+            run_sql(grant)
+            assert svc.wait_run(svc.run(extract["id"]))["status"] == "completed"
+        finally:
+            svc.stop()
+    finally:
+        for statement in teardown:
+            run_sql(statement)
         admin.close()
 
 

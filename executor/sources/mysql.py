@@ -112,6 +112,8 @@ NUMERIC_TYPES = {
 
 # Lost-connection errors: the server or the network went away.
 CONNECTION_LOST = {2006, 2013, 2055, 1927, 4031}
+# Connections refused for want of a privilege: the database (1044), the host (1130), a locked account.
+REFUSED = {ER.DBACCESS_DENIED_ERROR, ER.HOST_NOT_PRIVILEGED, 4151}
 
 
 # ---------------------------------------------------------------- the source
@@ -207,6 +209,9 @@ class MySQLSource(ServerSource):
         if found:
             message = found.group(1)
         return one_line(lower_first(message), *self._secrets)
+
+    def _refused(self, exc: BaseException) -> bool:
+        return (exc.args[0] if exc.args else None) in REFUSED
 
     def _disconnect(self) -> None:
         if self._conn.open:

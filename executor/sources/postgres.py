@@ -134,6 +134,14 @@ SELECT t.oid, t.typtype = 'd', t.typbasetype, t.typelem, t.typoutput = 'array_ou
 
 # A table gets one more reading connection per this many heap blocks (8 MiB), up to read_connections.
 PARALLEL_MIN_BLOCKS = 1024
+# The server's reasons for refusing a connection for want of a privilege: the database's
+# CONNECT (42501), the role's LOGIN or the host (28000).
+REFUSED = (
+    "permission denied for database",
+    "is not permitted to log in",
+    "pg_hba.conf rejects connection",
+    "no pg_hba.conf entry",
+)
 
 ON_ACTION = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
 
@@ -271,6 +279,10 @@ class PostgresSource(ServerSource):
     def _connect_reason(self, exc: BaseException) -> str:
         # 'connection to server at "h", port 5432 failed: FATAL:  <the reason>'
         return lower_first(one_line(self._reason(exc).rsplit(" failed: ", 1)[-1]))
+
+    def _refused(self, exc: BaseException) -> bool:
+        # libpq keeps no SQLSTATE for a failed connection: the server's message says it.
+        return any(reason in str(exc) for reason in REFUSED)
 
     def _disconnect(self) -> None:
         self._conn.close()

@@ -99,6 +99,12 @@ class ServerSource(Source):
         """Why connecting failed, one line, for "Cannot connect to … : <reason>"."""
 
     @abstractmethod
+    def _refused(self, exc: BaseException) -> bool:
+        """Whether connecting failed because the server denies this user the database (no
+        CONNECT or LOGIN privilege, a host not allowed): a permission error, which another
+        attempt would meet again (SPEC: Retries), not the server being unreachable."""
+
+    @abstractmethod
     def _missing_table(self, exc: BaseException) -> bool:
         """Whether the driver error says a table does not exist."""
 
@@ -148,7 +154,7 @@ class ServerSource(Source):
             return self._open()
         except (*self._errors, OSError) as exc:  # OSError: e.g. PyMySQL reading an ssl_ca file
             # 'from None': never chain a driver error, it may carry the connection string.
-            raise SourceUnavailable(
+            raise (SourceError if self._refused(exc) else SourceUnavailable)(
                 f"Cannot connect to {self._label} at {self._host}:{self._port} "
                 f"database '{self._database}': {self._connect_reason(exc)}"
             ) from None
