@@ -255,8 +255,8 @@ class Runs:
     async def claim(self) -> Job | None:
         """The oldest queued run that may start, now 'running', as the job its worker gets.
 
-        None when none waits. A retry whose extract was disabled or deleted while it
-        waited ends instead, failed for good, and the next one is tried.
+        None when none waits. A retry that may no longer start (``_retry_stopped``) ends
+        instead, failed for good, and the next one is tried.
         """
         while True:
             now = iso(self.clock())
@@ -268,7 +268,7 @@ class Runs:
                 f"ORDER BY {self.dialect.queue_order} LIMIT 1{self.dialect.claim_lock}) "
                 f"AND status = {QUEUED} "
                 "RETURNING id, extract_id, extract_name, config_snapshot, created_at, triggered_by, "
-                "lease_token",
+                "attempt, lease_token",
                 {
                     "now": now,
                     "me": self.instance_id,
@@ -278,10 +278,9 @@ class Runs:
             )
             if row is None:
                 return None
-            if row["triggered_by"] == TriggeredBy.RETRY and not await self._runnable(row["extract_id"]):
-                error = "The extract was disabled or deleted while this retry waited: not retried"
-                disabled = failure(error, "ExtractDisabled", retryable=False)
-                await self.finish(row["id"], disabled, row["lease_token"])
+            stopped = row["triggered_by"] == TriggeredBy.RETRY and await self._retry_stopped(row)
+            if stopped:
+                await self.finish(row["id"], stopped, row["lease_token"])
                 continue
             break
         return {
@@ -363,13 +362,24 @@ class Runs:
             return False
         return True
 
-    async def _runnable(self, extract_id: str) -> bool:
-        return bool(
-            await self.db.fetch_val(
-                "SELECT 1 FROM extracts WHERE id = :id AND enabled = 1 AND deleted_at IS NULL",
-                {"id": extract_id},
-            )
+    async def _retry_stopped(self, retry: Any) -> Result | None:
+        """Why a waiting retry may no longer start, as its failure: its extract disabled or
+        deleted, or its ``max_attempts`` lowered under this attempt meanwhile; None: it may."""
+        extract = await self.db.fetch_one(
+            "SELECT enabled = 1 AND deleted_at IS NULL AS runnable, max_attempts FROM extracts "
+            "WHERE id = :id",
+            {"id": retry["extract_id"]},
         )
+        if not extract["runnable"]:
+            error = "The extract was disabled or deleted while this retry waited: not retried"
+            return failure(error, "ExtractDisabled", retryable=False)
+        if retry["attempt"] > extract["max_attempts"]:
+            error = (
+                f"The extract's max_attempts was lowered to {extract['max_attempts']} while this "
+                f"retry (attempt {retry['attempt']}) waited: not retried"
+            )
+            return failure(error, "AttemptsLowered", retryable=False)
+        return None
 
     async def finish(self, run_id: str, result: Result, lease: str | None) -> bool:
         """End a running run as its result says; a run cancelled (or failed) meanwhile stays so.
@@ -407,7 +417,8 @@ class Runs:
             )
             error, retrying = result["error"], False
             if status is RunStatus.FAILED and (result["error_detail"] or {}).get("retryable"):
-                error = f"{error} (attempt {run['attempt']} of {run['max_attempts']})"
+                # An attempt past a max_attempts lowered while it ran is the last one too.
+                error = f"{error} (attempt {run['attempt']} of {max(run['attempt'], run['max_attempts'])})"
                 retrying = run["attempt"] < run["max_attempts"] and bool(run["runnable"])
             completed = status is RunStatus.COMPLETED
             await self.db.execute(

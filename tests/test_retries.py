@@ -127,7 +127,17 @@ FULL_CONFIG = {
 }
 
 
-@pytest.mark.parametrize("ending", ["permanent", "completed", "disabled meanwhile", "cancelled meanwhile"])
+@pytest.mark.parametrize(
+    "ending",
+    [
+        "permanent",
+        "completed",
+        "disabled meanwhile",
+        "cancelled meanwhile",
+        "attempts lowered meanwhile",
+        "attempts lowered while it ran",
+    ],
+)
 def test_only_a_transient_failure_with_attempts_left_is_retried(tmp_path: Path, ending: str) -> None:
     path = state_with_extract(tmp_path, max_attempts=3, retry_delay_seconds=5)
     clock = [datetime(2026, 6, 1, 12, 0, tzinfo=UTC)]
@@ -152,6 +162,13 @@ def test_only_a_transient_failure_with_attempts_left_is_retried(tmp_path: Path, 
             if ending == "disabled meanwhile":
                 await db.execute("UPDATE extracts SET enabled = 0")
                 assert await runs.claim() is None  # the retry ends instead of starting
+            elif ending == "attempts lowered meanwhile":
+                await db.execute("UPDATE extracts SET max_attempts = 1")
+                assert await runs.claim() is None  # attempt 2 of a 1-attempt policy: not started
+            elif ending == "attempts lowered while it ran":
+                job = await runs.claim()
+                await db.execute("UPDATE extracts SET max_attempts = 1")
+                await runs.finish(job["run_id"], lost, job["lease"])
             else:
                 assert await runs.cancel_active("extract_1") is not None
                 assert await runs.claim() is None
@@ -170,6 +187,13 @@ def test_only_a_transient_failure_with_attempts_left_is_retried(tmp_path: Path, 
     if ending == "disabled meanwhile":
         assert runs[1]["status"] == "failed" and "disabled" in runs[1]["error"]
         assert '"retryable":false' in runs[1]["error_detail"]
+    elif ending == "attempts lowered meanwhile":
+        assert runs[1]["status"] == "failed" and runs[1]["error"] == (
+            "The extract's max_attempts was lowered to 1 while this retry (attempt 2) waited: not retried"
+        )
+        assert '"retryable":false' in runs[1]["error_detail"]
+    elif ending == "attempts lowered while it ran":  # its last attempt, never "2 of 1"
+        assert runs[1]["status"] == "failed" and runs[1]["error"] == "Lost the connection (attempt 2 of 2)"
     else:
         assert runs[1]["status"] == "cancelled"
     assert runs[1]["retry_run_id"] is None  # the chain ends
