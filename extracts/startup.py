@@ -36,7 +36,9 @@ SEVERAL = (
 def prepare(settings: Settings) -> None:
     """Fail fast on anything that would stop the service working (SPEC: Starting it)."""
     if isinstance(settings.db, Path):
-        hold_alone(settings.db.with_name(settings.db.name + ".lock"), f"the state file {settings.db}")
+        # Beside the file the state is (symlinks followed): every name of it finds the one lock.
+        real = settings.db.resolve()
+        hold_alone(real.with_name(real.name + ".lock"), f"the state file {settings.db}")
         try:
             state.prepare_state_file(settings.db)
         except (OSError, sqlite3.Error) as exc:
