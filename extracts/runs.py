@@ -205,32 +205,31 @@ class Runs:
         return [row["id"] for row in rows]
 
     async def queue(self, extract: dict[str, Any], triggered_by: TriggeredBy) -> str | None:
-        """Insert a queued run; None when the extract already has an active one (unique index)."""
+        """Insert a queued run; None when the extract already has an active one (unique index).
+
+        The index's refusal is no error (ON CONFLICT DO NOTHING), so a caller's transaction
+        goes on: the scheduler's, which also moves the extract's due time (``Scheduler.tick``).
+        """
         run_id, now = new_id("run"), self.dialect.now
         snapshot = {key: extract[key] for key in SNAPSHOT_FIELDS}
-        try:
-            # The time is SQLite's, read once the write lock is held: runs are stamped in
-            # the order they were inserted, however long one waited for the lock.
-            inserted = await self.db.fetch_one(
-                "INSERT INTO extract_runs (id, extract_id, extract_name, status, progress, "
-                "progress_detail, triggered_by, config_snapshot, created_at, updated_at) "
-                f"SELECT :id, id, name, {QUEUED}, 0, :detail, :by, :snapshot, {now}, {now} "
-                "FROM extracts WHERE id = :extract AND deleted_at IS NULL AND enabled = 1 "
-                "RETURNING id",
-                {
-                    "id": run_id,
-                    "detail": dumps(progress_detail(Phase.QUEUED)),
-                    "by": triggered_by.value,
-                    "snapshot": dumps(snapshot),
-                    "extract": extract["id"],
-                    **self.dialect.now_params,
-                },
-            )
-        except Exception as exc:
-            if not self.dialect.unique_violation(exc):
-                raise
-            return None
-        if inserted is None:  # deleted or disabled since the caller read it
+        # The time is SQLite's, read once the write lock is held: runs are stamped in
+        # the order they were inserted, however long one waited for the lock.
+        inserted = await self.db.fetch_one(
+            "INSERT INTO extract_runs (id, extract_id, extract_name, status, progress, "
+            "progress_detail, triggered_by, config_snapshot, created_at, updated_at) "
+            f"SELECT :id, id, name, {QUEUED}, 0, :detail, :by, :snapshot, {now}, {now} "
+            "FROM extracts WHERE id = :extract AND deleted_at IS NULL AND enabled = 1 "
+            "ON CONFLICT DO NOTHING RETURNING id",
+            {
+                "id": run_id,
+                "detail": dumps(progress_detail(Phase.QUEUED)),
+                "by": triggered_by.value,
+                "snapshot": dumps(snapshot),
+                "extract": extract["id"],
+                **self.dialect.now_params,
+            },
+        )
+        if inserted is None:  # an active run already, or deleted or disabled since the caller read it
             return None
         self.queued.set()
         return run_id

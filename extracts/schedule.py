@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from databases import Database
@@ -19,7 +20,7 @@ from extracts.config import EXTRACT_FIELDS
 from extracts.cron import next_due
 from extracts.records import to_record
 from extracts.runs import Runs
-from extracts.state import TriggeredBy, iso, utcnow
+from extracts.state import TriggeredBy, in_transaction, iso, utcnow
 from extracts.storage import Storage
 
 log = logging.getLogger("extracts.schedule")
@@ -76,7 +77,7 @@ class Scheduler:
         if not await self.leads("scheduler"):
             return []
         now = self.clock()
-        columns = ", ".join(["id", *(f.name for f in EXTRACT_FIELDS)])
+        columns = ", ".join(["id", "next_run_at", *(f.name for f in EXTRACT_FIELDS)])
         rows = await self.db.fetch_all(
             f"SELECT {columns} FROM extracts WHERE schedule_enabled = 1 AND enabled = 1 AND "
             "deleted_at IS NULL AND next_run_at IS NOT NULL AND next_run_at <= :now",
@@ -85,11 +86,6 @@ class Scheduler:
         started = []
         for row in rows:
             extract = to_record(row)
-            run_id = await self.runs.queue(extract, TriggeredBy.SCHEDULE)
-            if run_id is None:
-                log.info("extract %s due but already running: this due time is skipped", extract["id"])
-            else:
-                started.append(run_id)
             # None (no longer scheduled) for a schedule saved before it would have been refused.
             following = await asyncio.to_thread(next_due, extract["schedule"], now)
             if following is None:
@@ -99,11 +95,27 @@ class Scheduler:
                     extract["id"],
                     extract["schedule"],
                 )
-            await self.db.execute(
-                "UPDATE extracts SET next_run_at = :next WHERE id = :id",
-                {"next": following, "id": extract["id"]},
-            )
+            taken, run_id = await in_transaction(self.db, partial(self._start, extract, following))
+            if run_id is not None:
+                self.runs.queued.set()  # committed now: the dispatcher finds it
+                started.append(run_id)
+            elif taken:
+                log.info("extract %s due but already running: this due time is skipped", extract["id"])
         return started
+
+    async def _start(self, extract: dict[str, Any], following: str | None) -> tuple[bool, str | None]:
+        """Take the due time read (move ``next_run_at`` on) and queue its run, in one transaction.
+
+        Not taken (False) when ``next_run_at`` is no longer what was read: this instance stalled
+        since it read it, and another one led meanwhile and started it.
+        """
+        taken = await self.db.fetch_one(
+            "UPDATE extracts SET next_run_at = :next WHERE id = :id AND next_run_at = :due RETURNING id",
+            {"next": following, "id": extract["id"], "due": extract["next_run_at"]},
+        )
+        if taken is None:
+            return False, None
+        return True, await self.runs.queue(extract, TriggeredBy.SCHEDULE)
 
 
 class Sweeper:

@@ -307,6 +307,64 @@ def test_a_frozen_instance_is_fenced_off(cluster: Cluster) -> None:
 
 
 @pytest.mark.slow
+def test_a_scheduler_frozen_in_its_tick_starts_no_second_run_for_a_due_time(cluster: Cluster) -> None:
+    """The leading scheduler frozen past its lease halfway through the extracts it read as due: the
+    next leader starts the rest, a user cancels them, and the old leader, resumed, starts none."""
+    a = cluster.instances[0]
+    extracts = [
+        a.create_extract(name=f"Due {i}", schemas=["small"], schedule="0 0 1 1 *", schedule_enabled=True)
+        for i in range(60)
+    ]
+    ids = [e["id"] for e in extracts]
+    by_pid = {s.process.pid: s for s in cluster.instances}
+    with psycopg.connect(cluster.url, autocommit=True) as con:
+        leader = con.execute(
+            "SELECT i.pid FROM extracts_leaders l JOIN extracts_instances i ON i.id = l.instance_id "
+            "WHERE l.name = 'scheduler'"
+        ).fetchone()[0]
+        victim = by_pid[leader]
+        family = [leader, *descendants(leader)]
+        con.execute("UPDATE extracts SET next_run_at = '2000-01-01T00:00:00.000Z' WHERE id = ANY(%s)", (ids,))
+
+        def queued() -> int:
+            return con.execute(
+                "SELECT count(*) FROM extract_runs WHERE extract_id = ANY(%s)", (ids,)
+            ).fetchone()[0]
+
+        wait_for(lambda: queued() >= 5, timeout=30, every=0.002, what="the leader starting the due runs")
+        for pid in family:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            assert queued() < len(ids), "frozen after its tick: nothing left to check"
+            survivor = next(s for s in cluster.instances if s is not victim)
+            wait_for(  # another instance leads, and has started every due extract
+                lambda: (
+                    con.execute(
+                        "SELECT count(*) FROM extracts WHERE id = ANY(%s) AND next_run_at < '2001'", (ids,)
+                    ).fetchone()[0]
+                    == 0
+                ),
+                timeout=LEASE_S + 30,
+                what="another scheduler",
+            )
+            for extract_id in ids:  # no run active: only the due time, now past, could start one
+                survivor.client.post(f"/api/extracts/{extract_id}/cancel")
+        finally:
+            for pid in family:
+                os.kill(pid, signal.SIGCONT)
+        assert victim.client.get("/health").status_code == 200
+        time.sleep(2)  # the old leader's tick goes on over what it read
+        per_extract = con.execute(
+            "SELECT extract_id, count(*) FROM extract_runs WHERE extract_id = ANY(%s) "
+            "AND triggered_by = 'schedule' GROUP BY extract_id",
+            (ids,),
+        ).fetchall()
+    for extract_id in ids:
+        a.client.post(f"/api/extracts/{extract_id}/cancel")
+    assert sorted(n for _, n in per_extract) == [1] * len(ids)
+
+
+@pytest.mark.slow
 def test_a_killed_instance_loses_its_run_within_the_lease_and_the_retry_completes(cluster: Cluster) -> None:
     """The cluster's last test: it leaves two instances."""
     a = cluster.instances[0]
