@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import aiosqlite
 import orjson
 from databases import Database, DatabaseURL
+from databases.backends.postgres import PostgresBackend
 from databases.backends.sqlite import SQLiteConnection
 from databases.interfaces import ConnectionBackend, DatabaseBackend
 from sqlalchemy.dialects.sqlite import pysqlite
@@ -158,8 +159,18 @@ def postgres_session_settings(stall_seconds: float) -> dict[str, str]:
     return {"idle_in_transaction_session_timeout": ms, "lock_timeout": ms}
 
 
+def _postgres_url(url: str) -> str:
+    return url.replace("postgres://", "postgresql://", 1)
+
+
+def _postgres_options(stall_seconds: float) -> dict[str, Any]:
+    """The service's pool of PostgreSQL sessions: its size, and what each session sets."""
+    return {"min_size": 2, "max_size": 10, "server_settings": postgres_session_settings(stall_seconds)}
+
+
 def prepare_postgres(url: str, stall_seconds: float = DEFAULT_STALL_S) -> None:
-    """Create the tables in PostgreSQL at start-up (several instances may start at once)."""
+    """Create the tables in PostgreSQL at start-up (several instances may start at once), and
+    check that the service's own pool can open."""
     import psycopg
 
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as con:
@@ -181,6 +192,16 @@ def prepare_postgres(url: str, stall_seconds: float = DEFAULT_STALL_S) -> None:
             if version != SCHEMA_VERSION:
                 con.execute("DELETE FROM extracts_schema")
                 con.execute("INSERT INTO extracts_schema VALUES (%s)", (SCHEMA_VERSION,))
+    asyncio.run(_open_pool(url, stall_seconds))
+
+
+async def _open_pool(url: str, stall_seconds: float) -> None:
+    """Open and close the service's own pool (asyncpg, its sessions' settings) at start-up: a
+    state that let psycopg in may still refuse it (a role's connection limit, max_connections, a
+    PgBouncer refusing the settings), and failing in the app's start-up is a traceback."""
+    pool = PostgresBackend(_postgres_url(url), **_postgres_options(stall_seconds))
+    await pool.connect()
+    await pool.disconnect()
 
 
 def prepare_state_file(path: Path) -> None:
@@ -361,10 +382,5 @@ def open_database(location: Path | str, stall_seconds: float = DEFAULT_STALL_S) 
     """
     text = str(location)
     if dialect_of(text) is POSTGRES:
-        return Database(
-            text.replace("postgres://", "postgresql://", 1),
-            min_size=2,
-            max_size=10,
-            server_settings=postgres_session_settings(stall_seconds),
-        )
+        return Database(_postgres_url(text), **_postgres_options(stall_seconds))
     return StateDatabase(f"sqlite:///{location}", factory=StateConnection, timeout=BUSY_TIMEOUT_S)

@@ -662,3 +662,43 @@ def test_a_shared_state_needs_a_token(tmp_path: Path) -> None:
         assert process.returncode == 1 and "give --token" in process.stderr, process.stderr
     finally:
         drop_state_database(name)
+
+
+@pytest.mark.slow
+def test_a_state_that_refuses_the_service_pool_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    """psycopg makes the tables, then the service's own pool (two sessions at least) is refused:
+    one line and exit 1, not a traceback from the app's start-up."""
+    name = unique_name("extracts_limited")
+    with psycopg.connect(ADMIN, autocommit=True) as con:
+        con.execute(f'CREATE ROLE "{name}" LOGIN CONNECTION LIMIT 1')
+        con.execute(f'CREATE DATABASE "{name}" OWNER "{name}"')
+    try:
+        process = subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).parent.parent / "extracts_app.py"),
+                "--db",
+                f"postgresql://{name}@127.0.0.1:5432/{name}",
+                "--storage",
+                str(tmp_path / "st"),
+                "--source",
+                str(make_shop_db(tmp_path / "shop.db")),
+                "--port",
+                str(free_port()),
+                "--token",
+                TOKEN,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        assert process.returncode == 1, process.stderr
+        assert process.stderr == (
+            f"extracts-app: cannot prepare the state database postgresql://{name}@127.0.0.1:5432/{name}: "
+            f'too many connections for role "{name}"\n'
+        )
+    finally:
+        drop_state_database(name)
+        with psycopg.connect(ADMIN, autocommit=True) as con:
+            con.execute(f'DROP ROLE IF EXISTS "{name}"')
