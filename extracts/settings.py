@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from executor.sources.sqlite import sqlite_path
 from extracts.dialects import SQLITE, dialect_of
 from extracts.storage import OBJECT_SCHEMES
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 @dataclass(frozen=True)
@@ -171,8 +175,25 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
         parser.error("--lease-seconds [EXTRACTS_LEASE_SECONDS] must be at least 1")
     if values["cleanup_interval"] <= 0:
         parser.error("--cleanup-interval [EXTRACTS_CLEANUP_INTERVAL] must be positive")
+    # A URL of another kind is refused: taken as a path, "mysql://h/db" made a directory "mysql:".
     if dialect_of(values["db"]) is SQLITE:
-        values["db"] = Path(values["db"]).expanduser().absolute()
-    if values["storage"].split("://", 1)[0].lower() not in OBJECT_SCHEMES:
+        if _scheme(values["db"]) not in (None, "sqlite"):
+            parser.error(
+                f"--db [EXTRACTS_DB]: {_scheme(values['db'])}:// is no state database; "
+                "give a SQLite file (a path or sqlite:///path) or postgresql://…"
+            )
+        values["db"] = sqlite_path(values["db"])
+    if _scheme(values["storage"]) is None:
         values["storage"] = str(Path(values["storage"]).expanduser().absolute())
+    elif _scheme(values["storage"]) not in OBJECT_SCHEMES:
+        parser.error(
+            f"--storage [EXTRACTS_STORAGE]: {_scheme(values['storage'])}:// is no storage; give a "
+            "directory or s3://bucket/prefix, gs://bucket/prefix, az://container/prefix"
+        )
     return Settings(**values)
+
+
+def _scheme(location: str) -> str | None:
+    """The URL scheme ``location`` starts with (lower case), None for a path."""
+    found = _SCHEME.match(location)
+    return found.group(1).lower() if found else None

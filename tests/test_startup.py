@@ -192,3 +192,18 @@ def test_settings_from_flags_environment_and_defaults(tmp_path: Path) -> None:
         parse_settings(["--port", "many"], {})
     with pytest.raises(SystemExit):
         parse_settings([], {"EXTRACTS_WORKERS": "0"})
+
+
+def test_a_state_or_storage_url_of_another_kind_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Taken as a path, ``--db mysql://h/x`` made a directory ``mysql:`` and a state file in it."""
+    monkeypatch.chdir(tmp_path)
+    assert parse_settings(["--db", "sqlite:///rel.db"], {}).db == tmp_path / "rel.db"
+    assert parse_settings(["--db", "SQLite:////abs/s.db"], {}).db == Path("/abs/s.db")
+    for args, expected in [
+        (["--db", "mysql://root@127.0.0.1/x"], "--db [EXTRACTS_DB]: mysql:// is no state database"),
+        (["--storage", "file:///tmp/x"], "--storage [EXTRACTS_STORAGE]: file:// is no storage"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            parse_settings(args, {})
+        assert exited.value.code == 2 and expected in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
