@@ -238,6 +238,9 @@ def _command(argv: list[str]) -> int:
 
 
 KEEP_ALIVE_S = 65
+# A graceful stop waits this long for responses still being sent, then cuts them (a stalled
+# client would hold the stop forever, and the runs it should requeue with it).
+STOP_RESPONSES_AFTER_S = 5
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -252,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from executor.credentials import BlankingFormatter
+    from extracts.http import CutByStop
     from extracts.settings import parse_settings
     from extracts.startup import StartupError, banner, prepare
 
@@ -260,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
     handler = logging.StreamHandler()  # every log line, uvicorn's too, without the source's secrets
     handler.setFormatter(BlankingFormatter(LOG_FORMAT, settings.source))
+    handler.addFilter(CutByStop())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         prepare(settings)
@@ -278,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         log_config=None,
         access_log=False,
         timeout_keep_alive=KEEP_ALIVE_S,
+        timeout_graceful_shutdown=STOP_RESPONSES_AFTER_S,
     )
 
 

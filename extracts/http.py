@@ -7,6 +7,7 @@ unexpected is logged with its traceback and answered with a generic 500.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Callable
@@ -23,6 +24,27 @@ from executor.credentials import blank, source_secrets
 log = logging.getLogger("extracts")
 
 MAX_BODY_BYTES = 1 << 20
+
+
+class CutByStop(logging.Filter):
+    """A response uvicorn cut at a graceful stop is logged in one line, not as a crash.
+
+    Past its graceful-stop timeout uvicorn cancels the responses still being sent (a
+    client downloading slowly, or not reading at all) and logs each cancellation as an
+    "Exception in ASGI application" with a traceback; it is the stop working, and a cut
+    download resumes with Range.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        cut = record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError)
+        if cut and record.name == "uvicorn.error":
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = (
+                "a response still being sent was cut by the stop; a download resumes with Range",
+                (),
+            )
+            record.exc_info = record.exc_text = None
+        return True
 
 
 class ApiError(Exception):

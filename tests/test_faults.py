@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import signal
+import socket
 import sqlite3
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 from helpers import (
     TERMINAL,
+    TOKEN,
     Api,
     Prober,
     alive,
@@ -393,6 +395,39 @@ def test_sigterm_while_a_finished_run_waits_on_a_locked_state_file_loses_nothing
         ("completed", BIG_ROWS)
     ]
     assert files_match_rows(svc.db, svc.storage, run_id) == ["big.jsonl", "describe.yaml", "manifest.json"]
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_stalled_download_still_stops_and_requeues(tmp_path: Path, big_db: Path) -> None:
+    """uvicorn waited for every response to be sent before the stop went on: a client that
+    stopped reading a ZIP held the service up for good, its runs still 'running'."""
+    svc = start_service(tmp_path, str(big_db), "--workers", "1")
+    extract = svc.create_extract(name="Downloaded", schemas=["big"], compress=False)
+    done = svc.run(extract["id"])
+    assert svc.wait_run(done)["status"] == "completed"
+    running = svc.run(extract["id"])
+    worker = worker_writing(svc.storage, running)
+    os.kill(worker, signal.SIGSTOP)  # still running when the stop comes
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a ZIP of 16 MB fills it at once
+    client.connect(("127.0.0.1", int(svc.base_url.rsplit(":", 1)[1])))
+    with contextlib.closing(client):
+        client.sendall(
+            f"GET /api/extracts/runs/{done}/download HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {TOKEN}\r\n\r\n".encode()
+        )
+        assert client.recv(12) == b"HTTP/1.1 200"  # then reads no more
+        svc.process.send_signal(signal.SIGTERM)
+        wait_for(
+            lambda: signal_pending(worker, signal.SIGTERM), timeout=20, what="the stop ending the worker"
+        )
+        os.kill(worker, signal.SIGCONT)
+        svc.process.wait(20)
+    assert svc.stop() in (0, -signal.SIGTERM)
+    output = svc.output()
+    assert "a response still being sent was cut by the stop" in output and "Traceback" not in output
+    assert state_rows(svc.db, "SELECT status FROM extract_runs WHERE id = ?", running) == [("queued",)]
+    assert no_temporary_files(svc.storage) == []
 
 
 def test_a_cancelled_run_is_deleted_only_once_its_worker_stopped(tmp_path: Path, big_db: Path) -> None:
