@@ -211,23 +211,28 @@ def _interrupt(signum: int, frame: object) -> None:
 def _command(argv: list[str]) -> int:
     """Run a command (before the service's imports: it starts in a tenth of a second).
 
-    Ctrl-C or SIGTERM at any point exits 130 with one line (README: Command line). While
-    the command's modules load, a signal is only noted: raised inside an extension
-    module's initialisation (orjson's), KeyboardInterrupt crashed the interpreter. Once
-    they are loaded, both signals raise KeyboardInterrupt (the source may take long to
-    open), until the export puts its own handlers in place.
+    Ctrl-C, SIGTERM or SIGHUP (the terminal closed) at any point exits 130 with one line
+    (README: Command line). While the command's modules load, a signal is only noted:
+    raised inside an extension module's initialisation (orjson's), KeyboardInterrupt
+    crashed the interpreter. Once they are loaded, these signals raise KeyboardInterrupt
+    (the source may take long to open), until the export puts its own handlers in place.
     """
     import signal
 
     noted: list[int] = []
-    sigint = signal.signal(signal.SIGINT, lambda signum, _: noted.append(signum))
-    signal.signal(signal.SIGTERM, lambda signum, _: noted.append(signum))
+    # An ignored signal (SIGINT in a background job, SIGHUP under nohup) stays ignored.
+    stops = [
+        sig
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        if signal.getsignal(sig) != signal.SIG_IGN
+    ]
+    for sig in stops:
+        signal.signal(sig, lambda signum, _: noted.append(signum))
     try:
         from extracts.commands import run_command
     finally:
-        # Ignored SIGINT (a background job) stays ignored.
-        signal.signal(signal.SIGINT, sigint if sigint == signal.SIG_IGN else signal.default_int_handler)
-        signal.signal(signal.SIGTERM, _interrupt)
+        for sig in stops:
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else _interrupt)
     try:
         if noted:
             raise KeyboardInterrupt

@@ -14,7 +14,7 @@ The work directory is a hidden temporary directory beside the target (inside
 it, for an existing empty ``-d`` directory), so the last step is a rename on
 one file system: a target either is complete or does not exist (or, in the
 user's directory, holds no manifest until every file it lists is there).
-Whatever ends the export early (an error, Ctrl-C, SIGTERM) removes the work
+Whatever ends the export early (an error, Ctrl-C, SIGTERM, SIGHUP) removes the work
 directory; the run's cancel flag stops the worker at its next batch
 and interrupts a running statement (the service's cancel path), so Ctrl-C ends
 the command within a second.
@@ -61,7 +61,7 @@ class ExportFailed(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM stopped the export; nothing was left behind."""
+    """Ctrl-C, SIGTERM or SIGHUP stopped the export; nothing was left behind."""
 
 
 @dataclass
@@ -304,12 +304,15 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class _Signals:
-    """SIGINT and SIGTERM set an event instead of raising: the export stops at a point it chooses."""
+    """SIGINT, SIGTERM and SIGHUP (the terminal closed) set an event instead of raising: the export
+    stops at a point it chooses. A signal ignored when the command started (``nohup``) stays ignored."""
 
     def __enter__(self) -> threading.Event:
         self.event = threading.Event()
         self._old = {
-            sig: signal.signal(sig, lambda *_: self.event.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+            sig: signal.signal(sig, lambda *_: self.event.set())
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            if signal.getsignal(sig) != signal.SIG_IGN
         }
         return self.event
 

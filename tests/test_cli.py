@@ -27,7 +27,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from helpers import make_big_db
+from helpers import make_big_db, wait_for
 
 from extracts import commands, config
 from extracts.progress import Quiet
@@ -444,6 +444,32 @@ def test_ctrl_c_mid_table_stops_within_two_seconds_leaving_nothing(big_db: Path,
     assert 0 < stopped_in < 2.0
     assert b"extracts-app: interrupted; nothing was written" in output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_the_terminal_closing_mid_table_stops_as_ctrl_c_does_and_nohup_keeps_it(big_db: Path, tmp_path: Path):
+    """SIGHUP (the terminal or the ssh session closed) used to kill the export on the spot,
+    leaving its hidden work directory, half-written files and all, beside the target."""
+    for nohup in (False, True):
+        process = subprocess.Popen(
+            [*APP, "export", str(big_db), "-o", "out.zip"],
+            cwd=tmp_path,
+            env=ENV,
+            stderr=subprocess.PIPE,
+            preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None,
+        )
+        wait_for(lambda: list(tmp_path.glob(".out.zip.*/run_*/.big.*")), what="the export writing big")
+        process.send_signal(signal.SIGHUP)
+        sent = time.monotonic()
+        _, stderr = process.communicate(timeout=30)
+        if nohup:
+            assert process.returncode == 0, stderr.decode()
+            assert [p.name for p in tmp_path.iterdir()] == ["out.zip"]
+            (tmp_path / "out.zip").unlink()
+        else:
+            assert process.returncode == 130 and time.monotonic() - sent < 2.0, stderr.decode()
+            assert stderr.decode().splitlines()[-1] == "extracts-app: interrupted; nothing was written"
+            assert list(tmp_path.iterdir()) == []
 
 
 def _catches(pid: int, sig: signal.Signals) -> bool:
