@@ -255,12 +255,13 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] and argv[0] in COMMANDS:
         raise SystemExit(_command(argv))
 
+    import contextlib
     import logging
 
     import uvicorn
 
     from executor.credentials import BlankingFormatter
-    from extracts.http import CutByStop
+    from extracts.http import CutByStop, OneStop
     from extracts.settings import parse_settings
     from extracts.startup import StartupError, banner, prepare
 
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         print(line, flush=True)
     # Idle keep-alive connections stay open well past the 5 s that clients such as httpx keep
     # them: with equal timeouts, a request sent as the server closes the socket is lost.
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -290,6 +291,11 @@ def main(argv: list[str] | None = None) -> None:
         timeout_keep_alive=KEEP_ALIVE_S,
         timeout_graceful_shutdown=STOP_RESPONSES_AFTER_S,
     )
+    server = OneStop(config)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the signal that stopped it
+        server.run()
+    if not server.started:  # the app's start-up failed (as uvicorn.run exits)
+        raise SystemExit(3)
 
 
 if __name__ == "__main__":

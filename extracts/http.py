@@ -11,9 +11,11 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import orjson
+import uvicorn
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -45,6 +47,21 @@ class CutByStop(logging.Filter):
             )
             record.exc_info = record.exc_text = None
         return True
+
+
+class OneStop(uvicorn.Server):
+    """uvicorn's server, where a second Ctrl-C does not skip the service's stop.
+
+    uvicorn "force quits" on a second SIGINT: it skips the app's lifespan stop, then
+    cancels it on the way out, so the worker pool's stop ran with its message consumer
+    already cancelled (a 20 s wait for messages never applied) and ended in a logged
+    traceback. The stop is bounded anyway (``timeout_graceful_shutdown`` cuts the
+    responses still being sent), so every signal after the first is ignored.
+    """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            super().handle_exit(sig, frame)
 
 
 class ApiError(Exception):

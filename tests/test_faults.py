@@ -430,6 +430,28 @@ def test_sigterm_during_a_stalled_download_still_stops_and_requeues(tmp_path: Pa
     assert no_temporary_files(svc.storage) == []
 
 
+@pytest.mark.slow
+def test_a_second_ctrl_c_does_not_skip_the_graceful_stop(tmp_path: Path, big_db: Path) -> None:
+    """uvicorn's "force quit" on a second SIGINT skipped the app's stop, then cancelled it on the
+    way out: the pool's stop waited 20 s for messages no consumer applied, and logged a traceback."""
+    svc = start_service(tmp_path, str(big_db), "--workers", "1")
+    extract = svc.create_extract(name="Twice", schemas=["big"], compress=False)
+    run_id = svc.run(extract["id"])
+    worker = worker_writing(svc.storage, run_id)
+    os.kill(worker, signal.SIGSTOP)  # still running when the stop comes
+    svc.process.send_signal(signal.SIGINT)
+    wait_for(lambda: "Shutting down" in svc.output(), what="the stop beginning")
+    svc.process.send_signal(signal.SIGINT)
+    wait_for(lambda: signal_pending(worker, signal.SIGTERM), what="the stop ending the worker")
+    os.kill(worker, signal.SIGCONT)
+    svc.process.wait(10)
+    assert svc.stop() in (0, -signal.SIGINT)
+    output = svc.output()
+    assert "1 active run(s) put back in the queue" in output and "Traceback" not in output
+    assert state_rows(svc.db, "SELECT status FROM extract_runs WHERE id = ?", run_id) == [("queued",)]
+    assert no_temporary_files(svc.storage) == []
+
+
 def test_a_cancelled_run_is_deleted_only_once_its_worker_stopped(tmp_path: Path, big_db: Path) -> None:
     """DELETE right after a cancel raced the stopping worker, which could still record a file."""
     svc = start_in_process(tmp_path, str(big_db), "--workers", "1")
