@@ -429,7 +429,15 @@ class WorkerPool:
             await self._on_result(run_id, escaped["result"])
 
     async def _on_broken(self, run_id: None, broken: Broken) -> None:
+        """Fail the runs of a broken pool, naming the worker that died where the exit codes tell.
+
+        The pool stops its other workers with SIGTERM: a worker that died of anything else
+        is the culprit. When every worker ended by SIGTERM, one of them was sent it from
+        outside: the only worker is the culprit; among several, none can be told apart.
+        """
         exitcodes = broken["exitcodes"]
+        stopped = {pid for pid, code in exitcodes.items() if code == -signal.SIGTERM}
+        outside = len(stopped) == len(exitcodes)  # no other death: the SIGTERM came from outside
         held = [r for r, g in self._inflight.items() if g == broken["generation"]]
         for run_id in held:
             pid = self._pids.get(run_id)
@@ -440,10 +448,15 @@ class WorkerPool:
                     f"{self._silenced[run_id]:.0f} s (frozen or hung) and was killed; the pool was "
                     "restarted: run it again"
                 )
-            elif code is not None and code != -signal.SIGTERM:
+            elif code is not None and (code != -signal.SIGTERM or outside and len(stopped) == 1):
                 error = (
                     f"the worker process running this extract died ({signal_name(code)}), "
                     "possibly out of memory; the pool was restarted: run it again"
+                )
+            elif pid in stopped and outside:
+                error = (
+                    "the worker process running this extract, or another run's, was killed by "
+                    "SIGTERM (which one cannot be told); the pool was restarted: run it again"
                 )
             else:
                 error = (

@@ -114,6 +114,44 @@ def test_worker_sigkilled_ten_times_with_other_runs_in_flight(tmp_path: Path, bi
         svc.stop()
 
 
+@pytest.mark.slow
+def test_a_worker_sigtermed_from_outside_is_not_blamed_on_another_run(tmp_path: Path, big_db: Path) -> None:
+    """The pool stops its other workers with SIGTERM, so a worker killed by SIGTERM was always
+    taken for a bystander: the only run of a one-worker service failed "because another run's
+    worker process died"."""
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    svc = start_service(tmp_path / "one", str(big_db), "--workers", "1")
+    try:
+        extract = svc.create_extract(name="Alone", schemas=["big"], compress=False, max_attempts=1)
+        run_id = svc.run(extract["id"])
+        os.kill(worker_writing(svc.storage, run_id), signal.SIGTERM)
+        run = svc.wait_run(run_id)
+        assert run["error"].startswith("the worker process running this extract died (killed by SIGTERM)")
+        assert run["error_detail"]["retryable"] is True
+    finally:
+        svc.stop()
+    svc = start_service(tmp_path / "two", str(big_db))  # 2 workers
+    try:
+        extracts = [
+            svc.create_extract(name=name, schemas=["big"], compress=False, max_attempts=1)
+            for name in ("Victim", "Bystander")
+        ]
+        victim, bystander = (svc.run(extract["id"]) for extract in extracts)
+        held = worker_writing(svc.storage, bystander)
+        os.kill(held, signal.SIGSTOP)  # still running when the pool stops it
+        os.kill(worker_writing(svc.storage, victim), signal.SIGTERM)
+        wait_for(lambda: signal_pending(held, signal.SIGTERM), what="the pool stopping the bystander")
+        os.kill(held, signal.SIGCONT)
+        for run_id in (victim, bystander):  # both ended by SIGTERM: which one was sent it, none can tell
+            error = svc.wait_run(run_id)["error"]
+            assert error.startswith(
+                "the worker process running this extract, or another run's, was killed by SIGTERM"
+            )
+        assert svc.wait_run(svc.run(extracts[0]["id"]))["status"] == "completed"
+    finally:
+        svc.stop()
+
+
 def test_a_job_its_worker_cannot_even_start_fails_with_why(tmp_path: Path, shop_db: Path) -> None:
     """An exception that escapes the worker's job (here a run whose stored configuration is not an
     object) fails that run with its message, behind the worker's own messages; the pool goes on."""
