@@ -529,7 +529,11 @@ class WorkerPool:
         """Kill a worker not heard from for a lease (at least ``SILENCE_FLOOR_S``): frozen
         (SIGSTOP) or hung with the GIL held. Its instance would renew the run's lease for as
         long, and the run would stay 'running'; killed, it breaks the pool, and ``_on_broken``
-        fails its run (and the pool's others), retryable, as for any dead worker."""
+        fails its run (and the pool's others), retryable, as for any dead worker.
+
+        A run whose worker never said it started went to a worker frozen while idle: which
+        one took the job cannot be told, so every worker holding no started run is killed,
+        and the run goes back to the queue (``_end_orphan``)."""
         last = time.monotonic()
         while not self._stopping:
             await asyncio.sleep(WATCH_EVERY_S)
@@ -542,18 +546,21 @@ class WorkerPool:
             workers = self._processes.get(self._generation, {})
             for run_id, generation in list(self._inflight.items()):
                 pid, heard = self._pids.get(run_id), self._heard.get(run_id)
-                if generation != self._generation or pid not in workers or heard is None:
+                if generation != self._generation or pid is not None and pid not in workers or heard is None:
                     continue
                 if run_id not in self._silenced and now - heard > limit:
                     self._silenced[run_id] = now - heard
+                    started = set(self._pids.values())
+                    silent = [pid] if pid is not None else [p for p in workers if p not in started]
                     log.error(
                         "run %s: its worker (pid %s) said nothing for %.0f s; killed",
                         run_id,
-                        pid,
+                        ", ".join(map(str, silent)),
                         now - heard,
                     )
-                    with contextlib.suppress(OSError):
-                        os.kill(pid, signal.SIGKILL)
+                    for target in silent:
+                        with contextlib.suppress(OSError):
+                            os.kill(target, signal.SIGKILL)
 
     def _let_go(self, run_id: str) -> None:
         """A run no worker holds, whose ending the state refused (not busy): held no more, its

@@ -240,6 +240,31 @@ def test_a_worker_silent_for_a_lease_is_killed_and_its_run_fails(tmp_path: Path,
 
 
 @pytest.mark.slow
+def test_a_run_handed_to_a_worker_frozen_while_idle_is_run_again(tmp_path: Path, big_db: Path) -> None:
+    """The watchdog judged only workers that had said they started a run: a job taken by a
+    worker frozen between two runs left its run 'running' for as long as the worker stayed
+    frozen, its lease renewed all along."""
+    svc = start_service(tmp_path, str(big_db), "--workers", "1", "--lease-seconds", "5")
+    frozen: list[int] = []
+    try:
+        extract = svc.create_extract(name="Idle worker", schemas=["small"], max_attempts=1)
+        assert svc.wait_run(svc.run(extract["id"]))["status"] == "completed"
+        frozen += [pid for pid in descendants(svc.process.pid) if os.getpriority(os.PRIO_PROCESS, pid) >= 10]
+        assert len(frozen) == 1  # the pool's one worker, idle
+        os.kill(frozen[0], signal.SIGSTOP)
+        run_id = svc.run(extract["id"])
+        run = svc.wait_run(run_id, timeout=30)
+        assert run["status"] == "completed" and run["attempt"] == 1, run  # put back in the queue, not failed
+        assert not alive(frozen[0])
+        assert "said nothing for" in svc.output()
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        svc.stop()
+
+
+@pytest.mark.slow
 def test_the_managers_death_fails_its_runs_and_the_service_goes_on(tmp_path: Path, big_db: Path) -> None:
     """The Manager process (the workers' message queue) SIGKILLed while a worker writes: the run
     fails within seconds, retryable, its unrecorded files removed; a new Manager and pool take
