@@ -192,6 +192,7 @@ class Escaped(TypedDict):
 class Broken(TypedDict):
     generation: int
     exitcodes: dict[int, int | None]
+    killed: list[int]  # workers the pool's SIGTERM did not stop (frozen): SIGKILLed by the service
 
 
 Kind = Literal["started", "progress", "artifact", "result", "escaped", "broken", "lost", "drained"]

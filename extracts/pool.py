@@ -45,6 +45,7 @@ from executor.messages import (
     Started,
     failure,
 )
+from extracts.processes import kill_frozen, signal_name, terminate
 from extracts.runs import Runs
 from extracts.state import new_id
 from extracts.storage import Storage
@@ -55,14 +56,6 @@ WATCH_EVERY_S = 1.0  # how often the watchdog looks for silent workers
 SILENCE_FLOOR_S = 5.0  # a worker speaks at least once a second (executor.worker._HEARTBEAT)
 DRAIN_TIMEOUT_S = 20.0  # past the state file's busy timeout: one locked write is waited out
 CHILD_MODULES = ["executor.entry"]  # what the pool's children run: their initializers and the job
-
-
-def signal_name(exitcode: int | None) -> str:
-    if exitcode is None or exitcode >= 0:
-        return f"exit code {exitcode}"
-    with contextlib.suppress(ValueError):
-        return f"killed by {signal.Signals(-exitcode).name}"
-    return f"killed by signal {-exitcode}"
 
 
 class WorkerPool:
@@ -193,7 +186,7 @@ class WorkerPool:
 
     def _kill_pool(self) -> None:
         if self._pool is not None:
-            _terminate(self._pool, list(self._processes.get(self._generation, {}).values()))
+            terminate(self._pool, list(self._processes.get(self._generation, {}).values()))
 
     def _stop_manager(self) -> None:
         if self._queue is not None:
@@ -305,14 +298,15 @@ class WorkerPool:
         old_pool, old_processes = self._pool, self._processes[generation]
         self._new_pool()
 
-        def reap() -> dict[int, int | None]:
+        def reap() -> tuple[dict[int, int | None], list[int]]:
+            killed = kill_frozen(list(old_processes.values()))  # a frozen one held the join for good
             old_pool.shutdown(wait=True, cancel_futures=True)
-            return {pid: process.exitcode for pid, process in old_processes.items()}
+            return {pid: process.exitcode for pid, process in old_processes.items()}, killed
 
-        exitcodes = await asyncio.to_thread(reap)
+        exitcodes, killed = await asyncio.to_thread(reap)
         del self._processes[generation]
         log.warning("worker pool broken (exit codes %s); replaced", exitcodes)
-        broken: Broken = {"generation": generation, "exitcodes": exitcodes}
+        broken: Broken = {"generation": generation, "exitcodes": exitcodes, "killed": killed}
         await self._post(("broken", None, broken))
 
     async def _post(self, message: Message) -> None:
@@ -431,12 +425,13 @@ class WorkerPool:
     async def _on_broken(self, run_id: None, broken: Broken) -> None:
         """Fail the runs of a broken pool, naming the worker that died where the exit codes tell.
 
-        The pool stops its other workers with SIGTERM: a worker that died of anything else
-        is the culprit. When every worker ended by SIGTERM, one of them was sent it from
-        outside: the only worker is the culprit; among several, none can be told apart.
+        The pool stops its other workers with SIGTERM (SIGKILL when frozen): a worker that
+        died of anything else is the culprit. When every worker ended by SIGTERM, one of them
+        was sent it from outside: the only worker is the culprit; among several, none can be
+        told apart.
         """
-        exitcodes = broken["exitcodes"]
-        stopped = {pid for pid, code in exitcodes.items() if code == -signal.SIGTERM}
+        exitcodes, killed = broken["exitcodes"], set(broken["killed"])
+        stopped = {pid for pid, code in exitcodes.items() if code == -signal.SIGTERM or pid in killed}
         outside = len(stopped) == len(exitcodes)  # no other death: the SIGTERM came from outside
         held = [r for r, g in self._inflight.items() if g == broken["generation"]]
         for run_id in held:
@@ -448,7 +443,7 @@ class WorkerPool:
                     f"{self._silenced[run_id]:.0f} s (frozen or hung) and was killed; the pool was "
                     "restarted: run it again"
                 )
-            elif code is not None and (code != -signal.SIGTERM or outside and len(stopped) == 1):
+            elif code is not None and (pid not in stopped or outside and len(stopped) == 1):
                 error = (
                     f"the worker process running this extract died ({signal_name(code)}), "
                     "possibly out of memory; the pool was restarted: run it again"
@@ -497,7 +492,7 @@ class WorkerPool:
             self._orphans = list(self._inflight)
             self._start_reader(asyncio.get_running_loop())
             if old_pool is not None:
-                await asyncio.to_thread(_terminate, old_pool, old_processes)
+                await asyncio.to_thread(terminate, old_pool, old_processes)
             self._processes.pop(generation, None)
         error = (
             "stopped because the service's channel to its worker processes died (its Manager "
@@ -583,14 +578,3 @@ class WorkerPool:
     def active(self) -> set[str]:
         """The runs workers hold now (the retention sweep leaves their directories alone)."""
         return set(self._inflight)
-
-
-def _terminate(pool: concurrent.futures.ProcessPoolExecutor, processes: list[BaseProcess]) -> None:
-    """Stop a pool and its worker processes (SIGTERM; each waited for 5 s at most)."""
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        with contextlib.suppress(Exception):
-            process.terminate()
-    for process in processes:
-        with contextlib.suppress(Exception):
-            process.join(5)

@@ -265,6 +265,52 @@ def test_a_run_handed_to_a_worker_frozen_while_idle_is_run_again(tmp_path: Path,
 
 
 @pytest.mark.slow
+def test_a_worker_frozen_when_another_dies_holds_neither_run(tmp_path: Path, big_db: Path) -> None:
+    """The pool's SIGTERM waits, pending, in a frozen worker: replacing the pool joined it for as
+    long as it stayed frozen, and both runs stayed 'running' (the watchdog judges the new pool)."""
+    svc = start_service(tmp_path, str(big_db))  # 2 workers
+    frozen: list[int] = []
+    try:
+        extracts = [
+            svc.create_extract(name=name, schemas=["big"], compress=False, max_attempts=1)
+            for name in ("Victim", "Bystander")
+        ]
+        victim, bystander = (svc.run(extract["id"]) for extract in extracts)
+        frozen.append(worker_writing(svc.storage, bystander))
+        os.kill(frozen[0], signal.SIGSTOP)
+        os.kill(worker_writing(svc.storage, victim), signal.SIGKILL)
+        assert svc.wait_run(victim, timeout=20)["error"].startswith(KILLED)
+        assert svc.wait_run(bystander, timeout=20)["error"].startswith(INNOCENT)
+        assert not alive(frozen[0])
+        assert_files_match(svc, bystander)
+        assert svc.wait_run(svc.run(extracts[0]["id"]))["status"] == "completed"
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        svc.stop()
+
+
+@pytest.mark.slow
+def test_a_worker_frozen_at_the_stop_does_not_outlive_the_service(tmp_path: Path, big_db: Path) -> None:
+    """The stop's SIGTERM waited, pending, in a frozen worker: it stayed after the service
+    exited, and the forkserver and resource tracker with it."""
+    svc = start_service(tmp_path, str(big_db), "--workers", "1")
+    extract = svc.create_extract(name="Frozen at the stop", schemas=["big"], compress=False)
+    run_id = svc.run(extract["id"])
+    worker = worker_writing(svc.storage, run_id)
+    children = descendants(svc.process.pid)
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        assert svc.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+        wait_for(lambda: not any(alive(pid) for pid in children), timeout=10, what="every child gone")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGCONT)
+    assert state_rows(svc.db, "SELECT status FROM extract_runs WHERE id = ?", run_id) == [("queued",)]
+
+
+@pytest.mark.slow
 def test_the_managers_death_fails_its_runs_and_the_service_goes_on(tmp_path: Path, big_db: Path) -> None:
     """The Manager process (the workers' message queue) SIGKILLed while a worker writes: the run
     fails within seconds, retryable, its unrecorded files removed; a new Manager and pool take
