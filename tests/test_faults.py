@@ -279,8 +279,9 @@ def test_a_worker_frozen_when_another_dies_holds_neither_run(tmp_path: Path, big
         frozen.append(worker_writing(svc.storage, bystander))
         os.kill(frozen[0], signal.SIGSTOP)
         os.kill(worker_writing(svc.storage, victim), signal.SIGKILL)
-        assert svc.wait_run(victim, timeout=20)["error"].startswith(KILLED)
-        assert svc.wait_run(bystander, timeout=20)["error"].startswith(INNOCENT)
+        # Generous: the frozen worker is given 5 s to heed the SIGTERM, and CI's machine is busy.
+        assert svc.wait_run(victim, timeout=45)["error"].startswith(KILLED)
+        assert svc.wait_run(bystander, timeout=45)["error"].startswith(INNOCENT)
         assert not alive(frozen[0])
         assert_files_match(svc, bystander)
         assert svc.wait_run(svc.run(extracts[0]["id"]))["status"] == "completed"
