@@ -255,8 +255,19 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] and argv[0] in COMMANDS:
         raise SystemExit(_command(argv))
 
+    if argv[:1] == ["serve"]:
+        argv = argv[1:]
+    try:
+        _serve(argv)
+    except KeyboardInterrupt:  # Ctrl-C before uvicorn took the signals over: nothing ran yet
+        print("extracts-app: interrupted before the service started", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _serve(argv: list[str]) -> None:
     import contextlib
     import logging
+    import signal
 
     import uvicorn
 
@@ -265,8 +276,6 @@ def main(argv: list[str] | None = None) -> None:
     from extracts.settings import parse_settings
     from extracts.startup import StartupError, banner, prepare
 
-    if argv[:1] == ["serve"]:
-        argv = argv[1:]
     settings = parse_settings(argv)
     handler = logging.StreamHandler()  # every log line, uvicorn's too, without the source's secrets
     handler.setFormatter(BlankingFormatter(LOG_FORMAT, settings.source))
@@ -292,6 +301,10 @@ def main(argv: list[str] | None = None) -> None:
         timeout_graceful_shutdown=STOP_RESPONSES_AFTER_S,
     )
     server = OneStop(config)
+    # SIGHUP (the terminal closed) stops the service as SIGTERM does, runs requeued; it killed
+    # it as kill -9 would. Under nohup it stays ignored.
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, lambda _, frame: server.handle_exit(signal.SIGTERM, frame))
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the signal that stopped it
         server.run()
     if not server.started:  # the app's start-up failed (as uvicorn.run exits)

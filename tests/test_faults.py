@@ -441,7 +441,10 @@ def wait_exporting(svc: Api, run_id: str, schema: str) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_requeues_active_runs_and_they_run_at_next_start(tmp_path: Path, big_db: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP killed it as kill -9 did
+def test_sigterm_requeues_active_runs_and_they_run_at_next_start(
+    tmp_path: Path, big_db: Path, stop: signal.Signals
+) -> None:
     svc = start_service(tmp_path, str(big_db), "--workers", "1")
     extract = svc.create_extract(name="Requeued", schemas=["big"], compress=False)
     run_id = svc.run(extract["id"])
@@ -451,7 +454,7 @@ def test_sigterm_requeues_active_runs_and_they_run_at_next_start(tmp_path: Path,
     # and then, on an idle machine: a 200,000-row export lasts about as long as the stop's first steps).
     os.kill(worker, signal.SIGSTOP)
     wait_for(lambda: process_state(worker) == "T", what="the worker stopped")
-    svc.process.send_signal(signal.SIGTERM)
+    svc.process.send_signal(stop)
     wait_for(lambda: signal_pending(worker, signal.SIGTERM), what="the stop ending the worker")
     os.kill(worker, signal.SIGCONT)
     # uvicorn re-raises the signal once its graceful shutdown is complete.

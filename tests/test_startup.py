@@ -207,3 +207,29 @@ def test_a_state_or_storage_url_of_another_kind_is_refused(tmp_path: Path, monke
             parse_settings(args, {})
         assert exited.value.code == 2 and expected in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_before_the_service_started_is_one_line(tmp_path: Path) -> None:
+    """Ctrl-C while start-up opened the source (before uvicorn takes the signals over) printed
+    a KeyboardInterrupt traceback. The source here is a server that takes the connection and
+    never answers, so the signal lands in that window every time."""
+    import signal
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        process = subprocess.Popen(
+            [*app_command(), "--port", str(free_port()), "--db", str(tmp_path / "s.db")]
+            + ["--storage", str(tmp_path / "files"), "--source", f"mysql://root@127.0.0.1:{port}/x"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        silent.settimeout(30)
+        connection, _ = silent.accept()  # start-up is opening the source now
+        with connection:
+            time.sleep(0.2)
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    assert err == "extracts-app: interrupted before the service started\n"
