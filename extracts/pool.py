@@ -133,6 +133,13 @@ class WorkerPool:
             initializer=worker_initializer,
             initargs=(os.getpid(), self._queue, self._cancelled),
         )
+        # Every worker is started now, not on demand: the pool's manager thread watches the
+        # processes it knew when it last went to wait, and submit() wakes it before it spawns
+        # a new one, so a worker spawned for a second run could be missed, and its death go
+        # unnoticed until the watchdog's lease (seen on a busy machine).
+        for _ in range(self.workers):
+            self._pool.submit(os.getpid)
+        self._note_workers()
 
     def _note_workers(self) -> None:
         """Keep the worker processes the pool started (read after a break: who died, and how)."""
