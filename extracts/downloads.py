@@ -204,11 +204,16 @@ async def redirect(request: Request, artifact: dict[str, Any]) -> Response:
 
 
 def content_disposition(name: str) -> str:
-    """``attachment`` with the name; non-ASCII or unsafe names as ``filename*`` (RFC 6266), as
-    Starlette's FileResponse writes it."""
+    """``attachment`` with the name as ``filename``, and as ``filename*`` too when it holds a ``%``.
+
+    An artifact name is ASCII without quotes or backslashes (``executor.naming``), so
+    ``filename`` carries it exactly: curl -J reads only that parameter. A browser may
+    percent-decode ``filename`` (``order%20items.jsonl`` saved as ``order items.jsonl``);
+    ``filename*``, which browsers prefer (RFC 6266 section 4.3), carries the name itself.
+    """
     quoted = quote(name)
     if quoted != name:
-        return f"attachment; filename*=utf-8''{quoted}"
+        return f"attachment; filename=\"{name}\"; filename*=utf-8''{quoted}"
     return f'attachment; filename="{name}"'
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from databases import Database
-from helpers import InProcessService, start_service
+from helpers import TOKEN, InProcessService, start_service
 
 from extracts.downloads import count_download
 from extracts.state import StateConnection
@@ -132,6 +132,26 @@ def test_single_artifact_download_with_range_and_counting(app_service: InProcess
     assert r.status_code == 206 and r.content == body[4:]
     record = app_service.client.get(f"/api/data/extract_artifacts/{artifact['id']}").json()["data"]
     assert record["download_count"] >= 1 and record["accessed_at"] is not None
+
+
+def test_a_file_name_with_a_percent_keeps_its_name(
+    app_service: InProcessService, completed: dict, tmp_path: Path
+) -> None:
+    """``filename`` carries the name as it is (what curl -J reads), ``filename*`` for browsers."""
+    artifact = next(a for a in completed["artifacts"] if a["schema_name"] == "order items")
+    assert artifact["artifact_name"] == "order%20items.jsonl.gz"
+    url = f"/api/extracts/artifacts/{artifact['id']}/download"
+    r = app_service.client.head(url)
+    assert r.headers["content-disposition"] == (
+        "attachment; filename=\"order%20items.jsonl.gz\"; filename*=utf-8''order%2520items.jsonl.gz"
+    )
+    if shutil.which("curl"):  # the README's way to download one file
+        subprocess.run(
+            ["curl", "-sfOJ", "-H", f"Authorization: Bearer {TOKEN}", app_service.base_url + url],
+            cwd=tmp_path,
+            check=True,
+        )
+        assert [p.name for p in tmp_path.iterdir()] == ["order%20items.jsonl.gz"]
 
 
 def test_zip_download_counts_each_artifact(app_service: InProcessService) -> None:
