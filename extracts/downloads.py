@@ -29,7 +29,7 @@ from starlette.types import Receive, Scope, Send
 from executor.messages import RunStatus
 from executor.naming import download_base_name
 from extracts.http import Conflict, Gone, NotFound, ServiceUnavailable, ValidationFailed, query_param
-from extracts.ranges import requested_range
+from extracts.ranges import not_modified, requested_range
 from extracts.records import ARTIFACT_FIELDS, RUN_FIELDS
 from extracts.state import now_iso, parse_iso
 from extracts.storage import FileChangedError, HeldFiles, StorageError
@@ -102,6 +102,15 @@ def counted(request: Request, requested: tuple[int, int] | None) -> bool:
     return request.method == "GET" and (requested is None or requested[0] == 0)
 
 
+async def unchanged(files: HeldFiles, etag: str) -> Response:
+    """304: the client's copy, named by If-None-Match, is current (once every file was found).
+
+    Not counted: no byte is sent.
+    """
+    await release(files)
+    return Response(status_code=304, headers={"ETag": etag, "Accept-Ranges": "bytes"})
+
+
 class HeldResponse(StreamingResponse):
     """A streamed body over held files, released when the response ends, however it ends.
 
@@ -135,10 +144,13 @@ async def download_artifact(request: Request) -> Response:
     if await redirect_requested(request):
         return await redirect(request, artifact)
     size, etag = artifact["size_bytes"], f'"{artifact["checksum"]}"'
-    requested = requested_range(request, etag, size, "file")
+    fresh = not_modified(request, etag, "file")
+    requested = None if fresh else requested_range(request, etag, size, "file")
     start, end = requested or (0, size)
     files = await hold(request, [artifact])
     try:
+        if fresh:
+            return await unchanged(files, etag)
         if counted(request, requested):
             await count_download(st.db, "id", artifact["id"])
         headers = {
@@ -268,11 +280,12 @@ async def download_run(request: Request) -> Response:
     filename = download_base_name(run["extract_name"], run["created_at"], run["id"]) + ".zip"
     headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
     if compression == "deflate":  # of unknown length: no Range (the whole archive, always)
-        requested, status, archive = None, 200, None
+        requested, status, archive, fresh = None, 200, None, False
     else:
         archive = await anyio.to_thread.run_sync(StoredZip, entries)  # ~11 µs an entry
         etag = archive.etag()
-        requested = requested_range(request, etag, archive.size, "archive")
+        fresh = not_modified(request, etag, "archive")
+        requested = None if fresh else requested_range(request, etag, archive.size, "archive")
         start, end = requested or (0, archive.size)
         status = 206 if requested is not None else 200
         headers |= {"ETag": etag, "Accept-Ranges": "bytes", "Content-Length": str(end - start)}
@@ -280,6 +293,8 @@ async def download_run(request: Request) -> Response:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{archive.size}"
     files = await hold(request, artifacts)
     try:
+        if fresh:
+            return await unchanged(files, etag)
         if counted(request, requested):
             await count_download(st.db, "run_id", run["id"])
         if request.method == "HEAD":

@@ -131,6 +131,12 @@ class UnsupportedMediaType(ApiError):
     status, code = 415, "UNSUPPORTED_MEDIA_TYPE"
 
 
+class PreconditionFailed(ApiError):
+    """If-Match names no current ETag of the download."""
+
+    status, code = 412, "PRECONDITION_FAILED"
+
+
 class RangeNotSatisfiable(ApiError):
     """The one byte range asked for selects no byte of the body."""
 

@@ -135,7 +135,7 @@ SCHEMA_SUMMARY = {
     },
 }
 ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-RANGE_HEADERS = [  # RFC 9110 sections 14.1-14.2, as downloads.parse_range reads them
+DOWNLOAD_HEADERS = [  # RFC 9110 sections 13-14, as extracts.ranges reads them
     {
         "name": "Range",
         "in": "header",
@@ -152,6 +152,18 @@ RANGE_HEADERS = [  # RFC 9110 sections 14.1-14.2, as downloads.parse_range reads
         "schema": {"type": "string"},
         "description": "The ETag of the first response: the range is served only while it matches "
         "(strong comparison; a date or a second If-Range never matches: 200, whole)",
+    },
+    {
+        "name": "If-None-Match",
+        "in": "header",
+        "schema": {"type": "string"},
+        "description": "ETags of copies the client holds, or *: 304 when one is current (weak comparison)",
+    },
+    {
+        "name": "If-Match",
+        "in": "header",
+        "schema": {"type": "string"},
+        "description": "ETags the client expects, or *: 412 when none is current (strong comparison)",
     },
 ]
 SCALAR = {"type": ["string", "number", "boolean"]}
@@ -306,8 +318,10 @@ def operation(
     }
     if ok_headers:
         responses[ok_status]["headers"] = ok_headers
-    if partial is not None:  # a slice of the file: not parseable as its content type says
+    if partial is not None:  # a download: a slice of the file, not parseable as its content type says
         responses["206"] = {"description": f"The requested byte range, as one of: {', '.join(partial)}"}
+        etag = {"ETag": {"required": True, "schema": {"type": "string"}}}
+        responses["304"] = {"description": "If-None-Match names the current ETag: no body", "headers": etag}
     if redirects:
         responses["307"] = {
             "description": "redirect=true: the file at a URL the object store signed",
@@ -517,7 +531,7 @@ def openapi_document(
             "Download a completed run as a ZIP (Range/If-Range supported when stored)",
             "200",
             None,
-            ["400", "404", "409", "410", "416"],
+            ["400", "404", "409", "410", "412", "416"],
             [
                 ID,
                 {
@@ -525,7 +539,7 @@ def openapi_document(
                     "in": "query",
                     "schema": {"type": "string", "enum": ["stored", "deflate"], "default": "stored"},
                 },
-                *RANGE_HEADERS,
+                *DOWNLOAD_HEADERS,
             ],
             ok_content=zip_content,
             partial=zip_content,
@@ -534,7 +548,7 @@ def openapi_document(
             "Download one artifact (Range supported)",
             "200",
             None,
-            ["400", "404", "410", "416"],
+            ["400", "404", "410", "412", "416"],
             [
                 ID,
                 {
@@ -544,7 +558,7 @@ def openapi_document(
                     "description": "true: 307 to a URL the object store signed (valid 15 minutes); "
                     "400 where the storage cannot sign (a local directory)",
                 },
-                *RANGE_HEADERS,
+                *DOWNLOAD_HEADERS,
             ],
             ok_content=file_content,
             partial=file_content,

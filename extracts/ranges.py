@@ -1,9 +1,10 @@
-"""Byte ranges of a download, as RFC 9110 (sections 14.1-14.2) has them: one parser for both routes.
+"""Byte ranges and conditions of a download, as RFC 9110 (sections 13-14) has them, for both routes.
 
-A valid single range gets 206; one that starts past the end gets 416. Anything
-else — invalid syntax, several ranges, Range or If-Range sent twice, an
-If-Range that is not the ETag, HEAD — gets the whole body (a server may ignore
-Range), so a client never sees multipart/byteranges.
+If-Match without the ETag gets 412 and If-None-Match with it 304, before any
+range is read (section 13.2.2). A valid single range gets 206; one that starts
+past the end gets 416. Anything else — invalid syntax, several ranges, Range or
+If-Range sent twice, an If-Range that is not the ETag, HEAD — gets the whole
+body (a server may ignore Range), so a client never sees multipart/byteranges.
 """
 
 from __future__ import annotations
@@ -12,7 +13,41 @@ import re
 
 from starlette.requests import Request
 
-from extracts.http import RangeNotSatisfiable
+from extracts.http import PreconditionFailed, RangeNotSatisfiable
+
+
+def not_modified(request: Request, etag: str, what: str) -> bool:
+    """Whether the client's copy is current (If-None-Match names the ETag, or ``*``): a 304.
+
+    RFC 9110 sections 13.1.1-13.1.2: If-Match compares strongly (a weak tag never
+    matches) and raises PreconditionFailed (412) when no tag matches and it is not
+    ``*``; If-None-Match compares weakly. A value that is not ``*`` nor a list of
+    entity tags is ignored. The date conditions are not read (no Last-Modified here
+    is as precise as the ETag): the body is sent.
+    """
+    if_match = _entity_tags(request.headers.getlist("if-match"))
+    if if_match and "*" not in if_match and etag not in if_match:
+        raise PreconditionFailed(
+            f"If-Match does not name the {what}'s ETag, {etag}; send it without If-Match to get it as it is"
+        )
+    if_none_match = _entity_tags(request.headers.getlist("if-none-match"))
+    return "*" in if_none_match or etag in {tag.removeprefix("W/") for tag in if_none_match}
+
+
+ENTITY_TAG = re.compile(r'(?:W/)?"[\x21\x23-\x7e\x80-\xff]*"')
+
+
+def _entity_tags(values: list[str]) -> set[str]:
+    """The entity tags (or ``*``) of each valid value of a list header; one not valid is ignored.
+
+    Empty list elements are allowed (RFC 9110 section 5.6.1); no ETag of the service holds a comma.
+    """
+    tags: set[str] = set()
+    for value in values:
+        items = [item for item in (part.strip(" \t") for part in value.split(",")) if item]
+        if items == ["*"] or (items and all(ENTITY_TAG.fullmatch(item) for item in items)):
+            tags.update(items)
+    return tags
 
 
 def requested_range(request: Request, etag: str, size: int, what: str) -> tuple[int, int] | None:

@@ -42,12 +42,14 @@ include-path = "/api/data/extracts/{id}"
 include-method = "PUT"
 checks.positive_data_acceptance.enabled = false
 
-# A well-formed Range may still start past the end of the file (416), a run's files may
-# have expired (410), and a local directory cannot sign the URL redirect=true asks for (400,
-# SPEC: Object storage): valid requests all the same.
+# A well-formed Range may still start past the end of the file (416), a well-formed If-Match
+# may name another ETag (412), a run's files may have expired (410), and a local directory
+# cannot sign the URL redirect=true asks for (400, SPEC: Object storage): valid requests all the same.
 [[operations]]
 include-name-regex = "^GET /api/extracts/(runs|artifacts)/[{]id[}]/download$"
-checks.positive_data_acceptance.expected-statuses = ["2XX", "3XX", "400", "401", "404", "409", "410", "416"]
+checks.positive_data_acceptance.expected-statuses = [
+    "2XX", "3XX", "400", "401", "404", "409", "410", "412", "416"
+]
 
 # SPEC: deleting a run deletes its files, and the run record stays readable (its ZIP is
 # then 410). Schemathesis expects a deleted resource to be gone: not for this one.

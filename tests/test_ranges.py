@@ -193,6 +193,49 @@ def test_head_has_no_ranges(app_service: InProcessService, downloads: dict, rout
     assert head.headers["etag"] == etag and head.headers["accept-ranges"] == "bytes"
 
 
+CONDITIONS = {  # headers (given the ETag) -> status of a GET, RFC 9110 section 13.2.2
+    "If-None-Match current": (lambda etag: {"If-None-Match": etag}, 304),
+    "If-None-Match weak": (lambda etag: {"If-None-Match": "W/" + etag}, 304),
+    "If-None-Match in a list": (lambda etag: {"If-None-Match": f'"other", {etag}'}, 304),
+    "If-None-Match *": (lambda etag: {"If-None-Match": "*"}, 304),
+    "If-None-Match current, with a Range": (lambda etag: {"If-None-Match": etag, "Range": "bytes=1-3"}, 304),
+    "If-None-Match current, with a Range past the end": (
+        lambda etag: {"If-None-Match": etag, "Range": "bytes=99999999-"},
+        304,
+    ),
+    "If-None-Match stale": (lambda etag: {"If-None-Match": '"stale"'}, 200),
+    "If-None-Match not a tag": (lambda etag: {"If-None-Match": etag[1:-1]}, 200),
+    "If-Match current": (lambda etag: {"If-Match": etag}, 200),
+    "If-Match *": (lambda etag: {"If-Match": "*"}, 200),
+    "If-Match current, with a Range": (lambda etag: {"If-Match": etag, "Range": "bytes=1-3"}, 206),
+    "If-Match stale": (lambda etag: {"If-Match": '"stale"'}, 412),
+    "If-Match weak": (lambda etag: {"If-Match": "W/" + etag}, 412),
+    "If-Match stale, with If-None-Match current": (
+        lambda etag: {"If-Match": '"stale"', "If-None-Match": etag},
+        412,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CONDITIONS))
+@pytest.mark.parametrize("route", ["zip", "file"])
+def test_conditional_requests(app_service: InProcessService, downloads: dict, route: str, name: str) -> None:
+    """If-None-Match naming the ETag is a 304 without a body; If-Match not naming it, a 412."""
+    url, whole, etag = downloads[route]
+    headers, status = CONDITIONS[name]
+    r = app_service.client.get(url, headers=headers(etag))
+    assert r.status_code == status, r.text[:200]
+    if status == 304:
+        assert r.content == b"" and r.headers["etag"] == etag and "content-length" not in r.headers
+        assert app_service.client.head(url, headers=headers(etag)).status_code == 304
+    elif status == 412:
+        assert r.json()["error_code"] == "PRECONDITION_FAILED" and etag in r.json()["error"]
+    elif status == 200:
+        assert r.content == whole
+    else:
+        assert r.content == whole[1:4]
+
+
 def test_the_deflated_zip_ignores_range(app_service: InProcessService, downloads: dict) -> None:
     url, _, _ = downloads["zip"]
     whole = app_service.client.get(url, params={"compression": "deflate"})
@@ -232,3 +275,6 @@ def test_a_download_counts_once_when_it_starts_at_byte_0(app_service: InProcessS
         app_service.client.head(zip_url, params=params, headers=headers)  # never counted
         expected += is_counted
         assert counts() == [expected] * n, (params, headers)
+    etag = app_service.client.head(zip_url).headers["etag"]
+    assert app_service.client.get(zip_url, headers={"If-None-Match": etag}).status_code == 304
+    assert counts() == [expected] * n  # nothing was sent
