@@ -21,7 +21,7 @@ from extracts.cron import next_due
 from extracts.records import to_record
 from extracts.runs import Runs
 from extracts.state import TriggeredBy, in_transaction, iso, utcnow
-from extracts.storage import Storage
+from extracts.storage import Storage, StorageError
 
 log = logging.getLogger("extracts.schedule")
 
@@ -119,7 +119,11 @@ class Scheduler:
 
 
 class Sweeper:
-    """Deletes the files of expired artifacts, and empty run directories; the records stay."""
+    """Deletes the files of expired artifacts, and empty run directories; the records stay.
+
+    A file that cannot be deleted (a directory now bears its name, the store refuses) is
+    logged and left recorded, to be tried again: it never holds back the others.
+    """
 
     def __init__(
         self,
@@ -146,7 +150,13 @@ class Sweeper:
             {"now": now},
         )
         for row in rows:
-            await asyncio.to_thread(self.storage.delete, row["storage_path"])
+            try:
+                await asyncio.to_thread(self.storage.delete, row["storage_path"])
+            except (OSError, StorageError) as exc:  # that file stays recorded; the others still go
+                log.warning(
+                    "retention sweep: cannot delete %s (tried again next sweep): %s", row["storage_path"], exc
+                )
+                continue
             await self.db.execute(
                 "UPDATE extract_artifacts SET deleted_at = :now WHERE id = :id", {"now": now, "id": row["id"]}
             )

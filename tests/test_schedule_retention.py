@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
@@ -208,6 +209,43 @@ def test_expired_artifacts_are_gone_at_once_and_swept(sweeping: InProcessService
     assert not (svc.storage / run["id"]).exists()
     assert (svc.storage / keep["id"]).is_dir()
     assert svc.client.get(f"/api/extracts/runs/{keep['id']}/download").status_code == 200
+
+
+def test_a_file_the_sweep_cannot_delete_does_not_hold_back_the_others(sweeping: InProcessService) -> None:
+    """One expired file that would not go failed every sweep, and no other expired file was deleted."""
+    svc = sweeping
+    runs = [
+        svc.wait_run(svc.run(svc.create_extract(name=f"Stuck {n}", schemas=["users"])["id"])) for n in (1, 2)
+    ]
+    stuck = svc.storage / runs[0]["id"] / "describe.yaml"
+    stuck.unlink()
+    stuck.mkdir()  # unlink() of it fails: a directory now bears its name
+    (stuck / "kept").touch()
+    with contextlib.closing(sqlite3.connect(svc.db)) as con:
+        con.executemany(
+            "UPDATE extract_artifacts SET expires_at = '2000-01-01T00:00:00.000Z' WHERE run_id = ?",
+            [(run["id"],) for run in runs],
+        )
+        con.commit()
+
+    def deleted() -> dict[str, bool]:
+        params = [{"filter[where][run_id]": run["id"]} for run in runs]
+        artifacts = [
+            a for p in params for a in svc.client.get("/api/data/extract_artifacts", params=p).json()["data"]
+        ]
+        return {f"{a['run_id']}/{a['artifact_name']}": a["deleted_at"] is not None for a in artifacts}
+
+    expected = {
+        f"{run['id']}/{name}": (run, name) != (runs[0], "describe.yaml")
+        for run in runs
+        for name in ("describe.yaml", "users.jsonl.gz", "manifest.json")
+    }
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and deleted() != expected:
+        time.sleep(0.1)
+    assert deleted() == expected
+    assert not (svc.storage / runs[1]["id"]).exists()
+    assert sorted(p.name for p in (svc.storage / runs[0]["id"]).iterdir()) == ["describe.yaml"]
 
 
 def test_the_sweep_leaves_a_run_directory_made_in_the_last_minute(tmp_path: Path) -> None:
