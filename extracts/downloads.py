@@ -67,6 +67,8 @@ async def hold(request: Request, artifacts: list[dict[str, Any]]) -> HeldFiles:
         artifact = next(a for a in artifacts if a["storage_path"] == path)
         what = f"File {artifact['artifact_name']} of run {artifact['run_id']}"
         if isinstance(exc, FileNotFoundError):
+            if await being_deleted(request, artifact):
+                raise Gone(f"{what} was deleted with its run") from None
             raise NotFound(f"{what} is missing from storage ({path})") from None
         raise NotFound(f"{what} cannot be sent: {exc}") from None
     except StorageError as exc:  # the object store is down or refused: retry later
@@ -76,6 +78,19 @@ async def hold(request: Request, artifacts: list[dict[str, Any]]) -> HeldFiles:
             f"Cannot open the files to send: {exc.strerror} ({exc.filename}); "
             "check the storage directory (--storage), then retry"
         ) from None
+
+
+async def being_deleted(request: Request, artifact: dict[str, Any]) -> bool:
+    """Whether a file found missing went with a DELETE of its run, here or through another
+    instance: the files go first, then the rows are marked, and a download between the two
+    passed the 410 check (``check_not_gone``)."""
+    st = request.app.state.extracts
+    if artifact["run_id"] in st.runs.deleting:
+        return True
+    deleted = await st.db.fetch_val(
+        "SELECT deleted_at FROM extract_artifacts WHERE id = :id", {"id": artifact["id"]}
+    )
+    return deleted is not None
 
 
 async def release(files: HeldFiles) -> None:

@@ -103,6 +103,7 @@ class Runs:
         self.queued = asyncio.Event()  # set when a run may be waiting: the dispatcher's cue
         self.instance_id = new_id("instance")
         self.lease = timedelta(seconds=30)  # --lease-seconds
+        self.deleting: set[str] = set()  # runs whose files are going now (a download then gets 410)
 
     def ending(self, *integers: str) -> str:
         """What every ending sets: the status, when it ended, its phase, how long it ran.
@@ -538,8 +539,12 @@ class Runs:
         Raises OSError when the files cannot be removed (say, read-only storage):
         the rows must not claim files gone that are still there.
         """
-        await asyncio.to_thread(self.storage.delete_run, run_id)
-        await self.db.execute(
-            "UPDATE extract_artifacts SET deleted_at = :now WHERE run_id = :id AND deleted_at IS NULL",
-            {"now": now_iso(), "id": run_id},
-        )
+        self.deleting.add(run_id)
+        try:
+            await asyncio.to_thread(self.storage.delete_run, run_id)
+            await self.db.execute(
+                "UPDATE extract_artifacts SET deleted_at = :now WHERE run_id = :id AND deleted_at IS NULL",
+                {"now": now_iso(), "id": run_id},
+            )
+        finally:
+            self.deleting.discard(run_id)

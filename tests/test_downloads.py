@@ -209,6 +209,31 @@ def test_download_errors(app_service: InProcessService, completed: dict, shop_db
     assert r.status_code == 410
 
 
+def test_a_download_while_its_run_is_deleted_is_gone_not_missing(app_service: InProcessService) -> None:
+    """A DELETE removes the run's files, then marks its rows: a download in between passed the
+    410 check, found no file, and answered 404 "missing from storage"."""
+    extract = app_service.create_extract(name="Deleted meanwhile", schemas=["users"])
+    run = app_service.wait_run(app_service.run(extract["id"]))
+    artifact = app_service.client.get(
+        "/api/data/extract_artifacts", params={"filter[where][run_id]": run["id"]}
+    ).json()["data"][0]
+    runs = app_service.server.config.app.state.extracts.runs
+    runs.deleting.add(run["id"])  # the DELETE between its two steps: files gone, rows not yet marked
+    try:
+        shutil.rmtree(app_service.storage / run["id"])
+        for url in (
+            f"/api/extracts/runs/{run['id']}/download",
+            f"/api/extracts/artifacts/{artifact['id']}/download",
+        ):
+            r = app_service.client.get(url)
+            assert r.status_code == 410 and r.json()["error"].endswith("was deleted with its run"), r.text
+    finally:
+        runs.deleting.discard(run["id"])
+    # Files gone behind the service's back, no DELETE: still the 404 naming the file.
+    r = app_service.client.get(f"/api/extracts/runs/{run['id']}/download")
+    assert r.status_code == 404 and "is missing from storage" in r.json()["error"]
+
+
 def test_a_deleted_extract_keeps_its_runs_downloadable(app_service: InProcessService) -> None:
     extract = app_service.create_extract(name="Soft", schemas=["users"])
     run = app_service.wait_run(app_service.run(extract["id"]))
