@@ -17,6 +17,7 @@ import socket
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from helpers import (
     TOKEN,
     Api,
     Prober,
+    Service,
     alive,
     assert_files_match,
     descendants,
@@ -48,6 +50,19 @@ INTERRUPTED = "interrupted: the service stopped while this run was running"
 
 
 # ---------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def frozen_until_the_end(svc: Service) -> Iterator[list[int]]:
+    """The pids a test freezes (SIGSTOP): thawed when it ends, however it ends; then the service stops."""
+    frozen: list[int] = []
+    try:
+        yield frozen
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        svc.stop()
 
 
 def artifacts_of(service: Api, run_id: str) -> list[dict]:
@@ -209,8 +224,7 @@ def test_a_worker_silent_for_a_lease_is_killed_and_its_run_fails(tmp_path: Path,
     killed, and its run fails with why, instead of staying 'running' while its instance renews
     the lease."""
     svc = start_service(tmp_path, str(big_db), "--lease-seconds", "5")
-    frozen: list[int] = []
-    try:
+    with frozen_until_the_end(svc) as frozen:
         extract = svc.create_extract(name="Frozen worker", schemas=["big"], compress=False, max_attempts=1)
         paused = svc.run(extract["id"])
         frozen.append(worker_writing(svc.storage, paused))
@@ -232,11 +246,6 @@ def test_a_worker_silent_for_a_lease_is_killed_and_its_run_fails(tmp_path: Path,
         assert_files_match(svc, run_id)
         assert no_temporary_files(svc.storage) == []
         assert svc.wait_run(svc.run(extract["id"]))["status"] == "completed"
-    finally:
-        for pid in frozen:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        svc.stop()
 
 
 @pytest.mark.slow
@@ -245,8 +254,7 @@ def test_a_run_handed_to_a_worker_frozen_while_idle_is_run_again(tmp_path: Path,
     worker frozen between two runs left its run 'running' for as long as the worker stayed
     frozen, its lease renewed all along."""
     svc = start_service(tmp_path, str(big_db), "--workers", "1", "--lease-seconds", "5")
-    frozen: list[int] = []
-    try:
+    with frozen_until_the_end(svc) as frozen:
         extract = svc.create_extract(name="Idle worker", schemas=["small"], max_attempts=1)
         assert svc.wait_run(svc.run(extract["id"]))["status"] == "completed"
         frozen += [pid for pid in descendants(svc.process.pid) if os.getpriority(os.PRIO_PROCESS, pid) >= 10]
@@ -257,11 +265,6 @@ def test_a_run_handed_to_a_worker_frozen_while_idle_is_run_again(tmp_path: Path,
         assert run["status"] == "completed" and run["attempt"] == 1, run  # put back in the queue, not failed
         assert not alive(frozen[0])
         assert "said nothing for" in svc.output()
-    finally:
-        for pid in frozen:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        svc.stop()
 
 
 @pytest.mark.slow
@@ -269,8 +272,7 @@ def test_a_worker_frozen_when_another_dies_holds_neither_run(tmp_path: Path, big
     """The pool's SIGTERM waits, pending, in a frozen worker: replacing the pool joined it for as
     long as it stayed frozen, and both runs stayed 'running' (the watchdog judges the new pool)."""
     svc = start_service(tmp_path, str(big_db))  # 2 workers
-    frozen: list[int] = []
-    try:
+    with frozen_until_the_end(svc) as frozen:
         extracts = [
             svc.create_extract(name=name, schemas=["big"], compress=False, max_attempts=1)
             for name in ("Victim", "Bystander")
@@ -285,11 +287,6 @@ def test_a_worker_frozen_when_another_dies_holds_neither_run(tmp_path: Path, big
         assert not alive(frozen[0])
         assert_files_match(svc, bystander)
         assert svc.wait_run(svc.run(extracts[0]["id"]))["status"] == "completed"
-    finally:
-        for pid in frozen:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        svc.stop()
 
 
 @pytest.mark.slow

@@ -612,23 +612,7 @@ def test_a_second_instance_on_the_same_sqlite_state_or_local_storage_refuses_to_
             ["--db", str(tmp_path / "state-dir" / first.db.name), "--storage", str(tmp_path / "other")],
             ["--db", str(tmp_path / "other.db"), "--storage", str(first.storage)],
         ):
-            second = subprocess.run(
-                [
-                    sys.executable,
-                    str(Path(__file__).parent.parent / "extracts_app.py"),
-                    *args,
-                    "--source",
-                    str(source),
-                    "--port",
-                    str(free_port()),
-                    "--token",
-                    TOKEN,
-                ],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                cwd=tmp_path,
-            )
+            second = start_up(tmp_path, *args, "--source", str(source), "--token", TOKEN)
             assert second.returncode == 1, second.stderr
             assert "is in use by another extracts-app" in second.stderr and "postgresql" in second.stderr
             assert second.stderr.count("\n") == 1
@@ -637,27 +621,26 @@ def test_a_second_instance_on_the_same_sqlite_state_or_local_storage_refuses_to_
         first.stop()
 
 
+def start_up(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The service started with ``args`` on a free port, for a start-up that is expected to fail."""
+    command = [sys.executable, str(Path(__file__).parent.parent / "extracts_app.py"), *args]
+    return subprocess.run(
+        [*command, "--port", str(free_port())], capture_output=True, text=True, timeout=60, cwd=cwd
+    )
+
+
 def test_a_shared_state_needs_a_token(tmp_path: Path) -> None:
     name = unique_name("extracts_token")
     url = make_state_database(name)
     try:
-        process = subprocess.run(
-            [
-                sys.executable,
-                str(Path(__file__).parent.parent / "extracts_app.py"),
-                "--db",
-                url,
-                "--storage",
-                str(tmp_path / "st"),
-                "--source",
-                str(make_shop_db(tmp_path / "shop.db")),
-                "--port",
-                str(free_port()),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path,
+        process = start_up(
+            tmp_path,
+            "--db",
+            url,
+            "--storage",
+            str(tmp_path / "st"),
+            "--source",
+            str(make_shop_db(tmp_path / "shop.db")),
         )
         assert process.returncode == 1 and "give --token" in process.stderr, process.stderr
     finally:
@@ -673,25 +656,10 @@ def test_a_state_that_refuses_the_service_pool_stops_start_up_with_one_line(tmp_
         con.execute(f'CREATE ROLE "{name}" LOGIN CONNECTION LIMIT 1')
         con.execute(f'CREATE DATABASE "{name}" OWNER "{name}"')
     try:
-        process = subprocess.run(
-            [
-                sys.executable,
-                str(Path(__file__).parent.parent / "extracts_app.py"),
-                "--db",
-                f"postgresql://{name}@127.0.0.1:5432/{name}",
-                "--storage",
-                str(tmp_path / "st"),
-                "--source",
-                str(make_shop_db(tmp_path / "shop.db")),
-                "--port",
-                str(free_port()),
-                "--token",
-                TOKEN,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path,
+        process = start_up(
+            tmp_path,
+            *("--db", f"postgresql://{name}@127.0.0.1:5432/{name}", "--storage", str(tmp_path / "st")),
+            *("--source", str(make_shop_db(tmp_path / "shop.db")), "--token", TOKEN),
         )
         assert process.returncode == 1, process.stderr
         assert process.stderr == (
