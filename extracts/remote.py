@@ -64,15 +64,26 @@ def default_url() -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{_default('port')}"
 
 
+def token_file() -> str:
+    """The token file the service keeps beside its state file, as ``EXTRACTS_DB`` names the file.
+
+    ``sqlite:///relative`` and ``sqlite:////absolute`` name it as a path does (the service
+    writes ``<file>.token``, never ``sqlite:///….token``).
+    """
+    db = str(_default("db"))
+    if db.lower().startswith("sqlite:///"):
+        db = db[len("sqlite:///") :]
+    return db + ".token"
+
+
 def default_token() -> str | None:
     """``EXTRACTS_TOKEN``, else the token file the service keeps beside its state file."""
     if os.environ.get("EXTRACTS_TOKEN"):
         return os.environ["EXTRACTS_TOKEN"].strip()
-    db = str(_default("db"))
-    if "://" in db:  # a PostgreSQL state: its instances share a token given to them
+    if "://" in token_file():  # a PostgreSQL state: its instances share a token given to them
         return None
     try:
-        return Path(db + ".token").expanduser().read_text().strip() or None
+        return Path(token_file()).expanduser().read_text().strip() or None
     except OSError:
         return None
 
@@ -187,7 +198,7 @@ def check_options(
             if args.token
             else "EXTRACTS_TOKEN"
             if os.environ.get("EXTRACTS_TOKEN")
-            else (f"the token file {_default('db')}.token")
+            else f"the token file {token_file()}"
         )
         bad_option(f"{given}: a token is printable ASCII without spaces; this one is not")
 
@@ -439,7 +450,7 @@ def run_remote(args: argparse.Namespace, bad_option: Callable[[str], NoReturn]) 
     if not token:
         bad_option(
             "--token: none given, no EXTRACTS_TOKEN, and no token file beside the state file "
-            f"({_default('db')}.token); the service prints its token when it starts"
+            f"({token_file()}); the service prints its token when it starts"
         )
     check_options(args, url, token, bad_option)
     if args.download is not None:

@@ -896,6 +896,25 @@ def test_run_fails_clearly(service, tmp_path: Path):
     )
 
 
+def test_run_finds_the_token_file_of_a_sqlite_url_state(tmp_path: Path):
+    """EXTRACTS_DB=sqlite:///… names the state file as a path does: the token is read beside it."""
+    (tmp_path / "state.db.token").write_text("t0ken\n")
+    down = "http://127.0.0.1:9"  # nothing listens: a token found gets as far as the request (exit 1)
+    env = {**ENV, "EXTRACTS_URL": down, "EXTRACTS_TOKEN": ""}
+    for db, cwd in (
+        (f"sqlite:///{tmp_path}/state.db", None),  # sqlite:////absolute
+        ("sqlite:///state.db", tmp_path),  # sqlite:///relative, from the state file's directory
+        (str(tmp_path / "state.db"), None),
+    ):
+        found = cli("run", "x", cwd=cwd, env={**env, "EXTRACTS_DB": db})
+        assert found.returncode == 1, (db, found.stderr)
+        assert f"cannot reach the service at {down}" in found.stderr
+    (tmp_path / "state.db.token").unlink()
+    missing = cli("run", "x", env={**env, "EXTRACTS_DB": f"sqlite:///{tmp_path}/state.db"})
+    assert missing.returncode == 2
+    assert f"no token file beside the state file ({tmp_path}/state.db.token)" in missing.stderr
+
+
 def test_run_refuses_what_no_request_can_carry_and_answers_it_cannot_use(tmp_path: Path):
     """Bad options exit 2 naming the option; a server that is not the service exits 1; one line each."""
     env = {**ENV, "EXTRACTS_DB": str(tmp_path / "none.db")}
