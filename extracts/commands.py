@@ -128,7 +128,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     run = subs.add_parser(
         "run",
         help="start a run on a running service, wait for it, download it",
-        description="Start a run of EXTRACT on a service; exit status 0 only when it completed.",
+        description=(
+            "Start a run of EXTRACT on a service; exit status 0 once it is queued, and with --wait "
+            "or --download only when it completed."
+        ),
     )
     run.add_argument("extract", metavar="EXTRACT", help="the extract's id or exact name")
     run.add_argument(
