@@ -292,6 +292,8 @@ async def validate_extract(
         )
     if not bad & {"schemas", "filter"} and ("schemas" in values or "filter" in values):
         details += await check_source(merged["schemas"], merged["filter"])
+    elif "schemas" in values:  # the filter is bad: the schema names can still be checked
+        details += await check_source(values["schemas"], None)
     if details:
         fields = ", ".join(dict.fromkeys(d["field"] for d in details))
         raise ValidationFailed(f"Invalid extract configuration: {fields}", details)

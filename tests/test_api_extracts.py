@@ -208,6 +208,21 @@ def test_filter_on_schema_not_exported_is_refused(app_service: InProcessService)
     assert r.json()["details"][0]["field"] == "filter.users"
 
 
+def test_unknown_schemas_are_named_beside_a_bad_filter(app_service: InProcessService) -> None:
+    """Every bad field at once (SPEC): a malformed filter hid the unknown schema names."""
+    for bad_filter in (1, {"users": []}):
+        body = VALID | {"schemas": ["users", "no_such_table"], "filter": bad_filter}
+        r = app_service.client.post("/api/data/extracts", json=body)
+        assert r.status_code == 400, r.text
+        assert sorted(d["field"] for d in r.json()["details"]) == ["filter", "schemas"], r.text
+        assert any("no_such_table" in d["message"] for d in r.json()["details"]), r.text
+    created = app_service.create_extract(name="Schemas beside a bad filter")
+    body = {"schemas": ["no_such_table"], "filter": 1}
+    r = app_service.client.put(f"/api/data/extracts/{created['id']}", json=body)
+    assert r.status_code == 400, r.text
+    assert sorted(d["field"] for d in r.json()["details"]) == ["filter", "schemas"], r.text
+
+
 def test_filter_on_a_view_needs_the_view_named_in_schemas(app_service: InProcessService) -> None:
     """schemas null exports every table, views only when named (SPEC): the filter was ignored."""
     view_filter = {"adults": {"where": {"id": 1}}}
