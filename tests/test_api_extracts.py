@@ -223,6 +223,17 @@ def test_unknown_schemas_are_named_beside_a_bad_filter(app_service: InProcessSer
     assert sorted(d["field"] for d in r.json()["details"]) == ["filter", "schemas"], r.text
 
 
+def test_filter_integer_past_64_bits_is_refused_not_rounded(app_service: InProcessService) -> None:
+    """orjson reads an integer past 64 bits as a float: the filter was saved rounded (1.2e+29)."""
+    big = 123456789012345678901234567890
+    for where in ({"id": big}, {"id": {"$in": [1, big]}}, {"id": {"$gt": 1.5, "$lt": big}}):
+        body = VALID | {"filter": {"users": {"where": where}}}
+        r = app_service.client.post("/api/data/extracts", json=body)
+        assert r.status_code == 400, r.text
+        assert r.json()["error_code"] == "VALIDATION_ERROR"
+        assert str(big) in r.json()["details"][0]["message"], r.text
+
+
 def test_filter_on_a_view_needs_the_view_named_in_schemas(app_service: InProcessService) -> None:
     """schemas null exports every table, views only when named (SPEC): the filter was ignored."""
     view_filter = {"adults": {"where": {"id": 1}}}
