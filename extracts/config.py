@@ -294,6 +294,9 @@ async def validate_extract(
         details += await check_source(merged["schemas"], merged["filter"])
     elif "schemas" in values:  # the filter is bad: the schema names can still be checked
         details += await check_source(values["schemas"], None)
+    elif values.get("filter"):  # the schemas are bad: the filter's schemas and columns can still be
+        checked = await check_source(list(values["filter"]), values["filter"])
+        details += [d for d in checked if d["field"] != "schemas"]
     if details:
         fields = ", ".join(dict.fromkeys(d["field"] for d in details))
         raise ValidationFailed(f"Invalid extract configuration: {fields}", details)

@@ -223,6 +223,23 @@ def test_unknown_schemas_are_named_beside_a_bad_filter(app_service: InProcessSer
     assert sorted(d["field"] for d in r.json()["details"]) == ["filter", "schemas"], r.text
 
 
+def test_a_bad_filter_is_named_beside_bad_schemas(app_service: InProcessService) -> None:
+    """Every bad field at once (SPEC): with schemas malformed, the filter was never checked."""
+    cases = [
+        ([], {"users": {"where": {"no_such_column": 1}}}, "filter.users.where.no_such_column"),
+        ("users", {"no_such_table": {"where": {}}}, "filter.no_such_table"),
+    ]
+    for schemas, bad_filter, field in cases:
+        body = VALID | {"schemas": schemas, "filter": bad_filter}
+        r = app_service.client.post("/api/data/extracts", json=body)
+        assert r.status_code == 400, r.text
+        assert [d["field"] for d in r.json()["details"]] == ["schemas", field], r.text
+    # A filter that is fine on its own adds nothing to the schemas' error.
+    body = VALID | {"schemas": [], "filter": {"users": {"where": {"id": 1}}}}
+    r = app_service.client.post("/api/data/extracts", json=body)
+    assert [d["field"] for d in r.json()["details"]] == ["schemas"], r.text
+
+
 def test_filter_integer_past_64_bits_is_refused_not_rounded(app_service: InProcessService) -> None:
     """orjson reads an integer past 64 bits as a float: the filter was saved rounded (1.2e+29)."""
     big = 123456789012345678901234567890
