@@ -124,8 +124,10 @@ async def delete_extract(request: Request) -> Response:
     )
     if deleted is None:
         active = await st.runs.active_run(extract_id)
+        if active is None:  # deleted meanwhile by another request (404), or its run just ended
+            return await delete_extract(request)
         raise Conflict(
-            f"Extract {extract_id} has an active run {active and active['id']}; cancel it with "
+            f"Extract {extract_id} has an active run {active['id']}; cancel it with "
             f"POST /api/extracts/{extract_id}/cancel before deleting"
         )
     row = await st.db.fetch_one(

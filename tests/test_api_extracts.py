@@ -5,6 +5,10 @@ Authentication of every route is checked in tests/test_security.py.
 
 from __future__ import annotations
 
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 import pytest
 from helpers import InProcessService, http_client, http_get
 
@@ -315,6 +319,24 @@ def test_soft_delete(app_service: InProcessService) -> None:
         assert r.json()["error_code"] == "RECORD_NOT_FOUND"
     ids = [e["id"] for e in app_service.client.get("/api/data/extracts?filter[limit]=1000").json()["data"]]
     assert created["id"] not in ids
+
+
+def test_simultaneous_deletes_answer_200_once_then_404(app_service: InProcessService) -> None:
+    """A DELETE that lost the race to another was a 409 'has an active run None': it is a 404."""
+    statuses: Counter[tuple[int, str]] = Counter()
+    for i in range(10):
+        created = app_service.create_extract(name=f"Deleted at once {i}")
+
+        def delete(_: int, extract_id: str = created["id"]) -> httpx.Response:
+            with http_client(base_url=app_service.base_url, headers=app_service.client.headers) as client:
+                return client.delete(f"/api/data/extracts/{extract_id}")
+
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(delete, range(8)))
+        assert sorted(r.status_code for r in responses)[0] == 200
+        statuses.update((r.status_code, r.json().get("error_code", "")) for r in responses)
+    assert set(statuses) == {(200, ""), (404, "RECORD_NOT_FOUND")}, statuses
+    assert statuses[(200, "")] == 10
 
 
 def test_list_filter_order_limit_offset(app_service: InProcessService) -> None:
