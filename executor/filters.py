@@ -27,8 +27,12 @@ parameter, never spliced into the SQL.
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Callable
 from typing import Any
+
+import orjson
 
 COMPARISONS = {"$eq": "=", "$ne": "<>", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 LISTS = {"$in": "IN", "$nin": "NOT IN"}
@@ -178,3 +182,31 @@ def compile_where(
     if not conditions:
         return "", []
     return " WHERE " + " AND ".join(conditions), params
+
+
+def loads_exact(raw: bytes | str) -> Any:
+    """JSON (a body, a ``--filter``) with every integer exact; raises orjson.JSONDecodeError.
+
+    orjson reads an integer past 64 bits as a float, which would round a filter value
+    that must be refused (outside a signed 64-bit integer) into one that passes: a
+    value holding a float is read again with ``json``, which keeps integers exact.
+    """
+    value = orjson.loads(raw)
+    if _holds_float(value):
+        with contextlib.suppress(RecursionError):  # nested deeper than json's recursion allows
+            value = json.loads(raw)
+    return value
+
+
+def _holds_float(value: Any) -> bool:
+    """Whether a parsed JSON value holds a float anywhere (walked without recursion: any depth)."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, float):
+            return True
+        if isinstance(item, dict):
+            todo += item.values()
+        elif isinstance(item, list):
+            todo += item
+    return False

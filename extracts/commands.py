@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlsplit
 import orjson
 
 from executor.credentials import blank, source_secrets
-from executor.filters import check_where
+from executor.filters import check_where, loads_exact
 from executor.messages import RunConfig
 from executor.sources import SourceError, open_source
 
@@ -56,7 +56,7 @@ def run_command(argv: list[str], own_process: bool = False) -> int:
                 from executor.sources.sqlitemem import turn_off_memory_statistics
 
                 turn_off_memory_statistics()
-            return _export(sub, args)
+            return _export(sub, args, own_process)
         if command == "verify":
             from extracts.verify import verify_path
 
@@ -207,7 +207,7 @@ def export_config(args: argparse.Namespace, fail: Any) -> RunConfig:
     filters = None
     if args.filter is not None:
         try:
-            filters = orjson.loads(args.filter)
+            filters = loads_exact(args.filter)  # an integer past 64 bits is refused, not rounded
         except orjson.JSONDecodeError as exc:
             fail(f"--filter: not JSON ({exc})")
         if not isinstance(filters, dict) or not filters:
@@ -289,7 +289,7 @@ def is_source_file(target: Path, source: str) -> bool:
     return False
 
 
-def _export(sub: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _export(sub: argparse.ArgumentParser, args: argparse.Namespace, own_process: bool) -> int:
     from extracts.export import Export, ExportFailed, Interrupted
     from extracts.progress import make_view
 
@@ -318,7 +318,7 @@ def _export(sub: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 1
     view = make_view(args.quiet)
     name = args.name.strip() if args.name else default_name(args.source)
-    job = Export(args.source, config, name, zip_path, directory, view)
+    job = Export(args.source, config, name, zip_path, directory, view, own_process=own_process)
     started = time.monotonic()
     try:
         target, result = job.run()

@@ -79,6 +79,9 @@ class Export:
         default_factory=lambda: datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     )
     artifacts: list[tuple[dict[str, Any], tuple[int, int, int, int, int, int]]] = field(default_factory=list)
+    #: The command's own process: once the result is in place, a stop signal is ignored for the
+    #: moments left (it would end the command saying nothing was written, the file complete).
+    own_process: bool = False
 
     @property
     def target(self) -> Path:
@@ -110,7 +113,9 @@ class Export:
         # directory goes inside it (one file system), and the files move in, never the directory
         # itself: the user's directory keeps its inode, mode and owner.
         into = self.directory is not None and target.is_dir()
-        with _Signals() as stop:  # first: a signal between making the work directory and the try
+        with _Signals(
+            ignore_after=self.own_process
+        ) as stop:  # first: a signal between making the work directory and the try
             work = Path(
                 tempfile.mkdtemp(
                     prefix=f".{target.name}.", suffix=".tmp", dir=target if into else target.parent
@@ -307,6 +312,9 @@ class _Signals:
     """SIGINT, SIGTERM and SIGHUP (the terminal closed) set an event instead of raising: the export
     stops at a point it chooses. A signal ignored when the command started (``nohup``) stays ignored."""
 
+    def __init__(self, ignore_after: bool = False) -> None:
+        self.ignore_after = ignore_after  # on success, ignore them from then on (``Export.own_process``)
+
     def __enter__(self) -> threading.Event:
         self.event = threading.Event()
         self._old = {
@@ -316,6 +324,6 @@ class _Signals:
         }
         return self.event
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, failed: type[BaseException] | None, *exc: object) -> None:
         for sig, handler in self._old.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.ignore_after and failed is None else handler)

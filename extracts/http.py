@@ -8,9 +8,7 @@ unexpected is logged with its traceback and answered with a generic 500.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
-import json
 import logging
 from collections.abc import Callable
 from types import FrameType
@@ -24,6 +22,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from executor.credentials import blank, source_secrets
+from executor.filters import loads_exact
 
 log = logging.getLogger("extracts")
 
@@ -296,20 +295,6 @@ def query_param(request: Request, name: str, default: str) -> str:
     return values[0] if values else default
 
 
-def _holds_float(value: Any) -> bool:
-    """Whether a parsed JSON value holds a float anywhere (walked without recursion: any depth)."""
-    todo = [value]
-    while todo:
-        item = todo.pop()
-        if isinstance(item, float):
-            return True
-        if isinstance(item, dict):
-            todo += item.values()
-        elif isinstance(item, list):
-            todo += item
-    return False
-
-
 async def read_json_object(request: Request) -> dict[str, Any]:
     """The request body as a JSON object: 415 wrong type, 413 over 1 MiB, 400 not an object."""
     content_types = request.headers.getlist("content-type")
@@ -336,12 +321,9 @@ async def read_json_object(request: Request) -> dict[str, Any]:
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
-        body = orjson.loads(raw)
+        body = loads_exact(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"The body is not valid JSON: {exc}") from exc
-    if _holds_float(body):  # orjson reads an integer past 64 bits as a float: read them exactly
-        with contextlib.suppress(RecursionError):  # nested deeper than json's recursion allows
-            body = json.loads(raw)
     if not isinstance(body, dict):
         raise BadRequest(f"The body must be a JSON object, not {type(body).__name__}")
     return body
