@@ -77,7 +77,6 @@ class WorkerPool:
         self._cancelled: Any = None
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._generation = 0
-        self._others: set[int] = set()  # child processes that are not pool workers (the Manager)
         self._processes: dict[int, dict[int, BaseProcess]] = {}  # generation -> pid -> worker
         self._inflight: dict[str, int] = {}  # run id -> pool generation
         self._pids: dict[str, int] = {}  # run id -> worker pid ("started" message)
@@ -111,10 +110,8 @@ class WorkerPool:
 
     def _start_channel(self) -> None:
         """The Manager process, and the message queue and cancel flags it serves."""
-        before = {process.pid for process in multiprocessing.active_children()}
         self._manager = SyncManager(ctx=self._context)
         self._manager.start(initializer=manager_initializer, initargs=(os.getpid(),))
-        self._others |= {process.pid for process in multiprocessing.active_children()} - before
         self._queue = self._manager.Queue()
         self._cancelled = self._manager.dict()
 
@@ -124,7 +121,7 @@ class WorkerPool:
         )
         self._reader.start()
 
-    def _new_pool(self) -> None:
+    def _new_pool(self, start_workers: bool = True) -> None:
         self._generation += 1
         self._processes[self._generation] = {}
         self._pool = concurrent.futures.ProcessPoolExecutor(
@@ -133,20 +130,25 @@ class WorkerPool:
             initializer=worker_initializer,
             initargs=(os.getpid(), self._queue, self._cancelled),
         )
-        # Every worker is started now, not on demand: the pool's manager thread watches the
-        # processes it knew when it last went to wait, and submit() wakes it before it spawns
-        # a new one, so a worker spawned for a second run could be missed, and its death go
-        # unnoticed until the watchdog's lease (seen on a busy machine).
-        for _ in range(self.workers):
-            self._pool.submit(os.getpid)
+        if start_workers:
+            self._start_workers()
+
+    def _start_workers(self) -> None:
+        """Start every worker now: the pool's thread watches the processes it knew when it went
+        to wait, and submit() wakes it before spawning one, so a worker spawned on demand could
+        die unnoticed until the watchdog's lease. Not while a broken pool's workers are joined:
+        a process start polls every child, and two threads reading one exit status make it 255."""
+        with contextlib.suppress(RuntimeError, BrokenProcessPool):  # stopped, or broken already
+            for _ in range(self.workers):
+                self._pool.submit(os.getpid)
         self._note_workers()
 
     def _note_workers(self) -> None:
-        """Keep the worker processes the pool started (read after a break: who died, and how)."""
-        known = {pid for processes in self._processes.values() for pid in processes}
-        for process in multiprocessing.active_children():
-            if process.pid not in known and process.pid not in self._others:
-                self._processes[self._generation][process.pid] = process
+        """Keep the worker processes the pool started (read after a break: who died, and how).
+
+        Read from the pool itself (its ``_processes``): ``multiprocessing.active_children()``
+        polls every child, a broken pool's dying workers too (see ``_start_workers``)."""
+        self._processes[self._generation].update(self._pool._processes)
 
     async def stop(self) -> None:
         """Graceful stop: active runs go back to 'queued' and run again at the next start.
@@ -303,7 +305,8 @@ class WorkerPool:
         if generation != self._generation:
             return
         old_pool, old_processes = self._pool, self._processes[generation]
-        self._new_pool()
+        self._new_pool(start_workers=False)  # on demand until the old workers are joined
+        new_pool = self._pool
 
         def reap() -> tuple[dict[int, int | None], list[int]]:
             killed = kill_frozen(list(old_processes.values()))  # a frozen one held the join for good
@@ -311,6 +314,8 @@ class WorkerPool:
             return {pid: process.exitcode for pid, process in old_processes.items()}, killed
 
         exitcodes, killed = await asyncio.to_thread(reap)
+        if self._pool is new_pool and not self._stopping:
+            self._start_workers()
         del self._processes[generation]
         log.warning("worker pool broken (exit codes %s); replaced", exitcodes)
         broken: Broken = {"generation": generation, "exitcodes": exitcodes, "killed": killed}
@@ -495,11 +500,15 @@ class WorkerPool:
                 except Exception:  # noqa: BLE001 — e.g. no memory for a new process just now
                     log.exception("could not start a new Manager; trying again in a second")
                     await asyncio.sleep(1.0)
-            self._new_pool()  # no await since the claim of the last run submitted to the old pool
+            # No await since the claim of the last run submitted to the old pool; its workers
+            # started once the old ones are gone (``_start_workers``).
+            self._new_pool(start_workers=False)
             self._orphans = list(self._inflight)
             self._start_reader(asyncio.get_running_loop())
             if old_pool is not None:
                 await asyncio.to_thread(terminate, old_pool, old_processes)
+            if not self._stopping:
+                self._start_workers()
             self._processes.pop(generation, None)
         error = (
             "stopped because the service's channel to its worker processes died (its Manager "

@@ -110,7 +110,7 @@ def test_worker_sigkilled_ten_times_with_other_runs_in_flight(tmp_path: Path, bi
                     run = done[name]
                     assert run["status"] == "completed" or (
                         run["status"] == "failed" and run["error"].startswith(INNOCENT)
-                    ), (round_, run)
+                    ), (round_, name, run["error"])
                 for run_id in runs.values():
                     assert_files_match(svc, run_id)
         assert prober.problems == [], prober.problems[:10]
