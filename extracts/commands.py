@@ -29,6 +29,7 @@ from executor.credentials import blank, source_secrets
 from executor.filters import check_where, loads_exact
 from executor.messages import RunConfig
 from executor.sources import SourceError, open_source
+from executor.sources.sqlitetext import spellable
 
 COMMANDS = ("export", "verify", "run")
 FORMATS = ("jsonl", "json", "yaml", "archive")  # extracts.config.FORMATS
@@ -170,17 +171,8 @@ def check_text(args: argparse.Namespace, fail: Any) -> None:
     for dest, option in TEXT_OPTIONS.get(args.command, ()):
         value = getattr(args, dest)
         for item in value if isinstance(value, list) else [value]:
-            if item is not None and not is_utf8(item):
+            if item is not None and not spellable(item):  # UTF-8 text: no lone surrogates
                 fail(f"{option}: {os.fsencode(item)!r} holds bytes that are not UTF-8; give it as UTF-8 text")
-
-
-def is_utf8(text: str) -> bool:
-    """Whether ``text`` came from UTF-8 bytes (no lone surrogates from undecodable ones)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------- export

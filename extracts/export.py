@@ -113,9 +113,8 @@ class Export:
         # directory goes inside it (one file system), and the files move in, never the directory
         # itself: the user's directory keeps its inode, mode and owner.
         into = self.directory is not None and target.is_dir()
-        with _Signals(
-            ignore_after=self.own_process
-        ) as stop:  # first: a signal between making the work directory and the try
+        # The handlers first: a signal between making the work directory and the try.
+        with _Signals(ignore_after=self.own_process) as stop:
             work = Path(
                 tempfile.mkdtemp(
                     prefix=f".{target.name}.", suffix=".tmp", dir=target if into else target.parent

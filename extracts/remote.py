@@ -34,6 +34,8 @@ from urllib.parse import quote, urlencode, urlsplit
 import orjson
 
 from executor.messages import ENDED_STATUSES, RunStatus
+from executor.sources.sqlite import sqlite_path
+from extracts.dialects import POSTGRES, dialect_of
 from extracts.progress import View, make_view
 from extracts.settings import SETTINGS
 
@@ -64,26 +66,23 @@ def default_url() -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{_default('port')}"
 
 
-def token_file() -> str:
-    """The token file the service keeps beside its state file, as ``EXTRACTS_DB`` names the file.
-
-    ``sqlite:///relative`` and ``sqlite:////absolute`` name it as a path does (the service
-    writes ``<file>.token``, never ``sqlite:///….token``).
-    """
+def token_file() -> Path | None:
+    """The token file the service keeps beside its state file, named as the service names it
+    (``sqlite:///…`` as a path); None for a PostgreSQL state, whose instances share a given token."""
     db = str(_default("db"))
-    if db.lower().startswith("sqlite:///"):
-        db = db[len("sqlite:///") :]
-    return db + ".token"
+    if dialect_of(db) is POSTGRES:
+        return None
+    state = sqlite_path(db)
+    return state.with_name(state.name + ".token")
 
 
 def default_token() -> str | None:
     """``EXTRACTS_TOKEN``, else the token file the service keeps beside its state file."""
     if os.environ.get("EXTRACTS_TOKEN"):
         return os.environ["EXTRACTS_TOKEN"].strip()
-    if "://" in token_file():  # a PostgreSQL state: its instances share a token given to them
-        return None
+    path = token_file()
     try:
-        return Path(token_file()).expanduser().read_text().strip() or None
+        return None if path is None else path.read_text().strip() or None
     except OSError:
         return None
 
@@ -448,9 +447,11 @@ def run_remote(args: argparse.Namespace, bad_option: Callable[[str], NoReturn]) 
     url = args.url or default_url()
     token = args.token or default_token()
     if not token:
+        path = token_file()
+        beside = "a PostgreSQL state keeps none" if path is None else path
         bad_option(
-            "--token: none given, no EXTRACTS_TOKEN, and no token file beside the state file "
-            f"({token_file()}); the service prints its token when it starts"
+            f"--token: none given, no EXTRACTS_TOKEN, and no token file beside the state file ({beside}); "
+            "the service prints its token when it starts"
         )
     check_options(args, url, token, bad_option)
     if args.download is not None:

@@ -26,7 +26,7 @@ _CHUNK = 1 << 20
 _INFLATED_MAX = 8 << 20  # decompressed bytes per step: a gzip bomb cannot fill memory
 _ARCHIVE = (".tar", ".tar.gz", ".tgz")
 # What zipfile raises for a member it cannot read: a bad local header, an encrypted member
-# (RuntimeError: no password), a compression method it does not know.
+# (RuntimeError: no password), a compression method it does not know (NotImplementedError).
 _ZIP_ERRORS = (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError, zlib.error)
 
 
