@@ -47,6 +47,7 @@ from executor.messages import (
 )
 from extracts.processes import kill_frozen, signal_name, terminate
 from extracts.runs import Runs
+from extracts.schedule import Failures
 from extracts.state import new_id
 from extracts.storage import Storage
 
@@ -229,6 +230,7 @@ class WorkerPool:
         It wakes when a run is queued or a worker frees up (``runs.queued``), and
         when the earliest waiting retry may start.
         """
+        failures = Failures(log, "starting queued runs")
         while not self._stopping:
             # The timeout first: cancelled while it is read, no queued.wait() coroutine is left
             # never awaited (a RuntimeWarning at garbage collection).
@@ -240,10 +242,12 @@ class WorkerPool:
                 while len(self._inflight) < self.workers and not self._stopping:
                     if not await self._claim_and_submit():
                         break
-            except Exception:  # noqa: BLE001 — e.g. the state file locked past the busy timeout
-                log.exception("could not start queued runs; trying again in a moment")
+            except Exception as exc:  # noqa: BLE001 — e.g. the state file locked past the busy timeout
+                failures.failed(exc)
                 await asyncio.sleep(self.retry_delay)
                 self.runs.queued.set()
+            else:
+                failures.succeeded()
 
     async def _until_next_start(self) -> float | None:
         """Seconds until the earliest waiting retry may start (or the next poll); None: no reason."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from functools import partial
@@ -34,17 +35,55 @@ async def always(job: str) -> bool:
     return True
 
 
+class Failures:
+    """How a step that fails at every turn is logged: the first failure with its traceback,
+    the same failure again once a minute in one line, and one line when the step works again.
+
+    A state volume that stays full, or a state server that stays down, would otherwise
+    write a traceback every second for as long as it lasts.
+    """
+
+    REPEAT_EVERY_S = 60.0
+
+    def __init__(self, logger: logging.Logger, what: str) -> None:
+        self.logger, self.what = logger, what
+        self.count = 0
+        self._said: tuple[str, float] | None = None  # the failure last logged, and when
+
+    def failed(self, exc: BaseException) -> None:
+        """Log ``exc`` (call from its ``except`` block)."""
+        self.count += 1
+        cause = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if self._said is None or self._said[0] != cause:
+            self.logger.error("%s failed", self.what, exc_info=exc)
+        elif now - self._said[1] >= self.REPEAT_EVERY_S:
+            self.logger.error("%s still failing (%d times in a row): %s", self.what, self.count, cause)
+        else:
+            return
+        self._said = (cause, now)
+
+    def succeeded(self) -> None:
+        if self.count:
+            self.logger.warning("%s works again after %d failures in a row", self.what, self.count)
+        self.count, self._said = 0, None
+
+
 async def every(
     seconds: float, step: Callable[[], Awaitable[object]], what: str, stopping: asyncio.Event
 ) -> None:
-    """Run ``step`` every ``seconds`` until ``stopping`` is set; a failed step is logged and
-    tried again next time. A step is never cut short: the service waits for it when it stops
-    (a statement cancelled while it waits on a busy state would hold up the ones after it)."""
+    """Run ``step`` every ``seconds`` until ``stopping`` is set; a failed step is logged
+    (``Failures``) and tried again next time. A step is never cut short: the service waits for
+    it when it stops (a statement cancelled while it waits on a busy state would hold up the
+    ones after it)."""
+    failures = Failures(log, what)
     while not stopping.is_set():
         try:
             await step()
-        except Exception:  # noqa: BLE001 — e.g. the state file locked: the next turn retries
-            log.exception("%s failed", what)
+        except Exception as exc:  # noqa: BLE001 — e.g. the state file locked: the next turn retries
+            failures.failed(exc)
+        else:
+            failures.succeeded()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), seconds)
 

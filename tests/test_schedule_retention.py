@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import time
@@ -16,7 +17,7 @@ from helpers import InProcessService, make_shop_db, start_in_process, start_serv
 
 from extracts import state
 from extracts.runs import Runs
-from extracts.schedule import Scheduler, next_run_at
+from extracts.schedule import Failures, Scheduler, every, next_run_at
 from extracts.storage.local import LocalStorage
 
 
@@ -260,3 +261,44 @@ def test_the_sweep_leaves_a_run_directory_made_in_the_last_minute(tmp_path: Path
     os.utime(busy, (an_hour_ago, an_hour_ago))
     storage.remove_empty_runs(active={"run_busy"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run_busy", "run_fresh"]
+
+
+def test_a_step_that_keeps_failing_logs_its_traceback_once_then_one_line_a_minute(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full state volume fails the scheduler's tick every second: one traceback, not one a second."""
+    full = OSError(28, "No space left on device")
+    outcomes = [full] * 5 + [OSError(5, "I/O error"), None, full]
+    turns: list[object] = []
+    stopping = asyncio.Event()
+
+    async def step() -> None:
+        turns.append(None)
+        if len(turns) == len(outcomes):
+            stopping.set()
+        outcome = outcomes[len(turns) - 1]
+        if outcome is not None:
+            raise outcome
+
+    async def main() -> None:
+        await every(0.001, step, "scheduler tick", stopping)
+
+    caplog.set_level(logging.INFO, "extracts.schedule")
+    asyncio.run(main())
+    said = [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records]
+    assert said == [
+        ("ERROR", "scheduler tick failed", True),  # the first of five alike
+        ("ERROR", "scheduler tick failed", True),  # another cause
+        ("WARNING", "scheduler tick works again after 6 failures in a row", False),
+        ("ERROR", "scheduler tick failed", True),
+    ]
+
+    caplog.clear()
+    monkeypatch.setattr(Failures, "REPEAT_EVERY_S", 0.0)
+    failures = Failures(logging.getLogger("extracts.schedule"), "heartbeat")
+    for _ in range(3):
+        failures.failed(OSError(28, "No space left on device"))
+    assert [r.getMessage() for r in caplog.records][1:] == [
+        "heartbeat still failing (2 times in a row): OSError: [Errno 28] No space left on device",
+        "heartbeat still failing (3 times in a row): OSError: [Errno 28] No space left on device",
+    ]
