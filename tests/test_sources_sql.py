@@ -1184,6 +1184,24 @@ def test_awkward_identifiers_are_quoted(shop: PG | My) -> None:
         ]
 
 
+def test_tables_and_views_named_with_percent_signs_export(db: PG | My) -> None:
+    """A '%' in a schema's name (doubled for statements sent with parameters) reached PostgreSQL
+    doubled in the statement that reads the columns: every run failed, 'no longer exists'."""
+    plain, view = "rate %s 100%", "v %% %"
+    db.run(f"CREATE TABLE {db.sql(plain)} (id int PRIMARY KEY, pct text)")
+    db.run(f"INSERT INTO {db.sql(plain)} VALUES (1, '5%')")  # no parameters: nothing doubled
+    db.run(f"CREATE VIEW {db.sql(view)} AS SELECT id FROM {db.sql(plain)}")
+    expected = {plain: [{"id": 1, "pct": "5%"}], view: [{"id": 1}]}
+    if isinstance(db, PG):  # an array column: the row-by-row path
+        db.run(f"CREATE TABLE {db.sql('arrays %')} (id int, a int[])")
+        db.run(f"INSERT INTO {db.sql('arrays %')} VALUES (1, '{{1,2}}')")
+        expected["arrays %"] = [{"id": 1, "a": [1, 2]}]
+    with open_source(db.url) as source, source.snapshot():
+        for name, rows in expected.items():
+            assert source.count(db.name(name), None) == len(rows)
+            assert [orjson.loads(line) for line in export(source, db.name(name))] == rows
+
+
 def test_unknown_and_dropped_schemas(db: PG | My) -> None:
     db.run(f"CREATE TABLE {db.sql('doomed')} (x int)")
     with open_source(db.url) as source:

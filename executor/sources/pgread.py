@@ -80,7 +80,8 @@ class Plan:
 def plan(conn: psycopg.Connection[Any], listed_sql: str, oid: int, kind: str) -> Plan:
     """The columns (as the row-by-row path sees them), the row's SQL, and the ranges."""
     with conn.cursor() as cursor:
-        cursor.execute(f"SELECT * FROM {listed_sql} LIMIT 0")
+        # With parameters (none): ``listed_sql`` has its '%' doubled, as every statement's name.
+        cursor.execute(f"SELECT * FROM {listed_sql} LIMIT 0", ())
         described = [(column.name, column.type_code) for column in cursor.description or ()]
     rows = conn.execute(
         "SELECT a.attname, a.atttypid, a.attnotnull, c.relkind, c.relkind IN ('r', 'm') AND"
