@@ -17,8 +17,10 @@ import multiprocessing
 import random
 import re
 import secrets
+import shutil
 import ssl
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +36,7 @@ import psycopg
 import pymysql
 import pytest
 import yaml
-from helpers import start_service, unique_name
+from helpers import free_port, start_service, unique_name, wait_for
 from pymysql.constants import CLIENT, ER
 
 from executor.naming import safe_file_name
@@ -801,6 +803,66 @@ UNCHECKED_JSON = [
 
 def _leading_id(line: bytes) -> int:
     return int(line[len(b'{"id":') : line.index(b",")])
+
+
+@contextlib.contextmanager
+def private_mariadb(tmp_path: Path, sql_mode: str) -> Iterator[str]:
+    """A MariaDB server of the test's own whose global sql_mode is ``sql_mode``; its URL's base.
+
+    The shared server's global sql_mode is not the test's to change: every other session
+    (other test processes) would start with it.
+    """
+    data, socket_path, port = tmp_path / "mariadb", tmp_path / "mariadb.sock", free_port()
+    subprocess.run(
+        ["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--skip-test-db",
+         "--auth-root-authentication-method=normal"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server = subprocess.Popen(
+        ["/usr/sbin/mariadbd", "--no-defaults", f"--datadir={data}", f"--socket={socket_path}",
+         f"--port={port}", "--bind-address=127.0.0.1", "--user=root", "--skip-log-bin",
+         "--innodb-buffer-pool-size=8M", f"--sql-mode={sql_mode}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def up() -> bool:
+        with contextlib.suppress(pymysql.err.OperationalError):
+            pymysql.connect(host="127.0.0.1", port=port, user="root").close()
+            return True
+        return False
+
+    try:
+        wait_for(up, timeout=30, what="the private MariaDB server")
+        yield f"mysql://root@127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(30)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_mysql_values_do_not_depend_on_the_servers_sql_mode(tmp_path: Path) -> None:
+    """Under a global NO_BACKSLASH_ESCAPES the row SQL's '\\n' was two characters: a blob's base64
+    kept its line breaks (a line of JSON cut in two); under EMPTY_STRING_IS_NULL its '' was NULL
+    and every blob of a table without an integer key was exported as null."""
+    blob = bytes(range(256))
+    text = 'back\\slash "quoted" \t tab'
+    expected = {"id": 1, "b": base64.b64encode(blob).decode(), "t": text, "e": ""}
+    for sql_mode in ("NO_BACKSLASH_ESCAPES,STRICT_TRANS_TABLES", "EMPTY_STRING_IS_NULL", "ORACLE"):
+        with private_mariadb(tmp_path, sql_mode) as base:
+            admin = pymysql.connect(host="127.0.0.1", port=int(base.rsplit(":", 1)[1]), user="root")
+            with admin.cursor() as cursor:
+                cursor.execute("SET SESSION sql_mode = ''")
+                cursor.execute("CREATE DATABASE d")
+                for table, key in (("keyed", "PRIMARY KEY"), ("unkeyed", "")):
+                    cursor.execute(f"CREATE TABLE d.{table} (id int {key}, b blob, t text, e varchar(5))")
+                    cursor.execute(f"INSERT INTO d.{table} VALUES (1, %s, %s, '')", (blob, text))
+                cursor.execute("CREATE VIEW d.seen AS SELECT * FROM d.keyed")
+            admin.close()
+            with open_source(f"{base}/d") as source:
+                for name in ("keyed", "unkeyed", "seen"):
+                    assert [orjson.loads(line) for line in export(source, name)] == [expected], (
+                        sql_mode, name)  # fmt: skip
 
 
 def test_mariadb_json_that_is_no_json_is_exported_as_its_text(my: My) -> None:

@@ -25,6 +25,9 @@ from pymysql.constants import CLIENT, ER
 SESSION_SETTINGS = (
     "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
     "SET time_zone = '+00:00'",  # TIMESTAMP values in UTC
+    # The row SQL's literals ('\\n', '') mean what they say whatever the server's sql_mode
+    # (NO_BACKSLASH_ESCAPES, EMPTY_STRING_IS_NULL, ORACLE…), as mysqldump's session does.
+    "SET SESSION sql_mode = ''",
     "SET net_write_timeout = 600",  # a slow disk on our side must not abort a streaming read
     "SET SESSION group_concat_max_len = 4294967295",  # a chunk's JSON (executor.sources.myread)
 )
