@@ -429,6 +429,26 @@ INSERT INTO {s}.not_arrays (id) VALUES (2);
 """
 
 
+def test_postgres_domains_over_types_with_a_length_keep_every_character(pg: PG) -> None:
+    """A domain column is cast to its base type in the server's row JSON; the type's name without
+    a length was char(1) for char(n) and bit(1) for bit(n): 'abcde' was exported as 'a'."""
+    pg.run(
+        "CREATE DOMAIN {s}.code AS char(5); CREATE DOMAIN {s}.flags AS bit(5);"
+        " CREATE DOMAIN {s}.price AS numeric(6,2); CREATE DOMAIN {s}.second AS timestamptz(0);"
+        " CREATE DOMAIN {s}.short AS varchar(3); CREATE DOMAIN {s}.code2 AS {s}.code;"
+        " CREATE TABLE {s}.lengths (id int PRIMARY KEY, c {s}.code, b {s}.flags, p {s}.price,"
+        "  s {s}.second, v {s}.short, cc {s}.code2);"
+        " INSERT INTO {s}.lengths VALUES (1, 'ab', B'10101', 1234.5, '2024-01-02 03:04:05+00', 'xyz',"
+        "  'abcde')"
+    )
+    expected = {
+        "id": 1, "c": "ab   ", "b": "10101", "p": "1234.50", "s": "2024-01-02T03:04:05Z", "v": "xyz",
+        "cc": "abcde",
+    }  # fmt: skip
+    with open_source(pg.url) as source:
+        assert [orjson.loads(line) for line in export(source, pg.name("lengths"))] == [expected]
+
+
 def test_postgres_types_with_an_element_type_that_are_not_arrays(pg: PG) -> None:
     """int2vector and oidvector (array category, their own text), point, box, name… (an element
     type, a fixed length): scalars, their text; their arrays, arrays of that text."""

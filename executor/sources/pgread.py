@@ -97,7 +97,9 @@ def plan(conn: psycopg.Connection[Any], listed_sql: str, oid: int, kind: str) ->
     types = {
         type_oid: (typtype, is_array, shown)
         for type_oid, typtype, is_array, shown in conn.execute(
-            "SELECT oid, typtype::text, typoutput = 'array_out'::regproc, format_type(oid, NULL) FROM pg_type"
+            # format_type(oid, -1): a name the parser gives no length (NULL would give 'character',
+            # which is char(1), and 'bit', bit(1): a domain over char(5) cast to it lost all but one).
+            "SELECT oid, typtype::text, typoutput = 'array_out'::regproc, format_type(oid, -1) FROM pg_type"
             " WHERE oid = ANY(%s)",
             (oids,),
         )
