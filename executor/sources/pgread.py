@@ -83,8 +83,12 @@ def plan(conn: psycopg.Connection[Any], listed_sql: str, oid: int, kind: str) ->
         # With parameters (none): ``listed_sql`` has its '%' doubled, as every statement's name.
         cursor.execute(f"SELECT * FROM {listed_sql} LIMIT 0", ())
         described = [(column.name, column.type_code) for column in cursor.description or ()]
+    # NOT NULL is trusted (no null test in the row's SQL) but on a table with inheritance children:
+    # its rows include theirs, and a child's column may hold NULL (ALTER TABLE ONLY parent … SET
+    # NOT NULL, or DROP NOT NULL on the child), which made the whole row's JSON NULL: row lost.
     rows = conn.execute(
-        "SELECT a.attname, a.atttypid, a.attnotnull, c.relkind, c.relkind IN ('r', 'm') AND"
+        "SELECT a.attname, a.atttypid, a.attnotnull AND NOT (c.relkind = 'r' AND c.relhassubclass),"
+        " c.relkind, c.relkind IN ('r', 'm') AND"
         " (c.relkind <> 'm' OR c.relispopulated), pg_relation_size(c.oid),"
         " coalesce(pg_relation_size(c.reltoastrelid), 0), current_setting('block_size')::int"
         "  FROM pg_class c LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0"
