@@ -86,6 +86,62 @@ _SURROGATE_ESCAPE = re.compile(
 )
 
 
+# YAML takes a mapping key without a ``?`` (an implicit key) only up to 1024 characters: a longer
+# one (a nested key of a JSON column's value, an SQLite column's name) failed the whole file
+# ("expected ',' or '}', but got ':'"). Such a key is written explicit, ``{? "<key>":1}``: the same
+# mapping. Bytes are counted (at least the characters): a key over this many gets its ``?``.
+_LONG_KEY_BYTES = 1000
+# A JSON string token and the colon after it when it is a key (strings consumed whole, so nothing
+# inside one is taken for a key); a long run between two quotes, then a colon: a long key, maybe.
+_JSON_STRING_AND_COLON = re.compile(rb'("[^"\\]*(?:\\.[^"\\]*)*")(:?)')
+_LONG_KEY = re.compile(rb'"[^"\n]{%d}[^"\n]*+":' % _LONG_KEY_BYTES)
+
+
+def _yaml_key(match: re.Match[bytes]) -> bytes:
+    string, colon = match.groups()
+    return b"? " + string + colon if colon and len(string) > _LONG_KEY_BYTES else match.group()
+
+
+def _long_key_lines(chunk: bytes) -> list[tuple[int, int]]:
+    """Where the lines that may hold a long key start and end.
+
+    Searched in a copy whose escapes are blanked (each ``\\\\`` and ``\\"`` by two bytes, left to
+    right, as JSON pairs them), where a string is the run between two quotes: a long value (text)
+    costs the search only. A line found is then read token by token: one wrongly found (a run
+    between two strings) costs only that.
+    """
+    probe = chunk.replace(b"\\\\", b"__").replace(b'\\"', b"__") if b"\\" in chunk else chunk
+    lines, at = [], 0
+    while (found := _LONG_KEY.search(probe, at)) is not None:
+        end = probe.find(b"\n", found.end())
+        at = len(probe) if end < 0 else end
+        lines.append((probe.rfind(b"\n", 0, found.start()) + 1, at))
+    return lines
+
+
+def _explicit_keys(chunk: bytes, keys_as_first_line: bool) -> bytes:
+    """``chunk`` with its keys too long for implicit YAML keys made explicit (``_LONG_KEY_BYTES``).
+
+    A record's own keys are its columns' names, the same on every line: the first line tells.
+    Other keys are those of objects inside values (a JSON column's), which only a source writing
+    JSON values has (not ``keys_as_first_line``), and only in a chunk with more than one ``{`` a
+    line: those chunks are searched (``_long_key_lines``).
+    """
+    line = chunk.partition(b"\n")[0]
+    if any(colon and len(key) > _LONG_KEY_BYTES for key, colon in _JSON_STRING_AND_COLON.findall(line)):
+        return _JSON_STRING_AND_COLON.sub(_yaml_key, chunk)
+    if keys_as_first_line or chunk.count(b"{") == chunk.count(b"\n") + 1:  # one object a line
+        return chunk
+    lines = _long_key_lines(chunk)
+    if not lines:
+        return chunk
+    pieces, done = [], 0
+    for start, end in lines:
+        pieces += [chunk[done:start], _JSON_STRING_AND_COLON.sub(_yaml_key, chunk[start:end])]
+        done = end
+    return b"".join([*pieces, chunk[done:]])
+
+
 def _has_yaml_unsafe(chunk: bytes) -> bool:
     """Whether ``_YAML_UNSAFE`` matches ``chunk``: mostly not, and found out fast."""
     if b"\x7f" in chunk or _YAML_LINE_SEPARATORS.search(chunk):
@@ -128,7 +184,8 @@ class YamlSequence:
     would misread in a chunk is rewritten in place, never parsed (every digit of
     a number stays): a number with an exponent gets a dot and a signed exponent
     (``1e5`` -> ``1.0e+5``), an escaped surrogate pair becomes one ``\\U``
-    escape, a lone surrogate, which YAML cannot hold, U+FFFD.
+    escape, a lone surrogate, which YAML cannot hold, U+FFFD. A key too long for
+    an implicit YAML key is made explicit (``_LONG_KEY_BYTES``).
     """
 
     extension, content_type = "yaml", "application/yaml"
@@ -144,6 +201,7 @@ class YamlSequence:
             chunk = _JSON_STRING_OR_EXPONENT.sub(_yaml_token, chunk)
         if _has_yaml_unsafe(chunk):  # mostly not
             chunk = _YAML_UNSAFE.sub(_yaml_escape, chunk)
+        chunk = _explicit_keys(chunk, self.json_is_yaml_safe)  # last: the escapes above lengthen keys
         return b"- ", chunk.replace(b"\n", b"\n- "), b"\n"
 
     def tail(self, records: int) -> bytes:

@@ -223,6 +223,47 @@ def test_yaml_keeps_a_json_numbers_digits_and_holds_a_lone_surrogate_as_u_fffd()
         ]
 
 
+_LONG = "k" * 1100
+
+
+@pytest.mark.parametrize(
+    ("rows", "json_is_yaml_safe", "explicit"),
+    [
+        # A JSON column's nested keys (a server source), plain, of escapes, of 2-byte characters.
+        ([{"id": 1, "j": {_LONG: 1, "b": {'"' * 600: [1], "é" * 600: 2}}}, {"id": 2, "j": None}], False, 3),
+        # U+2028 is escaped for YAML (6 characters): 200 of them make a key long only then.
+        ([{"\u2028" * 200: 1}, {"v": "\u2028" * 200 + ":"}], False, 1),
+        ([{"\u2028" * 200: 1, "a": 2}, {"\u2028" * 200: 3, "a": 4}], True, 2),
+        # An SQLite column's name: every line has it.
+        ([{"id": 1, _LONG: "x"}, {"id": 2, _LONG: "y" * 2000}], True, 2),
+        # Long values are no keys: only the key gets its "?".
+        ([{"v": _LONG, "w": [_LONG, {"k": _LONG}], '"' * 600: 1}], False, 1),
+    ],
+)
+def test_yaml_keys_longer_than_an_implicit_key_are_explicit(
+    rows: list, json_is_yaml_safe: bool, explicit: int
+) -> None:
+    """YAML takes an implicit key of at most 1024 characters: a longer one failed the whole file."""
+    chunk = b"\n".join(json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode() for row in rows)
+    yaml_text = b"".join(encoder("yaml", json_is_yaml_safe).body(chunk, first=True))
+    libyaml = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    for loader in (yaml.SafeLoader, libyaml):
+        assert yaml.load(yaml_text, Loader=loader) == rows
+    assert yaml_text.count(b"? ") == explicit
+
+
+def test_a_yaml_file_of_a_column_with_a_long_name_reads_back(tmp_path: Path, manager: Any) -> None:
+    db = tmp_path / "long.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute(f'CREATE TABLE t (id INTEGER PRIMARY KEY, "{_LONG}" TEXT)')
+        conn.executemany("INSERT INTO t VALUES (?, ?)", [(i, f"v{i}") for i in range(3000)])
+    conn.close()
+    job = make_job(tmp_path, db, format="yaml", include=["data"])
+    assert Channel(manager).run(job)["status"] == "completed"
+    rows = yaml.safe_load((Path(job["run_dir"]) / "t.yaml").read_bytes())
+    assert rows == [{"id": i, _LONG: f"v{i}"} for i in range(3000)]
+
+
 @pytest.mark.parametrize(
     "unsafe", ["\x7f", "\x80", "\x85", "\x9f", "\u2028", "\u2029", "\ufeff", "\ufffe", "\uffff"]
 )
