@@ -905,6 +905,32 @@ def test_mysql_values_do_not_depend_on_the_servers_sql_mode(tmp_path: Path) -> N
                         sql_mode, name)  # fmt: skip
 
 
+def test_mysql_values_whose_json_passes_max_allowed_packet_are_exported(my: My) -> None:
+    """TO_BASE64, JSON_QUOTE and CONCAT give NULL (and a warning) for a result over the server's
+    max_allowed_packet (16 MiB here): a 13 MB blob (17 MB of base64) was exported as null."""
+    limit = my.rows("SELECT @@max_allowed_packet")[0][0]
+    blob = b"0123456789abcdef" * (limit // 20)  # 4/5 of the limit: its base64 passes it
+    text = "\x01" * (limit // 6 + 1)  # JSON_QUOTE writes six bytes for each: \u0001
+    my.run("CREATE TABLE big_keyed (id int PRIMARY KEY, b longblob, t longtext)")
+    my.run("CREATE TABLE big_unkeyed (b longblob, t longtext NOT NULL)")
+    my.run(  # built by the server: a statement this big would pass the limit itself
+        "INSERT INTO big_keyed VALUES (1, REPEAT('0123456789abcdef', %s), 'x'),"
+        " (2, 'small', REPEAT(CHAR(1), %s)), (3, NULL, '')",
+        (limit // 20, limit // 6 + 1),
+    )
+    my.run("INSERT INTO big_unkeyed SELECT b, t FROM big_keyed ORDER BY id")
+    my.run("CREATE VIEW big_seen AS SELECT * FROM big_keyed")
+    expected = [
+        {"b": base64.b64encode(blob).decode(), "t": "x"},
+        {"b": base64.b64encode(b"small").decode(), "t": text},
+        {"b": None, "t": ""},
+    ]
+    with open_source(my.url) as source:
+        for name in ("big_keyed", "big_unkeyed", "big_seen"):
+            rows = [orjson.loads(line) for line in export(source, name, batch_size=2)]
+            assert [{"b": row["b"], "t": row["t"]} for row in rows] == expected, name
+
+
 def test_mariadb_json_that_is_no_json_is_exported_as_its_text(my: My) -> None:
     """MariaDB's JSON is LONGTEXT CHECK (json_valid(j)), and json_valid is lenient: a value that
     is not JSON (RFC 8259) becomes a JSON string holding its text, on every read path."""

@@ -53,6 +53,9 @@ UNIT_BYTES = 1 << 20  # of the table on disk (about two chunks of JSON): a unit 
 INTEGER_TYPES = {"tinyint", "smallint", "mediumint", "int", "integer", "bigint"}
 TEXT_TYPES = {"char", "varchar", "tinytext", "text", "mediumtext", "longtext", "enum", "set"}
 BINARY_TYPES = {"binary", "varbinary", "tinyblob", "blob", "mediumblob", "longblob"}
+# Types whose JSON text is short, whatever the value: numbers, dates and times.
+_SHORT_NUMBERS = {"decimal", "numeric", "float", "double", "real", "bit", "year"}
+_SHORT_TYPES = INTEGER_TYPES | _SHORT_NUMBERS | {"date", "time", "datetime", "timestamp"}
 
 # A value finished in Python: CHAR(1), a tag, the server's text (hex for JSON), CHAR(1).
 _MARKED = re.compile(rb"\x01([fgh])([^\x01]*)\x01")
@@ -72,6 +75,20 @@ class Column:
     nullable: bool
     charset: str | None
     is_json: bool
+    octets: int | None = None  # CHARACTER_OCTET_LENGTH: a string's most bytes
+
+
+def _most_json_bytes(column: Column) -> float:
+    """The most bytes of the column's key and value as JSON built here (``inf``: no bound kept)."""
+    key = 6 * len(column.name) + 4
+    if column.data_type in _SHORT_TYPES and not column.is_json:
+        return key + 128  # numbers, dates and times: their text is short
+    if column.octets is None or not (
+        column.data_type in TEXT_TYPES or column.data_type in BINARY_TYPES or column.is_json
+    ):
+        return float("inf")
+    # JSON_QUOTE writes a control character as \u00XX (six bytes), HEX two a byte, base64 4 of 3.
+    return key + column.octets * 6 + 2
 
 
 def _marked(tag: str, text: str) -> str:
@@ -141,7 +158,9 @@ def row_json_sql(
             continue
         if quoted:
             sql = f"""CONCAT('"', {sql}, '"')"""
-        parts += [(True, key), (False, f"IFNULL({sql}, 'null')")]
+        # The column's NULL, not the expression's: TO_BASE64, JSON_QUOTE… give NULL for a result over
+        # max_allowed_packet, which then makes the row NULL (read again row by row), not a null.
+        parts += [(True, key), (False, f"IF({quote(column.name)} IS NULL, 'null', {sql})")]
     parts.append((True, "}" if columns else "{}"))
     merged, text = [], ""
     for is_literal, piece in parts:
@@ -165,13 +184,16 @@ def server_row(
     literal: Callable[[str], str],
 ) -> tuple[str | None, str | None]:
     """The SQL of a table's row JSON (its ``%`` doubled), and its integer primary key (quoted, or
-    None); ``(None, None)``: the row-by-row path (a type not built here, a view that cannot be opened)."""
+    None); ``(None, None)``: the row-by-row path (a type not built here, a view that cannot be opened,
+    rows that could pass max_allowed_packet without a key to read one again)."""
     columns = [
-        Column(column, data_type, column_type, scale, nullable == "YES", charset, column in json_columns)
-        for column, data_type, column_type, scale, nullable, charset, table in fetch(
+        Column(
+            column, data_type, column_type, scale, nullable == "YES", charset, column in json_columns, octets
+        )
+        for column, data_type, column_type, scale, nullable, charset, table, octets in fetch(
             "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, NUMERIC_SCALE, IS_NULLABLE, CHARACTER_SET_NAME,"
-            " TABLE_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()"
-            " AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
+            " TABLE_NAME, CHARACTER_OCTET_LENGTH FROM information_schema.COLUMNS"
+            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
             (name,),
         )
         if table == name  # not another letter case's table
@@ -187,6 +209,10 @@ def server_row(
         (name,),
     )
     key = ident(keys[0][0]).replace("%", "%%") if len(keys) == 1 and keys[0][1] in INTEGER_TYPES else None
+    if key is None and sum(map(_most_json_bytes, columns)) >= fetch("SELECT @@max_allowed_packet")[0][0]:
+        # A row's JSON over max_allowed_packet is NULL (with a warning): a range of keys is read
+        # again row by row, but a row of a stream cannot be; such a table is read row by row.
+        return None, None
     return row_sql.replace("%", "%%"), key
 
 
