@@ -189,12 +189,16 @@ def test_a_cancelled_upload_is_aborted_and_a_stopped_store_fails_the_run_naming_
         assert all(a["deleted_at"] is None for a in artifacts(svc, cancelled))
         print(f"DELETE with the store down answered in {time.monotonic() - started:.1f} s")
         moto.process = start_moto(moto.port).process  # an empty store, the bucket made again
-        retry = svc.wait_run(
-            run["retry_run_id"]
-            or svc.client.get(f"/api/data/extract_runs/{run_id}").json()["data"]["retry_run_id"],
-            timeout=120,
-        )
-        assert retry["status"] == "completed" and retry["attempt"] == 2, retry
+        # The retry is due 3 s (±20 %) after the failure; on a loaded machine it may start before
+        # the store is back, fail as the first did, and be retried in turn (attempt 3 of 3).
+        retry = run
+        while retry["status"] == "failed" and retry["attempt"] < 3:
+            retry = svc.wait_run(
+                retry["retry_run_id"]
+                or svc.client.get(f"/api/data/extract_runs/{retry['id']}").json()["data"]["retry_run_id"],
+                timeout=120,
+            )
+        assert retry["status"] == "completed" and retry["attempt"] >= 2, retry
         assert moto.uploads_in_progress() == 0
     finally:
         svc.stop()
