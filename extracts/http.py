@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import uvicorn
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -212,6 +212,9 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
 class CatchAll:
     """Answers any unexpected exception with a generic 500 envelope, logged with its traceback.
 
+    A client that closed its connection (before sending the body it announced) is one
+    line in the log, and gets no answer: it is not there to read one.
+
     State that stays busy (a locked SQLite file past its busy timeout, a PostgreSQL
     connection lost or a lock not granted: ``busy``) becomes a 503 the client may retry.
     """
@@ -233,6 +236,10 @@ class CatchAll:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:  # gone before its body was read, or mid-response: no one to answer
+            log.info(
+                "the client closed the connection before the response: %s %s", scope["method"], scope["path"]
+            )
         except Exception as exc:  # noqa: BLE001 — the last line of defence
             if started:
                 log.exception("error after the response started: %s %s", scope["method"], scope["path"])

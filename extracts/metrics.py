@@ -237,7 +237,8 @@ class RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status, sent, started = 500, 0, time.perf_counter()
+        status: int | None = None
+        sent, started = 0, time.perf_counter()
 
         async def counting_send(message: Message) -> None:
             nonlocal status, sent
@@ -250,5 +251,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, counting_send)
         finally:  # a client gone mid-download counts too, with the bytes sent until then
-            elapsed = time.perf_counter() - started
-            self.metrics.observe(scope["method"], scope["path"], status, elapsed, sent)
+            # One gone before any response (CatchAll answers everything else) got none: not counted.
+            if status is not None:
+                elapsed = time.perf_counter() - started
+                self.metrics.observe(scope["method"], scope["path"], status, elapsed, sent)

@@ -5,12 +5,14 @@ Authentication of every route is checked in tests/test_security.py.
 
 from __future__ import annotations
 
+import socket
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from helpers import InProcessService, http_client, http_get
+from helpers import TOKEN, InProcessService, http_client, http_get, wait_for
 
 VALID = {"name": "Daily backup"}
 
@@ -449,6 +451,32 @@ def test_chunked_body_over_the_limit_is_413(app_service: InProcessService) -> No
         "/api/data/extracts", content=body(), headers={"Content-Type": "application/json"}
     )
     assert r.status_code == 413
+
+
+def test_a_client_gone_before_its_body_is_one_log_line_and_no_500(app_service: InProcessService) -> None:
+    """A client that closed its connection before sending the body it announced was an
+    "unhandled error" with a traceback in the service log, and a 500 in the metrics."""
+    host, port = app_service.base_url.removeprefix("http://").split(":")
+    extract = app_service.create_extract(name="gone")["id"]
+    logged = len(app_service.output().splitlines())
+    for path in ("/api/data/extracts", f"/api/data/extracts/{extract}"):
+        with socket.create_connection((host, int(port))) as sock:
+            method = "POST" if path.endswith("extracts") else "PUT"
+            sock.sendall(
+                f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"name"'.encode()
+            )
+            time.sleep(0.2)  # the handler is reading the body
+        wait_for(lambda sent=path: sent in app_service.output(), what=f"the log line of {method} {path}")
+    log = app_service.output().splitlines()[logged:]
+    gone = "INFO extracts: the client closed the connection before the response:"
+    assert [line for line in log if "/api/data/extracts" in line] == [
+        f"{gone} POST /api/data/extracts",
+        f"{gone} PUT /api/data/extracts/{extract}",
+    ]
+    assert "Traceback" not in "\n".join(log)
+    metrics = app_service.client.get("/metrics").text
+    assert 'status="500"' not in metrics, metrics
 
 
 def test_unknown_routes_and_methods(app_service: InProcessService) -> None:
