@@ -191,6 +191,14 @@ def check_options(
         bad_option(f"{named}: {url!r} is not a usable URL ({exc})")
     if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
         bad_option(f"{named}: {url!r} is not an http:// or https:// URL with a host, such as {DEFAULT_URL}")
+    # Every request appends its path to the URL: after a query or a fragment it would be lost in
+    # them, and urllib takes "user:password@host" for a host name. The URL is not repeated: it
+    # may hold a password.
+    if "@" in parts.netloc or "?" in url or "#" in url:
+        bad_option(
+            f"{named}: give the service's URL without user:password@, ?query or #fragment, "
+            f"such as {DEFAULT_URL} (the token goes in --token)"
+        )
     if not all("!" <= char <= "~" for char in token):
         given = (
             "--token"

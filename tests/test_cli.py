@@ -946,6 +946,15 @@ def test_run_refuses_what_no_request_can_carry_and_answers_it_cannot_use(tmp_pat
         (["x", "--token", "a\nb"], {}, "--token: a token is printable ASCII without spaces"),
         (["x"], {"EXTRACTS_TOKEN": "a b"}, "EXTRACTS_TOKEN: a token is printable ASCII"),
         (["", "--token", "t"], {}, "EXTRACT: must be an extract's id or name, not empty"),
+        # Each request's path is appended to the URL: a query or fragment would swallow it, and
+        # urllib resolved "user:pw@127.0.0.1" as a host name (the password then in the error line).
+        (["x", "--url", "http://u:pw@127.0.0.1:1", "--token", "t"], {}, "--url: give the service's URL"),
+        (
+            ["x", "--token", "t"],
+            {"EXTRACTS_URL": "http://127.0.0.1:1/?a=1"},
+            "EXTRACTS_URL: give the service's",
+        ),
+        (["x", "--url", "http://127.0.0.1:1#top", "--token", "t"], {}, "--url: give the service's URL"),
     ]:
         done = cli("run", *options, env={**env, **extra_env})
         assert done.returncode == 2, (options, done.stderr)
@@ -953,7 +962,7 @@ def test_run_refuses_what_no_request_can_carry_and_answers_it_cannot_use(tmp_pat
             done.stderr.splitlines()[-1] == f"extracts-app run: error: {named}"
             or named in (done.stderr.splitlines()[-1])
         ), (options, done.stderr)
-        assert "Traceback" not in done.stderr
+        assert "Traceback" not in done.stderr and ":pw@" not in done.stderr
 
     import http.server
     import threading
