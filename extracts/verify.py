@@ -248,6 +248,8 @@ def verify_path(path: Path, out: TextIO) -> bool:
 
 
 def _verify(report: Report, path: Path) -> None:
+    if not (path.is_dir() or path.is_file()):  # a FIFO would be waited on, /dev/zero read forever
+        raise Unreadable("not a readable ZIP, tarball or run directory (a named pipe, a device or a socket)")
     if path.is_dir():
         manifest = path / "manifest.json"
         if not manifest.is_file():

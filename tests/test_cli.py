@@ -712,6 +712,30 @@ def test_verify_says_in_one_line_what_it_cannot_read(tmp_path: Path):
     check(manifest, "the ZIP's manifest.json cannot be read: ")
 
 
+def test_a_named_pipe_given_to_read_is_refused_not_waited_on(tmp_path: Path):
+    """A FIFO as SOURCE (the command or the service) or as verify's PATH: one line, at once.
+
+    Opening one waits for a writer: SQLite's open retried through every signal, so the export
+    and the service's start-up hung for good, deaf to Ctrl-C; verify hung in zipfile's check.
+    """
+    pipe = tmp_path / "pipe.db"
+    os.mkfifo(pipe)
+    done = cli("export", str(pipe), "-o", str(tmp_path / "out.zip"), timeout=20)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines() == [
+        f"extracts-app: cannot open the source: Source database {pipe} is not a regular file "
+        "(a named pipe, a device or a socket); give an SQLite file"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe.db"]
+    done = cli("serve", "--source", str(pipe), "--db", str(tmp_path / "state.db"), "--port", "1", timeout=20)
+    assert done.returncode == 1 and "is not a regular file" in done.stderr.splitlines()[-1], done.stderr
+    done = cli("verify", str(pipe), timeout=20)
+    assert done.returncode == 1 and done.stderr == "", done.stderr
+    assert done.stdout.splitlines() == [
+        f"FAILED  {pipe}: not a readable ZIP, tarball or run directory (a named pipe, a device or a socket)"
+    ]
+
+
 def test_verify_reads_no_file_outside_what_it_checks(tmp_path: Path):
     """Names that lead out of the directory or ZIP, with the real sizes and checksums: FAILED, not ok."""
     outside = tmp_path / "t.db"

@@ -94,6 +94,11 @@ def _connect(path: Path, timeout: float = 5.0) -> sqlite3.Connection:
         raise SourceUnavailable(f"Source database {shown} does not exist")
     if path.is_dir():
         raise SourceError(f"Source database {shown} is a directory, not an SQLite file")
+    if not path.is_file():  # opening a FIFO waits for a writer, and SQLite retries it through signals
+        raise SourceError(
+            f"Source database {shown} is not a regular file (a named pipe, a device or a socket); "
+            "give an SQLite file"
+        )
     uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro"
     try:
         # check_same_thread=False: a table's chunks are read in threads (executor.sources.parallel).
