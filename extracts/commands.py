@@ -297,6 +297,12 @@ def _export(sub: argparse.ArgumentParser, args: argparse.Namespace, own_process:
     for option, path in (("-d", directory), ("-o", zip_path)):
         if path is not None and not (option == "-o" and path.is_dir()) and is_source_file(path, args.source):
             sub.error(f"{option}: {path} is the source database (or one of its files); choose another path")
+    if zip_path is not None and zip_path.exists() and not (zip_path.is_file() or zip_path.is_dir()):
+        # Never renamed over: -o /dev/null, run as root, replaced the device with the ZIP.
+        sub.error(
+            f"-o: {zip_path} is not a regular file (a named pipe, a device or a socket); "
+            "the ZIP replaces a file, never one of these"
+        )
     if directory is not None and directory.is_symlink() and not directory.exists():
         sub.error(f"-d: {directory} is a symlink to nothing; give the directory itself")
     # An existing empty directory (or a symlink to one) is kept: the files go into it.

@@ -226,6 +226,11 @@ def check_download(given: str, bad_option: Callable[[str], NoReturn]) -> None:
             bad_option(f"--download: the directory {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         bad_option(f"--download: the directory {folder} is not writable")
+    if target.exists() and not (target.is_file() or target.is_dir()):  # a FIFO would be waited on
+        bad_option(
+            f"--download: {given} is not a regular file (a named pipe, a device or a socket); "
+            "the ZIP replaces a file, never one of these"
+        )
     if not target.is_file():
         return
     try:

@@ -736,6 +736,31 @@ def test_a_named_pipe_given_to_read_is_refused_not_waited_on(tmp_path: Path):
     ]
 
 
+def test_a_named_pipe_or_device_is_never_written_over(shop_db: Path, tmp_path: Path):
+    """export -o and run --download onto a FIFO (or a device: -o /dev/null as root) refuse it (exit 2).
+
+    The ZIP was renamed over it, so the device or pipe was gone, a plain file in its place;
+    run --download waited on the pipe for good, once the run had started.
+    """
+    pipe = tmp_path / "pipe.zip"
+    os.mkfifo(pipe)
+    done = cli("export", str(shop_db), "-o", str(pipe), timeout=20)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"extracts-app export: error: -o: {pipe} is not a regular file (a named pipe, a device or a socket); "
+        "the ZIP replaces a file, never one of these"
+    )
+    env = {k: v for k, v in ENV.items() if not k.startswith("EXTRACTS_")}
+    options = ["--url", "http://127.0.0.1:1", "--token", "t", "--download", str(pipe)]
+    done = cli("run", "x", *options, env=env, timeout=20)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"extracts-app run: error: --download: {pipe} is not a regular file (a named pipe, a device or a "
+        "socket); the ZIP replaces a file, never one of these"
+    )
+    assert pipe.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["pipe.zip"]
+
+
 def test_verify_reads_no_file_outside_what_it_checks(tmp_path: Path):
     """Names that lead out of the directory or ZIP, with the real sizes and checksums: FAILED, not ok."""
     outside = tmp_path / "t.db"
@@ -880,22 +905,32 @@ def test_run_checks_the_download_path_before_the_run(tmp_path: Path):
 
 
 def test_a_local_write_error_is_not_a_dropped_connection(service, tmp_path: Path):
-    """A file that cannot be written fails the download at once, in one line, without resuming."""
+    """A file that cannot be written fails the download at once, in one line, without resuming.
+
+    The file is held under 1 KiB (RLIMIT_FSIZE, SIGXFSZ ignored): each write past it fails as
+    one on a full disk does. (/dev/full is a device, refused before the run starts.)
+    """
+    import resource
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
     service.create_extract(name="cli full", schemas=["users"])
-    done = cli(
-        "run",
-        "cli full",
-        "--url",
-        service.base_url,
-        "--token",
-        service_token(service),
-        "--download",
-        "/dev/full",
+    target = tmp_path / "full.zip"
+    done = subprocess.run(
+        [*APP, "run", "cli full", "--url", service.base_url, "--token", service_token(service)]
+        + ["--download", str(target)],
+        capture_output=True,
+        env=ENV,
+        timeout=60,
+        text=True,
+        preexec_fn=small_files,
     )
     assert done.returncode == 1, done.stderr
     assert "resuming" not in done.stderr and "Traceback" not in done.stderr
     assert done.stderr.splitlines()[-1] == (
-        "extracts-app: cannot write /dev/full: No space left on device; the run's ZIP stays on the service"
+        f"extracts-app: cannot write {target}: File too large; the run's ZIP stays on the service"
     )
 
 
