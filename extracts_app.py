@@ -54,7 +54,7 @@ def route(path: str, **methods: Callable[[Request], Any]) -> Route:
     """
     from starlette.routing import Route, request_response
 
-    from extracts.http import MethodNotAllowed
+    from extracts.http import MethodNotAllowed, NotFound
 
     allowed = ", ".join(sorted({*methods, *(["HEAD"] if "GET" in methods else [])}))
 
@@ -66,6 +66,9 @@ def route(path: str, **methods: Callable[[Request], Any]) -> Route:
                 f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}",
                 headers={"Allow": allowed},
             )
+        # No id or schema name holds a NUL, and a PostgreSQL state refuses one in text (a 500).
+        if any("\0" in str(value) for value in request.path_params.values()):
+            raise NotFound(f"Nothing is named with a NUL character: {request.url.path!r}")
         return await handler(request)
 
     return Route(path, Endpoint(methods, request_response(endpoint)))

@@ -29,6 +29,7 @@ from helpers import (
     unique_name,
 )
 
+PG_STATE = "postgresql://postgres@127.0.0.1:5432"
 SAFE_STEM = "%2E%2E%2F..%2Fetc%2Fpasswd"  # '/' and leading dots encoded: one name, in the run directory
 
 HOSTILE = [
@@ -242,6 +243,40 @@ def test_hostile_ids_never_reach_the_file_system_or_the_sql(secure_service: InPr
     con = sqlite3.connect(svc.source)
     assert con.execute("SELECT count(*) FROM users").fetchone() == (4,)
     con.close()
+
+
+def test_an_id_holding_a_nul_is_a_404_on_a_postgresql_state_too(tmp_path: Path) -> None:
+    """PostgreSQL refuses a NUL in text: every route taking an id answered it with a 500 (an
+    "unhandled error" with its traceback in the log) where a SQLite state says 404."""
+    name = unique_name("extracts_nul_ids")
+    with psycopg.connect(f"{PG_STATE}/postgres", autocommit=True) as con:
+        con.execute(f'CREATE DATABASE "{name}"')
+    svc = None
+    try:
+        svc = start_service(tmp_path, str(make_hostile_source(tmp_path / "shop.db")), db=f"{PG_STATE}/{name}")
+        for segment in ("%00", "extract_%00x", "run_%00", "artifact_x%00"):
+            for method, path in [
+                ("GET", f"/api/data/extracts/{segment}"),
+                ("PUT", f"/api/data/extracts/{segment}"),
+                ("DELETE", f"/api/data/extracts/{segment}"),
+                ("GET", f"/api/data/extract_runs/{segment}"),
+                ("DELETE", f"/api/data/extract_runs/{segment}"),
+                ("GET", f"/api/data/extract_artifacts/{segment}"),
+                ("POST", f"/api/extracts/{segment}/run"),
+                ("POST", f"/api/extracts/{segment}/cancel"),
+                ("GET", f"/api/extracts/runs/{segment}/download"),
+                ("GET", f"/api/extracts/artifacts/{segment}/download"),
+                ("GET", f"/api/describe/{segment}"),
+            ]:
+                r = svc.client.request(method, path, json={"description": "x"})
+                assert r.status_code == 404, (method, path, r.status_code, r.text)
+                assert r.json()["error_code"] == "RECORD_NOT_FOUND"
+        assert "Traceback" not in svc.output()
+    finally:
+        if svc is not None:
+            svc.stop()
+        with psycopg.connect(f"{PG_STATE}/postgres", autocommit=True) as con:
+            con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_a_schema_named_like_a_path_exports_to_a_safe_file_name(secure_service: InProcessService) -> None:
