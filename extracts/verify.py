@@ -12,6 +12,7 @@ per file; ``verify_path`` is true only when every file matches.
 from __future__ import annotations
 
 import hashlib
+import os
 import tarfile
 import zipfile
 import zlib
@@ -24,6 +25,7 @@ import orjson
 
 _CHUNK = 1 << 20
 _INFLATED_MAX = 8 << 20  # decompressed bytes per step: a gzip bomb cannot fill memory
+_MANIFEST_MAX = 256 << 20  # a manifest is read whole, so no more than this: a million files' worth
 _ARCHIVE = (".tar", ".tar.gz", ".tgz")
 # What zipfile raises for a member it cannot read: a bad local header, an encrypted member
 # (RuntimeError: no password), a compression method it does not know (NotImplementedError).
@@ -150,6 +152,20 @@ _FIELDS: dict[str, Callable[[object], bool]] = {
 }
 
 
+def _bounded(stream: IO[bytes], where: str, declared: int = 0) -> bytes:
+    """A manifest's bytes, refused past ``_MANIFEST_MAX``: a ZIP or tarball may inflate it without end.
+
+    ``declared``: the size its container gives, refused before anything is read.
+    """
+    data = b"" if declared > _MANIFEST_MAX else stream.read(_MANIFEST_MAX + 1)
+    if declared > _MANIFEST_MAX or len(data) > _MANIFEST_MAX:
+        raise Unreadable(
+            f"the manifest.json of {where} is over {_MANIFEST_MAX >> 20} MiB; a run's manifest "
+            "(a few hundred bytes a file) is never that large"
+        )
+    return data
+
+
 def _manifest(data: bytes, where: str) -> list[dict[str, Any]]:
     try:
         manifest = orjson.loads(data)
@@ -218,7 +234,8 @@ def _check_tarball(report: Report, stream: IO[bytes], prefix: str) -> Measured:
                 if file is None:
                     seen[member.name] = Measured(0, "", None, "is not a regular file")
                 elif member.name == "manifest.json":
-                    inner = _manifest(file.read(), prefix.rstrip("/") or "the tarball")
+                    where = prefix.rstrip("/") or "the tarball"
+                    inner = _manifest(_bounded(file, where, member.size), where)
                 else:
                     seen[member.name] = measure(file, member.name)
         hashing.drain()
@@ -269,7 +286,9 @@ def _verify(report: Report, path: Path) -> None:
             with stream:
                 return _read(report, stream, name, label)
 
-        _check_files(report, _manifest(manifest.read_bytes(), str(path)), names, read_file, "")
+        with open(manifest, "rb") as stream:
+            data = _bounded(stream, str(path), os.fstat(stream.fileno()).st_size)
+        _check_files(report, _manifest(data, str(path)), names, read_file, "")
     elif path.name.endswith(_ARCHIVE) or (not zipfile.is_zipfile(path) and tarfile.is_tarfile(path)):
         with open(path, "rb") as stream:
             _check_tarball(report, stream, "")
@@ -283,7 +302,9 @@ def _verify(report: Report, path: Path) -> None:
             if "manifest.json" not in names:
                 raise Unreadable("the ZIP has no manifest.json")
             try:
-                entries = _manifest(archive.read("manifest.json"), str(path))
+                with archive.open("manifest.json") as stream:
+                    data = _bounded(stream, str(path), archive.getinfo("manifest.json").file_size)
+                entries = _manifest(data, str(path))
             except _ZIP_ERRORS as exc:
                 raise Unreadable(f"the ZIP's manifest.json cannot be read: {exc}") from None
 

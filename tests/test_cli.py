@@ -761,6 +761,33 @@ def test_a_named_pipe_or_device_is_never_written_over(shop_db: Path, tmp_path: P
     assert pipe.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["pipe.zip"]
 
 
+def test_verify_refuses_a_manifest_that_inflates_past_reason(tmp_path: Path):
+    """A manifest.json deflated from 257 MiB of blanks (a few hundred KB in the ZIP or tarball)
+    was read whole: half a gigabyte of memory for this one, as much as it declares for others."""
+    blanks = b" " * (1 << 20)
+    bomb = tmp_path / "bomb.zip"
+    with (
+        zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive,
+        archive.open("manifest.json", "w") as out,
+    ):
+        for _ in range(257):
+            out.write(blanks)
+        out.write(b'{"artifacts": []}')
+    tarball = tmp_path / "bomb.tar.gz"
+    with tarfile.open(tarball, "w:gz", compresslevel=1) as tar:
+        member = tarfile.TarInfo("manifest.json")
+        member.size = 257 * len(blanks)
+        tar.addfile(member, io.BytesIO(blanks * 257))
+    for path in (bomb, tarball):
+        done = cli("verify", str(path))
+        assert done.returncode == 1 and done.stderr == "", done.stderr
+        where = path if path == bomb else "the tarball"
+        assert done.stdout.splitlines()[-1] == (
+            f"FAILED  {path}: the manifest.json of {where} is over 256 MiB; a run's manifest "
+            "(a few hundred bytes a file) is never that large"
+        ), done.stdout
+
+
 def test_verify_reads_no_file_outside_what_it_checks(tmp_path: Path):
     """Names that lead out of the directory or ZIP, with the real sizes and checksums: FAILED, not ok."""
     outside = tmp_path / "t.db"
