@@ -167,6 +167,11 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
             parser.error(f"--{s.name.replace('_', '-')} [{s.env}]: {raw!r} is not a valid {s.type.__name__}")
     if values["workers"] < 1:
         parser.error("--workers [EXTRACTS_WORKERS] must be at least 1")
+    # Out of range, the bind raised OverflowError, which uvicorn does not catch: a traceback or a hang.
+    if not 1 <= values["port"] <= 65535:
+        parser.error("--port [EXTRACTS_PORT] must be between 1 and 65535")
+    if values["min_free_mb"] < 0:
+        parser.error("--min-free-mb [EXTRACTS_MIN_FREE_MB] must be at least 0")
     if values["token"] is not None:  # an empty token would let "Authorization: Bearer" in
         values["token"] = values["token"].strip()
         if not values["token"]:

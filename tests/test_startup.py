@@ -209,6 +209,24 @@ def test_a_state_or_storage_url_of_another_kind_is_refused(tmp_path: Path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("option,value", [("--port", "99999"), ("--port", "-1"), ("--min-free-mb", "-1")])
+def test_a_number_out_of_range_is_a_usage_error(tmp_path: Path, option: str, value: str) -> None:
+    """--port 99999 printed "listening on http://127.0.0.1:99999", then the bind raised
+    OverflowError, which uvicorn does not catch: the service hung for good, serving nothing
+    (the app's stop waited on a loop being torn down). A negative reserve was taken too."""
+    process = launch(tmp_path, option, value, "--db", str(tmp_path / "s.db"), "--workers", "1")
+    try:
+        output = process.communicate(timeout=30)[0]
+    finally:
+        process.kill()
+    assert process.returncode == 2, output
+    name = option.removeprefix("--").replace("-", "_").upper()
+    assert output.splitlines()[-1].startswith(f"extracts-app: error: {option} [EXTRACTS_{name}] must be "), (
+        output
+    )
+    assert "listening" not in output and not (tmp_path / "s.db").exists()
+
+
 def test_ctrl_c_before_the_service_started_is_one_line(tmp_path: Path) -> None:
     """Ctrl-C while start-up opened the source (before uvicorn takes the signals over) printed
     a KeyboardInterrupt traceback. The source here is a server that takes the connection and
