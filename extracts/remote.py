@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import http.client
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -46,6 +47,7 @@ _SAMPLE = 64 << 10  # bytes of a partial file compared with the ZIP's at each en
 _PAGE = 1000  # artifacts a request lists
 _ENDED = {status.value for status in ENDED_STATUSES}
 DEFAULT_URL = "http://127.0.0.1:9001"
+RUN_ID = re.compile(r"run_[A-Za-z0-9_-]+")  # the service's run ids: run_ and 16 hex digits
 
 
 class Failed(Exception):
@@ -395,6 +397,13 @@ def download(client: Client, run_id: str, target: Path, view: View) -> tuple[Pat
         )
     size = int(length)
     if target.is_dir():
+        # The service names a ZIP as a file name; "../x.zip" or an absolute path from a server
+        # would put it (or rename it over a file) outside the directory given.
+        if name and (name.startswith(".") or any(char in name for char in "/\\\0")):
+            raise Failed(
+                f"HEAD {path}: the file name {name!r} in its Content-Disposition is not one file name "
+                f"(the service's never holds a / nor starts with a dot); is {client.url} the service?"
+            )
         target = target / (name or f"{run_id}.zip")
     into = target
     first = target.stat().st_size if target.is_file() else 0
@@ -477,6 +486,11 @@ def run_remote(args: argparse.Namespace, bad_option: Callable[[str], NoReturn]) 
         if not (isinstance(started, dict) and isinstance(started.get("run_id"), str)):
             raise Failed(f"the service at {url} started no run: its answer has no run_id")
         run_id = started["run_id"]
+        if not RUN_ID.fullmatch(run_id):  # it goes into URLs and a file name beside --download PATH
+            raise Failed(
+                f"POST /api/extracts/{quote(extract['id'], safe='')}/run: the run_id {run_id!r} is not a "
+                f"run's id (run_ and letters, digits, - or _); is {url} the service?"
+            )
         if not args.quiet:
             said = started.get("message") or "started"
             print(f"Run {run_id} of {extract['name']!r} ({extract['id']}): {said}", file=sys.stderr)

@@ -1162,6 +1162,95 @@ def test_run_says_in_one_line_what_a_service_answer_lacks(tmp_path: Path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_run_writes_nowhere_but_where_it_is_told(tmp_path: Path):
+    """--download DIR took the file name from the server's Content-Disposition as given, so a
+    server naming "../x.zip" or an absolute path had the ZIP written (or renamed over a file)
+    outside DIR; a run_id holding a "/" ended in a ValueError traceback. Both are refused."""
+    import http.server
+    import threading
+
+    detail = {
+        "phase": "completed",
+        "schemas_total": 0,
+        "schemas_completed": 0,
+        "current_schema": None,
+        "records_exported": 0,
+        "records_total": 0,
+    }
+    run = {"status": "completed", "error": None, "records_exported": 0, "progress_detail": detail}
+    zipped = _zip_of(tmp_path / "source.zip", {})
+    body = zipped.read_bytes()
+    zipped.unlink()
+    answers: dict[str, str] = {}
+
+    class Answers(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            if path.endswith("/download"):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/zip")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("ETag", '"e"')
+                self.send_header("Content-Disposition", f'attachment; filename="{answers["name"]}"')
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(body)
+                return
+            run_id = answers["run_id"]
+            data = {
+                "/api/data/extracts/x": {"id": "x", "name": "x"},
+                "/api/extracts/x/run": {"run_id": run_id},
+                f"/api/data/extract_runs/{run_id}": run,
+                "/api/data/extract_artifacts": [],
+            }[path]
+            reply = json.dumps({"data": data}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        do_POST = do_HEAD = do_GET
+
+        def log_message(self, *args: object) -> None: ...
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    into = tmp_path / "in"
+    into.mkdir()
+    (tmp_path / "mine.zip").write_bytes(b"PK\x03\x04 the user's own ZIP")
+    try:
+        for run_id, name, expected in [
+            (
+                "run_1",
+                "../escaped.zip",
+                "HEAD /api/extracts/runs/run_1/download: the file name '../escaped.zip'",
+            ),
+            (
+                "run_1",
+                str(tmp_path / "mine.zip"),
+                f"HEAD /api/extracts/runs/run_1/download: the file name '{tmp_path}",
+            ),
+            ("run_1", ".hidden.zip", "HEAD /api/extracts/runs/run_1/download: the file name '.hidden.zip'"),
+            ("run/../1", "x.zip", "POST /api/extracts/x/run: the run_id 'run/../1' is not a run's id"),
+        ]:
+            answers.update(run_id=run_id, name=name)
+            done = cli("run", "x", "--url", url, "--token", "t", "-q", "--download", str(into))
+            assert done.returncode == 1, done.stderr
+            lines = done.stderr.splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"extracts-app: {expected}"), done.stderr
+            assert lines[0].endswith(f"is {url} the service?"), done.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "mine.zip"]
+    assert (
+        list(into.iterdir()) == []
+        and (tmp_path / "mine.zip").read_bytes() == b"PK\x03\x04 the user's own ZIP"
+    )
+
+
 @pytest.mark.slow
 def test_serve_and_no_command_are_the_service():
     for argv in (["--help"], ["serve", "--help"]):
