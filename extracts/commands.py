@@ -61,6 +61,8 @@ def run_command(argv: list[str], own_process: bool = False) -> int:
         if command == "verify":
             from extracts.verify import verify_path
 
+            if not args.path:  # Path("") is ".", the current directory
+                sub.error("PATH: give a ZIP, a run directory or a tarball, not ''")
             path = Path(args.path)
             if not path.exists():
                 sub.error(f"PATH: {path} does not exist")
@@ -286,6 +288,11 @@ def _export(sub: argparse.ArgumentParser, args: argparse.Namespace, own_process:
     from extracts.progress import make_view
 
     config = export_config(args, sub.error)
+    # Path("") is ".": an empty -d was dropped as if not given, an empty -o wrote the default name.
+    if args.directory == "":
+        sub.error("-d: give a directory, not ''")
+    if args.output == "":
+        sub.error("-o: give a ZIP file name, not ''")
     directory = Path(args.directory) if args.directory else None
     zip_path = Path(args.output) if args.output else None
     # A trailing slash means a directory (Path drops it): "-o newdir/" never writes a file "newdir".

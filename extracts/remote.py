@@ -217,6 +217,8 @@ ZIP_START = b"PK\x03\x04"  # a local file header: what every ZIP, and so every p
 
 def check_download(given: str, bad_option: Callable[[str], NoReturn]) -> None:
     """Refuse (exit 2) a --download PATH the ZIP cannot be written to, before the run starts."""
+    if not given:  # Path("") is ".": the ZIP went into the current directory
+        bad_option("--download: give a file or a directory, not ''")
     target = Path(given)
     if target.is_dir():
         folder = target

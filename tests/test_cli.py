@@ -291,6 +291,28 @@ def test_export_names_a_bad_option(shop_db: Path, tmp_path: Path, capsys: pytest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
 
 
+def test_an_empty_path_is_refused_not_ignored(shop_db: Path, tmp_path: Path):
+    """-d '' was dropped as if not given (a ZIP written instead of a directory), -o '' wrote the
+    default name, verify '' checked the current directory and run --download '' saved there."""
+    env = {k: v for k, v in ENV.items() if not k.startswith("EXTRACTS_")}
+    for args, named in [
+        (["export", str(shop_db), "-d", ""], "extracts-app export: error: -d: give a directory, not ''"),
+        (["export", str(shop_db), "-o", ""], "extracts-app export: error: -o: give a ZIP file name, not ''"),
+        (
+            ["verify", ""],
+            "extracts-app verify: error: PATH: give a ZIP, a run directory or a tarball, not ''",
+        ),
+        (
+            ["run", "x", "--url", "http://127.0.0.1:1", "--token", "t", "--download", ""],
+            "extracts-app run: error: --download: give a file or a directory, not ''",
+        ),
+    ]:
+        done = cli(*args, cwd=tmp_path, env=env)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.splitlines()[-1] == named, done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_text_options_that_are_not_utf8_are_refused_up_front(shop_db: Path, tmp_path: Path):
     """Bytes that are not UTF-8 in a name, JSON or URL: exit 2 naming the option, before any work."""
     bad = "n\udcff"  # how Python hands over the argv bytes b"n\xff"
