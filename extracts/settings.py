@@ -156,6 +156,12 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
     values: dict[str, Any] = {}
     for s in SETTINGS:
         raw = getattr(args, s.name)
+        # As an empty variable is unset; given on the command line, an empty value is a mistake:
+        # --host '' bound every interface, --storage '' and --db '' took the current directory.
+        if raw == "":
+            parser.error(
+                f"--{s.name.replace('_', '-')} [{s.env}] must not be empty; leave it out for its default"
+            )
         if raw is None:
             raw = environ.get(s.env) or None
         if raw is None:

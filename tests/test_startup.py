@@ -227,6 +227,21 @@ def test_a_number_out_of_range_is_a_usage_error(tmp_path: Path, option: str, val
     assert "listening" not in output and not (tmp_path / "s.db").exists()
 
 
+@pytest.mark.parametrize(
+    "option", ["--host", "--storage", "--db", "--source", "--storage-endpoint", "--port"]
+)
+def test_an_empty_option_is_a_usage_error(option: str, capsys: pytest.CaptureFixture) -> None:
+    """--host '' bound every interface, IPv4 and IPv6 (an empty EXTRACTS_HOST is 127.0.0.1),
+    --storage '' wrote runs into the current directory, --db '' took it for the state file."""
+    with pytest.raises(SystemExit) as exited:
+        parse_settings([option, ""], {})
+    env = option.removeprefix("--").replace("-", "_").upper()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"extracts-app: error: {option} [EXTRACTS_{env}] must not be empty; leave it out for its default"
+    )
+
+
 def test_ctrl_c_before_the_service_started_is_one_line(tmp_path: Path) -> None:
     """Ctrl-C while start-up opened the source (before uvicorn takes the signals over) printed
     a KeyboardInterrupt traceback. The source here is a server that takes the connection and
