@@ -468,6 +468,11 @@ def _save(response: Any, target: Path, mode: str) -> None:
 
 
 def run_remote(args: argparse.Namespace, bad_option: Callable[[str], NoReturn]) -> int:
+    # Given empty, they were dropped for the defaults: the local service, the token file.
+    if args.url == "":
+        bad_option("--url: give the service's URL, not ''")
+    if args.token == "":
+        bad_option("--token: give the token, not ''")
     url = args.url or default_url()
     token = args.token or default_token()
     if not token:

@@ -293,7 +293,8 @@ def test_export_names_a_bad_option(shop_db: Path, tmp_path: Path, capsys: pytest
 
 def test_an_empty_path_is_refused_not_ignored(shop_db: Path, tmp_path: Path):
     """-d '' was dropped as if not given (a ZIP written instead of a directory), -o '' wrote the
-    default name, verify '' checked the current directory and run --download '' saved there."""
+    default name, verify '' checked the current directory, run --download '' saved there, and
+    run --url '' or --token '' fell back to the defaults."""
     env = {k: v for k, v in ENV.items() if not k.startswith("EXTRACTS_")}
     for args, named in [
         (["export", str(shop_db), "-d", ""], "extracts-app export: error: -d: give a directory, not ''"),
@@ -306,6 +307,12 @@ def test_an_empty_path_is_refused_not_ignored(shop_db: Path, tmp_path: Path):
             ["run", "x", "--url", "http://127.0.0.1:1", "--token", "t", "--download", ""],
             "extracts-app run: error: --download: give a file or a directory, not ''",
         ),
+        # Dropped for the defaults: the local service, and the token file beside its state.
+        (
+            ["run", "x", "--url", "", "--token", "t"],
+            "extracts-app run: error: --url: give the service's URL, not ''",
+        ),
+        (["run", "x", "--token", ""], "extracts-app run: error: --token: give the token, not ''"),
     ]:
         done = cli(*args, cwd=tmp_path, env=env)
         assert done.returncode == 2, (args, done.stderr)
