@@ -169,15 +169,23 @@ def _bounded(stream: IO[bytes], where: str, declared: int = 0) -> bytes:
 def _manifest(data: bytes, where: str) -> list[dict[str, Any]]:
     try:
         manifest = orjson.loads(data)
+        # Each shape named as the README words it (Python's "'int' object is not subscriptable",
+        # or a bare "'size'", said nothing a user could act on).
+        if not isinstance(manifest, dict) or "artifacts" not in manifest:
+            raise TypeError("it is no object holding artifacts")
         entries = manifest["artifacts"]
         if not isinstance(entries, list):
             raise TypeError("artifacts is not a list")
         for index, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise TypeError(f"artifacts[{index}] is {entry!r}, not an object")
             for key, valid in _FIELDS.items():
+                if key not in entry:
+                    raise TypeError(f"artifacts[{index}] has no {key}")
                 if not valid(entry[key]):
                     raise TypeError(f"artifacts[{index}].{key} is {entry[key]!r}")
         return entries
-    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+    except (orjson.JSONDecodeError, TypeError) as exc:
         raise Unreadable(f"the manifest.json of {where} is not a run manifest ({exc})") from None
 
 

@@ -726,6 +726,14 @@ def test_verify_says_in_one_line_what_it_cannot_read(tmp_path: Path):
         (folder / "manifest.json").write_text(json.dumps({"artifacts": [{**entry, key: value}]}))
         check(folder, f"is not a run manifest (artifacts[0].{key} is {value!r})")
     check(_zip_of(tmp_path / "listed.zip", {}, {"artifacts": {"a": 1}}), "is not a run manifest")
+    # Named as a user can act on: it said "'int' object is not subscriptable", "'artifacts'", "'size'".
+    for shape, said in [
+        (["artifacts"], "(it is no object holding artifacts)"),
+        ({"version": "1.0"}, "(it is no object holding artifacts)"),
+        ({"artifacts": [1]}, "(artifacts[0] is 1, not an object)"),
+        ({"artifacts": [{"name": "a.jsonl"}]}, "(artifacts[0] has no size)"),
+    ]:
+        check(_zip_of(tmp_path / "shape.zip", {}, shape), f"is not a run manifest {said}")  # type: ignore[arg-type]
 
     encrypted = _zip_of(tmp_path / "encrypted.zip", {"a.jsonl": data})
     _patch_central(encrypted, "a.jsonl", 8, struct.pack("<H", 1))
