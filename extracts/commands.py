@@ -64,7 +64,11 @@ def run_command(argv: list[str], own_process: bool = False) -> int:
             if not args.path:  # Path("") is ".", the current directory
                 sub.error("PATH: give a ZIP, a run directory or a tarball, not ''")
             path = Path(args.path)
-            if not path.exists():
+            try:
+                exists = path.exists()
+            except OSError as exc:  # a name too long, a directory it may not search
+                sub.error(f"PATH: {exc.filename}: {exc.strerror or exc}")
+            if not exists:
                 sub.error(f"PATH: {path} does not exist")
             return 0 if verify_path(path, sys.stdout) else 1
         from extracts.remote import run_remote
@@ -283,26 +287,22 @@ def is_source_file(target: Path, source: str) -> bool:
     return False
 
 
-def _export(sub: argparse.ArgumentParser, args: argparse.Namespace, own_process: bool) -> int:
-    from extracts.export import Export, ExportFailed, Interrupted
-    from extracts.progress import make_view
-
-    config = export_config(args, sub.error)
-    # Path("") is ".": an empty -d was dropped as if not given, an empty -o wrote the default name.
-    if args.directory == "":
-        sub.error("-d: give a directory, not ''")
-    if args.output == "":
-        sub.error("-o: give a ZIP file name, not ''")
-    directory = Path(args.directory) if args.directory else None
-    zip_path = Path(args.output) if args.output else None
+def _check_targets(
+    sub: argparse.ArgumentParser,
+    source: str,
+    output: str | None,
+    directory: Path | None,
+    zip_path: Path | None,
+) -> None:
+    """Refuse (exit 2) a -o or -d the result cannot be put at; OSError when a path cannot be looked at."""
     # A trailing slash means a directory (Path drops it): "-o newdir/" never writes a file "newdir".
-    if args.output and args.output.endswith(("/", os.sep)) and not Path(args.output).is_dir():
-        sub.error(f"-o {args.output}: no such directory")
+    if output and output.endswith(("/", os.sep)) and not Path(output).is_dir():
+        sub.error(f"-o {output}: no such directory")
     for option, path in (("-d", directory), ("-o", zip_path)):
         if path is not None and not path.absolute().parent.is_dir():
             sub.error(f"{option}: the directory {path.absolute().parent} does not exist")
     for option, path in (("-d", directory), ("-o", zip_path)):
-        if path is not None and not (option == "-o" and path.is_dir()) and is_source_file(path, args.source):
+        if path is not None and not (option == "-o" and path.is_dir()) and is_source_file(path, source):
             sub.error(f"{option}: {path} is the source database (or one of its files); choose another path")
     if zip_path is not None and zip_path.exists() and not (zip_path.is_file() or zip_path.is_dir()):
         # Never renamed over: -o /dev/null, run as root, replaced the device with the ZIP.
@@ -315,6 +315,24 @@ def _export(sub: argparse.ArgumentParser, args: argparse.Namespace, own_process:
     # An existing empty directory (or a symlink to one) is kept: the files go into it.
     if directory is not None and directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         sub.error(f"-d: {directory} exists and is not an empty directory")
+
+
+def _export(sub: argparse.ArgumentParser, args: argparse.Namespace, own_process: bool) -> int:
+    from extracts.export import Export, ExportFailed, Interrupted
+    from extracts.progress import make_view
+
+    config = export_config(args, sub.error)
+    # Path("") is ".": an empty -d was dropped as if not given, an empty -o wrote the default name.
+    if args.directory == "":
+        sub.error("-d: give a directory, not ''")
+    if args.output == "":
+        sub.error("-o: give a ZIP file name, not ''")
+    directory = Path(args.directory) if args.directory else None
+    zip_path = Path(args.output) if args.output else None
+    try:
+        _check_targets(sub, args.source, args.output, directory, zip_path)
+    except OSError as exc:  # a name too long, a directory it may not search: a look at the path fails
+        sub.error(f"{'-d' if directory is not None else '-o'}: {exc.filename}: {exc.strerror or exc}")
     hidden = source_secrets(args.source)
     try:
         check_against_source(args.source, config, sub.error)

@@ -484,7 +484,10 @@ def run_remote(args: argparse.Namespace, bad_option: Callable[[str], NoReturn]) 
         )
     check_options(args, url, token, bad_option)
     if args.download is not None:
-        check_download(args.download, bad_option)
+        try:
+            check_download(args.download, bad_option)
+        except OSError as exc:  # a name too long, a directory it may not search
+            bad_option(f"--download: {exc.filename}: {exc.strerror or exc}")
     client = Client(url, token)
     view: View | None = None
     try:

@@ -320,6 +320,33 @@ def test_an_empty_path_is_refused_not_ignored(shop_db: Path, tmp_path: Path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_path_that_cannot_be_looked_at_is_one_line(shop_db: Path, tmp_path: Path):
+    """A name past the file system's 255 bytes (or, for a user, in a directory they may not
+    search): looking at it raises OSError, which reached the user as a traceback."""
+    env = {k: v for k, v in ENV.items() if not k.startswith("EXTRACTS_")}
+    long = "x" * 300
+    for args, status, said in [
+        (["export", str(shop_db), "-o", f"{long}.zip"], 2, "extracts-app export: error: -o: "),
+        (["export", str(shop_db), "-d", long], 2, "extracts-app export: error: -d: "),
+        (
+            ["export", f"{long}.db"],
+            1,
+            "extracts-app: cannot open the source: Cannot open the source database ",
+        ),
+        (["verify", long], 2, "extracts-app verify: error: PATH: "),
+        (
+            ["run", "x", "--url", "http://127.0.0.1:1", "--token", "t", "--download", long],
+            2,
+            "extracts-app run: error: --download: ",
+        ),
+    ]:
+        done = cli(*args, cwd=tmp_path, env=env)
+        assert done.returncode == status and "Traceback" not in done.stderr, (args[:2], done.stderr)
+        last = done.stderr.splitlines()[-1]
+        assert last.startswith(said) and last.endswith("File name too long"), done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_text_options_that_are_not_utf8_are_refused_up_front(shop_db: Path, tmp_path: Path):
     """Bytes that are not UTF-8 in a name, JSON or URL: exit 2 naming the option, before any work."""
     bad = "n\udcff"  # how Python hands over the argv bytes b"n\xff"

@@ -65,6 +65,7 @@ _FIRST_CHUNK_ROWS = 64
 # A table with more JSON than this is read by every connection of the snapshot at once.
 PARALLEL_MIN_BYTES = 8 << 20
 _MAX_RANGES = 1 << 16  # a sparse rowid space gets wider ranges, not more
+_NOT_REGULAR = "(a named pipe, a device or a socket); give an SQLite file"  # a FIFO hangs the open
 
 
 def sqlite_path(location: str) -> Path:
@@ -90,15 +91,16 @@ def _signed_zero(value: float) -> str:
 def _connect(path: Path, timeout: float = 5.0) -> sqlite3.Connection:
     # Shown redacted: a libpq 'host=h password=x' string given as the source lands here.
     shown = redact(str(path))
-    if not path.exists():
+    try:
+        exists, is_dir, is_file = path.exists(), path.is_dir(), path.is_file()
+    except OSError as exc:  # a name too long, a directory it may not search
+        raise SourceError(f"Cannot open the source database {shown}: {exc.strerror or exc}") from None
+    if not exists:
         raise SourceUnavailable(f"Source database {shown} does not exist")
-    if path.is_dir():
+    if is_dir:
         raise SourceError(f"Source database {shown} is a directory, not an SQLite file")
-    if not path.is_file():  # opening a FIFO waits for a writer, and SQLite retries it through signals
-        raise SourceError(
-            f"Source database {shown} is not a regular file (a named pipe, a device or a socket); "
-            "give an SQLite file"
-        )
+    if not is_file:  # opening a FIFO waits for a writer, and SQLite retries it through signals
+        raise SourceError(f"Source database {shown} is not a regular file {_NOT_REGULAR}")
     uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro"
     try:
         # check_same_thread=False: a table's chunks are read in threads (executor.sources.parallel).
