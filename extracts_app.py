@@ -243,6 +243,14 @@ def _command(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("extracts-app: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # its reader went away (verify … | head -1): nothing more to say
+        import os
+
+        # Flushed at exit, the closed pipe would add "Exception ignored … BrokenPipeError".
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            os.dup2(devnull, stream.fileno())
+        return 1
 
 
 KEEP_ALIVE_S = 65

@@ -265,6 +265,8 @@ def verify_path(path: Path, out: TextIO) -> bool:
     except Unreadable as exc:
         print(f"FAILED  {path}: {exc}", file=out)
         return False
+    except BrokenPipeError:  # stdout is gone: the command ends quietly
+        raise
     except OSError as exc:  # the directory or its manifest cannot be listed or read
         print(f"FAILED  {path}: cannot be read: {exc.filename}: {exc.strerror or exc}", file=out)
         return False

@@ -825,6 +825,20 @@ def test_a_named_pipe_or_device_is_never_written_over(shop_db: Path, tmp_path: P
     assert pipe.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["pipe.zip"]
 
 
+def test_verify_into_a_pipe_closed_early_ends_quietly(tmp_path: Path):
+    """verify … | head -1: the next line met a closed pipe, and a BrokenPipeError traceback
+    (two, with the one at exit) followed on stderr."""
+    files = {f"part{n:05d}.json": b"[]" for n in range(3000)}
+    archive = _zip_of(tmp_path / "many.zip", files)
+    reader = subprocess.Popen(
+        [*APP, "verify", str(archive)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV
+    )
+    assert reader.stdout is not None and reader.stdout.readline().startswith(b"ok      part")
+    reader.stdout.close()  # as head -1 does
+    _, stderr = reader.communicate(timeout=60)
+    assert reader.returncode == 1 and stderr == b"", stderr.decode()
+
+
 def test_verify_refuses_a_manifest_that_inflates_past_reason(tmp_path: Path):
     """A manifest.json deflated from 257 MiB of blanks (a few hundred KB in the ZIP or tarball)
     was read whole: half a gigabyte of memory for this one, as much as it declares for others."""
