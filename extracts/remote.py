@@ -149,17 +149,37 @@ def find_extract(client: Client, wanted: str) -> dict[str, Any]:
         found = client.call("GET", f"/api/data/extracts/{quote(wanted, safe='')}", missing_ok=True)
     if found is not None:
         return _extract(found, client)
-    query = urlencode({"filter[where][name]": wanted, "filter[limit]": "2"})
-    named = client.call("GET", f"/api/data/extracts?{query}")
-    if not isinstance(named, list):
-        raise Failed(f"GET /api/data/extracts: the answer is not a list; is {client.url} the service?")
-    named = [_extract(extract, client) for extract in named]
+    if wanted == "null":  # filter[where][name]=null means IS NULL (README): compared here instead
+        named = [extract for extract in _every_extract(client) if extract["name"] == wanted][:2]
+    else:
+        query = urlencode({"filter[where][name]": wanted, "filter[limit]": "2"})
+        named = _extracts(client, client.call("GET", f"/api/data/extracts?{query}"))
     if not named:
         raise Failed(f"no extract has the id or name {wanted!r}; GET /api/data/extracts lists them")
     if len(named) > 1:
         ids = ", ".join(extract["id"] for extract in named)
         raise Failed(f"several extracts are named {wanted!r} ({ids}…); give the id")
     return named[0]
+
+
+def _every_extract(client: Client) -> list[dict[str, Any]]:
+    """Every extract, a page at a time."""
+    found: list[dict[str, Any]] = []
+    while True:
+        query = urlencode(
+            {"filter[order]": "id asc", "filter[limit]": str(_PAGE), "filter[offset]": len(found)}
+        )
+        page = _extracts(client, client.call("GET", f"/api/data/extracts?{query}"))
+        found += page
+        if len(page) < _PAGE:
+            return found
+
+
+def _extracts(client: Client, answer: Any) -> list[dict[str, Any]]:
+    """``answer`` if it is a list of extracts, else Failed."""
+    if not isinstance(answer, list):
+        raise Failed(f"GET /api/data/extracts: the answer is not a list; is {client.url} the service?")
+    return [_extract(extract, client) for extract in answer]
 
 
 def _extract(found: Any, client: Client) -> dict[str, Any]:

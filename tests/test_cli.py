@@ -1039,6 +1039,18 @@ def test_a_local_write_error_is_not_a_dropped_connection(service, tmp_path: Path
     )
 
 
+def test_run_finds_an_extract_named_null_or_true(service):
+    """By name, an extract is looked up with filter[where][name]=…, where null means IS NULL:
+    an extract named "null" was "no extract has the id or name 'null'"."""
+    base = ["--url", service.base_url, "--token", service_token(service)]
+    for name in ("null", "true", "12"):
+        extract = service.create_extract(name=name, schemas=["users"])
+        done = cli("run", name, *base, "--wait", "-q")
+        assert done.returncode == 0, (name, done.stderr)
+        runs = service.client.get(f"/api/data/extract_runs?filter[where][extract_id]={extract['id']}")
+        assert [run["status"] for run in runs.json()["data"]] == ["completed"], name
+
+
 @pytest.mark.slow
 def test_run_fails_clearly(service, tmp_path: Path):
     token = service_token(service)
