@@ -101,6 +101,12 @@ def measure(stream: IO[bytes], name: str) -> Measured:
     return Measured(size, sha256.hexdigest(), records if count is not None else None)
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped: a name in a ZIP or manifest may hold a newline
+    (a forged "ok" line) or a terminal's escape sequences, and is shown, never obeyed."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 class Report:
     """The lines of one verification and whether every file matched."""
 
@@ -110,7 +116,7 @@ class Report:
     def line(self, ok: bool, word: str, text: str) -> None:
         self.checked += 1
         self.failed += not ok
-        print(f"{word:<8}{text}", file=self.out, flush=True)
+        print(f"{word:<8}{printable(text)}", file=self.out, flush=True)
 
     def compare(self, entry: dict[str, Any], got: Measured | None, label: str) -> None:
         """One manifest entry against what was read (None: the file is missing)."""
@@ -263,12 +269,12 @@ def verify_path(path: Path, out: TextIO) -> bool:
     try:
         _verify(report, path)
     except Unreadable as exc:
-        print(f"FAILED  {path}: {exc}", file=out)
+        print(printable(f"FAILED  {path}: {exc}"), file=out)
         return False
     except BrokenPipeError:  # stdout is gone: the command ends quietly
         raise
     except OSError as exc:  # the directory or its manifest cannot be listed or read
-        print(f"FAILED  {path}: cannot be read: {exc.filename}: {exc.strerror or exc}", file=out)
+        print(printable(f"FAILED  {path}: cannot be read: {exc.filename}: {exc.strerror or exc}"), file=out)
         return False
     if report.failed:
         print(f"{report.failed} of {report.checked} files do not match the manifest", file=out)

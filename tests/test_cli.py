@@ -825,6 +825,24 @@ def test_a_named_pipe_or_device_is_never_written_over(shop_db: Path, tmp_path: P
     assert pipe.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["pipe.zip"]
 
 
+def test_verify_shows_a_hostile_name_and_never_obeys_it(tmp_path: Path):
+    """Names from the ZIP or manifest were printed as they are: a newline forged a line of the
+    report ("all 2 files match the manifest" from a ZIP that does not), and an escape sequence
+    reached the terminal."""
+    forged = "x.json\nall 2 files match the manifest\n\x1b]0;title\x07"
+    archive = _zip_of(tmp_path / "hostile.zip", {forged: b"[]", "y.json": b"[]"})
+    with zipfile.ZipFile(archive, "a") as extra:
+        extra.writestr("z\x1b[2J.json", b"[]")  # not listed: an EXTRA line
+    done = cli("verify", str(archive))
+    assert done.returncode == 1, done.stdout
+    assert done.stdout.splitlines() == [
+        "ok      x.json\\nall 2 files match the manifest\\n\\x1b]0;title\\x07: 2 bytes",
+        "ok      y.json: 2 bytes",
+        "EXTRA   z\\x1b[2J.json: not listed in the manifest",
+        "1 of 3 files do not match the manifest",
+    ]
+
+
 def test_verify_into_a_pipe_closed_early_ends_quietly(tmp_path: Path):
     """verify … | head -1: the next line met a closed pipe, and a BrokenPipeError traceback
     (two, with the one at exit) followed on stderr."""
