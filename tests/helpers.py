@@ -926,3 +926,67 @@ def build_big_table(db: Path, name: str, rows: int) -> None:
     )
     con.commit()
     con.close()
+
+
+class StoreProxy:
+    """An HTTP proxy in front of an object store (moto) that can cut what it sends back.
+
+    Requests pass through unchanged (moto does not check the signature against the Host).
+    While ``cut(method, path)`` is true for a GET, the proxy sends the store's status and
+    headers and the first ``keep`` bytes of its body, then closes the connection: the store
+    failing mid-read, as a reset connection or a crashed store does.
+    """
+
+    def __init__(self, upstream: int, keep: int = 1000) -> None:
+        import http.client
+        import http.server
+
+        proxy = self
+        self.cut: Callable[[str, str], bool] = lambda method, path: False
+        self.keep = keep
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                upstream_connection = http.client.HTTPConnection("127.0.0.1", upstream, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                upstream_connection.request(self.command, self.path, body=body, headers=headers)
+                reply = upstream_connection.getresponse()
+                data = reply.read()
+                upstream_connection.close()
+                cut = self.command == "GET" and proxy.cut(self.command, self.path)
+                self.send_response(reply.status)
+                for name, value in reply.getheaders():
+                    if name.lower() not in ("connection", "transfer-encoding", "content-length"):
+                        self.send_header(name, value)
+                # A HEAD's length is the object's; a body's is what was read.
+                length = reply.getheader("Content-Length") if self.command == "HEAD" else len(data)
+                self.send_header("Content-Length", str(length or 0))
+                if cut:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                if cut:
+                    self.wfile.write(data[: proxy.keep])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

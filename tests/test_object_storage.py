@@ -24,6 +24,7 @@ from helpers import (
     CREDENTIALS,
     Moto,
     Service,
+    StoreProxy,
     free_port,
     http_get,
     make_big_db,
@@ -53,6 +54,24 @@ def s3(tmp_path_factory: pytest.TempPathFactory, moto: Moto) -> Iterator[Service
     svc = s3_service(tmp, moto, str(make_shop_db(tmp / "shop.db")), "svc")
     yield svc
     svc.stop()
+
+
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory: pytest.TempPathFactory, moto: Moto) -> Iterator[tuple[Service, StoreProxy]]:
+    """A service whose store is reached through a proxy that can cut the store's answers."""
+    tmp = tmp_path_factory.mktemp("proxied")
+    proxy = StoreProxy(moto.port)
+    svc = start_service(
+        tmp,
+        str(make_big_db(tmp / "big.db", 20_000)),  # big.jsonl: 1.6 MB, well past the bytes a cut keeps
+        "--storage-endpoint",
+        proxy.endpoint,
+        storage=f"s3://{BUCKET}/proxied",
+        env=CREDENTIALS,  # type: ignore[arg-type]
+    )
+    yield svc, proxy
+    svc.stop()
+    proxy.close()
 
 
 def artifacts(svc: Service, run_id: str) -> list[dict]:
@@ -290,3 +309,25 @@ def test_credentials_the_store_cannot_use_fail_start_up_in_one_line(
         process.stderr
     )
     assert process.stderr.count("\n") == 1, process.stderr
+
+
+def test_the_store_failing_while_an_archive_member_is_read_back_fails_the_run_naming_it(
+    proxied: tuple[Service, StoreProxy], moto: Moto
+) -> None:
+    # An archive's members are uploaded as scratch objects, then read back into the tarball:
+    # the store failing midway through that read is the store failing (SPEC: Object storage),
+    # one line naming it, transient; not the object store library's error and debug dump.
+    svc, proxy = proxied
+    proxy.cut = lambda method, path: "/.scratch/" in path
+    try:
+        extract = svc.create_extract(name="Cut archive", format="archive", schemas=["big"], max_attempts=1)
+        run = svc.wait_run(svc.run(extract["id"]))
+    finally:
+        proxy.cut = lambda method, path: False
+    assert run["status"] == "failed", run
+    assert run["error"].startswith(
+        f"The object store s3://{BUCKET}/proxied failed to read {run['id']}/.scratch/"
+    )
+    assert "Debug" not in run["error"] and run["error_detail"]["retryable"] is True, run
+    keys = [o["path"] for batch in obstore.list(moto.store("proxied"), run["id"]) for o in batch]
+    assert not [key for key in keys if "/.scratch/" in key], keys

@@ -21,7 +21,7 @@ import re
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from datetime import timedelta
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
@@ -279,11 +279,25 @@ class ObjectFile(StoredFile):
         return _ObjectReader(self._storage, self.key)  # type: ignore[return-value]
 
 
+def _object_chunks(storage: ObjectStorage, key: str, offset: int = 0) -> Generator[bytes, None, None]:
+    """The object's bytes from ``offset``, in chunks of about ``READ_BYTES``.
+
+    The store failing at any point, the request or midway through the body (a reset
+    connection, the store gone), is StoreUnavailable naming it, as for any other request.
+    """
+    options: dict[str, Any] = {"range": {"offset": offset}} if offset else {}
+    try:
+        for chunk in obstore.get(storage._store, key, options=options).stream(min_chunk_size=READ_BYTES):
+            yield bytes(chunk)
+    except Exception as exc:  # noqa: BLE001
+        raise storage._failed(exc, f"read {key}") from None
+
+
 class _ObjectReader:
     """A scratch object read back in order (``tarfile`` copies it with ``read``)."""
 
     def __init__(self, storage: ObjectStorage, key: str) -> None:
-        self._chunks = iter(obstore.get(storage._store, key).stream(min_chunk_size=READ_BYTES))
+        self._chunks = _object_chunks(storage, key)
         self._buffer = b""
 
     def read(self, size: int = -1) -> bytes:
@@ -291,7 +305,7 @@ class _ObjectReader:
             chunk = next(self._chunks, None)
             if chunk is None:
                 break
-            self._buffer += bytes(chunk)
+            self._buffer += chunk
         if size < 0:
             data, self._buffer = self._buffer, b""
         else:
@@ -302,7 +316,7 @@ class _ObjectReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._chunks = iter(())
+        self._chunks.close()
 
 
 class ObjectHeldFiles(HeldFiles):
@@ -316,7 +330,7 @@ class ObjectHeldFiles(HeldFiles):
         self._storage = storage
         self._keys = [storage.key(path) for path, _ in files]
         self._modified: list[float] = []
-        self._stream: tuple[int, int, Iterator[Any]] | None = None  # (index, position, chunks)
+        self._stream: tuple[int, int, Generator[bytes, None, None]] | None = None  # (index, position, chunks)
         self._pending = b""
         storage._hold(self._keys)
         # Released once, by close() or when the holder is garbage-collected (a backstop).
@@ -342,18 +356,16 @@ class ObjectHeldFiles(HeldFiles):
         if not self._release.alive:
             raise ValueError("The files were released; this download can read nothing more.")
         if self._stream is None or self._stream[:2] != (index, offset):
-            options = {"range": {"offset": offset}}
-            try:
-                result = obstore.get(self._storage._store, self._keys[index], options=options)
-            except Exception as exc:  # noqa: BLE001
-                raise self._storage._failed(exc, f"read {self._keys[index]}") from None
-            self._stream, self._pending = (index, offset, iter(result.stream(min_chunk_size=READ_BYTES))), b""
+            if self._stream is not None:
+                self._stream[2].close()
+            chunks = _object_chunks(self._storage, self._keys[index], offset)
+            self._stream, self._pending = (index, offset, chunks), b""
         _, position, chunks = self._stream
         while len(self._pending) < size:
             chunk = next(chunks, None)
             if chunk is None:
                 break
-            self._pending += bytes(chunk)
+            self._pending += chunk
         data, self._pending = self._pending[:size], self._pending[size:]
         self._stream = (index, position + len(data), chunks)
         return data
@@ -362,5 +374,7 @@ class ObjectHeldFiles(HeldFiles):
         return self._modified[index]
 
     def close(self) -> None:
+        if self._stream is not None:
+            self._stream[2].close()
         self._stream = None
         self._release()
