@@ -23,10 +23,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from executor.credentials import blank, source_secrets
 from executor.filters import loads_exact
+from extracts.storage import FileChangedError, StorageError
 
 log = logging.getLogger("extracts")
 
 MAX_BODY_BYTES = 1 << 20
+
+
+class ResponseCut(Exception):
+    """A response whose storage failed after its headers were sent; ``CatchAll`` logged it in
+    one line, and raising it makes uvicorn close the connection (the client sees a short body)."""
 
 
 class CutByStop(logging.Filter):
@@ -35,10 +41,13 @@ class CutByStop(logging.Filter):
     Past its graceful-stop timeout uvicorn cancels the responses still being sent (a
     client downloading slowly, or not reading at all) and logs each cancellation as an
     "Exception in ASGI application" with a traceback; it is the stop working, and a cut
-    download resumes with Range.
+    download resumes with Range. A ``ResponseCut`` was logged already: uvicorn's record
+    of it is dropped.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.error" and record.exc_info and isinstance(record.exc_info[1], ResponseCut):
+            return False
         cut = record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError)
         if cut and record.name == "uvicorn.error":
             record.levelno, record.levelname = logging.WARNING, "WARNING"
@@ -241,6 +250,16 @@ class CatchAll:
                 "the client closed the connection before the response: %s %s", scope["method"], scope["path"]
             )
         except Exception as exc:  # noqa: BLE001 — the last line of defence
+            if started and isinstance(exc, (StorageError, FileChangedError, OSError)):
+                # The storage failed midway through a download (the object store gone, a file
+                # changed): one line, and the connection closes; the client resumes with Range.
+                log.warning(
+                    "%s %s: cut after the headers were sent, the client gets a short body: %s",
+                    scope["method"],
+                    scope["path"],
+                    " ".join(str(exc).split()),
+                )
+                raise ResponseCut(str(exc)) from None
             if started:
                 log.exception("error after the response started: %s %s", scope["method"], scope["path"])
                 raise

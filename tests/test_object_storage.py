@@ -17,6 +17,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import obstore
 import pytest
 from helpers import (
@@ -331,3 +332,32 @@ def test_the_store_failing_while_an_archive_member_is_read_back_fails_the_run_na
     assert "Debug" not in run["error"] and run["error_detail"]["retryable"] is True, run
     keys = [o["path"] for batch in obstore.list(moto.store("proxied"), run["id"]) for o in batch]
     assert not [key for key in keys if "/.scratch/" in key], keys
+
+
+def test_the_store_failing_mid_download_cuts_the_connection_with_one_log_line(
+    proxied: tuple[Service, StoreProxy],
+) -> None:
+    # After the headers, a download can only stop: the client gets a short body (and resumes
+    # with Range); the service logs one line saying why, not two tracebacks of the store's dump.
+    svc, proxy = proxied
+    extract = svc.create_extract(name="Cut download", schemas=["big"], compress=False)
+    run = svc.wait_run(svc.run(extract["id"]))
+    data = next(a for a in artifacts(svc, run["id"]) if a["artifact_type"] == "data-big")
+    logged = len(svc.output())
+    urls = [f"/api/extracts/artifacts/{data['id']}/download", f"/api/extracts/runs/{run['id']}/download"]
+    proxy.cut = lambda method, path: path.endswith("/big.jsonl")
+    try:
+        for url in urls:
+            with pytest.raises(httpx.RemoteProtocolError, match="without sending complete message body"):
+                svc.client.get(url)
+    finally:
+        proxy.cut = lambda method, path: False
+    time.sleep(0.5)  # the service's log lines of the cut are written
+    log = svc.output()[logged:]
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log
+    cuts = [line for line in log.splitlines() if "cut after the headers were sent" in line]
+    assert len(cuts) == 2 and all(
+        f"The object store s3://{BUCKET}/proxied failed to read" in c for c in cuts
+    ), log
+    whole = svc.client.get(urls[0])  # the store back: the same file, whole
+    assert whole.status_code == 200 and hashlib.sha256(whole.content).hexdigest() == data["checksum"]
