@@ -361,3 +361,21 @@ def test_the_store_failing_mid_download_cuts_the_connection_with_one_log_line(
     ), log
     whole = svc.client.get(urls[0])  # the store back: the same file, whole
     assert whole.status_code == 200 and hashlib.sha256(whole.content).hexdigest() == data["checksum"]
+
+
+def test_the_endpoint_and_plain_http_come_from_the_standard_aws_variables(tmp_path: Path, moto: Moto) -> None:
+    # SPEC: endpoint and settings come from each cloud's standard variables, AWS_ALLOW_HTTP
+    # among them: the service's own client options must not drop it (it failed "builder error").
+    env = CREDENTIALS | {"AWS_ENDPOINT_URL": moto.endpoint, "AWS_ALLOW_HTTP": "true"}
+    svc = start_service(
+        tmp_path, str(make_shop_db(tmp_path / "shop.db")), storage=f"s3://{BUCKET}/from-env", env=env
+    )
+    try:
+        run = svc.wait_run(svc.run(svc.create_extract(name="From env", schemas=["users"])["id"]))
+        assert run["status"] == "completed", run
+        data = next(a for a in artifacts(svc, run["id"]) if a["artifact_type"] == "data-users")
+        assert object_bytes(moto, "from-env", data["storage_path"]) == (
+            svc.client.get(f"/api/extracts/artifacts/{data['id']}/download").content
+        )
+    finally:
+        svc.stop()

@@ -17,6 +17,7 @@ half-uploaded object. A download holds the objects it sends: their deletion
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import threading
 import weakref
@@ -48,12 +49,48 @@ CLIENT_OPTIONS = {"connect_timeout": "5s", "timeout": "60s"}
 RETRY = {"max_retries": 3, "retry_timeout": timedelta(seconds=30)}
 
 
+# The HTTP client's settings that each store reads from the environment as <PREFIX>_<NAME>
+# (AWS_ALLOW_HTTP, AZURE_PROXY_URL, GOOGLE_TIMEOUT…). Client options given to a store replace
+# all of them, so those set are passed on with ours (a variable wins over our timeouts).
+CLIENT_SETTINGS = (
+    "allow_http",
+    "allow_invalid_certificates",
+    "connect_timeout",
+    "default_content_type",
+    "http1_only",
+    "http2_keep_alive_interval",
+    "http2_keep_alive_timeout",
+    "http2_keep_alive_while_idle",
+    "http2_only",
+    "pool_idle_timeout",
+    "pool_max_idle_per_host",
+    "proxy_url",
+    "proxy_ca_certificate",
+    "proxy_excludes",
+    "randomize_addresses",
+    "timeout",
+    "user_agent",
+)
+ENV_PREFIX = {"s3": "AWS_", "gs": "GOOGLE_", "az": "AZURE_", "azure": "AZURE_"}
+
+
+def client_options(scheme: str, endpoint: str | None) -> dict[str, Any]:
+    """Our timeouts, the client settings of the cloud's environment variables, and plain HTTP
+    for an ``http://`` ``--storage-endpoint``."""
+    options: dict[str, Any] = dict(CLIENT_OPTIONS)
+    for name in CLIENT_SETTINGS:
+        value = os.environ.get(ENV_PREFIX[scheme] + name.upper())
+        if value:
+            options[name] = value
+    if (endpoint or "").startswith("http://"):  # a local server: MinIO, Azurite, an emulator
+        options["allow_http"] = True
+    return options
+
+
 def _store(scheme: str, bucket: str, prefix: str, endpoint: str | None) -> Any:
-    options: dict[str, Any] = {"client_options": CLIENT_OPTIONS, "retry_config": RETRY}
+    options: dict[str, Any] = {"client_options": client_options(scheme, endpoint), "retry_config": RETRY}
     if prefix:
         options["prefix"] = prefix
-    if (endpoint or "").startswith("http://"):  # a local server: MinIO, Azurite, an emulator
-        options["client_options"] = CLIENT_OPTIONS | {"allow_http": True}
     if scheme == "s3":
         return S3Store(bucket, config={"endpoint": endpoint} if endpoint else {}, **options)
     if scheme == "gs":
