@@ -16,7 +16,7 @@ from typing import Any
 
 from executor.sources.sqlite import sqlite_path
 from extracts.dialects import SQLITE, dialect_of
-from extracts.storage import OBJECT_SCHEMES
+from extracts.storage import OBJECT_SCHEMES, is_endpoint
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -200,6 +200,13 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
         parser.error(
             f"--storage [EXTRACTS_STORAGE]: {_scheme(values['storage'])}:// is no storage; give a "
             "directory or s3://bucket/prefix, gs://bucket/prefix, az://container/prefix"
+        )
+    endpoint = values["storage_endpoint"]
+    if endpoint is not None and not is_endpoint(endpoint):
+        # Given to the store unchecked, "localhost:9000" made obstore panic: a traceback.
+        parser.error(
+            "--storage-endpoint [EXTRACTS_STORAGE_ENDPOINT]: not an http:// or https:// URL with a "
+            "host (and a port from 1 to 65535), such as http://127.0.0.1:9000"
         )
     return Settings(**values)
 

@@ -379,3 +379,44 @@ def test_the_endpoint_and_plain_http_come_from_the_standard_aws_variables(tmp_pa
         )
     finally:
         svc.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "code", "expected"),
+    [
+        (
+            ["--storage-endpoint", "localhost:9000"],
+            {},
+            2,
+            "--storage-endpoint [EXTRACTS_STORAGE_ENDPOINT]: not an http:// or https:// URL with a host",
+        ),
+        (["--storage-endpoint", "http://127.0.0.1:99999"], {}, 2, "a port from 1 to 65535"),
+        (
+            [],
+            {"AWS_ENDPOINT_URL": "localhost:9000"},
+            1,
+            f"cannot write to the object store s3://{BUCKET}/p: AWS_ENDPOINT_URL is not an http:// or https://",
+        ),
+    ],
+)
+def test_an_endpoint_that_is_no_url_fails_start_up_in_one_line(
+    tmp_path: Path, args: list[str], env: dict[str, str], code: int, expected: str
+) -> None:
+    # Handed to obstore as it was, such an endpoint made it panic: a Rust panic and a traceback.
+    process = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent.parent / "extracts_app.py"),
+            "--db",
+            str(tmp_path / "s.db"),
+        ]
+        + ["--storage", f"s3://{BUCKET}/p", "--port", str(free_port()), "--token", "t", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **CREDENTIALS, **env},
+        cwd=tmp_path,
+    )
+    assert process.returncode == code, process.stdout + process.stderr
+    assert expected in process.stderr.splitlines()[-1], process.stderr
+    assert "panicked" not in process.stderr and "Traceback" not in process.stderr, process.stderr

@@ -20,6 +20,7 @@ from extracts.storage.base import (
     StorageError,
     StoredFile,
     StoreUnavailable,
+    is_endpoint,
     storage_error,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "StorageError",
     "StoreUnavailable",
     "StoredFile",
+    "is_endpoint",
     "open_storage",
     "storage_error",
 ]

@@ -20,9 +20,21 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
+from urllib.parse import urlsplit
 
 # The object store URL schemes --storage takes, and the storage_backend of their artifacts.
 OBJECT_SCHEMES = {"s3": "s3", "gs": "gcs", "az": "azure", "azure": "azure"}
+
+
+def is_endpoint(url: str) -> bool:
+    """Whether ``url`` is an http:// or https:// URL with a host and, if any, a valid port: an
+    object store's endpoint (given otherwise, obstore panics as it builds a request)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and port != 0
 
 
 class StorageError(Exception):

@@ -39,6 +39,7 @@ from extracts.storage.base import (
     StorageError,
     StoredFile,
     StoreUnavailable,
+    is_endpoint,
 )
 
 PART_BYTES = 8 << 20  # a multipart upload's part (S3 needs 5 MiB at least)
@@ -72,6 +73,8 @@ CLIENT_SETTINGS = (
     "user_agent",
 )
 ENV_PREFIX = {"s3": "AWS_", "gs": "GOOGLE_", "az": "AZURE_", "azure": "AZURE_"}
+# The endpoint variables obstore reads for S3 (a malformed one made it panic as it signed).
+_ENDPOINT_VARIABLES = {"s3": ("AWS_ENDPOINT_URL", "AWS_ENDPOINT")}
 
 
 def client_options(scheme: str, endpoint: str | None) -> dict[str, Any]:
@@ -139,6 +142,12 @@ class ObjectStorage(Storage):
         # The URL as shown: scheme, bucket and prefix only (a user-info part never survives).
         self.url = f"{scheme}://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.endpoint = endpoint
+        for variable in _ENDPOINT_VARIABLES.get(scheme, ()):
+            if os.environ.get(variable) and not endpoint and not is_endpoint(os.environ[variable]):
+                raise StorageError(
+                    f"cannot write to the object store {self.url}: {variable} is not an http:// or "
+                    "https:// URL with a host, such as http://127.0.0.1:9000"
+                )
         try:
             self._store = _store(scheme, self.bucket, self.prefix, endpoint)
         except Exception as exc:  # noqa: BLE001 — a malformed key or key file, refused before any request
@@ -167,6 +176,15 @@ class ObjectStorage(Storage):
             obstore.delete(self._store, key)
         except Exception as exc:  # noqa: BLE001 — obstore raises many kinds; one line names the cause
             raise StorageError(f"cannot write to the object store {self.url}: {_reason(exc)}") from None
+        except BaseException as exc:
+            # A setting obstore cannot use as it builds a request (AWS_ENDPOINT_URL=host:port)
+            # panics in Rust: pyo3's PanicException, a BaseException, would end in a traceback.
+            if type(exc).__name__ != "PanicException":
+                raise
+            raise StorageError(
+                f"cannot write to the object store {self.url}: {_reason(exc)} (check the endpoint: "
+                "--storage-endpoint or the cloud's variables)"
+            ) from None
 
     def storage_path(self, run_id: str, name: str) -> str:
         return f"{self.url}/{run_id}/{name}"
