@@ -420,3 +420,12 @@ def test_an_endpoint_that_is_no_url_fails_start_up_in_one_line(
     assert process.returncode == code, process.stdout + process.stderr
     assert expected in process.stderr.splitlines()[-1], process.stderr
     assert "panicked" not in process.stderr and "Traceback" not in process.stderr, process.stderr
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/exports?versionId=1", "gs://bucket/a#b", "az://container/p?"])
+def test_a_storage_url_with_a_query_or_fragment_is_refused(tmp_path: Path, url: str) -> None:
+    # urlsplit drops them: "s3://bucket/a#b" wrote under the prefix "a", the banner saying "a#b".
+    process = start_up(tmp_path, url)
+    assert process.returncode == 1, process.stdout + process.stderr
+    assert "a storage URL is a bucket and a prefix, with no query (?…) nor fragment (#…)" in process.stderr
+    assert process.stderr.count("\n") == 1, process.stderr

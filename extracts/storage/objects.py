@@ -135,6 +135,12 @@ class ObjectStorage(Storage):
                 f"--storage {scheme}://…: a storage URL holds no credentials; give them in the "
                 "environment (the README's Object storage section names the variables)"
             )
+        if "?" in url or "#" in url:  # urlsplit drops them: objects would go under another prefix
+            raise StorageError(
+                f"--storage {scheme}://{parts.netloc}/…: a storage URL is a bucket and a prefix, with "
+                "no query (?…) nor fragment (#…); settings come from the environment (the README's "
+                "Object storage section names the variables)"
+            )
         self.bucket = parts.netloc
         self.prefix = parts.path.strip("/")
         if not self.bucket:
