@@ -202,6 +202,11 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
             "directory or s3://bucket/prefix, gs://bucket/prefix, az://container/prefix"
         )
     endpoint = values["storage_endpoint"]
+    if endpoint is not None and _scheme(values["storage"]) is None:  # it would be ignored
+        parser.error(
+            "--storage-endpoint [EXTRACTS_STORAGE_ENDPOINT]: only an object store --storage "
+            f"(s3://, gs://, az://) has an endpoint; the storage is the directory {values['storage']}"
+        )
     if endpoint is not None and not is_endpoint(endpoint):
         # Given to the store unchecked, "localhost:9000" made obstore panic: a traceback.
         parser.error(

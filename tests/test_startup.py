@@ -168,10 +168,13 @@ def test_settings_from_flags_environment_and_defaults(tmp_path: Path) -> None:
         "EXTRACTS_WORKERS": "3",
         "EXTRACTS_MIN_FREE_MB": "5",
         "EXTRACTS_CLEANUP_INTERVAL": "60",
-        "EXTRACTS_STORAGE_ENDPOINT": "http://127.0.0.1:9000",
     }
     settings = parse_settings([], env)
-    assert settings.storage_endpoint == "http://127.0.0.1:9000"
+    endpoint = {"EXTRACTS_STORAGE_ENDPOINT": "http://127.0.0.1:9000"}
+    assert (
+        parse_settings(["--storage", "s3://b/p"], env | endpoint).storage_endpoint
+        == endpoint["EXTRACTS_STORAGE_ENDPOINT"]
+    )
     assert (
         settings.source,
         settings.db,
@@ -202,6 +205,11 @@ def test_a_state_or_storage_url_of_another_kind_is_refused(tmp_path: Path, monke
     for args, expected in [
         (["--db", "mysql://root@127.0.0.1/x"], "--db [EXTRACTS_DB]: mysql:// is no state database"),
         (["--storage", "file:///tmp/x"], "--storage [EXTRACTS_STORAGE]: file:// is no storage"),
+        # A directory has no endpoint: the option would be ignored without a word.
+        (
+            ["--storage", "st", "--storage-endpoint", "http://127.0.0.1:9000"],
+            "--storage-endpoint [EXTRACTS_STORAGE_ENDPOINT]: only an object store --storage",
+        ),
     ]:
         with pytest.raises(SystemExit) as exited:
             parse_settings(args, {})
