@@ -931,10 +931,11 @@ def build_big_table(db: Path, name: str, rows: int) -> None:
 class StoreProxy:
     """An HTTP proxy in front of an object store (moto) that can cut what it sends back.
 
-    Requests pass through unchanged (moto does not check the signature against the Host).
-    While ``cut(method, path)`` is true for a GET, the proxy sends the store's status and
-    headers and the first ``keep`` bytes of its body, then closes the connection: the store
-    failing mid-read, as a reset connection or a crashed store does.
+    Requests pass through unchanged (moto does not check the signature against the Host),
+    and are noted in ``requests``. While ``cut(method, path)`` is true for a GET, the proxy
+    sends the store's status and headers and the first ``keep`` bytes of its body, then
+    closes the connection: the store failing mid-read, as a reset connection or a crashed
+    store does.
     """
 
     def __init__(self, upstream: int, keep: int = 1000) -> None:
@@ -944,6 +945,7 @@ class StoreProxy:
         proxy = self
         self.cut: Callable[[str, str], bool] = lambda method, path: False
         self.keep = keep
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request passed on
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -952,6 +954,7 @@ class StoreProxy:
                 pass
 
             def _forward(self) -> None:
+                proxy.requests.append((self.command, self.path))
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 upstream_connection = http.client.HTTPConnection("127.0.0.1", upstream, timeout=30)

@@ -429,3 +429,36 @@ def test_a_storage_url_with_a_query_or_fragment_is_refused(tmp_path: Path, url: 
     assert process.returncode == 1, process.stdout + process.stderr
     assert "a storage URL is a bucket and a prefix, with no query (?…) nor fragment (#…)" in process.stderr
     assert process.stderr.count("\n") == 1, process.stderr
+
+
+def test_a_zip_of_many_objects_checks_them_with_a_listing_not_a_head_each(
+    proxied: tuple[Service, StoreProxy], moto: Moto
+) -> None:
+    # A HEAD per object before the first byte: a split run's thousands of parts took seconds
+    # (minutes on a distant store) before a download, or a resume of ten bytes, began.
+    svc, proxy = proxied
+    extract = svc.create_extract(
+        name="Parts", schemas=["small", "big"], split_files=True, split_max_records=500
+    )
+    run = svc.wait_run(svc.run(extract["id"]))
+    rows = artifacts(svc, run["id"])
+    assert len(rows) == 43, len(rows)  # describe, small, 40 parts of big, manifest
+    url = f"/api/extracts/runs/{run['id']}/download"
+    proxy.requests.clear()
+    whole = svc.client.get(url)
+    assert whole.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(whole.content)) as archive:
+        assert archive.testzip() is None and len(archive.infolist()) == 43
+    heads = [path for method, path in proxy.requests if method == "HEAD"]
+    assert heads == [], heads
+    # Still checked: an object gone is a 404 naming it, one of another size too.
+    part = next(a for a in rows if a["part"] == 7)
+    key = f"{run['id']}/{part['artifact_name']}"
+    obstore.put(moto.store("proxied"), key, b"shorter")
+    r = svc.client.get(url, headers={"Range": "bytes=10-20"})
+    assert r.status_code == 404 and part["artifact_name"] in r.json()["error"], r.text
+    obstore.delete(moto.store("proxied"), key)
+    r = svc.client.get(url, headers={"Range": "bytes=10-20"})
+    assert (
+        r.status_code == 404 and f"{part['artifact_name']} of run {run['id']} is missing" in r.json()["error"]
+    )
