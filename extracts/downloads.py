@@ -32,7 +32,7 @@ from extracts.http import Conflict, Gone, NotFound, ServiceUnavailable, Validati
 from extracts.ranges import not_modified, requested_range
 from extracts.records import ARTIFACT_FIELDS, RUN_FIELDS
 from extracts.state import now_iso, parse_iso
-from extracts.storage import FileChangedError, HeldFiles, StorageError
+from extracts.storage import FileChangedError, HeldFiles, NotInStorage, StorageError
 from extracts.zipstream import StoredZip, ZipEntry, write_deflated
 
 # 1 MiB per thread hop: 64 KiB (Starlette's FileResponse) ran at 130-180 MB/s here, 1 MiB
@@ -71,6 +71,12 @@ async def hold(request: Request, artifacts: list[dict[str, Any]]) -> HeldFiles:
                 raise Gone(f"{what} was deleted with its run") from None
             raise NotFound(f"{what} is missing from storage ({path})") from None
         raise NotFound(f"{what} cannot be sent: {exc}") from None
+    except NotInStorage as exc:  # never there to find: a 404, not a 503 to retry
+        artifact = next(a for a in artifacts if a["storage_path"] == exc.path)
+        raise NotFound(
+            f"File {artifact['artifact_name']} of run {artifact['run_id']} was written to {exc.path}, "
+            f"outside this service's storage {exc.storage}; serve it with the --storage it was written to"
+        ) from None
     except StorageError as exc:  # the object store is down or refused: retry later
         raise ServiceUnavailable(f"{exc}; retry in a moment", headers={"Retry-After": "5"}) from None
     except OSError as exc:

@@ -462,3 +462,25 @@ def test_a_zip_of_many_objects_checks_them_with_a_listing_not_a_head_each(
     assert (
         r.status_code == 404 and f"{part['artifact_name']} of run {run['id']} is missing" in r.json()["error"]
     )
+
+
+def test_a_file_written_before_the_storage_changed_is_a_404_saying_where_it_is(
+    tmp_path: Path, moto: Moto
+) -> None:
+    # It was a 503 "retry in a moment": no retry ever finds it in the new prefix.
+    source = str(make_shop_db(tmp_path / "shop.db"))
+    before = s3_service(tmp_path, moto, source, "before")
+    run = before.wait_run(before.run(before.create_extract(name="Moved", schemas=["users"])["id"]))
+    before.stop()
+    after = s3_service(tmp_path, moto, source, "after")
+    try:
+        first = artifacts(after, run["id"])[0]
+        for url in (
+            f"/api/extracts/runs/{run['id']}/download",
+            f"/api/extracts/artifacts/{first['id']}/download",
+        ):
+            r = after.client.get(url)
+            assert r.status_code == 404 and r.json()["error_code"] == "RECORD_NOT_FOUND", r.text
+            assert f"outside this service's storage s3://{BUCKET}/after" in r.json()["error"], r.text
+    finally:
+        after.stop()

@@ -52,6 +52,14 @@ class LowDiskSpace(StorageError):
     """Free space on the storage volume fell under the reserve."""
 
 
+class NotInStorage(StorageError):
+    """A recorded file is outside this storage: it was written before ``--storage`` changed."""
+
+    def __init__(self, path: str, storage: str) -> None:
+        super().__init__(f"{path} is not in the storage {storage}")
+        self.path, self.storage = path, storage
+
+
 class NameClash(StorageError):
     """Two files of one run would have names that differ at most in letter case."""
 
@@ -142,7 +150,8 @@ class Storage(ABC):
 
     @abstractmethod
     def hold(self, files: Sequence[tuple[str, int]]) -> HeldFiles:
-        """Hold ``(storage_path, size)`` files; raises FileNotFoundError or FileChangedError."""
+        """Hold ``(storage_path, size)`` files; raises FileNotFoundError, FileChangedError, or
+        (an object store) NotInStorage for a file recorded under another URL."""
 
     @abstractmethod
     def delete_run(self, run_id: str) -> None:

@@ -35,6 +35,7 @@ from extracts.storage.base import (
     FileChangedError,
     HeldFiles,
     NameClash,
+    NotInStorage,
     Storage,
     StorageError,
     StoredFile,
@@ -173,7 +174,7 @@ class ObjectStorage(Storage):
         """The object key (below the prefix) of an artifact's storage_path."""
         base = self.url + "/"
         if not storage_path.startswith(base):
-            raise StorageError(f"{storage_path} is not in the storage {self.url}")
+            raise NotInStorage(storage_path, self.url)
         return storage_path[len(base) :]
 
     def probe(self) -> None:
