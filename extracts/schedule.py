@@ -22,7 +22,7 @@ from extracts.cron import next_due
 from extracts.records import to_record
 from extracts.runs import Runs
 from extracts.state import TriggeredBy, in_transaction, iso, utcnow
-from extracts.storage import Storage, StorageError
+from extracts.storage import Storage, StorageError, StoreUnavailable
 
 log = logging.getLogger("extracts.schedule")
 
@@ -188,9 +188,18 @@ class Sweeper:
             "SELECT id, storage_path FROM extract_artifacts WHERE deleted_at IS NULL AND expires_at <= :now",
             {"now": now},
         )
-        for row in rows:
+        for done, row in enumerate(rows):
             try:
                 await asyncio.to_thread(self.storage.delete, row["storage_path"])
+            except StoreUnavailable as exc:
+                # The store itself failed (down, refusing): every other delete would fail as well,
+                # each after its retries, a line each. All wait for the next sweep.
+                log.warning(
+                    "retention sweep: stopped, %d expired files left for the next sweep: %s",
+                    len(rows) - done,
+                    exc,
+                )
+                return len(rows)
             except (OSError, StorageError) as exc:  # that file stays recorded; the others still go
                 log.warning(
                     "retention sweep: cannot delete %s (tried again next sweep): %s", row["storage_path"], exc

@@ -946,6 +946,7 @@ class StoreProxy:
         self.cut: Callable[[str, str], bool] = lambda method, path: False
         self.keep = keep
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request passed on
+        self.down = False  # True: every request is answered 503, as by a store that is down
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -955,6 +956,11 @@ class StoreProxy:
 
             def _forward(self) -> None:
                 proxy.requests.append((self.command, self.path))
+                if proxy.down:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 upstream_connection = http.client.HTTPConnection("127.0.0.1", upstream, timeout=30)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -484,3 +485,43 @@ def test_a_file_written_before_the_storage_changed_is_a_404_saying_where_it_is(
             assert f"outside this service's storage s3://{BUCKET}/after" in r.json()["error"], r.text
     finally:
         after.stop()
+
+
+def test_the_sweep_stops_at_a_store_that_is_down_and_deletes_at_the_next_one(
+    tmp_path: Path, moto: Moto
+) -> None:
+    # Each expired file was tried in turn, a failed delete (after its retries) and a log line
+    # each: a split run's thousands of files made a sweep of minutes to hours, all warnings.
+    proxy = StoreProxy(moto.port)
+    svc = start_service(
+        tmp_path,
+        str(make_big_db(tmp_path / "big.db", 200)),
+        "--storage-endpoint",
+        proxy.endpoint,
+        "--cleanup-interval",
+        "0.5",
+        storage=f"s3://{BUCKET}/sweep",
+        env=CREDENTIALS,  # type: ignore[arg-type]
+    )
+    try:
+        extract = svc.create_extract(name="Swept", schemas=["big"], split_files=True, split_max_records=10)
+        run = svc.wait_run(svc.run(extract["id"]))
+        count = len(artifacts(svc, run["id"]))
+        assert count > 10, count
+        proxy.down = True
+        with sqlite3.connect(svc.db) as state:
+            state.execute("UPDATE extract_artifacts SET expires_at = '2000-01-01T00:00:00.000Z'")
+        logged = len(svc.output())
+        wait_for(lambda: "retention sweep: stopped" in svc.output()[logged:], what="a sweep stopping")
+        time.sleep(2)  # a few more sweeps
+        lines = [line for line in svc.output()[logged:].splitlines() if "retention sweep" in line]
+        assert lines and all(f"stopped, {count} expired files left for the next sweep" in x for x in lines), (
+            lines
+        )
+        assert "Traceback" not in svc.output()
+        proxy.down = False
+        wait_for(lambda: all(a["deleted_at"] for a in artifacts(svc, run["id"])), what="the files swept")
+        assert [o for b in obstore.list(moto.store("sweep"), run["id"]) for o in b] == []
+    finally:
+        svc.stop()
+        proxy.close()

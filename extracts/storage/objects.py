@@ -235,7 +235,12 @@ class ObjectStorage(Storage):
         with self._lock:
             ready = [key for key in self._deferred if not self._held[key]]
         for key in ready:
-            self._delete(key)
+            try:
+                self._delete(key)
+            except StorageError:  # the store is down: kept for the next sweep
+                with self._lock:
+                    self._deferred.add(key)
+                return
 
     def sign(self, storage_path: str, seconds: int) -> str | None:
         key = self.key(storage_path)
