@@ -38,7 +38,9 @@ from helpers import (
 )
 
 
-def s3_service(tmp: Path, moto: Moto, source: str, prefix: str, *extra: str) -> Service:
+def s3_service(
+    tmp: Path, moto: Moto, source: str, prefix: str, *extra: str, env: dict[str, str] = CREDENTIALS
+) -> Service:
     return start_service(
         tmp,
         source,
@@ -46,7 +48,7 @@ def s3_service(tmp: Path, moto: Moto, source: str, prefix: str, *extra: str) -> 
         moto.endpoint,
         *extra,
         storage=f"s3://{BUCKET}/{prefix}",
-        env=CREDENTIALS,  # type: ignore[arg-type]
+        env=env,  # type: ignore[arg-type]
     )
 
 
@@ -525,3 +527,19 @@ def test_the_sweep_stops_at_a_store_that_is_down_and_deletes_at_the_next_one(
     finally:
         svc.stop()
         proxy.close()
+
+
+def test_deleting_a_run_deletes_its_objects_in_bulk(proxied: tuple[Service, StoreProxy], moto: Moto) -> None:
+    # A delete request per object: a split run's thousands of parts kept DELETE busy for minutes.
+    svc, proxy = proxied
+    extract = svc.create_extract(
+        name="Bulk", schemas=["small", "big"], split_files=True, split_max_records=500
+    )
+    run = svc.wait_run(svc.run(extract["id"]))
+    assert len(artifacts(svc, run["id"])) == 43
+    proxy.requests.clear()
+    assert svc.client.delete(f"/api/data/extract_runs/{run['id']}").status_code == 200
+    deletes = [request for request in proxy.requests if request[0] in ("DELETE", "POST")]
+    assert deletes == [("POST", f"/{BUCKET}?delete")], deletes
+    assert [o for b in obstore.list(moto.store("proxied"), run["id"]) for o in b] == []
+    assert svc.client.get(f"/api/extracts/runs/{run['id']}/download").status_code == 410
