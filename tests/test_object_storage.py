@@ -37,6 +37,8 @@ from helpers import (
     wait_for,
 )
 
+from extracts.storage import open_storage
+
 
 def s3_service(
     tmp: Path, moto: Moto, source: str, prefix: str, *extra: str, env: dict[str, str] = CREDENTIALS
@@ -543,3 +545,36 @@ def test_deleting_a_run_deletes_its_objects_in_bulk(proxied: tuple[Service, Stor
     assert deletes == [("POST", f"/{BUCKET}?delete")], deletes
     assert [o for b in obstore.list(moto.store("proxied"), run["id"]) for o in b] == []
     assert svc.client.get(f"/api/extracts/runs/{run['id']}/download").status_code == 410
+
+
+@pytest.mark.slow
+def test_objects_read_for_longer_than_the_stores_time_limit_are_read_whole(
+    moto: Moto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A store request's time limit (60 s; AWS_TIMEOUT here: 1 s) runs until its body is read,
+    # and obstore resumes a broken body 3 times only: an object read for more than about four
+    # limits (a download to a slow client, a large member copied into an archive) failed.
+    for name, value in (CREDENTIALS | {"AWS_TIMEOUT": "1s"}).items():
+        monkeypatch.setenv(name, value)
+    proxy = StoreProxy(moto.port, keep=1 << 40)  # a store that sends no faster than it is read
+    try:
+        storage = open_storage(f"s3://{BUCKET}/slow-reads", proxy.endpoint)
+        data = os.urandom(5 << 20)
+        obstore.put(moto.store("slow-reads"), "run_0123456789abcdef/file.bin", data)
+        files = storage.hold([(storage.storage_path("run_0123456789abcdef", "file.bin"), len(data))])
+        held = bytearray()
+        while len(held) < len(data):
+            held += files.read(0, len(held), 1 << 20)
+            time.sleep(1.2)  # a slow client: each read comes after the time limit
+        files.close()
+        scratch = storage.open_scratch("run_0123456789abcdef", "member.jsonl")
+        scratch.write(data)
+        read_back = bytearray()
+        with scratch.read_back() as member:
+            while chunk := member.read(1 << 20):
+                read_back += chunk
+                time.sleep(1.2)
+        scratch.discard()
+        assert held == data and read_back == data
+    finally:
+        proxy.close()

@@ -381,15 +381,27 @@ class ObjectFile(StoredFile):
 def _object_chunks(storage: ObjectStorage, key: str, offset: int = 0) -> Generator[bytes, None, None]:
     """The object's bytes from ``offset``, in chunks of about ``READ_BYTES``.
 
-    The store failing at any point, the request or midway through the body (a reset
-    connection, the store gone), is StoreUnavailable naming it, as for any other request.
+    A body that breaks after some of it arrived is read on with a ranged GET from where it
+    stopped: a request's time limit (``CLIENT_OPTIONS``) counts until its body is read, so a
+    download sent to a slow client, or a large archive member copied into its tarball, would
+    otherwise fail after a minute; so would an idle connection the store closed. A request
+    that brings nothing (obstore retried it already) is the store failing: StoreUnavailable
+    naming it, as for any other request.
     """
-    options: dict[str, Any] = {"range": {"offset": offset}} if offset else {}
-    try:
-        for chunk in obstore.get(storage._store, key, options=options).stream(min_chunk_size=READ_BYTES):
-            yield bytes(chunk)
-    except Exception as exc:  # noqa: BLE001
-        raise storage._failed(exc, f"read {key}") from None
+    position, size = offset, None
+    while size is None or position < size:
+        options: dict[str, Any] = {"range": {"offset": position}} if position else {}
+        started = position
+        try:
+            result = obstore.get(storage._store, key, options=options)
+            size = result.meta["size"]
+            for chunk in result.stream(min_chunk_size=READ_BYTES):
+                position += len(chunk)
+                yield bytes(chunk)
+            return
+        except Exception as exc:  # noqa: BLE001
+            if position == started:
+                raise storage._failed(exc, f"read {key}") from None
 
 
 class _ObjectReader:
