@@ -736,6 +736,7 @@ def _patch_central(path: Path, name: str, offset: int, value: bytes) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_verify_says_in_one_line_what_it_cannot_read(tmp_path: Path):
     """A manifest with fields of the wrong type, members zipfile cannot open: lines, no traceback."""
 
@@ -857,6 +858,7 @@ def test_verify_into_a_pipe_closed_early_ends_quietly(tmp_path: Path):
     assert reader.returncode == 1 and stderr == b"", stderr.decode()
 
 
+@pytest.mark.slow
 def test_verify_refuses_a_manifest_that_inflates_past_reason(tmp_path: Path):
     """A manifest.json deflated from 257 MiB of blanks (a few hundred KB in the ZIP or tarball)
     was read whole: half a gigabyte of memory for this one, as much as it declares for others."""
@@ -1122,6 +1124,7 @@ def test_run_finds_the_token_file_of_a_sqlite_url_state(tmp_path: Path):
     assert f"no token file beside the state file ({tmp_path}/state.db.token)" in missing.stderr
 
 
+@pytest.mark.slow
 def test_run_refuses_what_no_request_can_carry_and_answers_it_cannot_use(tmp_path: Path):
     """Bad options exit 2 naming the option; a server that is not the service exits 1; one line each."""
     env = {**ENV, "EXTRACTS_DB": str(tmp_path / "none.db")}

@@ -252,6 +252,7 @@ def test_yaml_keys_longer_than_an_implicit_key_are_explicit(
     assert yaml_text.count(b"? ") == explicit
 
 
+@pytest.mark.slow
 def test_a_yaml_file_of_a_column_with_a_long_name_reads_back(tmp_path: Path, manager: Any) -> None:
     db = tmp_path / "long.db"
     with sqlite3.connect(db) as conn:

@@ -339,6 +339,7 @@ def test_the_store_failing_while_an_archive_member_is_read_back_fails_the_run_na
     assert not [key for key in keys if "/.scratch/" in key], keys
 
 
+@pytest.mark.slow
 def test_the_store_failing_mid_download_cuts_the_connection_with_one_log_line(
     proxied: tuple[Service, StoreProxy],
 ) -> None:
@@ -436,6 +437,7 @@ def test_a_storage_url_with_a_query_or_fragment_is_refused(tmp_path: Path, url: 
     assert process.stderr.count("\n") == 1, process.stderr
 
 
+@pytest.mark.slow
 def test_a_zip_of_many_objects_checks_them_with_a_listing_not_a_head_each(
     proxied: tuple[Service, StoreProxy], moto: Moto
 ) -> None:
@@ -469,6 +471,7 @@ def test_a_zip_of_many_objects_checks_them_with_a_listing_not_a_head_each(
     )
 
 
+@pytest.mark.slow
 def test_a_file_written_before_the_storage_changed_is_a_404_saying_where_it_is(
     tmp_path: Path, moto: Moto
 ) -> None:
@@ -491,6 +494,7 @@ def test_a_file_written_before_the_storage_changed_is_a_404_saying_where_it_is(
         after.stop()
 
 
+@pytest.mark.slow
 def test_the_sweep_stops_at_a_store_that_is_down_and_deletes_at_the_next_one(
     tmp_path: Path, moto: Moto
 ) -> None:

@@ -245,6 +245,7 @@ def test_hostile_ids_never_reach_the_file_system_or_the_sql(secure_service: InPr
     con.close()
 
 
+@pytest.mark.slow
 def test_an_id_holding_a_nul_is_a_404_on_a_postgresql_state_too(tmp_path: Path) -> None:
     """PostgreSQL refuses a NUL in text: every route taking an id answered it with a 500 (an
     "unhandled error" with its traceback in the log) where a SQLite state says 404."""

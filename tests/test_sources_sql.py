@@ -905,6 +905,7 @@ def test_mysql_values_do_not_depend_on_the_servers_sql_mode(tmp_path: Path) -> N
                         sql_mode, name)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_mysql_values_whose_json_passes_max_allowed_packet_are_exported(my: My) -> None:
     """TO_BASE64, JSON_QUOTE and CONCAT give NULL (and a warning) for a result over the server's
     max_allowed_packet (16 MiB here): a 13 MB blob (17 MB of base64) was exported as null."""
