@@ -67,13 +67,21 @@ def storage_fds(svc: Service) -> list[str]:
 
 
 def assert_nothing_held(svc: Service) -> None:
-    """Every descriptor closed and every private link removed once the responses ended."""
-    deadline = time.monotonic() + 10
-    while storage_fds(svc) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert storage_fds(svc) == []
+    """Every descriptor closed and every private link removed once the responses ended.
+
+    Both are read together, and the last reading is the one asserted: a response's files are
+    released just after its last byte (descriptors, then the links' directory, which rmtree
+    opens while it empties it), so a first look may fall between the two.
+    """
     links = svc.storage / ".downloads"
-    assert not links.exists() or list(links.iterdir()) == []
+
+    def held() -> tuple[list[str], list[Path]]:
+        return storage_fds(svc), list(links.iterdir()) if links.exists() else []
+
+    deadline = time.monotonic() + 10
+    while (now := held()) != ([], []) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert now == ([], [])
 
 
 def completed_run(svc: Service, **fields) -> tuple[dict, list[dict]]:
