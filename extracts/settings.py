@@ -19,6 +19,7 @@ from extracts.dialects import SQLITE, dialect_of
 from extracts.storage import OBJECT_SCHEMES, is_endpoint
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+MAX_WORKERS = 256  # worker processes one instance may start (50-100 MiB each)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ SETTINGS = (
     ),
     Setting(
         "workers",
-        os.cpu_count() or 1,
+        min(os.cpu_count() or 1, MAX_WORKERS),
         "EXTRACTS_WORKERS",
         "size of the process pool: runs executed at once",
         int,
@@ -171,8 +172,9 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
             values[s.name] = s.type(raw)
         except ValueError:
             parser.error(f"--{s.name.replace('_', '-')} [{s.env}]: {raw!r} is not a valid {s.type.__name__}")
-    if values["workers"] < 1:
-        parser.error("--workers [EXTRACTS_WORKERS] must be at least 1")
+    # Every worker is started with the pool: --workers 100000 would fork until the machine gave out.
+    if not 1 <= values["workers"] <= MAX_WORKERS:
+        parser.error(f"--workers [EXTRACTS_WORKERS] must be between 1 and {MAX_WORKERS}")
     # Out of range, the bind raised OverflowError, which uvicorn does not catch: a traceback or a hang.
     if not 1 <= values["port"] <= 65535:
         parser.error("--port [EXTRACTS_PORT] must be between 1 and 65535")

@@ -197,6 +197,16 @@ def test_settings_from_flags_environment_and_defaults(tmp_path: Path) -> None:
         parse_settings([], {"EXTRACTS_WORKERS": "0"})
 
 
+def test_more_workers_than_one_instance_may_start_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
+    """Every worker starts with the pool: --workers 100000 forked until the machine gave out."""
+    assert parse_settings(["--workers", "256"], {}).workers == 256
+    for args, environ in ((["--workers", "100000"], {}), ([], {"EXTRACTS_WORKERS": "257"})):
+        with pytest.raises(SystemExit) as exited:
+            parse_settings(args, environ)
+        assert exited.value.code == 2
+        assert "--workers [EXTRACTS_WORKERS] must be between 1 and 256" in capsys.readouterr().err
+
+
 def test_a_state_or_storage_url_of_another_kind_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
     """Taken as a path, ``--db mysql://h/x`` made a directory ``mysql:`` and a state file in it."""
     monkeypatch.chdir(tmp_path)
