@@ -177,6 +177,23 @@ def files_outside(service: InProcessService, root: Path) -> set[str]:
     }
 
 
+def id_routes(segment: str) -> list[tuple[str, str]]:
+    """Every route that takes an id (or a schema's name) in its path, with ``segment`` there."""
+    return [
+        ("GET", f"/api/data/extracts/{segment}"),
+        ("PUT", f"/api/data/extracts/{segment}"),
+        ("DELETE", f"/api/data/extracts/{segment}"),
+        ("GET", f"/api/data/extract_runs/{segment}"),
+        ("DELETE", f"/api/data/extract_runs/{segment}"),
+        ("GET", f"/api/data/extract_artifacts/{segment}"),
+        ("POST", f"/api/extracts/{segment}/run"),
+        ("POST", f"/api/extracts/{segment}/cancel"),
+        ("GET", f"/api/extracts/runs/{segment}/download"),
+        ("GET", f"/api/extracts/artifacts/{segment}/download"),
+        ("GET", f"/api/describe/{segment}"),
+    ]
+
+
 @pytest.mark.slow
 def test_hostile_ids_never_reach_the_file_system_or_the_sql(secure_service: InProcessService) -> None:
     svc = secure_service
@@ -185,19 +202,7 @@ def test_hostile_ids_never_reach_the_file_system_or_the_sql(secure_service: InPr
     extract = svc.create_extract(name="Target", schemas=["users"])
     for hostile in HOSTILE:
         segment = quote(hostile, safe="")
-        for method, path in [
-            ("GET", f"/api/data/extracts/{segment}"),
-            ("PUT", f"/api/data/extracts/{segment}"),
-            ("DELETE", f"/api/data/extracts/{segment}"),
-            ("GET", f"/api/data/extract_runs/{segment}"),
-            ("DELETE", f"/api/data/extract_runs/{segment}"),
-            ("GET", f"/api/data/extract_artifacts/{segment}"),
-            ("POST", f"/api/extracts/{segment}/run"),
-            ("POST", f"/api/extracts/{segment}/cancel"),
-            ("GET", f"/api/extracts/runs/{segment}/download"),
-            ("GET", f"/api/extracts/artifacts/{segment}/download"),
-            ("GET", f"/api/describe/{segment}"),
-        ]:
+        for method, path in id_routes(segment):
             r = svc.client.request(method, path, json={"description": "x"})
             if path.startswith("/api/describe/") and hostile == EVIL_TABLE:
                 assert r.json()["data"]["name"] == EVIL_TABLE  # that table exists: its own name
@@ -256,19 +261,7 @@ def test_an_id_holding_a_nul_is_a_404_on_a_postgresql_state_too(tmp_path: Path) 
     try:
         svc = start_service(tmp_path, str(make_hostile_source(tmp_path / "shop.db")), db=f"{PG_STATE}/{name}")
         for segment in ("%00", "extract_%00x", "run_%00", "artifact_x%00"):
-            for method, path in [
-                ("GET", f"/api/data/extracts/{segment}"),
-                ("PUT", f"/api/data/extracts/{segment}"),
-                ("DELETE", f"/api/data/extracts/{segment}"),
-                ("GET", f"/api/data/extract_runs/{segment}"),
-                ("DELETE", f"/api/data/extract_runs/{segment}"),
-                ("GET", f"/api/data/extract_artifacts/{segment}"),
-                ("POST", f"/api/extracts/{segment}/run"),
-                ("POST", f"/api/extracts/{segment}/cancel"),
-                ("GET", f"/api/extracts/runs/{segment}/download"),
-                ("GET", f"/api/extracts/artifacts/{segment}/download"),
-                ("GET", f"/api/describe/{segment}"),
-            ]:
+            for method, path in id_routes(segment):
                 r = svc.client.request(method, path, json={"description": "x"})
                 assert r.status_code == 404, (method, path, r.status_code, r.text)
                 assert r.json()["error_code"] == "RECORD_NOT_FOUND"
