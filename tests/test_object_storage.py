@@ -37,6 +37,7 @@ from helpers import (
     wait_for,
 )
 
+from extracts.settings import parse_settings
 from extracts.storage import open_storage
 
 
@@ -426,6 +427,24 @@ def test_an_endpoint_that_is_no_url_fails_start_up_in_one_line(
     assert process.returncode == code, process.stdout + process.stderr
     assert expected in process.stderr.splitlines()[-1], process.stderr
     assert "panicked" not in process.stderr and "Traceback" not in process.stderr, process.stderr
+
+
+def test_an_endpoint_with_its_scheme_in_capitals_is_used_as_plain_http(
+    moto: Moto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Start-up accepts HTTP://host:port (a URL's scheme has no case), but plain HTTP was allowed
+    # only for a lower-case "http://": the store failed every request with "builder error".
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    endpoint = moto.endpoint.replace("http://", "HTTP://", 1)
+    assert parse_settings(["--storage", f"s3://{BUCKET}/caps", "--storage-endpoint", endpoint], {})
+    storage = open_storage(f"s3://{BUCKET}/caps", endpoint)
+    storage.probe()
+    scratch = storage.open_scratch("run_0123456789abcdef", "member.jsonl")
+    scratch.write(b"{}\n")
+    with scratch.read_back() as member:
+        assert member.read() == b"{}\n"
+    scratch.discard()
 
 
 @pytest.mark.parametrize("url", ["s3://bucket/exports?versionId=1", "gs://bucket/a#b", "az://container/p?"])

@@ -88,7 +88,8 @@ def client_options(scheme: str, endpoint: str | None) -> dict[str, Any]:
         value = os.environ.get(ENV_PREFIX[scheme] + name.upper())
         if value:
             options[name] = value
-    if (endpoint or "").startswith("http://"):  # a local server: MinIO, Azurite, an emulator
+    # A local server: MinIO, Azurite, an emulator. A scheme has no case: start-up takes HTTP://.
+    if endpoint and urlsplit(endpoint).scheme.lower() == "http":
         options["allow_http"] = True
     return options
 
