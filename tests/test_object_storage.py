@@ -429,6 +429,25 @@ def test_an_endpoint_that_is_no_url_fails_start_up_in_one_line(
     assert "panicked" not in process.stderr and "Traceback" not in process.stderr, process.stderr
 
 
+@pytest.mark.parametrize("variable", ["AZURE_ENDPOINT", "AZURE_STORAGE_ENDPOINT"])
+def test_an_azure_endpoint_variable_that_is_no_url_fails_start_up_in_one_line(
+    tmp_path: Path, variable: str
+) -> None:
+    # As AWS_ENDPOINT_URL=localhost:9000 did, it made obstore panic: Rust's panic message (and,
+    # with RUST_BACKTRACE set, its backtrace) on stderr before the service's own line.
+    env = {
+        "AZURE_STORAGE_ACCOUNT_NAME": "acct",
+        "AZURE_STORAGE_ACCOUNT_KEY": "YWJj",
+        variable: "localhost:9000",
+    }
+    process = start_up(tmp_path, "az://container/p", env)
+    assert process.returncode == 1, process.stdout + process.stderr
+    assert process.stderr == (
+        f"extracts-app: cannot write to the object store az://container/p: {variable} is not an "
+        "http:// or https:// URL with a host, such as http://127.0.0.1:9000\n"
+    )
+
+
 def test_an_endpoint_with_its_scheme_in_capitals_is_used_as_plain_http(
     moto: Moto, monkeypatch: pytest.MonkeyPatch
 ) -> None:

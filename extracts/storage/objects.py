@@ -76,8 +76,14 @@ CLIENT_SETTINGS = (
     "user_agent",
 )
 ENV_PREFIX = {"s3": "AWS_", "gs": "GOOGLE_", "az": "AZURE_", "azure": "AZURE_"}
-# The endpoint variables obstore reads for S3 (a malformed one made it panic as it signed).
-_ENDPOINT_VARIABLES = {"s3": ("AWS_ENDPOINT_URL", "AWS_ENDPOINT")}
+# The endpoint variables obstore reads for S3 and Azure (a malformed one made it panic as it
+# signed).
+_AZURE_ENDPOINTS = ("AZURE_STORAGE_ENDPOINT", "AZURE_ENDPOINT")
+_ENDPOINT_VARIABLES = {
+    "s3": ("AWS_ENDPOINT_URL", "AWS_ENDPOINT"),
+    "az": _AZURE_ENDPOINTS,
+    "azure": _AZURE_ENDPOINTS,
+}
 
 
 def client_options(scheme: str, endpoint: str | None) -> dict[str, Any]:
