@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -27,6 +28,7 @@ from extracts.storage import Storage, StorageError, StoreUnavailable
 log = logging.getLogger("extracts.schedule")
 
 TICK_S = 1.0
+_NUMBERS = re.compile(r"\d+(?:\.\d+)?")
 Leads = Callable[[str], Awaitable[bool]]
 
 
@@ -54,14 +56,15 @@ class Failures:
         """Log ``exc`` (call from its ``except`` block)."""
         self.count += 1
         cause = f"{type(exc).__name__}: {exc}"
+        alike = _NUMBERS.sub("#", cause)  # "… in 33.34µs", "… (pid 4242)": the same cause
         now = time.monotonic()
-        if self._said is None or self._said[0] != cause:
+        if self._said is None or self._said[0] != alike:
             self.logger.error("%s failed", self.what, exc_info=exc)
         elif now - self._said[1] >= self.REPEAT_EVERY_S:
             self.logger.error("%s still failing (%d times in a row): %s", self.what, self.count, cause)
         else:
             return
-        self._said = (cause, now)
+        self._said = (alike, now)
 
     def succeeded(self) -> None:
         if self.count:

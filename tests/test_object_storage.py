@@ -593,10 +593,11 @@ def test_deleting_a_run_deletes_its_objects_in_bulk(proxied: tuple[Service, Stor
 def test_objects_read_for_longer_than_the_stores_time_limit_are_read_whole(
     moto: Moto, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A store request's time limit (60 s; AWS_TIMEOUT here: 0.3 s) runs until its body is read,
-    # and obstore resumes a broken body 3 times only: an object read for more than about four
-    # limits (a download to a slow client, a large member copied into an archive) failed.
-    for name, value in (CREDENTIALS | {"AWS_TIMEOUT": "300ms"}).items():
+    # A store request's time limit (60 s; AWS_TIMEOUT here: 0.6 s, margin for a 5 MiB upload on a
+    # loaded machine) runs until its body is read, and obstore resumes a broken body 3 times
+    # only: an object read for more than about four limits (a download to a slow client, a
+    # large member copied into an archive) failed.
+    for name, value in (CREDENTIALS | {"AWS_TIMEOUT": "600ms"}).items():
         monkeypatch.setenv(name, value)
     proxy = StoreProxy(moto.port, keep=1 << 40)  # a store that sends no faster than it is read
     try:
@@ -607,7 +608,7 @@ def test_objects_read_for_longer_than_the_stores_time_limit_are_read_whole(
         held = bytearray()
         while len(held) < len(data):
             held += files.read(0, len(held), 1 << 20)
-            time.sleep(0.4)  # a slow client: each read comes after the time limit
+            time.sleep(0.7)  # a slow client: each read comes after the time limit
         files.close()
         scratch = storage.open_scratch("run_0123456789abcdef", "member.jsonl")
         scratch.write(data)
@@ -615,7 +616,7 @@ def test_objects_read_for_longer_than_the_stores_time_limit_are_read_whole(
         with scratch.read_back() as member:
             while chunk := member.read(1 << 20):
                 read_back += chunk
-                time.sleep(0.4)
+                time.sleep(0.7)
         scratch.discard()
         assert held == data and read_back == data
     finally:

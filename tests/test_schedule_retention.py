@@ -268,7 +268,9 @@ def test_a_step_that_keeps_failing_logs_its_traceback_once_then_one_line_a_minut
 ) -> None:
     """A full state volume fails the scheduler's tick every second: one traceback, not one a second."""
     full = OSError(28, "No space left on device")
-    outcomes = [full] * 5 + [OSError(5, "I/O error"), None, full]
+    # The same cause with other figures in its message (a time, a pid) is the same cause.
+    timed = [RuntimeError(f"state refused in {ms}.2 ms") for ms in (3, 17, 250, 4)]
+    outcomes = [full, *timed, OSError(5, "I/O error"), None, full]
     turns: list[object] = []
     stopping = asyncio.Event()
 
@@ -287,7 +289,8 @@ def test_a_step_that_keeps_failing_logs_its_traceback_once_then_one_line_a_minut
     asyncio.run(main())
     said = [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records]
     assert said == [
-        ("ERROR", "scheduler tick failed", True),  # the first of five alike
+        ("ERROR", "scheduler tick failed", True),  # the disk full
+        ("ERROR", "scheduler tick failed", True),  # the first of four alike
         ("ERROR", "scheduler tick failed", True),  # another cause
         ("WARNING", "scheduler tick works again after 6 failures in a row", False),
         ("ERROR", "scheduler tick failed", True),
