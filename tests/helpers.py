@@ -947,6 +947,8 @@ class StoreProxy:
         self.keep = keep
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request passed on
         self.down = False  # True: every request is answered 503, as by a store that is down
+        # True for a (method, path): that request is answered 503 (a store refusing some requests).
+        self.refused: Callable[[str, str], bool] = lambda method, path: False
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -956,7 +958,7 @@ class StoreProxy:
 
             def _forward(self) -> None:
                 proxy.requests.append((self.command, self.path))
-                if proxy.down:
+                if proxy.down or proxy.refused(self.command, self.path):
                     self.send_response(503)
                     self.send_header("Content-Length", "0")
                     self.end_headers()

@@ -38,7 +38,7 @@ from helpers import (
 )
 
 from extracts.settings import parse_settings
-from extracts.storage import open_storage
+from extracts.storage import StorageError, open_storage
 
 
 def s3_service(
@@ -587,6 +587,32 @@ def test_deleting_a_run_deletes_its_objects_in_bulk(proxied: tuple[Service, Stor
     assert deletes == [("POST", f"/{BUCKET}?delete")], deletes
     assert [o for b in obstore.list(moto.store("proxied"), run["id"]) for o in b] == []
     assert svc.client.get(f"/api/extracts/runs/{run['id']}/download").status_code == 410
+
+
+def test_a_held_back_deletion_the_store_refuses_again_is_kept_for_the_sweep(
+    moto: Moto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A deletion held back by a download, refused when the download ended and refused again by a
+    # second delete of its run, was dropped from the deletions the sweep retries: the object
+    # stayed in the bucket for good, its artifact already marked deleted.
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    proxy = StoreProxy(moto.port)
+    try:
+        storage = open_storage(f"s3://{BUCKET}/held-back", proxy.endpoint)
+        run_id = "run_0123456789abcdef"
+        obstore.put(moto.store("held-back"), f"{run_id}/a.jsonl", b"{}\n")
+        files = storage.hold([(storage.storage_path(run_id, "a.jsonl"), 3)])
+        storage.delete_run(run_id)  # a download holds it: held back
+        proxy.refused = lambda method, path: method in ("DELETE", "POST")  # listing works
+        files.close()  # the download ends: its deletion is refused, and kept
+        with pytest.raises(StorageError):
+            storage.delete_run(run_id)
+        proxy.refused = lambda method, path: False
+        storage.remove_empty_runs(set())  # the sweep
+        assert [o for b in obstore.list(moto.store("held-back"), run_id) for o in b] == []
+    finally:
+        proxy.close()
 
 
 @pytest.mark.slow

@@ -246,9 +246,7 @@ class ObjectStorage(Storage):
         for key in ready:
             try:
                 self._delete(key)
-            except StorageError:  # the store is down: kept for the next sweep
-                with self._lock:
-                    self._deferred.add(key)
+            except StorageError:  # the store is down: kept for the next sweep (``_delete``)
                 return
 
     def sign(self, storage_path: str, seconds: int) -> str | None:
@@ -287,12 +285,16 @@ class ObjectStorage(Storage):
             if self._held[key]:  # a download is sending it: deleted when it is released
                 self._deferred.add(key)
                 return
+            held_back = key in self._deferred
             self._deferred.discard(key)
         try:
             obstore.delete(self._store, key)
         except FileNotFoundError:
             pass
         except Exception as exc:  # noqa: BLE001
+            if held_back:  # its artifact is marked deleted already: only the sweep retries it
+                with self._lock:
+                    self._deferred.add(key)
             raise self._failed(exc, f"delete {key}") from None
 
     def _delete_all(self, keys: Sequence[str]) -> None:
@@ -304,14 +306,21 @@ class ObjectStorage(Storage):
             held = {key for key in keys if self._held[key]}
             self._deferred.update(held)
             ready = [key for key in keys if key not in held]
+            # Held back earlier, their artifacts already marked deleted: only the sweep would retry them.
+            held_back = self._deferred.intersection(ready)
             self._deferred.difference_update(ready)
-        for start in range(0, len(ready), DELETES_AT_ONCE):
-            batch = ready[start : start + DELETES_AT_ONCE]
-            try:
-                obstore.delete(self._store, batch)
-            except Exception:  # noqa: BLE001
-                for key in batch:
-                    self._delete(key)
+        try:
+            for start in range(0, len(ready), DELETES_AT_ONCE):
+                batch = ready[start : start + DELETES_AT_ONCE]
+                try:
+                    obstore.delete(self._store, batch)
+                except Exception:  # noqa: BLE001
+                    for key in batch:
+                        self._delete(key)
+        except BaseException:
+            with self._lock:  # kept for the sweep (one deleted meanwhile is deleted again: no error)
+                self._deferred.update(held_back)
+            raise
 
     def _hold(self, keys: Sequence[str]) -> None:
         with self._lock:
@@ -322,11 +331,8 @@ class ObjectStorage(Storage):
             self._held.subtract(keys)
             ready = [key for key in keys if key in self._deferred and not self._held[key]]
         for key in ready:
-            try:
+            with contextlib.suppress(StorageError):  # kept for the sweep to retry (``_delete``)
                 self._delete(key)
-            except StorageError:  # the sweep retries deferred deletions
-                with self._lock:
-                    self._deferred.add(key)
 
 
 class ObjectFile(StoredFile):
