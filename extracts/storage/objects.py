@@ -306,21 +306,16 @@ class ObjectStorage(Storage):
             held = {key for key in keys if self._held[key]}
             self._deferred.update(held)
             ready = [key for key in keys if key not in held]
-            # Held back earlier, their artifacts already marked deleted: only the sweep would retry them.
-            held_back = self._deferred.intersection(ready)
-            self._deferred.difference_update(ready)
-        try:
-            for start in range(0, len(ready), DELETES_AT_ONCE):
-                batch = ready[start : start + DELETES_AT_ONCE]
-                try:
-                    obstore.delete(self._store, batch)
-                except Exception:  # noqa: BLE001
-                    for key in batch:
-                        self._delete(key)
-        except BaseException:
-            with self._lock:  # kept for the sweep (one deleted meanwhile is deleted again: no error)
-                self._deferred.update(held_back)
-            raise
+        for start in range(0, len(ready), DELETES_AT_ONCE):
+            batch = ready[start : start + DELETES_AT_ONCE]
+            try:
+                obstore.delete(self._store, batch)
+            except Exception:  # noqa: BLE001
+                for key in batch:
+                    self._delete(key)  # a key held back earlier stays for the sweep if this fails
+            else:
+                with self._lock:
+                    self._deferred.difference_update(batch)
 
     def _hold(self, keys: Sequence[str]) -> None:
         with self._lock:
