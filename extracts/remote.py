@@ -334,8 +334,17 @@ def checked_run(run: Any, path: str, client: Client) -> dict[str, Any]:
     return run
 
 
+def _where(run: dict[str, Any]) -> tuple[str, str | None]:
+    return run["status"], run["progress_detail"]["current_schema"]
+
+
 def watch(client: Client, run_id: str, view: View) -> dict[str, Any]:
-    """Poll the run until it ends, feeding ``view``; returns the ended run."""
+    """Poll the run until it ends, feeding ``view``; returns the ended run.
+
+    The files are listed between two reads of the run that agree on where it is: a
+    listing taken after a single read can hold the first part of a schema the read
+    had not reached yet, which would then count as that schema's whole.
+    """
     path = f"/api/data/extract_runs/{run_id}"
     schema = None
     while True:
@@ -343,7 +352,15 @@ def watch(client: Client, run_id: str, view: View) -> dict[str, Any]:
         detail = run["progress_detail"]
         ended = run["status"] in _ENDED
         if ended or detail["current_schema"] != schema:  # a schema ended: its line needs its files
-            view.artifacts(run_artifacts(client, run_id))
+            while True:
+                listed = run_artifacts(client, run_id)
+                again = checked_run(client.call("GET", path), path, client)
+                if _where(again) == _where(run):
+                    break
+                run = again
+            view.artifacts(listed)
+            detail = run["progress_detail"]
+            ended = run["status"] in _ENDED
             schema = detail["current_schema"]
         if ended:
             detail = {**detail, "phase": run["status"]}

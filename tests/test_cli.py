@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.server
 import io
 import json
 import os
@@ -21,9 +22,12 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -929,6 +933,89 @@ def test_verify_reads_in_a_stream(exported: dict[str, Path], tmp_path: Path):
 # ---------------------------------------------------------------- run against a live service
 
 
+@contextmanager
+def _stand_in(answer: Callable[[http.server.BaseHTTPRequestHandler], None]) -> Iterator[str]:
+    """An HTTP server at a URL (what ``run --url`` may meet instead of the service); ``answer``
+    replies to every request. Yields its URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            answer(self)
+
+        do_POST = do_HEAD = do_GET
+
+        def log_message(self, *args: object) -> None: ...
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _reply(handler: http.server.BaseHTTPRequestHandler, body: bytes, kind: str = "application/json") -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Type", kind)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def test_run_wait_counts_a_schema_only_once_its_files_are_all_listed():
+    """The CI failure of stop 30: ``run --wait`` read the run (on "users"), then listed the files,
+    by which time the worker had finished "users" and written the first of three parts of
+    "orders"; "orders" was not the current schema, so its line said 20 records, not 50 in 3
+    files. The listing now sits between two reads of the run that agree on where it is."""
+    from extracts.progress import Lines
+    from extracts.remote import watch
+
+    def artifact(schema: str, name: str, records: int) -> dict[str, object]:
+        return {
+            "artifact_type": "data-jsonl",
+            "artifact_name": name,
+            "schema_name": schema,
+            "records": records,
+        }
+
+    def run(status: str, current: str | None, completed: int) -> dict[str, object]:
+        detail = {
+            "phase": "exporting_data" if current else status,
+            "current_schema": current,
+            "schemas_total": 2,
+            "schemas_completed": completed,
+            "records_exported": 0,
+            "records_total": 54,
+        }
+        return {"status": status, "error": None, "records_exported": 54, "progress_detail": detail}
+
+    users = artifact("users", "users.jsonl", 4)
+    parts = [artifact("orders", f"orders.0000{n}.jsonl", r) for n, r in ((1, 20), (2, 20), (3, 10))]
+    # What the service holds at each read of the run; the listing answers with the next moment's files.
+    moments = [
+        (run("running", "users", 0), []),
+        (run("running", "orders", 1), [users, parts[0]]),
+        (run("running", "orders", 1), [users, parts[0]]),
+        (run("completed", None, 2), [users, *parts]),
+    ]
+    at = {"moment": 0}
+
+    def answer(handler: http.server.BaseHTTPRequestHandler) -> None:
+        if handler.path.startswith("/api/data/extract_artifacts"):
+            data = moments[min(at["moment"], len(moments) - 1)][1]
+        else:  # the run: each read is a moment later
+            data = moments[min(at["moment"], len(moments) - 1)][0]
+            at["moment"] += 1
+        _reply(handler, json.dumps({"data": data}).encode())
+
+    lines = io.StringIO()
+    with _stand_in(answer) as url:
+        ended = watch(Client(url, "t"), "run_1", Lines(lines))
+    assert ended["status"] == "completed"
+    assert lines.getvalue().splitlines() == ["users: 4 records", "orders: 50 records in 3 files"]
+
+
 @pytest.mark.slow
 def test_run_wait_download_against_the_service(service, tmp_path: Path):
     extract = service.create_extract(
@@ -1161,26 +1248,10 @@ def test_run_refuses_what_no_request_can_carry_and_answers_it_cannot_use(tmp_pat
         ), (options, done.stderr)
         assert "Traceback" not in done.stderr and ":pw@" not in done.stderr
 
-    import http.server
-    import threading
+    def page(handler: http.server.BaseHTTPRequestHandler) -> None:  # a web server: HTML everywhere
+        _reply(handler, b"<html><body>hello</body></html>", "text/html")
 
-    class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # a web server, not the service: HTML for every path
-            body = b"<html><body>hello</body></html>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_POST = do_GET
-
-        def log_message(self, *args: object) -> None: ...
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}"
+    with _stand_in(page) as url:
         by_name = "?filter%5Bwhere%5D%5Bname%5D=..&filter%5Blimit%5D=2"  # "..": never asked as an id
         for name, asked in (("x", "/x"), ("..", by_name)):
             done = cli("run", name, "--url", url, "--token", "t", env=env)
@@ -1189,16 +1260,10 @@ def test_run_refuses_what_no_request_can_carry_and_answers_it_cannot_use(tmp_pat
                 f"extracts-app: GET /api/data/extracts{asked}: the answer is not the JSON an Extracts "
                 f"service sends; is {url} the service?"
             ]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_run_says_in_one_line_what_a_service_answer_lacks(tmp_path: Path):
     """A run without the fields watching reads, a download without Content-Length or ETag: exit 1."""
-    import http.server
-    import threading
-
     detail = {
         "phase": "completed",
         "schemas_total": 1,
@@ -1210,36 +1275,23 @@ def test_run_says_in_one_line_what_a_service_answer_lacks(tmp_path: Path):
     whole = {"status": "completed", "error": None, "records_exported": 4, "progress_detail": detail}
     answers: dict[str, object] = {}
 
-    class Answers(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?")[0]
-            if path.endswith("/download"):  # a HEAD without Content-Length or ETag
-                self.send_response(200)
-                self.send_header("Content-Type", "application/zip")
-                self.end_headers()
-                return
-            data = {
-                "/api/data/extracts/x": {"id": "x", "name": "x"},
-                "/api/extracts/x/run": {"run_id": "run_1"},
-                "/api/data/extract_runs/run_1": answers["run"],
-                "/api/data/extract_artifacts": [],
-            }[path]
-            body = json.dumps({"data": data}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(handler: http.server.BaseHTTPRequestHandler) -> None:
+        path = handler.path.split("?")[0]
+        if path.endswith("/download"):  # a HEAD without Content-Length or ETag
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/zip")
+            handler.end_headers()
+            return
+        data = {
+            "/api/data/extracts/x": {"id": "x", "name": "x"},
+            "/api/extracts/x/run": {"run_id": "run_1"},
+            "/api/data/extract_runs/run_1": answers["run"],
+            "/api/data/extract_artifacts": [],
+        }[path]
+        _reply(handler, json.dumps({"data": data}).encode())
 
-        do_POST = do_HEAD = do_GET
-
-        def log_message(self, *args: object) -> None: ...
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answers)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}"
     asked = "GET /api/data/extract_runs/run_1: the run lacks"
-    try:
+    with _stand_in(answer) as url:
         for run, download, expected in [
             (
                 {"id": "run_1"},
@@ -1267,9 +1319,6 @@ def test_run_says_in_one_line_what_a_service_answer_lacks(tmp_path: Path):
             assert done.stderr.splitlines() == [f"extracts-app: {expected}; is {url} the service?"], (
                 done.stderr
             )
-    finally:
-        server.shutdown()
-        server.server_close()
     assert list(tmp_path.iterdir()) == []
 
 
@@ -1277,9 +1326,6 @@ def test_run_writes_nowhere_but_where_it_is_told(tmp_path: Path):
     """--download DIR took the file name from the server's Content-Disposition as given, so a
     server naming "../x.zip" or an absolute path had the ZIP written (or renamed over a file)
     outside DIR; a run_id holding a "/" ended in a ValueError traceback. Both are refused."""
-    import http.server
-    import threading
-
     detail = {
         "phase": "completed",
         "schemas_total": 0,
@@ -1294,44 +1340,31 @@ def test_run_writes_nowhere_but_where_it_is_told(tmp_path: Path):
     zipped.unlink()
     answers: dict[str, str] = {}
 
-    class Answers(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?")[0]
-            if path.endswith("/download"):
-                self.send_response(200)
-                self.send_header("Content-Type", "application/zip")
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("ETag", '"e"')
-                self.send_header("Content-Disposition", f'attachment; filename="{answers["name"]}"')
-                self.end_headers()
-                if self.command == "GET":
-                    self.wfile.write(body)
-                return
-            run_id = answers["run_id"]
-            data = {
-                "/api/data/extracts/x": {"id": "x", "name": "x"},
-                "/api/extracts/x/run": {"run_id": run_id},
-                f"/api/data/extract_runs/{run_id}": run,
-                "/api/data/extract_artifacts": [],
-            }[path]
-            reply = json.dumps({"data": data}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
+    def answer(handler: http.server.BaseHTTPRequestHandler) -> None:
+        path = handler.path.split("?")[0]
+        if path.endswith("/download"):
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/zip")
+            handler.send_header("Content-Length", str(len(body)))
+            handler.send_header("ETag", '"e"')
+            handler.send_header("Content-Disposition", f'attachment; filename="{answers["name"]}"')
+            handler.end_headers()
+            if handler.command == "GET":
+                handler.wfile.write(body)
+            return
+        run_id = answers["run_id"]
+        data = {
+            "/api/data/extracts/x": {"id": "x", "name": "x"},
+            "/api/extracts/x/run": {"run_id": run_id},
+            f"/api/data/extract_runs/{run_id}": run,
+            "/api/data/extract_artifacts": [],
+        }[path]
+        _reply(handler, json.dumps({"data": data}).encode())
 
-        do_POST = do_HEAD = do_GET
-
-        def log_message(self, *args: object) -> None: ...
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answers)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}"
     into = tmp_path / "in"
     into.mkdir()
     (tmp_path / "mine.zip").write_bytes(b"PK\x03\x04 the user's own ZIP")
-    try:
+    with _stand_in(answer) as url:
         for run_id, name, expected in [
             (
                 "run_1",
@@ -1352,9 +1385,6 @@ def test_run_writes_nowhere_but_where_it_is_told(tmp_path: Path):
             lines = done.stderr.splitlines()
             assert len(lines) == 1 and lines[0].startswith(f"extracts-app: {expected}"), done.stderr
             assert lines[0].endswith(f"is {url} the service?"), done.stderr
-    finally:
-        server.shutdown()
-        server.server_close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "mine.zip"]
     assert (
         list(into.iterdir()) == []
