@@ -184,7 +184,7 @@ def create_app(settings: Settings) -> Starlette:
             await asyncio.gather(*loops, return_exceptions=True)
             await pool.stop()
             await instance.stop()
-            await db.disconnect()
+            await state.disconnect(db)
 
     exception_handlers = {
         ApiError: api_error_handler,

@@ -12,6 +12,8 @@ the state; worker processes never open it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import re
 import secrets
 import sqlite3
@@ -28,6 +30,7 @@ import orjson
 from databases import Database, DatabaseURL
 from databases.backends.postgres import PostgresBackend
 from databases.backends.sqlite import SQLiteConnection
+from databases.core import Connection
 from databases.interfaces import ConnectionBackend, DatabaseBackend
 from sqlalchemy.dialects.sqlite import pysqlite
 
@@ -36,6 +39,9 @@ from extracts.dialects import POSTGRES, dialect_of
 SCHEMA_VERSION = 4
 BUSY_TIMEOUT_S = 15.0
 DEFAULT_STALL_S = 5.0  # the heartbeat interval of the default 30 s lease (heartbeat_seconds)
+DISCONNECT_S = 10  # a stop's wait for the state's connections to close
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -367,10 +373,39 @@ async def in_transaction(db: Database, work: Callable[[], Awaitable[T]]) -> T:
     """
 
     async def transaction() -> T:
-        async with db.transaction():
-            return await work()
+        connection = db.connection()  # this task's
+        try:
+            async with connection.transaction():
+                return await work()
+        finally:
+            await _let_go(connection)
 
     return await asyncio.create_task(transaction())
+
+
+async def disconnect(db: Database) -> None:
+    """``db.disconnect()`` within ``DISCONNECT_S``: asyncpg's pool waits for every connection it
+    handed out, and a stop must not hang on one; cancelled, the pool cuts them (asyncpg's advice)."""
+    try:
+        await asyncio.wait_for(db.disconnect(), DISCONNECT_S)
+    except TimeoutError:
+        log.warning("the state's connections did not close within %d s; they were cut", DISCONNECT_S)
+
+
+async def _let_go(connection: Connection) -> None:
+    """Hand back a connection a failed COMMIT or ROLLBACK left checked out.
+
+    ``databases`` releases a transaction's connection only once its COMMIT or
+    ROLLBACK succeeded. When asyncpg's protocol was cut without its connection
+    being cleaned up (a session that ended while the process was frozen), the
+    ROLLBACK fails on "the underlying connection is closed" and the pool's
+    holder stays in use for good: ten such (the pool's size) and every
+    statement waits forever, and a stop waits on it forever in ``disconnect``.
+    Releasing it makes the pool end the dead connection and open a new one.
+    """
+    while connection._connection_counter > 0:  # noqa: SLF001 — databases has no public count
+        with contextlib.suppress(Exception):  # a reset that fails ends the connection: freed too
+            await connection.__aexit__()
 
 
 def open_database(location: Path | str, stall_seconds: float = DEFAULT_STALL_S) -> Database:

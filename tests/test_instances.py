@@ -542,6 +542,58 @@ def test_a_task_whose_transaction_lost_its_session_goes_on(tmp_path: Path) -> No
     assert ended and status == "completed"
 
 
+def test_transactions_whose_connection_was_cut_leave_the_pool_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found as a 30 s stop (SIGTERM, then SIGKILL) of an instance resumed from a freeze: its
+    session had ended while it was frozen, asyncpg's protocol was cut without its connection
+    being cleaned up, the ROLLBACK failed ("the underlying connection is closed") and databases
+    kept the connection checked out for good. The pool's ``close()`` waits for every connection:
+    the stop hung; and after ten of them (the pool's size) every statement would have waited.
+    The cut is made here as asyncpg makes it (``Connection._abort``), eleven times."""
+    from extracts import state
+
+    name = unique_name("extracts_cut")
+    url = make_state_database(name)
+    state.prepare_postgres(url)
+
+    async def scenario() -> tuple[list[str], int, float, float]:
+        db = state.open_database(url)
+        await db.connect()
+
+        async def cut() -> None:
+            await db.execute("UPDATE extract_runs SET progress = 1 WHERE id = 'none'")
+            db.connection().raw_connection._con._abort()  # asyncpg's own cut of a protocol
+            await db.execute("UPDATE extract_runs SET progress = 2 WHERE id = 'none'")
+
+        failures = []
+        for _ in range(11):
+            try:
+                await asyncio.wait_for(state.in_transaction(db, cut), 5)
+            except TimeoutError:
+                failures.append("the pool had no connection left")
+                break
+            except Exception as exc:  # noqa: BLE001 — the cut statement's error
+                failures.append(type(exc).__name__)
+        alive = await asyncio.wait_for(db.fetch_val("SELECT 1"), 5)
+        started = time.monotonic()
+        await state.disconnect(db)
+        closed = time.monotonic() - started
+        # And a stop never waits on a connection that is never handed back.
+        other = state.open_database(url)
+        await other.connect()
+        await other.connection().__aenter__()  # checked out, never released
+        monkeypatch.setattr(state, "DISCONNECT_S", 0.5)
+        started = time.monotonic()
+        await state.disconnect(other)
+        return failures, alive, closed, time.monotonic() - started
+
+    try:
+        failures, alive, closed, bounded = asyncio.run(scenario())
+    finally:
+        drop_state_database(name)
+    assert failures == ["InterfaceError"] * 11 and alive == 1
+    assert closed < 2 and bounded < 3, (closed, bounded)
+
+
 def test_one_scheduled_run_per_due_time_and_the_scheduler_survives_its_leader(tmp_path: Path) -> None:
     """Three schedulers on one PostgreSQL state, an injected clock: one run per due time; when
     the leading instance dies (its lease lapses), another leads."""
