@@ -215,11 +215,16 @@ def _check_files(
     report: Report, entries: list[dict[str, Any]], names: set[str], read: Measure, prefix: str
 ) -> None:
     """Every entry measured by ``read``; then the names the manifest does not list."""
+    listed: set[str] = set()
     for entry in entries:
         label = prefix + entry["name"]
         if not is_file_name(entry["name"]):
             report.line(False, "FAILED", f"{label}: {_NOT_A_FILE_NAME}")
             continue
+        if entry["name"] in listed:  # a run names each file once: one file cannot stand for two
+            report.line(False, "FAILED", f"{label}: listed twice in the manifest")
+            continue
+        listed.add(entry["name"])
         report.compare(entry, read(entry["name"], label), label)
     for name in sorted(names - {entry["name"] for entry in entries} - {"manifest.json"}):
         report.extra(prefix + name)

@@ -693,6 +693,17 @@ def test_verify_catches_flipped_truncated_missing_and_wrong_sizes(exported: dict
     (records / "manifest.json").write_text(json.dumps(manifest))
     check(records, "FAILED  users.jsonl: 4 records, the manifest says 5")
 
+    # One file listed twice (a run names each once): the second entry fails, the first still counts.
+    twice = _copy_dir(exported["jsonl-plain.dir"], tmp_path / "twice")
+    manifest = json.loads((twice / "manifest.json").read_bytes())
+    users = next(a for a in manifest["artifacts"] if a["name"] == "users.jsonl")
+    manifest["artifacts"].append(users)
+    (twice / "manifest.json").write_text(json.dumps(manifest))
+    check(twice, "FAILED  users.jsonl: listed twice in the manifest")
+    out = io.StringIO()
+    verify_path(twice, out)
+    assert "ok      users.jsonl" in out.getvalue() and "1 of 5 files" in out.getvalue(), out.getvalue()
+
     # In a ZIP: a flipped byte of a stored entry, and the ZIP cut short.
     source = exported["jsonl-plain.zip"]
     archive = zipfile.ZipFile(source)
