@@ -1,9 +1,10 @@
 """Start-up: everything checked before the service listens, and the banner it prints.
 
-Fails fast with one line (SPEC: Starting it): a state file that cannot be
-written, storage that cannot be written, a source that cannot be opened, a
-token file that cannot be read or written. A storage volume under the
-free-space reserve only warns: downloads keep working.
+Fails fast with one line (SPEC: Starting it): an address that cannot be
+listened on, a state file that cannot be written, storage that cannot be
+written, a source that cannot be opened, a token file that cannot be read or
+written. A storage volume under the free-space reserve only warns: downloads
+keep working.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import fcntl
 import os
 import secrets
+import socket
 import sqlite3
 from pathlib import Path
 
@@ -33,8 +35,30 @@ SEVERAL = (
 )
 
 
+def check_address(host: str, port: int) -> None:
+    """Whether ``host:port`` can be listened on, bound as asyncio's server will bind it.
+
+    uvicorn binds only after the app's start-up: a port in use or a host that does not
+    resolve failed after the banner had said "listening on", the start-up's work done.
+    """
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise StartupError(f"--host {host}: not an address this machine can listen on ({exc})") from None
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server does
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def prepare(settings: Settings) -> None:
     """Fail fast on anything that would stop the service working (SPEC: Starting it)."""
+    check_address(settings.host, settings.port)
     if isinstance(settings.db, Path):
         # Beside the file the state is (symlinks followed): every name of it finds the one lock.
         real = settings.db.resolve()

@@ -245,6 +245,34 @@ def test_a_number_out_of_range_is_a_usage_error(tmp_path: Path, option: str, val
     assert "listening" not in output and not (tmp_path / "s.db").exists()
 
 
+@pytest.mark.slow
+def test_an_address_it_cannot_listen_on_stops_it_before_the_banner(tmp_path: Path) -> None:
+    """A port in use, or a host that does not resolve, failed only once uvicorn bound, after the
+    app's start-up: the banner had said "listening on", the state file and token were made,
+    and the exit status was 3 after six log lines. Now: one line, exit 1, nothing made."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for host, expected in [
+            ("127.0.0.1", f"extracts-app: cannot listen on 127.0.0.1:{port}: Address already in use"),
+            (
+                "nosuch.invalid",
+                "extracts-app: --host nosuch.invalid: not an address this machine can listen on",
+            ),
+        ]:
+            process = launch(tmp_path, "--host", host, "--port", port, "--db", str(tmp_path / "s.db"))
+            try:
+                output = process.communicate(timeout=30)[0]
+            finally:
+                process.kill()
+            assert process.returncode == 1, output
+            assert output.startswith(expected) and len(output.splitlines()) == 1, output
+            assert list(tmp_path.iterdir()) == [], output
+
+
 @pytest.mark.parametrize(
     "option", ["--host", "--storage", "--db", "--source", "--storage-endpoint", "--port"]
 )
