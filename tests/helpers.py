@@ -409,7 +409,7 @@ def start_service(
             wait_healthy(service)
             return service
         except AssertionError:
-            if attempt < 2 and "address already in use" in service.output():
+            if attempt < 2 and "address already in use" in service.output().lower():
                 continue
             raise
     raise AssertionError("unreachable")
