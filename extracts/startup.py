@@ -63,6 +63,10 @@ def prepare(settings: Settings) -> None:
         # Beside the file the state is (symlinks followed): every name of it finds the one lock.
         real = settings.db.resolve()
         hold_alone(real.with_name(real.name + ".lock"), f"the state file {settings.db}")
+        # And on the file itself, for the names a path cannot show (a hard link): SQLite's own
+        # locks are POSIX ones, which flock's do not touch. Through another name SQLite would
+        # also use another -wal file: two instances would corrupt the state, not just share it.
+        hold_alone(settings.db, f"the state file {settings.db} (by another name, a hard link)", note=False)
         try:
             state.prepare_state_file(settings.db)
         except (OSError, sqlite3.Error) as exc:
@@ -115,12 +119,13 @@ def prepare(settings: Settings) -> None:
 _HELD: list[int] = []  # the lock files' descriptors, open for the life of the process
 
 
-def hold_alone(path: Path, what: str) -> None:
+def hold_alone(path: Path, what: str, note: bool = True) -> None:
     """Take the lock file beside ``what`` for this process's life; refuse when another instance has it.
 
     A SQLite state file and a local storage directory serve one instance
     (SPEC: Beyond one machine). The kernel drops the lock when the process
-    ends, however it ends.
+    ends, however it ends. ``note``: write this process's pid in ``path``,
+    for the message a second instance gets (never in the state file itself).
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,11 +136,13 @@ def hold_alone(path: Path, what: str) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() if note else ""
         os.close(fd)
-        raise StartupError(f"{what} is in use by another extracts-app (pid {holder}); {SEVERAL}") from None
-    with contextlib.suppress(OSError):  # the pid, for the message a second instance gets
-        path.write_text(str(os.getpid()))
+        by = f" (pid {holder})" if holder else ""
+        raise StartupError(f"{what} is in use by another extracts-app{by}; {SEVERAL}") from None
+    if note:
+        with contextlib.suppress(OSError):
+            path.write_text(str(os.getpid()))
     _HELD.append(fd)
 
 

@@ -654,13 +654,16 @@ def test_a_second_instance_on_the_same_sqlite_state_or_local_storage_refuses_to_
     source = make_shop_db(tmp_path / "shop.db")
     (tmp_path / "one").mkdir()
     first = start_service(tmp_path / "one", str(source))
-    # The same state file by other names: a symlink to it, and through a symlinked directory.
+    # The same state file by other names: a symlink to it, through a symlinked directory, and a
+    # hard link (which took a lock of its own beside it, and SQLite another -wal file).
     (tmp_path / "link.db").symlink_to(first.db)
     (tmp_path / "state-dir").symlink_to(first.db.parent, target_is_directory=True)
+    (tmp_path / "hard.db").hardlink_to(first.db)
     try:
         for args in (
             ["--db", str(first.db), "--storage", str(tmp_path / "other")],
             ["--db", str(tmp_path / "link.db"), "--storage", str(tmp_path / "other")],
+            ["--db", str(tmp_path / "hard.db"), "--storage", str(tmp_path / "other")],
             ["--db", str(tmp_path / "state-dir" / first.db.name), "--storage", str(tmp_path / "other")],
             ["--db", str(tmp_path / "other.db"), "--storage", str(first.storage)],
         ):
