@@ -19,7 +19,7 @@ import secrets
 import sqlite3
 import string
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from pathlib import Path
@@ -31,8 +31,9 @@ from databases import Database, DatabaseURL
 from databases.backends.postgres import PostgresBackend
 from databases.backends.sqlite import SQLiteConnection
 from databases.core import Connection
-from databases.interfaces import ConnectionBackend, DatabaseBackend
+from databases.interfaces import ConnectionBackend, DatabaseBackend, Record, TransactionBackend
 from sqlalchemy.dialects.sqlite import pysqlite
+from sqlalchemy.sql import ClauseElement
 
 from extracts.dialects import POSTGRES, dialect_of
 
@@ -337,6 +338,62 @@ class KeptConnections:
             await self._idle.pop().close()
 
 
+class TaskConnection(ConnectionBackend):
+    """A task's connection (``databases`` keeps one per asyncio task) that it can always acquire again.
+
+    ``databases`` forgets the connection it acquired only once the pool took it back. When
+    that fails (asyncpg's reset met a session PostgreSQL ended: "another operation (2) is
+    in progress"; the pool then drops it itself), the task kept it as its connection in
+    use, and every later statement of the task failed on "Connection is already acquired"
+    — for good, in the dispatcher, the message consumer or a heartbeat. Each hand-back here
+    leaves a fresh one behind, whether the pool took it or not.
+    """
+
+    def __init__(self, new: Callable[[], ConnectionBackend]) -> None:
+        self._new = new
+        self._current = new()
+
+    async def acquire(self) -> None:
+        await self._current.acquire()
+
+    async def release(self) -> None:
+        connection, self._current = self._current, self._new()
+        await connection.release()
+
+    async def fetch_all(self, query: ClauseElement) -> list[Record]:
+        return await self._current.fetch_all(query)
+
+    async def fetch_one(self, query: ClauseElement) -> Record | None:
+        return await self._current.fetch_one(query)
+
+    async def fetch_val(self, query: ClauseElement, column: Any = 0) -> Any:
+        return await self._current.fetch_val(query, column)
+
+    async def execute(self, query: ClauseElement) -> Any:
+        return await self._current.execute(query)
+
+    async def execute_many(self, queries: list[ClauseElement]) -> None:
+        await self._current.execute_many(queries)
+
+    async def iterate(self, query: ClauseElement) -> AsyncGenerator[Any, None]:
+        async for record in self._current.iterate(query):
+            yield record
+
+    def transaction(self) -> TransactionBackend:
+        return self._current.transaction()
+
+    @property
+    def raw_connection(self) -> Any:
+        return self._current.raw_connection
+
+
+class StatePostgresBackend(PostgresBackend):
+    """``databases``' asyncpg pool, each task's connection a ``TaskConnection``."""
+
+    def connection(self) -> ConnectionBackend:
+        return TaskConnection(super().connection)
+
+
 class StateBackend(DatabaseBackend):
     """``databases``' SQLite connections over ``KeptConnections``: its public backend interface."""
 
@@ -352,13 +409,18 @@ class StateBackend(DatabaseBackend):
         await self._connections.close()
 
     def connection(self) -> ConnectionBackend:
-        return SQLiteConnection(self._connections, self._dialect)  # type: ignore[arg-type]
+        return TaskConnection(lambda: SQLiteConnection(self._connections, self._dialect))  # type: ignore[arg-type]
 
 
 class StateDatabase(Database):
-    """A ``databases.Database`` whose SQLite URLs are served by ``StateBackend``."""
+    """A ``databases.Database`` whose SQLite URLs are served by ``StateBackend``, PostgreSQL ones by
+    ``StatePostgresBackend``."""
 
-    SUPPORTED_BACKENDS = {**Database.SUPPORTED_BACKENDS, "sqlite": "extracts.state:StateBackend"}
+    SUPPORTED_BACKENDS = {
+        **Database.SUPPORTED_BACKENDS,
+        "sqlite": "extracts.state:StateBackend",
+        "postgresql": "extracts.state:StatePostgresBackend",
+    }
 
 
 async def in_transaction(db: Database, work: Callable[[], Awaitable[T]]) -> T:
@@ -417,5 +479,5 @@ def open_database(location: Path | str, stall_seconds: float = DEFAULT_STALL_S) 
     """
     text = str(location)
     if dialect_of(text) is POSTGRES:
-        return Database(_postgres_url(text), **_postgres_options(stall_seconds))
+        return StateDatabase(_postgres_url(text), **_postgres_options(stall_seconds))
     return StateDatabase(f"sqlite:///{location}", factory=StateConnection, timeout=BUSY_TIMEOUT_S)

@@ -594,6 +594,51 @@ def test_transactions_whose_connection_was_cut_leave_the_pool_whole(monkeypatch:
     assert closed < 2 and bounded < 3, (closed, bounded)
 
 
+def test_a_task_whose_connection_could_not_be_handed_back_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found as runs left 'queued' for good after PostgreSQL ended an instance's sessions (frozen,
+    or pg_terminate_backend): the dispatcher, the consumer, the heartbeat are each one task running
+    statement after statement, and when asyncpg's pool failed to hand one back (its reset met the
+    cut session, "another operation (2) is in progress"), databases kept it as the task's
+    connection in use: every later statement of that task failed on "Connection is already
+    acquired". The cut is made here as asyncpg makes it (``Connection._abort``), at the reset."""
+    import asyncpg
+
+    from extracts import state
+
+    name = unique_name("extracts_handback")
+    url = make_state_database(name)
+    state.prepare_postgres(url)
+    reset = asyncpg.Connection.reset
+
+    async def cut_then_reset(self: asyncpg.Connection, *, timeout: float | None = None) -> None:
+        self._abort()  # the session ends as the connection goes back to the pool
+        await reset(self, timeout=timeout)
+
+    async def scenario() -> tuple[list[str], list[int]]:
+        db = state.open_database(url)
+        await db.connect()
+        failures, after = [], []
+        for _ in range(11):  # one task, as the dispatcher; one more hand-back than the pool holds
+            with monkeypatch.context() as patched:
+                patched.setattr(asyncpg.Connection, "reset", cut_then_reset)
+                try:
+                    await db.fetch_val("SELECT 1")
+                except Exception as exc:  # noqa: BLE001 — the failed hand-back
+                    failures.append(type(exc).__name__)
+            try:  # the same task's next statement
+                after.append(await db.fetch_val("SELECT 1"))
+            except Exception as exc:  # noqa: BLE001 — what the task met, for the assertion
+                after.append(f"{type(exc).__name__}: {exc}")
+        await state.disconnect(db)
+        return failures, after
+
+    try:
+        failures, after = asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        drop_state_database(name)
+    assert failures == ["InterfaceError"] * 11 and after == [1] * 11, (failures, after)
+
+
 def test_one_scheduled_run_per_due_time_and_the_scheduler_survives_its_leader(tmp_path: Path) -> None:
     """Three schedulers on one PostgreSQL state, an injected clock: one run per due time; when
     the leading instance dies (its lease lapses), another leads."""
