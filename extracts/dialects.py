@@ -87,11 +87,16 @@ class PostgresDialect(Dialect):
         return isinstance(exc, asyncpg.UniqueViolationError)
 
     def busy(self, exc: BaseException) -> bool:
-        """Also a session PostgreSQL ended (``state.postgres_session_settings``): asyncpg says
-        so at the next statement, or at the commit, as an InterfaceError of a closed connection."""
+        """Also a session PostgreSQL ended (``state.postgres_session_settings``, a restart): asyncpg
+        says so at the next statement, or at the commit, as an InterfaceError of a closed
+        connection; or, when it read the session's last words but not yet its end (the instance
+        was frozen), as its protocol not being idle ("cannot switch to state 11; another
+        operation (2) is in progress"). The pool drops that connection; a retry gets a live one."""
         import asyncpg
 
         if isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc):
+            return True
+        if isinstance(exc, asyncpg.InternalClientError) and "cannot switch to state" in str(exc):
             return True
         return isinstance(
             exc,

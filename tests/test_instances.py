@@ -594,6 +594,7 @@ def test_transactions_whose_connection_was_cut_leave_the_pool_whole(monkeypatch:
     assert closed < 2 and bounded < 3, (closed, bounded)
 
 
+@pytest.mark.slow
 def test_a_task_whose_connection_could_not_be_handed_back_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """Found as runs left 'queued' for good after PostgreSQL ended an instance's sessions (frozen,
     or pg_terminate_backend): the dispatcher, the consumer, the heartbeat are each one task running
@@ -637,6 +638,60 @@ def test_a_task_whose_connection_could_not_be_handed_back_goes_on(monkeypatch: p
     finally:
         drop_state_database(name)
     assert failures == ["InterfaceError"] * 11 and after == [1] * 11, (failures, after)
+
+
+@pytest.mark.slow
+def test_a_statement_on_a_session_ended_while_frozen_meets_a_busy_state(tmp_path: Path) -> None:
+    """PostgreSQL ends an instance's idle sessions while it is frozen (or restarts): on waking,
+    asyncpg reads the session's last words before its end, and a statement on that connection
+    fails as "cannot switch to state 11; another operation (2) is in progress". That was no busy
+    state: the consumer dropped the message (an artifact's row: a run completed without one of
+    its files), a run's ending was let go, a request got a 500. It is one now, and the next try
+    gets a live session. The freeze is the event loop's, blocked while the sessions end."""
+    from extracts import state
+    from extracts.dialects import POSTGRES
+
+    name = unique_name("extracts_ended")
+    url = make_state_database(name)
+    state.prepare_postgres(url)
+
+    async def scenario() -> tuple[list[BaseException], list[int]]:
+        db = state.open_database(url)
+        await db.connect()
+        errors, after = [], []
+
+        async def statements() -> None:  # as a heartbeat: a statement, a wait, the next one
+            for _ in range(6):
+                await asyncio.sleep(0.05)
+                for _ in range(5):  # a busy state is tried again, as the callers do
+                    try:
+                        after.append(await db.fetch_val("SELECT 1"))
+                        break
+                    except Exception as exc:  # noqa: BLE001 — what the callers see
+                        errors.append(exc)
+
+        async def freezes() -> None:
+            for _ in range(3):
+                await asyncio.sleep(0.01)
+                with psycopg.connect(url, autocommit=True) as other:
+                    other.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = %s AND pid <> pg_backend_pid()",
+                        (name,),
+                    )
+                time.sleep(0.3)  # the loop frozen, as a SIGSTOP'd instance's, while its sessions end
+                await asyncio.sleep(0.1)
+
+        await asyncio.gather(statements(), freezes())
+        await state.disconnect(db)
+        return errors, after
+
+    try:
+        errors, after = asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        drop_state_database(name)
+    assert errors and all(POSTGRES.busy(exc) for exc in errors), errors
+    assert after == [1] * 6
 
 
 def test_one_scheduled_run_per_due_time_and_the_scheduler_survives_its_leader(tmp_path: Path) -> None:
