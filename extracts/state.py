@@ -171,8 +171,21 @@ def _postgres_url(url: str) -> str:
 
 
 def _postgres_options(stall_seconds: float) -> dict[str, Any]:
-    """The service's pool of PostgreSQL sessions: its size, and what each session sets."""
-    return {"min_size": 2, "max_size": 10, "server_settings": postgres_session_settings(stall_seconds)}
+    """The service's pool of PostgreSQL sessions: its size, what each session sets, and how long a
+    statement waits for an answer.
+
+    A server that stops answering (frozen, its network gone) answers no statement and no
+    cancel: without a bound, the task waiting on it — a heartbeat, the dispatcher, the stop's
+    requeue — waited forever, and a stop with it. Past ``BUSY_TIMEOUT_S`` a statement fails as a
+    busy state does (TimeoutError), its cancel is waited as long at most, and the connection
+    is dropped.
+    """
+    return {
+        "min_size": 2,
+        "max_size": 10,
+        "command_timeout": BUSY_TIMEOUT_S,
+        "server_settings": postgres_session_settings(stall_seconds),
+    }
 
 
 def prepare_postgres(url: str, stall_seconds: float = DEFAULT_STALL_S) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import io
 import os
 import re
@@ -35,6 +36,7 @@ from helpers import (
     free_port,
     http_client,
     make_shop_db,
+    start_in_process,
     start_service,
     unique_name,
     wait_for,
@@ -692,6 +694,55 @@ def test_a_statement_on_a_session_ended_while_frozen_meets_a_busy_state(tmp_path
         drop_state_database(name)
     assert errors and all(POSTGRES.busy(exc) for exc in errors), errors
     assert after == [1] * 6
+
+
+@pytest.mark.slow
+def test_a_state_that_stops_answering_holds_up_no_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL frozen (its sessions SIGSTOP'd: a paused server, a network gone silent): every
+    statement waited for an answer forever, the heartbeat's and the dispatcher's too, and a stop
+    waited for them — it never ended. A statement now fails past the busy timeout (shortened
+    here), its cancel is waited as long at most, and the stop ends."""
+    from extracts import state
+
+    monkeypatch.setattr(state, "BUSY_TIMEOUT_S", 1.0)
+    name = unique_name("extracts_silent")
+    url = make_state_database(name)
+    frozen: list[int] = []
+    stopped = None
+    svc = start_in_process(
+        tmp_path,
+        str(make_shop_db(tmp_path / "shop.db")),
+        "--lease-seconds",
+        "3",
+        db=url,  # type: ignore[arg-type]
+    )
+    try:
+        extract = svc.create_extract(name="Silent", schemas=["users"])
+        assert svc.wait_run(svc.run(extract["id"]))["status"] == "completed"
+        with psycopg.connect(ADMIN, autocommit=True) as con:
+            frozen += [
+                pid
+                for (pid,) in con.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %s AND backend_type = 'client backend'",
+                    (name,),
+                )
+            ]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(1.5)  # the loops' next statements wait on the frozen sessions
+        started = time.monotonic()
+        svc.stop()
+        stopped = time.monotonic() - started
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGCONT)
+        if stopped is None:
+            svc.stop()
+        drop_state_database(name)
+    assert stopped is not None and stopped < 20, stopped
 
 
 def test_one_scheduled_run_per_due_time_and_the_scheduler_survives_its_leader(tmp_path: Path) -> None:
