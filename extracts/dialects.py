@@ -104,8 +104,12 @@ class PostgresDialect(Dialect):
             | asyncpg.DeadlockDetectedError
             | asyncpg.LockNotAvailableError
             | asyncpg.IdleInTransactionSessionTimeoutError
-            | asyncpg.CannotConnectNowError
             | asyncpg.ConnectionDoesNotExistError
+            # No session now: the server is starting, stopping or restarting (57xxx: also
+            # CannotConnectNow), or refuses more (53xxx: a role's connection limit,
+            # max_connections, its disk or memory full). The pool opens sessions again later.
+            | asyncpg.OperatorInterventionError
+            | asyncpg.InsufficientResourcesError
             | OSError,
         )
 

@@ -483,6 +483,22 @@ async def _let_go(connection: Connection) -> None:
             await connection.__aexit__()
 
 
+_POOL_LOG = logging.getLogger("asyncpg.pool")
+
+
+class OneLineWarnings(logging.Filter):
+    """asyncpg's pool logs each failed try to reopen its sessions with a traceback ("Failed to
+    restore the pool connection floor; retrying", after 1 s, 2 s, 4 s… up to a minute while
+    PostgreSQL refuses): the cause in one line is what a reader needs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {' '.join(str(exc).split())}"
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+
 def open_database(location: Path | str, stall_seconds: float = DEFAULT_STALL_S) -> Database:
     """The state database, not connected yet (``connect()``, then ``disconnect()``).
 
@@ -492,5 +508,7 @@ def open_database(location: Path | str, stall_seconds: float = DEFAULT_STALL_S) 
     """
     text = str(location)
     if dialect_of(text) is POSTGRES:
+        if not any(isinstance(f, OneLineWarnings) for f in _POOL_LOG.filters):
+            _POOL_LOG.addFilter(OneLineWarnings())
         return StateDatabase(_postgres_url(text), **_postgres_options(stall_seconds))
     return StateDatabase(f"sqlite:///{location}", factory=StateConnection, timeout=BUSY_TIMEOUT_S)

@@ -745,6 +745,39 @@ def test_a_state_that_stops_answering_holds_up_no_stop(
     assert stopped is not None and stopped < 20, stopped
 
 
+@pytest.mark.slow
+def test_a_state_refusing_new_sessions_is_a_busy_state(tmp_path: Path) -> None:
+    """The service's sessions ended (a restart, pg_terminate_backend) while PostgreSQL refuses new
+    ones: a role's connection limit, max_connections (53300), a server starting or stopping
+    (57P03). Each request then got a 500 and the consumer dropped its message; it is a busy
+    state: a 503 saying to retry, and the service carries on once sessions open again."""
+    name = unique_name("extracts_limit")
+    role = unique_name("extracts_limited")
+    with psycopg.connect(ADMIN, autocommit=True) as con:
+        con.execute(f'CREATE ROLE "{role}" LOGIN')
+        con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        con.execute(f'CREATE DATABASE "{name}" OWNER "{role}"')
+    url = f"postgresql://{role}@127.0.0.1:5432/{name}"
+    svc = start_in_process(tmp_path, str(make_shop_db(tmp_path / "shop.db")), db=url)  # type: ignore[arg-type]
+    try:
+        assert svc.client.get("/api/data/extracts").status_code == 200
+        with psycopg.connect(ADMIN, autocommit=True) as con:
+            con.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
+            con.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+        answers = [svc.client.get("/api/data/extracts") for _ in range(5)]
+        assert {a.status_code for a in answers} == {503}, [(a.status_code, a.text) for a in answers]
+        assert "retry" in answers[-1].json()["error"], answers[-1].text
+        with psycopg.connect(ADMIN, autocommit=True) as con:
+            con.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
+        assert svc.client.get("/api/data/extracts").status_code == 200
+        assert "unhandled" not in svc.output().lower() and "Traceback" not in svc.output()
+    finally:
+        svc.stop()
+        drop_state_database(name)
+        with psycopg.connect(ADMIN, autocommit=True) as con:
+            con.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
 def test_one_scheduled_run_per_due_time_and_the_scheduler_survives_its_leader(tmp_path: Path) -> None:
     """Three schedulers on one PostgreSQL state, an injected clock: one run per due time; when
     the leading instance dies (its lease lapses), another leads."""
