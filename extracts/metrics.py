@@ -66,24 +66,23 @@ class StateCollector:
         yield from self.families
 
     async def refresh(self) -> None:
-        """Read the counts (a few aggregate queries) and build this scrape's families."""
+        """Read the counts (one aggregate query over the runs, then the live instances) and build
+        this scrape's families."""
         buckets = ", ".join(
             f"sum(CASE WHEN duration_seconds <= {bound!r} THEN 1 ELSE 0 END) AS le_{i}"
             for i, bound in enumerate(RUN_BUCKETS)
         )
+        # One statement, so one snapshot: counted in two, a run that started or ended between
+        # them was counted both as queued and as active, or in none of queued, active and ended.
         rows = await self.db.fetch_all(
-            "SELECT status, triggered_by, count(*) AS runs, "
+            "SELECT status, triggered_by, instance_id, count(*) AS runs, "
             "coalesce(sum(records_exported), 0) AS records, coalesce(sum(total_size_bytes), 0) AS bytes, "
             "count(duration_seconds) AS timed, coalesce(sum(duration_seconds), 0) AS seconds, "
-            f"{buckets} FROM extract_runs GROUP BY status, triggered_by"
+            f"{buckets} FROM extract_runs GROUP BY status, triggered_by, instance_id"
         )
-        running = await self.db.fetch_all(
-            "SELECT instance_id, count(*) AS runs FROM extract_runs WHERE status = :running "
-            "GROUP BY instance_id",
-            {"running": RunStatus.RUNNING.value},
-        )
+        runs = [dict(r._mapping) for r in rows]
         live = await self.instance.live()
-        self.families = [*self._runs([dict(r._mapping) for r in rows]), *self._instances(running, live)]
+        self.families = [*self._runs(runs), *self._instances(runs, live)]
 
     def _runs(self, rows: list[dict[str, Any]]) -> Iterator[Metric]:
         ended = [r for r in rows if r["status"] in ENDED]
@@ -92,7 +91,10 @@ class StateCollector:
             "Runs that ended, by final status and by what started them",
             labels=["status", "triggered_by"],
         )
-        counts = {(r["status"], r["triggered_by"]): r["runs"] for r in ended}
+        counts: dict[tuple[str, str], int] = {}
+        for r in ended:  # a row per instance too: summed over them
+            pair = (r["status"], r["triggered_by"])
+            counts[pair] = counts.get(pair, 0) + r["runs"]
         for status in ENDED:  # every pair shown, 0 included: rate() and alerts need the series
             for trigger in TriggeredBy:
                 runs.add_metric([status.value, trigger.value], counts.get((status.value, trigger.value), 0))
@@ -127,13 +129,16 @@ class StateCollector:
         queued.add_metric([], sum(r["runs"] for r in rows if r["status"] in WAITING))
         yield queued
 
-    def _instances(self, running: Sequence[Any], live: list[dict[str, Any]]) -> Iterator[Metric]:
+    def _instances(self, rows: list[dict[str, Any]], live: list[dict[str, Any]]) -> Iterator[Metric]:
         active = GaugeMetricFamily(
             "extracts_runs_active",
             "Runs being executed, by the instance executing them",
             labels=["instance_id"],
         )
-        counts = {row["instance_id"]: row["runs"] for row in running}
+        counts: dict[str | None, int] = {}
+        for row in rows:
+            if row["status"] == RunStatus.RUNNING:
+                counts[row["instance_id"]] = counts.get(row["instance_id"], 0) + row["runs"]
         for instance_id in dict.fromkeys([*(i["id"] for i in live), *counts]):
             active.add_metric([instance_id or ""], counts.get(instance_id, 0))
         yield active
