@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from databases import Database
@@ -34,7 +34,7 @@ from extracts.records import EXTRACT_RECORD_FIELDS, MODELS, fetch_record, list_q
 from extracts.runs import ACTIVE, Runs
 from extracts.schedule import next_run_at
 from extracts.settings import Settings
-from extracts.state import TriggeredBy, new_id, now_iso
+from extracts.state import TriggeredBy, iso, new_id, now_iso, parse_iso
 from extracts.storage import Storage, StorageError
 
 
@@ -95,18 +95,30 @@ async def create_extract(request: Request) -> Response:
 async def update_extract(request: Request) -> Response:
     st = service(request)
     extract_id = request.path_params["id"]
-    current = await fetch_record(st.db, "extracts", extract_id)
-    config = await validate_extract(await read_json_object(request), current, st.catalog.check)
-    keep = current["next_run_at"] if current["schedule"] == config["schedule"] else None
-    values = extract_columns(config) | {
-        "updated_at": now_iso(),
-        "next_run_at": await next_run_at(config, st.clock(), keep),
-    }
-    assignments = ", ".join(f"{c} = :{c}" for c in values)
-    await st.db.execute(
-        f"UPDATE extracts SET {assignments} WHERE id = :id AND deleted_at IS NULL",
-        values | {"id": extract_id},
-    )
+    body = await read_json_object(request)
+    updated = None
+    while updated is None:
+        current = await fetch_record(st.db, "extracts", extract_id)
+        config = await validate_extract(body, current, st.catalog.check)
+        keep = current["next_run_at"] if current["schedule"] == config["schedule"] else None
+        # Never the updated_at read, even within its millisecond: it is what tells this write
+        # from the next one.
+        after = iso(parse_iso(current["updated_at"]) + timedelta(milliseconds=1))
+        values = extract_columns(config) | {
+            "updated_at": max(now_iso(), after),
+            "next_run_at": await next_run_at(config, st.clock(), keep),
+        }
+        assignments = ", ".join(f"{c} = :{c}" for c in values)
+        # Written only over the row as read: another PUT meanwhile would lose the fields it
+        # changed, and the scheduler's move of next_run_at past the due time it started would be
+        # undone, starting that due time again at its next tick. Then it is all done again over
+        # the row as it now is (each miss is another write that succeeded: no livelock).
+        updated = await st.db.fetch_one(
+            f"UPDATE extracts SET {assignments} WHERE id = :id AND deleted_at IS NULL "
+            "AND updated_at = :seen AND coalesce(next_run_at, '') = :seen_next RETURNING id",
+            values
+            | {"id": extract_id, "seen": current["updated_at"], "seen_next": current["next_run_at"] or ""},
+        )
     return ok(await fetch_record(st.db, "extracts", extract_id))
 
 

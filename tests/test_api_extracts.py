@@ -6,6 +6,7 @@ Authentication of every route is checked in tests/test_security.py.
 from __future__ import annotations
 
 import socket
+import sqlite3
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -290,6 +291,42 @@ def test_put_changes_only_the_fields_sent(app_service: InProcessService) -> None
     assert {k: v for k, v in updated.items() if k not in ("description", "updated_at")} == {
         k: v for k, v in created.items() if k not in ("description", "updated_at")
     }
+
+
+def test_put_keeps_what_was_written_between_its_read_and_its_write(app_service: InProcessService) -> None:
+    """A PUT read the extract, merged the body into it and wrote every column back: what was
+    written between the two was undone. The scheduler's move of next_run_at past the due time
+    it started went back to that due time, which then started again at the next tick (a real
+    service, PUTs of a description around a minute's due time: 5 scheduled runs for it); another
+    PUT's fields were lost. The PUT now writes only over the row as it read it, else does it again.
+    """
+    created = app_service.create_extract(name="Nightly", schedule="0 3 * * *", schedule_enabled=True)
+    path = f"/api/data/extracts/{created['id']}"
+    taken = "2099-01-02T03:00:00.000Z"
+    written = [  # what each writer meanwhile does: its statement, and what it leaves
+        ("UPDATE extracts SET next_run_at = ? WHERE id = ?", (taken,), {"next_run_at": taken}),
+        (
+            "UPDATE extracts SET retention_days = 30, updated_at = ? WHERE id = ?",
+            ("2099-01-01T00:00:00.000Z",),
+            {"retention_days": 30, "next_run_at": taken},
+        ),
+    ]
+    con = sqlite3.connect(app_service.db, isolation_level=None, timeout=30)
+    try:
+        for n, (sql, args, left) in enumerate(written):
+            con.execute("BEGIN IMMEDIATE")  # the write lock: the PUT reads the row, then waits to write
+            with ThreadPoolExecutor(1) as pool:
+                put = pool.submit(app_service.client.put, path, json={"description": f"edit {n}"})
+                time.sleep(0.3)
+                con.execute(sql, (*args, created["id"]))
+                con.execute("COMMIT")
+                r = put.result(30)
+            assert r.status_code == 200, r.text
+            now = app_service.client.get(path).json()["data"]
+            assert r.json()["data"] == now
+            assert {k: now[k] for k in ("description", *left)} == {"description": f"edit {n}", **left}
+    finally:
+        con.close()
 
 
 def test_put_ignores_read_only_fields_and_rejects_unknown(app_service: InProcessService) -> None:
