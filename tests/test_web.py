@@ -355,6 +355,25 @@ def test_progress_is_live_and_a_run_can_be_cancelled(tab: Tab, service: Any) -> 
 
 
 @pytest.mark.slow
+def test_a_run_deleted_while_shown_shows_its_files_gone(tab: Tab, service: Any) -> None:
+    """The page listed a run's files once per (run, status, files created): deleting the run
+    (or the retention sweep) changes none of them, so the files stayed listed, each Download
+    and the ZIP answering 410. The files of an ended run are now listed at every poll."""
+    extract = service.create_extract(name="Deleted while shown", schemas=["users"])
+    run = service.wait_run(service.run(extract["id"]))
+    page = tab.page
+    connect(page)
+    page.goto(f"/#/extracts/{extract['id']}/runs/{run['id']}")
+    expect(page.locator("#run .files-list li")).to_have_count(run["artifacts_created"])
+    expect(page.locator("#download-zip")).to_be_visible()
+    assert service.client.delete(f"/api/data/extract_runs/{run['id']}").status_code == 200
+    expect(page.locator("#run")).to_contain_text("The files were deleted", timeout=10_000)
+    expect(page.locator("#run .files-list li")).to_have_count(0)
+    expect(page.locator("#download-zip")).to_have_count(0)  # its ZIP is 410 now
+    expect(page.locator("#run .badge")).to_have_text("completed")  # the run record stays
+
+
+@pytest.mark.slow
 def test_a_failed_runs_error_is_shown(tab: Tab, service: Any, shop_db: Path) -> None:
     with sqlite3.connect(shop_db) as con:
         con.execute("CREATE TABLE doomed (id INTEGER PRIMARY KEY)")

@@ -391,10 +391,10 @@ function errorBlock(run) {
 
 function filesBlock(run, artifacts) {
   if (ACTIVE.has(run.status)) return null;
-  const zip = run.status === "completed"
+  const live = artifacts.filter((a) => !a.deleted_at);
+  const zip = run.status === "completed" && live.length === artifacts.length && live.length // else 410
     ? h("button", { type: "button", id: "download-zip", onclick: (event) => download(`extracts/runs/${encodeURIComponent(run.id)}/download`, `${run.id}.zip`, event.currentTarget) }, "Download ZIP")
     : null;
-  const live = artifacts.filter((a) => !a.deleted_at);
   return h("div", { class: "files" },
     h("div", { class: "head" }, h("h3", {}, run.status === "completed" ? "Files" : "Files written before the run ended"), zip),
     live.length ? h("ul", { class: "items files-list" }, live.map((a) => h("li", { class: "file" },
@@ -460,7 +460,6 @@ async function extractView(v, id, runId) {
     runBox,
     h("section", { class: "card" }, h("h2", {}, "Configuration"), facts),
     h("section", { class: "card" }, h("h2", {}, "Runs"), runList));
-  let artifactsOf = null;
   let artifacts = [];
   let lost = false;
   while (v.alive) {
@@ -470,11 +469,10 @@ async function extractView(v, id, runId) {
         api("GET", `data/extract_runs?${query({ "filter[where][extract_id]": id, "filter[limit]": 20 })}`)]);
       const chosen = runId || (runs[0] && runs[0].id);
       run = runs.find((r) => r.id === chosen) || (chosen ? await api("GET", `data/extract_runs/${encodeURIComponent(chosen)}`) : null);
-      // Again when the count changes: a cancelled run's worker may record a file after the status.
-      const seen = `${run && run.id} ${run && run.status} ${run && run.artifacts_created}`;
-      if (run && !ACTIVE.has(run.status) && artifactsOf !== seen) {
+      // At every poll once the run ended: its files change with nothing on the run to show it
+      // (deleted with the run or by the retention sweep; a cancelled run's worker records its last).
+      if (run && !ACTIVE.has(run.status)) {
         artifacts = await api("GET", `data/extract_artifacts?${query({ "filter[where][run_id]": run.id, "filter[order]": "created_at asc", "filter[limit]": 1000 })}`);
-        artifactsOf = seen;
       }
       if (!v.alive) return;
       if (lost) hideBanner();
