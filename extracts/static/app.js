@@ -462,11 +462,16 @@ async function extractView(v, id, runId) {
     h("section", { class: "card" }, h("h2", {}, "Runs"), runList));
   let artifacts = [];
   let lost = false;
+  let agreed = true;
   while (v.alive) {
     let run = null;
     try {
       const [extract, runs] = await Promise.all([api("GET", path),
         api("GET", `data/extract_runs?${query({ "filter[where][extract_id]": id, "filter[limit]": 20 })}`)]);
+      // Two reads, not one snapshot: a run that started or ended between them shows in one and
+      // not in the other (its run ended, the counts not yet). Then read again soon, not in 5 s.
+      const latest = runs[0] || { id: null, status: null };
+      agreed = extract.last_run_id === latest.id && extract.last_run_status === latest.status;
       const chosen = runId || (runs[0] && runs[0].id);
       run = runs.find((r) => r.id === chosen) || (chosen ? await api("GET", `data/extract_runs/${encodeURIComponent(chosen)}`) : null);
       // At every poll once the run ended: its files change with nothing on the run to show it
@@ -501,7 +506,7 @@ async function extractView(v, id, runId) {
       if (!passing(exc)) return;
       lost = true;
     }
-    await sleep(lost ? RETRY_MS : run && ACTIVE.has(run.status) ? POLL_ACTIVE_MS : POLL_IDLE_MS);
+    await sleep(lost ? RETRY_MS : (run && ACTIVE.has(run.status)) || !agreed ? POLL_ACTIVE_MS : POLL_IDLE_MS);
   }
 }
 
