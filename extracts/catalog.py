@@ -60,7 +60,9 @@ class Catalog:
             return None
 
     def _schemas(self) -> list[dict[str, Any]]:
-        with open_source(self.location) as source:
+        # In one snapshot, as a run reads: counted one by one, tables written together (an
+        # order and its lines) could show counts of different moments, which the source never held.
+        with open_source(self.location) as source, source.snapshot():
             return source.schemas()
 
     def _describe(self, name: str) -> dict[str, Any] | None:
