@@ -486,6 +486,31 @@ def test_validation_messages_appear_beside_their_fields(tab: Tab, service: Any) 
 
 
 @pytest.mark.slow
+def test_saving_the_form_keeps_what_another_client_changed_meanwhile(tab: Tab, service: Any) -> None:
+    """The edit form sent every field as it had loaded them: a change made meanwhile through the
+    API (a script disabling the extract, another user's edit) was undone by saving an edit of
+    the description. The form now sends only the fields changed in it."""
+    extract = service.create_extract(name="Shared", schemas=["users"])
+    path = f"/api/data/extracts/{extract['id']}"
+    page = tab.page
+    connect(page)
+    page.goto(f"/#/extracts/{extract['id']}/edit")
+    expect(page.locator("#f-name")).to_have_value("Shared")
+    assert service.client.put(path, json={"enabled": False, "retention_days": 30}).status_code == 200
+    page.fill("#f-description", "edited in the page")
+    page.get_by_role("button", name="Save").click()
+    page.wait_for_url(re.compile(rf"#/extracts/{extract['id']}$"))
+    expect(page.locator("[data-fact=enabled]")).to_have_text("no")
+    saved = service.client.get(path).json()["data"]
+    assert {k: saved[k] for k in ("description", "enabled", "retention_days", "schemas")} == {
+        "description": "edited in the page",
+        "enabled": False,
+        "retention_days": 30,
+        "schemas": ["users"],
+    }
+
+
+@pytest.mark.slow
 def test_64_bit_filter_values_are_shown_and_saved_exactly(tab: Tab, service: Any) -> None:
     """Past 2^53 a JavaScript Number rounds: 9007199254740993 became ...992, silently, on any save."""
     big = {"users": {"where": {"id": {"$in": [9007199254740993, -9223372036854775807]}}}}

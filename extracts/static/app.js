@@ -621,9 +621,13 @@ async function formView(v, id) {
     event.preventDefault();
     const { body, errors } = readForm(form);
     if (Object.keys(errors).length) { showErrors(form, summary, "Fix the fields marked below.", Object.entries(errors)); return; }
+    // An edit sends only the fields changed in the form: the others, as loaded, may have been
+    // changed meanwhile through the API, and sending them back would undo that (PUT is partial).
+    const sent = id ? Object.fromEntries(Object.entries(body)
+      .filter(([key, value]) => JSON.stringify(value) !== JSON.stringify(extract[key]))) : body;
     save.disabled = true;
     try {
-      const saved = await api(id ? "PUT" : "POST", path, body);
+      const saved = await api(id ? "PUT" : "POST", path, sent);
       go(`#/extracts/${encodeURIComponent(saved.id)}`);
     } catch (exc) {
       if (exc.status !== 401) showErrors(form, summary, exc.message, (exc.details || []).map((d) => [d.field, d.message]));
