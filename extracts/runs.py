@@ -214,15 +214,18 @@ class Runs:
         run_id, now = new_id("run"), self.dialect.now
         snapshot = {key: extract[key] for key in SNAPSHOT_FIELDS}
         # The time is SQLite's, read once the write lock is held: runs are stamped in
-        # the order they were inserted, however long one waited for the lock.
+        # the order they were inserted, however long one waited for the lock. The name is the
+        # one read with the configuration: the row's own, renamed by a PUT since, would give
+        # the run a name and a configuration the extract never had together.
         inserted = await self.db.fetch_one(
             "INSERT INTO extract_runs (id, extract_id, extract_name, status, progress, "
             "progress_detail, triggered_by, config_snapshot, created_at, updated_at) "
-            f"SELECT :id, id, name, {QUEUED}, 0, :detail, :by, :snapshot, {now}, {now} "
+            f"SELECT :id, id, :name, {QUEUED}, 0, :detail, :by, :snapshot, {now}, {now} "
             "FROM extracts WHERE id = :extract AND deleted_at IS NULL AND enabled = 1 "
             "ON CONFLICT DO NOTHING RETURNING id",
             {
                 "id": run_id,
+                "name": extract["name"],
                 "detail": dumps(progress_detail(Phase.QUEUED)),
                 "by": triggered_by.value,
                 "snapshot": dumps(snapshot),

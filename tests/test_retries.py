@@ -80,7 +80,8 @@ def test_a_four_attempt_chain_waits_twice_as_long_each_time_within_the_jitter(tm
             db, LocalStorage(tmp_path / "storage"), "source.db", 0, lambda: clock[0], lambda: next(jitters)
         )
         try:
-            assert await runs.queue({"id": "extract_1", **FULL_CONFIG}, state.TriggeredBy.MANUAL)
+            extract = {"id": "extract_1", "name": "Nightly", **FULL_CONFIG}
+            assert await runs.queue(extract, state.TriggeredBy.MANUAL)
             for attempt in range(1, 5):
                 job = await runs.claim()
                 assert job is not None, f"attempt {attempt} did not start"
@@ -147,7 +148,7 @@ def test_only_a_transient_failure_with_attempts_left_is_retried(tmp_path: Path, 
         await db.connect()
         runs = Runs(db, LocalStorage(tmp_path / "storage"), "source.db", 0, lambda: clock[0], lambda: 0.0)
         try:
-            await runs.queue({"id": "extract_1", **FULL_CONFIG}, state.TriggeredBy.MANUAL)
+            await runs.queue({"id": "extract_1", "name": "Nightly", **FULL_CONFIG}, state.TriggeredBy.MANUAL)
             job = await runs.claim()
             if ending == "permanent":
                 gone = failure("Schema 'x' no longer exists", "UnknownSchema", retryable=False)

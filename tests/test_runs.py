@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from helpers import Api, InProcessService, Service, http_client, make_big_db, start_service
@@ -119,6 +120,34 @@ def test_simultaneous_run_requests_create_exactly_one_run(app_service: InProcess
     ).json()["data"]
     assert len(runs) == 1
     app_service.wait_run(runs[0]["id"])
+
+
+def test_a_run_takes_its_name_and_configuration_from_one_read(app_service: InProcessService) -> None:
+    """A run request read the extract for the run's configuration, then inserted the run with
+    the extract's name as the row had it then: a PUT renaming it and changing its schemas in
+    between gave the run the new name and the old schemas, an extract that never was."""
+    extract = app_service.create_extract(name="Before", schemas=["users"])
+    con = sqlite3.connect(app_service.db, isolation_level=None, timeout=30)
+    try:
+        con.execute("BEGIN IMMEDIATE")  # the write lock: the request reads the extract, then waits
+        started: list[httpx.Response] = []
+        request = threading.Thread(
+            target=lambda: started.append(app_service.client.post(f"/api/extracts/{extract['id']}/run"))
+        )
+        request.start()
+        time.sleep(0.3)
+        con.execute(
+            "UPDATE extracts SET name = 'After', schemas = '[\"orders\"]', updated_at = ? WHERE id = ?",
+            ("2099-01-01T00:00:00.000Z", extract["id"]),
+        )
+        con.execute("COMMIT")
+        request.join(30)
+    finally:
+        con.close()
+    assert started[0].status_code == 202, started[0].text
+    run = app_service.wait_run(started[0].json()["data"]["run_id"])
+    taken = (run["extract_name"], run["config_snapshot"]["schemas"])
+    assert taken == ("Before", ["users"])  # as the request read it, before the PUT
 
 
 def test_disabled_extract_and_cancel_without_run(app_service: InProcessService) -> None:
