@@ -32,8 +32,12 @@ _ALL_WRITTEN = {Phase.WRITING_MANIFEST.value, Phase.COMPLETED.value}  # the sche
 class View(Protocol):
     def update(self, detail: dict[str, Any]) -> None: ...
     def artifacts(self, items: Iterable[dict[str, Any]]) -> None: ...
+    def restarted(self) -> None: ...
     def note(self, line: str) -> None: ...
     def close(self) -> None: ...
+
+
+RESTARTED = "The run went back to the queue (the service running it stopped); it starts again"
 
 
 class SchemaTally:
@@ -53,6 +57,11 @@ class SchemaTally:
             if item["artifact_name"] not in names:  # the status poll lists the same artifact again
                 names.add(item["artifact_name"])
                 self._records[schema] = self._records.get(schema, 0) + (item["records"] or 0)
+
+    def forget(self) -> None:
+        """The run starts again: the files of its earlier attempt are gone (lines given stay given)."""
+        self._records.clear()
+        self._files.clear()
 
     def finished(self, detail: dict[str, Any]) -> list[str]:
         """Lines for the schemas finished since the last call."""
@@ -87,6 +96,10 @@ class Lines:
     def artifacts(self, items: Iterable[dict[str, Any]]) -> None:
         self.tally.add(items)
 
+    def restarted(self) -> None:
+        self.tally.forget()
+        self.note(RESTARTED)
+
     def note(self, line: str) -> None:
         print(line, file=self.stream, flush=True)
 
@@ -99,6 +112,7 @@ class Quiet:
 
     def update(self, detail: dict[str, Any]) -> None: ...
     def artifacts(self, items: Iterable[dict[str, Any]]) -> None: ...
+    def restarted(self) -> None: ...
     def note(self, line: str) -> None: ...
     def close(self) -> None: ...
 

@@ -334,8 +334,8 @@ def checked_run(run: Any, path: str, client: Client) -> dict[str, Any]:
     return run
 
 
-def _where(run: dict[str, Any]) -> tuple[str, str | None]:
-    return run["status"], run["progress_detail"]["current_schema"]
+def _where(run: dict[str, Any]) -> tuple[str, str | None, Any]:
+    return run["status"], run["progress_detail"]["current_schema"], run.get("started_at")
 
 
 def watch(client: Client, run_id: str, view: View) -> dict[str, Any]:
@@ -343,21 +343,28 @@ def watch(client: Client, run_id: str, view: View) -> dict[str, Any]:
 
     The files are listed between two reads of the run that agree on where it is: a
     listing taken after a single read can hold the first part of a schema the read
-    had not reached yet, which would then count as that schema's whole.
+    had not reached yet, which would then count as that schema's whole. A run put
+    back in the queue (its service stopped gracefully) loses its files and starts
+    again: a new ``started_at`` (or none) says so, and the view forgets the files of
+    the earlier attempt rather than count them with the next one's.
     """
     path = f"/api/data/extract_runs/{run_id}"
-    schema = None
+    schema, began = None, None
     while True:
         run = checked_run(client.call("GET", path), path, client)
         detail = run["progress_detail"]
         ended = run["status"] in _ENDED
-        if ended or detail["current_schema"] != schema:  # a schema ended: its line needs its files
+        # A schema ended (its line needs its files), or the run started again.
+        if ended or detail["current_schema"] != schema or (began and run.get("started_at") != began):
             while True:
                 listed = run_artifacts(client, run_id)
                 again = checked_run(client.call("GET", path), path, client)
                 if _where(again) == _where(run):
                     break
                 run = again
+            if began and run.get("started_at") != began:
+                view.restarted()
+            began = run.get("started_at")
             view.artifacts(listed)
             detail = run["progress_detail"]
             ended = run["status"] in _ENDED

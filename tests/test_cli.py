@@ -1028,6 +1028,75 @@ def test_run_wait_counts_a_schema_only_once_its_files_are_all_listed():
 
 
 @pytest.mark.slow
+def test_run_wait_forgets_the_files_of_an_attempt_put_back_in_the_queue():
+    """A run whose instance stops gracefully goes back to the queue, its files deleted, and runs
+    again (SPEC: Snapshot, safety and faults; on another instance of a shared state). ``run
+    --wait`` kept the files it had listed: the first part of "orders" made that schema's line
+    ("orders: 20 records") as soon as the run was no longer on it, then its files of the next
+    attempt were taken for ones already counted. Files of an earlier attempt are now forgotten."""
+    from extracts.progress import Lines
+    from extracts.remote import watch
+
+    def artifact(schema: str, name: str, records: int) -> dict[str, object]:
+        return {
+            "artifact_type": "data-jsonl",
+            "artifact_name": name,
+            "schema_name": schema,
+            "records": records,
+        }
+
+    def run(status: str, current: str | None, started: str | None) -> dict[str, object]:
+        detail = {
+            "phase": "exporting_data" if current else status,
+            "current_schema": current,
+            "schemas_total": 2,
+            "schemas_completed": 0,
+            "records_exported": 0,
+            "records_total": 54,
+        }
+        return {
+            "status": status,
+            "error": None,
+            "records_exported": 54,
+            "started_at": started,
+            "progress_detail": detail,
+        }
+
+    users = artifact("users", "users.jsonl", 4)
+    first = artifact("orders", "orders.00001.jsonl", 20)
+    again = [artifact("orders", f"orders.0000{n}.jsonl", r) for n, r in ((1, 20), (2, 20), (3, 10))]
+    # What the service holds at each read of the run, and its files then (read twice: they agree).
+    states = [
+        (run("running", "users", "T1"), []),
+        (run("running", "orders", "T1"), [users, first]),
+        (run("queued", None, None), []),  # put back: the first attempt's files deleted
+        (run("running", "users", "T2"), []),
+        (run("running", "orders", "T2"), [users]),
+        (run("completed", None, "T2"), [users, *again]),
+    ]
+    at = {"read": 0}
+
+    def answer(handler: http.server.BaseHTTPRequestHandler) -> None:
+        state, files = states[min(at["read"] // 2, len(states) - 1)]
+        if handler.path.startswith("/api/data/extract_artifacts"):
+            data: object = files
+        else:
+            data = state
+            at["read"] += 1
+        _reply(handler, json.dumps({"data": data}).encode())
+
+    lines = io.StringIO()
+    with _stand_in(answer) as url:
+        ended = watch(Client(url, "t"), "run_1", Lines(lines))
+    assert ended["status"] == "completed"
+    assert lines.getvalue().splitlines() == [
+        "users: 4 records",
+        "The run went back to the queue (the service running it stopped); it starts again",
+        "orders: 50 records in 3 files",
+    ]
+
+
+@pytest.mark.slow
 def test_run_wait_download_against_the_service(service, tmp_path: Path):
     extract = service.create_extract(
         name="cli run", schemas=["users", "orders"], split_files=True, split_max_records=20
