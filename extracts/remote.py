@@ -555,7 +555,8 @@ def run_remote(args: argparse.Namespace, bad_option: Callable[[str], NoReturn]) 
         view.close()
         if run["status"] != RunStatus.COMPLETED:
             print(
-                f"extracts-app: run {run_id} {run['status']}: {run['error'] or 'no error given'}",
+                f"extracts-app: run {run_id} {run['status']}: {run['error'] or 'no error given'}"
+                + _retried_as(run),
                 file=sys.stderr,
             )
             return 1
@@ -577,6 +578,15 @@ def run_remote(args: argparse.Namespace, bad_option: Callable[[str], NoReturn]) 
             file=sys.stderr,
         )
         return 130
+
+
+def _retried_as(run: dict[str, Any]) -> str:
+    """What follows a failed run the service retries (SPEC: Retries): the retry is a run of its own,
+    which this command does not wait for; its id is how to follow it."""
+    retry = run.get("retry_run_id")
+    if not (isinstance(retry, str) and RUN_ID.fullmatch(retry)):
+        return ""
+    return f"; the service retries it as {retry} (GET /api/data/extract_runs/{retry})"
 
 
 def _download_and_verify(client: Client, run_id: str, target: Path, view: View, quiet: bool) -> int:

@@ -1097,6 +1097,28 @@ def test_run_wait_forgets_the_files_of_an_attempt_put_back_in_the_queue():
 
 
 @pytest.mark.slow
+def test_run_wait_names_the_retry_of_a_run_that_failed(service, tmp_path: Path):
+    """A run that failed for a transient cause is retried by the service as a run of its own; the
+    command ended on "failed" without a word of it, as if nothing more would happen."""
+    service.create_extract(name="cli retried", schemas=["users"], max_attempts=2, retry_delay_seconds=3600)
+    source = Path(service.source)
+    source.rename(tmp_path / "away.db")  # the source is gone: a transient cause
+    try:
+        done = cli(
+            "run", "cli retried", "--url", service.base_url, "--token", service_token(service), "--wait"
+        )
+    finally:
+        (tmp_path / "away.db").rename(source)
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.splitlines()[-1]
+    retry = re.search(r"; the service retries it as (run_[0-9a-f]+) \(GET /api/data/extract_runs/\1\)$", last)
+    assert retry and "failed" in last and "(attempt 1 of 2)" in last, done.stderr
+    run = service.client.get(f"/api/data/extract_runs/{retry[1]}").json()["data"]
+    assert run["triggered_by"] == "retry" and run["attempt"] == 2
+    service.client.post(f"/api/extracts/{run['extract_id']}/cancel")
+
+
+@pytest.mark.slow
 def test_run_wait_download_against_the_service(service, tmp_path: Path):
     extract = service.create_extract(
         name="cli run", schemas=["users", "orders"], split_files=True, split_max_records=20
