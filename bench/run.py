@@ -822,8 +822,12 @@ class Bench:
                     "running",
                 ):
                     await asyncio.sleep(0.1)
-                with contextlib.suppress(httpx.HTTPError):
-                    await client.delete(f"/api/data/extract_runs/{run}")
+                # A cancelled run's worker may still be stopping: 409 until it has, then its files go.
+                for _ in range(100):
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await client.delete(f"/api/data/extract_runs/{run}")).status_code != 409:
+                            break
+                    await asyncio.sleep(0.1)
             return latencies, errors, finished
 
     # ------------------------------------------------------------ profile (when the export misses)
