@@ -511,6 +511,32 @@ def test_saving_the_form_keeps_what_another_client_changed_meanwhile(tab: Tab, s
 
 
 @pytest.mark.slow
+def test_saving_the_form_keeps_lists_another_client_changed_meanwhile(tab: Tab, service: Any) -> None:
+    """The form's check boxes read a list in the page's order (include: describe, data; schemas:
+    as the source lists them), and an edit sent a list whose order differed from the extract's as
+    a change: saving an edit of the description put back the schemas and parts another client had
+    set meanwhile. A list with the same items as loaded is no change."""
+    names = [s["name"] for s in service.client.get("/api/describe").json()["data"]]
+    loaded = names[:2][::-1]  # two schemas, in the order opposite to the page's
+    extract = service.create_extract(name="Lists", include=["data", "describe"], schemas=loaded)
+    path = f"/api/data/extracts/{extract['id']}"
+    page = tab.page
+    connect(page)
+    page.goto(f"/#/extracts/{extract['id']}/edit")
+    expect(page.locator("#f-name")).to_have_value("Lists")
+    changed = {"include": ["data"], "schemas": [names[2]]}
+    assert service.client.put(path, json=changed).status_code == 200
+    page.fill("#f-description", "edited in the page")
+    page.get_by_role("button", name="Save").click()
+    page.wait_for_url(re.compile(rf"#/extracts/{extract['id']}$"))
+    saved = service.client.get(path).json()["data"]
+    assert {k: saved[k] for k in ("description", "include", "schemas")} == {
+        "description": "edited in the page",
+        **changed,
+    }
+
+
+@pytest.mark.slow
 def test_64_bit_filter_values_are_shown_and_saved_exactly(tab: Tab, service: Any) -> None:
     """Past 2^53 a JavaScript Number rounds: 9007199254740993 became ...992, silently, on any save."""
     big = {"users": {"where": {"id": {"$in": [9007199254740993, -9223372036854775807]}}}}

@@ -561,6 +561,13 @@ function formControls(e, schemas) {
       control("retry_delay_seconds", "First retry after (seconds)", integer("retry_delay_seconds", e.retry_delay_seconds, 1, 86400))));
 }
 
+// A list of the same items is no change: the check boxes read include and schemas in the page's
+// order, not the extract's (the API keeps the order it was given).
+function unchanged(value, loaded) {
+  if (Array.isArray(value) && Array.isArray(loaded)) return value.length === loaded.length && value.every((item) => loaded.includes(item));
+  return JSON.stringify(value) === JSON.stringify(loaded);
+}
+
 // The body exactly as typed: the API validates, and its messages land beside each field.
 function readForm(form) {
   const value = (name) => form.elements[name].value;
@@ -623,8 +630,7 @@ async function formView(v, id) {
     if (Object.keys(errors).length) { showErrors(form, summary, "Fix the fields marked below.", Object.entries(errors)); return; }
     // An edit sends only the fields changed in the form: the others, as loaded, may have been
     // changed meanwhile through the API, and sending them back would undo that (PUT is partial).
-    const sent = id ? Object.fromEntries(Object.entries(body)
-      .filter(([key, value]) => JSON.stringify(value) !== JSON.stringify(extract[key]))) : body;
+    const sent = id ? Object.fromEntries(Object.entries(body).filter(([key, value]) => !unchanged(value, extract[key]))) : body;
     save.disabled = true;
     try {
       const saved = await api(id ? "PUT" : "POST", path, sent);
