@@ -9,6 +9,7 @@ keep working.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
@@ -36,24 +37,29 @@ SEVERAL = (
 
 
 def check_address(host: str, port: int) -> None:
-    """Whether ``host:port`` can be listened on, bound as asyncio's server will bind it.
+    """Whether ``host:port`` can be listened on, bound by asyncio's server as uvicorn's will be.
 
     uvicorn binds only after the app's start-up: a port in use or a host that does not
     resolve failed after the banner had said "listening on", the start-up's work done.
+    asyncio's own server binds here (not listening): a copy of its rules drifts from them
+    (an address family the kernel lacks is skipped; from Python 3.13, so is an address the
+    machine does not have, ::1 of ``localhost`` without IPv6).
     """
+
+    async def bind() -> None:
+        server = await asyncio.get_running_loop().create_server(
+            asyncio.Protocol, host, port, start_serving=False
+        )
+        server.close()
+        await server.wait_closed()
+
     try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        asyncio.run(bind())
     except (socket.gaierror, UnicodeError) as exc:
         raise StartupError(f"--host {host}: not an address this machine can listen on ({exc})") from None
-    for family, kind, protocol, _, address in addresses:
-        with socket.socket(family, kind, protocol) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server does
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
 
 
 def prepare(settings: Settings) -> None:

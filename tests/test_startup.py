@@ -3,11 +3,15 @@ this process: it exits before serving)."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
+import socket
 import stat
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -271,6 +275,68 @@ def test_an_address_it_cannot_listen_on_stops_it_before_the_banner(tmp_path: Pat
             assert process.returncode == 1, output
             assert output.startswith(expected) and len(output.splitlines()) == 1, output
             assert list(tmp_path.iterdir()) == [], output
+
+
+def _listens(host: str, port: int) -> bool:
+    """Whether asyncio's server (uvicorn's) listens on ``host:port``."""
+
+    async def bind() -> None:
+        server = await asyncio.get_running_loop().create_server(asyncio.Protocol, host, port)
+        server.close()
+        await server.wait_closed()
+
+    try:
+        asyncio.run(bind())
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "ipv6",
+    [
+        pytest.param(None, id="a kernel without IPv6"),
+        pytest.param("2001:db8::1", id="an IPv6 address not on this machine"),
+    ],
+)
+def test_the_address_check_agrees_with_the_server_on_a_name_of_several_addresses(
+    monkeypatch: pytest.MonkeyPatch, ipv6: str | None
+) -> None:
+    """Debian's ``localhost`` is ::1 and 127.0.0.1. On a kernel without IPv6 (``ipv6.disable=1``)
+    the ::1 socket cannot be made: asyncio's server skips it and listens on 127.0.0.1, while the
+    check made it too, unguarded, and start-up ended on a traceback. An address the machine does
+    not have is the server's to judge as well (Python 3.13 skips it, 3.11 refuses it): the check
+    binds as the running Python's asyncio does."""
+    from extracts.startup import StartupError, check_address
+
+    port, getaddrinfo, make = free_port(), socket.getaddrinfo, socket.socket
+
+    def localhost(host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        if host != "localhost":
+            return getaddrinfo(host, port, *args, **kwargs)
+        stream = (socket.SOCK_STREAM, socket.IPPROTO_TCP, "")
+        return [
+            (socket.AF_INET6, *stream, (ipv6 or "::1", port, 0, 0)),
+            (socket.AF_INET, *stream, ("127.0.0.1", port)),
+        ]
+
+    class WithoutIPv6(make):  # type: ignore[misc, valid-type]
+        def __init__(self, family: int = -1, *args: Any, **kwargs: Any) -> None:
+            if family == socket.AF_INET6:
+                raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+            super().__init__(family, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", localhost)
+    if ipv6 is None:
+        monkeypatch.setattr(socket, "socket", WithoutIPv6)
+    listens = _listens("localhost", port)
+    assert listens or ipv6 is not None  # without IPv6, asyncio listens on 127.0.0.1
+    try:
+        check_address("localhost", port)
+        checked = True
+    except StartupError:
+        checked = False
+    assert checked == listens
 
 
 @pytest.mark.parametrize(
