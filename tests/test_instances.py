@@ -770,14 +770,18 @@ def test_a_state_refusing_new_sessions_is_a_busy_state(tmp_path: Path) -> None:
         with psycopg.connect(ADMIN, autocommit=True) as con:
             con.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
         assert svc.client.get("/api/data/extracts").status_code == 200
-        # asyncpg's tries to reopen sessions: one line each (a loop's own first failure, if one
-        # met the refusal, keeps its traceback: extracts.schedule.Failures).
-        lines = svc.output().splitlines()
-        assert "unhandled" not in svc.output().lower()
-        for i, line in enumerate(lines):
-            if "Failed to restore the pool connection floor" in line:
-                assert "TooManyConnectionsError" in line, lines[i:]
-                assert not lines[i + 1 :] or not lines[i + 1].startswith("Traceback"), lines[i:]
+        assert "unhandled" not in svc.output().lower()  # no request answered 500
+        # asyncpg's pool logs its failed tries to reopen sessions in one line. A periodic step (the
+        # heartbeat, the sweep, the dispatcher) whose statement met the ended sessions logs its
+        # first failure with its traceback, by design (schedule.Failures): whether one ran then is
+        # the machine's timing.
+        records = re.split(r"\n(?=(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) )", svc.output())
+        traced = [
+            r
+            for r in records
+            if "Traceback" in r and not re.match(r"ERROR extracts\.\w+: [^\n]* failed\n", r)
+        ]
+        assert traced == [], traced
     finally:
         svc.stop()
         drop_state_database(name)
