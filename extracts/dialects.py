@@ -105,10 +105,13 @@ class PostgresDialect(Dialect):
             | asyncpg.LockNotAvailableError
             | asyncpg.IdleInTransactionSessionTimeoutError
             | asyncpg.ConnectionDoesNotExistError
-            # No session now: the server is starting, stopping or restarting (57xxx: also
-            # CannotConnectNow), or refuses more (53xxx: a role's connection limit,
-            # max_connections, its disk or memory full). The pool opens sessions again later.
-            | asyncpg.OperatorInterventionError
+            # No session now: the server is stopping, restarting or starting (57P01-57P03),
+            # or refuses more (53xxx: a role's connection limit, max_connections, its disk or
+            # memory full). The pool opens sessions again later. Not the rest of class 57: a
+            # statement a DBA cancelled (57014) or a database dropped (57P04) is no wait.
+            | asyncpg.AdminShutdownError
+            | asyncpg.CrashShutdownError
+            | asyncpg.CannotConnectNowError
             | asyncpg.InsufficientResourcesError
             | OSError,
         )

@@ -75,10 +75,15 @@ class StateCollector:
         # One statement, so one snapshot: counted in two, a run that started or ended between
         # them was counted both as queued and as active, or in none of queued, active and ended.
         rows = await self.db.fetch_all(
-            "SELECT status, triggered_by, instance_id, count(*) AS runs, "
+            # The instance only for the running ones: ended runs keep the id of every instance
+            # that ever ran one (a new one at each start), and the rows would grow with restarts.
+            "SELECT status, triggered_by, CASE WHEN status = :running THEN instance_id END AS instance_id, "
+            "count(*) AS runs, "
             "coalesce(sum(records_exported), 0) AS records, coalesce(sum(total_size_bytes), 0) AS bytes, "
             "count(duration_seconds) AS timed, coalesce(sum(duration_seconds), 0) AS seconds, "
-            f"{buckets} FROM extract_runs GROUP BY status, triggered_by, instance_id"
+            f"{buckets} FROM extract_runs GROUP BY status, triggered_by, "
+            "CASE WHEN status = :running THEN instance_id END",
+            {"running": RunStatus.RUNNING.value},
         )
         runs = [dict(r._mapping) for r in rows]
         live = await self.instance.live()

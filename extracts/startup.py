@@ -72,7 +72,9 @@ def prepare(settings: Settings) -> None:
         # And on the file itself, for the names a path cannot show (a hard link): SQLite's own
         # locks are POSIX ones, which flock's do not touch. Through another name SQLite would
         # also use another -wal file: two instances would corrupt the state, not just share it.
-        hold_alone(settings.db, f"the state file {settings.db} (by another name, a hard link)", note=False)
+        hold_alone(
+            settings.db, f"the state file {settings.db} (by another name: a hard link?)", write_pid=False
+        )
         try:
             state.prepare_state_file(settings.db)
         except (OSError, sqlite3.Error) as exc:
@@ -125,28 +127,29 @@ def prepare(settings: Settings) -> None:
 _HELD: list[int] = []  # the lock files' descriptors, open for the life of the process
 
 
-def hold_alone(path: Path, what: str, note: bool = True) -> None:
+def hold_alone(path: Path, what: str, write_pid: bool = True) -> None:
     """Take the lock file beside ``what`` for this process's life; refuse when another instance has it.
 
     A SQLite state file and a local storage directory serve one instance
     (SPEC: Beyond one machine). The kernel drops the lock when the process
-    ends, however it ends. ``note``: write this process's pid in ``path``,
-    for the message a second instance gets (never in the state file itself).
+    ends, however it ends. ``write_pid``: this process's pid goes in ``path``,
+    for the message a second instance gets (never in the state file itself,
+    created as SQLite creates it: 0644 before the umask).
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Read-only: an open file to write would stop the volume being remounted read-only.
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600 if write_pid else 0o644)
     except OSError:
         return  # the state or storage check that follows says why it cannot be written
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() if note else ""
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() if write_pid else ""
         os.close(fd)
         by = f" (pid {holder})" if holder else ""
         raise StartupError(f"{what} is in use by another extracts-app{by}; {SEVERAL}") from None
-    if note:
+    if write_pid:
         with contextlib.suppress(OSError):
             path.write_text(str(os.getpid()))
     _HELD.append(fd)

@@ -745,6 +745,31 @@ def test_a_state_that_stops_answering_holds_up_no_stop(
     assert stopped is not None and stopped < 20, stopped
 
 
+def test_what_a_postgresql_state_waits_out_and_what_it_does_not() -> None:
+    """A busy state is retried without end (a message is applied again, a request answered 503):
+    only a cause that passes. A server going away or refusing sessions does; a statement a DBA
+    cancelled, or the state's database dropped, never would, and the retries would hold up
+    every message after them."""
+    import asyncpg
+
+    from extracts.dialects import POSTGRES
+
+    waited = [
+        asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+        asyncpg.CrashShutdownError("terminating connection because of crash of another server process"),
+        asyncpg.CannotConnectNowError("the database system is starting up"),
+        asyncpg.TooManyConnectionsError('too many connections for role "x"'),
+        asyncpg.DiskFullError("could not extend file: No space left on device"),
+    ]
+    not_waited = [
+        asyncpg.QueryCanceledError("canceling statement due to user request"),
+        asyncpg.DatabaseDroppedError("database is being dropped"),
+        asyncpg.UndefinedTableError('relation "extracts" does not exist'),
+    ]
+    assert [POSTGRES.busy(exc) for exc in waited] == [True] * len(waited)
+    assert [POSTGRES.busy(exc) for exc in not_waited] == [False] * len(not_waited)
+
+
 @pytest.mark.slow
 def test_a_state_refusing_new_sessions_is_a_busy_state(tmp_path: Path) -> None:
     """The service's sessions ended (a restart, pg_terminate_backend) while PostgreSQL refuses new
