@@ -853,15 +853,21 @@ def private_mariadb(tmp_path: Path, sql_mode: str) -> Iterator[str]:
     (other test processes) would start with it.
     """
     data, socket_path, port = tmp_path / "mariadb", tmp_path / "mariadb.sock", free_port()
+    # Its own temporary directory: a mariadbd starting (its bootstrap too) deletes every "#sql*"
+    # file in its tmpdir, left over as it takes them to be; in /tmp those were the shared
+    # server's live temporary tables, and another test process's query failed ("Error on
+    # delete of '/tmp/#sql-temptable-….MAI'").
+    scratch = tmp_path / "mariadb-tmp"
+    scratch.mkdir(exist_ok=True)
     subprocess.run(
         ["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--skip-test-db",
-         "--auth-root-authentication-method=normal"],
+         "--auth-root-authentication-method=normal", f"--tmpdir={scratch}"],
         check=True, capture_output=True,
     )  # fmt: skip
     server = subprocess.Popen(
         ["/usr/sbin/mariadbd", "--no-defaults", f"--datadir={data}", f"--socket={socket_path}",
          f"--port={port}", "--bind-address=127.0.0.1", "--user=root", "--skip-log-bin",
-         "--innodb-buffer-pool-size=8M", f"--sql-mode={sql_mode}"],
+         "--innodb-buffer-pool-size=8M", f"--sql-mode={sql_mode}", f"--tmpdir={scratch}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
 
