@@ -34,8 +34,9 @@ import pytest
 from helpers import make_big_db, wait_for
 
 from extracts import commands, config
+from extracts.client import Client
 from extracts.progress import Quiet
-from extracts.remote import Client, download
+from extracts.remote import download
 from extracts.state import parse_iso
 from extracts.storage.local import LocalStorage
 from extracts.verify import verify_path
