@@ -47,8 +47,11 @@ class Dialect:
         return isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc)
 
     def busy(self, exc: BaseException) -> bool:
-        """``exc`` is the state database being busy past its timeout: the same write can be retried."""
-        return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+        """``exc`` is the state database being busy past its timeout, or its volume full (SQLITE_FULL,
+        as PostgreSQL's 53100 is): the same write can be retried, and works once there is room."""
+        return isinstance(exc, sqlite3.OperationalError) and (
+            "locked" in str(exc) or "database or disk is full" in str(exc)
+        )
 
 
 class PostgresDialect(Dialect):

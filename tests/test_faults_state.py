@@ -24,6 +24,7 @@ from helpers import (
     start_in_process,
     start_service,
     state_locked,
+    tmpfs,
     wait_for,
     worker_writing,
 )
@@ -121,6 +122,45 @@ def test_state_file_locked_past_the_busy_timeout_is_a_503_and_nothing_is_stuck(
         assert "INTERNAL_ERROR" not in str(results)
     finally:
         svc.stop()
+
+
+def fill(path: Path) -> None:
+    """Write ``path`` until its volume has no byte left."""
+    with path.open("wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+
+
+@pytest.mark.slow
+def test_a_full_state_volume_is_a_busy_state(tmp_path: Path) -> None:
+    """The SQLite state's volume full ("database or disk is full") was no busy state, where
+    PostgreSQL's full disk is one: every write request got a 500, and the run's messages were
+    dropped (files without their artifact rows, the run let go to the reaper). Now a request
+    gets a 503 to retry, and the messages are applied again once there is room."""
+    source = make_big_db(tmp_path / "source.db", 300_000)
+    with tmpfs(tmp_path / "volume", 1) as volume:
+        svc = start_in_process(tmp_path, str(source), db=volume / "extracts.db")
+        try:
+            extract = svc.create_extract(name="Full", schemas=["big", "small"], compress=False)
+            run_id = svc.run(extract["id"])
+            worker_writing(svc.storage, run_id)
+            fill(volume / "filler")
+            for i in range(200):  # the WAL file's free frames go first
+                answer = svc.client.post(
+                    "/api/data/extracts", json={"name": f"n{i}", "description": "x" * 4000}
+                )
+                if answer.status_code != 201:
+                    break
+            assert answer.status_code == 503 and "retry" in answer.json()["error"], answer.text
+            time.sleep(1)  # the run's messages meet the full volume too
+            (volume / "filler").unlink()
+            run = svc.wait_run(run_id)
+            assert run["status"] == "completed" and run["records_exported"] == 300_001, run
+            assert_files_match(svc, run_id)
+            assert run["artifacts_created"] == 4 == len(svc.artifacts(run_id))  # describe, 2 tables, manifest
+            assert "unhandled" not in svc.output() and "could not" not in svc.output(), svc.output()
+        finally:
+            svc.stop()
 
 
 # ---------------------------------------------------------------- a locked state file, in-process

@@ -9,7 +9,6 @@ service's own process is the point (its output, its limits).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import resource
@@ -17,7 +16,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +28,7 @@ from helpers import (
     no_temporary_files,
     start_in_process,
     start_service,
+    tmpfs,
     worker_writing,
 )
 
@@ -51,22 +50,6 @@ def assert_not_retried(service: Api, run: dict) -> None:
         "/api/data/extract_runs", params={"filter[where][extract_id]": run["extract_id"]}
     ).json()["data"]
     assert [r["id"] for r in runs] == [run["id"]]
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
-    """A real small volume (root only); skips the test where the machine does not allow it."""
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def remount(path: Path, mode: str) -> None:
