@@ -183,7 +183,8 @@ def create_app(settings: Settings) -> Starlette:
             stopping.set()  # each loop ends after the step it is in (never cut in a statement)
             await asyncio.gather(*loops, return_exceptions=True)
             await pool.stop()
-            await instance.stop()
+            if pool.state_answered:  # else each write would wait out the busy timeout again
+                await instance.stop()
             await state.disconnect(db)
 
     exception_handlers = {

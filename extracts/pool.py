@@ -87,6 +87,7 @@ class WorkerPool:
         self._watchdog: asyncio.Task[None] | None = None
         self._orphans: list[str] | None = None  # the runs of a dead Manager's workers, still to end
         self._stopping = False
+        self.state_answered = True  # False: the stop found the state busy (``stop``)
         self._consumer: asyncio.Task[None] | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._messages: asyncio.Queue[Message] = asyncio.Queue()
@@ -170,25 +171,39 @@ class WorkerPool:
             await asyncio.gather(self._dispatcher, return_exceptions=True)
         await asyncio.to_thread(self._kill_pool)
         await self._drain()
-        requeued = await self.runs.requeue()
-        # Runs whose result never came (cancelled meanwhile, their worker killed): what was not
-        # recorded goes. Not a requeued run's files: another instance may have claimed it already.
-        for run_id in set(self._inflight) - set(requeued):
-            await self.runs.remove_leftovers(run_id)
+        try:
+            requeued = await self.runs.requeue()
+            # Runs whose result never came (cancelled meanwhile, their worker killed): what was not
+            # recorded goes. Not a requeued run's files: another instance may have claimed it already.
+            for run_id in set(self._inflight) - set(requeued):
+                await self.runs.remove_leftovers(run_id)
+        except Exception as exc:
+            if not self.runs.dialect.busy(exc):
+                raise
+            # Another process held the state past the busy timeout: the stop ends all the same. A
+            # run left 'running' is failed as interrupted at the next start (or by another
+            # instance once its lease lapses) and retried, as after a crash.
+            log.warning(
+                "could not put the active runs back in the queue, the state stayed busy (%s): "
+                "the next start fails them as interrupted and retries them",
+                exc,
+            )
+            self.state_answered = False
+            requeued = []
         if requeued:
             log.info(
                 "%d active run(s) put back in the queue: they run again at the next start", len(requeued)
             )
         await asyncio.to_thread(self._stop_manager)
 
-    async def _drain(self, timeout: float = DRAIN_TIMEOUT_S) -> None:
+    async def _drain(self) -> None:
         """Apply every message already on the queue, then stop the consumer."""
         if self._consumer is None:
             return
         self._drained.clear()
         try:
             await asyncio.to_thread(self._queue.put, ("drained", None, None))
-            await asyncio.wait_for(self._drained.wait(), timeout)
+            await asyncio.wait_for(self._drained.wait(), DRAIN_TIMEOUT_S)
         except Exception:  # noqa: BLE001 — the Manager is gone, or the state file stayed locked
             log.warning("could not apply every message of the stopped runs; they are requeued")
         self._consumer.cancel()

@@ -512,7 +512,13 @@ class Runs:
 
         async def take_back() -> list[str]:
             if run_ids is None:
-                rows = await self.db.fetch_all(requeue + " RETURNING id", values)
+                # A read first: with none of its runs running (an idle stop) no write is needed,
+                # and a state another process holds locked (a read still passes) holds up nothing.
+                mine = await self.db.fetch_val(
+                    f"SELECT count(*) FROM extract_runs WHERE status = {RUNNING} AND instance_id = :me",
+                    {"me": self.instance_id},
+                )
+                rows = await self.db.fetch_all(requeue + " RETURNING id", values) if mine else []
             else:
                 rows = [
                     row

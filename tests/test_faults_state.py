@@ -124,6 +124,48 @@ def test_state_file_locked_past_the_busy_timeout_is_a_503_and_nothing_is_stuck(
         svc.stop()
 
 
+@pytest.mark.slow
+def test_a_stop_while_another_process_holds_the_state_ends_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while another process held the state file past the busy timeout: the stop's
+    requeue failed, the app's stop ended on a traceback ("Application shutdown failed") and
+    skipped closing the state. It now says in one line that the run stays for the next start,
+    writes nothing more, and ends; the next start fails the run as interrupted and retries it."""
+    from extracts import pool
+
+    monkeypatch.setattr(state, "BUSY_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(pool, "DRAIN_TIMEOUT_S", 2.0)  # the stop's wait for the last messages
+    source = make_big_db(tmp_path / "source.db", 300_000)
+    # Idle, it has nothing to write: the stop reads that no run is its own, and ends at once.
+    idle = start_in_process(tmp_path / "idle", str(source))
+    with state_locked(idle.db, 30):
+        started = time.monotonic()
+        idle.stop()
+        assert time.monotonic() - started < 2 and "Traceback" not in idle.output(), idle.output()
+    svc = start_in_process(tmp_path / "one", str(source))
+    extract = svc.create_extract(
+        name="Stopped while locked", schemas=["big"], compress=False, retry_delay_seconds=1
+    )
+    run_id = svc.run(extract["id"])
+    worker_writing(svc.storage, run_id)
+    with state_locked(svc.db, 30):
+        started = time.monotonic()
+        svc.stop()
+        took = time.monotonic() - started
+    log = svc.output()
+    assert took < 8, took
+    assert "could not put the active runs back in the queue, the state stayed busy" in log, log
+    assert "Application shutdown failed" not in log and "Traceback" not in log, log
+    again = start_in_process(tmp_path / "two", str(source), db=svc.db, storage=svc.storage)
+    try:
+        run = again.client.get(f"/api/data/extract_runs/{run_id}").json()["data"]
+        assert run["status"] == "failed" and "interrupted" in run["error"], run
+        assert again.wait_run(run["retry_run_id"], timeout=60)["status"] == "completed"
+    finally:
+        again.stop()
+
+
 def fill(path: Path) -> None:
     """Write ``path`` until its volume has no byte left."""
     with path.open("wb", buffering=0) as f, contextlib.suppress(OSError):
