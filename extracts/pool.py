@@ -171,25 +171,10 @@ class WorkerPool:
             await asyncio.gather(self._dispatcher, return_exceptions=True)
         await asyncio.to_thread(self._kill_pool)
         await self._drain()
-        try:
-            requeued = await self.runs.requeue()
-            # Runs whose result never came (cancelled meanwhile, their worker killed): what was not
-            # recorded goes. Not a requeued run's files: another instance may have claimed it already.
-            for run_id in set(self._inflight) - set(requeued):
-                await self.runs.remove_leftovers(run_id)
-        except Exception as exc:
-            if not self.runs.dialect.busy(exc):
-                raise
-            # Another process held the state past the busy timeout: the stop ends all the same. A
-            # run left 'running' is failed as interrupted at the next start (or by another
-            # instance once its lease lapses) and retried, as after a crash.
-            log.warning(
-                "could not put the active runs back in the queue, the state stayed busy (%s): "
-                "the next start fails them as interrupted and retries them",
-                exc,
-            )
-            self.state_answered = False
-            requeued = []
+        # Runs whose result never came (cancelled meanwhile, their worker killed): what was not
+        # recorded goes. Not a requeued run's files: another instance may have claimed it already.
+        requeued = await self.runs.put_back(set(self._inflight))
+        self.state_answered = requeued is not None
         if requeued:
             log.info(
                 "%d active run(s) put back in the queue: they run again at the next start", len(requeued)

@@ -496,6 +496,29 @@ class Runs:
         )
         return None if text is None else parse_iso(text)
 
+    async def put_back(self, unfinished: set[str]) -> list[str] | None:
+        """A stop's requeue (``requeue``), then the leftovers of ``unfinished`` runs it did not
+        requeue; the runs requeued, or None when the state stayed busy.
+
+        Another process holding the state past the busy timeout must not hold the stop: a run
+        left 'running' is failed as interrupted at the next start (or by another instance once
+        its lease lapses) and retried, as after a crash.
+        """
+        try:
+            requeued = await self.requeue()
+            for run_id in unfinished - set(requeued):
+                await self.remove_leftovers(run_id)
+        except Exception as exc:
+            if not self.dialect.busy(exc):
+                raise
+            log.warning(
+                "could not put the active runs back in the queue, the state stayed busy (%s): "
+                "the next start fails them as interrupted and retries them",
+                exc,
+            )
+            return None
+        return requeued
+
     async def requeue(self, run_ids: list[str] | None = None) -> list[str]:
         """Put interrupted runs back in the queue (None: every 'running' run); returns their ids.
 
