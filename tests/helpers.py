@@ -464,7 +464,15 @@ class InProcessService(Api):
         self._records: list[str] = []
         self._capture = _Capture(self._records)
         held = len(startup._HELD)
-        startup.prepare(self.settings)
+        try:
+            startup.prepare(self.settings)
+        except BaseException:  # a start-up refused: nothing of it stays in this process
+            for fd in startup._HELD[held:]:
+                os.close(fd)
+            del startup._HELD[held:]
+            sock.close()
+            self._capture.close()
+            raise
         self._held = startup._HELD[held:]  # the lock files this instance took: released at stop
         del startup._HELD[held:]
         self.source = self.settings.source or ""

@@ -378,3 +378,27 @@ def test_ctrl_c_before_the_service_started_is_one_line(tmp_path: Path) -> None:
             _, err = process.communicate(timeout=30)
     assert process.returncode == 130, err
     assert err == "extracts-app: interrupted before the service started\n"
+
+
+@pytest.mark.slow
+def test_an_in_process_service_refused_at_start_up_leaves_nothing_held(tmp_path: Path) -> None:
+    """The tests' in-process service: a start-up refused (a second instance on the same state)
+    kept the lock files it had taken, its socket and its log capture, for the rest of the test
+    process: every later in-process service on that state would have been refused too."""
+    from helpers import make_shop_db, start_in_process, start_service
+
+    from extracts import startup
+    from extracts.startup import StartupError
+
+    source = str(make_shop_db(tmp_path / "shop.db"))
+    (tmp_path / "one").mkdir()
+    first = start_service(tmp_path / "one", source)
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(StartupError, match="in use by another extracts-app"):
+            start_in_process(tmp_path / "two", source, db=first.db)
+        assert startup._HELD == [] and len(os.listdir("/proc/self/fd")) == fds
+    finally:
+        first.stop()
+    again = start_in_process(tmp_path / "three", source, db=first.db)  # the state is free again
+    again.stop()
