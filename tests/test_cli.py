@@ -29,6 +29,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import make_big_db, wait_for
@@ -975,41 +976,58 @@ def _reply(handler: http.server.BaseHTTPRequestHandler, body: bytes, kind: str =
     handler.wfile.write(body)
 
 
+def _artifact(schema: str, name: str, records: int) -> dict[str, object]:
+    """A data artifact as the service lists it (the fields ``run --wait`` reads)."""
+    return {"artifact_type": "data-jsonl", "artifact_name": name, "schema_name": schema, "records": records}
+
+
+def _run_read(
+    status: str, current: str | None, completed: int = 0, started: str | None = None
+) -> dict[str, object]:
+    """A run of two schemas (54 records) as the service answers it, on ``current``."""
+    detail = {
+        "phase": "exporting_data" if current else status,
+        "current_schema": current,
+        "schemas_total": 2,
+        "schemas_completed": completed,
+        "records_exported": 0,
+        "records_total": 54,
+    }
+    return {
+        "status": status,
+        "error": None,
+        "records_exported": 54,
+        "started_at": started,
+        "progress_detail": detail,
+    }
+
+
+def _watched(
+    answer: Callable[[http.server.BaseHTTPRequestHandler], None],
+) -> tuple[dict[str, Any], list[str]]:
+    """``run --wait``'s watch of run_1 at a stand-in answering with ``answer``: the ended run, the lines."""
+    from extracts.progress import Lines
+    from extracts.remote import watch
+
+    lines = io.StringIO()
+    with _stand_in(answer) as url:
+        ended = watch(Client(url, "t"), "run_1", Lines(lines))
+    return ended, lines.getvalue().splitlines()
+
+
 def test_run_wait_counts_a_schema_only_once_its_files_are_all_listed():
     """The CI failure of stop 30: ``run --wait`` read the run (on "users"), then listed the files,
     by which time the worker had finished "users" and written the first of three parts of
     "orders"; "orders" was not the current schema, so its line said 20 records, not 50 in 3
     files. The listing now sits between two reads of the run that agree on where it is."""
-    from extracts.progress import Lines
-    from extracts.remote import watch
-
-    def artifact(schema: str, name: str, records: int) -> dict[str, object]:
-        return {
-            "artifact_type": "data-jsonl",
-            "artifact_name": name,
-            "schema_name": schema,
-            "records": records,
-        }
-
-    def run(status: str, current: str | None, completed: int) -> dict[str, object]:
-        detail = {
-            "phase": "exporting_data" if current else status,
-            "current_schema": current,
-            "schemas_total": 2,
-            "schemas_completed": completed,
-            "records_exported": 0,
-            "records_total": 54,
-        }
-        return {"status": status, "error": None, "records_exported": 54, "progress_detail": detail}
-
-    users = artifact("users", "users.jsonl", 4)
-    parts = [artifact("orders", f"orders.0000{n}.jsonl", r) for n, r in ((1, 20), (2, 20), (3, 10))]
+    users = _artifact("users", "users.jsonl", 4)
+    parts = [_artifact("orders", f"orders.0000{n}.jsonl", r) for n, r in ((1, 20), (2, 20), (3, 10))]
     # What the service holds at each read of the run; the listing answers with the next moment's files.
     moments = [
-        (run("running", "users", 0), []),
-        (run("running", "orders", 1), [users, parts[0]]),
-        (run("running", "orders", 1), [users, parts[0]]),
-        (run("completed", None, 2), [users, *parts]),
+        (_run_read("running", "users", completed=0), []),
+        (_run_read("running", "orders", completed=1), [users, parts[0]]),
+        (_run_read("running", "orders", completed=1), [users, parts[0]]),
+        (_run_read("completed", None, completed=2), [users, *parts]),
     ]
     at = {"moment": 0}
 
@@ -1021,11 +1039,9 @@ def test_run_wait_counts_a_schema_only_once_its_files_are_all_listed():
             at["moment"] += 1
         _reply(handler, json.dumps({"data": data}).encode())
 
-    lines = io.StringIO()
-    with _stand_in(answer) as url:
-        ended = watch(Client(url, "t"), "run_1", Lines(lines))
+    ended, lines = _watched(answer)
     assert ended["status"] == "completed"
-    assert lines.getvalue().splitlines() == ["users: 4 records", "orders: 50 records in 3 files"]
+    assert lines == ["users: 4 records", "orders: 50 records in 3 files"]
 
 
 @pytest.mark.slow
@@ -1035,45 +1051,17 @@ def test_run_wait_forgets_the_files_of_an_attempt_put_back_in_the_queue():
     --wait`` kept the files it had listed: the first part of "orders" made that schema's line
     ("orders: 20 records") as soon as the run was no longer on it, then its files of the next
     attempt were taken for ones already counted. Files of an earlier attempt are now forgotten."""
-    from extracts.progress import Lines
-    from extracts.remote import watch
-
-    def artifact(schema: str, name: str, records: int) -> dict[str, object]:
-        return {
-            "artifact_type": "data-jsonl",
-            "artifact_name": name,
-            "schema_name": schema,
-            "records": records,
-        }
-
-    def run(status: str, current: str | None, started: str | None) -> dict[str, object]:
-        detail = {
-            "phase": "exporting_data" if current else status,
-            "current_schema": current,
-            "schemas_total": 2,
-            "schemas_completed": 0,
-            "records_exported": 0,
-            "records_total": 54,
-        }
-        return {
-            "status": status,
-            "error": None,
-            "records_exported": 54,
-            "started_at": started,
-            "progress_detail": detail,
-        }
-
-    users = artifact("users", "users.jsonl", 4)
-    first = artifact("orders", "orders.00001.jsonl", 20)
-    again = [artifact("orders", f"orders.0000{n}.jsonl", r) for n, r in ((1, 20), (2, 20), (3, 10))]
+    users = _artifact("users", "users.jsonl", 4)
+    first = _artifact("orders", "orders.00001.jsonl", 20)
+    again = [_artifact("orders", f"orders.0000{n}.jsonl", r) for n, r in ((1, 20), (2, 20), (3, 10))]
     # What the service holds at each read of the run, and its files then (read twice: they agree).
     states = [
-        (run("running", "users", "T1"), []),
-        (run("running", "orders", "T1"), [users, first]),
-        (run("queued", None, None), []),  # put back: the first attempt's files deleted
-        (run("running", "users", "T2"), []),
-        (run("running", "orders", "T2"), [users]),
-        (run("completed", None, "T2"), [users, *again]),
+        (_run_read("running", "users", started="T1"), []),
+        (_run_read("running", "orders", started="T1"), [users, first]),
+        (_run_read("queued", None), []),  # put back: the first attempt's files deleted
+        (_run_read("running", "users", started="T2"), []),
+        (_run_read("running", "orders", started="T2"), [users]),
+        (_run_read("completed", None, started="T2"), [users, *again]),
     ]
     at = {"read": 0}
 
@@ -1086,11 +1074,9 @@ def test_run_wait_forgets_the_files_of_an_attempt_put_back_in_the_queue():
             at["read"] += 1
         _reply(handler, json.dumps({"data": data}).encode())
 
-    lines = io.StringIO()
-    with _stand_in(answer) as url:
-        ended = watch(Client(url, "t"), "run_1", Lines(lines))
+    ended, lines = _watched(answer)
     assert ended["status"] == "completed"
-    assert lines.getvalue().splitlines() == [
+    assert lines == [
         "users: 4 records",
         "The run went back to the queue (the service running it stopped); it starts again",
         "orders: 50 records in 3 files",

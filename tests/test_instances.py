@@ -472,7 +472,21 @@ def test_an_instance_frozen_inside_a_transaction_holds_up_no_other(tmp_path: Pat
     assert late is not None and POSTGRES.busy(late), repr(late)
 
 
-def test_a_task_whose_transaction_lost_its_session_goes_on(tmp_path: Path) -> None:
+@pytest.fixture
+def prepared_state() -> Iterator[tuple[str, str]]:
+    """A PostgreSQL state database of the test's own, its tables made: (name, URL); dropped after."""
+    from extracts import state
+
+    name = unique_name("extracts_state")
+    url = make_state_database(name)
+    state.prepare_postgres(url)
+    yield name, url
+    drop_state_database(name)
+
+
+def test_a_task_whose_transaction_lost_its_session_goes_on(
+    tmp_path: Path, prepared_state: tuple[str, str]
+) -> None:
     """The pool's consumer is one task applying message after message: when PostgreSQL ends the
     session of a run's ending mid-transaction (as it ends a frozen instance's), the error is a
     busy state, and the same task's next try ends the run (``state.in_transaction``)."""
@@ -482,9 +496,7 @@ def test_a_task_whose_transaction_lost_its_session_goes_on(tmp_path: Path) -> No
     from extracts.state import TriggeredBy
     from extracts.storage.local import LocalStorage
 
-    name = unique_name("extracts_lost")
-    url = make_state_database(name)
-    state.prepare_postgres(url)
+    name, url = prepared_state
     result = {"status": "completed", "records_exported": 1, "schemas_exported": 1}
     result |= {"error": None, "error_detail": None}
 
@@ -536,15 +548,14 @@ def test_a_task_whose_transaction_lost_its_session_goes_on(tmp_path: Path) -> No
         await db.disconnect()
         return lost, ended, status
 
-    try:
-        lost, ended, status = asyncio.run(scenario())
-    finally:
-        drop_state_database(name)
+    lost, ended, status = asyncio.run(scenario())
     assert isinstance(lost, BaseException) and POSTGRES.busy(lost), repr(lost)
     assert ended and status == "completed"
 
 
-def test_transactions_whose_connection_was_cut_leave_the_pool_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_transactions_whose_connection_was_cut_leave_the_pool_whole(
+    monkeypatch: pytest.MonkeyPatch, prepared_state: tuple[str, str]
+) -> None:
     """Found as a 30 s stop (SIGTERM, then SIGKILL) of an instance resumed from a freeze: its
     session had ended while it was frozen, asyncpg's protocol was cut without its connection
     being cleaned up, the ROLLBACK failed ("the underlying connection is closed") and databases
@@ -553,9 +564,7 @@ def test_transactions_whose_connection_was_cut_leave_the_pool_whole(monkeypatch:
     The cut is made here as asyncpg makes it (``Connection._abort``), eleven times."""
     from extracts import state
 
-    name = unique_name("extracts_cut")
-    url = make_state_database(name)
-    state.prepare_postgres(url)
+    name, url = prepared_state
 
     async def scenario() -> tuple[list[str], int, float, float]:
         db = state.open_database(url)
@@ -588,16 +597,15 @@ def test_transactions_whose_connection_was_cut_leave_the_pool_whole(monkeypatch:
         await state.disconnect(other)
         return failures, alive, closed, time.monotonic() - started
 
-    try:
-        failures, alive, closed, bounded = asyncio.run(scenario())
-    finally:
-        drop_state_database(name)
+    failures, alive, closed, bounded = asyncio.run(scenario())
     assert failures == ["InterfaceError"] * 11 and alive == 1
     assert closed < 2 and bounded < 3, (closed, bounded)
 
 
 @pytest.mark.slow
-def test_a_task_whose_connection_could_not_be_handed_back_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_task_whose_connection_could_not_be_handed_back_goes_on(
+    monkeypatch: pytest.MonkeyPatch, prepared_state: tuple[str, str]
+) -> None:
     """Found as runs left 'queued' for good after PostgreSQL ended an instance's sessions (frozen,
     or pg_terminate_backend): the dispatcher, the consumer, the heartbeat are each one task running
     statement after statement, and when asyncpg's pool failed to hand one back (its reset met the
@@ -608,9 +616,7 @@ def test_a_task_whose_connection_could_not_be_handed_back_goes_on(monkeypatch: p
 
     from extracts import state
 
-    name = unique_name("extracts_handback")
-    url = make_state_database(name)
-    state.prepare_postgres(url)
+    name, url = prepared_state
     reset = asyncpg.Connection.reset
 
     async def cut_then_reset(self: asyncpg.Connection, *, timeout: float | None = None) -> None:
@@ -635,15 +641,14 @@ def test_a_task_whose_connection_could_not_be_handed_back_goes_on(monkeypatch: p
         await state.disconnect(db)
         return failures, after
 
-    try:
-        failures, after = asyncio.run(asyncio.wait_for(scenario(), 30))
-    finally:
-        drop_state_database(name)
+    failures, after = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert failures == ["InterfaceError"] * 11 and after == [1] * 11, (failures, after)
 
 
 @pytest.mark.slow
-def test_a_statement_on_a_session_ended_while_frozen_meets_a_busy_state(tmp_path: Path) -> None:
+def test_a_statement_on_a_session_ended_while_frozen_meets_a_busy_state(
+    prepared_state: tuple[str, str],
+) -> None:
     """PostgreSQL ends an instance's idle sessions while it is frozen (or restarts): on waking,
     asyncpg reads the session's last words before its end, and a statement on that connection
     fails as "cannot switch to state 11; another operation (2) is in progress". That was no busy
@@ -653,9 +658,7 @@ def test_a_statement_on_a_session_ended_while_frozen_meets_a_busy_state(tmp_path
     from extracts import state
     from extracts.dialects import POSTGRES
 
-    name = unique_name("extracts_ended")
-    url = make_state_database(name)
-    state.prepare_postgres(url)
+    name, url = prepared_state
 
     async def scenario() -> tuple[list[BaseException], list[int]]:
         db = state.open_database(url)
@@ -688,10 +691,7 @@ def test_a_statement_on_a_session_ended_while_frozen_meets_a_busy_state(tmp_path
         await state.disconnect(db)
         return errors, after
 
-    try:
-        errors, after = asyncio.run(asyncio.wait_for(scenario(), 30))
-    finally:
-        drop_state_database(name)
+    errors, after = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert errors and all(POSTGRES.busy(exc) for exc in errors), errors
     assert after == [1] * 6
 
