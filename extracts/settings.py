@@ -7,6 +7,7 @@ variable, the variable over the default. ``README.md`` lists the same table.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from collections.abc import Callable
@@ -20,6 +21,9 @@ from extracts.storage import OBJECT_SCHEMES, is_endpoint
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 MAX_WORKERS = 256  # worker processes one instance may start (50-100 MiB each)
+# A lease is added to the clock as a timedelta: far past a day, lease_expires_at leaves the
+# calendar (year 9999) and every claim of a run failed with OverflowError, the runs left queued.
+MAX_LEASE_SECONDS = 86_400
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,10 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
             values[s.name] = s.type(raw)
         except ValueError:
             parser.error(f"--{s.name.replace('_', '-')} [{s.env}]: {raw!r} is not a valid {s.type.__name__}")
+        # float() takes 'nan', 'inf' and '1e400': no range check refuses NaN (every comparison
+        # is false), and either ended in a traceback at start-up or a timer that never fires.
+        if isinstance(values[s.name], float) and not math.isfinite(values[s.name]):
+            parser.error(f"--{s.name.replace('_', '-')} [{s.env}]: {raw!r} is not a finite number of seconds")
     # Every worker is started with the pool: --workers 100000 would fork until the machine gave out.
     if not 1 <= values["workers"] <= MAX_WORKERS:
         parser.error(f"--workers [EXTRACTS_WORKERS] must be between 1 and {MAX_WORKERS}")
@@ -184,8 +192,8 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
         values["token"] = values["token"].strip()
         if not values["token"]:
             parser.error("--token [EXTRACTS_TOKEN] must not be empty")
-    if values["lease_seconds"] < 1:
-        parser.error("--lease-seconds [EXTRACTS_LEASE_SECONDS] must be at least 1")
+    if not 1 <= values["lease_seconds"] <= MAX_LEASE_SECONDS:
+        parser.error(f"--lease-seconds [EXTRACTS_LEASE_SECONDS] must be between 1 and {MAX_LEASE_SECONDS:,}")
     if values["cleanup_interval"] <= 0:
         parser.error("--cleanup-interval [EXTRACTS_CLEANUP_INTERVAL] must be positive")
     # A URL of another kind is refused: taken as a path, "mysql://h/db" made a directory "mysql:".

@@ -231,6 +231,33 @@ def test_a_state_or_storage_url_of_another_kind_is_refused(tmp_path: Path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "option,value,expected",
+    [
+        ("--lease-seconds", "nan", "'nan' is not a finite number of seconds"),
+        ("--lease-seconds", "inf", "'inf' is not a finite number of seconds"),
+        ("--cleanup-interval", "nan", "'nan' is not a finite number of seconds"),
+        ("--cleanup-interval", "1e400", "'1e400' is not a finite number of seconds"),
+        ("--lease-seconds", "1e12", "must be between 1 and 86,400"),
+    ],
+)
+def test_seconds_that_are_no_finite_number_are_a_usage_error(
+    option: str, value: str, expected: str, capsys: pytest.CaptureFixture
+) -> None:
+    """float() takes 'nan' and 'inf', which passed the range checks: --lease-seconds nan or inf
+    ended in a traceback at start-up, --cleanup-interval nan started a service whose sweep timer
+    was NaN, and --lease-seconds 1e12 started one whose every claim of a run failed with
+    OverflowError (the lease's end past year 9999), its runs queued for good."""
+    name = option.removeprefix("--").replace("-", "_").upper()
+    for args, environ in (([option, value], {}), ([], {f"EXTRACTS_{name}": value})):
+        with pytest.raises(SystemExit) as exited:
+            parse_settings(args, environ)
+        assert exited.value.code == 2
+        assert f"{option} [EXTRACTS_{name}]" in (err := capsys.readouterr().err) and expected in err, err
+    settings = parse_settings(["--lease-seconds", "86400", "--cleanup-interval", "0.5"], {})
+    assert (settings.lease_seconds, settings.cleanup_interval) == (86400, 0.5)
+
+
 @pytest.mark.parametrize("option,value", [("--port", "99999"), ("--port", "-1"), ("--min-free-mb", "-1")])
 def test_a_number_out_of_range_is_a_usage_error(tmp_path: Path, option: str, value: str) -> None:
     """--port 99999 printed "listening on http://127.0.0.1:99999", then the bind raised
