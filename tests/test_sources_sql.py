@@ -1255,6 +1255,28 @@ def test_postgres_names_namespaces_partitions_and_materialized_views(pg: PG) -> 
         pg.run(f'DROP TABLE public."{public}"')
 
 
+def test_postgres_lists_once_a_name_that_could_mean_two_relations(pg: PG) -> None:
+    """``public."<ns>.t"`` and ``<ns>.t`` share the name ``<ns>.t``, which means the public one.
+    Both were listed: /api/describe showed the name twice, and a run of every table failed
+    ("Two files of this run would be named …"). Only the relation the name reaches is listed."""
+    shadowing = pg.name("shadowed")
+    pg.run(
+        "CREATE TABLE {s}.shadowed (from_namespace int); INSERT INTO {s}.shadowed VALUES (1);"
+        f' CREATE TABLE public."{shadowing}" (from_public int); INSERT INTO public."{shadowing}" VALUES (2)'
+    )
+    try:
+        with open_source(pg.url) as source:
+            names = [s["name"] for s in source.schemas()]
+            assert names.count(shadowing) == 1 and names == sorted(names)
+            assert source.names().count(shadowing) == 1 and source.tables().count(shadowing) == 1
+            assert [s for s in source.schemas() if s["name"] == shadowing] == [
+                {"name": shadowing, "type": "table", "columns": 1, "row_count": 1}
+            ]
+            assert [orjson.loads(line) for line in export(source, shadowing)] == [{"from_public": 2}]
+    finally:
+        pg.run(f'DROP TABLE public."{shadowing}"; DROP TABLE {{s}}.shadowed')
+
+
 # ---------------------------------------------------------------- filters and counts
 
 

@@ -18,7 +18,8 @@ in memory.
 Schemas. Tables, partitioned tables and views of every namespace except
 ``pg_*`` and ``information_schema``, named ``table`` in ``public`` and
 ``namespace.table`` elsewhere (when ``public`` holds a table literally named
-``a.b`` and namespace ``a`` a table ``b``, the name means the ``public`` one).
+``a.b`` and namespace ``a`` a table ``b``, the name means the ``public`` one, and
+only that one is listed).
 Partitions are not listed: their rows are exported through their partitioned
 table. Materialized views are listed as views (exported only when named;
 an unpopulated one fails the run with PostgreSQL's message). Foreign tables
@@ -314,7 +315,15 @@ class PostgresSource(ServerSource):
         return [tuple(shown_value(value) for value in row) for row in rows]
 
     def _listing(self) -> list[Listed]:
-        return [_listed(row, self._unchecked) for row in sorted(self._fetch(_RELATIONS_SQL))]
+        # One entry per name, the relation the name means (``_lookup``: the public one first). A
+        # shadowed relation was listed too: /api/describe showed the name twice, and a run of
+        # every table failed on two files of one name.
+        rows = self._fetch(_RELATIONS_SQL)
+        meant: dict[str, Any] = {}  # name -> oid
+        for row in sorted(rows, key=lambda row: (row[2] != "public", row)):
+            meant.setdefault(shown(row[0]) if self._unchecked else row[0], row[1])
+        kept = set(meant.values())
+        return [_listed(row, self._unchecked) for row in sorted(rows) if row[1] in kept]
 
     def _column_names(self, listed: Listed) -> list[str]:
         return [row[0] for row in self._catalog(self._columns_sql, (listed.key,))]
