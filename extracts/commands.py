@@ -30,6 +30,7 @@ from executor.filters import check_where, loads_exact
 from executor.messages import RunConfig
 from executor.sources import SourceError, open_source
 from executor.sources.sqlitetext import spellable
+from extracts.settings import Once
 
 COMMANDS = ("export", "verify", "run")
 FORMATS = ("jsonl", "json", "yaml", "archive")  # extracts.config.FORMATS
@@ -100,27 +101,45 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--schemas", action="append", metavar="NAME[,NAME…]", help="tables and views (default: every table)"
     )
     export.add_argument(
-        "--format", default="jsonl", choices=FORMATS, help="data file format (default: jsonl)"
+        "--format", action=Once, default="jsonl", choices=FORMATS, help="data file format (default: jsonl)"
     )
     export.add_argument(
-        "--include", metavar="describe,data", default="describe,data", help="what to write (default: both)"
+        "--include",
+        action="append",
+        metavar="describe,data",
+        help="what to write (default: both); repeatable",
     )
     export.add_argument(
-        "--filter", metavar="JSON", help='rows to keep: {"<schema>": {"where": {…}}}, as an extract\'s filter'
+        "--filter",
+        action=Once,
+        metavar="JSON",
+        help='rows to keep: {"<schema>": {"where": {…}}}, as an extract\'s filter',
     )
     export.add_argument("--no-compress", action="store_true", help="plain data files, not gzip'd")
     export.add_argument(
-        "--split-max-records", type=int, metavar="N", help="split each schema into parts of N records"
+        "--split-max-records",
+        action=Once,
+        type=int,
+        metavar="N",
+        help="split each schema into parts of N records",
     )
     export.add_argument(
-        "--name", help="the extract name in the manifest and the ZIP name (default: from SOURCE)"
+        "--name", action=Once, help="the extract name in the manifest and the ZIP name (default: from SOURCE)"
     )
     out = export.add_mutually_exclusive_group()
     out.add_argument(
-        "-o", "--output", metavar="ZIP", help="the ZIP to write (default: <name>-<date>-<run>.zip here)"
+        "-o",
+        "--output",
+        action=Once,
+        metavar="ZIP",
+        help="the ZIP to write (default: <name>-<date>-<run>.zip here)",
     )
     out.add_argument(
-        "-d", "--directory", metavar="DIR", help="write the files into DIR (new or empty) instead"
+        "-d",
+        "--directory",
+        action=Once,
+        metavar="DIR",
+        help="write the files into DIR (new or empty) instead",
     )
     export.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
 
@@ -142,14 +161,19 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     )
     run.add_argument("extract", metavar="EXTRACT", help="the extract's id or exact name")
     run.add_argument(
-        "--url", help="the service (default: $EXTRACTS_URL, else http://EXTRACTS_HOST:EXTRACTS_PORT)"
+        "--url",
+        action=Once,
+        help="the service (default: $EXTRACTS_URL, else http://EXTRACTS_HOST:EXTRACTS_PORT)",
     )
     run.add_argument(
-        "--token", help="bearer token (default: $EXTRACTS_TOKEN, else the token file beside EXTRACTS_DB)"
+        "--token",
+        action=Once,
+        help="bearer token (default: $EXTRACTS_TOKEN, else the token file beside EXTRACTS_DB)",
     )
     run.add_argument("--wait", action="store_true", help="show the run's progress until it ends")
     run.add_argument(
         "--download",
+        action=Once,
         metavar="PATH",
         help="then fetch its ZIP to PATH (resumes a partial file; implies --wait)",
     )
@@ -196,9 +220,9 @@ def _names(values: list[str] | None, option: str, fail: Any) -> list[str] | None
 
 def export_config(args: argparse.Namespace, fail: Any) -> RunConfig:
     """The run's configuration from the options; ``fail(message)`` names a bad one (exit 2)."""
-    include = _names([args.include], "--include", fail) or []
+    include = _names(args.include or [",".join(INCLUDE)], "--include", fail) or []
     if not include or any(item not in INCLUDE for item in include) or len(set(include)) != len(include):
-        fail(f"--include: {args.include!r} must be describe, data or describe,data")
+        fail(f"--include: {','.join(args.include)!r} must be describe, data or describe,data")
     schemas = _names(args.schemas, "--schemas", fail)
     if schemas is not None and len(set(schemas)) != len(schemas):
         fail("--schemas: a schema is named twice")

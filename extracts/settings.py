@@ -26,6 +26,22 @@ MAX_WORKERS = 256  # worker processes one instance may start (50-100 MiB each)
 MAX_LEASE_SECONDS = 86_400
 
 
+class Once(argparse.Action):
+    """An option that holds one value: given twice, it is refused (exit 2) rather than the
+    last one silently winning, as query parameters are refused when repeated. A second
+    ``--filter`` dropped the first (every row of its schema exported), a second ``--format``
+    or ``-o`` the first."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        given = namespace.__dict__.setdefault("_given_once", set())
+        if self.dest in given:
+            parser.error(f"{'/'.join(self.option_strings)} is given more than once; give it once")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 @dataclass(frozen=True)
 class Setting:
     """One start-up option: flag ``--name``, environment variable, default, help."""
@@ -155,7 +171,11 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
     )
     for s in SETTINGS:
         parser.add_argument(
-            f"--{s.name.replace('_', '-')}", dest=s.name, metavar=s.metavar, help=f"{s.help} [{s.env}]"
+            f"--{s.name.replace('_', '-')}",
+            action=Once,
+            dest=s.name,
+            metavar=s.metavar,
+            help=f"{s.help} [{s.env}]",
         )
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}

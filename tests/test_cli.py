@@ -297,6 +297,54 @@ def test_export_names_a_bad_option(shop_db: Path, tmp_path: Path, capsys: pytest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
 
 
+def test_an_option_given_twice_is_refused_and_include_adds_up(
+    shop_db: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """argparse let the last of a repeated option win without a word: a second --filter dropped
+    the first (every row of that schema exported), ``--include data --include describe`` wrote
+    no data, a second -o or --url replaced the first. A one-value option given twice is now
+    refused, the service's options too; --include adds up as --schemas does."""
+    for argv, named in [
+        (
+            ["export", str(shop_db), "--filter", '{"users": {"where": {"id": 1}}}', "--filter", "{}"],
+            "--filter",
+        ),
+        (["export", str(shop_db), "--format", "json", "--format", "yaml"], "--format"),
+        (
+            ["export", str(shop_db), "--split-max-records", "5", "--split-max-records", "6"],
+            "--split-max-records",
+        ),
+        (["export", str(shop_db), "--name", "a", "--name", "b"], "--name"),
+        (["export", str(shop_db), "-o", "a.zip", "--output", "b.zip"], "-o/--output"),
+        (["export", str(shop_db), "-d", "a", "-d", "b"], "-d/--directory"),
+        (["run", "x", "--url", "http://127.0.0.1:1", "--url", "http://127.0.0.1:2"], "--url"),
+        (["run", "x", "--token", "a", "--token", "b"], "--token"),
+        (["run", "x", "--download", "a.zip", "--download", "b.zip"], "--download"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            commands.run_command(argv)
+        stderr = capsys.readouterr().err
+        assert exited.value.code == 2, (argv, stderr)
+        assert stderr.splitlines()[-1].endswith(f"error: {named} is given more than once; give it once")
+    from extracts.settings import parse_settings
+
+    with pytest.raises(SystemExit) as exited:
+        parse_settings(["--source", "a.db", "--source", "b.db"], {})
+    assert exited.value.code == 2
+    assert "--source is given more than once" in capsys.readouterr().err
+    out = tmp_path / "both"
+    assert (
+        commands.run_command(
+            ["export", str(shop_db), "-q", "-d", str(out), "--include", "data", "--include", "describe"]
+        )
+        == 0
+    )
+    assert {"describe.yaml", "users.jsonl.gz"} <= {p.name for p in out.iterdir()}
+    with pytest.raises(SystemExit):
+        commands.run_command(["export", str(shop_db), "--include", "data", "--include", "data"])
+    assert "--include: 'data,data' must be" in capsys.readouterr().err
+
+
 def test_an_empty_path_is_refused_not_ignored(shop_db: Path, tmp_path: Path):
     """-d '' was dropped as if not given (a ZIP written instead of a directory), -o '' wrote the
     default name, verify '' checked the current directory, run --download '' saved there, and
