@@ -184,18 +184,51 @@ def compile_where(
     return " WHERE " + " AND ".join(conditions), params
 
 
+class DuplicateKey(ValueError):
+    """A JSON object names one key twice: which of its values was meant cannot be told."""
+
+    def __init__(self, key: str) -> None:
+        shown = key if len(key) <= 100 else key[:100] + "…"
+        super().__init__(f"the key {shown!r} appears twice in one object; give each key once")
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        raise DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return value
+
+
 def loads_exact(raw: bytes | str) -> Any:
-    """JSON (a body, a ``--filter``) with every integer exact; raises orjson.JSONDecodeError.
+    """JSON (a body, a ``--filter``) with every integer exact and no key twice in an object;
+    raises orjson.JSONDecodeError, or DuplicateKey.
 
     orjson reads an integer past 64 bits as a float, which would round a filter value
-    that must be refused (outside a signed 64-bit integer) into one that passes: a
-    value holding a float is read again with ``json``, which keeps integers exact.
+    that must be refused (outside a signed 64-bit integer) into one that passes; and
+    it keeps the last of two equal keys, so ``{"name": "a", "name": "b"}`` or a
+    ``where`` naming a column twice lost a value without a word. A value holding an
+    object or a float is read again with ``json``, which keeps integers exact and
+    shows every key (after orjson, whose syntax errors are the ones reported).
     """
     value = orjson.loads(raw)
-    if _holds_float(value):
+    if _holds_object(value) or _holds_float(value):
         with contextlib.suppress(RecursionError):  # nested deeper than json's recursion allows
-            value = json.loads(raw)
+            value = json.loads(raw, object_pairs_hook=_unique_keys)
     return value
+
+
+def _holds_object(value: Any) -> bool:
+    """Whether a parsed JSON value is or holds an object (walked without recursion: any depth)."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            return True
+        if isinstance(item, list):
+            todo += item
+    return False
 
 
 def _holds_float(value: Any) -> bool:

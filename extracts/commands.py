@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlsplit
 import orjson
 
 from executor.credentials import blank, source_secrets
-from executor.filters import check_where, loads_exact
+from executor.filters import DuplicateKey, check_where, loads_exact
 from executor.messages import RunConfig
 from executor.sources import SourceError, open_source
 from executor.sources.sqlitetext import spellable
@@ -232,6 +232,8 @@ def export_config(args: argparse.Namespace, fail: Any) -> RunConfig:
             filters = loads_exact(args.filter)  # an integer past 64 bits is refused, not rounded
         except orjson.JSONDecodeError as exc:
             fail(f"--filter: not JSON ({exc})")
+        except DuplicateKey as exc:
+            fail(f"--filter: {exc}")
         if not isinstance(filters, dict) or not filters:
             fail('--filter: must be an object like {"<schema>": {"where": {...}}}')
         for schema, spec in filters.items():

@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from executor.credentials import blank, source_secrets
-from executor.filters import loads_exact
+from executor.filters import DuplicateKey, loads_exact
 from extracts.storage import FileChangedError, StorageError
 
 log = logging.getLogger("extracts")
@@ -350,6 +350,8 @@ async def read_json_object(request: Request) -> dict[str, Any]:
         body = loads_exact(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"The body is not valid JSON: {exc}") from exc
+    except DuplicateKey as exc:
+        raise BadRequest(f"The body is ambiguous: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest(f"The body must be a JSON object, not {type(body).__name__}")
     return body

@@ -477,6 +477,45 @@ def test_malformed_bodies_get_the_envelope(
     assert r.json()["success"] is False and r.json()["error_code"] == code
 
 
+def test_a_key_given_twice_in_a_body_is_refused_not_the_last_one_kept(app_service: InProcessService) -> None:
+    """orjson keeps the last of two equal keys: {"name": "a", "name": "b"} created "b", and a
+    where naming a column twice kept one condition, without a word. Which was meant cannot be
+    told, so the body is refused naming the key, at any depth, on POST and PUT alike."""
+    extract = app_service.create_extract(name="twice")["id"]
+    for method, path, content, key in [
+        ("POST", "/api/data/extracts", b'{"name": "a", "name": "b"}', "name"),
+        (
+            "POST",
+            "/api/data/extracts",
+            b'{"name": "a", "filter": {"users": {"where": {"id": 1, "id": {"$gt": 0}}}}}',
+            "id",
+        ),
+        ("PUT", f"/api/data/extracts/{extract}", b'{"enabled": false, "enabled": true}', "enabled"),
+    ]:
+        r = app_service.client.request(
+            method, path, content=content, headers={"Content-Type": "application/json"}
+        )
+        assert r.status_code == 400, r.text
+        assert r.json() == {
+            "success": False,
+            "error": f"The body is ambiguous: the key '{key}' appears twice in one object; "
+            "give each key once",
+            "error_code": "BAD_REQUEST",
+        }
+    assert app_service.client.get(f"/api/data/extracts/{extract}").json()["data"]["enabled"] is True
+    names = [
+        e["name"] for e in app_service.client.get("/api/data/extracts?filter[limit]=1000").json()["data"]
+    ]
+    assert "a" not in names and "b" not in names
+    # Equal keys in different objects are no repeat.
+    r = app_service.client.post(
+        "/api/data/extracts",
+        content=b'{"name": "c", "filter": {"users": {"where": {"id": {"$gte": 1}, "name": {"$gte": "a"}}}}}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert r.status_code == 201, r.text
+
+
 def test_chunked_body_over_the_limit_is_413(app_service: InProcessService) -> None:
     def body():
         yield b'{"name": "'

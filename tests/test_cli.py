@@ -345,6 +345,18 @@ def test_an_option_given_twice_is_refused_and_include_adds_up(
     assert "--include: 'data,data' must be" in capsys.readouterr().err
 
 
+def test_a_filter_naming_a_key_twice_is_refused(shop_db: Path, capsys: pytest.CaptureFixture):
+    """``{"users": {"where": {"id": 1, "id": 2}}}`` kept only id = 2, without a word."""
+    with pytest.raises(SystemExit) as exited:
+        commands.run_command(["export", str(shop_db), "--filter", '{"users": {"where": {"id": 1, "id": 2}}}'])
+    assert exited.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith("error: --filter: the key 'id' appears twice in one object; give each key once")
+    )
+
+
 def test_an_empty_path_is_refused_not_ignored(shop_db: Path, tmp_path: Path):
     """-d '' was dropped as if not given (a ZIP written instead of a directory), -o '' wrote the
     default name, verify '' checked the current directory, run --download '' saved there, and
