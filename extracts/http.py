@@ -321,6 +321,17 @@ def query_param(request: Request, name: str, default: str) -> str:
     return values[0] if values else default
 
 
+def json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words (a client never wrote ``NoneType`` or ``list``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "a string" if isinstance(value, str) else "an array"
+
+
 async def read_json_object(request: Request) -> dict[str, Any]:
     """The request body as a JSON object: 415 wrong type, 413 over 1 MiB, 400 not an object."""
     content_types = request.headers.getlist("content-type")
@@ -353,5 +364,5 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     except DuplicateKey as exc:
         raise BadRequest(f"The body is ambiguous: {exc}") from None
     if not isinstance(body, dict):
-        raise BadRequest(f"The body must be a JSON object, not {type(body).__name__}")
+        raise BadRequest(f"The body must be a JSON object, not {json_kind(body)}")
     return body

@@ -516,6 +516,30 @@ def test_a_key_given_twice_in_a_body_is_refused_not_the_last_one_kept(app_servic
     assert r.status_code == 201, r.text
 
 
+@pytest.mark.parametrize(
+    "content,kind",
+    [
+        (b"null", "null"),
+        (b"[1]", "an array"),
+        (b'"x"', "a string"),
+        (b"1.5", "a number"),
+        (b"true", "a boolean"),
+    ],
+)
+def test_a_body_that_is_no_object_says_what_it_is_in_json_words(
+    app_service: InProcessService, content: bytes, kind: str
+) -> None:
+    """It said "not NoneType", "not list": Python's names, which the client never wrote."""
+    r = app_service.client.post(
+        "/api/data/extracts", content=content, headers={"Content-Type": "application/json"}
+    )
+    assert r.json() == {
+        "success": False,
+        "error": f"The body must be a JSON object, not {kind}",
+        "error_code": "BAD_REQUEST",
+    }
+
+
 def test_chunked_body_over_the_limit_is_413(app_service: InProcessService) -> None:
     def body():
         yield b'{"name": "'
