@@ -49,6 +49,13 @@ class Instance:
 
     async def start(self) -> None:
         now = iso(self.clock())
+        if not self.shared:
+            # A SQLite state has one instance (start-up refuses a second): any other row is one
+            # that crashed or was killed. Its heartbeat listed it as live for a lease more, and
+            # its leader rows held the scheduler and the retention sweep for as long, so the
+            # sweep at start-up was skipped and the next came an interval (an hour) later.
+            await self.db.execute("DELETE FROM extracts_leaders")
+            await self.db.execute("DELETE FROM extracts_instances")
         await self.db.execute(
             "INSERT INTO extracts_instances (id, host, pid, started_at, heartbeat_at, workers, active_runs) "
             "VALUES (:id, :host, :pid, :now, :now, :workers, 0)",

@@ -212,6 +212,46 @@ def test_expired_artifacts_are_gone_at_once_and_swept(sweeping: InProcessService
     assert svc.client.get(f"/api/extracts/runs/{keep['id']}/download").status_code == 200
 
 
+@pytest.mark.slow
+def test_after_a_crash_the_start_up_sweep_runs_and_the_dead_instance_is_not_listed(tmp_path: Path) -> None:
+    """A SQLite state has one instance. After a kill -9, the dead instance's row was listed by
+    /api/instances as live for a lease more, and its leader rows kept the new one from leading:
+    the retention sweep at start-up was skipped, the next an hour later (--cleanup-interval)."""
+    db = make_shop_db(tmp_path / "shop.db")
+    svc = start_service(tmp_path, str(db))
+    run = svc.wait_run(svc.run(svc.create_extract(name="Swept", schemas=["users"])["id"]))
+    assert run["status"] == "completed"
+    svc.stop()
+    con = sqlite3.connect(svc.db)
+    later = "2999-01-01T00:00:00.000Z"  # as a crashed instance leaves them: not yet lapsed
+    con.execute(
+        "INSERT INTO extracts_instances (id, host, pid, started_at, heartbeat_at, workers) "
+        "VALUES ('instance_dead', 'h', 1, ?, ?, 1)",
+        (later, later),
+    )
+    con.executemany(
+        "INSERT INTO extracts_leaders (name, instance_id, expires_at) VALUES (?, 'instance_dead', ?)",
+        [("retention sweep", later), ("scheduler", later)],
+    )
+    con.execute("UPDATE extract_artifacts SET expires_at = '2020-01-01T00:00:00.000Z'")
+    con.commit()
+    con.close()
+    svc = start_service(tmp_path, str(db), db=svc.db, storage=svc.storage)
+    try:
+        live = svc.client.get("/api/instances").json()["data"]
+        assert [i["id"] for i in live] != ["instance_dead"] and len(live) == 1
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (svc.storage / run["id"]).exists():
+            time.sleep(0.1)
+        assert not (svc.storage / run["id"]).exists()
+        artifacts = svc.client.get(
+            "/api/data/extract_artifacts", params={"filter[where][run_id]": run["id"]}
+        ).json()["data"]
+        assert artifacts and all(a["deleted_at"] is not None for a in artifacts)
+    finally:
+        svc.stop()
+
+
 def test_a_file_the_sweep_cannot_delete_does_not_hold_back_the_others(sweeping: InProcessService) -> None:
     """One expired file that would not go failed every sweep, and no other expired file was deleted."""
     svc = sweeping
