@@ -172,7 +172,6 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
     for s in SETTINGS:
         parser.add_argument(
             f"--{s.name.replace('_', '-')}",
-            action=Once,
             dest=s.name,
             metavar=s.metavar,
             help=f"{s.help} [{s.env}]",
