@@ -32,15 +32,17 @@ def bench(script: str, tmp_path: Path, *extra: str) -> str:
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the download part runs curl")
 def test_storage_bench_smoke_prints_every_part(tmp_path: Path) -> None:
-    out = bench("storage.py", tmp_path)
+    # A quarter and a third of --smoke's own sizes (20,000 and 30,000 rows): the same parts and
+    # checks, for a fifth less CPU.
+    out = bench("storage.py", tmp_path, "--rows", "5000", "--big-rows", "10000")
     for row in (
-        "| a export | 20,000 rows, jsonl, to local disk:",
-        "| a export | 20,000 rows, jsonl, to S3 (moto):",
+        "| a export | 5,000 rows, jsonl, to local disk:",
+        "| a export | 5,000 rows, jsonl, to S3 (moto):",
         "| a export | S3 (moto) / local disk, ratio of the medians",
         "| b download | ZIP throughput / file throughput |",
         "| b download | server RSS growth during a ZIP download",
-        "| c memory | worker peak RSS (VmHWM), 30,000 rows to S3 |",
-        "its `events_big.jsonl` has the artifact's SHA-256, 30,000 lines",
+        "| c memory | worker peak RSS (VmHWM), 10,000 rows to S3 |",
+        "its `events_big.jsonl` has the artifact's SHA-256, 10,000 lines",
     ):
         assert row in out, out
 
@@ -51,9 +53,11 @@ def test_instances_bench_smoke_prints_every_part(tmp_path: Path) -> None:
         psycopg.connect(PG_ADMIN, connect_timeout=5).close()
     except psycopg.OperationalError:
         pytest.skip("no PostgreSQL on 127.0.0.1:5432")
-    out = bench("instances.py", tmp_path, "--trials", "1", "--runs", "8")
+    # Part c's two exports run for the whole latency part (--smoke's 2 s): half a second gives the
+    # same table, and 4 runs fill part a's table as 8 did, for a third less CPU.
+    out = bench("instances.py", tmp_path, "--trials", "1", "--runs", "4", "--latency-seconds", "0.5")
     for row in (
-        "| a throughput | 8 runs of 1,000 rows, 2 instance(s) × 1 worker(s):",
+        "| a throughput | 4 runs of 1,000 rows, 2 instance(s) × 1 worker(s):",
         "| a throughput | coordination overhead: 2 instances × 1 against 1 instance × 2",
         "| b failover | kill → retry seen `running` on another instance: median / max of 1",
         "| c latency | two exports running: GET run status p50 / p99 / max;",
