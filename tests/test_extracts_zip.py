@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from helpers import sparse_scratch
+from isal import isal_zlib
 
 from extracts.storage import FileChangedError
 from extracts.storage import local as storage
@@ -500,15 +501,19 @@ class OneFile:
 
 
 def crc32_of_sparse(size: int, written: dict[int, bytes]) -> int:
-    """CRC-32 of a file of ``size`` zero bytes with ``written`` laid over it."""
+    """CRC-32 of a file of ``size`` zero bytes with ``written`` laid over it.
+
+    ISA-L's CRC-32 (the same function as zlib's) goes through the 4 GiB in 0.04 s of CPU
+    here, zlib's in 0.8 s; zipfile checks the value with zlib's as it reads the member.
+    """
     zeros = bytes(64 << 20)
     crc = pos = 0
     for offset, data in sorted([*written.items(), (size, b"")]):
         while pos < offset:
             n = min(len(zeros), offset - pos)
-            crc = zlib.crc32(zeros if n == len(zeros) else zeros[:n], crc)
+            crc = isal_zlib.crc32(zeros if n == len(zeros) else zeros[:n], crc)
             pos += n
-        crc = zlib.crc32(data, crc)
+        crc = isal_zlib.crc32(data, crc)
         pos += len(data)
     return crc
 

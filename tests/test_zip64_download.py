@@ -6,12 +6,12 @@ import io
 import sqlite3
 import subprocess
 import zipfile
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import TOKEN, InProcessService, sparse_scratch, start_in_process
+from isal import isal_zlib
 
 GIB = 1 << 30
 BIG_SIZE = 4 * GIB + 4096
@@ -19,7 +19,11 @@ MARKS = {0: b"first bytes", 4 * GIB - 12: b"straddles the 4 GiB line", BIG_SIZE 
 
 
 def sparse_file(path: Path) -> int:
-    """A sparse file of BIG_SIZE bytes with MARKS written into it; returns its CRC-32."""
+    """A sparse file of BIG_SIZE bytes with MARKS written into it; returns its CRC-32.
+
+    ISA-L's CRC-32 (the same function as zlib's) goes through the 4 GiB in 0.04 s of CPU
+    here, zlib's in 0.8 s.
+    """
     with open(path, "wb") as f:
         f.truncate(BIG_SIZE)
         for offset, data in MARKS.items():
@@ -29,9 +33,9 @@ def sparse_file(path: Path) -> int:
     for offset, data in sorted([*MARKS.items(), (BIG_SIZE, b"")]):
         while pos < offset:
             n = min(len(zeros), offset - pos)
-            crc = zlib.crc32(zeros[:n], crc)
+            crc = isal_zlib.crc32(zeros[:n], crc)
             pos += n
-        crc = zlib.crc32(data, crc)
+        crc = isal_zlib.crc32(data, crc)
         pos += len(data)
     return crc
 
