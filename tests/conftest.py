@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import compileall
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,14 @@ def pytest_configure(config: pytest.Config) -> None:
     This machine sets PYTHONDONTWRITEBYTECODE, so every service, forkserver and command
     line the suite starts (hundreds) compiled the service's modules again: about 40 ms of
     CPU each. compileall writes the cached bytecode whatever that variable says.
+
+    The test modules are pytest's to compile (it rewrites their asserts), and it caches
+    them beside them only when the variable is unset: every test process rewrote all of
+    them again, 1.7 s of its CPU of the 3.2 s it took to collect. It caches them now, and
+    the next run's test processes read them.
     """
-    if hasattr(config, "workerinput"):  # an xdist test process: the controller did it
+    sys.dont_write_bytecode = False
+    if hasattr(config, "workerinput"):  # an xdist test process: the controller did the rest
         return
     for target in ("extracts", "executor", "bench"):
         compileall.compile_dir(ROOT / target, quiet=1)
