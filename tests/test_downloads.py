@@ -281,7 +281,7 @@ def test_downloads_are_counted_by_run_not_by_artifact_id(app_service: InProcessS
     assert set(counts()) == {2}
 
 
-FILES = 2_000  # data files of one run: many times what its service may hold open
+FILES = 1_000  # data files of one run: four times the open-file limit, fifteen its budget (NOFILE)
 NOFILE = 256  # the service's open-file limit (its budget for held files is a quarter of it)
 
 
