@@ -440,7 +440,10 @@ def test_interrupt_stops_a_streaming_read_in_its_thread(tmp_path: Path) -> None:
     with open_source(str(db)) as source:
 
         def interrupt_until_stopped() -> None:
-            while not stop.wait(0.05):
+            # A statement runs about 1 ms of each 10 ms chunk here; an interrupt between two is
+            # lost (the worker's monitor repeats it too). Every 50 ms, a loaded machine let one
+            # whole read through without a hit (CI, once): every 2 ms, hundreds of tries.
+            while not stop.wait(0.002):
                 source.interrupt()
 
         read = 0
