@@ -46,7 +46,7 @@ import math
 import sqlite3
 import urllib.parse
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,8 +175,10 @@ class SQLiteSource(Source):
         self._conn.close()
 
     def interrupt(self) -> None:
+        """Stop the statements running now; safe from any thread, at any time."""
         for conn in [self._conn, *self._helpers]:
-            conn.interrupt()
+            with suppress(sqlite3.ProgrammingError):  # closed meanwhile (the snapshot ended)
+                conn.interrupt()
 
     def location(self) -> dict[str, Any]:
         return {"dialect": self.dialect, "path": redact(str(self.path)), "version": sqlite3.sqlite_version}
