@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from helpers import InProcessService
@@ -109,8 +110,10 @@ def test_row_counts_are_of_one_moment_while_the_source_is_written(tmp_path: Path
     catalog = Catalog(str(source))
 
     async def listings() -> list[dict[str, int]]:
-        seen = []
-        for _ in range(600):
+        # At least 600, and until the writer (a process still starting on a loaded machine) wrote.
+        seen: list[dict[str, int]] = []
+        deadline = time.monotonic() + 60
+        while len(seen) < 600 or (seen[-1]["a"] == seen[0]["a"] and time.monotonic() < deadline):
             seen.append({s["name"]: s["row_count"] for s in await catalog.schemas()})
         return seen
 

@@ -175,9 +175,8 @@ class SQLiteSource(Source):
         self._conn.close()
 
     def interrupt(self) -> None:
-        """Stop the statements running now; safe from any thread, at any time."""
         for conn in [self._conn, *self._helpers]:
-            with suppress(sqlite3.ProgrammingError):  # closed meanwhile (the snapshot ended)
+            with suppress(sqlite3.ProgrammingError):  # any thread, any time: closed as a snapshot ended
                 conn.interrupt()
 
     def location(self) -> dict[str, Any]:
