@@ -57,30 +57,30 @@ def manager() -> Iterator[Any]:
     yield from manager_fixture()
 
 
-# The modules that take longest (seconds each, summed over their tests, in a full run with two
-# processes on the 2-core machine, 2026-12-01 afternoon, the machine at about two thirds of
-# its speed: README, Tests), handed to the test processes first. xdist would otherwise start
-# the modules with the most tests first and leave these few-test, long modules for the end,
-# where one of them ran alone for the suite's last minute.
+# The modules that take longest (seconds each, summed over their tests, in a full run with four
+# processes on the 2-core machine, 2026-12-02 with nothing else running: README, Tests), handed
+# to the test processes first. xdist would otherwise start the modules with the most tests
+# first and leave these few-test, long modules for the end. The ones that mostly wait (a
+# lease, a lock, a restart) go before the ones that mostly compute: at the end, when the other
+# processes are done, a module that computes speeds up and one that waits does not (ahead of
+# its turn by length, test_faults_state.py used to run alone for the suite's last 8 s).
 LONGEST_FIRST = [
-    "test_sources_sql.py",  # 42 s
-    "test_faults.py",  # 41 s
-    "test_cli.py",  # 39 s
-    "test_sources_parallel.py",  # 36 s
-    "test_fuzz.py",  # 36 s
-    "test_web.py",  # 32 s
-    "test_bench_stores_smoke.py",  # 28 s
-    "test_instances.py",  # 25 s
-    "test_retries.py",  # 25 s
-    "test_object_storage.py",  # 22 s
-    "test_security.py",  # 22 s
-    "test_executor_faults.py",  # 17 s
-    "test_bench_smoke.py",  # 16 s
-    "test_downloads_held.py",  # 14 s
-    "test_extracts_zip.py",  # 11 s
-    "test_faults_storage.py",  # 11 s
-    "test_names.py",  # 9 s
-    "test_faults_state.py",  # 9 s
+    "test_faults.py",  # 95 s
+    "test_web.py",  # 69 s
+    "test_instances.py",  # 55 s
+    "test_object_storage.py",  # 48 s
+    "test_cli.py",  # 45 s
+    "test_sources_sql.py",  # 36 s
+    "test_retries.py",  # 34 s
+    "test_faults_state.py",  # 21 s, most of it waiting
+    "test_fuzz.py",  # 30 s
+    "test_bench_stores_smoke.py",  # 23 s
+    "test_sources_parallel.py",  # 25 s
+    "test_security.py",  # 17 s
+    "test_bench_smoke.py",  # 11 s
+    "test_executor_faults.py",  # 10 s
+    "test_downloads_held.py",  # 10 s
+    "test_faults_storage.py",  # 8 s
 ]
 
 
